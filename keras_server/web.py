@@ -1,0 +1,125 @@
+"""The HTTP tier: a Flask app factory with `POST /predict`.
+
+A request is decoded and resized here, queued in Redis, and answered from its
+own result key. Every answer, errors included, is JSON; no traceback ever
+reaches a client. This module never imports Keras or TensorFlow.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from typing import IO, Any
+
+import redis
+from flask import Flask, Request, Response, g, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from . import logs, protocol
+from .images import ImageError, load_image
+from .queue import RequestQueue, connect
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class InMemoryRequest(Request):
+    """Uploads stay in memory: they are capped by MAX_CONTENT_LENGTH anyway,
+    and an image must never land on disk (werkzeug spools files > 500 KB)."""
+
+    def _get_file_stream(
+        self,
+        total_content_length: int | None,
+        content_type: str | None,
+        filename: str | None = None,
+        content_length: int | None = None,
+    ) -> IO[bytes]:
+        return io.BytesIO()
+
+
+def error(status: int, message: str, **headers: str) -> Response:
+    response = jsonify(success=False, error=message)
+    response.status_code = status
+    response.headers.update(headers)
+    return response
+
+
+def create_app(settings: Settings, queue: RequestQueue | None = None) -> Flask:
+    """The WSGI app. `queue` defaults to one on `settings.redis_url`."""
+    app = Flask(__name__)
+    app.request_class = InMemoryRequest
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes
+    app.json.sort_keys = False  # keep {"success", "predictions"} in the seed's order
+    if queue is None:
+        client = connect(settings.redis_url, block_seconds=settings.result_timeout)
+        queue = RequestQueue(client, protocol.Keys(settings.queue_name))
+    app.extensions["request_queue"] = queue
+
+    @app.before_request
+    def start() -> None:
+        g.started = time.perf_counter()
+        logs.request_id.set("-")
+
+    @app.after_request
+    def finish(response: Response) -> Response:
+        elapsed_ms = (time.perf_counter() - g.get("started", time.perf_counter())) * 1000
+        log.info(
+            "%s %s %d in %.0f ms", request.method, request.path, response.status_code, elapsed_ms
+        )
+        return response
+
+    @app.post("/predict")
+    def predict() -> Response | tuple[Any, int]:
+        upload = request.files.get("image")
+        if upload is None:
+            return error(
+                400, "no file in the 'image' field: send multipart/form-data with image=@FILE"
+            )
+        data = upload.read()
+        if not data:
+            return error(400, "the uploaded image file is empty")
+        try:
+            image = load_image(data, protocol.INPUT_SIZE, settings.max_image_pixels)
+        except ImageError as exc:
+            return error(exc.status, str(exc))
+
+        job = protocol.ImageRequest.create(image, settings.result_timeout)
+        logs.request_id.set(job.id)
+        try:
+            queue.push(protocol.encode_request(job))
+            raw = queue.wait_result(job.id, timeout=job.deadline - time.time())
+        except redis.RedisError as exc:
+            log.warning("Redis unavailable: %s", exc)
+            return error(
+                503, "the queue (Redis) is unavailable; try again shortly", **{"Retry-After": "1"}
+            )
+        if raw is None:
+            return error(
+                504,
+                f"no prediction within {settings.result_timeout:g} s: the model workers "
+                "are down or overloaded",
+            )
+        result = protocol.decode_result(raw)
+        return jsonify(result), 200 if result["success"] else 500
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> Response:
+        response = exc.get_response()
+        allowed = response.headers.get("Allow", "POST")
+        messages = {
+            405: f"{request.method} is not allowed here; use {allowed}",
+            413: f"the upload is larger than the {settings.max_upload_mb:g} MB limit",
+        }
+        body = error(exc.code or 500, messages.get(exc.code or 0, exc.description or exc.name))
+        for name in ("Allow", "Retry-After"):
+            if name in response.headers:
+                body.headers[name] = response.headers[name]
+        return body
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception) -> Response:
+        log.exception("unhandled error")
+        return error(500, "internal server error; the server log has the details")
+
+    return app

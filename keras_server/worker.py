@@ -1,0 +1,189 @@
+"""The model worker loop: claim a batch, run one forward pass, answer each request.
+
+It knows the model only as a `Predictor` (anything with `predict`,
+`input_shape`, `labels`), so this module never imports Keras. One bad
+message, one failed batch or a Redis outage never ends the loop: every
+request in a failed batch is answered with an error, and Redis errors are
+retried with backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+import numpy as np
+import redis
+
+from . import protocol
+from .queue import RequestQueue
+
+log = logging.getLogger(__name__)
+
+TOP_K = 5
+# How long one claim blocks in Redis: also how fast the loop notices `stop`.
+CLAIM_WAIT_S = 0.5
+MAX_BACKOFF_S = 5.0
+
+
+class ModelLoadError(RuntimeError):
+    """The model cannot be loaded; the message is meant for the operator."""
+
+
+class Predictor(Protocol):
+    labels: list[str]
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]: ...
+
+    def predict(self, images: np.ndarray) -> np.ndarray: ...
+
+    def warm_up(self, batch_size: int) -> None: ...
+
+
+def top_k(probabilities: np.ndarray, labels: list[str], k: int = TOP_K) -> list[dict[str, object]]:
+    """The k most likely classes, highest first, in the API's shape."""
+    k = min(k, probabilities.shape[-1])
+    best = np.argpartition(-probabilities, k - 1)[:k]
+    best = best[np.argsort(-probabilities[best], kind="stable")]
+    return [{"label": labels[i], "probability": float(probabilities[i])} for i in best]
+
+
+class Worker:
+    def __init__(
+        self,
+        queue: RequestQueue,
+        predictor: Predictor,
+        batch_size: int,
+        result_ttl: float,
+    ) -> None:
+        self.queue = queue
+        self.predictor = predictor
+        self.batch_size = batch_size
+        self.result_ttl = result_ttl
+
+    def run(self, stop: threading.Event) -> None:
+        """Serve batches until `stop` is set."""
+        backoff = 0.1
+        while not stop.is_set():
+            try:
+                self.run_once(CLAIM_WAIT_S)
+                backoff = 0.1
+            except redis.RedisError as exc:
+                log.warning("Redis error (%s); retrying in %.1f s", exc, backoff)
+                stop.wait(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
+            except Exception:
+                # Not reached for model errors (run_once answers those); this is
+                # the last guard that keeps the thread alive.
+                log.exception("unexpected error in the worker loop")
+
+    def run_once(self, wait: float) -> int:
+        """Claim and answer one batch; returns how many requests it took."""
+        raws = self.queue.claim(self.batch_size, wait)
+        if not raws:
+            return 0
+        now = time.time()
+        results: dict[str, bytes] = {}
+        batch: list[protocol.ImageRequest] = []
+        for raw in raws:
+            try:
+                request = protocol.decode_request(raw)
+            except protocol.BadMessage as exc:
+                log.error("dropping a bad queue entry: %s", exc)
+                request_id = protocol.request_id_of(raw)
+                if request_id:
+                    results[request_id] = protocol.error_result("the request was malformed")
+                continue
+            if request.expired(now):
+                log.warning("[%s] skipped: its deadline passed while queued", request.id)
+                continue
+            if request.image.shape != self.predictor.input_shape:
+                results[request.id] = protocol.error_result(
+                    f"image shape {request.image.shape} does not fit the model's "
+                    f"{self.predictor.input_shape}"
+                )
+                continue
+            batch.append(request)
+        if batch:
+            results.update(self._infer(batch))
+        self.queue.put_results(results, self.result_ttl)
+        return len(raws)
+
+    def _infer(self, batch: list[protocol.ImageRequest]) -> dict[str, bytes]:
+        ids = [r.id for r in batch]
+        started = time.perf_counter()
+        try:
+            probabilities = self.predictor.predict(np.stack([r.image for r in batch]))
+            if probabilities.shape[0] != len(batch):
+                raise ValueError(f"model returned {probabilities.shape[0]} rows for {len(batch)}")
+        except Exception:
+            log.exception("batch of %d failed: %s", len(batch), ", ".join(ids))
+            error = protocol.error_result(
+                "the model failed on this request's batch; the worker log has the details"
+            )
+            return dict.fromkeys(ids, error)
+        log.info(
+            "batch of %d in %.0f ms: %s",
+            len(batch),
+            (time.perf_counter() - started) * 1000,
+            ", ".join(ids),
+        )
+        labels = self.predictor.labels
+        return {
+            r.id: protocol.success_result(top_k(p, labels))
+            for r, p in zip(batch, probabilities, strict=True)
+        }
+
+
+class ModelThread(threading.Thread):
+    """The `--role all` worker: loads the model, warms it up, then loops.
+
+    `ready` is set once it serves, `failed` (with `error`) if loading failed,
+    so the caller can open the HTTP port only when requests can be answered.
+    """
+
+    def __init__(
+        self,
+        load: Callable[[], Predictor],
+        make_worker: Callable[[Predictor], Worker],
+        batch_size: int,
+    ) -> None:
+        super().__init__(name="model-worker", daemon=True)
+        self._load = load
+        self._make_worker = make_worker
+        self._batch_size = batch_size
+        self.stop = threading.Event()
+        self.ready = threading.Event()
+        self.failed = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            predictor = load_and_warm_up(self._load, self._batch_size)
+        except BaseException as exc:
+            self.error = exc
+            self.failed.set()
+            return
+        self.ready.set()
+        self._make_worker(predictor).run(self.stop)
+
+    def wait_until_ready(self) -> None:
+        """Block until the model serves; re-raise its loading error if it failed."""
+        while not (self.ready.wait(0.2) or self.failed.is_set()):
+            pass
+        if self.error is not None:
+            raise self.error
+
+
+def load_and_warm_up(load: Callable[[], Predictor], batch_size: int) -> Predictor:
+    predictor = load()
+    started = time.perf_counter()
+    predictor.warm_up(batch_size)
+    log.info(
+        "model warmed up in %.1f s (batch sizes 1..%d)", time.perf_counter() - started, batch_size
+    )
+    return predictor
