@@ -36,7 +36,7 @@ def load_image(data: bytes, size: tuple[int, int], max_pixels: int) -> np.ndarra
                 width, height = image.size
                 if width * height > max_pixels:
                     raise ImageTooLarge(
-                        f"the image is {width}x{height} = {width * height:,} pixels; "
+                        f"the image has too many pixels: {width}x{height} = {width * height:,}; "
                         f"the limit is {max_pixels:,}"
                     )
                 # A JPEG can be decoded at 1/2..1/8 scale for a fraction of the

@@ -1,0 +1,145 @@
+"""Shared fixtures: a real redis-server per test session, a small Keras model,
+and a worker thread serving it."""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+from PIL import Image
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from keras_server import protocol
+from keras_server.queue import RequestQueue, connect
+from keras_server.redis_launcher import RedisServer
+from keras_server.settings import Settings
+from keras_server.worker import Worker
+
+ROOT = Path(__file__).resolve().parent.parent
+IMAGES = ROOT / "images"
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """Our own redis-server on a free port: never the shared 6379."""
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushdb()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def settings(redis_server: RedisServer, redis_client: redis.Redis) -> Settings:
+    return Settings(
+        redis_url=redis_server.url,
+        redis_url_given=True,
+        queue_name=f"test-{uuid.uuid4().hex[:8]}",
+        result_timeout=20.0,
+        batch_size=8,
+    )
+
+
+@pytest.fixture
+def queue(settings: Settings) -> Iterator[RequestQueue]:
+    client = connect(settings.redis_url, block_seconds=settings.result_timeout)
+    yield RequestQueue(client, protocol.Keys(settings.queue_name))
+    client.close()
+
+
+class CountingPredictor:
+    """Wraps a real predictor and records the size of every forward pass."""
+
+    def __init__(self, inner: object, fail: bool = False) -> None:
+        self.inner = inner
+        self.labels = inner.labels
+        self.input_shape = inner.input_shape
+        self.batches: list[int] = []
+        self.fail = fail
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        self.batches.append(len(images))
+        if self.fail:
+            raise RuntimeError("simulated model failure")
+        return self.inner.predict(images)
+
+    def warm_up(self, batch_size: int) -> None:
+        self.inner.warm_up(batch_size)
+
+
+@pytest.fixture(scope="session")
+def small_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny ImageNet-shaped Keras classifier (224x224x3 -> 1000), saved as .keras."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((224, 224, 3)),
+            keras.layers.Conv2D(8, 7, strides=8, activation="relu"),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(1000, activation="softmax"),
+        ]
+    )
+    path = tmp_path_factory.mktemp("models") / "small.keras"
+    model.save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_classifier(small_model_path: Path) -> object:
+    from keras_server.model import load_classifier
+
+    classifier = load_classifier(str(small_model_path))
+    classifier.warm_up(8)
+    return classifier
+
+
+@pytest.fixture
+def predictor(small_classifier: object) -> CountingPredictor:
+    return CountingPredictor(small_classifier)
+
+
+class WorkerThread:
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=worker.run, args=(self.stop,), daemon=True)
+
+    def __enter__(self) -> WorkerThread:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        assert not self.thread.is_alive()
+
+
+def make_worker(settings: Settings, predictor: object, batch_size: int | None = None) -> Worker:
+    client = connect(settings.redis_url, block_seconds=1)
+    return Worker(
+        RequestQueue(client, protocol.Keys(settings.queue_name)),
+        predictor,
+        batch_size or settings.batch_size,
+        result_ttl=settings.result_timeout,
+    )
+
+
+def png_bytes(image: Image.Image, fmt: str = "PNG", **params: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **params)
+    return buffer.getvalue()

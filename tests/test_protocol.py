@@ -1,0 +1,107 @@
+"""The wire format between web and worker, and the key names."""
+
+import base64
+import json
+import time
+
+import numpy as np
+import pytest
+
+from keras_server import protocol
+from keras_server.worker import top_k
+
+
+def test_request_round_trip_keeps_bytes_shape_and_dtype() -> None:
+    image = np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    request = protocol.ImageRequest.create(image, timeout=5)
+    raw = protocol.encode_request(request)
+    message = json.loads(raw)
+    assert set(message) == {"id", "shape", "dtype", "image", "deadline"}
+    assert message["shape"] == [224, 224, 3]
+    assert message["dtype"] == "uint8"
+    decoded = protocol.decode_request(raw)
+    assert decoded.id == request.id
+    assert decoded.deadline == pytest.approx(time.time() + 5, abs=1)
+    np.testing.assert_array_equal(decoded.image, image)
+
+
+def test_uint8_message_is_small() -> None:
+    image = np.zeros((224, 224, 3), dtype=np.uint8)
+    raw = protocol.encode_request(protocol.ImageRequest.create(image, 1))
+    assert len(raw) < 210_000  # base64 of 150,528 bytes plus a few fields
+
+
+def test_float32_round_trip() -> None:
+    image = np.linspace(-1, 1, 12, dtype=np.float32).reshape(2, 2, 3)
+    decoded = protocol.decode_request(
+        protocol.encode_request(protocol.ImageRequest.create(image, 1))
+    )
+    np.testing.assert_array_equal(decoded.image, image)
+
+
+def _message(**overrides: object) -> bytes:
+    message = {
+        "id": "abc",
+        "shape": [2, 2, 3],
+        "dtype": "uint8",
+        "image": base64.b64encode(bytes(12)).decode(),
+        "deadline": time.time() + 10,
+    }
+    message.update(overrides)
+    return json.dumps({k: v for k, v in message.items() if v is not None}).encode()
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"not json",
+        b"[1, 2]",
+        _message(image=None),
+        _message(image="***"),
+        _message(shape=[2, 2, 4]),
+        _message(shape=[-2, -2, 3]),
+        _message(dtype="object"),
+        _message(dtype="float64"),
+        _message(shape=[100000, 100000, 3]),
+    ],
+)
+def test_malformed_requests_are_refused(raw: bytes) -> None:
+    with pytest.raises(protocol.BadMessage):
+        protocol.decode_request(raw)
+
+
+def test_request_id_of_a_bad_message() -> None:
+    assert protocol.request_id_of(_message(dtype="object")) == "abc"
+    assert protocol.request_id_of(b"garbage") is None
+
+
+def test_expiry() -> None:
+    request = protocol.ImageRequest(id="x", image=np.zeros(1, np.uint8), deadline=100.0)
+    assert request.expired(now=100.5)
+    assert not request.expired(now=99.0)
+
+
+def test_keys_are_namespaced_by_queue() -> None:
+    keys = protocol.Keys("q")
+    assert keys.queue == "q"
+    assert keys.result("id1") == "q:result:id1"
+
+
+def test_results_are_the_response_bodies() -> None:
+    ok = protocol.decode_result(protocol.success_result([{"label": "tabby", "probability": 0.5}]))
+    assert list(ok) == ["success", "predictions"]
+    assert ok["success"] is True
+    assert protocol.decode_result(protocol.error_result("boom")) == {
+        "success": False,
+        "error": "boom",
+    }
+
+
+def test_top_k_highest_first() -> None:
+    probabilities = np.array([0.1, 0.4, 0.05, 0.3, 0.15], dtype=np.float32)
+    labels = ["a", "b", "c", "d", "e"]
+    best = top_k(probabilities, labels, k=3)
+    assert [p["label"] for p in best] == ["b", "d", "e"]
+    assert best[0]["probability"] == pytest.approx(0.4)
+    assert isinstance(best[0]["probability"], float)
+    assert len(top_k(probabilities, labels, k=10)) == 5

@@ -1,0 +1,123 @@
+"""The real model path: ResNet50 loaded through --weights, served through
+/predict, gives what Keras itself predicts for the same image."""
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import IMAGES, CountingPredictor, WorkerThread, make_worker
+
+from keras_server.model import imagenet_labels, load_classifier
+from keras_server.settings import Settings
+from keras_server.web import create_app
+from keras_server.worker import ModelLoadError
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def resnet_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """ResNet50 with random initial weights, saved the way a user saves theirs."""
+    import keras
+
+    keras.utils.set_random_seed(42)
+    path = tmp_path_factory.mktemp("resnet") / "resnet50.weights.h5"
+    keras.applications.ResNet50(weights=None).save_weights(path)
+    return path
+
+
+def keras_top5(weights: Path, image_path: Path) -> list[tuple[str, float]]:
+    """The textbook way, without our code: PIL, resize, preprocess, predict."""
+    import keras
+    from PIL import Image
+
+    model = keras.applications.ResNet50(weights=None)
+    model.load_weights(weights)
+    with Image.open(image_path) as image:
+        pixels = np.asarray(image.convert("RGB").resize((224, 224), Image.Resampling.BICUBIC))
+    batch = keras.applications.resnet50.preprocess_input(pixels[None].astype("float32"))
+    probabilities = model.predict(batch, verbose=0)[0]
+    labels = imagenet_labels()
+    best = np.argsort(-probabilities)[:5]
+    return [(labels[i], float(probabilities[i])) for i in best]
+
+
+def test_predict_equals_keras_on_the_same_weights(resnet_weights: Path, settings: Settings) -> None:
+    classifier = load_classifier(str(resnet_weights))
+    classifier.warm_up(2)
+    client = create_app(settings).test_client()
+    with WorkerThread(make_worker(settings, CountingPredictor(classifier))):
+        response = client.post(
+            "/predict",
+            data={"image": (io.BytesIO((IMAGES / "chelsea.png").read_bytes()), "chelsea.png")},
+            content_type="multipart/form-data",
+        )
+    assert response.status_code == 200
+    served = [(p["label"], p["probability"]) for p in response.get_json()["predictions"]]
+    expected = keras_top5(resnet_weights, IMAGES / "chelsea.png")
+    assert [label for label, _ in served] == [label for label, _ in expected]
+    np.testing.assert_allclose([p for _, p in served], [p for _, p in expected], rtol=1e-4)
+
+
+def test_whole_saved_model_loads_too(tmp_path: Path, resnet_weights: Path) -> None:
+    import keras
+
+    model = keras.applications.ResNet50(weights=None)
+    model.load_weights(resnet_weights)
+    path = tmp_path / "resnet50.keras"
+    model.save(path)
+    classifier = load_classifier(str(path))
+    image = np.zeros((1, 224, 224, 3), np.uint8)
+    np.testing.assert_allclose(
+        classifier.predict(image),
+        model.predict_on_batch(
+            keras.applications.resnet50.preprocess_input(image.astype("float32"))
+        ),
+        rtol=1e-5,
+        atol=1e-7,
+    )
+
+
+def test_weights_none_builds_resnet50() -> None:
+    classifier = load_classifier("none")
+    assert classifier.model.name == "resnet50"
+    assert "RANDOM" in classifier.description
+    assert classifier.predict(np.zeros((2, 224, 224, 3), np.uint8)).shape == (2, 1000)
+
+
+def test_missing_file_is_refused_clearly(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="no such file"):
+        load_classifier(str(tmp_path / "nope.weights.h5"))
+
+
+def test_unusable_file_is_refused_clearly(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.weights.h5"
+    junk.write_bytes(b"not hdf5")
+    with pytest.raises(ModelLoadError, match="cannot load it"):
+        load_classifier(str(junk))
+    other = tmp_path / "weights.bin"
+    other.write_bytes(b"x")
+    with pytest.raises(ModelLoadError, match=r"expected a \.weights\.h5 or \.keras file"):
+        load_classifier(str(other))
+
+
+def test_a_model_of_the_wrong_shape_is_refused(tmp_path: Path) -> None:
+    import keras
+
+    model = keras.Sequential(
+        [keras.Input((32, 32, 3)), keras.layers.Flatten(), keras.layers.Dense(10)]
+    )
+    path = tmp_path / "tiny.keras"
+    model.save(path)
+    with pytest.raises(ModelLoadError, match="this server needs"):
+        load_classifier(str(path))
+
+
+def test_labels_are_keras_short_names() -> None:
+    labels = imagenet_labels()
+    assert len(labels) == 1000
+    assert labels[162] == "beagle"
+    assert labels[166] == "Walker_hound"
+    assert labels[281] == "tabby"
+    assert labels[967] == "espresso"

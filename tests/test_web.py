@@ -1,0 +1,161 @@
+"""POST /predict end to end: Flask test client -> real Redis -> worker thread
+with a small Keras model; and every error the API promises."""
+
+import dataclasses
+import io
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from conftest import IMAGES, ROOT, CountingPredictor, WorkerThread, make_worker, png_bytes
+from flask.testing import FlaskClient
+from PIL import Image
+from test_images import _png_header_only
+
+from keras_server.settings import Settings
+from keras_server.web import create_app
+
+CHELSEA = (IMAGES / "chelsea.png").read_bytes()
+
+
+def post(client: FlaskClient, data: bytes, field: str = "image", name: str = "x.png"):
+    return client.post(
+        "/predict", data={field: (io.BytesIO(data), name)}, content_type="multipart/form-data"
+    )
+
+
+@pytest.fixture
+def client(settings: Settings) -> FlaskClient:
+    return create_app(settings).test_client()
+
+
+@pytest.fixture
+def served(settings: Settings, predictor: CountingPredictor):
+    with WorkerThread(make_worker(settings, predictor)):
+        yield predictor
+
+
+def assert_error(response, status: int, text: str) -> None:
+    assert response.status_code == status
+    assert response.is_json
+    body = response.get_json()
+    assert body["success"] is False
+    assert text in body["error"]
+    assert "Traceback" not in response.get_data(as_text=True)
+
+
+def test_predict_returns_top5_in_the_seed_shape(
+    client: FlaskClient, served: CountingPredictor
+) -> None:
+    response = post(client, CHELSEA)
+    assert response.status_code == 200
+    body = response.get_json()
+    assert list(body) == ["success", "predictions"]
+    assert body["success"] is True
+    predictions = body["predictions"]
+    assert len(predictions) == 5
+    assert all(set(p) == {"label", "probability"} for p in predictions)
+    probabilities = [p["probability"] for p in predictions]
+    assert probabilities == sorted(probabilities, reverse=True)
+    assert 0 < sum(probabilities) <= 1.0001
+    assert all(p["label"] in served.labels for p in predictions)
+    assert served.batches == [1]
+
+
+def test_concurrent_requests_share_forward_passes(
+    client: FlaskClient, served: CountingPredictor
+) -> None:
+    images = [(IMAGES / name).read_bytes() for name in ("chelsea.png", "coffee.png", "rocket.jpg")]
+    with ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(lambda i: post(client, images[i % 3]), range(48)))
+    assert all(r.status_code == 200 for r in responses)
+    tops = {r.get_json()["predictions"][0]["label"] for r in responses}
+    assert len(tops) >= 1
+    assert sum(served.batches) == 48
+    assert len(served.batches) < 48, "concurrent requests should be batched"
+
+
+def test_missing_field(client: FlaskClient) -> None:
+    assert_error(post(client, CHELSEA, field="file"), 400, "no file in the 'image' field")
+    assert_error(client.post("/predict"), 400, "no file in the 'image' field")
+
+
+def test_empty_file(client: FlaskClient) -> None:
+    assert_error(post(client, b""), 400, "empty")
+
+
+def test_not_an_image(client: FlaskClient) -> None:
+    assert_error(post(client, b"hello, I am text", name="x.txt"), 400, "not an image")
+
+
+def test_truncated_image(client: FlaskClient) -> None:
+    assert_error(post(client, CHELSEA[:20_000]), 400, "truncated or corrupt")
+
+
+def test_decompression_bomb(client: FlaskClient, redis_client, settings: Settings) -> None:
+    assert_error(post(client, _png_header_only(60_000, 60_000)), 413, "too many pixels")
+    assert redis_client.llen(settings.queue_name) == 0, "nothing bad reaches the queue"
+
+
+def test_body_over_the_upload_limit(settings: Settings) -> None:
+    small = dataclasses.replace(settings, max_upload_mb=0.05)
+    client = create_app(small).test_client()
+    assert_error(post(client, CHELSEA), 413, "larger than the 0.05 MB limit")
+
+
+def test_get_is_405_json(client: FlaskClient) -> None:
+    response = client.get("/predict")
+    assert_error(response, 405, "GET is not allowed")
+    assert "POST" in response.headers["Allow"]
+
+
+def test_unknown_path_is_404_json(client: FlaskClient) -> None:
+    assert_error(client.get("/nope"), 404, "")
+
+
+def test_no_worker_means_504_after_the_timeout(settings: Settings) -> None:
+    client = create_app(dataclasses.replace(settings, result_timeout=0.5)).test_client()
+    assert_error(post(client, CHELSEA), 504, "no prediction within 0.5 s")
+
+
+def test_redis_unreachable_is_503(settings: Settings) -> None:
+    down = dataclasses.replace(settings, redis_url="redis://127.0.0.1:1/0")
+    response = post(create_app(down).test_client(), CHELSEA)
+    assert_error(response, 503, "Redis")
+    assert response.headers["Retry-After"] == "1"
+
+
+def test_a_model_failure_is_500_json(
+    client: FlaskClient, settings: Settings, small_classifier: object
+) -> None:
+    with WorkerThread(make_worker(settings, CountingPredictor(small_classifier, fail=True))):
+        assert_error(post(client, CHELSEA), 500, "model failed")
+
+
+def test_server_stays_up_after_errors(client: FlaskClient, served: CountingPredictor) -> None:
+    for data in (b"", b"junk", CHELSEA[:5000], _png_header_only(60_000, 60_000)):
+        post(client, data)
+    transparent = png_bytes(Image.new("RGBA", (64, 64), (0, 0, 0, 0)))
+    assert post(client, transparent).status_code == 200
+    assert post(client, CHELSEA).status_code == 200
+
+
+def test_uploads_are_never_spooled_to_disk(settings: Settings) -> None:
+    app = create_app(settings)
+    big = CHELSEA * 5  # over werkzeug's 500 KB in-memory threshold
+    with app.test_request_context(
+        "/predict", method="POST", data={"image": (io.BytesIO(big), "x.png")}
+    ):
+        from flask import request
+
+        assert isinstance(request.files["image"].stream, io.BytesIO)
+
+
+def test_web_tier_never_imports_tensorflow() -> None:
+    code = (
+        "import sys; import keras_server.web, keras_server.cli; "
+        "bad = {'tensorflow', 'keras', 'jax', 'torch'} & set(sys.modules); "
+        "sys.exit(f'imported {bad}' if bad else 0)"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)

@@ -1,0 +1,124 @@
+"""The worker loop with a small real Keras model and a real Redis."""
+
+import json
+import math
+import threading
+import time
+
+import numpy as np
+import pytest
+from conftest import CountingPredictor, WorkerThread, make_worker
+
+from keras_server import protocol
+from keras_server.queue import RequestQueue
+from keras_server.settings import Settings
+
+
+def enqueue(queue: RequestQueue, n: int, timeout: float = 20) -> list[str]:
+    rng = np.random.default_rng(n)
+    ids = []
+    for _ in range(n):
+        image = rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)
+        request = protocol.ImageRequest.create(image, timeout)
+        queue.push(protocol.encode_request(request))
+        ids.append(request.id)
+    return ids
+
+
+def answers(queue: RequestQueue, ids: list[str], timeout: float = 10) -> list[dict]:
+    results = []
+    for request_id in ids:
+        raw = queue.wait_result(request_id, timeout)
+        assert raw is not None, f"no answer for {request_id}"
+        results.append(json.loads(raw))
+    return results
+
+
+@pytest.mark.parametrize("batch_size", [1, 8, 32])
+def test_queued_requests_take_ceil_n_over_b_forward_passes(
+    settings: Settings, queue: RequestQueue, predictor: CountingPredictor, batch_size: int
+) -> None:
+    ids = enqueue(queue, 20)
+    worker = make_worker(settings, predictor, batch_size)
+    while worker.run_once(wait=0.5):
+        pass
+    assert len(predictor.batches) <= math.ceil(20 / batch_size)
+    assert sum(predictor.batches) == 20
+    assert max(predictor.batches) <= batch_size
+    for result in answers(queue, ids):
+        assert result["success"] is True
+        assert len(result["predictions"]) == 5
+
+
+def test_each_request_gets_its_own_prediction(
+    settings: Settings, queue: RequestQueue, predictor: CountingPredictor
+) -> None:
+    """Batched answers go to the right requests: compare with one-by-one."""
+    ids = enqueue(queue, 6)
+    images = [
+        protocol.decode_request(raw).image for raw in queue.client.lrange(queue.keys.queue, 0, -1)
+    ]
+    make_worker(settings, predictor, 8).run_once(wait=1)
+    for request_id, image, result in zip(ids, images, answers(queue, ids), strict=True):
+        alone = predictor.inner.predict(image[None])[0]
+        best = int(np.argmax(alone))
+        assert result["predictions"][0]["label"] == predictor.labels[best], request_id
+        assert result["predictions"][0]["probability"] == pytest.approx(
+            float(alone[best]), rel=1e-4
+        )
+
+
+def test_a_failed_batch_answers_everyone_and_the_loop_goes_on(
+    settings: Settings, queue: RequestQueue, small_classifier: object
+) -> None:
+    failing = CountingPredictor(small_classifier, fail=True)
+    with WorkerThread(make_worker(settings, failing)) as running:
+        results = answers(queue, enqueue(queue, 5))
+        assert all(r["success"] is False for r in results)
+        assert all("model failed" in r["error"] for r in results)
+        failing.fail = False
+        assert all(r["success"] for r in answers(queue, enqueue(queue, 3)))
+        assert running.thread.is_alive()
+
+
+def test_expired_requests_are_skipped(
+    settings: Settings, queue: RequestQueue, predictor: CountingPredictor
+) -> None:
+    stale = enqueue(queue, 3, timeout=-1)
+    fresh = enqueue(queue, 2)
+    make_worker(settings, predictor).run_once(wait=1)
+    assert predictor.batches == [2]
+    assert all(r["success"] for r in answers(queue, fresh))
+    for request_id in stale:
+        assert not queue.client.exists(queue.keys.result(request_id))
+
+
+def test_bad_entries_are_answered_or_dropped_without_hurting_the_batch(
+    settings: Settings, queue: RequestQueue, predictor: CountingPredictor
+) -> None:
+    good = enqueue(queue, 1)
+    queue.push(b"\x00 not json")
+    wrong_shape = protocol.ImageRequest.create(np.zeros((10, 10, 3), np.uint8), 20)
+    queue.push(protocol.encode_request(wrong_shape))
+    broken = json.loads(protocol.encode_request(wrong_shape))
+    broken.update(id="broken", dtype="object")
+    queue.push(json.dumps(broken).encode())
+    assert make_worker(settings, predictor).run_once(wait=1) == 4
+    assert predictor.batches == [1]
+    assert answers(queue, good)[0]["success"] is True
+    shape_error = answers(queue, [wrong_shape.id])[0]
+    assert shape_error["success"] is False and "does not fit" in shape_error["error"]
+    assert answers(queue, ["broken"])[0] == {"success": False, "error": "the request was malformed"}
+
+
+def test_loop_survives_redis_being_unreachable(predictor: CountingPredictor) -> None:
+    settings = Settings(redis_url="redis://127.0.0.1:1/0", redis_url_given=True)
+    worker = make_worker(settings, predictor)
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+    thread.start()
+    time.sleep(0.5)
+    assert thread.is_alive(), "a Redis error must not end the worker"
+    stop.set()
+    thread.join(6)
+    assert not thread.is_alive()
