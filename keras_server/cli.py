@@ -1,30 +1,38 @@
 """`python run_keras_server.py`: build the settings once, then run a role.
 
-- all:    a private Redis if needed, the model thread, then the HTTP server
-- web:    the HTTP server alone (never imports TensorFlow)
+- all:    a private Redis if needed, the model thread, then Flask's own server
+          (one process: the demo and single-machine setup)
+- web:    gunicorn serving the Flask app (never imports TensorFlow)
 - worker: the model loop alone
+
+SIGTERM is graceful everywhere: gunicorn lets in-flight requests finish, and a
+worker finishes and answers the batch it holds before it deregisters.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import signal
 import sys
+import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from types import FrameType
 
 from . import protocol
 from .logs import configure_logging
+from .metrics import MULTIPROCESS_DIR_ENV
 from .queue import RequestQueue, connect
 from .redis_launcher import RedisUnavailable, ensure_redis
-from .settings import Settings, SettingsError, load_settings
+from .settings import Settings, SettingsError, load_settings, to_environment
 from .worker import CLAIM_WAIT_S, ModelLoadError, ModelThread, Predictor, Worker, load_and_warm_up
 
 log = logging.getLogger("keras_server")
+
+GUNICORN_CONFIG = Path(__file__).with_name("gunicorn_conf.py")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -34,19 +42,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"run_keras_server.py: error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
-    _exit_on_sigterm()
     try:
-        with contextlib.ExitStack() as cleanup:
-            if settings.role == "all":
-                settings, private_redis = ensure_redis(settings)
-                if private_redis:
-                    cleanup.callback(private_redis.close)
-            if settings.role == "web":
-                serve_http(settings)
-            elif settings.role == "worker":
-                run_worker(settings)
-            else:
-                run_all(settings)
+        if settings.role == "web":
+            exec_gunicorn(settings)
+        elif settings.role == "worker":
+            run_worker(settings)
+        else:
+            run_all(settings)
     except (RedisUnavailable, ModelLoadError) as exc:
         log.error("%s", exc)
         return 1
@@ -55,58 +57,101 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _exit_on_sigterm() -> None:
-    """SIGTERM unwinds like Ctrl-C, so cleanups (the private Redis) still run."""
+def loader(settings: Settings) -> Callable[[], Predictor]:
+    """How to build the model: Keras is imported only for a real model, so the
+    web role and `--model sim` never load TensorFlow."""
+    if settings.model == "sim":
+        from .simulated import SimulatedModel
 
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, handler)
-
-
-def _loader(settings: Settings) -> functools.partial[Predictor]:
-    # Keras is imported only here, so `--role web` never loads TensorFlow.
+        return lambda: SimulatedModel(settings.sim_batch_ms, settings.sim_image_ms)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from .model import load_classifier
 
-    return functools.partial(load_classifier, settings.weights)
+    return lambda: load_classifier(settings.weights)
 
 
-def _make_worker(settings: Settings, predictor: Predictor) -> Worker:
-    client = connect(settings.redis_url, block_seconds=CLAIM_WAIT_S)
-    queue = RequestQueue(client, protocol.Keys(settings.queue_name))
-    return Worker(queue, predictor, settings.batch_size, result_ttl=settings.result_timeout)
+def make_worker(settings: Settings, predictor: Predictor) -> Worker:
+    block = CLAIM_WAIT_S + settings.max_batch_delay_ms / 1000
+    client = connect(settings.redis_url, block_seconds=block)
+    return Worker(
+        RequestQueue(client, protocol.Keys(settings.queue_name)),
+        predictor,
+        settings.batch_size,
+        result_ttl=settings.result_timeout,
+        heartbeat_ttl=settings.heartbeat_ttl,
+        batch_delay=settings.max_batch_delay_ms / 1000,
+        description=getattr(predictor, "description", ""),
+    )
 
 
 def run_worker(settings: Settings) -> None:
-    predictor = load_and_warm_up(_loader(settings), settings.batch_size)
+    predictor = load_and_warm_up(loader(settings), settings.batch_size)
+    if settings.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.metrics_port, addr=settings.host)
+        log.info("metrics on http://%s:%d/metrics", settings.host, settings.metrics_port)
+    worker = make_worker(settings, predictor)
     stop = threading.Event()
-    log.info("worker serving queue %r at %s", settings.queue_name, settings.redis_url)
-    try:
-        _make_worker(settings, predictor).run(stop)
-    finally:
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        log.info("SIGTERM: finishing the current batch, then stopping")
         stop.set()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    signal.signal(signal.SIGINT, on_sigterm)  # Ctrl-C: as clean as SIGTERM
+    log.info("worker %s serving queue %r at %s", worker.id, settings.queue_name, settings.redis_url)
+    worker.run(stop)
 
 
 def run_all(settings: Settings) -> None:
-    thread = ModelThread(
-        load=_loader(settings),
-        make_worker=functools.partial(_make_worker, settings),
-        batch_size=settings.batch_size,
-    )
-    thread.start()
-    thread.wait_until_ready()
-    try:
-        serve_http(settings)
-    finally:
-        thread.stop.set()
-        thread.join(timeout=CLAIM_WAIT_S * 4)
+    """Web and worker in one process, with a private Redis when none runs."""
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    # SIGTERM unwinds like Ctrl-C, so the cleanups below (the private Redis) run.
+    signal.signal(signal.SIGTERM, on_sigterm)
+    with contextlib.ExitStack() as cleanup:
+        settings, private_redis = ensure_redis(settings)
+        if private_redis:
+            cleanup.callback(private_redis.close)
+        thread = ModelThread(
+            load=loader(settings),
+            make_worker=lambda predictor: make_worker(settings, predictor),
+            batch_size=settings.batch_size,
+        )
+        thread.start()
+        thread.wait_until_ready()
+        try:
+            from .web import create_app
+
+            app = create_app(settings)
+            log.info("listening on http://%s:%d/predict", settings.host, settings.port)
+            # Flask's development server: fine for one machine and demos;
+            # --role web runs gunicorn.
+            app.run(host=settings.host, port=settings.port, threaded=True, use_reloader=False)
+        finally:
+            thread.stop.set()
+            thread.join(timeout=settings.result_timeout)
 
 
-def serve_http(settings: Settings) -> None:
-    from .web import create_app
+def exec_gunicorn(settings: Settings) -> None:
+    """Replace this process with gunicorn serving the web tier.
 
-    app = create_app(settings)
-    log.info("listening on http://%s:%d/predict", settings.host, settings.port)
-    # The Flask development server: fine for one machine and demos.
-    app.run(host=settings.host, port=settings.port, threaded=True, use_reloader=False)
+    The child gets the resolved settings as KERAS_SERVER_* variables (read
+    back by gunicorn_conf.py and web.wsgi_app), and a fresh directory for
+    prometheus-client's multiprocess metrics, which must be set before the
+    library is first imported: hence a new interpreter rather than a fork.
+    """
+    env = {**os.environ, **to_environment(settings)}
+    env[MULTIPROCESS_DIR_ENV] = tempfile.mkdtemp(prefix="keras-server-metrics-")
+    args = [
+        sys.executable, "-m", "gunicorn",
+        "--config", str(GUNICORN_CONFIG),
+        "keras_server.web:wsgi_app()",
+    ]  # fmt: skip
+    log.info("starting gunicorn on %s:%d", settings.host, settings.port)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, args, env)

@@ -8,17 +8,17 @@ what to pass instead.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import keras
 import numpy as np
 from keras.applications import resnet50
 
+from .labels import imagenet_labels
 from .protocol import INPUT_SIZE
 from .worker import ModelLoadError
 
@@ -27,23 +27,12 @@ log = logging.getLogger(__name__)
 NUM_CLASSES = 1000
 
 
-def imagenet_labels() -> list[str]:
-    """The 1000 ImageNet class names, as Keras's decode_predictions names them.
-
-    Shipped with the package (from Keras's own class index) because Keras
-    downloads its copy at run time, which fails offline.
-    """
-    text = resources.files(__package__).joinpath("imagenet_class_index.json").read_text()
-    index = json.loads(text)
-    return [index[str(i)][1] for i in range(len(index))]
-
-
 @dataclass
 class Classifier:
     """A Keras classifier with its labels and its input preprocessing."""
 
     model: keras.Model
-    labels: list[str]
+    labels: Sequence[str]
     description: str
 
     @property

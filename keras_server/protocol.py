@@ -49,6 +49,19 @@ class Keys:
     def result(self, request_id: str) -> str:
         return f"{self.queue_name}:result:{request_id}"
 
+    def processing(self, worker_id: str) -> str:
+        """The requests a worker has claimed and not yet answered."""
+        return f"{self.queue_name}:processing:{worker_id}"
+
+    def heartbeat(self, worker_id: str) -> str:
+        """Exists (with a TTL) while the worker is alive; holds its WorkerInfo."""
+        return f"{self.queue_name}:worker:{worker_id}"
+
+    @property
+    def workers(self) -> str:
+        """Set of worker ids that may hold claims, live or dead."""
+        return f"{self.queue_name}:workers"
+
 
 @dataclass(frozen=True)
 class ImageRequest:
@@ -108,6 +121,27 @@ def request_id_of(raw: bytes | str) -> str | None:
     except (ValueError, AttributeError):
         return None
     return value if isinstance(value, str) else None
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """What a worker's heartbeat says about it (JSON in its heartbeat key)."""
+
+    model: str
+    batch_size: int
+    host: str
+    pid: int
+    at: float  # Unix time of this beat
+
+    def encode(self) -> bytes:
+        return json.dumps(self.__dict__).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes | str) -> WorkerInfo:
+        try:
+            return cls(**json.loads(raw))
+        except (ValueError, TypeError) as exc:
+            raise BadMessage(f"malformed heartbeat: {exc!r}") from None
 
 
 def success_result(predictions: list[dict[str, Any]]) -> bytes:

@@ -15,6 +15,8 @@ from typing import Any
 
 ENV_PREFIX = "KERAS_SERVER_"
 ROLES = ("all", "web", "worker")
+MODELS = ("resnet50", "sim")
+MAX_BATCH_SIZE = 1024
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -26,13 +28,22 @@ class Settings:
     # False when redis_url is the default: only then may we start a private
     # redis-server if nothing answers there (see redis_launcher).
     redis_url_given: bool = False
+    model: str = "resnet50"
     weights: str = "imagenet"
     batch_size: int = 32
+    max_batch_delay_ms: float = 0.0
     queue_name: str = "image_queue"
+    max_queue: int = 512
     result_timeout: float = 30.0
     max_upload_mb: float = 16.0
     max_image_pixels: int = 50_000_000
     role: str = "all"
+    web_workers: int = 2
+    web_threads: int = 32
+    heartbeat_ttl: float = 10.0
+    metrics_port: int = 0
+    sim_batch_ms: float = 50.0
+    sim_image_ms: float = 5.0
     log_level: str = "INFO"
 
     @property
@@ -61,13 +72,31 @@ def _port(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
+def _float(text: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise ValueError("must be a number") from None
+
+
+def _positive_float(text: str) -> float:
+    value = _float(text)
     if not 0 < value < float("inf"):
         raise ValueError("must be a number greater than 0")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = _float(text)
+    if not 0 <= value < float("inf"):
+        raise ValueError("must be a number, 0 or more")
+    return value
+
+
+def _batch_size(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_BATCH_SIZE:
+        raise ValueError(f"must be at most {MAX_BATCH_SIZE}")
     return value
 
 
@@ -122,14 +151,33 @@ KNOBS: tuple[Knob, ...] = (
         "URL",
     ),
     Knob(
+        "model",
+        _choice(MODELS),
+        "resnet50 (Keras), or sim: a simulated model that only sleeps, for load tests",
+        "MODEL",
+    ),
+    Knob(
         "weights",
         _non_empty,
         "'imagenet' (downloaded by Keras), 'none' (random: demos and tests "
         "only), or a path to a .weights.h5 or .keras file",
         "WEIGHTS",
     ),
-    Knob("batch_size", _positive_int, "most images in one forward pass", "N"),
+    Knob("batch_size", _batch_size, "most images in one forward pass", "N"),
+    Knob(
+        "max_batch_delay_ms",
+        _non_negative_float,
+        "after the first request of a batch, wait up to this long for more (0: take "
+        "what is queued)",
+        "MS",
+    ),
     Knob("queue_name", _non_empty, "Redis list the requests go through", "NAME"),
+    Knob(
+        "max_queue",
+        _positive_int,
+        "most requests waiting in the queue; beyond it /predict answers 503 at once",
+        "N",
+    ),
     Knob(
         "result_timeout",
         _positive_float,
@@ -144,6 +192,29 @@ KNOBS: tuple[Knob, ...] = (
         "PIXELS",
     ),
     Knob("role", _choice(ROLES), "all: web + model thread; web or worker alone", "ROLE"),
+    Knob("web_workers", _positive_int, "--role web: gunicorn worker processes", "N"),
+    Knob(
+        "web_threads",
+        _positive_int,
+        "--role web: threads per gunicorn worker, i.e. requests each can hold while "
+        "they wait for their prediction",
+        "N",
+    ),
+    Knob(
+        "heartbeat_ttl",
+        _positive_float,
+        "seconds without a heartbeat after which a worker counts as dead and its "
+        "claimed requests go back on the queue",
+        "SECONDS",
+    ),
+    Knob(
+        "metrics_port",
+        _port,
+        "--role worker: serve Prometheus /metrics on this port (0: off)",
+        "PORT",
+    ),
+    Knob("sim_batch_ms", _non_negative_float, "--model sim: sleep per batch", "MS"),
+    Knob("sim_image_ms", _non_negative_float, "--model sim: sleep per image", "MS"),
     Knob("log_level", _choice(LOG_LEVELS, upper=True), "logging level", "LEVEL"),
 )
 
@@ -154,6 +225,11 @@ class SettingsError(ValueError):
 
 def _defaults() -> dict[str, Any]:
     return {f.name: f.default for f in dataclasses.fields(Settings)}
+
+
+def to_environment(settings: Settings) -> dict[str, str]:
+    """The settings as KERAS_SERVER_* variables, for a child process to load back."""
+    return {knob.env: str(getattr(settings, knob.field)) for knob in KNOBS}
 
 
 def build_parser() -> argparse.ArgumentParser:

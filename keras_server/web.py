@@ -1,4 +1,4 @@
-"""The HTTP tier: a Flask app factory with `POST /predict`.
+"""The HTTP tier: a Flask app factory with `POST /predict`, health and metrics.
 
 A request is decoded and resized here, queued in Redis, and answered from its
 own result key. Every answer, errors included, is JSON; no traceback ever
@@ -16,12 +16,15 @@ import redis
 from flask import Flask, Request, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from . import logs, protocol
+from . import logs, metrics, protocol
 from .images import ImageError, load_image
-from .queue import RequestQueue, connect
-from .settings import Settings
+from .queue import QueueFull, RequestQueue, connect
+from .settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
+
+# Probes and scrapes every few seconds would drown the request log.
+QUIET_ENDPOINTS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 class InMemoryRequest(Request):
@@ -45,6 +48,19 @@ def error(status: int, message: str, **headers: str) -> Response:
     return response
 
 
+def unavailable(message: str) -> Response:
+    # Retry-After: a second is about one batch on a CPU; clients back off from there.
+    return error(503, message, **{"Retry-After": "1"})
+
+
+def wsgi_app() -> Flask:
+    """The app for gunicorn (`keras_server.web:wsgi_app()`), configured from the
+    KERAS_SERVER_* variables that `--role web` hands down."""
+    settings = load_settings([])
+    logs.configure_logging(settings.log_level)
+    return create_app(settings)
+
+
 def create_app(settings: Settings, queue: RequestQueue | None = None) -> Flask:
     """The WSGI app. `queue` defaults to one on `settings.redis_url`."""
     app = Flask(__name__)
@@ -55,7 +71,14 @@ def create_app(settings: Settings, queue: RequestQueue | None = None) -> Flask:
         client = connect(settings.redis_url, block_seconds=settings.result_timeout)
         queue = RequestQueue(client, protocol.Keys(settings.queue_name))
     app.extensions["request_queue"] = queue
+    _add_request_log(app)
+    _add_predict(app, settings, queue)
+    _add_operations(app, settings, queue)
+    _add_error_handlers(app, settings)
+    return app
 
+
+def _add_request_log(app: Flask) -> None:
     @app.before_request
     def start() -> None:
         g.started = time.perf_counter()
@@ -63,12 +86,23 @@ def create_app(settings: Settings, queue: RequestQueue | None = None) -> Flask:
 
     @app.after_request
     def finish(response: Response) -> Response:
-        elapsed_ms = (time.perf_counter() - g.get("started", time.perf_counter())) * 1000
-        log.info(
-            "%s %s %d in %.0f ms", request.method, request.path, response.status_code, elapsed_ms
-        )
+        elapsed = time.perf_counter() - g.get("started", time.perf_counter())
+        # Label by route, not raw path, so scanners cannot blow up the series.
+        endpoint = request.url_rule.rule if request.url_rule else "unmatched"
+        metrics.REQUESTS.labels(endpoint, str(response.status_code)).inc()
+        metrics.REQUEST_SECONDS.labels(endpoint).observe(elapsed)
+        if endpoint not in QUIET_ENDPOINTS:
+            log.info(
+                "%s %s %d in %.0f ms",
+                request.method,
+                request.path,
+                response.status_code,
+                elapsed * 1000,
+            )
         return response
 
+
+def _add_predict(app: Flask, settings: Settings, queue: RequestQueue) -> None:
     @app.post("/predict")
     def predict() -> Response | tuple[Any, int]:
         upload = request.files.get("image")
@@ -87,13 +121,19 @@ def create_app(settings: Settings, queue: RequestQueue | None = None) -> Flask:
         job = protocol.ImageRequest.create(image, settings.result_timeout)
         logs.request_id.set(job.id)
         try:
-            queue.push(protocol.encode_request(job))
+            queue.push(protocol.encode_request(job), max_depth=settings.max_queue)
             raw = queue.wait_result(job.id, timeout=job.deadline - time.time())
+        except QueueFull:
+            log.warning("queue full (%d waiting): refused", settings.max_queue)
+            return unavailable("the server is at capacity (the queue is full); retry shortly")
+        except redis.ResponseError as exc:
+            if "OOM" not in str(exc):
+                raise
+            log.error("Redis refused the write: %s", exc)
+            return unavailable("the queue (Redis) is out of memory; retry shortly")
         except redis.RedisError as exc:
             log.warning("Redis unavailable: %s", exc)
-            return error(
-                503, "the queue (Redis) is unavailable; try again shortly", **{"Retry-After": "1"}
-            )
+            return unavailable("the queue (Redis) is unavailable; retry shortly")
         if raw is None:
             return error(
                 504,
@@ -103,6 +143,32 @@ def create_app(settings: Settings, queue: RequestQueue | None = None) -> Flask:
         result = protocol.decode_result(raw)
         return jsonify(result), 200 if result["success"] else 500
 
+
+def _add_operations(app: Flask, settings: Settings, queue: RequestQueue) -> None:
+    @app.get("/healthz")
+    def healthz() -> Response:
+        """Liveness: the process answers. Nothing else is checked."""
+        return jsonify(status="ok")
+
+    @app.get("/readyz")
+    def readyz() -> Response | tuple[Response, int]:
+        """Readiness: Redis answers and some worker with a loaded model is beating."""
+        try:
+            workers = [info for info in queue.workers().values() if info is not None]
+        except redis.RedisError as exc:
+            return jsonify(ready=False, reason=f"Redis is unreachable: {exc}"), 503
+        if not workers:
+            reason = f"no live model worker on queue {settings.queue_name!r}"
+            return jsonify(ready=False, reason=reason), 503
+        return jsonify(ready=True, workers=len(workers), models=sorted({w.model for w in workers}))
+
+    @app.get("/metrics")
+    def metrics_endpoint() -> Response:
+        body, content_type = metrics.exposition(queue)
+        return Response(body, content_type=content_type)
+
+
+def _add_error_handlers(app: Flask, settings: Settings) -> None:
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
         response = exc.get_response()
@@ -121,5 +187,3 @@ def create_app(settings: Settings, queue: RequestQueue | None = None) -> Flask:
     def unexpected(exc: Exception) -> Response:
         log.exception("unhandled error")
         return error(500, "internal server error; the server log has the details")
-
-    return app

@@ -4,21 +4,26 @@ It knows the model only as a `Predictor` (anything with `predict`,
 `input_shape`, `labels`), so this module never imports Keras. One bad
 message, one failed batch or a Redis outage never ends the loop: every
 request in a failed batch is answered with an error, and Redis errors are
-retried with backoff.
+retried with backoff. Claims are crash-safe (see queue.py): a worker killed
+mid-batch loses nothing, because live workers requeue its claims once its
+heartbeat expires.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import numpy as np
 import redis
 
-from . import protocol
+from . import metrics, protocol
 from .queue import RequestQueue
 
 log = logging.getLogger(__name__)
@@ -34,7 +39,7 @@ class ModelLoadError(RuntimeError):
 
 
 class Predictor(Protocol):
-    labels: list[str]
+    labels: Sequence[str]
 
     @property
     def input_shape(self) -> tuple[int, int, int]: ...
@@ -44,7 +49,9 @@ class Predictor(Protocol):
     def warm_up(self, batch_size: int) -> None: ...
 
 
-def top_k(probabilities: np.ndarray, labels: list[str], k: int = TOP_K) -> list[dict[str, object]]:
+def top_k(
+    probabilities: np.ndarray, labels: Sequence[str], k: int = TOP_K
+) -> list[dict[str, object]]:
     """The k most likely classes, highest first, in the API's shape."""
     k = min(k, probabilities.shape[-1])
     best = np.argpartition(-probabilities, k - 1)[:k]
@@ -53,37 +60,96 @@ def top_k(probabilities: np.ndarray, labels: list[str], k: int = TOP_K) -> list[
 
 
 class Worker:
+    """Serves one queue: claim a batch, one forward pass, answer every request.
+
+    While it runs, a heartbeat thread keeps its heartbeat key alive and puts
+    the claims of dead workers back on the queue.
+    """
+
     def __init__(
         self,
         queue: RequestQueue,
         predictor: Predictor,
         batch_size: int,
+        *,
         result_ttl: float,
+        heartbeat_ttl: float = 10.0,
+        batch_delay: float = 0.0,
+        description: str = "",
     ) -> None:
         self.queue = queue
         self.predictor = predictor
         self.batch_size = batch_size
         self.result_ttl = result_ttl
+        self.heartbeat_ttl = heartbeat_ttl
+        self.batch_delay = batch_delay
+        self.description = description or type(predictor).__name__
+        self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+    def info(self) -> protocol.WorkerInfo:
+        return protocol.WorkerInfo(
+            model=self.description,
+            batch_size=self.batch_size,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            at=time.time(),
+        )
 
     def run(self, stop: threading.Event) -> None:
-        """Serve batches until `stop` is set."""
-        backoff = 0.1
+        """Serve batches until `stop` is set, then leave cleanly.
+
+        A batch in progress when `stop` is set is finished and answered first.
+        """
+        heartbeat = threading.Thread(
+            target=self._beat_until, args=(stop,), name="heartbeat", daemon=True
+        )
+        heartbeat.start()
+        backoff = 0.0
         while not stop.is_set():
             try:
+                if backoff:
+                    # After an outage: what we had claimed before it is stale.
+                    self.queue.requeue(self.id)
                 self.run_once(CLAIM_WAIT_S)
-                backoff = 0.1
+                backoff = 0.0
             except redis.RedisError as exc:
+                backoff = min(max(backoff * 2, 0.1), MAX_BACKOFF_S)
                 log.warning("Redis error (%s); retrying in %.1f s", exc, backoff)
                 stop.wait(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF_S)
             except Exception:
                 # Not reached for model errors (run_once answers those); this is
-                # the last guard that keeps the thread alive.
+                # the last guard that keeps the loop alive.
                 log.exception("unexpected error in the worker loop")
+        heartbeat.join(timeout=2 * CLAIM_WAIT_S)
+        self._leave()
+
+    def _beat_until(self, stop: threading.Event) -> None:
+        interval = self.heartbeat_ttl / 3
+        while not stop.is_set():
+            try:
+                self.queue.beat(self.id, self.info(), self.heartbeat_ttl)
+                for dead, moved in self.queue.reap_dead().items():
+                    log.warning(
+                        "worker %s stopped beating: %d claimed requests requeued", dead, moved
+                    )
+            except redis.RedisError as exc:
+                log.debug("heartbeat failed: %s", exc)
+            stop.wait(interval)
+
+    def _leave(self) -> None:
+        try:
+            returned = self.queue.requeue(self.id)
+            self.queue.leave(self.id)
+        except redis.RedisError as exc:
+            log.warning("could not deregister from Redis (%s); the heartbeat will expire", exc)
+            return
+        if returned:
+            log.info("returned %d unstarted requests to the queue", returned)
+        log.info("worker %s stopped", self.id)
 
     def run_once(self, wait: float) -> int:
         """Claim and answer one batch; returns how many requests it took."""
-        raws = self.queue.claim(self.batch_size, wait)
+        raws = self.queue.claim(self.id, self.batch_size, wait, fill_for=self.batch_delay)
         if not raws:
             return 0
         now = time.time()
@@ -110,17 +176,20 @@ class Worker:
             batch.append(request)
         if batch:
             results.update(self._infer(batch))
-        self.queue.put_results(results, self.result_ttl)
+        self.queue.finish(self.id, results, self.result_ttl)
         return len(raws)
 
     def _infer(self, batch: list[protocol.ImageRequest]) -> dict[str, bytes]:
         ids = [r.id for r in batch]
+        metrics.BATCH_SIZE.observe(len(batch))
         started = time.perf_counter()
         try:
-            probabilities = self.predictor.predict(np.stack([r.image for r in batch]))
+            with metrics.INFERENCE_SECONDS.time():
+                probabilities = self.predictor.predict(np.stack([r.image for r in batch]))
             if probabilities.shape[0] != len(batch):
                 raise ValueError(f"model returned {probabilities.shape[0]} rows for {len(batch)}")
         except Exception:
+            metrics.FAILED_BATCHES.inc()
             log.exception("batch of %d failed: %s", len(batch), ", ".join(ids))
             error = protocol.error_result(
                 "the model failed on this request's batch; the worker log has the details"

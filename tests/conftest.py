@@ -129,13 +129,16 @@ class WorkerThread:
         assert not self.thread.is_alive()
 
 
-def make_worker(settings: Settings, predictor: object, batch_size: int | None = None) -> Worker:
+def make_worker(
+    settings: Settings, predictor: object, batch_size: int | None = None, **options: float
+) -> Worker:
     client = connect(settings.redis_url, block_seconds=1)
     return Worker(
         RequestQueue(client, protocol.Keys(settings.queue_name)),
         predictor,
         batch_size or settings.batch_size,
         result_ttl=settings.result_timeout,
+        **options,
     )
 
 

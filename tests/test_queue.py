@@ -3,39 +3,41 @@
 import threading
 import time
 
+import pytest
 import redis
 
-from keras_server.queue import RequestQueue, connect
+from keras_server.protocol import WorkerInfo
+from keras_server.queue import QueueFull, RequestQueue, connect
 from keras_server.settings import Settings
 
 
 def test_claim_takes_oldest_first_up_to_the_batch_size(queue: RequestQueue) -> None:
     for i in range(5):
         queue.push(f"m{i}".encode())
-    assert queue.claim(3, wait=1) == [b"m0", b"m1", b"m2"]
+    assert queue.claim("w", 3, wait=1) == [b"m0", b"m1", b"m2"]
     assert queue.depth() == 2
-    assert queue.claim(3, wait=1) == [b"m3", b"m4"]
+    assert queue.claim("w", 3, wait=1) == [b"m3", b"m4"]
     assert queue.depth() == 0
 
 
 def test_claim_of_one(queue: RequestQueue) -> None:
     queue.push(b"a")
     queue.push(b"b")
-    assert queue.claim(1, wait=1) == [b"a"]
+    assert queue.claim("w", 1, wait=1) == [b"a"]
 
 
 def test_claim_blocks_until_work_arrives(queue: RequestQueue) -> None:
     timer = threading.Timer(0.3, queue.push, args=(b"late",))
     timer.start()
     started = time.monotonic()
-    assert queue.claim(4, wait=5) == [b"late"]
+    assert queue.claim("w", 4, wait=5) == [b"late"]
     assert 0.2 < time.monotonic() - started < 4
     timer.join()
 
 
 def test_claim_on_an_empty_queue_gives_up_after_wait(queue: RequestQueue) -> None:
     started = time.monotonic()
-    assert queue.claim(4, wait=0.2) == []
+    assert queue.claim("w", 4, wait=0.2) == []
     assert time.monotonic() - started >= 0.15
 
 
@@ -46,13 +48,14 @@ def test_two_concurrent_consumers_take_each_item_exactly_once(
     taken: list[list[bytes]] = [[], []]
     producing = threading.Event()
 
-    def consume(into: list[bytes]) -> None:
+    def consume(worker_id: str, into: list[bytes]) -> None:
         own = RequestQueue(connect(settings.redis_url, block_seconds=1), queue.keys)
         while producing.is_set() or own.depth():
-            into.extend(own.claim(7, wait=0.05))
+            into.extend(own.claim(worker_id, 7, wait=0.05))
+            own.finish(worker_id, {}, ttl=1)
 
     producing.set()
-    consumers = [threading.Thread(target=consume, args=(t,)) for t in taken]
+    consumers = [threading.Thread(target=consume, args=(f"w{i}", t)) for i, t in enumerate(taken)]
     for c in consumers:
         c.start()
     with redis_client.pipeline(transaction=False) as pipe:
@@ -73,18 +76,18 @@ def test_two_concurrent_consumers_take_each_item_exactly_once(
 
 
 def test_results_wait_and_expire(queue: RequestQueue, redis_client: redis.Redis) -> None:
-    queue.put_results({"r1": b"one", "r2": b"two"}, ttl=30)
+    queue.finish("w", {"r1": b"one", "r2": b"two"}, ttl=30)
     ttl = redis_client.pttl(queue.keys.result("r2"))
     assert 0 < ttl <= 30_000
     assert queue.wait_result("r1", timeout=1) == b"one"
     assert not redis_client.exists(queue.keys.result("r1")), "BLPOP leaves nothing behind"
-    queue.put_results({"r3": b"three"}, ttl=0.2)
+    queue.finish("w", {"r3": b"three"}, ttl=0.2)
     time.sleep(0.4)
     assert queue.wait_result("r3", timeout=0.1) is None
 
 
 def test_wait_result_blocks_until_answered(queue: RequestQueue) -> None:
-    timer = threading.Timer(0.3, queue.put_results, args=({"late": b"ok"}, 10))
+    timer = threading.Timer(0.3, queue.finish, args=("w", {"late": b"ok"}, 10))
     timer.start()
     assert queue.wait_result("late", timeout=5) == b"ok"
     timer.join()
@@ -97,10 +100,76 @@ def test_wait_result_times_out(queue: RequestQueue) -> None:
 
 
 def test_writes_join_a_callers_transaction(queue: RequestQueue, redis_client: redis.Redis) -> None:
+    info = WorkerInfo(model="m", batch_size=1, host="h", pid=1, at=time.time())
     with redis_client.pipeline(transaction=True) as pipe:
-        queue.push(b"x", pipe=pipe)
-        queue.put_results({"id": b"y"}, ttl=5, pipe=pipe)
-        assert queue.depth() == 0, "nothing is written before EXEC"
+        queue.beat("w", info, ttl=5, pipe=pipe)
+        queue.finish("w", {"id": b"y"}, ttl=5, pipe=pipe)
+        assert queue.workers() == {}, "nothing is written before EXEC"
         pipe.execute()
-    assert queue.depth() == 1
+    assert queue.workers() == {"w": info}
     assert queue.wait_result("id", timeout=1) == b"y"
+
+
+def test_push_refuses_beyond_max_depth(queue: RequestQueue) -> None:
+    assert queue.push(b"a", max_depth=2) == 1
+    assert queue.push(b"b", max_depth=2) == 2
+    with pytest.raises(QueueFull):
+        queue.push(b"c", max_depth=2)
+    assert queue.depth() == 2
+
+
+def test_claims_sit_in_the_processing_list_until_finished(
+    queue: RequestQueue, redis_client: redis.Redis
+) -> None:
+    for item in (b"a", b"b", b"c"):
+        queue.push(item)
+    assert queue.claim("w1", 2, wait=1) == [b"a", b"b"]
+    assert redis_client.lrange(queue.keys.processing("w1"), 0, -1) == [b"a", b"b"]
+    assert queue.depth() == 1
+    queue.finish("w1", {"a": b"done"}, ttl=5)
+    assert not redis_client.exists(queue.keys.processing("w1"))
+
+
+def test_requeue_puts_claims_back_at_the_head_in_order(queue: RequestQueue) -> None:
+    for item in (b"a", b"b", b"c", b"d"):
+        queue.push(item)
+    queue.claim("w1", 3, wait=1)
+    assert queue.requeue("w1") == 3
+    assert queue.claim("w2", 10, wait=1) == [b"a", b"b", b"c", b"d"]
+
+
+def test_only_dead_workers_are_reaped(queue: RequestQueue, redis_client: redis.Redis) -> None:
+    info = WorkerInfo(model="m", batch_size=4, host="h", pid=1, at=time.time())
+    for item in (b"a", b"b", b"c", b"d"):
+        queue.push(item)
+    queue.beat("alive", info, ttl=30)
+    queue.beat("doomed", info, ttl=0.2)
+    queue.claim("alive", 2, wait=1)
+    queue.claim("doomed", 2, wait=1)
+    assert queue.reap_dead() == {}
+    time.sleep(0.3)
+    assert set(queue.workers()) == {"alive", "doomed"}
+    assert queue.workers()["doomed"] is None
+    assert queue.reap_dead() == {"doomed": 2}
+    assert queue.claim("alive", 10, wait=1) == [b"c", b"d"]
+    assert set(queue.workers()) == {"alive"}
+    assert queue.reap_dead() == {}, "reaping twice moves nothing twice"
+
+
+def test_claim_fills_a_batch_until_the_delay_runs_out(queue: RequestQueue) -> None:
+    queue.push(b"first")
+    timers = [
+        threading.Timer(0.1 * (i + 1), queue.push, args=(f"late{i}".encode(),)) for i in range(3)
+    ]
+    for t in timers:
+        t.start()
+    started = time.monotonic()
+    batch = queue.claim("w", 10, wait=1, fill_for=0.6)
+    elapsed = time.monotonic() - started
+    assert batch == [b"first", b"late0", b"late1", b"late2"]
+    assert 0.3 < elapsed < 2
+    full = time.monotonic()
+    for i in range(2):
+        queue.push(b"x%d" % i)
+    assert len(queue.claim("w", 2, wait=1, fill_for=5)) == 2, "a full batch does not wait"
+    assert time.monotonic() - full < 2

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from conftest import IMAGES, CountingPredictor, WorkerThread, make_worker
 
-from keras_server.model import imagenet_labels, load_classifier
+from keras_server.labels import imagenet_labels
+from keras_server.model import load_classifier
 from keras_server.settings import Settings
 from keras_server.web import create_app
 from keras_server.worker import ModelLoadError

@@ -1,0 +1,105 @@
+"""Prometheus metrics (prometheus-client), served at GET /metrics.
+
+Counters and histograms live in the process that observes them: the web tier
+counts requests, the worker counts batches (`--role all` shows both; a
+`--role worker` process serves its own with `--metrics-port`). Under gunicorn
+several processes share them through prometheus-client's multiprocess mode:
+the launcher sets PROMETHEUS_MULTIPROC_DIR before anything imports this.
+What lives in Redis (queue depth, worker heartbeats) is read at scrape time,
+so every web server reports the same truth.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+
+import redis
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from .queue import RequestQueue
+
+# prometheus-client's own switch (read by the library at import); we only
+# follow it to pick the matching registry.
+MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+REQUESTS = Counter(
+    "keras_server_http_requests",
+    "HTTP requests answered, by endpoint and status",
+    ["endpoint", "status"],
+)
+REQUEST_SECONDS = Histogram(
+    "keras_server_http_request_seconds",
+    "Seconds from request to response, by endpoint",
+    ["endpoint"],
+    buckets=LATENCY_BUCKETS,
+)
+BATCH_SIZE = Histogram(
+    "keras_server_batch_size",
+    "Images per forward pass",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+)
+INFERENCE_SECONDS = Histogram(
+    "keras_server_inference_seconds", "Seconds per forward pass", buckets=LATENCY_BUCKETS
+)
+FAILED_BATCHES = Counter("keras_server_failed_batches", "Forward passes that raised")
+
+
+class RedisCollector(Collector):
+    """Queue depth and worker heartbeats, read from Redis at scrape time."""
+
+    def __init__(self, queue: RequestQueue) -> None:
+        self.queue = queue
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        up = GaugeMetricFamily("keras_server_redis_up", "1 if Redis answered this scrape")
+        try:
+            depth = self.queue.depth()
+            workers = self.queue.workers()
+        except redis.RedisError:
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        yield GaugeMetricFamily(
+            "keras_server_queue_depth", "Requests waiting in the queue", value=depth
+        )
+        live = {wid: info for wid, info in workers.items() if info is not None}
+        yield GaugeMetricFamily(
+            "keras_server_workers_live", "Workers with a current heartbeat", value=len(live)
+        )
+        age = GaugeMetricFamily(
+            "keras_server_worker_heartbeat_age_seconds",
+            "Seconds since each live worker's last heartbeat",
+            labels=["worker"],
+        )
+        now = time.time()
+        for worker_id, info in live.items():
+            age.add_metric([worker_id], max(0.0, now - info.at))
+        yield age
+
+
+def exposition(queue: RequestQueue) -> tuple[bytes, str]:
+    """The /metrics body and its content type."""
+    if os.environ.get(MULTIPROCESS_DIR_ENV):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    else:
+        registry = REGISTRY
+    live = CollectorRegistry()
+    live.register(RedisCollector(queue))
+    return generate_latest(registry) + generate_latest(live), CONTENT_TYPE_LATEST

@@ -1,0 +1,46 @@
+"""A simulated model for capacity work — a load-testing aid, not a classifier.
+
+`--model sim` serves this instead of ResNet50: each forward pass sleeps
+`batch_ms + n * image_ms` and returns well-formed, deterministic probabilities
+over the ImageNet classes (derived from the pixels, so equal images get equal
+answers). On 2 CPU cores the real ResNet50 saturates the machine by itself, so
+scale-out (more workers, more web servers, more Redis shards) is measured with
+this; it imports no TensorFlow and starts in milliseconds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from .labels import imagenet_labels
+from .protocol import INPUT_SIZE
+
+
+class SimulatedModel:
+    def __init__(self, batch_ms: float, image_ms: float) -> None:
+        self.batch_s = batch_ms / 1000
+        self.image_s = image_ms / 1000
+        self.labels: Sequence[str] = imagenet_labels()
+        self.description = (
+            f"SIMULATED model ({batch_ms:g} ms per batch + {image_ms:g} ms per image)"
+        )
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (INPUT_SIZE[1], INPUT_SIZE[0], 3)
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        time.sleep(self.batch_s + len(images) * self.image_s)
+        # A softmax over logits seeded by each image's mean colour.
+        seeds = images.reshape(len(images), -1, 3).mean(axis=1) @ np.array([1.0, 256.0, 65536.0])
+        logits = np.stack(
+            [np.random.default_rng(int(s)).standard_normal(len(self.labels)) * 3 for s in seeds]
+        )
+        exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
+
+    def warm_up(self, batch_size: int) -> None:
+        """Nothing to compile."""
