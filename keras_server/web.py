@@ -127,7 +127,8 @@ def _add_predict(app: Flask, settings: Settings, queue: RequestQueue) -> None:
             log.warning("queue full (%d waiting): refused", settings.max_queue)
             return unavailable("the server is at capacity (the queue is full); retry shortly")
         except redis.ResponseError as exc:
-            if "OOM" not in str(exc):
+            # Redis 7 answers OOM to the script itself; 6.2 as an error inside it.
+            if not isinstance(exc, redis.exceptions.OutOfMemoryError) and "OOM" not in str(exc):
                 raise
             log.error("Redis refused the write: %s", exc)
             return unavailable("the queue (Redis) is out of memory; retry shortly")

@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import io
 import os
+import signal
+import subprocess
+import sys
+import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
+import requests
 from PIL import Image
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -25,6 +31,56 @@ from keras_server.worker import Worker
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGES = ROOT / "images"
+
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+def start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """run_keras_server.py with `args`; its output goes to a file (a pipe
+    nobody reads would fill up and block it), read back by `output`."""
+    log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (lives as long as the process)
+    process = subprocess.Popen(
+        [sys.executable, "run_keras_server.py", *args],
+        cwd=ROOT,
+        env=env or ENV,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    process.log = log  # type: ignore[attr-defined]
+    return process
+
+
+def output(process: subprocess.Popen[str]) -> str:
+    process.log.seek(0)  # type: ignore[attr-defined]
+    return process.log.read()  # type: ignore[attr-defined]
+
+
+def wait_for_http(url: str, process: subprocess.Popen[str], timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"server exited early:\n{output(process)}")
+        try:
+            requests.get(url, timeout=1)
+            return
+        except requests.ConnectionError:
+            time.sleep(0.2)
+    pytest.fail("server did not start listening")
+
+
+def stop(process: subprocess.Popen[str], timeout: float = 20) -> str:
+    """SIGTERM, wait for the exit, and return everything it printed."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        pytest.fail(f"did not stop on SIGTERM:\n{output(process)}")
+    return output(process)
 
 
 @pytest.fixture(scope="session")

@@ -2,63 +2,22 @@
 simple_request.py, and the private Redis started when none is running."""
 
 import dataclasses
-import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 import requests
-from conftest import IMAGES, ROOT
+from conftest import ENV, IMAGES, ROOT, output, start, stop, wait_for_http
 
 from keras_server import redis_launcher
 from keras_server.redis_launcher import RedisUnavailable, ensure_redis, free_port
 from keras_server.settings import Settings
 
 pytestmark = pytest.mark.slow
-
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
-
-
-def start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "run_keras_server.py", *args],
-        cwd=ROOT,
-        env=env or ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
-def wait_for_http(url: str, process: subprocess.Popen[str], timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"server exited early:\n{process.stdout.read()}")
-        try:
-            requests.get(url, timeout=1)
-            return
-        except requests.ConnectionError:
-            time.sleep(0.2)
-    pytest.fail("server did not start listening")
-
-
-def stop(process: subprocess.Popen[str]) -> str:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-    try:
-        out, _ = process.communicate(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        out, _ = process.communicate()
-        pytest.fail(f"did not stop on SIGTERM:\n{out}")
-    return out
 
 
 @pytest.fixture
@@ -142,7 +101,8 @@ def test_imagenet_weights_unavailable_exits_with_a_clear_message(tmp_path: Path)
         "HTTPS_PROXY": "http://127.0.0.1:1",
     }
     process = start("--role", "worker", "--redis-url", "redis://127.0.0.1:1/0", env=offline)
-    out, _ = process.communicate(timeout=120)
+    process.wait(timeout=120)
+    out = output(process)
     assert process.returncode == 1, out
     assert "could not get the ImageNet weights" in out
     assert "--weights none" in out and "--weights PATH" in out
