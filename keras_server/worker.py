@@ -104,15 +104,21 @@ class Worker:
             target=self._beat_until, args=(stop,), name="heartbeat", daemon=True
         )
         heartbeat.start()
+        registered = False
         backoff = 0.0
         while not stop.is_set():
             try:
-                if backoff:
-                    # After an outage: what we had claimed before it is stale.
+                if not registered:
+                    # Be in the workers set before claiming anything, so that
+                    # if we die, others find our claims. After an outage, what
+                    # we had claimed before it goes back first.
                     self.queue.requeue(self.id)
+                    self.queue.beat(self.id, self.info(), self.heartbeat_ttl)
+                    registered = True
                 self.run_once(CLAIM_WAIT_S)
                 backoff = 0.0
             except redis.RedisError as exc:
+                registered = False
                 backoff = min(max(backoff * 2, 0.1), MAX_BACKOFF_S)
                 log.warning("Redis error (%s); retrying in %.1f s", exc, backoff)
                 stop.wait(backoff)

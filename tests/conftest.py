@@ -12,7 +12,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +81,16 @@ def stop(process: subprocess.Popen[str], timeout: float = 20) -> str:
         process.wait()
         pytest.fail(f"did not stop on SIGTERM:\n{output(process)}")
     return output(process)
+
+
+def wait_until(condition: Callable[[], object], timeout: float = 30, what: str = "") -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.02)
+    pytest.fail(f"timed out waiting for {what or condition}")
 
 
 @pytest.fixture(scope="session")

@@ -8,13 +8,20 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import redis
 import requests
-from conftest import IMAGES, WorkerThread, make_worker, start, stop, wait_for_http
+from conftest import (
+    IMAGES,
+    WorkerThread,
+    make_worker,
+    start,
+    stop,
+    wait_for_http,
+    wait_until,
+)
 
 from keras_server import protocol
 from keras_server.queue import RequestQueue, connect
@@ -37,16 +44,6 @@ def post(client, data: bytes = CHELSEA):
     return client.post(
         "/predict", data={"image": (io.BytesIO(data), "x.png")}, content_type="multipart/form-data"
     )
-
-
-def wait_until(condition: Callable[[], object], timeout: float = 30, what: str = "") -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.02)
-    pytest.fail(f"timed out waiting for {what or condition}")
 
 
 def sim_worker(settings: Settings, *extra: str):

@@ -1,0 +1,134 @@
+"""Health probes and Prometheus metrics, in one process and under gunicorn."""
+
+import dataclasses
+import io
+
+import pytest
+import requests
+from conftest import IMAGES, WorkerThread, make_worker, start, stop, wait_for_http, wait_until
+from prometheus_client.parser import text_string_to_metric_families
+
+from keras_server.queue import RequestQueue
+from keras_server.redis_launcher import free_port
+from keras_server.settings import Settings
+from keras_server.simulated import SimulatedModel
+from keras_server.web import create_app
+
+CHELSEA = (IMAGES / "chelsea.png").read_bytes()
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+def value(text: str, name: str, **labels: str) -> float:
+    return samples(text).get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def post(client):
+    return client.post(
+        "/predict",
+        data={"image": (io.BytesIO(CHELSEA), "x.png")},
+        content_type="multipart/form-data",
+    )
+
+
+def test_healthz_is_always_ok(settings: Settings) -> None:
+    down = dataclasses.replace(settings, redis_url="redis://127.0.0.1:1/0")
+    response = create_app(down).test_client().get("/healthz")
+    assert response.status_code == 200
+    assert response.get_json() == {"status": "ok"}
+
+
+def test_readyz_needs_a_live_worker(settings: Settings, small_classifier: object) -> None:
+    client = create_app(settings).test_client()
+    response = client.get("/readyz")
+    assert response.status_code == 503
+    assert response.get_json() == {
+        "ready": False,
+        "reason": f"no live model worker on queue {settings.queue_name!r}",
+    }
+    with WorkerThread(make_worker(settings, small_classifier, description="small model")):
+        ready = wait_until(lambda: (r := client.get("/readyz")).status_code == 200 and r)
+        assert ready.status_code == 200
+        assert ready.get_json() == {"ready": True, "workers": 1, "models": ["small model"]}
+    assert client.get("/readyz").status_code == 503, "a stopped worker deregisters"
+
+
+def test_readyz_without_redis(settings: Settings) -> None:
+    down = dataclasses.replace(settings, redis_url="redis://127.0.0.1:1/0")
+    response = create_app(down).test_client().get("/readyz")
+    assert response.status_code == 503
+    assert "Redis is unreachable" in response.get_json()["reason"]
+
+
+def test_metrics_count_requests_batches_queue_and_heartbeats(
+    settings: Settings, queue: RequestQueue, predictor: object
+) -> None:
+    client = create_app(settings).test_client()
+    before = client.get("/metrics").get_data(as_text=True)
+    with WorkerThread(make_worker(settings, predictor)) as running:
+        assert post(client).status_code == 200
+        client.post("/predict")  # a 400
+        response = client.get("/metrics")
+    assert response.status_code == 200
+    assert response.content_type.startswith("text/plain")
+    after = response.get_data(as_text=True)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("keras_server_http_requests_total", endpoint="/predict", status="200") == 1
+    assert delta("keras_server_http_requests_total", endpoint="/predict", status="400") == 1
+    assert delta("keras_server_http_request_seconds_count", endpoint="/predict") == 2
+    assert delta("keras_server_batch_size_count") >= 1
+    assert delta("keras_server_inference_seconds_count") >= 1
+    assert value(after, "keras_server_redis_up") == 1
+    assert value(after, "keras_server_workers_live") == 1
+    age = value(after, "keras_server_worker_heartbeat_age_seconds", worker=running.worker.id)
+    assert 0 <= age < 10
+
+    queue.push(b"waiting")
+    queue.push(b"waiting")
+    idle = client.get("/metrics").get_data(as_text=True)
+    assert value(idle, "keras_server_queue_depth") == 2
+    assert value(idle, "keras_server_workers_live") == 0
+
+
+def test_metrics_while_redis_is_down(settings: Settings) -> None:
+    down = dataclasses.replace(settings, redis_url="redis://127.0.0.1:1/0")
+    text = create_app(down).test_client().get("/metrics").get_data(as_text=True)
+    assert value(text, "keras_server_redis_up") == 0
+
+
+@pytest.mark.slow
+def test_metrics_add_up_across_gunicorn_workers(settings: Settings) -> None:
+    port = free_port()
+    web = start(
+        "--role", "web", "--port", str(port), "--web-workers", "3",
+        "--redis-url", settings.redis_url, "--queue-name", settings.queue_name,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(base + "/healthz", web)
+        with WorkerThread(make_worker(settings, SimulatedModel(5, 0))):
+            for _ in range(12):
+                response = requests.post(
+                    base + "/predict", files={"image": ("x.png", CHELSEA)}, timeout=30
+                )
+                assert response.status_code == 200
+            assert requests.get(base + "/readyz", timeout=5).json()["ready"] is True
+            scrapes = [requests.get(base + "/metrics", timeout=5).text for _ in range(6)]
+    finally:
+        log = stop(web)
+    assert web.returncode == 0, log
+    for text in scrapes:
+        # Whichever process answers the scrape, it reports all of them.
+        assert (
+            value(text, "keras_server_http_requests_total", endpoint="/predict", status="200") == 12
+        )
+        assert value(text, "keras_server_http_request_seconds_count", endpoint="/predict") == 12
