@@ -1,0 +1,109 @@
+"""Hostile uploads: each gets the right 4xx, nothing bad reaches the queue,
+and good requests around them still succeed."""
+
+import io
+import json
+import random
+import zipfile
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from conftest import IMAGES, CountingPredictor, WorkerThread, make_worker, png_bytes
+from flask.testing import FlaskClient
+from PIL import Image
+from test_images import _png_header_only
+
+from keras_server.settings import Settings
+from keras_server.web import create_app
+
+CHELSEA = (IMAGES / "chelsea.png").read_bytes()
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+BOMB = _png_header_only(70_000, 70_000)
+SVG = (
+    b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="9000" height="9000">'
+    b'<script>alert(1)</script><rect width="100%" height="100%"/></svg>'
+)
+
+
+def html_png_polyglot() -> bytes:
+    """A real PNG that is also an HTML page and a ZIP archive."""
+    data = png_bytes(Image.new("RGB", (32, 32), (10, 200, 10)), "PNG")
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("payload.sh", "rm -rf /\n")
+    return data + b"<html><script>alert(1)</script></html>" + buffer.getvalue()
+
+
+def multipart(field: str, data: bytes, name: str = "x.png") -> dict:
+    return {"data": {field: (io.BytesIO(data), name)}, "content_type": "multipart/form-data"}
+
+
+def multipart_bad() -> dict:
+    return {"data": b"--x\r\nnonsense", "content_type": "multipart/form-data; boundary=x"}
+
+
+# (what, request keyword arguments (made fresh: the client closes the streams),
+#  expected status, text in the error)
+BAD_REQUESTS: list[tuple[str, Callable[[], dict], int, str]] = [
+    ("json body", lambda: {"json": {"image": "aGVsbG8="}}, 400, "no file"),
+    ("raw image bytes", lambda: {"data": CHELSEA, "content_type": "image/png"}, 400, "no file"),
+    ("text body", lambda: {"data": b"hello", "content_type": "text/plain"}, 400, "no file"),
+    ("urlencoded form", lambda: {"data": {"image": "not a file"}}, 400, "no file"),
+    ("broken multipart", multipart_bad, 400, "no file"),
+    ("wrong field", lambda: multipart("file", CHELSEA), 400, "no file"),
+    ("empty file", lambda: multipart("image", b""), 400, "empty"),
+    ("svg", lambda: multipart("image", SVG, "x.svg"), 400, "not an image"),
+    ("html", lambda: multipart("image", b"<html>hi</html>", "x.html"), 400, "not an image"),
+    ("png magic, junk", lambda: multipart("image", PNG_MAGIC + bytes(200)), 400, "not an image"),
+    ("zip file", lambda: multipart("image", b"PK\x03\x04" + bytes(60)), 400, "not an image"),
+    ("truncated png", lambda: multipart("image", CHELSEA[:3000]), 400, "truncated or corrupt"),
+    ("bomb header", lambda: multipart("image", BOMB), 413, "too many pixels"),
+]
+
+
+@pytest.fixture
+def client(settings: Settings) -> FlaskClient:
+    return create_app(settings).test_client()
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS, ids=[case[0] for case in BAD_REQUESTS])
+def test_each_bad_request_gets_the_right_4xx(
+    client: FlaskClient, redis_client, settings: Settings, case: tuple
+) -> None:
+    _, kwargs, status, text = case
+    response = client.post("/predict", **kwargs())
+    assert response.status_code == status, response.get_data(as_text=True)
+    body = json.loads(response.get_data())
+    assert body["success"] is False
+    assert text in body["error"]
+    assert redis_client.llen(settings.queue_name) == 0, "nothing bad reaches the queue"
+
+
+def test_a_polyglot_is_classified_as_the_image_it_is(
+    client: FlaskClient, settings: Settings, predictor: CountingPredictor
+) -> None:
+    with WorkerThread(make_worker(settings, predictor)):
+        response = client.post("/predict", **multipart("image", html_png_polyglot()))
+    assert response.status_code == 200
+    assert predictor.batches == [1]
+
+
+def test_bad_uploads_mixed_with_good_ones(
+    client: FlaskClient, settings: Settings, predictor: CountingPredictor
+) -> None:
+    photos = [CHELSEA, (IMAGES / "rocket.jpg").read_bytes()]
+    good = [("good", lambda d=d: multipart("image", d), 200, "") for d in photos]
+    cases = BAD_REQUESTS * 3 + good * 12
+    random.Random(7).shuffle(cases)
+
+    def send(case: tuple) -> tuple[str, int, int, str]:
+        what, kwargs, status, _ = case
+        response = client.post("/predict", **kwargs())
+        return what, status, response.status_code, response.get_data(as_text=True)
+
+    with WorkerThread(make_worker(settings, predictor)), ThreadPoolExecutor(16) as pool:
+        outcomes = list(pool.map(send, cases))
+    for what, expected, got, body in outcomes:
+        assert got == expected, f"{what}: {got} {body}"
+    assert sum(predictor.batches) == 24, "exactly the good requests reached the model"
