@@ -115,14 +115,14 @@ def test_redis_outage_is_503_then_recovers_without_restarts(small_classifier: ob
 
 
 def test_sigterm_lets_a_worker_finish_its_batch(settings: Settings, queue: RequestQueue) -> None:
-    worker = sim_worker(settings, "--sim-batch-ms", "1500", "--batch-size", "2")
-    worker_id = worker_id_of(queue, worker.pid)
     client = create_app(settings).test_client()
     with ThreadPoolExecutor(4) as pool:
         futures = [pool.submit(post, client) for _ in range(4)]
+        wait_until(lambda: queue.depth() == 4, what="four queued requests")
+        worker = sim_worker(settings, "--sim-batch-ms", "1500", "--batch-size", "2")
+        worker_id = worker_id_of(queue, worker.pid)
         processing = queue.keys.processing(worker_id)
         wait_until(lambda: queue.client.llen(processing) == 2, what="a claimed batch")
-        wait_until(lambda: queue.depth() == 2, what="the other requests queued")
         worker.send_signal(signal.SIGTERM)
         log = stop(worker)
         assert worker.returncode == 0, log
