@@ -28,7 +28,17 @@ from .metrics import MULTIPROCESS_DIR_ENV
 from .queue import RequestQueue, connect
 from .redis_launcher import RedisUnavailable, ensure_redis
 from .settings import Settings, SettingsError, load_settings, to_environment
-from .worker import CLAIM_WAIT_S, ModelLoadError, ModelThread, Predictor, Worker, load_and_warm_up
+from .shards import label
+from .worker import (
+    CLAIM_WAIT_S,
+    ModelLoadError,
+    ModelThread,
+    Predictor,
+    SharedPredictor,
+    Worker,
+    load_and_warm_up,
+    serve,
+)
 
 log = logging.getLogger("keras_server")
 
@@ -70,18 +80,22 @@ def loader(settings: Settings) -> Callable[[], Predictor]:
     return lambda: load_classifier(settings.weights)
 
 
-def make_worker(settings: Settings, predictor: Predictor) -> Worker:
+def make_workers(settings: Settings, predictor: Predictor) -> list[Worker]:
+    """One claim loop per Redis shard, all sharing the one model."""
+    shared = predictor if len(settings.redis_urls) == 1 else SharedPredictor(predictor)
     block = CLAIM_WAIT_S + settings.max_batch_delay_ms / 1000
-    client = connect(settings.redis_url, block_seconds=block)
-    return Worker(
-        RequestQueue(client, protocol.Keys(settings.queue_name)),
-        predictor,
-        settings.batch_size,
-        result_ttl=settings.result_timeout,
-        heartbeat_ttl=settings.heartbeat_ttl,
-        batch_delay=settings.max_batch_delay_ms / 1000,
-        description=getattr(predictor, "description", ""),
-    )
+    return [
+        Worker(
+            RequestQueue(connect(url, block_seconds=block), protocol.Keys(settings.queue_name)),
+            shared,
+            settings.batch_size,
+            result_ttl=settings.result_timeout,
+            heartbeat_ttl=settings.heartbeat_ttl,
+            batch_delay=settings.max_batch_delay_ms / 1000,
+            description=getattr(predictor, "description", ""),
+        )
+        for url in settings.redis_urls
+    ]
 
 
 def run_worker(settings: Settings) -> None:
@@ -91,7 +105,7 @@ def run_worker(settings: Settings) -> None:
 
         start_http_server(settings.metrics_port, addr=settings.host)
         log.info("metrics on http://%s:%d/metrics", settings.host, settings.metrics_port)
-    worker = make_worker(settings, predictor)
+    workers = make_workers(settings, predictor)
     stop = threading.Event()
 
     def on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -100,8 +114,9 @@ def run_worker(settings: Settings) -> None:
 
     signal.signal(signal.SIGTERM, on_sigterm)
     signal.signal(signal.SIGINT, on_sigterm)  # Ctrl-C: as clean as SIGTERM
-    log.info("worker %s serving queue %r at %s", worker.id, settings.queue_name, settings.redis_url)
-    worker.run(stop)
+    for worker, url in zip(workers, settings.redis_urls, strict=True):
+        log.info("worker %s serving queue %r at %s", worker.id, settings.queue_name, label(url))
+    serve(workers, stop)
 
 
 def run_all(settings: Settings) -> None:
@@ -118,7 +133,7 @@ def run_all(settings: Settings) -> None:
             cleanup.callback(private_redis.close)
         thread = ModelThread(
             load=loader(settings),
-            make_worker=lambda predictor: make_worker(settings, predictor),
+            make_workers=lambda predictor: make_workers(settings, predictor),
             batch_size=settings.batch_size,
         )
         thread.start()

@@ -28,7 +28,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from .queue import RequestQueue
+from .shards import ShardSet
 
 # prometheus-client's own switch (read by the library at import); we only
 # follow it to pick the matching registry.
@@ -56,44 +56,48 @@ INFERENCE_SECONDS = Histogram(
     "keras_server_inference_seconds", "Seconds per forward pass", buckets=LATENCY_BUCKETS
 )
 FAILED_BATCHES = Counter("keras_server_failed_batches", "Forward passes that raised")
+QUEUED = Counter(
+    "keras_server_queued_requests", "Requests this web tier queued, by shard", ["shard"]
+)
 
 
 class RedisCollector(Collector):
-    """Queue depth and worker heartbeats, read from Redis at scrape time."""
+    """Queue depth and worker heartbeats of every shard, read at scrape time."""
 
-    def __init__(self, queue: RequestQueue) -> None:
-        self.queue = queue
+    def __init__(self, shards: ShardSet) -> None:
+        self.shards = shards
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        up = GaugeMetricFamily("keras_server_redis_up", "1 if Redis answered this scrape")
-        try:
-            depth = self.queue.depth()
-            workers = self.queue.workers()
-        except redis.RedisError:
-            up.add_metric([], 0)
-            yield up
-            return
-        up.add_metric([], 1)
-        yield up
-        yield GaugeMetricFamily(
-            "keras_server_queue_depth", "Requests waiting in the queue", value=depth
+        up = GaugeMetricFamily("keras_server_redis_up", "1 if the shard answered", labels=["shard"])
+        depth = GaugeMetricFamily(
+            "keras_server_queue_depth", "Requests waiting in the queue", labels=["shard"]
         )
-        live = {wid: info for wid, info in workers.items() if info is not None}
-        yield GaugeMetricFamily(
-            "keras_server_workers_live", "Workers with a current heartbeat", value=len(live)
+        live = GaugeMetricFamily(
+            "keras_server_workers_live", "Workers with a current heartbeat", labels=["shard"]
         )
         age = GaugeMetricFamily(
             "keras_server_worker_heartbeat_age_seconds",
             "Seconds since each live worker's last heartbeat",
-            labels=["worker"],
+            labels=["shard", "worker"],
         )
         now = time.time()
-        for worker_id, info in live.items():
-            age.add_metric([worker_id], max(0.0, now - info.at))
-        yield age
+        for queue in self.shards.queues:
+            name = self.shards.name(queue)
+            try:
+                waiting, workers = queue.depth(), queue.workers()
+            except redis.RedisError:
+                up.add_metric([name], 0)
+                continue
+            up.add_metric([name], 1)
+            depth.add_metric([name], waiting)
+            beating = {wid: info for wid, info in workers.items() if info is not None}
+            live.add_metric([name], len(beating))
+            for worker_id, info in beating.items():
+                age.add_metric([name, worker_id], max(0.0, now - info.at))
+        yield from (up, depth, live, age)
 
 
-def exposition(queue: RequestQueue) -> tuple[bytes, str]:
+def exposition(shards: ShardSet) -> tuple[bytes, str]:
     """The /metrics body and its content type."""
     if os.environ.get(MULTIPROCESS_DIR_ENV):
         registry = CollectorRegistry()
@@ -101,5 +105,5 @@ def exposition(queue: RequestQueue) -> tuple[bytes, str]:
     else:
         registry = REGISTRY
     live = CollectorRegistry()
-    live.register(RedisCollector(queue))
+    live.register(RedisCollector(shards))
     return generate_latest(registry) + generate_latest(live), CONTENT_TYPE_LATEST

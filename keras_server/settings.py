@@ -47,6 +47,10 @@ class Settings:
     log_level: str = "INFO"
 
     @property
+    def redis_urls(self) -> tuple[str, ...]:
+        return tuple(self.redis_url.split(","))
+
+    @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
 
@@ -100,10 +104,15 @@ def _batch_size(text: str) -> int:
     return value
 
 
-def _redis_url(text: str) -> str:
-    if not text.startswith(("redis://", "rediss://", "unix://")):
-        raise ValueError("must start with redis://, rediss:// or unix://")
-    return text
+def _redis_urls(text: str) -> str:
+    """One Redis URL, or several (shards) separated by commas."""
+    urls = [u.strip() for u in text.split(",")]
+    for url in urls:
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("each URL must start with redis://, rediss:// or unix://")
+    if len(set(urls)) != len(urls):
+        raise ValueError("a Redis URL is listed twice")
+    return ",".join(urls)
 
 
 def _choice(options: Sequence[str], upper: bool = False) -> Callable[[str], str]:
@@ -145,10 +154,10 @@ KNOBS: tuple[Knob, ...] = (
     Knob("port", _port, "port the HTTP server listens on", "PORT"),
     Knob(
         "redis_url",
-        _redis_url,
-        "Redis holding the queue; if not given and nothing answers at the "
-        "default, --role all starts a private redis-server",
-        "URL",
+        _redis_urls,
+        "Redis holding the queue, or several separated by commas (shards); if not "
+        "given and nothing answers at the default, --role all starts a private redis-server",
+        "URL[,URL...]",
     ),
     Knob(
         "model",

@@ -18,8 +18,9 @@ from werkzeug.exceptions import HTTPException
 
 from . import logs, metrics, protocol
 from .images import ImageError, load_image
-from .queue import QueueFull, RequestQueue, connect
+from .queue import QueueFull
 from .settings import Settings, load_settings
+from .shards import ShardSet
 
 log = logging.getLogger(__name__)
 
@@ -61,19 +62,19 @@ def wsgi_app() -> Flask:
     return create_app(settings)
 
 
-def create_app(settings: Settings, queue: RequestQueue | None = None) -> Flask:
-    """The WSGI app. `queue` defaults to one on `settings.redis_url`."""
+def create_app(settings: Settings, shards: ShardSet | None = None) -> Flask:
+    """The WSGI app. `shards` defaults to the queues at `settings.redis_url`."""
     app = Flask(__name__)
     app.request_class = InMemoryRequest
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes
     app.json.sort_keys = False  # keep {"success", "predictions"} in the seed's order
-    if queue is None:
-        client = connect(settings.redis_url, block_seconds=settings.result_timeout)
-        queue = RequestQueue(client, protocol.Keys(settings.queue_name))
-    app.extensions["request_queue"] = queue
+    if shards is None:
+        keys = protocol.Keys(settings.queue_name)
+        shards = ShardSet.connect(settings.redis_urls, keys, settings.result_timeout)
+    app.extensions["shards"] = shards
     _add_request_log(app)
-    _add_predict(app, settings, queue)
-    _add_operations(app, settings, queue)
+    _add_predict(app, settings, shards)
+    _add_operations(app, settings, shards)
     _add_error_handlers(app, settings)
     return app
 
@@ -102,7 +103,7 @@ def _add_request_log(app: Flask) -> None:
         return response
 
 
-def _add_predict(app: Flask, settings: Settings, queue: RequestQueue) -> None:
+def _add_predict(app: Flask, settings: Settings, shards: ShardSet) -> None:
     @app.post("/predict")
     def predict() -> Response | tuple[Any, int]:
         upload = request.files.get("image")
@@ -121,7 +122,9 @@ def _add_predict(app: Flask, settings: Settings, queue: RequestQueue) -> None:
         job = protocol.ImageRequest.create(image, settings.result_timeout)
         logs.request_id.set(job.id)
         try:
-            queue.push(protocol.encode_request(job), max_depth=settings.max_queue)
+            queue = shards.push(protocol.encode_request(job), max_depth=settings.max_queue)
+            metrics.QUEUED.labels(shards.name(queue)).inc()
+            # The answer comes back on the shard that took the request.
             raw = queue.wait_result(job.id, timeout=job.deadline - time.time())
         except QueueFull:
             log.warning("queue full (%d waiting): refused", settings.max_queue)
@@ -145,7 +148,7 @@ def _add_predict(app: Flask, settings: Settings, queue: RequestQueue) -> None:
         return jsonify(result), 200 if result["success"] else 500
 
 
-def _add_operations(app: Flask, settings: Settings, queue: RequestQueue) -> None:
+def _add_operations(app: Flask, settings: Settings, shards: ShardSet) -> None:
     @app.get("/healthz")
     def healthz() -> Response:
         """Liveness: the process answers. Nothing else is checked."""
@@ -153,19 +156,33 @@ def _add_operations(app: Flask, settings: Settings, queue: RequestQueue) -> None
 
     @app.get("/readyz")
     def readyz() -> Response | tuple[Response, int]:
-        """Readiness: Redis answers and some worker with a loaded model is beating."""
-        try:
-            workers = [info for info in queue.workers().values() if info is not None]
-        except redis.RedisError as exc:
-            return jsonify(ready=False, reason=f"Redis is unreachable: {exc}"), 503
-        if not workers:
-            reason = f"no live model worker on queue {settings.queue_name!r}"
-            return jsonify(ready=False, reason=reason), 503
-        return jsonify(ready=True, workers=len(workers), models=sorted({w.model for w in workers}))
+        """Ready when a worker with a loaded model beats on every reachable shard.
+
+        A shard that is down does not make the server unready while another
+        serves (/predict skips it too), but it is reported.
+        """
+        down, idle, models, live = [], [], set(), 0
+        for queue in shards.queues:
+            name = shards.name(queue)
+            try:
+                workers = [info for info in queue.workers().values() if info is not None]
+            except redis.RedisError as exc:
+                down.append(f"Redis at {name} is unreachable: {exc}")
+                continue
+            if not workers:
+                idle.append(f"no live model worker on queue {settings.queue_name!r} at {name}")
+            live += len(workers)
+            models.update(w.model for w in workers)
+        if live == 0 or idle:
+            return jsonify(ready=False, reason="; ".join(down + idle)), 503
+        body: dict[str, Any] = {"ready": True, "workers": live, "models": sorted(models)}
+        if down:
+            body["unreachable"] = down
+        return jsonify(body)
 
     @app.get("/metrics")
     def metrics_endpoint() -> Response:
-        body, content_type = metrics.exposition(queue)
+        body, content_type = metrics.exposition(shards)
         return Response(body, content_type=content_type)
 
 

@@ -11,6 +11,7 @@ heartbeat expires.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import socket
@@ -214,6 +215,62 @@ class Worker:
         }
 
 
+class FairLock:
+    """A lock granted in arrival order, so claim loops serving several shards
+    take turns with the one model instead of one shard starving the rest."""
+
+    def __init__(self) -> None:
+        self._turns: collections.deque[object] = collections.deque()
+        self._changed = threading.Condition()
+
+    def __enter__(self) -> None:
+        ticket = object()
+        with self._changed:
+            self._turns.append(ticket)
+            self._changed.wait_for(lambda: self._turns[0] is ticket)
+
+    def __exit__(self, *exc: object) -> None:
+        with self._changed:
+            self._turns.popleft()
+            self._changed.notify_all()
+
+
+class SharedPredictor:
+    """One model serving several claim loops, one forward pass at a time, fairly."""
+
+    def __init__(self, inner: Predictor) -> None:
+        self.inner = inner
+        self.labels = inner.labels
+        self.description = getattr(inner, "description", "")
+        self._lock = FairLock()
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return self.inner.input_shape
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        with self._lock:
+            return self.inner.predict(images)
+
+    def warm_up(self, batch_size: int) -> None:
+        self.inner.warm_up(batch_size)
+
+
+def serve(workers: Sequence[Worker], stop: threading.Event) -> None:
+    """Run each worker's loop (one per shard) until `stop`, then wait for all."""
+    if len(workers) == 1:
+        workers[0].run(stop)
+        return
+    threads = [
+        threading.Thread(target=w.run, args=(stop,), name=f"worker-{i}", daemon=True)
+        for i, w in enumerate(workers)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
 class ModelThread(threading.Thread):
     """The `--role all` worker: loads the model, warms it up, then loops.
 
@@ -224,12 +281,12 @@ class ModelThread(threading.Thread):
     def __init__(
         self,
         load: Callable[[], Predictor],
-        make_worker: Callable[[Predictor], Worker],
+        make_workers: Callable[[Predictor], list[Worker]],
         batch_size: int,
     ) -> None:
         super().__init__(name="model-worker", daemon=True)
         self._load = load
-        self._make_worker = make_worker
+        self._make_workers = make_workers
         self._batch_size = batch_size
         self.stop = threading.Event()
         self.ready = threading.Event()
@@ -244,7 +301,7 @@ class ModelThread(threading.Thread):
             self.failed.set()
             return
         self.ready.set()
-        self._make_worker(predictor).run(self.stop)
+        serve(self._make_workers(predictor), self.stop)
 
     def wait_until_ready(self) -> None:
         """Block until the model serves; re-raise its loading error if it failed."""

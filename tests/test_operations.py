@@ -11,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from keras_server.queue import RequestQueue
 from keras_server.redis_launcher import free_port
 from keras_server.settings import Settings
+from keras_server.shards import label
 from keras_server.simulated import SimulatedModel
 from keras_server.web import create_app
 
@@ -48,9 +49,10 @@ def test_readyz_needs_a_live_worker(settings: Settings, small_classifier: object
     client = create_app(settings).test_client()
     response = client.get("/readyz")
     assert response.status_code == 503
+    where = label(settings.redis_url)
     assert response.get_json() == {
         "ready": False,
-        "reason": f"no live model worker on queue {settings.queue_name!r}",
+        "reason": f"no live model worker on queue {settings.queue_name!r} at {where}",
     }
     with WorkerThread(make_worker(settings, small_classifier, description="small model")):
         ready = wait_until(lambda: (r := client.get("/readyz")).status_code == 200 and r)
@@ -63,7 +65,7 @@ def test_readyz_without_redis(settings: Settings) -> None:
     down = dataclasses.replace(settings, redis_url="redis://127.0.0.1:1/0")
     response = create_app(down).test_client().get("/readyz")
     assert response.status_code == 503
-    assert "Redis is unreachable" in response.get_json()["reason"]
+    assert "Redis at 127.0.0.1:1/0 is unreachable" in response.get_json()["reason"]
 
 
 def test_metrics_count_requests_batches_queue_and_heartbeats(
@@ -87,22 +89,26 @@ def test_metrics_count_requests_batches_queue_and_heartbeats(
     assert delta("keras_server_http_request_seconds_count", endpoint="/predict") == 2
     assert delta("keras_server_batch_size_count") >= 1
     assert delta("keras_server_inference_seconds_count") >= 1
-    assert value(after, "keras_server_redis_up") == 1
-    assert value(after, "keras_server_workers_live") == 1
-    age = value(after, "keras_server_worker_heartbeat_age_seconds", worker=running.worker.id)
+    shard = label(settings.redis_url)
+    assert delta("keras_server_queued_requests_total", shard=shard) == 1
+    assert value(after, "keras_server_redis_up", shard=shard) == 1
+    assert value(after, "keras_server_workers_live", shard=shard) == 1
+    age = value(
+        after, "keras_server_worker_heartbeat_age_seconds", shard=shard, worker=running.worker.id
+    )
     assert 0 <= age < 10
 
     queue.push(b"waiting")
     queue.push(b"waiting")
     idle = client.get("/metrics").get_data(as_text=True)
-    assert value(idle, "keras_server_queue_depth") == 2
-    assert value(idle, "keras_server_workers_live") == 0
+    assert value(idle, "keras_server_queue_depth", shard=shard) == 2
+    assert value(idle, "keras_server_workers_live", shard=shard) == 0
 
 
 def test_metrics_while_redis_is_down(settings: Settings) -> None:
     down = dataclasses.replace(settings, redis_url="redis://127.0.0.1:1/0")
     text = create_app(down).test_client().get("/metrics").get_data(as_text=True)
-    assert value(text, "keras_server_redis_up") == 0
+    assert value(text, "keras_server_redis_up", shard="127.0.0.1:1/0") == 0
 
 
 @pytest.mark.slow
