@@ -167,8 +167,17 @@ class Cluster:
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,
+            # Its own process group: Ctrl-C reaches only us, and we stop the
+            # parts in order; kill() takes gunicorn's workers along.
+            start_new_session=True,
         )
         return Part(name, process, log_path, port, log_file)
+
+    def kill(self, part: Part) -> None:
+        """SIGKILL a part with all its processes, as a crash would."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(part.process.pid, signal.SIGKILL)
+        part.process.wait()
 
     def _start_nginx(self) -> None:
         binary = find_nginx()

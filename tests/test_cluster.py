@@ -1,0 +1,108 @@
+"""The scaled-out topology with real parts: 2 Redis shards, 2 gunicorn web
+servers, 2 workers (simulated model) and nginx round-robin in front."""
+
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from keras_server.cluster import Cluster, Part, find_nginx
+from keras_server.shards import label
+from stress_test import Load
+from stress_test import run as load
+
+pytestmark = pytest.mark.slow
+
+SIM = ["--model", "sim", "--sim-batch-ms", "20", "--sim-image-ms", "1", "--batch-size", "8"]
+
+
+@pytest.fixture(scope="module")
+def nginx() -> str:
+    """nginx, installed from Debian's nginx-light package when missing (as root)."""
+    found = find_nginx()
+    if found is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "nginx-light"]
+        if subprocess.run(
+            install, env=env, capture_output=True, timeout=600, check=False
+        ).returncode:
+            subprocess.run(
+                ["apt-get", "update", "-q"], env=env, capture_output=True, timeout=600, check=False
+            )
+            subprocess.run(install, env=env, capture_output=True, timeout=600, check=True)
+        found = find_nginx()
+    if found is None:
+        pytest.fail("nginx is missing and cannot be installed here (needs root and apt-get)")
+    return found
+
+
+@pytest.fixture
+def cluster(nginx: str) -> Iterator[Cluster]:
+    with Cluster(2, 2, 2, server_args=SIM, say=lambda _: None) as running:
+        yield running
+
+
+def counter(url: str, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` with `labels` at a /metrics URL."""
+    text = requests.get(url, timeout=5).text
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+def metrics_url(part: Part) -> str:
+    return f"http://127.0.0.1:{part.port}/metrics"
+
+
+def predictions_served(web: Part) -> float:
+    return counter(metrics_url(web), "keras_server_http_requests_total", endpoint="/predict")
+
+
+def drive(cluster: Cluster, clients: int, total: int) -> Load:
+    result, _ = load(cluster.url + "/predict", ["images/chelsea.png"], clients, total, None)
+    return result
+
+
+def test_requests_through_nginx_spread_over_every_part(cluster: Cluster) -> None:
+    assert dict(drive(cluster, clients=16, total=240).statuses) == {"200": 240}
+
+    served = [predictions_served(web) for web in cluster.webs]
+    assert sum(served) == 240
+    assert min(served) > 0, f"both web servers take a share: {served}"
+
+    by_shard = [
+        sum(
+            counter(metrics_url(web), "keras_server_queued_requests_total", shard=label(server.url))
+            for web in cluster.webs
+        )
+        for server in cluster.redis
+    ]
+    assert sum(by_shard) == 240
+    assert min(by_shard) > 0, f"both shards take a share: {by_shard}"
+
+    batches = [counter(metrics_url(w), "keras_server_batch_size_count") for w in cluster.workers]
+    assert min(batches) > 0, f"both workers run batches: {batches}"
+    images = [counter(metrics_url(w), "keras_server_batch_size_sum") for w in cluster.workers]
+    assert sum(images) == 240
+
+
+def test_clients_keep_being_served_when_a_web_server_dies(cluster: Cluster) -> None:
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(drive, cluster, clients=8, total=300)
+        victim = cluster.webs[0]
+        while predictions_served(victim) < 20:  # kill it once traffic flows through it
+            time.sleep(0.05)
+        cluster.kill(victim)
+        result = running.result(timeout=180)
+    assert not victim.alive()
+    assert dict(result.statuses) == {"200": 300}
+    assert predictions_served(cluster.webs[1]) > 150
