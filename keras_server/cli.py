@@ -31,10 +31,10 @@ from .settings import Settings, SettingsError, load_settings, to_environment
 from .shards import label
 from .worker import (
     CLAIM_WAIT_S,
+    FairLock,
     ModelLoadError,
     ModelThread,
     Predictor,
-    SharedPredictor,
     Worker,
     load_and_warm_up,
     serve,
@@ -81,18 +81,19 @@ def loader(settings: Settings) -> Callable[[], Predictor]:
 
 
 def make_workers(settings: Settings, predictor: Predictor) -> list[Worker]:
-    """One claim loop per Redis shard, all sharing the one model."""
-    shared = predictor if len(settings.redis_urls) == 1 else SharedPredictor(predictor)
+    """One claim loop per Redis shard, all sharing the one model, taking turns."""
+    turn = FairLock() if len(settings.redis_urls) > 1 else None
     block = CLAIM_WAIT_S + settings.max_batch_delay_ms / 1000
     return [
         Worker(
             RequestQueue(connect(url, block_seconds=block), protocol.Keys(settings.queue_name)),
-            shared,
+            predictor,
             settings.batch_size,
             result_ttl=settings.result_timeout,
             heartbeat_ttl=settings.heartbeat_ttl,
             batch_delay=settings.max_batch_delay_ms / 1000,
             description=getattr(predictor, "description", ""),
+            turn=turn,
         )
         for url in settings.redis_urls
     ]

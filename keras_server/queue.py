@@ -120,19 +120,30 @@ class RequestQueue:
         """Move up to `max_items` requests, oldest first, into the worker's
         processing list and return them; [] if none came within `wait` s.
 
-        Blocks in Redis for the first one. Then takes what is queued; with
-        `fill_for` > 0 it keeps blocking for more until the batch is full or
-        `fill_for` seconds have passed since the first arrived.
+        Blocks in Redis for the first one (`claim_first`), then fills the batch
+        (`claim_more`); a worker sharing its model between shards does the two
+        apart, taking its turn with the model in between.
         """
-        queue, processing = self.keys.queue, self.keys.processing(worker_id)
-        first = self.client.blmove(queue, processing, max(wait, MIN_BLOCK_S), "LEFT", "RIGHT")
+        first = self.claim_first(worker_id, wait)
         if first is None:
             return []
-        items = [first]
-        deadline = time.monotonic() + fill_for
+        return [first, *self.claim_more(worker_id, max_items - 1, time.monotonic() + fill_for)]
+
+    def claim_first(self, worker_id: str, wait: float) -> bytes | None:
+        """Block up to `wait` s for one request and move it to the processing list."""
+        processing = self.keys.processing(worker_id)
+        return self.client.blmove(
+            self.keys.queue, processing, max(wait, MIN_BLOCK_S), "LEFT", "RIGHT"
+        )
+
+    def claim_more(self, worker_id: str, max_items: int, until: float) -> list[bytes]:
+        """Take up to `max_items` more: whatever is queued, and then, until the
+        monotonic time `until`, whatever arrives (mosec-style batch filling)."""
+        queue, processing = self.keys.queue, self.keys.processing(worker_id)
+        items: list[bytes] = []
         while len(items) < max_items:
             items += self._claim_more(keys=[queue, processing], args=[max_items - len(items)])
-            remaining = deadline - time.monotonic()
+            remaining = until - time.monotonic()
             if len(items) >= max_items or remaining < MIN_BLOCK_S:
                 break
             more = self.client.blmove(queue, processing, remaining, "LEFT", "RIGHT")

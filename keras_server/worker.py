@@ -12,6 +12,7 @@ heartbeat expires.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import socket
@@ -77,7 +78,11 @@ class Worker:
         heartbeat_ttl: float = 10.0,
         batch_delay: float = 0.0,
         description: str = "",
+        turn: contextlib.AbstractContextManager[object] | None = None,
     ) -> None:
+        """`turn`, shared by workers that share one model (one per shard), is
+        held from filling a batch to answering it, so only the worker about to
+        run the model holds more than one claimed request."""
         self.queue = queue
         self.predictor = predictor
         self.batch_size = batch_size
@@ -85,6 +90,7 @@ class Worker:
         self.heartbeat_ttl = heartbeat_ttl
         self.batch_delay = batch_delay
         self.description = description or type(predictor).__name__
+        self.turn = turn or contextlib.nullcontext()
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
     def info(self) -> protocol.WorkerInfo:
@@ -156,9 +162,17 @@ class Worker:
 
     def run_once(self, wait: float) -> int:
         """Claim and answer one batch; returns how many requests it took."""
-        raws = self.queue.claim(self.id, self.batch_size, wait, fill_for=self.batch_delay)
-        if not raws:
+        first = self.queue.claim_first(self.id, wait)
+        if first is None:
             return 0
+        # The batch's delay counts from its first request (mosec-style).
+        until = time.monotonic() + self.batch_delay
+        with self.turn:
+            raws = [first, *self.queue.claim_more(self.id, self.batch_size - 1, until)]
+            return self._answer(raws)
+
+    def _answer(self, raws: list[bytes]) -> int:
+        """Decode, infer and answer one claimed batch."""
         now = time.time()
         results: dict[str, bytes] = {}
         batch: list[protocol.ImageRequest] = []
@@ -219,6 +233,8 @@ class FairLock:
     """A lock granted in arrival order, so claim loops serving several shards
     take turns with the one model instead of one shard starving the rest."""
 
+    # Used as Worker(turn=...): see Worker.__init__.
+
     def __init__(self) -> None:
         self._turns: collections.deque[object] = collections.deque()
         self._changed = threading.Condition()
@@ -233,27 +249,6 @@ class FairLock:
         with self._changed:
             self._turns.popleft()
             self._changed.notify_all()
-
-
-class SharedPredictor:
-    """One model serving several claim loops, one forward pass at a time, fairly."""
-
-    def __init__(self, inner: Predictor) -> None:
-        self.inner = inner
-        self.labels = inner.labels
-        self.description = getattr(inner, "description", "")
-        self._lock = FairLock()
-
-    @property
-    def input_shape(self) -> tuple[int, int, int]:
-        return self.inner.input_shape
-
-    def predict(self, images: np.ndarray) -> np.ndarray:
-        with self._lock:
-            return self.inner.predict(images)
-
-    def warm_up(self, batch_size: int) -> None:
-        self.inner.warm_up(batch_size)
 
 
 def serve(workers: Sequence[Worker], stop: threading.Event) -> None:
