@@ -25,7 +25,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from keras_server import protocol
 from keras_server.queue import RequestQueue, connect
-from keras_server.redis_launcher import RedisServer
+from keras_server.redis_launcher import RedisServer, free_port
 from keras_server.settings import Settings
 from keras_server.worker import Worker
 
@@ -68,6 +68,20 @@ def wait_for_http(url: str, process: subprocess.Popen[str], timeout: float = 90)
         except requests.ConnectionError:
             time.sleep(0.2)
     pytest.fail("server did not start listening")
+
+
+def start_web(settings: Settings, *extra: str) -> tuple[subprocess.Popen[str], str]:
+    """`--role web` (gunicorn) on a free port for `settings`' Redis and queue,
+    listening; returns the process and its base URL."""
+    port = free_port()
+    process = start(
+        "--role", "web", "--port", str(port),
+        "--redis-url", settings.redis_url, "--queue-name", settings.queue_name,
+        *extra,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    wait_for_http(base + "/healthz", process)
+    return process, base
 
 
 def stop(process: subprocess.Popen[str], timeout: float = 20) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 import requests
-from conftest import ENV, IMAGES, ROOT, output, start, stop, wait_for_http
+from conftest import ENV, IMAGES, ROOT, output, start, start_web, stop, wait_for_http
 
 from keras_server import redis_launcher
 from keras_server.redis_launcher import RedisUnavailable, ensure_redis, free_port
@@ -75,13 +75,11 @@ def test_simple_request_without_a_server() -> None:
 
 
 def test_web_and_worker_as_separate_processes(small_model_path: Path, settings: Settings) -> None:
-    port = free_port()
     common = ("--redis-url", settings.redis_url, "--queue-name", settings.queue_name)
     worker = start("--role", "worker", "--weights", str(small_model_path), *common)
-    web = start("--role", "web", "--port", str(port), *common)
+    web, base = start_web(settings)
     try:
-        url = f"http://127.0.0.1:{port}/predict"
-        wait_for_http(url, web)
+        url = base + "/predict"
         with open(IMAGES / "rocket.jpg", "rb") as f:
             response = requests.post(url, files={"image": f}, timeout=90)
         assert response.status_code == 200, response.text

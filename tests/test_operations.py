@@ -5,11 +5,10 @@ import io
 
 import pytest
 import requests
-from conftest import IMAGES, WorkerThread, make_worker, start, stop, wait_for_http, wait_until
+from conftest import IMAGES, WorkerThread, make_worker, start_web, stop, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 from keras_server.queue import RequestQueue
-from keras_server.redis_launcher import free_port
 from keras_server.settings import Settings
 from keras_server.shards import label
 from keras_server.simulated import SimulatedModel
@@ -113,14 +112,8 @@ def test_metrics_while_redis_is_down(settings: Settings) -> None:
 
 @pytest.mark.slow
 def test_metrics_add_up_across_gunicorn_workers(settings: Settings) -> None:
-    port = free_port()
-    web = start(
-        "--role", "web", "--port", str(port), "--web-workers", "3",
-        "--redis-url", settings.redis_url, "--queue-name", settings.queue_name,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
+    web, base = start_web(settings, "--web-workers", "3")
     try:
-        wait_for_http(base + "/healthz", web)
         with WorkerThread(make_worker(settings, SimulatedModel(5, 0))):
             for _ in range(12):
                 response = requests.post(

@@ -18,8 +18,8 @@ from conftest import (
     WorkerThread,
     make_worker,
     start,
+    start_web,
     stop,
-    wait_for_http,
     wait_until,
 )
 
@@ -29,7 +29,6 @@ from keras_server.redis_launcher import (
     RedisServer,
     bundled_redis_server,
     find_redis_server,
-    free_port,
 )
 from keras_server.settings import Settings
 from keras_server.simulated import SimulatedModel
@@ -137,14 +136,9 @@ def test_sigterm_lets_a_worker_finish_its_batch(settings: Settings, queue: Reque
 def test_sigterm_lets_gunicorn_finish_requests_in_flight(
     settings: Settings, queue: RequestQueue
 ) -> None:
-    port = free_port()
-    web = start(
-        "--role", "web", "--port", str(port), "--web-workers", "1",
-        "--redis-url", settings.redis_url, "--queue-name", settings.queue_name,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}/predict"
+    web, base = start_web(settings, "--web-workers", "1")
+    url = base + "/predict"
     try:
-        wait_for_http(url, web)
         with (
             WorkerThread(make_worker(settings, SimulatedModel(2000, 0))),
             ThreadPoolExecutor(2) as pool,
