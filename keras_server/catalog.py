@@ -1,0 +1,204 @@
+"""Which models a deployment serves: model specs, the built-in catalogue, label files.
+
+A spec names a model and where it comes from: a `keras.applications` network
+by name (each with its own input size and Keras's own preprocessing), `sim`
+(the load-testing stand-in), or a saved `.keras` file with a labels file.
+Several specs come from a TOML models file (`--models-file`); without one the
+deployment serves the single model the flags describe. TensorFlow-free: the
+web tier reads this too.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .labels import imagenet_labels
+
+PREPROCESSING = ("caffe", "tf", "torch", "none", "scale")
+NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class Builtin:
+    constructor: str  # attribute of keras.applications
+    module: str  # keras.applications.<module>.preprocess_input
+    size: int  # input width = height
+
+
+BUILTINS: dict[str, Builtin] = {
+    "resnet50": Builtin("ResNet50", "resnet50", 224),
+    "resnet101": Builtin("ResNet101", "resnet", 224),
+    "resnet152": Builtin("ResNet152", "resnet", 224),
+    "resnet50_v2": Builtin("ResNet50V2", "resnet_v2", 224),
+    "vgg16": Builtin("VGG16", "vgg16", 224),
+    "vgg19": Builtin("VGG19", "vgg19", 224),
+    "mobilenet": Builtin("MobileNet", "mobilenet", 224),
+    "mobilenet_v2": Builtin("MobileNetV2", "mobilenet_v2", 224),
+    "mobilenet_v3_small": Builtin("MobileNetV3Small", "mobilenet_v3", 224),
+    "mobilenet_v3_large": Builtin("MobileNetV3Large", "mobilenet_v3", 224),
+    "efficientnet_b0": Builtin("EfficientNetB0", "efficientnet", 224),
+    "efficientnet_b1": Builtin("EfficientNetB1", "efficientnet", 240),
+    "efficientnet_b2": Builtin("EfficientNetB2", "efficientnet", 260),
+    "efficientnet_b3": Builtin("EfficientNetB3", "efficientnet", 300),
+    "efficientnet_v2_b0": Builtin("EfficientNetV2B0", "efficientnet_v2", 224),
+    "densenet121": Builtin("DenseNet121", "densenet", 224),
+    "inception_v3": Builtin("InceptionV3", "inception_v3", 299),
+    "xception": Builtin("Xception", "xception", 299),
+    "convnext_tiny": Builtin("ConvNeXtTiny", "convnext", 224),
+}
+SIM = "sim"
+SIM_SIZE = 224
+
+
+class CatalogError(ValueError):
+    """A model spec or labels file we cannot use; the message says why."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    source: str  # a BUILTINS name, "sim", or the path of a .keras file
+    weights: str = "imagenet"  # builtins: imagenet, none, or a .weights.h5 path
+    labels: str | None = None  # a labels file; ImageNet's for builtins
+    preprocessing: str | None = None  # None: the builtin's own; "none" for files
+    top_k: int = 5
+
+    @property
+    def builtin(self) -> Builtin | None:
+        return BUILTINS.get(self.source)
+
+    @property
+    def is_file(self) -> bool:
+        return self.source not in BUILTINS and self.source != SIM
+
+    @property
+    def static_size(self) -> tuple[int, int] | None:
+        """(width, height) known without loading the model, if any."""
+        if self.builtin:
+            return (self.builtin.size, self.builtin.size)
+        return (SIM_SIZE, SIM_SIZE) if self.source == SIM else None
+
+    def validate(self) -> ModelSpec:
+        if not NAME.match(self.name):
+            raise CatalogError(
+                f"model name {self.name!r}: use 1-64 lower-case letters, digits, '_' or '-'"
+            )
+        if self.is_file and not self.source.endswith(".keras"):
+            known = ", ".join(sorted(BUILTINS))
+            raise CatalogError(
+                f"model {self.name!r}: {self.source!r} is neither a built-in model ({known}, "
+                "sim) nor a .keras file"
+            )
+        if self.preprocessing is not None and self.preprocessing not in PREPROCESSING:
+            raise CatalogError(
+                f"model {self.name!r}: preprocessing {self.preprocessing!r} is not one of "
+                f"{', '.join(PREPROCESSING)}"
+            )
+        if not 1 <= self.top_k <= 1000:
+            raise CatalogError(f"model {self.name!r}: top_k must be between 1 and 1000")
+        return self
+
+
+def read_labels(path: str | Path) -> tuple[str, ...]:
+    """Class names from a file: one per line, a JSON list, or a JSON object
+    keyed by class index (Keras's imagenet_class_index.json style included)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CatalogError(f"labels file {path}: {exc.strerror or exc}") from None
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise CatalogError(f"labels file {path}: not valid JSON ({exc})") from None
+        if isinstance(data, list):
+            labels = [str(x) for x in data]
+        elif isinstance(data, dict):
+            try:
+                ordered = sorted(data.items(), key=lambda kv: int(kv[0]))
+            except ValueError:
+                raise CatalogError(f"labels file {path}: keys must be class indices") from None
+            if [int(k) for k, _ in ordered] != list(range(len(ordered))):
+                raise CatalogError(f"labels file {path}: class indices must be 0..n-1")
+            labels = [str(v[-1] if isinstance(v, list) else v) for _, v in ordered]
+        else:
+            raise CatalogError(f"labels file {path}: expected a JSON list or object")
+    else:
+        labels = [line.strip() for line in text.splitlines() if line.strip()]
+    if not labels:
+        raise CatalogError(f"labels file {path}: no labels in it")
+    return tuple(labels)
+
+
+def labels_for(spec: ModelSpec) -> tuple[str, ...]:
+    if spec.labels:
+        return read_labels(spec.labels)
+    return imagenet_labels()
+
+
+def load_models_file(path: str | Path) -> tuple[list[ModelSpec], str]:
+    """The specs in a TOML models file, and the name of the default model.
+
+        default = "resnet50"          # optional: else the first model
+        [models.resnet50]
+        model = "resnet50"            # a built-in name, "sim", or a .keras path
+        weights = "imagenet"
+        [models.shapes]
+        model = "models/shapes.keras"
+        labels = "models/shapes.txt"
+        preprocessing = "scale"
+        top_k = 2
+
+    Relative paths are relative to the models file.
+    """
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise CatalogError(f"models file {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise CatalogError(f"models file {path}: {exc}") from None
+    tables = data.get("models")
+    if not isinstance(tables, dict) or not tables:
+        raise CatalogError(f"models file {path}: no [models.NAME] tables")
+    known = {"model", "weights", "labels", "preprocessing", "top_k"}
+    specs = []
+    for name, table in tables.items():
+        unknown = set(table) - known
+        if unknown or "model" not in table:
+            raise CatalogError(
+                f"models file {path}: [models.{name}] needs 'model' and may have "
+                f"{', '.join(sorted(known - {'model'}))}"
+                + (f"; unknown: {', '.join(sorted(unknown))}" if unknown else "")
+            )
+        specs.append(
+            ModelSpec(
+                name=name,
+                source=_relative(path, table["model"]),
+                weights=_relative(path, table.get("weights", "imagenet")),
+                labels=_relative(path, table["labels"]) if "labels" in table else None,
+                preprocessing=table.get("preprocessing"),
+                top_k=int(table.get("top_k", 5)),
+            ).validate()
+        )
+    default = data.get("default", specs[0].name)
+    if default not in {s.name for s in specs}:
+        raise CatalogError(f"models file {path}: default model {default!r} is not defined")
+    return specs, default
+
+
+def _relative(base: Path, value: str) -> str:
+    """Paths in a models file are relative to it; model names stay as they are."""
+    if value in BUILTINS or value in (SIM, "imagenet", "none") or Path(value).is_absolute():
+        return value
+    return str((base.parent / value).resolve())
+
+
+def find(specs: Sequence[ModelSpec], name: str) -> ModelSpec | None:
+    return next((s for s in specs if s.name == name), None)
