@@ -1,6 +1,7 @@
-"""The browser face of the API: the upload page at `GET /` and its assets.
+"""The browser face of the API: the upload page at `GET /`, its assets, and the
+OpenAPI description at `GET /openapi.json`.
 
-Everything is a package file (`assets/`), served as it is: no
+Everything is a package file (`assets/`, `openapi.json`), served as it is: no
 templates, no build step, nothing fetched from elsewhere at run time. Every
 URL the page uses is relative, so it works from `--role web` directly and
 behind a proxy that mounts the service under a sub-path.
@@ -9,6 +10,7 @@ behind a proxy that mounts the service under a sub-path.
 from __future__ import annotations
 
 import logging
+from importlib import resources
 
 from flask import Blueprint, Response
 
@@ -42,11 +44,21 @@ blueprint = Blueprint(
 )
 
 
+def openapi_document() -> bytes:
+    """The OpenAPI description, as shipped next to this module."""
+    return resources.files(__package__).joinpath("openapi.json").read_bytes()
+
+
 @blueprint.get("/")
 def index() -> Response:
     response = blueprint.send_static_file("index.html")
     response.headers["Content-Security-Policy"] = PAGE_POLICY
     return response
+
+
+@blueprint.get("/openapi.json")
+def openapi() -> Response:
+    return Response(openapi_document(), mimetype="application/json")
 
 
 @blueprint.after_request

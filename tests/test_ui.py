@@ -61,7 +61,7 @@ def test_every_url_in_the_page_is_relative_and_served(client: FlaskClient, page:
         for name in ("href", "src", "action")
         if attrs.get(name)
     }
-    assert {"predict", "assets/app.js", "assets/style.css"} <= set(urls)
+    assert {"predict", "assets/app.js", "assets/style.css", "openapi.json"} <= set(urls)
     for url, tag in urls.items():
         # Relative URLs keep working when a proxy mounts the service under a sub-path.
         assert not re.match(r"^(/|[a-z]+:)", url), url
@@ -104,8 +104,8 @@ def test_package_files_are_found_from_any_directory(tmp_path: object) -> None:
     code = (
         "from keras_server.settings import Settings; from keras_server.web import create_app; "
         "c = create_app(Settings()).test_client(); "
-        "codes = [c.get(u).status_code for u in ('/', '/assets/app.js')]; "
-        "assert codes == [200] * 2, codes"
+        "codes = [c.get(u).status_code for u in ('/', '/assets/app.js', '/openapi.json')]; "
+        "assert codes == [200] * 3, codes"
     )
     env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
     subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, check=True, timeout=60)
