@@ -132,7 +132,8 @@
     if (files && files.length > 0) classify(files[0]);
   }
 
-  // A file the browser cannot draw (corrupt, or a type it lacks) loses its preview, not its answer.
+  // A file the browser cannot draw (corrupt, or a type it lacks) loses its
+  // preview, not its answer.
   preview.addEventListener("error", () => {
     if (preview.getAttribute("src")) figure.hidden = true;
   });
