@@ -6,6 +6,7 @@ Modules, each owning one thing:
     queue           the Redis queue: push / wait for a result, claim a batch
     images          upload -> RGB uint8 array at the model's input size
     web             the Flask app factory (never imports TensorFlow)
+    ui              the upload page at / and the OpenAPI description
     model           the Keras model (the only module importing it)
     worker          the batch loop: claim, one forward pass, answer each
     redis_launcher  a private redis-server when none is running

@@ -21,6 +21,7 @@ from .images import ImageError, load_image
 from .queue import QueueFull
 from .settings import Settings, load_settings
 from .shards import ShardSet
+from .ui import blueprint as ui_blueprint
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ def create_app(settings: Settings, shards: ShardSet | None = None) -> Flask:
     _add_predict(app, settings, shards)
     _add_operations(app, settings, shards)
     _add_error_handlers(app, settings)
+    app.register_blueprint(ui_blueprint)
     return app
 
 

@@ -1,0 +1,172 @@
+// The upload page: pick or drop an image, preview it, POST it to `predict`
+// (relative, so a proxy may mount the service under any sub-path), and show
+// the top-5 classes as bars, or the API's error, readably.
+"use strict";
+
+(() => {
+  const form = document.getElementById("upload");
+  const input = document.getElementById("image");
+  const dropzone = document.getElementById("dropzone");
+  const figure = document.getElementById("preview-figure");
+  const preview = document.getElementById("preview");
+  const previewName = document.getElementById("preview-name");
+  const status = document.getElementById("status");
+  const error = document.getElementById("error");
+  const list = document.getElementById("predictions");
+
+  // A later pick supersedes a request still in flight: its answer is dropped.
+  let ticket = 0;
+  let previewUrl = null;
+
+  function showPreview(file) {
+    if (previewUrl) URL.revokeObjectURL(previewUrl);
+    previewUrl = null;
+    preview.removeAttribute("src");
+    // Only image types get a preview; anything else is still sent, so that
+    // the API's own answer says what is wrong with it.
+    figure.hidden = !file.type.startsWith("image/");
+    if (figure.hidden) return;
+    previewUrl = URL.createObjectURL(file);
+    preview.src = previewUrl;
+    preview.alt = `Preview of ${file.name}`;
+    previewName.textContent = file.name;
+  }
+
+  function clearAnswer() {
+    error.replaceChildren();
+    list.replaceChildren();
+  }
+
+  function showError(title, detail) {
+    status.textContent = "";
+    const heading = document.createElement("p");
+    const strong = document.createElement("strong");
+    strong.textContent = title;
+    heading.append(strong);
+    const message = document.createElement("p");
+    message.className = "error-message";
+    message.textContent = detail;
+    error.replaceChildren(heading, message);
+  }
+
+  function percent(probability) {
+    if (probability > 0 && probability < 0.001) return "<0.1%";
+    return `${(probability * 100).toFixed(1)}%`;
+  }
+
+  function showPredictions(predictions) {
+    status.textContent = "";
+    const items = predictions.map((prediction) => {
+      const item = document.createElement("li");
+      item.className = "prediction";
+      item.dataset.label = prediction.label;
+
+      const label = document.createElement("span");
+      label.className = "prediction-label";
+      // Keras class names use underscores ("tiger_cat").
+      label.textContent = prediction.label.replaceAll("_", " ");
+
+      const value = document.createElement("span");
+      value.className = "prediction-percent";
+      value.textContent = percent(prediction.probability);
+
+      // The bar repeats the number beside it, so screen readers skip it.
+      const bar = document.createElement("span");
+      bar.className = "prediction-bar";
+      bar.setAttribute("aria-hidden", "true");
+      const fill = document.createElement("span");
+      fill.className = "prediction-fill";
+      fill.style.width = `${Math.min(100, Math.max(0, prediction.probability * 100))}%`;
+      bar.append(fill);
+
+      item.append(label, value, bar);
+      return item;
+    });
+    list.replaceChildren(...items);
+  }
+
+  async function classify(file) {
+    const mine = ++ticket;
+    clearAnswer();
+    showPreview(file);
+    status.textContent = `Classifying ${file.name}…`;
+    form.setAttribute("aria-busy", "true");
+
+    const body = new FormData();
+    body.append("image", file, file.name);
+    let response;
+    try {
+      // form.action is the "predict" attribute resolved against the page's URL.
+      response = await fetch(form.action, { method: "POST", body });
+    } catch (failure) {
+      if (mine !== ticket) return;
+      form.removeAttribute("aria-busy");
+      showError(
+        "Could not reach the server.",
+        `Check that it is running and try again (${failure.message}).`,
+      );
+      return;
+    }
+
+    // A proxy in front may answer with its own HTML page (502, 413...).
+    let answer = null;
+    try {
+      answer = await response.json();
+    } catch {
+      answer = null;
+    }
+    if (mine !== ticket) return;
+    form.removeAttribute("aria-busy");
+
+    if (answer && answer.success === true && Array.isArray(answer.predictions)) {
+      showPredictions(answer.predictions);
+    } else if (answer && typeof answer.error === "string") {
+      showError(`Could not classify ${file.name} (HTTP ${response.status}).`, answer.error);
+    } else {
+      const reason = `${response.status} ${response.statusText}`.trim();
+      showError(`Could not classify ${file.name}.`, `The server answered ${reason}.`);
+    }
+  }
+
+  function take(files) {
+    if (files && files.length > 0) classify(files[0]);
+  }
+
+  // A file the browser cannot draw (corrupt, or a type it lacks) loses its
+  // preview, not its answer.
+  preview.addEventListener("error", () => {
+    if (preview.getAttribute("src")) figure.hidden = true;
+  });
+
+  input.addEventListener("change", () => {
+    take(input.files);
+    // So that choosing the same file again classifies it again.
+    input.value = "";
+  });
+
+  for (const name of ["dragenter", "dragover"]) {
+    dropzone.addEventListener(name, (event) => {
+      event.preventDefault();
+      event.dataTransfer.dropEffect = "copy";
+      dropzone.classList.add("dragging");
+    });
+  }
+  dropzone.addEventListener("dragleave", () => dropzone.classList.remove("dragging"));
+  dropzone.addEventListener("drop", (event) => {
+    event.preventDefault();
+    dropzone.classList.remove("dragging");
+    take(event.dataTransfer.files);
+  });
+
+  // A file dropped beside the drop zone must not replace the page with itself.
+  for (const name of ["dragover", "drop"]) {
+    window.addEventListener(name, (event) => event.preventDefault());
+  }
+
+  // The picker is driven by script from here on; the plain form is the
+  // no-JavaScript fallback.
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    take(input.files);
+  });
+})();

@@ -1,0 +1,333 @@
+"""The upload page in a real browser: headless Chromium (Debian's `chromium`,
+installed when missing) driven by Playwright, against real servers: gunicorn
+(`--role web`) with a simulated-model worker thread, directly and through
+nginx under a sub-path.
+
+Screenshots are kept in $KERAS_SERVER_TEST_ARTIFACTS (default tests/artifacts/).
+"""
+
+import base64
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import requests
+from conftest import IMAGES, ROOT, WorkerThread, make_worker, start, stop, wait_for_http
+from PIL import Image
+from playwright.sync_api import BrowserContext, ConsoleMessage, Page, expect, sync_playwright
+
+from keras_server.cluster import find_nginx
+from keras_server.redis_launcher import free_port
+from keras_server.settings import Settings
+from keras_server.simulated import SimulatedModel
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = [
+    "--headless",
+    "--no-sandbox",  # we run as root, where Chromium's sandbox refuses to start
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+ARTIFACTS = Path(os.environ.get("KERAS_SERVER_TEST_ARTIFACTS", ROOT / "tests" / "artifacts"))
+CHELSEA = IMAGES / "chelsea.png"
+COFFEE = IMAGES / "coffee.png"
+NOT_AN_IMAGE = ROOT / "pyproject.toml"
+
+# A drop, as a person makes it: enter, over, drop, carrying one file.
+DROP = """([data, name, type]) => {
+  const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+  const transfer = new DataTransfer();
+  transfer.items.add(new File([bytes], name, { type }));
+  const zone = document.getElementById("dropzone");
+  for (const kind of ["dragenter", "dragover", "drop"]) {
+    zone.dispatchEvent(
+      new DragEvent(kind, { dataTransfer: transfer, bubbles: true, cancelable: true }),
+    );
+  }
+}"""
+
+SHOWN = """items => items.map((item) => ({
+  label: item.querySelector(".prediction-label").textContent,
+  raw: item.dataset.label,
+  percent: item.querySelector(".prediction-percent").textContent,
+  width: item.querySelector(".prediction-fill").style.width,
+}))"""
+
+
+def apt_install(package: str, binary: str, *options: str) -> str:
+    """`binary`, from Debian's `package`, installed when missing (as root);
+    apt-get update only when the first try fails (stale package lists)."""
+    if not Path(binary).exists() and os.geteuid() == 0 and shutil.which("apt-get"):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+
+        def apt(*args: str) -> subprocess.CompletedProcess[str]:
+            command = ["apt-get", *args]
+            return subprocess.run(
+                command, env=env, capture_output=True, text=True, timeout=900, check=False
+            )
+
+        install = ("install", "-y", "-q", *options, package)
+        if apt(*install).returncode:
+            apt("update", "-q")
+            done = apt(*install)
+            if done.returncode:
+                pytest.fail(f"apt-get install {package} failed:\n{done.stderr[-2000:]}")
+    if not Path(binary).exists():
+        pytest.fail(f"{binary} is missing and cannot be installed (needs root and apt-get)")
+    return binary
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    return apt_install("chromium", CHROMIUM)
+
+
+@pytest.fixture(scope="session")
+def nginx() -> str:
+    return find_nginx() or apt_install("nginx-light", "/usr/sbin/nginx", "--no-install-recommends")
+
+
+@pytest.fixture
+def browser(chromium: str, tmp_path: Path) -> Iterator[BrowserContext]:
+    with sync_playwright() as playwright:
+        # Never `playwright install`: the browser is Debian's, with a fresh profile.
+        context = playwright.chromium.launch_persistent_context(
+            str(tmp_path / "profile"),
+            executable_path=chromium,
+            headless=True,
+            args=FLAGS,
+            viewport={"width": 960, "height": 720},
+        )
+        try:
+            yield context
+        finally:
+            context.close()
+
+
+@dataclass
+class Watched:
+    """A page, with what its console complained about and every URL it asked for."""
+
+    page: Page
+    errors: list[str] = field(default_factory=list)
+    urls: list[str] = field(default_factory=list)
+
+    def unexpected_errors(self) -> list[str]:
+        # An API error is a failed load to Chromium's console, and is expected.
+        return [e for e in self.errors if "the server responded with a status of 400" not in e]
+
+
+@pytest.fixture
+def watched(browser: BrowserContext) -> Watched:
+    page = browser.new_page()
+    page.set_default_timeout(30_000)
+    seen = Watched(page)
+
+    def on_console(message: ConsoleMessage) -> None:
+        if message.type == "error":
+            seen.errors.append(message.text)
+
+    page.on("console", on_console)
+    page.on("pageerror", lambda exc: seen.errors.append(str(exc)))
+    page.on("request", lambda request: seen.urls.append(request.url))
+    return seen
+
+
+@dataclass
+class Server:
+    url: str  # ends with "/"
+    process: subprocess.Popen[str]
+
+
+@pytest.fixture
+def web(settings: Settings) -> Iterator[Server]:
+    """`run_keras_server.py --role web` (gunicorn) on the test's queue."""
+    port = free_port()
+    process = start(
+        "--role", "web", "--port", str(port), "--web-workers", "1",
+        "--redis-url", settings.redis_url, "--queue-name", settings.queue_name,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        wait_for_http(url + "healthz", process)
+        yield Server(url, process)
+    finally:
+        stop(process)
+
+
+@pytest.fixture
+def worker(settings: Settings) -> Iterator[WorkerThread]:
+    with WorkerThread(make_worker(settings, SimulatedModel(20, 1))) as running:
+        yield running
+
+
+@pytest.fixture
+def proxy(nginx: str, web: Server, tmp_path: Path) -> Iterator[Server]:
+    """nginx mounting the web server under /classifier/, as a shared host might."""
+    port = free_port()
+    prefix = tmp_path / "nginx"
+    prefix.mkdir()
+    temp = " ".join(f"{kind}_temp_path {prefix}/{kind};" for kind in ("client_body", "proxy"))
+    conf = prefix / "nginx.conf"
+    conf.write_text(
+        f"""
+        worker_processes 1;
+        pid {prefix}/nginx.pid;
+        error_log {prefix}/error.log warn;
+        daemon off;
+        events {{ worker_connections 64; }}
+        http {{
+            access_log off;
+            {temp}
+            fastcgi_temp_path {prefix}/fastcgi; uwsgi_temp_path {prefix}/uwsgi;
+            scgi_temp_path {prefix}/scgi;
+            server {{
+                listen 127.0.0.1:{port};
+                client_max_body_size 16m;
+                # In memory: nginx's workers may not write to the test's directory.
+                client_body_buffer_size 16m;
+                location /classifier/ {{
+                    proxy_pass {web.url};
+                }}
+            }}
+        }}
+        """
+    )
+    process = subprocess.Popen(
+        [nginx, "-p", str(prefix), "-c", str(conf)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    process.log = (prefix / "error.log").open("a+")  # type: ignore[attr-defined]
+    url = f"http://127.0.0.1:{port}/classifier/"
+    try:
+        wait_for_http(url + "healthz", process)
+        yield Server(url, process)
+    finally:
+        stop(process)
+
+
+def api(server: Server, path: Path) -> dict:
+    """What the API itself answers for this file: the page must show the same."""
+    with path.open("rb") as f:
+        return requests.post(server.url + "predict", files={"image": f}, timeout=30).json()
+
+
+def assert_shows(page: Page, predictions: list[dict]) -> None:
+    """Five bars with labels and percentages, as the API answered."""
+    expect(page.locator(".prediction")).to_have_count(5)
+    shown = page.locator(".prediction").evaluate_all(SHOWN)
+    assert [s["raw"] for s in shown] == [p["label"] for p in predictions]
+    for row, prediction in zip(shown, predictions, strict=True):
+        probability = prediction["probability"]
+        assert row["label"] == prediction["label"].replace("_", " ")
+        assert row["percent"].endswith("%")
+        if row["percent"] == "<0.1%":
+            assert probability < 0.001
+        else:
+            assert float(row["percent"][:-1]) == pytest.approx(probability * 100, abs=0.05)
+        assert float(row["width"][:-1]) == pytest.approx(probability * 100, abs=1e-3)
+
+
+def screenshot(page: Page, name: str) -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / name
+    page.screenshot(path=str(path))
+    return path
+
+
+def test_keyboard_pick_drop_and_an_api_error(
+    watched: Watched, web: Server, worker: WorkerThread
+) -> None:
+    page = watched.page
+    # Playwright turns file-chooser interception on asynchronously when the
+    # first listener arrives; one from the start beats the key press to it.
+    page.on("filechooser", lambda chooser: None)
+    page.goto(web.url)
+    expect(page).to_have_title("Image classifier · keras-server")
+
+    # Keyboard only: Tab reaches the hidden file input, its focus shows on
+    # the drop zone, and Enter opens the file chooser.
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "image"
+    outline = page.locator("#dropzone").evaluate("zone => getComputedStyle(zone).outlineStyle")
+    assert outline != "none"
+    with page.expect_file_chooser() as chooser:
+        page.keyboard.press("Enter")
+    chooser.value.set_files(CHELSEA)
+    assert_shows(page, api(web, CHELSEA)["predictions"])
+    preview = page.locator("#preview")
+    expect(preview).to_have_attribute("alt", "Preview of chelsea.png")
+    assert preview.evaluate("img => img.naturalWidth") == Image.open(CHELSEA).width
+    screenshot(page, "upload-page-results-keyboard.png")
+
+    # Dropped on the drop zone.
+    png = base64.b64encode(COFFEE.read_bytes()).decode()
+    page.evaluate(DROP, [png, COFFEE.name, "image/png"])
+    expected = api(web, COFFEE)["predictions"]
+    expect(page.locator(".prediction").first).to_have_attribute("data-label", expected[0]["label"])
+    assert_shows(page, expected)
+    expect(preview).to_have_attribute("alt", "Preview of coffee.png")
+
+    # Picked, but not an image: the API's own words are shown, nothing else.
+    page.locator("#image").set_input_files(NOT_AN_IMAGE)
+    answer = api(web, NOT_AN_IMAGE)
+    assert answer["success"] is False
+    expect(page.locator("#error")).to_contain_text(answer["error"])
+    expect(page.locator("#error")).to_contain_text("HTTP 400")
+    expect(page.locator(".prediction")).to_have_count(0)
+    expect(page.locator("#preview-figure")).to_be_hidden()
+    screenshot(page, "upload-page-error.png")
+
+    assert watched.unexpected_errors() == []
+    origin = web.url
+    assert all(u.startswith((origin, "blob:" + origin)) for u in watched.urls), watched.urls
+
+
+def test_a_server_that_went_away(watched: Watched, web: Server) -> None:
+    page = watched.page
+    page.goto(web.url)
+    stop(web.process)
+    page.locator("#image").set_input_files(CHELSEA)
+    expect(page.locator("#error")).to_contain_text("Could not reach the server")
+    expect(page.locator(".prediction")).to_have_count(0)
+    screenshot(page, "upload-page-unreachable.png")
+
+
+def test_through_nginx_under_a_sub_path(
+    watched: Watched, web: Server, worker: WorkerThread, proxy: Server
+) -> None:
+    page = watched.page
+    page.goto(proxy.url.rstrip("/"))  # nginx redirects to the trailing slash
+    assert page.url == proxy.url
+
+    page.locator("#image").set_input_files(CHELSEA)
+    assert_shows(page, api(proxy, CHELSEA)["predictions"])
+    screenshot(page, "upload-page-results.png")  # the one in README (docs/screenshot.png)
+    link = page.locator("a[href='openapi.json']").evaluate("a => a.href")
+    assert link == proxy.url + "openapi.json"
+    assert requests.get(link, timeout=5).json()["openapi"].startswith("3.")
+
+    # The web server goes; nginx answers with its own HTML page, which the
+    # page reports as such.
+    stop(web.process)
+    page.locator("#image").set_input_files(COFFEE)
+    expect(page.locator("#error")).to_contain_text("The server answered 502 Bad Gateway")
+    screenshot(page, "upload-page-behind-nginx-502.png")
+
+    # Every request stayed under the mount point: the page's URLs are relative.
+    origin = proxy.url.removesuffix("classifier/")
+    first, *rest = watched.urls
+    assert first == proxy.url.rstrip("/")
+    assert all(u.startswith((proxy.url, "blob:" + origin)) for u in rest), rest

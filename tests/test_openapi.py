@@ -1,0 +1,236 @@
+"""The OpenAPI description served at /openapi.json is valid, and true: real
+requests and responses of the real app (real Redis, a worker thread with the
+simulated model) are validated against it, the success and every error."""
+
+import dataclasses
+import io
+import json
+import re
+
+import pytest
+from conftest import IMAGES, ROOT, CountingPredictor, WorkerThread, make_worker, wait_until
+from flask.testing import FlaskClient
+from openapi_core import OpenAPI
+from openapi_core.contrib.werkzeug import WerkzeugOpenAPIRequest, WerkzeugOpenAPIResponse
+from openapi_core.validation.request.exceptions import RequestValidationError
+from openapi_core.validation.response.exceptions import ResponseValidationError
+from openapi_schema_validator import OAS31Validator
+from openapi_spec_validator import validate as validate_spec
+from test_images import _png_header_only
+from werkzeug.datastructures import FileStorage
+from werkzeug.test import EnvironBuilder, TestResponse, encode_multipart
+
+from keras_server.settings import Settings
+from keras_server.simulated import SimulatedModel
+from keras_server.ui import openapi_document
+from keras_server.web import create_app
+
+SPEC = json.loads(openapi_document())
+CHELSEA = (IMAGES / "chelsea.png").read_bytes()
+DOWN = "redis://127.0.0.1:1/0"  # nothing listens on port 1
+
+
+@pytest.fixture(scope="module")
+def openapi() -> OpenAPI:
+    # Our server URL is "." (relative to the document, so it holds behind a
+    # proxy's sub-path); openapi-core matches servers literally, and the test
+    # client serves the document at http://localhost/.
+    return OpenAPI.from_dict({**SPEC, "servers": [{"url": "http://localhost/"}]})
+
+
+@pytest.fixture
+def client(settings: Settings) -> FlaskClient:
+    return create_app(settings).test_client()
+
+
+@dataclasses.dataclass
+class Call:
+    request: WerkzeugOpenAPIRequest
+    response: TestResponse
+
+
+def call(
+    client: FlaskClient,
+    method: str,
+    path: str,
+    body: bytes = b"",
+    content_type: str | None = None,
+) -> Call:
+    def build() -> EnvironBuilder:
+        return EnvironBuilder(path=path, method=method, data=body, content_type=content_type)
+
+    response = client.open(build())
+    # The app consumed the first request's body; the validator reads a twin.
+    return Call(WerkzeugOpenAPIRequest(build().get_request()), response)
+
+
+def upload(client: FlaskClient, data: bytes, field: str = "image") -> Call:
+    part = FileStorage(io.BytesIO(data), "upload.png", content_type="image/png")
+    boundary, body = encode_multipart({field: part})
+    return call(client, "POST", "/predict", body, f"multipart/form-data; boundary={boundary}")
+
+
+def conforms(openapi: OpenAPI, done: Call, status: int, request_valid: bool = True) -> object:
+    """Assert the status, then that the request and the response are what the
+    description says; return the body."""
+    assert done.response.status_code == status, done.response.get_data(as_text=True)
+    if request_valid:
+        openapi.validate_request(done.request)
+    else:
+        with pytest.raises(RequestValidationError):
+            openapi.validate_request(done.request)
+    openapi.validate_response(done.request, WerkzeugOpenAPIResponse(done.response))
+    return done.response.get_json() if done.response.is_json else done.response.get_data()
+
+
+class SeenAsPost(WerkzeugOpenAPIRequest):
+    """A 405 answers a method the path does not take, so no operation matches
+    it; the description documents it under the path's one operation, POST."""
+
+    @property
+    def method(self) -> str:
+        return "post"
+
+
+def test_the_description_is_valid_openapi() -> None:
+    validate_spec(SPEC)
+    assert SPEC["openapi"].startswith("3.")
+
+
+def test_its_version_is_the_package_version() -> None:
+    # A regex, not tomllib: Python 3.10 is supported.
+    version = re.search(r'^version = "(.+)"$', (ROOT / "pyproject.toml").read_text(), re.M)
+    assert version
+    assert SPEC["info"]["version"] == version.group(1)
+
+
+def test_every_route_is_documented_and_nothing_else(settings: Settings) -> None:
+    app = create_app(settings)
+    served = {
+        (rule.rule, method.lower())
+        for rule in app.url_map.iter_rules()
+        # Assets are files for the page, not API.
+        if not rule.endpoint.endswith("static")
+        for method in rule.methods - {"HEAD", "OPTIONS"}
+    }
+    documented = {(path, method) for path, item in SPEC["paths"].items() for method in item}
+    assert served == documented
+
+
+def test_served_description_is_the_package_file(openapi: OpenAPI, client: FlaskClient) -> None:
+    assert conforms(openapi, call(client, "GET", "/openapi.json"), 200) == SPEC
+
+
+def test_a_prediction(openapi: OpenAPI, client: FlaskClient, settings: Settings) -> None:
+    with WorkerThread(make_worker(settings, SimulatedModel(0, 0))):
+        body = conforms(openapi, upload(client, CHELSEA), 200)
+    probabilities = [p["probability"] for p in body["predictions"]]
+    assert probabilities == sorted(probabilities, reverse=True), "most likely first"
+
+
+def test_400_missing_field(openapi: OpenAPI, client: FlaskClient) -> None:
+    body = conforms(openapi, upload(client, CHELSEA, field="file"), 400, request_valid=False)
+    assert "no file in the 'image' field" in body["error"]
+
+
+def test_400_empty_file(openapi: OpenAPI, client: FlaskClient) -> None:
+    assert "empty" in conforms(openapi, upload(client, b""), 400)["error"]
+
+
+def test_400_not_an_image(openapi: OpenAPI, client: FlaskClient) -> None:
+    body = conforms(openapi, upload(client, (ROOT / "pyproject.toml").read_bytes()), 400)
+    assert "not an image" in body["error"]
+
+
+def test_405(openapi: OpenAPI, client: FlaskClient) -> None:
+    done = call(client, "GET", "/predict")
+    assert done.response.status_code == 405
+    request = SeenAsPost(done.request.request)
+    openapi.validate_response(request, WerkzeugOpenAPIResponse(done.response))
+    assert "GET is not allowed" in done.response.get_json()["error"]
+
+
+def test_413_body_too_large(openapi: OpenAPI, settings: Settings) -> None:
+    client = create_app(dataclasses.replace(settings, max_upload_mb=0.05)).test_client()
+    assert "larger than" in conforms(openapi, upload(client, CHELSEA), 413)["error"]
+
+
+def test_413_too_many_pixels(openapi: OpenAPI, client: FlaskClient) -> None:
+    body = conforms(openapi, upload(client, _png_header_only(60_000, 60_000)), 413)
+    assert "too many pixels" in body["error"]
+
+
+def test_500_model_failure(openapi: OpenAPI, client: FlaskClient, settings: Settings) -> None:
+    failing = CountingPredictor(SimulatedModel(0, 0), fail=True)
+    with WorkerThread(make_worker(settings, failing)):
+        assert "model failed" in conforms(openapi, upload(client, CHELSEA), 500)["error"]
+
+
+def test_503_redis_unreachable(openapi: OpenAPI, settings: Settings) -> None:
+    client = create_app(dataclasses.replace(settings, redis_url=DOWN)).test_client()
+    done = upload(client, CHELSEA)
+    assert "Redis" in conforms(openapi, done, 503)["error"]
+    assert done.response.headers["Retry-After"] == "1"
+
+
+def test_504_no_worker(openapi: OpenAPI, settings: Settings) -> None:
+    client = create_app(dataclasses.replace(settings, result_timeout=0.5)).test_client()
+    assert "no prediction within" in conforms(openapi, upload(client, CHELSEA), 504)["error"]
+
+
+def test_unknown_path_answers_the_error_shape(client: FlaskClient) -> None:
+    # No path to validate against: the description promises the Error body.
+    response = client.get("/nowhere")
+    assert response.status_code == 404
+    OAS31Validator(SPEC["components"]["schemas"]["Error"]).validate(response.get_json())
+
+
+def test_healthz(openapi: OpenAPI, settings: Settings) -> None:
+    client = create_app(dataclasses.replace(settings, redis_url=DOWN)).test_client()
+    assert conforms(openapi, call(client, "GET", "/healthz"), 200) == {"status": "ok"}
+
+
+def test_readyz_both_ways(openapi: OpenAPI, client: FlaskClient, settings: Settings) -> None:
+    assert conforms(openapi, call(client, "GET", "/readyz"), 503)["ready"] is False
+    with WorkerThread(make_worker(settings, SimulatedModel(0, 0), description="sim")):
+        wait_until(lambda: client.get("/readyz").status_code == 200, what="a ready worker")
+        body = conforms(openapi, call(client, "GET", "/readyz"), 200)
+    assert body == {"ready": True, "workers": 1, "models": ["sim"]}
+
+
+def test_readyz_without_redis(openapi: OpenAPI, settings: Settings) -> None:
+    client = create_app(dataclasses.replace(settings, redis_url=DOWN)).test_client()
+    assert "unreachable" in conforms(openapi, call(client, "GET", "/readyz"), 503)["reason"]
+
+
+def test_readyz_with_a_shard_down(openapi: OpenAPI, settings: Settings) -> None:
+    two = dataclasses.replace(settings, redis_url=f"{settings.redis_url},{DOWN}")
+    client = create_app(two).test_client()
+    with WorkerThread(make_worker(settings, SimulatedModel(0, 0))):
+        wait_until(lambda: client.get("/readyz").status_code == 200, what="a ready worker")
+        body = conforms(openapi, call(client, "GET", "/readyz"), 200)
+    assert len(body["unreachable"]) == 1
+
+
+def test_metrics(openapi: OpenAPI, client: FlaskClient) -> None:
+    done = call(client, "GET", "/metrics")
+    assert b"keras_server_http_requests_total" in conforms(openapi, done, 200)
+    assert done.response.mimetype == "text/plain"
+
+
+def test_page(openapi: OpenAPI, client: FlaskClient) -> None:
+    assert b"<form" in conforms(openapi, call(client, "GET", "/"), 200)
+
+
+def test_the_checks_have_teeth(openapi: OpenAPI, settings: Settings) -> None:
+    """Real responses that break the description are caught."""
+    client = create_app(dataclasses.replace(settings, redis_url=DOWN)).test_client()
+    refused = upload(client, CHELSEA)
+    del refused.response.headers["Retry-After"]
+    with pytest.raises(ResponseValidationError):
+        openapi.validate_response(refused.request, WerkzeugOpenAPIResponse(refused.response))
+
+    not_ready = call(client, "GET", "/readyz")
+    not_ready.response.status_code = 200  # a 503 body, claimed as ready
+    with pytest.raises(ResponseValidationError):
+        openapi.validate_response(not_ready.request, WerkzeugOpenAPIResponse(not_ready.response))
