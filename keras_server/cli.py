@@ -23,6 +23,7 @@ from pathlib import Path
 from types import FrameType
 
 from . import protocol
+from .catalog import SIM, CatalogError, ModelSpec, find
 from .logs import configure_logging
 from .metrics import MULTIPROCESS_DIR_ENV
 from .queue import RequestQueue, connect
@@ -48,7 +49,8 @@ GUNICORN_CONFIG = Path(__file__).with_name("gunicorn_conf.py")
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings(argv)
-    except SettingsError as exc:
+        settings.model_specs()  # a bad models file or spec stops us here
+    except (SettingsError, CatalogError) as exc:
         print(f"run_keras_server.py: error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
@@ -59,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_worker(settings)
         else:
             run_all(settings)
-    except (RedisUnavailable, ModelLoadError) as exc:
+    except (RedisUnavailable, ModelLoadError, CatalogError) as exc:
         log.error("%s", exc)
         return 1
     except KeyboardInterrupt:
@@ -67,46 +69,79 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def loader(settings: Settings) -> Callable[[], Predictor]:
-    """How to build the model: Keras is imported only for a real model, so the
+def served_specs(settings: Settings) -> tuple[list[ModelSpec], str]:
+    """The models this process loads (`--serve`), and the deployment's default."""
+    specs, default = settings.model_specs()
+    if settings.serve == "all":
+        return specs, default
+    chosen = []
+    for name in (n.strip() for n in settings.serve.split(",")):
+        spec = find(specs, name)
+        if spec is None:
+            known = ", ".join(s.name for s in specs)
+            raise CatalogError(f"--serve {name}: no such model (known: {known})")
+        chosen.append(spec)
+    return chosen, default
+
+
+def loader(settings: Settings, spec: ModelSpec) -> Callable[[], Predictor]:
+    """How to build a model: Keras is imported only for a real model, so the
     web role and `--model sim` never load TensorFlow."""
-    if settings.model == "sim":
+    if spec.source == SIM:
         from .simulated import SimulatedModel
 
         return lambda: SimulatedModel(settings.sim_batch_ms, settings.sim_image_ms)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from .model import load_classifier
 
-    return lambda: load_classifier(settings.weights)
+    return lambda: load_classifier(spec)
 
 
-def make_workers(settings: Settings, predictor: Predictor) -> list[Worker]:
-    """One claim loop per Redis shard, all sharing the one model, taking turns."""
+def make_workers(
+    settings: Settings, predictor: Predictor, model: str | None = None
+) -> list[Worker]:
+    """The claim loops of one model (default: the default model): one per Redis
+    shard, all sharing the model, taking turns."""
+    _, default = settings.model_specs()
+    name = model or default
+    keys = protocol.Keys.for_model(settings.queue_name, name, default)
     turn = FairLock() if len(settings.redis_urls) > 1 else None
     block = CLAIM_WAIT_S + settings.max_batch_delay_ms / 1000
-    return [
-        Worker(
-            RequestQueue(connect(url, block_seconds=block), protocol.Keys(settings.queue_name)),
+    workers = []
+    for url in settings.redis_urls:
+        worker = Worker(
+            RequestQueue(connect(url, block_seconds=block), keys),
             predictor,
             settings.batch_size,
             result_ttl=settings.result_timeout,
             heartbeat_ttl=settings.heartbeat_ttl,
             batch_delay=settings.max_batch_delay_ms / 1000,
             description=getattr(predictor, "description", ""),
+            name=name,
             turn=turn,
         )
-        for url in settings.redis_urls
-    ]
+        log.info("worker %s: model %r, queue %r at %s", worker.id, name, keys.queue, label(url))
+        workers.append(worker)
+    return workers
+
+
+def build_workers(settings: Settings) -> list[Worker]:
+    """Load and warm up every model this process serves; their claim loops."""
+    specs, _ = served_specs(settings)
+    workers = []
+    for spec in specs:
+        predictor = load_and_warm_up(loader(settings, spec), settings.batch_size)
+        workers += make_workers(settings, predictor, spec.name)
+    return workers
 
 
 def run_worker(settings: Settings) -> None:
-    predictor = load_and_warm_up(loader(settings), settings.batch_size)
+    workers = build_workers(settings)
     if settings.metrics_port:
         from prometheus_client import start_http_server
 
         start_http_server(settings.metrics_port, addr=settings.host)
         log.info("metrics on http://%s:%d/metrics", settings.host, settings.metrics_port)
-    workers = make_workers(settings, predictor)
     stop = threading.Event()
 
     def on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -115,8 +150,6 @@ def run_worker(settings: Settings) -> None:
 
     signal.signal(signal.SIGTERM, on_sigterm)
     signal.signal(signal.SIGINT, on_sigterm)  # Ctrl-C: as clean as SIGTERM
-    for worker, url in zip(workers, settings.redis_urls, strict=True):
-        log.info("worker %s serving queue %r at %s", worker.id, settings.queue_name, label(url))
     serve(workers, stop)
 
 
@@ -132,11 +165,7 @@ def run_all(settings: Settings) -> None:
         settings, private_redis = ensure_redis(settings)
         if private_redis:
             cleanup.callback(private_redis.close)
-        thread = ModelThread(
-            load=loader(settings),
-            make_workers=lambda predictor: make_workers(settings, predictor),
-            batch_size=settings.batch_size,
-        )
+        thread = ModelThread(prepare=lambda: build_workers(settings))
         thread.start()
         thread.wait_until_ready()
         try:

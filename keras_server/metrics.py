@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import redis
 from prometheus_client import (
@@ -28,7 +29,8 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from .shards import ShardSet
+if TYPE_CHECKING:
+    from .routing import Deployment
 
 # prometheus-client's own switch (read by the library at import); we only
 # follow it to pick the matching registry.
@@ -57,47 +59,55 @@ INFERENCE_SECONDS = Histogram(
 )
 FAILED_BATCHES = Counter("keras_server_failed_batches", "Forward passes that raised")
 QUEUED = Counter(
-    "keras_server_queued_requests", "Requests this web tier queued, by shard", ["shard"]
+    "keras_server_queued_requests",
+    "Requests this web tier queued, by model and shard",
+    ["model", "shard"],
 )
 
 
 class RedisCollector(Collector):
-    """Queue depth and worker heartbeats of every shard, read at scrape time."""
+    """Queue depth and worker heartbeats of every model on every shard, read
+    from Redis at scrape time."""
 
-    def __init__(self, shards: ShardSet) -> None:
-        self.shards = shards
+    def __init__(self, deployment: Deployment) -> None:
+        self.deployment = deployment
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         up = GaugeMetricFamily("keras_server_redis_up", "1 if the shard answered", labels=["shard"])
+        labels = ["model", "shard"]
         depth = GaugeMetricFamily(
-            "keras_server_queue_depth", "Requests waiting in the queue", labels=["shard"]
+            "keras_server_queue_depth", "Requests waiting in the queue", labels=labels
         )
         live = GaugeMetricFamily(
-            "keras_server_workers_live", "Workers with a current heartbeat", labels=["shard"]
+            "keras_server_workers_live", "Workers with a current heartbeat", labels=labels
         )
         age = GaugeMetricFamily(
             "keras_server_worker_heartbeat_age_seconds",
             "Seconds since each live worker's last heartbeat",
-            labels=["shard", "worker"],
+            labels=[*labels, "worker"],
         )
         now = time.time()
-        for queue in self.shards.queues:
-            name = self.shards.name(queue)
-            try:
-                waiting, workers = queue.depth(), queue.workers()
-            except redis.RedisError:
-                up.add_metric([name], 0)
-                continue
-            up.add_metric([name], 1)
-            depth.add_metric([name], waiting)
-            beating = {wid: info for wid, info in workers.items() if info is not None}
-            live.add_metric([name], len(beating))
-            for worker_id, info in beating.items():
-                age.add_metric([name, worker_id], max(0.0, now - info.at))
+        reachable: dict[str, int] = {}
+        for model in self.deployment.models.values():
+            for queue in model.shards.queues:
+                shard = model.shards.name(queue)
+                try:
+                    waiting, workers = queue.depth(), queue.workers()
+                except redis.RedisError:
+                    reachable.setdefault(shard, 0)
+                    continue
+                reachable[shard] = 1
+                depth.add_metric([model.name, shard], waiting)
+                beating = {wid: info for wid, info in workers.items() if info is not None}
+                live.add_metric([model.name, shard], len(beating))
+                for worker_id, info in beating.items():
+                    age.add_metric([model.name, shard, worker_id], max(0.0, now - info.at))
+        for shard, answered in reachable.items():
+            up.add_metric([shard], answered)
         yield from (up, depth, live, age)
 
 
-def exposition(shards: ShardSet) -> tuple[bytes, str]:
+def exposition(deployment: Deployment) -> tuple[bytes, str]:
     """The /metrics body and its content type."""
     if os.environ.get(MULTIPROCESS_DIR_ENV):
         registry = CollectorRegistry()
@@ -105,5 +115,5 @@ def exposition(shards: ShardSet) -> tuple[bytes, str]:
     else:
         registry = REGISTRY
     live = CollectorRegistry()
-    live.register(RedisCollector(shards))
+    live.register(RedisCollector(deployment))
     return generate_latest(registry) + generate_latest(live), CONTENT_TYPE_LATEST

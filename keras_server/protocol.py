@@ -27,8 +27,6 @@ import numpy as np
 # Only these may cross the wire: a message can never make the worker build an
 # object dtype or an array of absurd size.
 ALLOWED_DTYPES = frozenset({"uint8", "float32"})
-# (width, height) the web tier resizes every upload to: ResNet50's input.
-INPUT_SIZE = (224, 224)
 MAX_ELEMENTS = 4096 * 4096 * 4
 
 
@@ -41,6 +39,12 @@ class Keys:
     """Every Redis key name the service uses is built here and only here."""
 
     queue_name: str
+
+    @classmethod
+    def for_model(cls, queue_name: str, model: str, default: str) -> Keys:
+        """Each model has its own queue. The default model keeps the plain
+        --queue-name, so a one-model deployment's keys never change."""
+        return cls(queue_name if model == default else f"{queue_name}:{model}")
 
     @property
     def queue(self) -> str:
@@ -127,11 +131,14 @@ def request_id_of(raw: bytes | str) -> str | None:
 class WorkerInfo:
     """What a worker's heartbeat says about it (JSON in its heartbeat key)."""
 
-    model: str
+    model: str  # a description, e.g. "ResNet50, ImageNet weights"
     batch_size: int
     host: str
     pid: int
     at: float  # Unix time of this beat
+    name: str = ""  # the model's name in the deployment
+    input_size: tuple[int, int] | None = None  # (width, height) the web tier resizes to
+    labels: int = 0  # how many classes
 
     def encode(self) -> bytes:
         return json.dumps(self.__dict__).encode()
@@ -139,8 +146,11 @@ class WorkerInfo:
     @classmethod
     def decode(cls, raw: bytes | str) -> WorkerInfo:
         try:
-            return cls(**json.loads(raw))
-        except (ValueError, TypeError) as exc:
+            fields = json.loads(raw)
+            if fields.get("input_size") is not None:
+                fields["input_size"] = tuple(int(n) for n in fields["input_size"])
+            return cls(**fields)
+        except (ValueError, TypeError, AttributeError) as exc:
             raise BadMessage(f"malformed heartbeat: {exc!r}") from None
 
 

@@ -9,13 +9,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+from .catalog import BUILTINS, PREPROCESSING, SIM, ModelSpec, load_models_file
 
 ENV_PREFIX = "KERAS_SERVER_"
 ROLES = ("all", "web", "worker")
-MODELS = ("resnet50", "sim")
 MAX_BATCH_SIZE = 1024
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -30,6 +33,11 @@ class Settings:
     redis_url_given: bool = False
     model: str = "resnet50"
     weights: str = "imagenet"
+    labels: str = ""
+    preprocessing: str = ""
+    top_k: int = 5
+    models_file: str = ""
+    serve: str = "all"
     batch_size: int = 32
     max_batch_delay_ms: float = 0.0
     queue_name: str = "image_queue"
@@ -45,6 +53,26 @@ class Settings:
     sim_batch_ms: float = 50.0
     sim_image_ms: float = 5.0
     log_level: str = "INFO"
+
+    def model_specs(self) -> tuple[list[ModelSpec], str]:
+        """The models this deployment serves, and the default one's name.
+
+        Raises catalog.CatalogError when the models file or a spec is unusable.
+        """
+        if self.models_file:
+            return load_models_file(self.models_file)
+        source = self.model
+        name = Path(source).stem.lower() if source.endswith(".keras") else source
+        name = re.sub(r"[^a-z0-9_-]+", "-", name).strip("-_") or "model"
+        spec = ModelSpec(
+            name=name,
+            source=source,
+            weights=self.weights,
+            labels=self.labels or None,
+            preprocessing=self.preprocessing or None,
+            top_k=self.top_k,
+        )
+        return [spec.validate()], name
 
     @property
     def redis_urls(self) -> tuple[str, ...]:
@@ -125,6 +153,24 @@ def _choice(options: Sequence[str], upper: bool = False) -> Callable[[str], str]
     return parse
 
 
+def _text(text: str) -> str:
+    return text.strip()
+
+
+def _top_k(text: str) -> int:
+    value = _positive_int(text)
+    if value > 1000:
+        raise ValueError("must be at most 1000")
+    return value
+
+
+def _model_source(text: str) -> str:
+    value = text.strip()
+    if value in BUILTINS or value == SIM or value.endswith(".keras"):
+        return value
+    raise ValueError(f"must be sim, a .keras file or one of {', '.join(sorted(BUILTINS))}")
+
+
 def _non_empty(text: str) -> str:
     if not text.strip():
         raise ValueError("must not be empty")
@@ -161,8 +207,9 @@ KNOBS: tuple[Knob, ...] = (
     ),
     Knob(
         "model",
-        _choice(MODELS),
-        "resnet50 (Keras), or sim: a simulated model that only sleeps, for load tests",
+        _model_source,
+        "a keras.applications model (resnet50, mobilenet_v2, efficientnet_b0, ...), a "
+        ".keras file, or sim: a simulated model that only sleeps, for load tests",
         "MODEL",
     ),
     Knob(
@@ -171,6 +218,34 @@ KNOBS: tuple[Knob, ...] = (
         "'imagenet' (downloaded by Keras), 'none' (random: demos and tests "
         "only), or a path to a .weights.h5 or .keras file",
         "WEIGHTS",
+    ),
+    Knob(
+        "labels",
+        _text,
+        "class names for a .keras --model: one per line, or JSON (default: ImageNet's)",
+        "FILE",
+    ),
+    Knob(
+        "preprocessing",
+        _choice(("", *PREPROCESSING)),
+        "caffe, tf, torch (Keras's preprocess_input modes), scale (to 0..1) or none; "
+        "default: a built-in model's own, none for a .keras file",
+        "MODE",
+    ),
+    Knob("top_k", _top_k, "classes in each answer", "K"),
+    Knob(
+        "models_file",
+        _text,
+        "a TOML file of several models to serve side by side (replaces --model, "
+        "--weights, --labels, --preprocessing, --top-k)",
+        "FILE",
+    ),
+    Knob(
+        "serve",
+        _non_empty,
+        "--role worker/all: the models of --models-file this process loads, comma-"
+        "separated, or all",
+        "NAMES",
     ),
     Knob("batch_size", _batch_size, "most images in one forward pass", "N"),
     Knob(

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .catalog import SIM_SIZE
 from .labels import imagenet_labels
-from .protocol import INPUT_SIZE
 
 
 class SimulatedModel:
@@ -30,7 +30,7 @@ class SimulatedModel:
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
-        return (INPUT_SIZE[1], INPUT_SIZE[0], 3)
+        return (SIM_SIZE, SIM_SIZE, 3)
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         time.sleep(self.batch_s + len(images) * self.image_s)

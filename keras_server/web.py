@@ -19,8 +19,8 @@ from werkzeug.exceptions import HTTPException
 from . import logs, metrics, protocol
 from .images import ImageError, load_image
 from .queue import QueueFull
+from .routing import Deployment, ServedModel
 from .settings import Settings, load_settings
-from .shards import ShardSet
 from .ui import blueprint as ui_blueprint
 
 log = logging.getLogger(__name__)
@@ -63,19 +63,19 @@ def wsgi_app() -> Flask:
     return create_app(settings)
 
 
-def create_app(settings: Settings, shards: ShardSet | None = None) -> Flask:
-    """The WSGI app. `shards` defaults to the queues at `settings.redis_url`."""
+def create_app(settings: Settings, deployment: Deployment | None = None) -> Flask:
+    """The WSGI app. `deployment` defaults to the models and Redis shards that
+    `settings` name."""
     app = Flask(__name__)
     app.request_class = InMemoryRequest
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes
     app.json.sort_keys = False  # keep {"success", "predictions"} in the seed's order
-    if shards is None:
-        keys = protocol.Keys(settings.queue_name)
-        shards = ShardSet.connect(settings.redis_urls, keys, settings.result_timeout)
-    app.extensions["shards"] = shards
+    if deployment is None:
+        deployment = Deployment.from_settings(settings)
+    app.extensions["deployment"] = deployment
     _add_request_log(app)
-    _add_predict(app, settings, shards)
-    _add_operations(app, settings, shards)
+    _add_predict(app, settings, deployment)
+    _add_operations(app, settings, deployment)
     _add_error_handlers(app, settings)
     app.register_blueprint(ui_blueprint)
     return app
@@ -105,9 +105,38 @@ def _add_request_log(app: Flask) -> None:
         return response
 
 
-def _add_predict(app: Flask, settings: Settings, shards: ShardSet) -> None:
+def _add_predict(app: Flask, settings: Settings, deployment: Deployment) -> None:
     @app.post("/predict")
     def predict() -> Response | tuple[Any, int]:
+        """The default model."""
+        return classify(deployment.models[deployment.default])
+
+    @app.post("/models/<name>/predict")
+    def predict_with(name: str) -> Response | tuple[Any, int]:
+        model = deployment.get(name)
+        if model is None:
+            return error(404, f"no model named {name!r}; GET /models lists them")
+        return classify(model)
+
+    @app.get("/models")
+    def list_models() -> Response:
+        described = []
+        for model in deployment.models.values():
+            workers = model.live_workers()
+            size = model.input_size()
+            described.append(
+                {
+                    "name": model.name,
+                    "default": model.name == deployment.default,
+                    "input_size": list(size) if size else None,
+                    "labels": max((w.labels for w in workers), default=0) or None,
+                    "live_workers": len(workers),
+                    "description": workers[0].model if workers else None,
+                }
+            )
+        return jsonify(default=deployment.default, models=described)
+
+    def classify(model: ServedModel) -> Response | tuple[Any, int]:
         upload = request.files.get("image")
         if upload is None:
             return error(
@@ -116,16 +145,20 @@ def _add_predict(app: Flask, settings: Settings, shards: ShardSet) -> None:
         data = upload.read()
         if not data:
             return error(400, "the uploaded image file is empty")
+        size = model.input_size()
+        if size is None:
+            return unavailable(f"model {model.name!r} has no live worker yet; retry shortly")
         try:
-            image = load_image(data, protocol.INPUT_SIZE, settings.max_image_pixels)
+            image = load_image(data, size, settings.max_image_pixels)
         except ImageError as exc:
             return error(exc.status, str(exc))
 
         job = protocol.ImageRequest.create(image, settings.result_timeout)
         logs.request_id.set(job.id)
+        shards = model.shards
         try:
             queue = shards.push(protocol.encode_request(job), max_depth=settings.max_queue)
-            metrics.QUEUED.labels(shards.name(queue)).inc()
+            metrics.QUEUED.labels(model.name, shards.name(queue)).inc()
             # The answer comes back on the shard that took the request.
             raw = queue.wait_result(job.id, timeout=job.deadline - time.time())
         except QueueFull:
@@ -150,7 +183,7 @@ def _add_predict(app: Flask, settings: Settings, shards: ShardSet) -> None:
         return jsonify(result), 200 if result["success"] else 500
 
 
-def _add_operations(app: Flask, settings: Settings, shards: ShardSet) -> None:
+def _add_operations(app: Flask, settings: Settings, deployment: Deployment) -> None:
     @app.get("/healthz")
     def healthz() -> Response:
         """Liveness: the process answers. Nothing else is checked."""
@@ -158,33 +191,40 @@ def _add_operations(app: Flask, settings: Settings, shards: ShardSet) -> None:
 
     @app.get("/readyz")
     def readyz() -> Response | tuple[Response, int]:
-        """Ready when a worker with a loaded model beats on every reachable shard.
+        """Ready when, for every model, a worker beats on every reachable shard.
 
         A shard that is down does not make the server unready while another
         serves (/predict skips it too), but it is reported.
         """
-        down, idle, models, live = [], [], set(), 0
-        for queue in shards.queues:
-            name = shards.name(queue)
-            try:
-                workers = [info for info in queue.workers().values() if info is not None]
-            except redis.RedisError as exc:
-                down.append(f"Redis at {name} is unreachable: {exc}")
-                continue
-            if not workers:
-                idle.append(f"no live model worker on queue {settings.queue_name!r} at {name}")
-            live += len(workers)
-            models.update(w.model for w in workers)
-        if live == 0 or idle:
-            return jsonify(ready=False, reason="; ".join(down + idle)), 503
-        body: dict[str, Any] = {"ready": True, "workers": live, "models": sorted(models)}
+        down: set[str] = set()
+        missing, descriptions, live = [], set(), 0
+        for model in deployment.models.values():
+            serving, reachable = 0, 0
+            for queue in model.shards.queues:
+                where = model.shards.name(queue)
+                try:
+                    workers = [info for info in queue.workers().values() if info is not None]
+                except redis.RedisError as exc:
+                    down.add(f"Redis at {where} is unreachable: {exc}")
+                    continue
+                reachable += 1
+                if not workers:
+                    missing.append(f"no live worker for model {model.name!r} at {where}")
+                serving += len(workers)
+                descriptions.update(w.model for w in workers)
+            if not reachable:
+                missing.append(f"no reachable Redis shard for model {model.name!r}")
+            live += serving
+        if missing:
+            return jsonify(ready=False, reason="; ".join([*sorted(down), *missing])), 503
+        body: dict[str, Any] = {"ready": True, "workers": live, "models": sorted(descriptions)}
         if down:
-            body["unreachable"] = down
+            body["unreachable"] = sorted(down)
         return jsonify(body)
 
     @app.get("/metrics")
     def metrics_endpoint() -> Response:
-        body, content_type = metrics.exposition(shards)
+        body, content_type = metrics.exposition(deployment)
         return Response(body, content_type=content_type)
 
 

@@ -78,6 +78,7 @@ class Worker:
         heartbeat_ttl: float = 10.0,
         batch_delay: float = 0.0,
         description: str = "",
+        name: str = "",
         turn: contextlib.AbstractContextManager[object] | None = None,
     ) -> None:
         """`turn`, shared by workers that share one model (one per shard), is
@@ -90,16 +91,21 @@ class Worker:
         self.heartbeat_ttl = heartbeat_ttl
         self.batch_delay = batch_delay
         self.description = description or type(predictor).__name__
+        self.name = name
         self.turn = turn or contextlib.nullcontext()
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
     def info(self) -> protocol.WorkerInfo:
+        height, width, _ = self.predictor.input_shape
         return protocol.WorkerInfo(
             model=self.description,
             batch_size=self.batch_size,
             host=socket.gethostname(),
             pid=os.getpid(),
             at=time.time(),
+            name=self.name,
+            input_size=(width, height),
+            labels=len(self.predictor.labels),
         )
 
     def run(self, stop: threading.Event) -> None:
@@ -223,8 +229,9 @@ class Worker:
             ", ".join(ids),
         )
         labels = self.predictor.labels
+        k = getattr(self.predictor, "top_k", TOP_K)
         return {
-            r.id: protocol.success_result(top_k(p, labels))
+            r.id: protocol.success_result(top_k(p, labels, k))
             for r, p in zip(batch, probabilities, strict=True)
         }
 
@@ -267,22 +274,16 @@ def serve(workers: Sequence[Worker], stop: threading.Event) -> None:
 
 
 class ModelThread(threading.Thread):
-    """The `--role all` worker: loads the model, warms it up, then loops.
+    """The `--role all` worker: loads the models, warms them up, then serves.
 
-    `ready` is set once it serves, `failed` (with `error`) if loading failed,
-    so the caller can open the HTTP port only when requests can be answered.
+    `prepare` builds the workers (loading is the slow part). `ready` is set
+    once they serve, `failed` (with `error`) if loading failed, so the caller
+    can open the HTTP port only when requests can be answered.
     """
 
-    def __init__(
-        self,
-        load: Callable[[], Predictor],
-        make_workers: Callable[[Predictor], list[Worker]],
-        batch_size: int,
-    ) -> None:
+    def __init__(self, prepare: Callable[[], list[Worker]]) -> None:
         super().__init__(name="model-worker", daemon=True)
-        self._load = load
-        self._make_workers = make_workers
-        self._batch_size = batch_size
+        self._prepare = prepare
         self.stop = threading.Event()
         self.ready = threading.Event()
         self.failed = threading.Event()
@@ -290,16 +291,16 @@ class ModelThread(threading.Thread):
 
     def run(self) -> None:
         try:
-            predictor = load_and_warm_up(self._load, self._batch_size)
+            workers = self._prepare()
         except BaseException as exc:
             self.error = exc
             self.failed.set()
             return
         self.ready.set()
-        serve(self._make_workers(predictor), self.stop)
+        serve(workers, self.stop)
 
     def wait_until_ready(self) -> None:
-        """Block until the model serves; re-raise its loading error if it failed."""
+        """Block until the models serve; re-raise their loading error if it failed."""
         while not (self.ready.wait(0.2) or self.failed.is_set()):
             pass
         if self.error is not None:

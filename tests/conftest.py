@@ -181,9 +181,10 @@ def small_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def small_classifier(small_model_path: Path) -> object:
+    from keras_server.catalog import ModelSpec
     from keras_server.model import load_classifier
 
-    classifier = load_classifier(str(small_model_path))
+    classifier = load_classifier(ModelSpec(name="small", source=str(small_model_path)))
     classifier.warm_up(8)
     return classifier
 

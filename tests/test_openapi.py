@@ -64,10 +64,10 @@ def call(
     return Call(WerkzeugOpenAPIRequest(build().get_request()), response)
 
 
-def upload(client: FlaskClient, data: bytes, field: str = "image") -> Call:
+def upload(client: FlaskClient, data: bytes, field: str = "image", path: str = "/predict") -> Call:
     part = FileStorage(io.BytesIO(data), "upload.png", content_type="image/png")
     boundary, body = encode_multipart({field: part})
-    return call(client, "POST", "/predict", body, f"multipart/form-data; boundary={boundary}")
+    return call(client, "POST", path, body, f"multipart/form-data; boundary={boundary}")
 
 
 def conforms(openapi: OpenAPI, done: Call, status: int, request_valid: bool = True) -> object:
@@ -107,7 +107,7 @@ def test_its_version_is_the_package_version() -> None:
 def test_every_route_is_documented_and_nothing_else(settings: Settings) -> None:
     app = create_app(settings)
     served = {
-        (rule.rule, method.lower())
+        (re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule), method.lower())
         for rule in app.url_map.iter_rules()
         # Assets are files for the page, not API.
         if not rule.endpoint.endswith("static")
@@ -126,6 +126,30 @@ def test_a_prediction(openapi: OpenAPI, client: FlaskClient, settings: Settings)
         body = conforms(openapi, upload(client, CHELSEA), 200)
     probabilities = [p["probability"] for p in body["predictions"]]
     assert probabilities == sorted(probabilities, reverse=True), "most likely first"
+
+
+def test_models_list(openapi: OpenAPI, client: FlaskClient, settings: Settings) -> None:
+    with WorkerThread(make_worker(settings, SimulatedModel(0, 0))) as running:
+        wait_until(lambda: client.get("/models").get_json()["models"][0]["live_workers"])
+        body = conforms(openapi, call(client, "GET", "/models"), 200)
+    assert body["default"] == "resnet50"
+    (model,) = body["models"]
+    assert model["input_size"] == [224, 224]
+    assert model["labels"] == 1000
+    assert model["description"] == running.worker.description
+
+
+def test_a_prediction_by_model_name(
+    openapi: OpenAPI, client: FlaskClient, settings: Settings
+) -> None:
+    with WorkerThread(make_worker(settings, SimulatedModel(0, 0))):
+        done = upload(client, CHELSEA, path="/models/resnet50/predict")
+        assert len(conforms(openapi, done, 200)["predictions"]) == 5
+
+
+def test_404_unknown_model(openapi: OpenAPI, client: FlaskClient) -> None:
+    done = upload(client, CHELSEA, path="/models/alexnet/predict")
+    assert "no model named 'alexnet'" in conforms(openapi, done, 404)["error"]
 
 
 def test_400_missing_field(openapi: OpenAPI, client: FlaskClient) -> None:

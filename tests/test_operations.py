@@ -51,7 +51,7 @@ def test_readyz_needs_a_live_worker(settings: Settings, small_classifier: object
     where = label(settings.redis_url)
     assert response.get_json() == {
         "ready": False,
-        "reason": f"no live model worker on queue {settings.queue_name!r} at {where}",
+        "reason": f"no live worker for model 'resnet50' at {where}",
     }
     with WorkerThread(make_worker(settings, small_classifier, description="small model")):
         ready = wait_until(lambda: (r := client.get("/readyz")).status_code == 200 and r)
@@ -89,19 +89,20 @@ def test_metrics_count_requests_batches_queue_and_heartbeats(
     assert delta("keras_server_batch_size_count") >= 1
     assert delta("keras_server_inference_seconds_count") >= 1
     shard = label(settings.redis_url)
-    assert delta("keras_server_queued_requests_total", shard=shard) == 1
+    model = {"model": "resnet50", "shard": shard}
+    assert delta("keras_server_queued_requests_total", **model) == 1
     assert value(after, "keras_server_redis_up", shard=shard) == 1
-    assert value(after, "keras_server_workers_live", shard=shard) == 1
+    assert value(after, "keras_server_workers_live", **model) == 1
     age = value(
-        after, "keras_server_worker_heartbeat_age_seconds", shard=shard, worker=running.worker.id
+        after, "keras_server_worker_heartbeat_age_seconds", **model, worker=running.worker.id
     )
     assert 0 <= age < 10
 
     queue.push(b"waiting")
     queue.push(b"waiting")
     idle = client.get("/metrics").get_data(as_text=True)
-    assert value(idle, "keras_server_queue_depth", shard=shard) == 2
-    assert value(idle, "keras_server_workers_live", shard=shard) == 0
+    assert value(idle, "keras_server_queue_depth", **model) == 2
+    assert value(idle, "keras_server_workers_live", **model) == 0
 
 
 def test_metrics_while_redis_is_down(settings: Settings) -> None:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from conftest import IMAGES, CountingPredictor, WorkerThread, make_worker
 
+from keras_server.catalog import ModelSpec
 from keras_server.labels import imagenet_labels
 from keras_server.model import load_classifier
 from keras_server.settings import Settings
@@ -15,6 +16,11 @@ from keras_server.web import create_app
 from keras_server.worker import ModelLoadError
 
 pytestmark = pytest.mark.slow
+
+
+def resnet50(weights: str) -> ModelSpec:
+    """ResNet50 with `weights`, as --weights describes it."""
+    return ModelSpec(name="resnet50", source="resnet50", weights=weights)
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +51,7 @@ def keras_top5(weights: Path, image_path: Path) -> list[tuple[str, float]]:
 
 
 def test_predict_equals_keras_on_the_same_weights(resnet_weights: Path, settings: Settings) -> None:
-    classifier = load_classifier(str(resnet_weights))
+    classifier = load_classifier(resnet50(str(resnet_weights)))
     classifier.warm_up(2)
     client = create_app(settings).test_client()
     with WorkerThread(make_worker(settings, CountingPredictor(classifier))):
@@ -68,7 +74,7 @@ def test_whole_saved_model_loads_too(tmp_path: Path, resnet_weights: Path) -> No
     model.load_weights(resnet_weights)
     path = tmp_path / "resnet50.keras"
     model.save(path)
-    classifier = load_classifier(str(path))
+    classifier = load_classifier(resnet50(str(path)))
     image = np.zeros((1, 224, 224, 3), np.uint8)
     np.testing.assert_allclose(
         classifier.predict(image),
@@ -81,7 +87,7 @@ def test_whole_saved_model_loads_too(tmp_path: Path, resnet_weights: Path) -> No
 
 
 def test_weights_none_builds_resnet50() -> None:
-    classifier = load_classifier("none")
+    classifier = load_classifier(resnet50("none"))
     assert classifier.model.name == "resnet50"
     assert "RANDOM" in classifier.description
     assert classifier.predict(np.zeros((2, 224, 224, 3), np.uint8)).shape == (2, 1000)
@@ -89,18 +95,18 @@ def test_weights_none_builds_resnet50() -> None:
 
 def test_missing_file_is_refused_clearly(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="no such file"):
-        load_classifier(str(tmp_path / "nope.weights.h5"))
+        load_classifier(resnet50(str(tmp_path / "nope.weights.h5")))
 
 
 def test_unusable_file_is_refused_clearly(tmp_path: Path) -> None:
     junk = tmp_path / "junk.weights.h5"
     junk.write_bytes(b"not hdf5")
     with pytest.raises(ModelLoadError, match="cannot load it"):
-        load_classifier(str(junk))
+        load_classifier(resnet50(str(junk)))
     other = tmp_path / "weights.bin"
     other.write_bytes(b"x")
     with pytest.raises(ModelLoadError, match=r"expected a \.weights\.h5 or \.keras file"):
-        load_classifier(str(other))
+        load_classifier(resnet50(str(other)))
 
 
 def test_a_model_of_the_wrong_shape_is_refused(tmp_path: Path) -> None:
@@ -111,8 +117,8 @@ def test_a_model_of_the_wrong_shape_is_refused(tmp_path: Path) -> None:
     )
     path = tmp_path / "tiny.keras"
     model.save(path)
-    with pytest.raises(ModelLoadError, match="this server needs"):
-        load_classifier(str(path))
+    with pytest.raises(ModelLoadError, match="gives 10 classes but has 1000 labels"):
+        load_classifier(resnet50(str(path)))
 
 
 def test_labels_are_keras_short_names() -> None:

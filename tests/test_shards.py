@@ -104,7 +104,8 @@ def test_end_to_end_over_two_shards_with_one_worker_serving_both(
         assert ready["workers"] == 2
         metrics = client.get("/metrics").get_data(as_text=True)
         for server in two_servers:
-            assert f'keras_server_queued_requests_total{{shard="{label(server.url)}"}}' in metrics
+            shard = label(server.url)
+            assert f'queued_requests_total{{model="resnet50",shard="{shard}"}}' in metrics
 
         two_servers[0].stop()
         with ThreadPoolExecutor(8) as pool:
