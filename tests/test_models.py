@@ -1,0 +1,272 @@
+"""Serve your own models: a small CNN trained here on synthetic images (bright
+vs dark squares) and saved as .keras with its labels, served beside a built-in
+keras.applications model; model specs, label files and load-time checks."""
+
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from conftest import output, start, stop, wait_for_http, wait_until
+from PIL import Image
+
+from keras_server.catalog import CatalogError, ModelSpec, load_models_file, read_labels
+from keras_server.redis_launcher import free_port
+from keras_server.settings import Settings, SettingsError, load_settings
+from keras_server.worker import ModelLoadError
+
+
+def squares(n: int, seed: int, size: int = 48) -> tuple[np.ndarray, np.ndarray]:
+    """RGB images: a bright or a dark square on a mid-grey noisy background."""
+    rng = np.random.default_rng(seed)
+    images = rng.normal(128, 20, (n, size, size, 3))
+    labels = rng.integers(0, 2, n)
+    for image, label in zip(images, labels, strict=True):
+        x, y = rng.integers(0, size // 2, 2)
+        image[y : y + size // 2, x : x + size // 2] = 240 if label else 15
+    return np.clip(images, 0, 255).astype(np.uint8), labels
+
+
+@pytest.fixture(scope="module")
+def shapes_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A grey-scale CNN (32x32x1 -> dark/bright), trained for a few steps, with its labels."""
+    import keras
+
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential(
+        [
+            keras.Input((32, 32, 1)),
+            keras.layers.Conv2D(8, 3, activation="relu"),
+            keras.layers.GlobalMaxPooling2D(),
+            keras.layers.Dense(2, activation="softmax"),
+        ]
+    )
+    model.compile(optimizer=keras.optimizers.Adam(0.05), loss="sparse_categorical_crossentropy")
+    images, labels = squares(400, seed=0, size=32)
+    grey = images.mean(axis=-1, keepdims=True) / 255.0  # as the server feeds it: scale
+    model.fit(grey, labels, epochs=8, batch_size=32, verbose=0)
+    directory = tmp_path_factory.mktemp("shapes")
+    model.save(directory / "shapes.keras")
+    (directory / "shapes.txt").write_text("dark\nbright\n")
+    return directory / "shapes.keras"
+
+
+@pytest.fixture
+def two_models(shapes_model: Path, settings: Settings, tmp_path: Path) -> Iterator[str]:
+    """One server process serving the trained CNN and MobileNetV2 side by side."""
+    models = tmp_path / "models.toml"
+    models.write_text(
+        f"""
+default = "shapes"
+
+[models.shapes]
+model = "{shapes_model}"
+labels = "{shapes_model.with_suffix(".txt")}"
+preprocessing = "scale"
+top_k = 2
+
+[models.mobilenet]
+model = "mobilenet_v2"
+weights = "none"
+"""
+    )
+    port = free_port()
+    process = start(
+        "--models-file", str(models), "--batch-size", "4", "--port", str(port),
+        "--redis-url", settings.redis_url, "--queue-name", settings.queue_name,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(base + "/healthz", process, timeout=180)
+        yield base
+    finally:
+        log = stop(process)
+    assert process.returncode == 0, log
+
+
+def png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.slow
+def test_two_models_side_by_side_and_the_trained_one_is_right(two_models: str) -> None:
+    base = two_models
+    listed = wait_until(lambda: requests.get(base + "/models", timeout=5).json(), what="models")
+    assert listed["default"] == "shapes"
+    by_name = {m["name"]: m for m in listed["models"]}
+    assert by_name["shapes"]["input_size"] == [32, 32]
+    assert by_name["shapes"]["labels"] == 2
+    assert by_name["shapes"]["live_workers"] == 1
+    assert by_name["mobilenet"]["input_size"] == [224, 224]
+    assert by_name["mobilenet"]["labels"] == 1000
+    assert "MobileNetV2, RANDOM weights" in by_name["mobilenet"]["description"]
+
+    # Held-out images, bigger than the model's input: the web tier resizes them.
+    images, labels = squares(24, seed=99, size=64)
+    names = ["dark", "bright"]
+    for image, label in zip(images, labels, strict=True):
+        answer = requests.post(
+            base + "/models/shapes/predict", files={"image": ("x.png", png(image))}, timeout=30
+        ).json()
+        assert answer["success"] is True
+        assert len(answer["predictions"]) == 2, "top_k = 2 for this model"
+        assert answer["predictions"][0]["label"] == names[label]
+
+    default = requests.post(
+        base + "/predict", files={"image": ("x.png", png(images[0]))}, timeout=30
+    )
+    assert default.json()["predictions"][0]["label"] in names, "/predict serves the default"
+
+    with open("images/chelsea.png", "rb") as f:
+        other = requests.post(base + "/models/mobilenet/predict", files={"image": f}, timeout=60)
+    assert other.status_code == 200
+    assert len(other.json()["predictions"]) == 5
+
+    unknown = requests.post(
+        base + "/models/alexnet/predict", files={"image": ("x.png", b"x")}, timeout=5
+    )
+    assert unknown.status_code == 404
+    assert "GET /models" in unknown.json()["error"]
+
+    ready = requests.get(base + "/readyz", timeout=5).json()
+    assert ready["ready"] is True
+    assert ready["workers"] == 2
+
+
+def load(spec: ModelSpec) -> object:
+    from keras_server.model import load_classifier
+
+    return load_classifier(spec)
+
+
+@pytest.mark.slow
+def test_a_model_whose_outputs_do_not_match_its_labels_is_refused(
+    shapes_model: Path, tmp_path: Path
+) -> None:
+    three = tmp_path / "three.txt"
+    three.write_text("a\nb\nc\n")
+    with pytest.raises(ModelLoadError, match="gives 2 classes but has 3 labels"):
+        load(ModelSpec(name="shapes", source=str(shapes_model), labels=str(three)))
+
+
+@pytest.mark.slow
+def test_a_model_without_labels_is_refused(shapes_model: Path) -> None:
+    with pytest.raises(ModelLoadError, match="needs a labels file"):
+        load(ModelSpec(name="shapes", source=str(shapes_model)))
+
+
+@pytest.mark.slow
+def test_a_model_that_does_not_take_images_is_refused(tmp_path: Path) -> None:
+    import keras
+
+    model = keras.Sequential([keras.Input((10,)), keras.layers.Dense(2, activation="softmax")])
+    model.save(tmp_path / "tabular.keras")
+    (tmp_path / "two.txt").write_text("a\nb\n")
+    spec = ModelSpec(
+        name="tabular", source=str(tmp_path / "tabular.keras"), labels=str(tmp_path / "two.txt")
+    )
+    with pytest.raises(ModelLoadError, match="not an image batch"):
+        load(spec)
+
+
+@pytest.mark.slow
+def test_the_server_refuses_a_bad_model_before_taking_traffic(
+    shapes_model: Path, tmp_path: Path
+) -> None:
+    three = tmp_path / "three.txt"
+    three.write_text("a\nb\nc\n")
+    process = start(
+        "--model", str(shapes_model), "--labels", str(three), "--port", str(free_port())
+    )
+    process.wait(timeout=120)
+    log = output(process)
+    assert process.returncode == 1, log
+    assert "gives 2 classes but has 3 labels" in log
+    assert "listening on" not in log
+
+
+@pytest.mark.slow
+def test_built_in_models_bring_their_own_size_and_preprocessing() -> None:
+    import keras
+
+    classifier = load(ModelSpec(name="effnet", source="efficientnet_b1", weights="none", top_k=3))
+    assert classifier.input_shape == (240, 240, 3)
+    assert classifier.top_k == 3
+    x = np.full((1, 240, 240, 3), 200, np.uint8)
+    expected = keras.applications.efficientnet.preprocess_input(x.astype("float32"))
+    np.testing.assert_array_equal(classifier.batch(x), expected)
+
+
+# -- specs and label files (no TensorFlow) -----------------------------------
+
+
+def test_label_file_formats(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("cat\n\ndog\n")
+    (tmp_path / "b.json").write_text(json.dumps(["cat", "dog"]))
+    (tmp_path / "c.json").write_text(json.dumps({"1": "dog", "0": "cat"}))
+    (tmp_path / "d.json").write_text(json.dumps({"0": ["n1", "cat"], "1": ["n2", "dog"]}))
+    for name in ("a.txt", "b.json", "c.json", "d.json"):
+        assert read_labels(tmp_path / name) == ("cat", "dog"), name
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [("", "no labels"), ('{"0": "a", "2": "b"}', "0..n-1"), ("{not json", "not valid JSON")],
+)
+def test_bad_label_files(tmp_path: Path, content: str, message: str) -> None:
+    path = tmp_path / ("labels.json" if content.startswith("{") else "labels.txt")
+    path.write_text(content)
+    with pytest.raises(CatalogError, match=message):
+        read_labels(path)
+
+
+def test_models_file_paths_are_relative_to_it(tmp_path: Path) -> None:
+    (tmp_path / "m.toml").write_text(
+        '[models.a]\nmodel = "sub/a.keras"\nlabels = "sub/a.txt"\n[models.b]\nmodel = "resnet50"\n'
+    )
+    specs, default = load_models_file(tmp_path / "m.toml")
+    assert default == "a"
+    assert specs[0].source == str(tmp_path / "sub" / "a.keras")
+    assert specs[0].labels == str(tmp_path / "sub" / "a.txt")
+    assert specs[1].source == "resnet50"
+    assert specs[1].static_size == (224, 224)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "no \\[models.NAME\\] tables"),
+        ('[models.a]\nweights = "none"\n', "needs 'model'"),
+        ('[models.a]\nmodel = "resnet50"\ncolour = "red"\n', "unknown: colour"),
+        ('default = "z"\n[models.a]\nmodel = "resnet50"\n', "default model 'z'"),
+        ('[models.a]\nmodel = "alexnet"\n', "neither a built-in model"),
+        ('[models.a]\nmodel = "resnet50"\npreprocessing = "magic"\n', "preprocessing 'magic'"),
+        ('[models.A]\nmodel = "resnet50"\n', "lower-case"),
+        ("[models\n", "models file"),
+    ],
+)
+def test_bad_models_files(tmp_path: Path, text: str, message: str) -> None:
+    (tmp_path / "m.toml").write_text(text)
+    with pytest.raises(CatalogError, match=message):
+        load_models_file(tmp_path / "m.toml")
+
+
+def test_one_model_from_flags() -> None:
+    settings = load_settings(
+        ["--model", "/x/My Model.keras", "--labels", "l.txt", "--top-k", "3"], environ={}
+    )
+    (spec,), default = settings.model_specs()
+    assert default == spec.name == "my-model"
+    assert (spec.labels, spec.top_k, spec.preprocessing) == ("l.txt", 3, None)
+
+
+def test_unknown_model_flag() -> None:
+    with pytest.raises(
+        SettingsError, match=r"--model='alexnet': must be sim, a \.keras file or one of"
+    ):
+        load_settings(["--model", "alexnet"], environ={})
