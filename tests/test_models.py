@@ -13,45 +13,17 @@ import requests
 from conftest import output, start, stop, wait_for_http, wait_until
 from PIL import Image
 
+from examples.squares import squares, train
 from keras_server.catalog import CatalogError, ModelSpec, load_models_file, read_labels
 from keras_server.redis_launcher import free_port
 from keras_server.settings import Settings, SettingsError, load_settings
 from keras_server.worker import ModelLoadError
 
 
-def squares(n: int, seed: int, size: int = 48) -> tuple[np.ndarray, np.ndarray]:
-    """RGB images: a bright or a dark square on a mid-grey noisy background."""
-    rng = np.random.default_rng(seed)
-    images = rng.normal(128, 20, (n, size, size, 3))
-    labels = rng.integers(0, 2, n)
-    for image, label in zip(images, labels, strict=True):
-        x, y = rng.integers(0, size // 2, 2)
-        image[y : y + size // 2, x : x + size // 2] = 240 if label else 15
-    return np.clip(images, 0, 255).astype(np.uint8), labels
-
-
 @pytest.fixture(scope="module")
 def shapes_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A grey-scale CNN (32x32x1 -> dark/bright), trained for a few steps, with its labels."""
-    import keras
-
-    keras.utils.set_random_seed(1)
-    model = keras.Sequential(
-        [
-            keras.Input((32, 32, 1)),
-            keras.layers.Conv2D(8, 3, activation="relu"),
-            keras.layers.GlobalMaxPooling2D(),
-            keras.layers.Dense(2, activation="softmax"),
-        ]
-    )
-    model.compile(optimizer=keras.optimizers.Adam(0.05), loss="sparse_categorical_crossentropy")
-    images, labels = squares(400, seed=0, size=32)
-    grey = images.mean(axis=-1, keepdims=True) / 255.0  # as the server feeds it: scale
-    model.fit(grey, labels, epochs=8, batch_size=32, verbose=0)
-    directory = tmp_path_factory.mktemp("shapes")
-    model.save(directory / "shapes.keras")
-    (directory / "shapes.txt").write_text("dark\nbright\n")
-    return directory / "shapes.keras"
+    """examples/squares.py's grey-scale CNN (32x32x1 -> dark/bright) and its labels."""
+    return train(tmp_path_factory.mktemp("squares"))
 
 
 @pytest.fixture
