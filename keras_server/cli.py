@@ -69,7 +69,7 @@ def _loader(settings: Settings) -> functools.partial[Predictor]:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from .model import load_classifier
 
-    return functools.partial(load_classifier, settings.weights)
+    return functools.partial(load_classifier, settings.weights, settings.engine)
 
 
 def _make_worker(settings: Settings, predictor: Predictor) -> Worker:

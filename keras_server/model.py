@@ -3,7 +3,8 @@
 This is the only module that imports Keras (and so TensorFlow); the web tier
 never loads it. `load_classifier` never falls back silently to random
 weights: what it cannot load, it refuses with a ModelLoadError saying why and
-what to pass instead.
+what to pass instead. With `engine="onnx"` it hands the loaded model to
+`onnx_engine` (imported only from here), which runs it in ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import keras
 import numpy as np
@@ -21,6 +23,9 @@ from keras.applications import resnet50
 
 from .protocol import INPUT_SIZE
 from .worker import ModelLoadError
+
+if TYPE_CHECKING:
+    from .onnx_engine import OnnxClassifier
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +43,14 @@ def imagenet_labels() -> list[str]:
     return [index[str(i)][1] for i in range(len(index))]
 
 
+def preprocess(images: np.ndarray) -> np.ndarray:
+    """uint8 RGB images (n, h, w, 3) -> the float32 batch ResNet50 takes.
+
+    Shared by both engines, so they differ only in what runs the forward pass.
+    """
+    return resnet50.preprocess_input(images.astype("float32"))
+
+
 @dataclass
 class Classifier:
     """A Keras classifier with its labels and its input preprocessing."""
@@ -52,7 +65,7 @@ class Classifier:
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Class probabilities, shape (n, classes), for uint8 RGB images (n, h, w, 3)."""
-        batch = resnet50.preprocess_input(images.astype("float32"))
+        batch = preprocess(images)
         # predict_on_batch runs one compiled step (no per-call overhead of
         # predict(), no recompilation for each new batch size once warmed up).
         return np.asarray(self.model.predict_on_batch(batch))
@@ -64,8 +77,21 @@ class Classifier:
             self.predict(np.zeros((n, *self.input_shape), dtype=np.uint8))
 
 
-def load_classifier(weights: str) -> Classifier:
-    """ResNet50 with `weights`: 'imagenet', 'none', or a .weights.h5/.keras path."""
+def load_classifier(weights: str, engine: str = "keras") -> Classifier | OnnxClassifier:
+    """ResNet50 with `weights`: 'imagenet', 'none', or a .weights.h5/.keras path,
+    run by `engine`: 'keras', or 'onnx' (the same model exported to ONNX Runtime)."""
+    classifier = _load_keras(weights)
+    if engine == "onnx":
+        from .onnx_engine import from_keras
+
+        return from_keras(classifier)
+    if engine != "keras":
+        raise ModelLoadError(f"--engine {engine}: expected keras or onnx")
+    return classifier
+
+
+def _load_keras(weights: str) -> Classifier:
+    """The Keras model itself; the ONNX engine is built from it."""
     started = time.perf_counter()
     log.info("loading ResNet50 (weights=%s)", weights)
     if weights == "imagenet":

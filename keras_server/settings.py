@@ -16,6 +16,7 @@ from typing import Any
 ENV_PREFIX = "KERAS_SERVER_"
 ROLES = ("all", "web", "worker")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+ENGINES = ("keras", "onnx")
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class Settings:
     redis_url_given: bool = False
     weights: str = "imagenet"
     batch_size: int = 32
+    engine: str = "keras"
     queue_name: str = "image_queue"
     result_timeout: float = 30.0
     max_upload_mb: float = 16.0
@@ -129,6 +131,13 @@ KNOBS: tuple[Knob, ...] = (
         "WEIGHTS",
     ),
     Knob("batch_size", _positive_int, "most images in one forward pass", "N"),
+    Knob(
+        "engine",
+        _choice(ENGINES),
+        "what runs the forward pass: keras, or onnx (ONNX Runtime on the same "
+        "model, exported at start-up and checked against Keras)",
+        "ENGINE",
+    ),
     Knob("queue_name", _non_empty, "Redis list the requests go through", "NAME"),
     Knob(
         "result_timeout",
