@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 class RawResult:
     engine: str
     batch_size: int
-    # images per second over `batch_runs` forward passes of `batch_size` images
+    # images per second in the median of `batch_runs` passes of `batch_size` images
+    # (the median: a busy machine's stalls should not decide it)
     batch_throughput: float
     # per-pass seconds at batch_size (median) and for one image (median, p99)
     batch_seconds: float
@@ -78,7 +79,7 @@ def measure(
     result = RawResult(
         engine=engine,
         batch_size=len(batch),
-        batch_throughput=len(batch) * batch_runs / sum(passes),
+        batch_throughput=len(batch) / statistics.median(passes),
         batch_seconds=statistics.median(passes),
         single_p50=statistics.median(singles),
         single_p99=percentile(singles, 99),

@@ -214,12 +214,20 @@ def plot(results: Results, path: Path) -> None:
 
 def benchmarks_md(results: Results, table: str, image: str) -> str:
     m = results.machine
-    quick = (
-        "\n> **Quick mode**: few requests per level, for smoke tests. Run the full command "
-        "on a quiet machine before quoting these numbers.\n"
-        if results.mode == "quick"
-        else ""
-    )
+    notes = []
+    if results.mode == "quick":
+        notes.append(
+            "> **Quick mode**: few requests per level, for smoke tests. Run the full command "
+            "on a quiet machine before quoting these numbers."
+        )
+    load = str(m.get("load_before", "0")).split(" / ")[0]
+    if float(load) > 0.25 * float(m.get("cpus") or 1):
+        notes.append(
+            f"> **Busy machine**: the load average was {load} when the run started; other "
+            "processes shared the CPUs, so the numbers are noisy and the raw and served ones "
+            "may not be comparable."
+        )
+    warnings = "\n" + "\n>\n".join(notes) + "\n" if notes else ""
     return f"""# Benchmarks
 
 Produced by one run of
@@ -235,7 +243,7 @@ ONNX Runtime {m.get("onnxruntime", "?")}, Redis {m.get("redis", "?")}; load aver
 well above 0 means something else was using the CPUs); the run took {m.get("seconds", "?")} s.
 ResNet50 with random weights (`--weights none`; the forward pass costs the same as with
 ImageNet weights).
-{quick}
+{warnings}
 ![throughput and latency against concurrency]({image})
 
 {table}

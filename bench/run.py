@@ -240,6 +240,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         batch_size=args.batch_size,
         machine=machine(),
     )
+    busy = os.getloadavg()[0]
+    if busy > 0.25 * (os.cpu_count() or 1):
+        log.warning(
+            "load average %.2f before the run: something else is using the CPUs, "
+            "so these numbers will be noisy",
+            busy,
+        )
     with RedisServer() as redis_server, tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         client = redis.Redis.from_url(redis_server.url)
         results.machine["redis"] = client.info("server")["redis_version"]
