@@ -19,6 +19,9 @@ from .serve import Level
 log = logging.getLogger(__name__)
 
 SEED = "seed (blog post)"
+# Above this share of the machine's CPU time taken by other processes during a
+# run, BENCHMARKS.md says the numbers are noisy.
+BUSY_SHARE = 0.05
 
 
 def system_name(engine: str) -> str:
@@ -169,16 +172,20 @@ def plot(results: Results, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, system in enumerate(results.systems()):
-        colour = colours[i % len(colours)]
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    # A raw engine's lines take the colour of that engine served.
+    names = results.systems()
+    names += [system_name(r.engine) for r in results.raw if system_name(r.engine) not in names]
+    colours = {name: cycle[i % len(cycle)] for i, name in enumerate(names)}
+    for system in results.systems():
+        colour = colours[system]
         levels = [lv for lv in results.levels if lv.system == system]
         x = [lv.concurrency for lv in levels]
         left.plot(x, [lv.throughput for lv in levels], "o-", color=colour, label=system)
         right.plot(x, [lv.p50 * 1000 for lv in levels], "o-", color=colour, label=f"{system} p50")
         right.plot(x, [lv.p99 * 1000 for lv in levels], "s--", color=colour, label=f"{system} p99")
-    for j, raw in enumerate(results.raw):
-        colour = colours[(len(results.systems()) + j) % len(colours)]
+    for raw in results.raw:
+        colour = colours[system_name(raw.engine)]
         left.axhline(
             raw.batch_throughput,
             color=colour,
@@ -220,12 +227,12 @@ def benchmarks_md(results: Results, table: str, image: str) -> str:
             "> **Quick mode**: few requests per level, for smoke tests. Run the full command "
             "on a quiet machine before quoting these numbers."
         )
-    load = str(m.get("load_before", "0")).split(" / ")[0]
-    if float(load) > 0.25 * float(m.get("cpus") or 1):
+    others = float(m.get("others_cpu_share", 0.0))
+    if others > BUSY_SHARE:
         notes.append(
-            f"> **Busy machine**: the load average was {load} when the run started; other "
-            "processes shared the CPUs, so the numbers are noisy and the raw and served ones "
-            "may not be comparable."
+            f"> **Busy machine**: other processes used {others:.0%} of the CPU time during "
+            "the run, so the numbers are noisy and the raw and served ones may not be "
+            "comparable."
         )
     warnings = "\n" + "\n>\n".join(notes) + "\n" if notes else ""
     return f"""# Benchmarks
@@ -238,9 +245,10 @@ Produced by one run of
 
 on {m.get("date", "?")}: {m.get("cpu", "?")}, {m.get("cpus", "?")} CPUs,
 Python {m.get("python", "?")}, TensorFlow {m.get("tensorflow", "?")}, Keras {m.get("keras", "?")},
-ONNX Runtime {m.get("onnxruntime", "?")}, Redis {m.get("redis", "?")}; load average
-{m.get("load_before", "?")} before the run and {m.get("load_after", "?")} after it (anything
-well above 0 means something else was using the CPUs); the run took {m.get("seconds", "?")} s.
+ONNX Runtime {m.get("onnxruntime", "?")}, Redis {m.get("redis", "?")}. The run took
+{m.get("seconds", "?")} s; processes other than the harness and its children used
+{float(m.get("others_cpu_share", float("nan"))):.0%} of the CPU time meanwhile (load average
+{m.get("load_before", "?")} before, {m.get("load_after", "?")} after).
 ResNet50 with random weights (`--weights none`; the forward pass costs the same as with
 ImageNet weights).
 {warnings}

@@ -20,6 +20,7 @@ import gc
 import logging
 import os
 import platform
+import resource
 import shlex
 import sys
 import tempfile
@@ -150,6 +151,19 @@ def machine() -> dict[str, object]:
     }
 
 
+def cpu_seconds() -> tuple[float, float]:
+    """(CPU seconds the whole machine has been busy, CPU seconds of this process and
+    its finished children). Their changes over a run tell how much CPU time other
+    processes took from it."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    busy = (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # - idle, iowait
+    own = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        own += usage.ru_utime + usage.ru_stime
+    return busy, own
+
+
 def run_memory(args: argparse.Namespace, results: Results, client: redis.Redis) -> None:
     image = raw.sample_batch(IMAGES[:1], 1)[0]
     formats = [
@@ -240,13 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         batch_size=args.batch_size,
         machine=machine(),
     )
-    busy = os.getloadavg()[0]
-    if busy > 0.25 * (os.cpu_count() or 1):
-        log.warning(
-            "load average %.2f before the run: something else is using the CPUs, "
-            "so these numbers will be noisy",
-            busy,
-        )
+    busy_before, own_before = cpu_seconds()
     with RedisServer() as redis_server, tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         client = redis.Redis.from_url(redis_server.url)
         results.machine["redis"] = client.info("server")["redis_version"]
@@ -266,8 +274,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed += ["--redis-url", redis_server.url, "--queue-name", "bench-seed"]
             _run_or_record(args, results, SEED, seed, logs=Path(tmp))
         client.close()
+    elapsed = time.monotonic() - started
     results.machine["load_after"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
-    results.machine["seconds"] = round(time.monotonic() - started)
+    results.machine["seconds"] = round(elapsed)
+    # Every child (Redis, the servers) has been waited for by now, so its CPU time
+    # is in RUSAGE_CHILDREN; what is left is other processes'.
+    busy_after, own_after = cpu_seconds()
+    others = max(0.0, (busy_after - busy_before) - (own_after - own_before))
+    results.machine["others_cpu_share"] = round(others / (elapsed * (os.cpu_count() or 1)), 3)
+    if results.machine["others_cpu_share"] > report.BUSY_SHARE:
+        log.warning(
+            "other processes used %.0f%% of the CPUs during the run: the numbers are noisy",
+            100 * results.machine["others_cpu_share"],
+        )
     benchmarks = None if str(args.benchmarks_md) == "-" else args.benchmarks_md
     print(report.write(results, args.out, benchmarks))
     log.info("done in %.0f s", time.monotonic() - started)
