@@ -1,11 +1,12 @@
 # Two commands on a fresh machine:
 #   make serve   set up .venv, then start the server (pass flags with ARGS="...")
 #   make test    set up .venv with the test tools, then lint and run the tests
+#   make bench   the benchmark behind BENCHMARKS.md (ARGS=--quick: a 2-3 minute smoke run)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve test lint
+.PHONY: serve test lint bench
 
 $(BIN)/.runtime: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,3 +27,6 @@ lint: $(BIN)/.dev
 
 test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(BIN)/.dev
+	$(BIN)/python -m bench.run $(ARGS)

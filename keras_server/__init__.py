@@ -8,6 +8,7 @@ Modules, each owning one thing:
     web             the Flask app factory (never imports TensorFlow)
     ui              the upload page at / and the OpenAPI description
     model           the Keras model (the only module importing it)
+    onnx_engine     --engine onnx: the same model run by ONNX Runtime
     worker          the batch loop: claim, one forward pass, answer each
     redis_launcher  a private redis-server when none is running
     cli             the entry point behind run_keras_server.py

@@ -94,7 +94,7 @@ def loader(settings: Settings, spec: ModelSpec) -> Callable[[], Predictor]:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from .model import load_classifier
 
-    return lambda: load_classifier(spec)
+    return lambda: load_classifier(spec, settings.engine)
 
 
 def make_workers(

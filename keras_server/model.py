@@ -2,10 +2,11 @@
 once from its spec (catalog.ModelSpec), checked, and run on batches.
 
 This is the only module that imports Keras (and so TensorFlow); the web tier
-never loads it. `load_classifier` never falls back silently to random
-weights, and refuses a model it cannot serve (not an image model, or not as
-many outputs as labels) with a ModelLoadError saying why, before the server
-takes traffic.
+never loads it. With `engine="onnx"` it hands the loaded model to
+`onnx_engine` (imported only from here), which runs it in ONNX Runtime.
+`load_classifier` never falls back silently to random weights, and refuses
+a model it cannot serve (not an image model, or not as many outputs as
+labels) with a ModelLoadError saying why, before the server takes traffic.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import keras
 import numpy as np
@@ -23,6 +25,9 @@ from keras.applications import imagenet_utils
 
 from .catalog import ModelSpec, labels_for
 from .worker import TOP_K, ModelLoadError
+
+if TYPE_CHECKING:
+    from .onnx_engine import OnnxClassifier
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +70,21 @@ class Classifier:
             self.predict(np.zeros((n, *self.input_shape), dtype=np.uint8))
 
 
-def load_classifier(spec: ModelSpec) -> Classifier:
-    """Build, load and check the model `spec` describes."""
+def load_classifier(spec: ModelSpec, engine: str = "keras") -> Classifier | OnnxClassifier:
+    """Build, load and check the model `spec` describes, run by `engine`: keras,
+    or onnx (the same model exported to ONNX Runtime and checked against Keras)."""
+    classifier = _load_keras(spec)
+    if engine == "onnx":
+        from .onnx_engine import from_keras
+
+        return from_keras(classifier)
+    if engine != "keras":
+        raise ModelLoadError(f"--engine {engine}: expected keras or onnx")
+    return classifier
+
+
+def _load_keras(spec: ModelSpec) -> Classifier:
+    """The Keras model itself; the ONNX engine is built from it."""
     started = time.perf_counter()
     log.info("loading model %r from %s (weights=%s)", spec.name, spec.source, spec.weights)
     if spec.builtin:

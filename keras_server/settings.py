@@ -21,6 +21,7 @@ ENV_PREFIX = "KERAS_SERVER_"
 ROLES = ("all", "web", "worker")
 MAX_BATCH_SIZE = 1024
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+ENGINES = ("keras", "onnx")
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class Settings:
     serve: str = "all"
     batch_size: int = 32
     max_batch_delay_ms: float = 0.0
+    engine: str = "keras"
     queue_name: str = "image_queue"
     max_queue: int = 512
     result_timeout: float = 30.0
@@ -248,6 +250,13 @@ KNOBS: tuple[Knob, ...] = (
         "NAMES",
     ),
     Knob("batch_size", _batch_size, "most images in one forward pass", "N"),
+    Knob(
+        "engine",
+        _choice(ENGINES),
+        "what runs the forward pass: keras, or onnx (ONNX Runtime on the same "
+        "model, exported at start-up and checked against Keras)",
+        "ENGINE",
+    ),
     Knob(
         "max_batch_delay_ms",
         _non_negative_float,

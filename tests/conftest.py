@@ -180,6 +180,17 @@ def small_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def resnet_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """ResNet50 with random initial weights, saved the way a user saves theirs."""
+    import keras
+
+    keras.utils.set_random_seed(42)
+    path = tmp_path_factory.mktemp("resnet") / "resnet50.weights.h5"
+    keras.applications.ResNet50(weights=None).save_weights(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def small_classifier(small_model_path: Path) -> object:
     from keras_server.catalog import ModelSpec
     from keras_server.model import load_classifier

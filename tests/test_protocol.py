@@ -15,10 +15,12 @@ def test_request_round_trip_keeps_bytes_shape_and_dtype() -> None:
     image = np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8)
     request = protocol.ImageRequest.create(image, timeout=5)
     raw = protocol.encode_request(request)
-    message = json.loads(raw)
-    assert set(message) == {"id", "shape", "dtype", "image", "deadline"}
+    header, newline, data = raw.partition(b"\n")
+    message = json.loads(header)
+    assert set(message) == {"id", "shape", "dtype", "deadline"}
     assert message["shape"] == [224, 224, 3]
     assert message["dtype"] == "uint8"
+    assert newline and data == image.tobytes(), "the pixels follow the header unencoded"
     decoded = protocol.decode_request(raw)
     assert decoded.id == request.id
     assert decoded.deadline == pytest.approx(time.time() + 5, abs=1)
@@ -28,7 +30,21 @@ def test_request_round_trip_keeps_bytes_shape_and_dtype() -> None:
 def test_uint8_message_is_small() -> None:
     image = np.zeros((224, 224, 3), dtype=np.uint8)
     raw = protocol.encode_request(protocol.ImageRequest.create(image, 1))
-    assert len(raw) < 210_000  # base64 of 150,528 bytes plus a few fields
+    assert len(raw) < 150_528 + 200  # the pixels themselves plus a short header
+
+
+def test_the_older_all_json_form_still_decodes() -> None:
+    """Requests queued by a web tier from before the raw-bytes format."""
+    image = np.arange(12, dtype=np.uint8).reshape(2, 2, 3)
+    raw = _message(image=base64.b64encode(image.tobytes()).decode())
+    np.testing.assert_array_equal(protocol.decode_request(raw).image, image)
+    np.testing.assert_array_equal(protocol.decode_request(raw.decode()).image, image)
+
+
+def test_an_image_with_newline_bytes_round_trips() -> None:
+    image = np.full((2, 2, 3), ord("\n"), dtype=np.uint8)
+    raw = protocol.encode_request(protocol.ImageRequest.create(image, 1))
+    np.testing.assert_array_equal(protocol.decode_request(raw).image, image)
 
 
 def test_float32_round_trip() -> None:
@@ -63,6 +79,9 @@ def _message(**overrides: object) -> bytes:
         _message(dtype="object"),
         _message(dtype="float64"),
         _message(shape=[100000, 100000, 3]),
+        b'{"id": "abc", "shape": [2, 2, 3], "dtype": "uint8", "deadline": 1}\n' + bytes(11),
+        b"not json\n" + bytes(12),
+        b"[1, 2]\n" + bytes(12),
     ],
 )
 def test_malformed_requests_are_refused(raw: bytes) -> None:
@@ -73,6 +92,10 @@ def test_malformed_requests_are_refused(raw: bytes) -> None:
 def test_request_id_of_a_bad_message() -> None:
     assert protocol.request_id_of(_message(dtype="object")) == "abc"
     assert protocol.request_id_of(b"garbage") is None
+    raw = protocol.encode_request(
+        protocol.ImageRequest(id="xyz", image=np.zeros((2, 2, 3), np.uint8), deadline=1.0)
+    )
+    assert protocol.request_id_of(raw.replace(b'"uint8"', b'"object"')) == "xyz"
 
 
 def test_expiry() -> None:

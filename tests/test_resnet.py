@@ -23,17 +23,6 @@ def resnet50(weights: str) -> ModelSpec:
     return ModelSpec(name="resnet50", source="resnet50", weights=weights)
 
 
-@pytest.fixture(scope="session")
-def resnet_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """ResNet50 with random initial weights, saved the way a user saves theirs."""
-    import keras
-
-    keras.utils.set_random_seed(42)
-    path = tmp_path_factory.mktemp("resnet") / "resnet50.weights.h5"
-    keras.applications.ResNet50(weights=None).save_weights(path)
-    return path
-
-
 def keras_top5(weights: Path, image_path: Path) -> list[tuple[str, float]]:
     """The textbook way, without our code: PIL, resize, preprocess, predict."""
     import keras

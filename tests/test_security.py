@@ -120,13 +120,13 @@ def test_queue_entries_are_never_unpickled_or_evaluated(
 ) -> None:
     target = tmp_path / "pwned"
     queue.push(pickle.dumps(Exploit(target)))
-    message = json.loads(
-        protocol.encode_request(
-            protocol.ImageRequest.create(protocol.np.zeros((2, 2, 3), "uint8"), 9)
-        )
+    raw = protocol.encode_request(
+        protocol.ImageRequest.create(protocol.np.zeros((2, 2, 3), "uint8"), 9)
     )
+    header, _, pixels = raw.partition(b"\n")
+    message = json.loads(header)
     message.update(id="evil", shape="__import__('os').system('touch " + str(target) + "')")
-    queue.push(json.dumps(message).encode())
+    queue.push(json.dumps(message).encode() + b"\n" + pixels)
     worker = make_worker(settings, SimulatedModel(1, 0))
     assert worker.run_once(wait=1) == 2
     assert not target.exists()

@@ -1,0 +1,279 @@
+"""Turn one harness run into a Markdown table, a PNG plot and BENCHMARKS.md.
+
+Nothing here measures; every number comes from the `Results` of the run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .raw import RawResult
+from .redis_memory import TARGET_BYTES, MemoryResult
+from .serve import Level
+
+log = logging.getLogger(__name__)
+
+SEED = "seed (blog post)"
+# Above this share of the machine's CPU time taken by other processes during a
+# run, BENCHMARKS.md says the numbers are noisy.
+BUSY_SHARE = 0.05
+
+
+def system_name(engine: str) -> str:
+    return f"keras-server ({engine})"
+
+
+@dataclass
+class Results:
+    command: str
+    mode: str
+    batch_size: int
+    machine: dict[str, Any]
+    raw: list[RawResult] = field(default_factory=list)
+    memory: list[MemoryResult] = field(default_factory=list)
+    levels: list[Level] = field(default_factory=list)
+    # system -> engine whose raw numbers it is compared with
+    baselines: dict[str, str] = field(default_factory=dict)
+    start_seconds: dict[str, float] = field(default_factory=dict)
+    # systems that did not start or died, with the reason
+    failures: list[str] = field(default_factory=list)
+
+    def raw_of(self, system: str) -> RawResult | None:
+        engine = self.baselines.get(system)
+        return next((r for r in self.raw if r.engine == engine), None)
+
+    def systems(self) -> list[str]:
+        return list(dict.fromkeys(level.system for level in self.levels))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "command": self.command,
+            "mode": self.mode,
+            "batch_size": self.batch_size,
+            "machine": self.machine,
+            "raw": [r.as_dict() for r in self.raw],
+            "memory": [m.as_dict() for m in self.memory],
+            "levels": [level.as_dict() for level in self.levels],
+            "baselines": self.baselines,
+            "start_seconds": self.start_seconds,
+            "failures": self.failures,
+        }
+
+
+def _ms(seconds: float) -> str:
+    return "n/a" if math.isnan(seconds) else f"{seconds * 1000:.0f}"
+
+
+def _kib(n: float) -> str:
+    return f"{n / 1024:.1f} KiB"
+
+
+def markdown(results: Results) -> str:
+    b = results.batch_size
+    lines: list[str] = [f"**FAILED**: {failure}" for failure in results.failures]
+    if lines:
+        lines.append("")
+    if results.raw:
+        lines += [
+            f"**The forward pass alone** (in process, `predict` as the worker calls it, "
+            f"preprocessing included, batch {b}):",
+            "",
+            f"| engine | img/s at batch {b} | one image p50 ms | one image p99 ms | ready after |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for r in results.raw:
+            setup = "n/a" if r.setup_seconds is None else f"{r.setup_seconds:.1f} s"
+            lines.append(
+                f"| {r.engine} | {r.batch_throughput:.1f} | {_ms(r.single_p50)} "
+                f"| {_ms(r.single_p99)} | {setup} |"
+            )
+        lines.append("")
+        if len(results.raw) > 1:
+            base = results.raw[0]
+            for r in results.raw[1:]:
+                lines.append(
+                    f"{r.engine} vs {base.engine}: "
+                    f"{r.batch_throughput / base.batch_throughput:.2f}x the throughput at "
+                    f"batch {b}, {r.single_p50 / base.single_p50:.2f}x the one-image latency."
+                )
+            lines.append("")
+    if results.levels:
+        lines += [
+            f"**Served** over HTTP (`--batch-size {b}`, one process, the load generator on "
+            "the same machine; warm-up requests not counted):",
+            "",
+            "| system | clients | requests | req/s | served / raw | p50 ms | p95 ms | p99 ms "
+            "| failed |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for level in results.levels:
+            raw = results.raw_of(level.system)
+            ratio = f"{level.throughput / raw.batch_throughput:.2f}" if raw else "n/a"
+            lines.append(
+                f"| {level.system} | {level.concurrency} | {level.requests} "
+                f"| {level.throughput:.2f} | {ratio} | {_ms(level.p50)} | {_ms(level.p95)} "
+                f"| {_ms(level.p99)} | {level.errors} |"
+            )
+        lines += ["", f"served / raw: served req/s over the raw img/s at batch {b}.", ""]
+        lines += _added_latency(results)
+    if results.memory:
+        lines += [
+            "**Redis memory per queued image** (`MEMORY USAGE` of a list of "
+            f"{results.memory[0].count}, and the `INFO memory` change; target for ours: "
+            f"≤ {_kib(TARGET_BYTES)}):",
+            "",
+            "| format | message | MEMORY USAGE / image | used_memory change / image | vs 160 KiB |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for m in results.memory:
+            lines.append(
+                f"| {m.format} | {m.message_bytes:,} B "
+                f"| {_kib(m.memory_usage)} ({m.memory_usage:,.0f} B) "
+                f"| {_kib(m.used_memory_delta)} | {m.memory_usage / TARGET_BYTES - 1:+.2%} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _added_latency(results: Results) -> list[str]:
+    rows = []
+    for system in results.systems():
+        raw = results.raw_of(system)
+        one = next(
+            (lv for lv in results.levels if lv.system == system and lv.concurrency == 1), None
+        )
+        if raw and one:
+            rows.append(
+                f"| {system} | {_ms(one.p50)} | {_ms(raw.single_p50)} "
+                f"| {_ms(one.p50 - raw.single_p50)} |"
+            )
+    if not rows:
+        return []
+    return [
+        "**Latency added by serving**, at 1 client: served p50 minus the raw one-image "
+        "forward pass (p50) of the same engine:",
+        "",
+        "| system | served p50 ms | raw one image ms | added ms |",
+        "|---|---:|---:|---:|",
+        *rows,
+        "",
+    ]
+
+
+def plot(results: Results, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    # A raw engine's lines take the colour of that engine served.
+    names = results.systems()
+    names += [system_name(r.engine) for r in results.raw if system_name(r.engine) not in names]
+    colours = {name: cycle[i % len(cycle)] for i, name in enumerate(names)}
+    for system in results.systems():
+        colour = colours[system]
+        levels = [lv for lv in results.levels if lv.system == system]
+        x = [lv.concurrency for lv in levels]
+        left.plot(x, [lv.throughput for lv in levels], "o-", color=colour, label=system)
+        right.plot(x, [lv.p50 * 1000 for lv in levels], "o-", color=colour, label=f"{system} p50")
+        right.plot(x, [lv.p99 * 1000 for lv in levels], "s--", color=colour, label=f"{system} p99")
+    for raw in results.raw:
+        colour = colours[system_name(raw.engine)]
+        left.axhline(
+            raw.batch_throughput,
+            color=colour,
+            linestyle=":",
+            label=f"raw {raw.engine}, batch {raw.batch_size}",
+        )
+        right.axhline(
+            raw.single_p50 * 1000, color=colour, linestyle=":", label=f"raw {raw.engine}, 1 image"
+        )
+    concurrencies = sorted({lv.concurrency for lv in results.levels})
+    for ax in (left, right):
+        ax.set_xscale("log", base=2)
+        if concurrencies:
+            ax.set_xticks(concurrencies, [str(c) for c in concurrencies])
+        ax.set_xlabel("concurrent clients")
+        ax.grid(True, which="both", alpha=0.3)
+    left.set_ylabel("successful requests / s")
+    left.set_ylim(bottom=0)
+    left.set_title("Throughput")
+    right.set_yscale("log")
+    right.set_ylabel("latency, ms (log)")
+    right.set_title("Latency p50 (solid) and p99 (dashed)")
+    left.legend(fontsize=8)
+    right.legend(fontsize=7, ncol=2)
+    fig.suptitle(
+        f"ResNet50 (random weights), batch {results.batch_size}, "
+        f"{results.machine.get('cpus', '?')} CPUs — {results.mode} run"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def benchmarks_md(results: Results, table: str, image: str) -> str:
+    m = results.machine
+    notes = []
+    if results.mode == "quick":
+        notes.append(
+            "> **Quick mode**: few requests per level, for smoke tests. Run the full command "
+            "on a quiet machine before quoting these numbers."
+        )
+    others = float(m.get("others_cpu_share", 0.0))
+    if others > BUSY_SHARE:
+        notes.append(
+            f"> **Busy machine**: other processes used {others:.0%} of the CPU time during "
+            "the run, so the numbers are noisy and the raw and served ones may not be "
+            "comparable."
+        )
+    warnings = "\n" + "\n>\n".join(notes) + "\n" if notes else ""
+    return f"""# Benchmarks
+
+Produced by one run of
+
+```bash
+{results.command}
+```
+
+on {m.get("date", "?")}: {m.get("cpu", "?")}, {m.get("cpus", "?")} CPUs,
+Python {m.get("python", "?")}, TensorFlow {m.get("tensorflow", "?")}, Keras {m.get("keras", "?")},
+ONNX Runtime {m.get("onnxruntime", "?")}, Redis {m.get("redis", "?")}. The run took
+{m.get("seconds", "?")} s; processes other than the harness and its children used
+{float(m.get("others_cpu_share", float("nan"))):.0%} of the CPU time meanwhile (load average
+{m.get("load_before", "?")} before, {m.get("load_after", "?")} after).
+ResNet50 with random weights (`--weights none`; the forward pass costs the same as with
+ImageNet weights).
+{warnings}
+![throughput and latency against concurrency]({image})
+
+{table}
+How it is measured (`bench/`): the raw numbers time the worker's own `predict` in the
+harness process; the served numbers start `run_keras_server.py` (and the seed design,
+`bench/seed_server.py`) as a subprocess on a Redis the harness starts, and drive it with
+`stress_test.py`'s clients from the same machine, so the clients take CPU from the server
+as they would in any one-machine test. Each level sends warm-up requests first and counts
+only what follows; a level stops after its request count or its time cap, whichever comes
+first. Raw data: `bench/results/results.json`.
+"""
+
+
+def write(results: Results, out: Path, benchmarks: Path | None) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown(results)
+    (out / "results.md").write_text(table)
+    (out / "results.json").write_text(json.dumps(results.as_dict(), indent=2) + "\n")
+    png = out / "benchmark.png"
+    plot(results, png)
+    if benchmarks is not None:
+        image = png.resolve().relative_to(benchmarks.resolve().parent).as_posix()
+        benchmarks.write_text(benchmarks_md(results, table, image))
+    log.info("wrote %s, %s and %s", out / "results.md", png, benchmarks or "no BENCHMARKS.md")
+    return table

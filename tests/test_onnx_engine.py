@@ -1,0 +1,98 @@
+"""`--engine onnx`: the same model in ONNX Runtime gives Keras's predictions,
+and the real server serves with it."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from conftest import IMAGES, ROOT
+from test_cli import start, stop, wait_for_http
+
+from keras_server.catalog import ModelSpec
+from keras_server.images import load_image
+from keras_server.model import Classifier, load_classifier
+from keras_server.redis_launcher import free_port
+from keras_server.settings import Settings, SettingsError, load_settings
+
+RESNET50_INPUT = (224, 224)  # (width, height) the web tier resizes to for ResNet50
+
+pytestmark = pytest.mark.slow
+
+SAMPLES = sorted(IMAGES.glob("*.png")) + sorted(IMAGES.glob("*.jpg"))
+
+
+def sample_batch() -> np.ndarray:
+    """The sample photos as the web tier sends them, plus noise to make 6."""
+    photos = [load_image(p.read_bytes(), RESNET50_INPUT, 50_000_000) for p in SAMPLES]
+    noise = np.random.default_rng(1).integers(0, 256, (6 - len(photos), 224, 224, 3), np.uint8)
+    return np.concatenate([np.stack(photos), noise])
+
+
+def test_onnx_predictions_equal_keras_on_the_same_weights(resnet_weights: Path) -> None:
+    spec = ModelSpec(name="resnet50", source="resnet50", weights=str(resnet_weights))
+    keras_engine = load_classifier(spec, engine="keras")
+    onnx_engine = load_classifier(spec, engine="onnx")
+    assert isinstance(keras_engine, Classifier)
+    assert "ONNX Runtime" in onnx_engine.description
+    assert onnx_engine.input_shape == keras_engine.input_shape
+    assert onnx_engine.labels == keras_engine.labels
+    images = sample_batch()
+    expected = keras_engine.predict(images)
+    np.testing.assert_allclose(onnx_engine.predict(images), expected, rtol=0, atol=1e-4)
+    # One image at a time too: the batch dimension is dynamic in the export.
+    np.testing.assert_allclose(onnx_engine.predict(images[:1]), expected[:1], rtol=0, atol=1e-4)
+
+
+def test_engine_knob() -> None:
+    assert load_settings([], environ={}).engine == "keras"
+    assert load_settings([], environ={"KERAS_SERVER_ENGINE": "onnx"}).engine == "onnx"
+    env = {"KERAS_SERVER_ENGINE": "x"}
+    assert load_settings(["--engine", "ONNX"], environ=env).engine == "onnx"
+    with pytest.raises(SettingsError, match="--engine='tensorrt': must be one of keras, onnx"):
+        load_settings(["--engine", "tensorrt"], environ={})
+
+
+def test_server_serves_with_the_onnx_engine(small_model_path: Path, settings: Settings) -> None:
+    port = free_port()
+    process = start(
+        "--engine", "onnx",
+        "--weights", str(small_model_path),
+        "--redis-url", settings.redis_url,
+        "--queue-name", settings.queue_name,
+        "--port", str(port),
+        "--batch-size", "4",
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}/predict"
+    try:
+        wait_for_http(url, process, timeout=180)
+        data = (IMAGES / "coffee.png").read_bytes()
+        response = requests.post(url, files={"image": ("coffee.png", data)}, timeout=60)
+    finally:
+        log = stop(process)
+    assert process.returncode == 0, log
+    assert "exported to ONNX and checked" in log
+    assert response.status_code == 200, response.text
+    served = response.json()["predictions"]
+    # What Keras gives for the same model loaded the way the server loads it.
+    reference = load_classifier(
+        ModelSpec(name="resnet50", source="resnet50", weights=str(small_model_path))
+    )
+    image = load_image(data, RESNET50_INPUT, 50_000_000)
+    expected = reference.predict(image[None])[0]
+    index = {label: i for i, label in enumerate(reference.labels)}
+    assert len(served) == 5
+    for p in served:
+        assert p["probability"] == pytest.approx(expected[index[p["label"]]], abs=1e-4)
+    probabilities = [p["probability"] for p in served]
+    assert probabilities == sorted(probabilities, reverse=True)
+
+
+def test_web_tier_never_imports_onnxruntime() -> None:
+    code = (
+        "import sys; import keras_server.web, keras_server.cli; "
+        "sys.exit('imported onnxruntime' if 'onnxruntime' in sys.modules else 0)"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
