@@ -119,7 +119,13 @@ def markdown(results: Results) -> str:
                 f"| {level.throughput:.2f} | {ratio} | {_ms(level.p50)} | {_ms(level.p95)} "
                 f"| {_ms(level.p99)} | {level.errors} |"
             )
-        lines += ["", f"served / raw: served req/s over the raw img/s at batch {b}.", ""]
+        lines += [
+            "",
+            f"served / raw: served req/s over the raw img/s at batch {b}. req/s counts the "
+            "answers that came while every client still had work (as wrk does), not the "
+            "drain at the end, when fewer and fewer requests are in flight.",
+            "",
+        ]
         lines += _added_latency(results)
     if results.memory:
         lines += [

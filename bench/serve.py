@@ -150,7 +150,7 @@ def drive(
         requests=total,
         ok=len(latencies),
         seconds=elapsed,
-        throughput=len(latencies) / elapsed,
+        throughput=load.throughput(),
         p50=statistics.median(latencies) if latencies else float("nan"),
         p95=percentile(latencies, 95),
         p99=percentile(latencies, 99),
