@@ -73,14 +73,21 @@ def wait_for_http(url: str, process: subprocess.Popen[str], timeout: float = 90)
 def start_web(settings: Settings, *extra: str) -> tuple[subprocess.Popen[str], str]:
     """`--role web` (gunicorn) on a free port for `settings`' Redis and queue,
     listening; returns the process and its base URL."""
+    return start_serving(settings, "--role", "web", *extra)
+
+
+def start_serving(
+    settings: Settings, *args: str, timeout: float = 90
+) -> tuple[subprocess.Popen[str], str]:
+    """run_keras_server.py with `args` on a free port for `settings`' Redis and
+    queue, once it listens; returns the process and its base URL."""
     port = free_port()
     process = start(
-        "--role", "web", "--port", str(port),
+        *args, "--port", str(port),
         "--redis-url", settings.redis_url, "--queue-name", settings.queue_name,
-        *extra,
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
-    wait_for_http(base + "/healthz", process)
+    wait_for_http(base + "/healthz", process, timeout)
     return process, base
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import IMAGES, ROOT, WorkerThread, make_worker, start, stop, wait_for_http
+from conftest import IMAGES, ROOT, WorkerThread, make_worker, start_web, stop, wait_for_http
 from PIL import Image
 from playwright.sync_api import BrowserContext, ConsoleMessage, Page, expect, sync_playwright
 
@@ -151,15 +151,9 @@ class Server:
 @pytest.fixture
 def web(settings: Settings) -> Iterator[Server]:
     """`run_keras_server.py --role web` (gunicorn) on the test's queue."""
-    port = free_port()
-    process = start(
-        "--role", "web", "--port", str(port), "--web-workers", "1",
-        "--redis-url", settings.redis_url, "--queue-name", settings.queue_name,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}/"
+    process, base = start_web(settings, "--web-workers", "1")
     try:
-        wait_for_http(url + "healthz", process)
-        yield Server(url, process)
+        yield Server(base + "/", process)
     finally:
         stop(process)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 import requests
-from conftest import ENV, IMAGES, ROOT, output, start, start_web, stop, wait_for_http
+from conftest import ENV, IMAGES, ROOT, output, start, start_serving, start_web, stop
 
 from keras_server import redis_launcher
 from keras_server.redis_launcher import RedisUnavailable, ensure_redis, free_port
@@ -22,17 +22,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def server(small_model_path: Path, settings: Settings) -> Iterator[str]:
-    port = free_port()
-    process = start(
-        "--weights", str(small_model_path),
-        "--redis-url", settings.redis_url,
-        "--queue-name", settings.queue_name,
-        "--port", str(port),
-        "--batch-size", "4",
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}/predict"
-    wait_for_http(url, process)
-    yield url
+    process, base = start_serving(settings, "--weights", str(small_model_path), "--batch-size", "4")
+    yield base + "/predict"
     log = stop(process)
     assert process.returncode == 0, log
     assert "loaded in" in log

@@ -8,13 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from conftest import IMAGES, ROOT
-from test_cli import start, stop, wait_for_http
+from conftest import IMAGES, ROOT, start_serving, stop
 
 from keras_server.catalog import ModelSpec
 from keras_server.images import load_image
 from keras_server.model import Classifier, load_classifier
-from keras_server.redis_launcher import free_port
 from keras_server.settings import Settings, SettingsError, load_settings
 
 RESNET50_INPUT = (224, 224)  # (width, height) the web tier resizes to for ResNet50
@@ -56,18 +54,12 @@ def test_engine_knob() -> None:
 
 
 def test_server_serves_with_the_onnx_engine(small_model_path: Path, settings: Settings) -> None:
-    port = free_port()
-    process = start(
-        "--engine", "onnx",
-        "--weights", str(small_model_path),
-        "--redis-url", settings.redis_url,
-        "--queue-name", settings.queue_name,
-        "--port", str(port),
-        "--batch-size", "4",
+    process, base = start_serving(
+        settings, "--engine", "onnx", "--weights", str(small_model_path), "--batch-size", "4",
+        timeout=180,
     )  # fmt: skip
-    url = f"http://127.0.0.1:{port}/predict"
+    url = base + "/predict"
     try:
-        wait_for_http(url, process, timeout=180)
         data = (IMAGES / "coffee.png").read_bytes()
         response = requests.post(url, files={"image": ("coffee.png", data)}, timeout=60)
     finally:
