@@ -1,15 +1,23 @@
-"""Serve a Keras image classifier as a REST API, batching through Redis.
+"""Serve Keras image classifiers as a REST API, batching through Redis.
 
 Modules, each owning one thing:
     settings        every knob: CLI > environment > default
+    catalog         model specs: built-in names, .keras files, labels, models file
+    labels          the ImageNet class names, shipped
     protocol        Redis key names and the messages between web and worker
-    queue           the Redis queue: push / wait for a result, claim a batch
+    queue           the Redis queue: push / wait, crash-safe claims, heartbeats
+    shards          several Redis instances: pick one per request, skip dead ones
+    routing         the models a web server routes to, and their input sizes
     images          upload -> RGB uint8 array at the model's input size
     web             the Flask app factory (never imports TensorFlow)
     ui              the upload page at / and the OpenAPI description
-    model           the Keras model (the only module importing it)
+    metrics         Prometheus metrics
+    model           loading and running Keras models (the only module importing Keras)
     onnx_engine     --engine onnx: the same model run by ONNX Runtime
+    simulated       --model sim: a stand-in that only sleeps, for load tests
     worker          the batch loop: claim, one forward pass, answer each
     redis_launcher  a private redis-server when none is running
+    gunicorn_conf   gunicorn's settings for --role web, derived from ours
+    cluster         a local cluster behind nginx (run_cluster.py)
     cli             the entry point behind run_keras_server.py
 """
