@@ -72,7 +72,6 @@ def create_app(settings: Settings, deployment: Deployment | None = None) -> Flas
     app.json.sort_keys = False  # keep {"success", "predictions"} in the seed's order
     if deployment is None:
         deployment = Deployment.from_settings(settings)
-    app.extensions["deployment"] = deployment
     _add_request_log(app)
     _add_predict(app, settings, deployment)
     _add_operations(app, settings, deployment)
