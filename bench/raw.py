@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from keras_server.images import load_image
-from keras_server.worker import Predictor
+from keras_server.worker import Predictor, warm_up
 from stress_test import percentile
 
 RESNET50_INPUT = (224, 224)  # (width, height) the web tier resizes to for ResNet50
@@ -61,7 +61,7 @@ def measure(
     setup_seconds: float | None = None,
 ) -> RawResult:
     """Time `predictor.predict` on `batch` and on its images one at a time."""
-    predictor.warm_up(len(batch))
+    warm_up(predictor, len(batch))
     # One untimed pass at each size: first calls still allocate.
     predictor.predict(batch)
     predictor.predict(batch[:1])

@@ -9,7 +9,6 @@ counted, then the measured ones, through `stress_test.run`.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -23,6 +22,7 @@ from typing import Any, TextIO
 
 import requests
 
+from keras_server.redis_launcher import die_with_parent
 from stress_test import percentile, run
 
 log = logging.getLogger(__name__)
@@ -33,12 +33,6 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
 
 class ServerFailed(RuntimeError):
     """The server under test exited or never answered; the message has its log."""
-
-
-def _die_with_parent() -> None:
-    # In the child: a killed harness must not leave a server holding the CPUs.
-    with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 class ServerProcess:
@@ -63,7 +57,7 @@ class ServerProcess:
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
+            preexec_fn=die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
         )
         deadline = started + timeout
         while time.monotonic() < deadline:

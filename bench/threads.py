@@ -81,6 +81,7 @@ def child(spec: dict[str, Any]) -> dict[str, float]:
     batch = sample_batch(IMAGES, spec["batch_size"])
     from keras_server.catalog import ModelSpec
     from keras_server.model import load_classifier
+    from keras_server.worker import warm_up
 
     keras_model = load_classifier(ModelSpec(name="resnet50", source="resnet50", weights="none"))
     if spec["engine"] == "keras":
@@ -106,7 +107,7 @@ def child(spec: dict[str, Any]) -> dict[str, float]:
             batch=keras_model.batch,
             top_k=keras_model.top_k,
         )
-    predictor.warm_up(len(batch))
+    warm_up(predictor, len(batch))
     predictor.predict(batch)
 
     def batches() -> float:

@@ -63,12 +63,6 @@ class Classifier:
         # predict(), no recompilation for each new batch size once warmed up).
         return np.asarray(self.model.predict_on_batch(self.batch(images)))
 
-    def warm_up(self, batch_size: int) -> None:
-        """Compile before the first request: batch 1 and the full batch traced
-        once make the compiled step accept every size in between."""
-        for n in sorted({1, batch_size}):
-            self.predict(np.zeros((n, *self.input_shape), dtype=np.uint8))
-
 
 def load_classifier(spec: ModelSpec, engine: str = "keras") -> Classifier | OnnxClassifier:
     """Build, load and check the model `spec` describes, run by `engine`: keras,

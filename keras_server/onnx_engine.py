@@ -54,11 +54,6 @@ class OnnxClassifier:
         batch = np.ascontiguousarray(self.batch(images), dtype=np.float32)
         return np.asarray(self.session.run(None, {self.input_name: batch})[0])
 
-    def warm_up(self, batch_size: int) -> None:
-        """The first runs at a new size allocate ONNX Runtime's buffers: do it now."""
-        for n in sorted({1, batch_size}):
-            self.predict(np.zeros((n, *self.input_shape), dtype=np.uint8))
-
 
 def check_batch(input_shape: tuple[int, int, int]) -> np.ndarray:
     """A fixed batch of noise images: the same on every start."""

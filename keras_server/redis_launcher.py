@@ -71,7 +71,7 @@ def answers(url: str) -> bool:
         return False
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child: get SIGTERM if the parent dies, even by kill -9 (Linux)."""
     with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
@@ -118,7 +118,7 @@ class RedisServer:
             # Only tiny prctl code runs in the child; we start Redis before any
             # thread of ours exists. (The death signal follows the *thread* that
             # forked, so start it from the main thread.)
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
+            preexec_fn=die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -44,14 +44,17 @@ class ServedModel:
                 continue
         return found
 
-    def input_size(self) -> tuple[int, int] | None:
-        """(width, height) to resize uploads to; None while unknown."""
+    def input_size(self, workers: list[WorkerInfo] | None = None) -> tuple[int, int] | None:
+        """(width, height) to resize uploads to; None while unknown. Pass the
+        live `workers` if the caller has just read them."""
         now = time.monotonic()
         with self._lock:
             learned_at, size = self._size
             if size is not None and now - learned_at < SIZE_TTL_S:
                 return size
-        sizes = {w.input_size for w in self.live_workers() if w.input_size}
+        if workers is None:
+            workers = self.live_workers()
+        sizes = {w.input_size for w in workers if w.input_size}
         if not sizes:
             return self.spec.static_size
         size = min(sizes)  # several would be a misconfiguration

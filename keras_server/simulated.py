@@ -41,6 +41,3 @@ class SimulatedModel:
         )
         exp = np.exp(logits - logits.max(axis=1, keepdims=True))
         return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
-
-    def warm_up(self, batch_size: int) -> None:
-        """Nothing to compile."""

@@ -122,7 +122,7 @@ def _add_predict(app: Flask, settings: Settings, deployment: Deployment) -> None
         described = []
         for model in deployment.models.values():
             workers = model.live_workers()
-            size = model.input_size()
+            size = model.input_size(workers)
             described.append(
                 {
                     "name": model.name,

@@ -48,8 +48,6 @@ class Predictor(Protocol):
 
     def predict(self, images: np.ndarray) -> np.ndarray: ...
 
-    def warm_up(self, batch_size: int) -> None: ...
-
 
 def top_k(
     probabilities: np.ndarray, labels: Sequence[str], k: int = TOP_K
@@ -307,10 +305,18 @@ class ModelThread(threading.Thread):
             raise self.error
 
 
+def warm_up(predictor: Predictor, batch_size: int) -> None:
+    """Run batch 1 and the full batch once before the first request: the first
+    run at a size compiles (Keras) or allocates buffers (ONNX Runtime), and once
+    both ends are traced Keras's compiled step takes every size in between."""
+    for n in sorted({1, batch_size}):
+        predictor.predict(np.zeros((n, *predictor.input_shape), dtype=np.uint8))
+
+
 def load_and_warm_up(load: Callable[[], Predictor], batch_size: int) -> Predictor:
     predictor = load()
     started = time.perf_counter()
-    predictor.warm_up(batch_size)
+    warm_up(predictor, batch_size)
     log.info(
         "model warmed up in %.1f s (batch sizes 1..%d)", time.perf_counter() - started, batch_size
     )

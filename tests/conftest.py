@@ -27,7 +27,7 @@ from keras_server import protocol
 from keras_server.queue import RequestQueue, connect
 from keras_server.redis_launcher import RedisServer, free_port
 from keras_server.settings import Settings
-from keras_server.worker import Worker
+from keras_server.worker import Worker, warm_up
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGES = ROOT / "images"
@@ -163,9 +163,6 @@ class CountingPredictor:
             raise RuntimeError("simulated model failure")
         return self.inner.predict(images)
 
-    def warm_up(self, batch_size: int) -> None:
-        self.inner.warm_up(batch_size)
-
 
 @pytest.fixture(scope="session")
 def small_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -203,7 +200,7 @@ def small_classifier(small_model_path: Path) -> object:
     from keras_server.model import load_classifier
 
     classifier = load_classifier(ModelSpec(name="small", source=str(small_model_path)))
-    classifier.warm_up(8)
+    warm_up(classifier, 8)
     return classifier
 
 

@@ -13,7 +13,7 @@ from keras_server.labels import imagenet_labels
 from keras_server.model import load_classifier
 from keras_server.settings import Settings
 from keras_server.web import create_app
-from keras_server.worker import ModelLoadError
+from keras_server.worker import ModelLoadError, warm_up
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +41,7 @@ def keras_top5(weights: Path, image_path: Path) -> list[tuple[str, float]]:
 
 def test_predict_equals_keras_on_the_same_weights(resnet_weights: Path, settings: Settings) -> None:
     classifier = load_classifier(resnet50(str(resnet_weights)))
-    classifier.warm_up(2)
+    warm_up(classifier, 2)
     client = create_app(settings).test_client()
     with WorkerThread(make_worker(settings, CountingPredictor(classifier))):
         response = client.post(

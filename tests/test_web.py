@@ -70,8 +70,11 @@ def test_concurrent_requests_share_forward_passes(
     with ThreadPoolExecutor(16) as pool:
         responses = list(pool.map(lambda i: post(client, images[i % 3]), range(48)))
     assert all(r.status_code == 200 for r in responses)
-    tops = {r.get_json()["predictions"][0]["label"] for r in responses}
-    assert len(tops) >= 1
+    # Answers reach the right requests: the same image always gets the same top
+    # class, whatever batch it was in (scores may differ in the last digits).
+    for image in range(3):
+        tops = {r.get_json()["predictions"][0]["label"] for r in responses[image::3]}
+        assert len(tops) == 1
     assert sum(served.batches) == 48
     assert len(served.batches) < 48, "concurrent requests should be batched"
 
