@@ -21,6 +21,7 @@ from .labels import imagenet_labels
 
 PREPROCESSING = ("caffe", "tf", "torch", "none", "scale")
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,9 @@ class ModelSpec:
     labels: str | None = None  # a labels file; ImageNet's for builtins
     preprocessing: str | None = None  # None: the builtin's own; "none" for files
     top_k: int = 5
+    # Said in every answer and heartbeat, so a rolling upgrade shows which
+    # version served each request.
+    version: str = "1"
 
     @property
     def builtin(self) -> Builtin | None:
@@ -98,6 +102,11 @@ class ModelSpec:
             raise CatalogError(
                 f"model {self.name!r}: preprocessing {self.preprocessing!r} is not one of "
                 f"{', '.join(PREPROCESSING)}"
+            )
+        if not VERSION.match(self.version):
+            raise CatalogError(
+                f"model {self.name!r}: version {self.version!r}: use 1-64 letters, digits, "
+                "'.', '_' or '-'"
             )
         if not 1 <= self.top_k <= 1000:
             raise CatalogError(f"model {self.name!r}: top_k must be between 1 and 1000")
@@ -167,7 +176,7 @@ def load_models_file(path: str | Path) -> tuple[list[ModelSpec], str]:
     tables = data.get("models")
     if not isinstance(tables, dict) or not tables:
         raise CatalogError(f"models file {path}: no [models.NAME] tables")
-    known = {"model", "weights", "labels", "preprocessing", "top_k"}
+    known = {"model", "weights", "labels", "preprocessing", "top_k", "version"}
     specs = []
     for name, table in tables.items():
         unknown = set(table) - known
@@ -185,6 +194,7 @@ def load_models_file(path: str | Path) -> tuple[list[ModelSpec], str]:
                 labels=_relative(path, table["labels"]) if "labels" in table else None,
                 preprocessing=table.get("preprocessing"),
                 top_k=int(table.get("top_k", 5)),
+                version=str(table.get("version", "1")),
             ).validate()
         )
     default = data.get("default", specs[0].name)

@@ -102,8 +102,10 @@ def make_workers(
 ) -> list[Worker]:
     """The claim loops of one model (default: the default model): one per Redis
     shard, all sharing the model, taking turns."""
-    _, default = settings.model_specs()
+    specs, default = settings.model_specs()
     name = model or default
+    spec = find(specs, name)
+    version = spec.version if spec else ""
     keys = protocol.Keys.for_model(settings.queue_name, name, default)
     turn = FairLock() if len(settings.redis_urls) > 1 else None
     block = CLAIM_WAIT_S + settings.max_batch_delay_ms / 1000
@@ -118,6 +120,7 @@ def make_workers(
             batch_delay=settings.max_batch_delay_ms / 1000,
             description=getattr(predictor, "description", ""),
             name=name,
+            version=version,
             turn=turn,
         )
         log.info("worker %s: model %r, queue %r at %s", worker.id, name, keys.queue, label(url))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import json
 import time
 import uuid
@@ -155,14 +156,19 @@ class WorkerInfo:
     name: str = ""  # the model's name in the deployment
     input_size: tuple[int, int] | None = None  # (width, height) the web tier resizes to
     labels: int = 0  # how many classes
+    version: str = ""  # the model's version (ModelSpec.version)
 
     def encode(self) -> bytes:
         return json.dumps(self.__dict__).encode()
 
     @classmethod
     def decode(cls, raw: bytes | str) -> WorkerInfo:
+        """Fields this version does not know are ignored, so a newer worker
+        never looks dead to an older web server during a rolling upgrade."""
         try:
             fields = json.loads(raw)
+            known = {f.name for f in dataclasses.fields(cls)}
+            fields = {k: v for k, v in fields.items() if k in known}
             if fields.get("input_size") is not None:
                 fields["input_size"] = tuple(int(n) for n in fields["input_size"])
             return cls(**fields)
@@ -170,8 +176,12 @@ class WorkerInfo:
             raise BadMessage(f"malformed heartbeat: {exc!r}") from None
 
 
-def success_result(predictions: list[dict[str, Any]]) -> bytes:
-    return json.dumps({"success": True, "predictions": predictions}).encode()
+def success_result(predictions: list[dict[str, Any]], model: str = "", version: str = "") -> bytes:
+    """The answer, naming the model and version that made it when known."""
+    body: dict[str, Any] = {"success": True, "predictions": predictions}
+    if model:
+        body["model"] = {"name": model, "version": version}
+    return json.dumps(body).encode()
 
 
 def error_result(message: str) -> bytes:

@@ -37,6 +37,7 @@ class Settings:
     labels: str = ""
     preprocessing: str = ""
     top_k: int = 5
+    model_version: str = "1"
     models_file: str = ""
     serve: str = "all"
     batch_size: int = 32
@@ -73,6 +74,7 @@ class Settings:
             labels=self.labels or None,
             preprocessing=self.preprocessing or None,
             top_k=self.top_k,
+            version=self.model_version,
         )
         return [spec.validate()], name
 
@@ -235,6 +237,13 @@ KNOBS: tuple[Knob, ...] = (
         "MODE",
     ),
     Knob("top_k", _top_k, "classes in each answer", "K"),
+    Knob(
+        "model_version",
+        _non_empty,
+        "the model's version, named in every answer (a rolling upgrade starts workers "
+        "with a new one)",
+        "VERSION",
+    ),
     Knob(
         "models_file",
         _text,

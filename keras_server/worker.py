@@ -77,6 +77,7 @@ class Worker:
         batch_delay: float = 0.0,
         description: str = "",
         name: str = "",
+        version: str = "",
         turn: contextlib.AbstractContextManager[object] | None = None,
     ) -> None:
         """`turn`, shared by workers that share one model (one per shard), is
@@ -90,6 +91,7 @@ class Worker:
         self.batch_delay = batch_delay
         self.description = description or type(predictor).__name__
         self.name = name
+        self.version = version
         self.turn = turn or contextlib.nullcontext()
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
@@ -104,6 +106,7 @@ class Worker:
             name=self.name,
             input_size=(width, height),
             labels=len(self.predictor.labels),
+            version=self.version,
         )
 
     def run(self, stop: threading.Event) -> None:
@@ -229,7 +232,7 @@ class Worker:
         labels = self.predictor.labels
         k = getattr(self.predictor, "top_k", TOP_K)
         return {
-            r.id: protocol.success_result(top_k(p, labels, k))
+            r.id: protocol.success_result(top_k(p, labels, k), self.name, self.version)
             for r, p in zip(batch, probabilities, strict=True)
         }
 

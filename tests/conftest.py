@@ -234,6 +234,8 @@ def make_worker(
         predictor,
         batch_size or settings.batch_size,
         result_ttl=settings.result_timeout,
+        name=settings.model,
+        version=settings.model_version,
         **options,
     )
 

@@ -114,6 +114,8 @@ def test_results_are_the_response_bodies() -> None:
     ok = protocol.decode_result(protocol.success_result([{"label": "tabby", "probability": 0.5}]))
     assert list(ok) == ["success", "predictions"]
     assert ok["success"] is True
+    named = protocol.decode_result(protocol.success_result([], "flowers", "2"))
+    assert named["model"] == {"name": "flowers", "version": "2"}
     assert protocol.decode_result(protocol.error_result("boom")) == {
         "success": False,
         "error": "boom",
@@ -128,3 +130,10 @@ def test_top_k_highest_first() -> None:
     assert best[0]["probability"] == pytest.approx(0.4)
     assert isinstance(best[0]["probability"], float)
     assert len(top_k(probabilities, labels, k=10)) == 5
+
+
+def test_heartbeats_ignore_fields_they_do_not_know() -> None:
+    """A newer worker's heartbeat must not look dead to an older web server."""
+    info = protocol.WorkerInfo(model="m", batch_size=1, host="h", pid=1, at=1.0, version="7")
+    newer = json.loads(info.encode()) | {"gpu": "H100", "engine": "openvino"}
+    assert protocol.WorkerInfo.decode(json.dumps(newer)) == info

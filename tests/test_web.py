@@ -51,7 +51,8 @@ def test_predict_returns_top5_in_the_seed_shape(
     response = post(client, CHELSEA)
     assert response.status_code == 200
     body = response.get_json()
-    assert list(body) == ["success", "predictions"]
+    assert list(body)[:2] == ["success", "predictions"]
+    assert body["model"] == {"name": "resnet50", "version": "1"}
     assert body["success"] is True
     predictions = body["predictions"]
     assert len(predictions) == 5
