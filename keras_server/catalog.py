@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .labels import imagenet_labels
+from .protocol import KEY_PARTS
 
 PREPROCESSING = ("caffe", "tf", "torch", "none", "scale")
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -200,6 +201,12 @@ def load_models_file(path: str | Path) -> tuple[list[ModelSpec], str]:
     default = data.get("default", specs[0].name)
     if default not in {s.name for s in specs}:
         raise CatalogError(f"models file {path}: default model {default!r} is not defined")
+    for spec in specs:
+        if spec.name != default and spec.name in KEY_PARTS:
+            raise CatalogError(
+                f"models file {path}: model name {spec.name!r} is reserved (the Redis keys "
+                f"of every queue use {', '.join(KEY_PARTS)}); choose another name"
+            )
     return specs, default
 
 

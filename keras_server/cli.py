@@ -26,7 +26,7 @@ from . import protocol
 from .catalog import SIM, CatalogError, ModelSpec, find
 from .logs import configure_logging
 from .metrics import MULTIPROCESS_DIR_ENV
-from .queue import RequestQueue, connect
+from .queue import RequestQueue
 from .redis_launcher import RedisUnavailable, ensure_redis
 from .settings import Settings, SettingsError, load_settings, to_environment
 from .shards import label
@@ -108,11 +108,15 @@ def make_workers(
     version = spec.version if spec else ""
     keys = protocol.Keys.for_model(settings.queue_name, name, default)
     turn = FairLock() if len(settings.redis_urls) > 1 else None
-    block = CLAIM_WAIT_S + settings.max_batch_delay_ms / 1000
+    # A claim blocks in Redis for CLAIM_WAIT_S, or the batch delay while it fills.
+    block = max(CLAIM_WAIT_S, settings.max_batch_delay_ms / 1000)
     workers = []
     for url in settings.redis_urls:
+        queue = RequestQueue.open(
+            url, keys, timeout=settings.redis_timeout, wait_timeout=block + settings.redis_timeout
+        )
         worker = Worker(
-            RequestQueue(connect(url, block_seconds=block), keys),
+            queue,
             predictor,
             settings.batch_size,
             result_ttl=settings.result_timeout,

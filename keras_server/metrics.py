@@ -29,6 +29,8 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from .shards import UNREACHABLE
+
 if TYPE_CHECKING:
     from .routing import Deployment
 
@@ -91,9 +93,14 @@ class RedisCollector(Collector):
         for model in self.deployment.models.values():
             for queue in model.shards.queues:
                 shard = model.shards.name(queue)
+                if model.shards.is_down(queue):
+                    reachable.setdefault(shard, 0)
+                    continue
                 try:
                     waiting, workers = queue.depth(), queue.workers()
-                except redis.RedisError:
+                except redis.RedisError as exc:
+                    if isinstance(exc, UNREACHABLE):
+                        model.shards.mark_down(queue, exc)
                     reachable.setdefault(shard, 0)
                     continue
                 reachable[shard] = 1

@@ -40,6 +40,13 @@ class BadMessage(ValueError):
     """A queue entry that is not a well-formed request."""
 
 
+# The words a queue's own keys add after its name. Another model's queue is
+# "<queue-name>:<model>", so a model named after one of them would share keys
+# with the default model (a model "workers" would queue into its workers set):
+# catalog refuses these names for every model but the default.
+KEY_PARTS = ("result", "processing", "worker", "workers")
+
+
 @dataclass(frozen=True)
 class Keys:
     """Every Redis key name the service uses is built here and only here."""
@@ -50,7 +57,11 @@ class Keys:
     def for_model(cls, queue_name: str, model: str, default: str) -> Keys:
         """Each model has its own queue. The default model keeps the plain
         --queue-name, so a one-model deployment's keys never change."""
-        return cls(queue_name if model == default else f"{queue_name}:{model}")
+        if model == default:
+            return cls(queue_name)
+        if model in KEY_PARTS:
+            raise ValueError(f"model name {model!r} would collide with the queue's own keys")
+        return cls(f"{queue_name}:{model}")
 
     @property
     def queue(self) -> str:

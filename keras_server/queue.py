@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from typing import Any
+from urllib.parse import unquote
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from redis.sentinel import Sentinel
 
 from .protocol import BadMessage, Keys, WorkerInfo
 
@@ -31,6 +34,7 @@ Pipeline = redis.client.Pipeline
 
 # BLPOP/BLMOVE treat a timeout of 0 as "forever": never let rounding get us there.
 MIN_BLOCK_S = 0.01
+SENTINEL_SCHEME = "redis+sentinel://"
 
 # KEYS: queue. ARGV: payload, max depth. Returns the new depth, or -1 if full.
 _PUSH = """
@@ -65,29 +69,89 @@ class QueueFull(Exception):
     """The queue holds --max-queue requests already: come back later."""
 
 
-def connect(url: str, *, block_seconds: float) -> redis.Redis:
-    """A client for `url` whose reads outlast a blocking call of `block_seconds`.
+def connect(url: str, *, timeout: float, read_timeout: float | None = None) -> redis.Redis:
+    """A client for `url` that gives up on a silent server after `timeout` s.
 
-    Connecting fails fast and nothing is retried behind our back: the web tier
-    must answer 503 within a second while Redis is down, and the worker loop
-    has its own backoff.
+    A hung host (stopped process, network partition) keeps its connections
+    open and never answers; without a read timeout each command would wait
+    for it indefinitely. A client that makes blocking calls (BLPOP, BLMOVE)
+    needs a `read_timeout` longer than its longest block. Nothing is retried
+    behind our back: the web tier answers 503 at once while Redis is down,
+    and the worker loop has its own backoff.
+
+    `redis+sentinel://host:port[,host:port...]/MASTER[/DB]` asks those Redis
+    Sentinels for the current master of MASTER, and again after a failover.
     """
-    return redis.Redis.from_url(
-        url,
-        socket_connect_timeout=0.5,
-        socket_timeout=block_seconds + 5.0,
-        retry=Retry(NoBackoff(), 0),
-        health_check_interval=30,
-    )
+    options: dict[str, Any] = {
+        "socket_connect_timeout": timeout,
+        "socket_timeout": timeout if read_timeout is None else read_timeout,
+        "retry": Retry(NoBackoff(), 0),
+        "health_check_interval": 30,
+    }
+    if url.startswith(SENTINEL_SCHEME):
+        sentinels, master, db, password = parse_sentinel_url(url)
+        sentinel = Sentinel(
+            sentinels,
+            sentinel_kwargs={"socket_connect_timeout": timeout, "socket_timeout": timeout},
+            **options,
+        )
+        return sentinel.master_for(master, db=db, password=password)
+    return redis.Redis.from_url(url, **options)
+
+
+def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, int, str | None]:
+    """(sentinel addresses, master name, db, password) of a redis+sentinel:// URL."""
+    rest = url.removeprefix(SENTINEL_SCHEME)
+    password = None
+    if "@" in rest:
+        credentials, rest = rest.rsplit("@", 1)
+        password = unquote(credentials.split(":", 1)[-1]) or None
+    hosts, _, path = rest.partition("/")
+    parts = [p for p in path.split("/") if p]
+    if not hosts or not parts or len(parts) > 2:
+        raise ValueError(f"expected {SENTINEL_SCHEME}HOST:PORT[,HOST:PORT...]/MASTER[/DB]")
+    sentinels = []
+    for host in hosts.split(","):
+        name, _, port = host.rpartition(":")
+        if not name or not port.isdigit():
+            raise ValueError(f"sentinel address {host!r}: expected HOST:PORT")
+        sentinels.append((name.strip("[]"), int(port)))
+    if len(parts) == 2 and not parts[1].isdigit():
+        raise ValueError(f"database {parts[1]!r}: expected a number")
+    return sentinels, parts[0], int(parts[1]) if len(parts) == 2 else 0, password
 
 
 class RequestQueue:
-    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+    """One model's queue on one Redis.
+
+    `client` runs the quick commands; `waiter`, if given, the blocking ones
+    (BLPOP, BLMOVE), whose read timeout must outlast the block. Two clients,
+    so a quick command on a hung host fails after the short timeout rather
+    than the long one.
+    """
+
+    def __init__(self, client: redis.Redis, keys: Keys, waiter: redis.Redis | None = None) -> None:
         self.client = client
+        self.waiter = waiter or client
         self.keys = keys
         self._push = client.register_script(_PUSH)
         self._claim_more = client.register_script(_CLAIM_MORE)
         self._requeue = client.register_script(_REQUEUE)
+
+    @classmethod
+    def open(cls, url: str, keys: Keys, *, timeout: float, wait_timeout: float) -> RequestQueue:
+        """A queue on `url`: quick commands give up after `timeout` s, blocking
+        ones (which never block longer than `wait_timeout`) after `wait_timeout`."""
+        return cls(
+            connect(url, timeout=timeout),
+            keys,
+            connect(url, timeout=timeout, read_timeout=wait_timeout),
+        )
+
+    def close(self) -> None:
+        self.client.close()
+        if self.waiter is not self.client:
+            self.waiter.close()
 
     # -- web side ---------------------------------------------------------
 
@@ -106,7 +170,7 @@ class RequestQueue:
         BLPOP both waits and removes the answer, so nothing is left behind.
         """
         key = self.keys.result(request_id)
-        reply = self.client.blpop([key], timeout=max(timeout, MIN_BLOCK_S))
+        reply = self.waiter.blpop([key], timeout=max(timeout, MIN_BLOCK_S))
         return None if reply is None else reply[1]
 
     def depth(self) -> int:
@@ -132,7 +196,7 @@ class RequestQueue:
     def claim_first(self, worker_id: str, wait: float) -> bytes | None:
         """Block up to `wait` s for one request and move it to the processing list."""
         processing = self.keys.processing(worker_id)
-        return self.client.blmove(
+        return self.waiter.blmove(
             self.keys.queue, processing, max(wait, MIN_BLOCK_S), "LEFT", "RIGHT"
         )
 
@@ -146,7 +210,7 @@ class RequestQueue:
             remaining = until - time.monotonic()
             if len(items) >= max_items or remaining < MIN_BLOCK_S:
                 break
-            more = self.client.blmove(queue, processing, remaining, "LEFT", "RIGHT")
+            more = self.waiter.blmove(queue, processing, remaining, "LEFT", "RIGHT")
             if more is None:
                 break
             items.append(more)

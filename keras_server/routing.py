@@ -17,7 +17,7 @@ import redis
 from .catalog import ModelSpec
 from .protocol import Keys, WorkerInfo
 from .settings import Settings
-from .shards import ShardSet
+from .shards import UNREACHABLE, ShardSet
 
 # How long a learned input size is trusted before asking Redis again.
 SIZE_TTL_S = 5.0
@@ -35,11 +35,13 @@ class ServedModel:
         return self.spec.name
 
     def live_workers(self) -> list[WorkerInfo]:
-        """Live workers over the reachable shards (unreachable ones are skipped)."""
+        """Live workers over the shards that are up (the others are skipped)."""
         found = []
-        for queue in self.shards.queues:
+        for queue in self.shards.up():
             try:
                 found += [info for info in queue.workers().values() if info is not None]
+            except UNREACHABLE as exc:
+                self.shards.mark_down(queue, exc)
             except redis.RedisError:
                 continue
         return found
@@ -74,7 +76,13 @@ class Deployment:
         models = {}
         for spec in specs:
             keys = Keys.for_model(settings.queue_name, spec.name, default)
-            shards = ShardSet.connect(settings.redis_urls, keys, settings.result_timeout)
+            shards = ShardSet.connect(
+                settings.redis_urls,
+                keys,
+                timeout=settings.redis_timeout,
+                # A result wait blocks until the request's deadline at most.
+                wait_timeout=settings.result_timeout,
+            )
             models[spec.name] = ServedModel(spec, shards)
         return cls(models, default)
 

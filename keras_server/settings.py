@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .catalog import BUILTINS, PREPROCESSING, SIM, ModelSpec, load_models_file
+from .queue import SENTINEL_SCHEME, parse_sentinel_url
 
 ENV_PREFIX = "KERAS_SERVER_"
 ROLES = ("all", "web", "worker")
@@ -32,6 +33,7 @@ class Settings:
     # False when redis_url is the default: only then may we start a private
     # redis-server if nothing answers there (see redis_launcher).
     redis_url_given: bool = False
+    redis_timeout: float = 1.0
     model: str = "resnet50"
     weights: str = "imagenet"
     labels: str = ""
@@ -80,7 +82,7 @@ class Settings:
 
     @property
     def redis_urls(self) -> tuple[str, ...]:
-        return tuple(self.redis_url.split(","))
+        return split_redis_urls(self.redis_url)
 
     @property
     def max_upload_bytes(self) -> int:
@@ -136,12 +138,24 @@ def _batch_size(text: str) -> int:
     return value
 
 
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://", SENTINEL_SCHEME)
+
+
+def split_redis_urls(text: str) -> tuple[str, ...]:
+    """The shards' URLs. Commas separate shards, except inside a
+    redis+sentinel:// URL, whose sentinel addresses are comma-separated too: a
+    new shard starts only where a scheme follows the comma."""
+    return tuple(u.strip() for u in re.split(r",(?=\s*[a-z+]+://)", text))
+
+
 def _redis_urls(text: str) -> str:
     """One Redis URL, or several (shards) separated by commas."""
-    urls = [u.strip() for u in text.split(",")]
+    urls = split_redis_urls(text)
     for url in urls:
-        if not url.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("each URL must start with redis://, rediss:// or unix://")
+        if not url.startswith(REDIS_SCHEMES):
+            raise ValueError(f"each URL must start with {', '.join(REDIS_SCHEMES)}")
+        if url.startswith(SENTINEL_SCHEME):
+            parse_sentinel_url(url)
     if len(set(urls)) != len(urls):
         raise ValueError("a Redis URL is listed twice")
     return ",".join(urls)
@@ -208,6 +222,13 @@ KNOBS: tuple[Knob, ...] = (
         "Redis holding the queue, or several separated by commas (shards); if not "
         "given and nothing answers at the default, --role all starts a private redis-server",
         "URL[,URL...]",
+    ),
+    Knob(
+        "redis_timeout",
+        _positive_float,
+        "seconds any Redis command but the waits for work and answers may take; a shard "
+        "that takes longer (a hung host) is skipped like one that refuses connections",
+        "SECONDS",
     ),
     Knob(
         "model",

@@ -1,10 +1,12 @@
 """Several Redis instances ("shards"), each holding its own copy of the queue.
 
 A web server knows every shard. Each request goes to one: the shorter queue
-of two random healthy shards (power of two choices), and its result is
-awaited on that same shard. A shard that fails is skipped for a short
-cool-down, then tried again. A worker serves one shard or several (one claim
-loop per shard, sharing the model: see worker.FairLock).
+of two random shards that are up (power of two choices), and its result is
+awaited on that same shard. A shard that fails — refuses connections, or
+stays silent past --redis-timeout like a hung host — is marked down: requests
+skip it without asking it anything, and a background probe pings it until it
+answers again. A worker serves one shard or several (one claim loop per
+shard, sharing the model: see worker.FairLock).
 
 With one shard all of this reduces to that shard.
 """
@@ -14,21 +16,32 @@ from __future__ import annotations
 import logging
 import random
 import threading
-import time
 from collections.abc import Sequence
 
 import redis
 
 from .protocol import Keys
-from .queue import RequestQueue, connect
+from .queue import RequestQueue, parse_sentinel_url
 
 log = logging.getLogger(__name__)
 
-COOLDOWN_S = 2.0
+# How often a down shard is pinged to see whether it is back.
+PROBE_INTERVAL_S = 0.5
+
+# What a shard that cannot answer raises: refused or reset connections, and
+# reads that time out on a host that keeps its connections open but is silent.
+UNREACHABLE = (redis.ConnectionError, redis.TimeoutError)
+
+
+class NoShardUp(redis.ConnectionError):
+    """Every shard is marked down; nothing was asked of any of them."""
 
 
 def label(url: str) -> str:
     """host:port/db of a Redis URL, without any password: safe for logs and metrics."""
+    if url.startswith("redis+sentinel://"):
+        _, master, db, _ = parse_sentinel_url(url)
+        return f"sentinel:{master}/{db}"
     kwargs = redis.connection.parse_url(url)
     if "path" in kwargs:
         return str(kwargs["path"])
@@ -46,35 +59,70 @@ class ShardSet:
             raise ValueError("one name per shard, at least one shard")
         self.queues = list(queues)
         self.names = dict(zip(map(id, queues), names, strict=True))
-        self._down_until: dict[int, float] = {}
+        self._down: set[int] = set()
         self._lock = threading.Lock()
+        self._probing = False
         self._rng = rng or random.Random()
 
     @classmethod
-    def connect(cls, urls: Sequence[str], keys: Keys, block_seconds: float) -> ShardSet:
-        queues = [RequestQueue(connect(url, block_seconds=block_seconds), keys) for url in urls]
+    def connect(
+        cls, urls: Sequence[str], keys: Keys, *, timeout: float, wait_timeout: float
+    ) -> ShardSet:
+        queues = [
+            RequestQueue.open(url, keys, timeout=timeout, wait_timeout=wait_timeout) for url in urls
+        ]
         return cls(queues, [label(url) for url in urls])
 
     def name(self, queue: RequestQueue) -> str:
         return self.names[id(queue)]
 
-    def healthy(self) -> list[RequestQueue]:
-        now = time.monotonic()
+    def is_down(self, queue: RequestQueue) -> bool:
         with self._lock:
-            up = [q for q in self.queues if self._down_until.get(id(q), 0) <= now]
-        # All marked down: try them all rather than refuse without asking.
-        return up or list(self.queues)
+            return id(queue) in self._down
+
+    def up(self) -> list[RequestQueue]:
+        """The shards not marked down, without asking any of them."""
+        with self._lock:
+            return [q for q in self.queues if id(q) not in self._down]
 
     def mark_down(self, queue: RequestQueue, error: Exception) -> None:
+        """Skip `queue` until the probe hears from it again."""
         with self._lock:
-            self._down_until[id(queue)] = time.monotonic() + COOLDOWN_S
-        log.warning(
-            "Redis shard %s failed (%s); skipping it for %g s", self.name(queue), error, COOLDOWN_S
-        )
+            newly = id(queue) not in self._down
+            self._down.add(id(queue))
+            start_probe = not self._probing
+            self._probing = True
+        if newly:
+            log.warning(
+                "Redis shard %s failed (%s); skipping it until it answers", self.name(queue), error
+            )
+        if start_probe:
+            threading.Thread(target=self._probe, name="shard-probe", daemon=True).start()
+
+    def _probe(self) -> None:
+        """Ping the down shards until every one answers again."""
+        event = threading.Event()
+        while True:
+            with self._lock:
+                down = [q for q in self.queues if id(q) in self._down]
+                if not down:
+                    self._probing = False
+                    return
+            for queue in down:
+                try:
+                    queue.client.ping()
+                except redis.RedisError:
+                    continue
+                with self._lock:
+                    self._down.discard(id(queue))
+                log.info("Redis shard %s answers again", self.name(queue))
+            event.wait(PROBE_INTERVAL_S)
 
     def pick(self) -> RequestQueue:
-        """The shorter queue of two random healthy shards."""
-        candidates = self.healthy()
+        """The shorter queue of two random shards that are up."""
+        candidates = self.up()
+        if not candidates:
+            raise NoShardUp("no Redis shard is reachable")
         if len(candidates) == 1:
             return candidates[0]
         first, second = self._rng.sample(candidates, 2)
@@ -82,7 +130,7 @@ class ShardSet:
         for queue in (first, second):
             try:
                 depths[id(queue)] = queue.depth()
-            except redis.ConnectionError as exc:
+            except UNREACHABLE as exc:
                 self.mark_down(queue, exc)
         if not depths:
             return first  # both failed just now: let the caller's push report it
@@ -92,17 +140,23 @@ class ShardSet:
         """Queue `payload` on a picked shard; returns the shard that took it.
 
         A shard that cannot be reached is marked down and one other is tried.
-        QueueFull and other errors propagate.
+        A timed-out push may still have landed on the silent shard; if it wakes
+        up, its worker skips the copy once the deadline has passed, and nobody
+        collects an answer to it. QueueFull and other errors propagate.
         """
         queue = self.pick()
         try:
             queue.push(payload, max_depth=max_depth)
             return queue
-        except redis.ConnectionError as exc:
+        except UNREACHABLE as exc:
             self.mark_down(queue, exc)
-            others = [q for q in self.healthy() if q is not queue]
+            others = [q for q in self.up() if q is not queue]
             if not others:
                 raise
         retry = self._rng.choice(others)
-        retry.push(payload, max_depth=max_depth)
+        try:
+            retry.push(payload, max_depth=max_depth)
+        except UNREACHABLE as exc:
+            self.mark_down(retry, exc)
+            raise
         return retry

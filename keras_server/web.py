@@ -21,6 +21,7 @@ from .images import ImageError, load_image
 from .queue import QueueFull
 from .routing import Deployment, ServedModel
 from .settings import Settings, load_settings
+from .shards import UNREACHABLE
 from .ui import blueprint as ui_blueprint
 
 log = logging.getLogger(__name__)
@@ -159,7 +160,13 @@ def _add_predict(app: Flask, settings: Settings, deployment: Deployment) -> None
             queue = shards.push(protocol.encode_request(job), max_depth=settings.max_queue)
             metrics.QUEUED.labels(model.name, shards.name(queue)).inc()
             # The answer comes back on the shard that took the request.
-            raw = queue.wait_result(job.id, timeout=job.deadline - time.time())
+            try:
+                raw = queue.wait_result(job.id, timeout=job.deadline - time.time())
+            except redis.TimeoutError as exc:
+                # The shard went silent while we waited (a hung host): its
+                # read timeout is the request's deadline, so this is a 504.
+                shards.mark_down(queue, exc)
+                raw = None
         except QueueFull:
             log.warning("queue full (%d waiting): refused", settings.max_queue)
             return unavailable("the server is at capacity (the queue is full); retry shortly")
@@ -201,9 +208,14 @@ def _add_operations(app: Flask, settings: Settings, deployment: Deployment) -> N
             serving, reachable = 0, 0
             for queue in model.shards.queues:
                 where = model.shards.name(queue)
+                if model.shards.is_down(queue):
+                    down.add(f"Redis at {where} is unreachable (marked down)")
+                    continue
                 try:
                     workers = [info for info in queue.workers().values() if info is not None]
                 except redis.RedisError as exc:
+                    if isinstance(exc, UNREACHABLE):
+                        model.shards.mark_down(queue, exc)
                     down.add(f"Redis at {where} is unreachable: {exc}")
                     continue
                 reachable += 1

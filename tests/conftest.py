@@ -24,7 +24,7 @@ from PIL import Image
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from keras_server import protocol
-from keras_server.queue import RequestQueue, connect
+from keras_server.queue import RequestQueue
 from keras_server.redis_launcher import RedisServer, free_port
 from keras_server.settings import Settings
 from keras_server.worker import Worker, warm_up
@@ -142,9 +142,12 @@ def settings(redis_server: RedisServer, redis_client: redis.Redis) -> Settings:
 
 @pytest.fixture
 def queue(settings: Settings) -> Iterator[RequestQueue]:
-    client = connect(settings.redis_url, block_seconds=settings.result_timeout)
-    yield RequestQueue(client, protocol.Keys(settings.queue_name))
-    client.close()
+    keys = protocol.Keys(settings.queue_name)
+    queue = RequestQueue.open(
+        settings.redis_url, keys, timeout=1, wait_timeout=settings.result_timeout + 1
+    )
+    yield queue
+    queue.close()
 
 
 class CountingPredictor:
@@ -228,9 +231,9 @@ class WorkerThread:
 def make_worker(
     settings: Settings, predictor: object, batch_size: int | None = None, **options: float
 ) -> Worker:
-    client = connect(settings.redis_url, block_seconds=1)
+    keys = protocol.Keys(settings.queue_name)
     return Worker(
-        RequestQueue(client, protocol.Keys(settings.queue_name)),
+        RequestQueue.open(settings.redis_url, keys, timeout=1, wait_timeout=2),
         predictor,
         batch_size or settings.batch_size,
         result_ttl=settings.result_timeout,

@@ -7,7 +7,7 @@ import pytest
 import redis
 
 from keras_server.protocol import WorkerInfo
-from keras_server.queue import QueueFull, RequestQueue, connect
+from keras_server.queue import QueueFull, RequestQueue
 from keras_server.settings import Settings
 
 
@@ -49,7 +49,7 @@ def test_two_concurrent_consumers_take_each_item_exactly_once(
     producing = threading.Event()
 
     def consume(worker_id: str, into: list[bytes]) -> None:
-        own = RequestQueue(connect(settings.redis_url, block_seconds=1), queue.keys)
+        own = RequestQueue.open(settings.redis_url, queue.keys, timeout=1, wait_timeout=2)
         while producing.is_set() or own.depth():
             into.extend(own.claim(worker_id, 7, wait=0.05))
             own.finish(worker_id, {}, ttl=1)

@@ -24,7 +24,7 @@ from conftest import (
 )
 
 from keras_server import protocol
-from keras_server.queue import RequestQueue, connect
+from keras_server.queue import RequestQueue
 from keras_server.redis_launcher import (
     RedisServer,
     bundled_redis_server,
@@ -200,7 +200,7 @@ def test_results_of_a_dead_request_do_not_pile_up(settings: Settings, queue: Req
     assert len(raw) == 1
     queue.client.delete(queue.keys.queue)
     request = protocol.decode_request(raw[0])
-    worker_queue = RequestQueue(connect(settings.redis_url, block_seconds=1), queue.keys)
+    worker_queue = RequestQueue.open(settings.redis_url, queue.keys, timeout=1, wait_timeout=2)
     worker_queue.finish("w", {request.id: b"late"}, ttl=0.3)
     wait_until(lambda: not queue.client.exists(queue.keys.result(request.id)), what="expiry")
 

@@ -13,7 +13,7 @@ import redis
 from conftest import IMAGES, WorkerThread, make_worker
 
 from keras_server import protocol
-from keras_server.queue import RequestQueue, connect
+from keras_server.queue import RequestQueue
 from keras_server.redis_launcher import RedisServer, free_port
 from keras_server.settings import Settings
 from keras_server.simulated import SimulatedModel
@@ -130,7 +130,7 @@ def test_queue_entries_are_never_unpickled_or_evaluated(
     worker = make_worker(settings, SimulatedModel(1, 0))
     assert worker.run_once(wait=1) == 2
     assert not target.exists()
-    answer = RequestQueue(connect(settings.redis_url, block_seconds=1), queue.keys)
+    answer = RequestQueue.open(settings.redis_url, queue.keys, timeout=1, wait_timeout=2)
     assert json.loads(answer.wait_result("evil", 1)) == {
         "success": False,
         "error": "the request was malformed",

@@ -13,10 +13,10 @@ from conftest import IMAGES
 
 from keras_server import protocol
 from keras_server.cli import make_workers
-from keras_server.queue import RequestQueue, connect
+from keras_server.queue import RequestQueue
 from keras_server.redis_launcher import RedisServer
 from keras_server.settings import Settings
-from keras_server.shards import ShardSet, label
+from keras_server.shards import NoShardUp, ShardSet, label
 from keras_server.simulated import SimulatedModel
 from keras_server.web import create_app
 from keras_server.worker import FairLock, serve
@@ -33,7 +33,7 @@ def two_servers() -> Iterator[list[RedisServer]]:
 
 
 def shard_set(servers: list[RedisServer], seed: int = 0) -> ShardSet:
-    queues = [RequestQueue(connect(s.url, block_seconds=1), KEYS) for s in servers]
+    queues = [RequestQueue.open(s.url, KEYS, timeout=1, wait_timeout=2) for s in servers]
     return ShardSet(queues, [label(s.url) for s in servers], rng=random.Random(seed))
 
 
@@ -63,7 +63,7 @@ def test_a_dead_shard_is_skipped(two_servers: list[RedisServer]) -> None:
     two_servers[0].stop()
     assert all(shards.push(b"x", max_depth=100) is alive for _ in range(20))
     assert alive.depth() == 20
-    assert shards.healthy() == [alive]
+    assert shards.up() == [alive]
 
 
 def test_all_shards_dead_raises(two_servers: list[RedisServer]) -> None:
@@ -71,6 +71,9 @@ def test_all_shards_dead_raises(two_servers: list[RedisServer]) -> None:
     for server in two_servers:
         server.stop()
     with pytest.raises(redis.ConnectionError):
+        shards.push(b"x", max_depth=100)
+    assert shards.up() == []
+    with pytest.raises(NoShardUp):  # both marked down: nothing is asked of them
         shards.push(b"x", max_depth=100)
 
 
