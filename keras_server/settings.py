@@ -20,6 +20,9 @@ from .catalog import BUILTINS, PREPROCESSING, SIM, ModelSpec, load_models_file
 ENV_PREFIX = "KERAS_SERVER_"
 ROLES = ("all", "web", "worker")
 MAX_BATCH_SIZE = 1024
+# One request's images are queued by one Redis script call: keep its argument
+# list well inside Lua's stack.
+MAX_IMAGES = 1024
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 ENGINES = ("keras", "onnx")
 
@@ -48,6 +51,7 @@ class Settings:
     result_timeout: float = 30.0
     max_upload_mb: float = 16.0
     max_image_pixels: int = 50_000_000
+    max_images: int = 64
     role: str = "all"
     web_workers: int = 2
     web_threads: int = 32
@@ -133,6 +137,13 @@ def _batch_size(text: str) -> int:
     value = _positive_int(text)
     if value > MAX_BATCH_SIZE:
         raise ValueError(f"must be at most {MAX_BATCH_SIZE}")
+    return value
+
+
+def _max_images(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_IMAGES:
+        raise ValueError(f"must be at most {MAX_IMAGES}")
     return value
 
 
@@ -292,6 +303,13 @@ KNOBS: tuple[Knob, ...] = (
         _positive_int,
         "largest accepted image (width x height) before a 413",
         "PIXELS",
+    ),
+    Knob(
+        "max_images",
+        _max_images,
+        "most images in one request (repeated image fields on /predict, a v2 infer's "
+        "batch); beyond it a 413",
+        "N",
     ),
     Knob("role", _choice(ROLES), "all: web + model thread; web or worker alone", "ROLE"),
     Knob("web_workers", _positive_int, "--role web: gunicorn worker processes", "N"),

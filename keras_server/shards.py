@@ -106,3 +106,19 @@ class ShardSet:
         retry = self._rng.choice(others)
         retry.push(payload, max_depth=max_depth)
         return retry
+
+    def push_all(self, payloads: Sequence[bytes], max_depth: int) -> RequestQueue:
+        """Queue several requests on one picked shard, all or none (see
+        `RequestQueue.push_all`): they are answered on that same shard."""
+        queue = self.pick()
+        try:
+            queue.push_all(payloads, max_depth=max_depth)
+            return queue
+        except redis.ConnectionError as exc:
+            self.mark_down(queue, exc)
+            others = [q for q in self.healthy() if q is not queue]
+            if not others:
+                raise
+        retry = self._rng.choice(others)
+        retry.push_all(payloads, max_depth=max_depth)
+        return retry

@@ -16,7 +16,7 @@ import redis
 from flask import Flask, Request, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from . import logs, metrics, protocol
+from . import fanout, logs, metrics, protocol, v2
 from .images import ImageError, load_image
 from .queue import QueueFull
 from .routing import Deployment, ServedModel
@@ -26,7 +26,9 @@ from .ui import blueprint as ui_blueprint
 log = logging.getLogger(__name__)
 
 # Probes and scrapes every few seconds would drown the request log.
-QUIET_ENDPOINTS = frozenset({"/healthz", "/readyz", "/metrics"})
+QUIET_ENDPOINTS = frozenset(
+    {"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"}
+)
 
 
 class InMemoryRequest(Request):
@@ -77,6 +79,7 @@ def create_app(settings: Settings, deployment: Deployment | None = None) -> Flas
     _add_operations(app, settings, deployment)
     _add_error_handlers(app, settings)
     app.register_blueprint(ui_blueprint)
+    app.register_blueprint(v2.blueprint(settings, deployment))
     return app
 
 
@@ -136,6 +139,9 @@ def _add_predict(app: Flask, settings: Settings, deployment: Deployment) -> None
         return jsonify(default=deployment.default, models=described)
 
     def classify(model: ServedModel) -> Response | tuple[Any, int]:
+        uploads = request.files.getlist("image")
+        if len(uploads) > 1:
+            return fanout.predict_many(model, uploads, settings)
         upload = request.files.get("image")
         if upload is None:
             return error(
