@@ -1,8 +1,10 @@
-"""The HTTP tier: a Flask app factory with `POST /predict`, health and metrics.
+"""The HTTP tier: a Flask app factory with `POST /predict`, health and metrics,
+and the v2 protocol's blueprint (v2.py).
 
 A request is decoded and resized here, queued in Redis, and answered from its
 own result key. Every answer, errors included, is JSON; no traceback ever
-reaches a client. This module never imports Keras or TensorFlow.
+reaches a client. Several `image` fields are handed to fanout.py. This module
+never imports Keras or TensorFlow.
 """
 
 from __future__ import annotations
