@@ -16,8 +16,10 @@ each concurrency, drives one image per request through:
   so the web tier decodes nothing.
 
 `concurrency` coroutines each send requests one after another; each system
-gets warm-up requests first, not counted. Results go to bench/results/v2.md
-and v2.json, with the load average of the machine before and after.
+gets warm-up requests first, not counted, and at each level the systems take
+turns in rounds, so a shared machine's drifting load falls on all alike.
+Results go to bench/results/v2.md and v2.json, with the load average of the
+machine before and after.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,44 +63,46 @@ OUTPUT = "probabilities"
 Send = Callable[[], Awaitable[str]]  # one request; returns its status
 
 
-async def measure(system: str, send: Send, concurrency: int, requests: int, warmup: int) -> Level:
-    """`warmup` requests (not counted), then `requests` split over
-    `concurrency` coroutines that each send one after another."""
-    for _ in range(warmup):
-        await send()
-    latencies: list[float] = []
-    statuses: Counter[str] = Counter()
+@dataclass
+class Tally:
+    """One system's requests at one concurrency, over all its rounds."""
+
+    latencies: list[float] = field(default_factory=list)
+    statuses: Counter[str] = field(default_factory=Counter)
+    seconds: float = 0.0
+
+    def level(self, system: str, concurrency: int) -> Level:
+        latencies = sorted(self.latencies)
+        return Level(
+            system=system,
+            concurrency=concurrency,
+            requests=sum(self.statuses.values()),
+            ok=len(latencies),
+            seconds=self.seconds,
+            throughput=len(latencies) / self.seconds,
+            p50=statistics.median(latencies) if latencies else float("nan"),
+            p95=percentile(latencies, 95),
+            p99=percentile(latencies, 99),
+            statuses=dict(self.statuses),
+        )
+
+
+async def measure(send: Send, concurrency: int, requests: int, tally: Tally) -> None:
+    """`requests` split over `concurrency` coroutines that each send one
+    after another, added to `tally`."""
 
     async def client(count: int) -> None:
         for _ in range(count):
             started = time.perf_counter()
             status = await send()
-            statuses[status] += 1
+            tally.statuses[status] += 1
             if status == "200":
-                latencies.append(time.perf_counter() - started)
+                tally.latencies.append(time.perf_counter() - started)
 
     share = [requests // concurrency + (i < requests % concurrency) for i in range(concurrency)]
     started = time.perf_counter()
     await asyncio.gather(*(client(n) for n in share))
-    elapsed = time.perf_counter() - started
-    latencies.sort()
-    level = Level(
-        system=system,
-        concurrency=concurrency,
-        requests=requests,
-        ok=len(latencies),
-        seconds=elapsed,
-        throughput=len(latencies) / elapsed,
-        p50=statistics.median(latencies) if latencies else float("nan"),
-        p95=percentile(latencies, 95),
-        p99=percentile(latencies, 99),
-        statuses=dict(statuses),
-    )
-    log.info(
-        "%s at %d: %.1f req/s, p50 %.1f ms, p99 %.1f ms, %d errors",
-        system, concurrency, level.throughput, level.p50 * 1000, level.p99 * 1000, level.errors,
-    )  # fmt: skip
-    return level
+    tally.seconds += time.perf_counter() - started
 
 
 def senders(
@@ -133,7 +138,13 @@ def senders(
     return {"/predict": predict, "v2 BYTES": v2_bytes, "v2 UINT8": v2_pixels}
 
 
-async def drive(base: str, concurrency: Sequence[int], requests: int, warmup: int) -> list[Level]:
+def _chunks(total: int, rounds: int) -> list[int]:
+    return [n for n in (total // rounds + (i < total % rounds) for i in range(rounds)) if n]
+
+
+async def drive(
+    base: str, concurrency: Sequence[int], requests: int, warmup: int, rounds: int
+) -> list[Level]:
     levels = []
     limit = aiohttp.TCPConnector(limit=max(concurrency))
     async with aiohttp.ClientSession(connector=limit) as session:
@@ -142,9 +153,24 @@ async def drive(base: str, concurrency: Sequence[int], requests: int, warmup: in
         )
         try:
             send = senders(base, session, triton)
+            for system in SYSTEMS:
+                for _ in range(warmup):
+                    await send[system]()
             for n in concurrency:
-                for system in SYSTEMS:
-                    levels.append(await measure(system, send[system], n, requests, warmup))
+                # The systems take turns, round after round, so that the load
+                # of a shared machine drifting weighs on each alike.
+                tallies = {system: Tally() for system in SYSTEMS}
+                for chunk in _chunks(requests, rounds):
+                    for system in SYSTEMS:
+                        await measure(send[system], n, chunk, tallies[system])
+                for system, tally in tallies.items():
+                    level = tally.level(system, n)
+                    log.info(
+                        "%s at %d: %.1f req/s, p50 %.1f ms, p99 %.1f ms, %d errors",
+                        system, n, level.throughput, level.p50 * 1000, level.p99 * 1000,
+                        level.errors,
+                    )  # fmt: skip
+                    levels.append(level)
         finally:
             await triton.close()
     return levels
@@ -183,9 +209,10 @@ def write(results: dict[str, Any], folder: Path) -> str:
 {results["when"]}, {results["machine"]}; load average (1, 5, 15 min) before
 {results["load_before"]}, after {results["load_after"]}. The server:
 `{results["server"]}` (the simulated model: {results["model"]}), one image per
-request. `/predict` is driven by aiohttp (multipart upload), `v2 BYTES` and
-`v2 UINT8` by tritonclient.http.aio (binary tensors, full probabilities back),
-the client on the same machine as the server.
+request, {results["rounds"]} rounds in which the systems take turns.
+`/predict` is driven by aiohttp (multipart upload), `v2 BYTES` and `v2 UINT8`
+by tritonclient.http.aio (binary tensors, full probabilities back), the client
+on the same machine as the server.
 
 {table}
 """
@@ -197,6 +224,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.v2", description=__doc__.splitlines()[0])
     parser.add_argument("--concurrency", default="1,8", help="comma-separated levels (1,8)")
     parser.add_argument("--requests", type=int, default=200, help="per system and level (200)")
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="turns the systems take at each level (5)"
+    )
     parser.add_argument("--warmup", type=int, default=10, help="uncounted requests first (10)")
     parser.add_argument("--sim-batch-ms", type=float, default=5.0, help="server --sim-batch-ms (5)")
     parser.add_argument("--sim-image-ms", type=float, default=1.0, help="server --sim-image-ms (1)")
@@ -218,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "sim", command, base + "/healthz", Path(scratch) / "server.log"
         ) as server:
             server.start(timeout=120)
-            levels = asyncio.run(drive(base, concurrency, args.requests, args.warmup))
+            levels = asyncio.run(drive(base, concurrency, args.requests, args.warmup, args.rounds))
     shown = " ".join(["python -m bench.v2", *(argv if argv is not None else sys.argv[1:])])
     results = {
         "command": shown.strip(),
@@ -229,6 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "load_after": [round(x, 2) for x in os.getloadavg()],
         "server": " ".join(command[1:]).replace(str(port), "PORT").replace(redis_server.url, "URL"),
         "model": f"{args.sim_batch_ms:g} ms per batch + {args.sim_image_ms:g} ms per image",
+        "rounds": args.rounds,
         "levels": [lv.as_dict() for lv in levels],
     }
     print(write(results, args.out))

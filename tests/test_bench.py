@@ -75,7 +75,8 @@ def test_the_v2_benchmark_runs_and_reports(tmp_path: Path) -> None:
     """tritonclient.http.aio and aiohttp against a real server, every request answered."""
     from bench import v2
 
-    argv = ["--requests", "4", "--warmup", "1", "--concurrency", "1,2", "--out", str(tmp_path)]
+    argv = ["--requests", "4", "--rounds", "2", "--warmup", "1", "--concurrency", "1,2"]
+    argv += ["--out", str(tmp_path)]
     assert v2.main(argv) == 0
     saved = json.loads((tmp_path / "v2.json").read_text())
     levels = [(lv["system"], lv["concurrency"], lv["ok"]) for lv in saved["levels"]]

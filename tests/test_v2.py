@@ -149,3 +149,14 @@ def test_n_images_are_n_queue_entries_batched_together(
 
 def _depth(settings: Settings) -> int:
     return redis.Redis.from_url(settings.redis_url).llen(settings.queue_name)
+
+
+def test_a_body_over_the_upload_limit_is_a_413(small: Settings, nothing_queued: None) -> None:
+    client = create_app(dataclasses.replace(small, max_upload_mb=0.05)).test_client()
+    refused(client.post(INFER, json={"inputs": [files_input(CHELSEA)]}), 413, "0.05 MB limit")
+
+
+def test_other_methods_are_405(client: FlaskClient) -> None:
+    response = client.get(INFER)
+    assert response.status_code == 405
+    assert "GET is not allowed" in response.get_json()["error"]
