@@ -14,6 +14,16 @@ served.
 
 A result is JSON too: `{"success": true, "predictions": [...]}` or
 `{"success": false, "error": "..."}` — already the HTTP response body.
+
+A request may also ask for the whole probability vector (the v2 inference
+protocol needs it; `/predict` never asks): `"probabilities": true` in its
+header, and optionally `"classes": k`, the most likely k classes' indices and
+labels. Its success answer then takes the request's own shape, a JSON header,
+a newline, the raw float32 vector:
+`{"success": true, "model", "shape": [classes], "dtype": "float32",
+"classes": [{"index", "label"}, ...]}\n<bytes>` (`decode_probabilities`).
+Errors stay plain JSON. A worker from before this ignores both fields and
+answers top-k JSON, which `decode_probabilities` reports as such.
 Nothing read from Redis is ever unpickled or evaluated.
 """
 
@@ -34,6 +44,8 @@ import numpy as np
 # object dtype or an array of absurd size.
 ALLOWED_DTYPES = frozenset({"uint8", "float32"})
 MAX_ELEMENTS = 4096 * 4096 * 4
+# Most classes a probabilities answer may list by name.
+MAX_CLASSES = 100_000
 
 
 class BadMessage(ValueError):
@@ -89,10 +101,20 @@ class ImageRequest:
     id: str
     image: np.ndarray
     deadline: float
+    probabilities: bool = False  # answer with the whole vector (v2 protocol)
+    classes: int = 0  # with it, the indices and labels of the k most likely
 
     @classmethod
-    def create(cls, image: np.ndarray, timeout: float) -> ImageRequest:
-        return cls(id=str(uuid.uuid4()), image=image, deadline=time.time() + timeout)
+    def create(
+        cls, image: np.ndarray, timeout: float, *, probabilities: bool = False, classes: int = 0
+    ) -> ImageRequest:
+        return cls(
+            id=str(uuid.uuid4()),
+            image=image,
+            deadline=time.time() + timeout,
+            probabilities=probabilities,
+            classes=classes,
+        )
 
     def expired(self, now: float | None = None) -> bool:
         return (time.time() if now is None else now) > self.deadline
@@ -102,15 +124,18 @@ def encode_request(request: ImageRequest) -> bytes:
     array = np.ascontiguousarray(request.image)
     if array.dtype.name not in ALLOWED_DTYPES:
         raise ValueError(f"dtype {array.dtype} cannot be sent")
-    header = json.dumps(
-        {
-            "id": request.id,
-            "shape": list(array.shape),
-            "dtype": array.dtype.name,
-            "deadline": request.deadline,
-        }
-    ).encode()
-    return header + b"\n" + array.tobytes()
+    message: dict[str, Any] = {
+        "id": request.id,
+        "shape": list(array.shape),
+        "dtype": array.dtype.name,
+        "deadline": request.deadline,
+    }
+    # Only when asked for, so a plain request's header is what it always was.
+    if request.probabilities:
+        message["probabilities"] = True
+        if request.classes:
+            message["classes"] = request.classes
+    return json.dumps(message).encode() + b"\n" + array.tobytes()
 
 
 def _parse(raw: bytes | str) -> tuple[Any, bytes | None]:
@@ -133,6 +158,8 @@ def decode_request(raw: bytes | str) -> ImageRequest:
         if data is None:
             data = base64.b64decode(message["image"], validate=True)
         deadline = float(message["deadline"])
+        probabilities = message.get("probabilities") is True
+        classes = int(message.get("classes", 0))
     except (ValueError, KeyError, TypeError, binascii.Error) as exc:
         raise BadMessage(f"malformed request: {exc!r}") from None
     if dtype not in ALLOWED_DTYPES:
@@ -142,8 +169,16 @@ def decode_request(raw: bytes | str) -> ImageRequest:
         raise BadMessage(f"request {request_id}: bad shape {shape}")
     if len(data) != count * np.dtype(dtype).itemsize:
         raise BadMessage(f"request {request_id}: {len(data)} bytes do not fit {shape} {dtype}")
+    if not 0 <= classes <= MAX_CLASSES:
+        raise BadMessage(f"request {request_id}: classes {classes} out of range")
     image = np.frombuffer(data, dtype=dtype).reshape(shape)
-    return ImageRequest(id=request_id, image=image, deadline=deadline)
+    return ImageRequest(
+        id=request_id,
+        image=image,
+        deadline=deadline,
+        probabilities=probabilities,
+        classes=classes,
+    )
 
 
 def request_id_of(raw: bytes | str) -> str | None:
@@ -193,6 +228,46 @@ def success_result(predictions: list[dict[str, Any]], model: str = "", version: 
     if model:
         body["model"] = {"name": model, "version": version}
     return json.dumps(body).encode()
+
+
+def probabilities_result(
+    probabilities: np.ndarray,
+    classes: list[dict[str, Any]],
+    model: str = "",
+    version: str = "",
+) -> bytes:
+    """The answer to a request that asked for the whole vector (float32, raw)."""
+    vector = np.ascontiguousarray(probabilities, dtype=np.float32)
+    header: dict[str, Any] = {
+        "success": True,
+        "shape": list(vector.shape),
+        "dtype": "float32",
+        "classes": classes,
+    }
+    if model:
+        header["model"] = {"name": model, "version": version}
+    return json.dumps(header).encode() + b"\n" + vector.tobytes()
+
+
+def decode_probabilities(raw: bytes | str) -> tuple[dict[str, Any], np.ndarray | None]:
+    """(the JSON header, the float32 vector) of an answer to a probabilities
+    request; the vector is None for an error, or for a top-k answer from a
+    worker that does not know the field."""
+    try:
+        header, data = _parse(raw)
+    except ValueError as exc:
+        raise BadMessage(f"malformed result: {exc!r}") from None
+    if not isinstance(header, dict) or "success" not in header:
+        raise BadMessage("malformed result")
+    if data is None or not header["success"]:
+        return header, None
+    try:
+        shape = tuple(int(n) for n in header["shape"])
+        if header["dtype"] != "float32" or len(shape) != 1:
+            raise ValueError(f"{header['dtype']} {shape}")
+        return header, np.frombuffer(data, dtype=np.float32).reshape(shape)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BadMessage(f"malformed probabilities: {exc!r}") from None
 
 
 def error_result(message: str) -> bytes:

@@ -19,7 +19,7 @@ writes one transaction.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import unquote
 
@@ -40,6 +40,13 @@ SENTINEL_SCHEME = "redis+sentinel://"
 _PUSH = """
 if redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[2]) then return -1 end
 return redis.call('RPUSH', KEYS[1], ARGV[1])
+"""
+
+# KEYS: queue. ARGV: max depth, then the payloads. All of them or none:
+# returns the new depth, or -1 if they do not all fit.
+_PUSH_ALL = """
+if redis.call('LLEN', KEYS[1]) + #ARGV - 1 > tonumber(ARGV[1]) then return -1 end
+return redis.call('RPUSH', KEYS[1], unpack(ARGV, 2))
 """
 
 # KEYS: queue, processing list. ARGV: how many. Returns the items moved.
@@ -135,6 +142,7 @@ class RequestQueue:
         self.waiter = waiter or client
         self.keys = keys
         self._push = client.register_script(_PUSH)
+        self._push_all = client.register_script(_PUSH_ALL)
         self._claim_more = client.register_script(_CLAIM_MORE)
         self._requeue = client.register_script(_REQUEUE)
 
@@ -163,6 +171,32 @@ class RequestQueue:
         if depth < 0:
             raise QueueFull(f"{max_depth} requests are already waiting")
         return depth
+
+    def push_all(self, payloads: Sequence[bytes], max_depth: int) -> int:
+        """Queue several requests at once, or none of them when they would take
+        the queue past `max_depth` (QueueFull); returns the new depth."""
+        depth = int(self._push_all(keys=[self.keys.queue], args=[max_depth, *payloads]))
+        if depth < 0:
+            raise QueueFull(f"{len(payloads)} more would take the queue past {max_depth}")
+        return depth
+
+    def wait_results(self, request_ids: Sequence[str], timeout: float) -> dict[str, bytes]:
+        """Block until every one of `request_ids` is answered or `timeout`
+        passes; returns the answers that came, by request id."""
+        deadline = time.monotonic() + timeout
+        keys = {self.keys.result(i): i for i in request_ids}
+        found: dict[str, bytes] = {}
+        while keys:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            # BLPOP takes whichever of the keys is answered first.
+            reply = self.waiter.blpop(list(keys), timeout=max(remaining, MIN_BLOCK_S))
+            if reply is None:
+                break
+            key = reply[0].decode() if isinstance(reply[0], bytes) else reply[0]
+            found[keys.pop(key)] = reply[1]
+        return found
 
     def wait_result(self, request_id: str, timeout: float) -> bytes | None:
         """Block until the worker answers `request_id`, or `timeout` passes.

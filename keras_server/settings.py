@@ -21,6 +21,9 @@ from .queue import SENTINEL_SCHEME, parse_sentinel_url
 ENV_PREFIX = "KERAS_SERVER_"
 ROLES = ("all", "web", "worker")
 MAX_BATCH_SIZE = 1024
+# One request's images are queued by one Redis script call: keep its argument
+# list well inside Lua's stack.
+MAX_IMAGES = 1024
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 ENGINES = ("keras", "onnx")
 
@@ -50,6 +53,7 @@ class Settings:
     result_timeout: float = 30.0
     max_upload_mb: float = 16.0
     max_image_pixels: int = 50_000_000
+    max_images: int = 64
     role: str = "all"
     web_workers: int = 2
     web_threads: int = 32
@@ -146,6 +150,13 @@ def split_redis_urls(text: str) -> tuple[str, ...]:
     redis+sentinel:// URL, whose sentinel addresses are comma-separated too: a
     new shard starts only where a scheme follows the comma."""
     return tuple(u.strip() for u in re.split(r",(?=\s*[a-z+]+://)", text))
+
+
+def _max_images(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_IMAGES:
+        raise ValueError(f"must be at most {MAX_IMAGES}")
+    return value
 
 
 def _redis_urls(text: str) -> str:
@@ -313,6 +324,13 @@ KNOBS: tuple[Knob, ...] = (
         _positive_int,
         "largest accepted image (width x height) before a 413",
         "PIXELS",
+    ),
+    Knob(
+        "max_images",
+        _max_images,
+        "most images in one request (repeated image fields on /predict, a v2 infer's "
+        "batch); beyond it a 413",
+        "N",
     ),
     Knob("role", _choice(ROLES), "all: web + model thread; web or worker alone", "ROLE"),
     Knob("web_workers", _positive_int, "--role web: gunicorn worker processes", "N"),

@@ -137,16 +137,22 @@ class ShardSet:
         return min((first, second), key=lambda q: depths.get(id(q), float("inf")))
 
     def push(self, payload: bytes, max_depth: int) -> RequestQueue:
-        """Queue `payload` on a picked shard; returns the shard that took it.
+        """Queue `payload` on a picked shard; returns the shard that took it."""
+        return self.push_all([payload], max_depth)
+
+    def push_all(self, payloads: Sequence[bytes], max_depth: int) -> RequestQueue:
+        """Queue several requests on one picked shard, all or none (see
+        `RequestQueue.push_all`); returns the shard that took them, where
+        they will be answered.
 
         A shard that cannot be reached is marked down and one other is tried.
         A timed-out push may still have landed on the silent shard; if it wakes
-        up, its worker skips the copy once the deadline has passed, and nobody
-        collects an answer to it. QueueFull and other errors propagate.
+        up, its worker skips the copies once their deadline has passed, and
+        nobody collects an answer to them. QueueFull and other errors propagate.
         """
         queue = self.pick()
         try:
-            queue.push(payload, max_depth=max_depth)
+            queue.push_all(payloads, max_depth=max_depth)
             return queue
         except UNREACHABLE as exc:
             self.mark_down(queue, exc)
@@ -155,7 +161,7 @@ class ShardSet:
                 raise
         retry = self._rng.choice(others)
         try:
-            retry.push(payload, max_depth=max_depth)
+            retry.push_all(payloads, max_depth=max_depth)
         except UNREACHABLE as exc:
             self.mark_down(retry, exc)
             raise

@@ -1,8 +1,10 @@
-"""The HTTP tier: a Flask app factory with `POST /predict`, health and metrics.
+"""The HTTP tier: a Flask app factory with `POST /predict`, health and metrics,
+and the v2 protocol's blueprint (v2.py).
 
 A request is decoded and resized here, queued in Redis, and answered from its
 own result key. Every answer, errors included, is JSON; no traceback ever
-reaches a client. This module never imports Keras or TensorFlow.
+reaches a client. Several `image` fields are handed to fanout.py. This module
+never imports Keras or TensorFlow.
 """
 
 from __future__ import annotations
@@ -16,9 +18,8 @@ import redis
 from flask import Flask, Request, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from . import logs, metrics, protocol
+from . import fanout, logs, metrics, protocol, v2
 from .images import ImageError, load_image
-from .queue import QueueFull
 from .routing import Deployment, ServedModel
 from .settings import Settings, load_settings
 from .shards import UNREACHABLE
@@ -27,7 +28,9 @@ from .ui import blueprint as ui_blueprint
 log = logging.getLogger(__name__)
 
 # Probes and scrapes every few seconds would drown the request log.
-QUIET_ENDPOINTS = frozenset({"/healthz", "/readyz", "/metrics"})
+QUIET_ENDPOINTS = frozenset(
+    {"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"}
+)
 
 
 class InMemoryRequest(Request):
@@ -78,6 +81,7 @@ def create_app(settings: Settings, deployment: Deployment | None = None) -> Flas
     _add_operations(app, settings, deployment)
     _add_error_handlers(app, settings)
     app.register_blueprint(ui_blueprint)
+    app.register_blueprint(v2.blueprint(settings, deployment))
     return app
 
 
@@ -137,6 +141,9 @@ def _add_predict(app: Flask, settings: Settings, deployment: Deployment) -> None
         return jsonify(default=deployment.default, models=described)
 
     def classify(model: ServedModel) -> Response | tuple[Any, int]:
+        uploads = request.files.getlist("image")
+        if len(uploads) > 1:
+            return fanout.predict_many(model, uploads, settings)
         upload = request.files.get("image")
         if upload is None:
             return error(
@@ -154,37 +161,12 @@ def _add_predict(app: Flask, settings: Settings, deployment: Deployment) -> None
             return error(exc.status, str(exc))
 
         job = protocol.ImageRequest.create(image, settings.result_timeout)
-        logs.request_id.set(job.id)
-        shards = model.shards
         try:
-            queue = shards.push(protocol.encode_request(job), max_depth=settings.max_queue)
-            metrics.QUEUED.labels(model.name, shards.name(queue)).inc()
-            # The answer comes back on the shard that took the request.
-            try:
-                raw = queue.wait_result(job.id, timeout=job.deadline - time.time())
-            except redis.TimeoutError as exc:
-                # The shard went silent while we waited (a hung host): its
-                # read timeout is the request's deadline, so this is a 504.
-                shards.mark_down(queue, exc)
-                raw = None
-        except QueueFull:
-            log.warning("queue full (%d waiting): refused", settings.max_queue)
-            return unavailable("the server is at capacity (the queue is full); retry shortly")
-        except redis.ResponseError as exc:
-            # Redis 7 answers OOM to the script itself; 6.2 as an error inside it.
-            if not isinstance(exc, redis.exceptions.OutOfMemoryError) and "OOM" not in str(exc):
-                raise
-            log.error("Redis refused the write: %s", exc)
-            return unavailable("the queue (Redis) is out of memory; retry shortly")
-        except redis.RedisError as exc:
-            log.warning("Redis unavailable: %s", exc)
-            return unavailable("the queue (Redis) is unavailable; retry shortly")
+            raw = fanout.submit(model, [job], settings).get(job.id)
+        except fanout.Refused as exc:
+            return error(exc.status, exc.message, **exc.headers)
         if raw is None:
-            return error(
-                504,
-                f"no prediction within {settings.result_timeout:g} s: the model workers "
-                "are down or overloaded",
-            )
+            return error(504, fanout.timed_out(settings))
         result = protocol.decode_result(raw)
         return jsonify(result), 200 if result["success"] else 500
 

@@ -53,10 +53,35 @@ def top_k(
     probabilities: np.ndarray, labels: Sequence[str], k: int = TOP_K
 ) -> list[dict[str, object]]:
     """The k most likely classes, highest first, in the API's shape."""
+    best = top_indices(probabilities, k)
+    return [{"label": labels[i], "probability": float(probabilities[i])} for i in best]
+
+
+def top_indices(probabilities: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest, largest first (ties in index order)."""
     k = min(k, probabilities.shape[-1])
     best = np.argpartition(-probabilities, k - 1)[:k]
-    best = best[np.argsort(-probabilities[best], kind="stable")]
-    return [{"label": labels[i], "probability": float(probabilities[i])} for i in best]
+    return best[np.argsort(-probabilities[best], kind="stable")]
+
+
+def answer(
+    request: protocol.ImageRequest,
+    probabilities: np.ndarray,
+    labels: Sequence[str],
+    k: int,
+    *,
+    name: str = "",
+    version: str = "",
+) -> bytes:
+    """One request's answer: its top k, or the whole vector when it asked."""
+    if not request.probabilities:
+        return protocol.success_result(top_k(probabilities, labels, k), name, version)
+    classes = (
+        [{"index": int(i), "label": labels[i]} for i in top_indices(probabilities, request.classes)]
+        if request.classes
+        else []
+    )
+    return protocol.probabilities_result(probabilities, classes, name, version)
 
 
 class Worker:
@@ -232,7 +257,7 @@ class Worker:
         labels = self.predictor.labels
         k = getattr(self.predictor, "top_k", TOP_K)
         return {
-            r.id: protocol.success_result(top_k(p, labels, k), self.name, self.version)
+            r.id: answer(r, p, labels, k, name=self.name, version=self.version)
             for r, p in zip(batch, probabilities, strict=True)
         }
 

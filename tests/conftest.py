@@ -65,7 +65,9 @@ def wait_for_http(url: str, process: subprocess.Popen[str], timeout: float = 90)
         try:
             requests.get(url, timeout=1)
             return
-        except requests.ConnectionError:
+        # A read timeout: the port is bound but gunicorn's worker is still
+        # booting (slow on a loaded machine); ask again.
+        except (requests.ConnectionError, requests.Timeout):
             time.sleep(0.2)
     pytest.fail("server did not start listening")
 

@@ -68,3 +68,19 @@ def test_seed_server_is_driven_and_reported(redis_server: RedisServer, tmp_path:
     assert "```bash\npython -m bench.run --test\n```" in text
     assert "Quick mode" in text
     assert "](results/benchmark.png)" in text
+
+
+@pytest.mark.slow
+def test_the_v2_benchmark_runs_and_reports(tmp_path: Path) -> None:
+    """tritonclient.http.aio and aiohttp against a real server, every request answered."""
+    from bench import v2
+
+    argv = ["--requests", "4", "--rounds", "2", "--warmup", "1", "--concurrency", "1,2"]
+    argv += ["--out", str(tmp_path)]
+    assert v2.main(argv) == 0
+    saved = json.loads((tmp_path / "v2.json").read_text())
+    levels = [(lv["system"], lv["concurrency"], lv["ok"]) for lv in saved["levels"]]
+    assert levels == [(s, n, 4) for n in (1, 2) for s in v2.SYSTEMS]
+    text = (tmp_path / "v2.md").read_text()
+    assert "| v2 BYTES | 2 | 4 | 0 |" in text
+    assert "python -m bench.v2 --requests 4" in text

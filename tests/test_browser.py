@@ -7,7 +7,9 @@ Screenshots are kept in $KERAS_SERVER_TEST_ARTIFACTS (default tests/artifacts/).
 """
 
 import base64
+import dataclasses
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -21,6 +23,8 @@ from PIL import Image
 from playwright.sync_api import BrowserContext, ConsoleMessage, Page, expect, sync_playwright
 
 from keras_server.cluster import find_nginx
+from keras_server.protocol import Keys
+from keras_server.queue import RequestQueue
 from keras_server.redis_launcher import free_port
 from keras_server.settings import Settings
 from keras_server.simulated import SimulatedModel
@@ -325,3 +329,58 @@ def test_through_nginx_under_a_sub_path(
     first, *rest = watched.urls
     assert first == proxy.url.rstrip("/")
     assert all(u.startswith((proxy.url, "blob:" + origin)) for u in rest), rest
+
+
+class Relabelled(SimulatedModel):
+    """The simulated model under other class names, so the page shows which
+    model answered."""
+
+    def __init__(self) -> None:
+        super().__init__(0, 0)
+        self.labels = [f"other_{i}" for i in range(len(self.labels))]
+
+
+def test_a_choice_of_models(watched: Watched, settings: Settings, tmp_path: Path) -> None:
+    models = tmp_path / "models.toml"
+    models.write_text(
+        'default = "sim"\n[models.sim]\nmodel = "sim"\n[models.other]\nmodel = "sim"\n'
+    )
+    default = make_worker(dataclasses.replace(settings, model="sim"), SimulatedModel(0, 0))
+    other = make_worker(dataclasses.replace(settings, model="other"), Relabelled())
+    other.queue = RequestQueue(
+        other.queue.client, Keys.for_model(settings.queue_name, "other", "sim")
+    )
+    process, base = start_web(settings, "--web-workers", "1", "--models-file", str(models))
+    try:
+        with WorkerThread(default), WorkerThread(other):
+            page = watched.page
+            page.goto(base + "/")
+            menu = page.locator("#model")
+            expect(menu).to_be_visible()
+            assert menu.locator("option").all_text_contents() == ["sim (default)", "other"]
+            expect(page.get_by_label("Model")).to_have_value("sim")
+
+            page.locator("#image").set_input_files(CHELSEA)
+            expect(page.locator(".prediction")).to_have_count(5)
+            first = page.locator(".prediction").first
+            expect(first).not_to_have_attribute("data-label", re.compile("^other_"))
+
+            menu.select_option("other")
+            page.locator("#image").set_input_files(CHELSEA)
+            expect(page.locator(".prediction").first).to_have_attribute(
+                "data-label", re.compile("^other_")
+            )
+            screenshot(page, "upload-page-model-choice.png")
+    finally:
+        stop(process)
+    posts = [u.removeprefix(base) for u in watched.urls if u.endswith("predict")]
+    # With a menu, the image goes to the model named in it, the default too.
+    assert posts == ["/models/sim/predict", "/models/other/predict"]
+    assert watched.unexpected_errors() == []
+
+
+def test_one_model_offers_no_menu(watched: Watched, web: Server) -> None:
+    page = watched.page
+    page.goto(web.url)
+    page.wait_for_load_state("networkidle")  # GET models answered
+    expect(page.locator("#model-choice")).to_be_hidden()

@@ -2,10 +2,12 @@
 requests and responses of the real app (real Redis, a worker thread with the
 simulated model) are validated against it, the success and every error."""
 
+import base64
 import dataclasses
 import io
 import json
 import re
+import struct
 
 import pytest
 from conftest import IMAGES, ROOT, CountingPredictor, WorkerThread, make_worker, wait_until
@@ -17,7 +19,7 @@ from openapi_core.validation.response.exceptions import ResponseValidationError
 from openapi_schema_validator import OAS31Validator
 from openapi_spec_validator import validate as validate_spec
 from test_images import _png_header_only
-from werkzeug.datastructures import FileStorage
+from werkzeug.datastructures import FileStorage, MultiDict
 from werkzeug.test import EnvironBuilder, TestResponse, encode_multipart
 
 from keras_server.settings import Settings
@@ -258,3 +260,134 @@ def test_the_checks_have_teeth(openapi: OpenAPI, settings: Settings) -> None:
     not_ready.response.status_code = 200  # a 503 body, claimed as ready
     with pytest.raises(ResponseValidationError):
         openapi.validate_response(not_ready.request, WerkzeugOpenAPIResponse(not_ready.response))
+
+
+def several(client: FlaskClient, *files: bytes, path: str = "/predict") -> Call:
+    parts = [
+        FileStorage(io.BytesIO(data), f"f{i}.png", "image/png") for i, data in enumerate(files)
+    ]
+    boundary, body = encode_multipart(MultiDict([("image", part) for part in parts]))
+    return call(client, "POST", path, body, f"multipart/form-data; boundary={boundary}")
+
+
+def test_several_images(openapi: OpenAPI, client: FlaskClient, settings: Settings) -> None:
+    not_an_image = (ROOT / "pyproject.toml").read_bytes()
+    with WorkerThread(make_worker(settings, SimulatedModel(0, 0))):
+        body = conforms(openapi, several(client, CHELSEA, not_an_image, CHELSEA), 200)
+    assert [r["status"] for r in body["results"]] == [200, 400, 200]
+
+
+def test_several_images_too_many(openapi: OpenAPI, settings: Settings) -> None:
+    client = create_app(dataclasses.replace(settings, max_images=2)).test_client()
+    assert "the limit is 2" in conforms(openapi, several(client, *[CHELSEA] * 3), 413)["error"]
+
+
+# -- the v2 protocol ----------------------------------------------------------
+
+INFER = "/v2/models/resnet50/infer"
+
+
+def infer_json(*files: bytes, **extra: object) -> bytes:
+    data = [base64.b64encode(f).decode() for f in files]
+    tensor = {"name": "image", "datatype": "BYTES", "shape": [len(files)], "data": data}
+    return json.dumps({"inputs": [tensor], **extra}).encode()
+
+
+def test_v2_metadata_and_health(openapi: OpenAPI, client: FlaskClient, settings: Settings) -> None:
+    assert conforms(openapi, call(client, "GET", "/v2"), 200)["name"] == "keras-server"
+    assert conforms(openapi, call(client, "GET", "/v2/health/live"), 200) == {"live": True}
+    assert conforms(openapi, call(client, "GET", "/v2/health/ready"), 400) == {"ready": False}
+    conforms(openapi, call(client, "GET", "/v2/models/resnet50/ready"), 400)
+    with WorkerThread(make_worker(settings, SimulatedModel(0, 0))):
+        wait_until(lambda: client.get("/v2/health/ready").status_code == 200, what="ready")
+        conforms(openapi, call(client, "GET", "/v2/health/ready"), 200)
+        conforms(openapi, call(client, "GET", "/v2/models/resnet50/versions/1/ready"), 200)
+        body = conforms(openapi, call(client, "GET", "/v2/models/resnet50"), 200)
+        assert body["outputs"][0]["shape"] == [-1, 1000]
+        conforms(openapi, call(client, "GET", "/v2/models/resnet50/versions/1"), 200)
+    assert "unknown model" in conforms(openapi, call(client, "GET", "/v2/models/x"), 404)["error"]
+    done = call(client, "GET", "/v2/models/resnet50/versions/9/ready")
+    assert "no version '9'" in conforms(openapi, done, 404)["error"]
+
+
+def test_v2_infer(openapi: OpenAPI, client: FlaskClient, settings: Settings) -> None:
+    top3 = [{"name": "probabilities", "parameters": {"classification": 3}}]
+    with WorkerThread(make_worker(settings, SimulatedModel(0, 0))):
+        done = call(client, "POST", INFER, infer_json(CHELSEA, CHELSEA), "application/json")
+        body = conforms(openapi, done, 200)
+        assert body["outputs"][0]["shape"] == [2, 1000]
+        done = call(client, "POST", "/v2/models/resnet50/versions/1/infer",
+                    infer_json(CHELSEA, outputs=top3, id="a"), "application/json")  # fmt: skip
+        body = conforms(openapi, done, 200)
+        assert (body["id"], body["outputs"][0]["datatype"]) == ("a", "BYTES")
+
+        # The binary extension, both ways.
+        header = json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "image", "datatype": "BYTES", "shape": [1],
+                        "parameters": {"binary_data_size": len(CHELSEA) + 4},
+                    }
+                ],
+                "parameters": {"binary_data_output": True},
+            }
+        ).encode()  # fmt: skip
+        body = header + struct.pack("<I", len(CHELSEA)) + CHELSEA
+
+        def build() -> EnvironBuilder:
+            return EnvironBuilder(
+                path=INFER, method="POST", data=body, content_type="application/octet-stream",
+                headers={"Inference-Header-Content-Length": str(len(header))},
+            )  # fmt: skip
+
+        response = client.open(build())
+        done = Call(WerkzeugOpenAPIRequest(build().get_request()), response)
+        conforms(openapi, done, 200)
+    length = int(response.headers["Inference-Header-Content-Length"])
+    answer = json.loads(response.data[:length])
+    assert answer["outputs"][0]["parameters"]["binary_data_size"] == 4000
+    assert len(response.data) == length + 4000
+
+
+def test_v2_errors(openapi: OpenAPI, settings: Settings) -> None:
+    client = create_app(dataclasses.replace(settings, max_images=2)).test_client()
+
+    def infer(body: bytes, path: str = INFER) -> Call:
+        return call(client, "POST", path, body, "application/json")
+
+    bad = conforms(openapi, infer(infer_json(b"not an image")), 400)
+    assert "not an image" in bad["error"]
+    assert set(bad) == {"error"}
+    assert (
+        "unknown model"
+        in conforms(openapi, infer(infer_json(CHELSEA), "/v2/models/x/infer"), 404)["error"]
+    )
+    assert "the limit is 2" in conforms(openapi, infer(infer_json(*[CHELSEA] * 3)), 413)["error"]
+    full = create_app(dataclasses.replace(settings, max_queue=1)).test_client()
+    done = call(full, "POST", INFER, infer_json(CHELSEA, CHELSEA), "application/json")
+    assert "queue is full" in conforms(openapi, done, 503)["error"]
+    slow = create_app(dataclasses.replace(settings, result_timeout=0.5)).test_client()
+    done = call(slow, "POST", INFER, infer_json(CHELSEA), "application/json")
+    assert "no prediction within" in conforms(openapi, done, 504)["error"]
+
+
+def test_v2_model_failure(openapi: OpenAPI, client: FlaskClient, settings: Settings) -> None:
+    failing = CountingPredictor(SimulatedModel(0, 0), fail=True)
+    with WorkerThread(make_worker(settings, failing)):
+        done = call(client, "POST", INFER, infer_json(CHELSEA), "application/json")
+        assert "model failed" in conforms(openapi, done, 500)["error"]
+
+
+def test_the_v2_checks_have_teeth(openapi: OpenAPI, settings: Settings) -> None:
+    """A v2 error claimed as a success, and a success in /predict's error
+    shape, are caught."""
+    client = create_app(settings).test_client()
+    refused = call(client, "POST", INFER, infer_json(b"not an image"), "application/json")
+    refused.response.status_code = 200
+    with pytest.raises(ResponseValidationError):
+        openapi.validate_response(refused.request, WerkzeugOpenAPIResponse(refused.response))
+    refused.response.status_code = 400
+    refused.response.set_data(json.dumps({"success": False, "error": "x"}))
+    with pytest.raises(ResponseValidationError):
+        openapi.validate_response(refused.request, WerkzeugOpenAPIResponse(refused.response))

@@ -137,3 +137,30 @@ def test_heartbeats_ignore_fields_they_do_not_know() -> None:
     info = protocol.WorkerInfo(model="m", batch_size=1, host="h", pid=1, at=1.0, version="7")
     newer = json.loads(info.encode()) | {"gpu": "H100", "engine": "openvino"}
     assert protocol.WorkerInfo.decode(json.dumps(newer)) == info
+
+
+def test_a_probabilities_request_says_so_and_only_then() -> None:
+    image = np.zeros((2, 2, 3), dtype=np.uint8)
+    asking = protocol.ImageRequest.create(image, 5, probabilities=True, classes=3)
+    header = json.loads(protocol.encode_request(asking).partition(b"\n")[0])
+    assert (header["probabilities"], header["classes"]) == (True, 3)
+    decoded = protocol.decode_request(protocol.encode_request(asking))
+    assert (decoded.probabilities, decoded.classes) == (True, 3)
+    plain = protocol.decode_request(protocol.encode_request(protocol.ImageRequest.create(image, 5)))
+    assert (plain.probabilities, plain.classes) == (False, 0)
+
+
+def test_probabilities_answer_round_trip() -> None:
+    vector = np.linspace(0, 1, 1000, dtype=np.float32)
+    classes = [{"index": 999, "label": "toilet_tissue"}]
+    raw = protocol.probabilities_result(vector, classes, "resnet50", "2")
+    header, decoded = protocol.decode_probabilities(raw)
+    np.testing.assert_array_equal(decoded, vector)
+    assert header["classes"] == classes
+    assert header["model"] == {"name": "resnet50", "version": "2"}
+    # An error, and a top-k answer from a worker that ignored the field: no vector.
+    error = protocol.decode_probabilities(protocol.error_result("the model failed"))
+    assert error == ({"success": False, "error": "the model failed"}, None)
+    assert protocol.decode_probabilities(protocol.success_result([]))[1] is None
+    with pytest.raises(protocol.BadMessage):
+        protocol.decode_probabilities(raw[:-1])

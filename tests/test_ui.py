@@ -109,3 +109,12 @@ def test_package_files_are_found_from_any_directory(tmp_path: object) -> None:
     )
     env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
     subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, check=True, timeout=60)
+
+
+def test_the_model_menu_is_labelled_and_hidden_until_there_is_a_choice(page: Tags) -> None:
+    """app.js fills and shows it when GET models lists several (test_browser.py)."""
+    tag, menu = page.by_id("model")
+    assert (tag, menu["name"]) == ("select", "model")
+    labels = [attrs for tag, attrs in page.tags if tag == "label" and attrs.get("for") == "model"]
+    assert labels, "the menu has a label"
+    assert "hidden" in page.by_id("model-choice")[1]

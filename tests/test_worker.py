@@ -122,3 +122,27 @@ def test_loop_survives_redis_being_unreachable(predictor: CountingPredictor) -> 
     stop.set()
     thread.join(6)
     assert not thread.is_alive()
+
+
+def test_a_request_may_ask_for_the_whole_vector(
+    settings: Settings, queue: RequestQueue, predictor: CountingPredictor
+) -> None:
+    """In one batch: a plain request gets its top 5 as ever; one asking for the
+    probabilities gets the whole float32 vector and its top classes by index."""
+    rng = np.random.default_rng(7)
+    images = [rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for _ in range(2)]
+    plain = protocol.ImageRequest.create(images[0], 20)
+    full = protocol.ImageRequest.create(images[1], 20, probabilities=True, classes=3)
+    queue.push_all([protocol.encode_request(r) for r in (plain, full)], max_depth=10)
+    make_worker(settings, predictor, 8).run_once(wait=1)
+    assert predictor.batches == [2]
+    results = queue.wait_results([plain.id, full.id], timeout=5)
+
+    assert set(json.loads(results[plain.id])) == {"success", "predictions", "model"}
+    header, vector = protocol.decode_probabilities(results[full.id])
+    want = predictor.inner.predict(images[1][None])[0]
+    assert vector is not None and vector.dtype == np.float32 and vector.shape == (1000,)
+    np.testing.assert_allclose(vector, want, rtol=1e-4, atol=1e-7)
+    best = np.argsort(-vector, kind="stable")[:3]
+    assert header["classes"] == [{"index": int(i), "label": predictor.labels[i]} for i in best]
+    assert header["model"] == {"name": settings.model, "version": settings.model_version}

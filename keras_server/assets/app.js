@@ -1,6 +1,8 @@
 // The upload page: pick or drop an image, preview it, POST it to `predict`
 // (relative, so a proxy may mount the service under any sub-path), and show
-// the top-5 classes as bars, or the API's error, readably.
+// the top-5 classes as bars, or the API's error, readably. When the server
+// serves several models (GET `models`), a menu picks one: its image goes to
+// `models/<name>/predict`.
 "use strict";
 
 (() => {
@@ -13,6 +15,8 @@
   const status = document.getElementById("status");
   const error = document.getElementById("error");
   const list = document.getElementById("predictions");
+  const choice = document.getElementById("model-choice");
+  const menu = document.getElementById("model");
 
   // A later pick supersedes a request still in flight: its answer is dropped.
   let ticket = 0;
@@ -85,6 +89,35 @@
     list.replaceChildren(...items);
   }
 
+  // The menu appears only when there is a choice; without it (one model, or
+  // GET models failing) images go to the default model, as before.
+  async function offerModels() {
+    let listed;
+    try {
+      const response = await fetch("models");
+      listed = response.ok ? await response.json() : null;
+    } catch {
+      listed = null;
+    }
+    const models = listed && Array.isArray(listed.models) ? listed.models : [];
+    if (models.length < 2) return;
+    const options = models.map((model) => {
+      const option = document.createElement("option");
+      option.value = model.name;
+      option.textContent = model.name === listed.default ? `${model.name} (default)` : model.name;
+      option.selected = model.name === listed.default;
+      return option;
+    });
+    menu.replaceChildren(...options);
+    choice.hidden = false;
+  }
+
+  function predictUrl() {
+    if (choice.hidden || !menu.value) return form.action;
+    // Relative to the page, like every other URL here.
+    return new URL(`models/${encodeURIComponent(menu.value)}/predict`, document.baseURI).href;
+  }
+
   async function classify(file) {
     const mine = ++ticket;
     clearAnswer();
@@ -97,7 +130,7 @@
     let response;
     try {
       // form.action is the "predict" attribute resolved against the page's URL.
-      response = await fetch(form.action, { method: "POST", body });
+      response = await fetch(predictUrl(), { method: "POST", body });
     } catch (failure) {
       if (mine !== ticket) return;
       form.removeAttribute("aria-busy");
@@ -162,6 +195,8 @@
   for (const name of ["dragover", "drop"]) {
     window.addEventListener(name, (event) => event.preventDefault());
   }
+
+  offerModels();
 
   // The picker is driven by script from here on; the plain form is the
   // no-JavaScript fallback.

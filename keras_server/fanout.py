@@ -1,0 +1,141 @@
+"""One HTTP request, several images: queue them together, await every answer.
+
+`/predict` with repeated `image` fields and the v2 inference route both come
+through here. Each image is its own queue entry, so it batches with everyone
+else's; all of one request's entries go to one Redis shard in one script call,
+all or none, so a full queue refuses the whole request and leaves nothing of
+it queued. Their answers are awaited together on that shard.
+
+Several images on `/predict` answer `200 {"success": true, "results": [...]}`,
+one item per `image` field, in order: the single-image body (success or
+error) plus `"filename"` and `"status"`, the HTTP status that image alone
+would have had. A bad file fails only its own item. Only what fails the whole
+request (too many images, the queue full or Redis down) is a plain error.
+TensorFlow-free.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import redis
+from flask import Response, jsonify
+from werkzeug.datastructures import FileStorage
+
+from . import logs, metrics, protocol
+from .images import ImageError, load_image
+from .queue import QueueFull
+from .routing import ServedModel
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Refused(Exception):
+    """The whole request cannot be served; `status` and the message say why."""
+
+    def __init__(self, status: int, message: str, retry_after: bool = False) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = {"Retry-After": "1"} if retry_after else {}
+
+
+def too_many(count: int, settings: Settings) -> Refused:
+    return Refused(
+        413,
+        f"{count} images in one request; the limit is {settings.max_images} (--max-images)",
+    )
+
+
+def submit(
+    model: ServedModel, jobs: Sequence[protocol.ImageRequest], settings: Settings
+) -> dict[str, bytes]:
+    """Queue `jobs` for `model` and wait for their answers until the earliest
+    deadline; returns the answers that came, by request id. Raises Refused
+    (503) when the queue is full or Redis fails: then nothing was queued."""
+    shards = model.shards
+    logs.request_id.set(jobs[0].id if len(jobs) == 1 else f"{jobs[0].id}+{len(jobs) - 1}")
+    try:
+        queue = shards.push_all(
+            [protocol.encode_request(job) for job in jobs], max_depth=settings.max_queue
+        )
+        metrics.QUEUED.labels(model.name, shards.name(queue)).inc(len(jobs))
+        deadline = min(job.deadline for job in jobs)
+        # The answers come back on the shard that took the requests.
+        try:
+            return queue.wait_results([job.id for job in jobs], timeout=deadline - time.time())
+        except redis.TimeoutError as exc:
+            # The shard went silent while we waited (a hung host): the wait's
+            # read timeout is the deadline, so these are 504s.
+            shards.mark_down(queue, exc)
+            return {}
+    except QueueFull:
+        log.warning("queue full: %d images refused", len(jobs))
+        raise Refused(
+            503, "the server is at capacity (the queue is full); retry shortly", True
+        ) from None
+    except redis.ResponseError as exc:
+        # Redis 7 answers OOM to the script itself; 6.2 as an error inside it.
+        if not isinstance(exc, redis.exceptions.OutOfMemoryError) and "OOM" not in str(exc):
+            raise
+        log.error("Redis refused the write: %s", exc)
+        raise Refused(503, "the queue (Redis) is out of memory; retry shortly", True) from None
+    except redis.RedisError as exc:
+        log.warning("Redis unavailable: %s", exc)
+        raise Refused(503, "the queue (Redis) is unavailable; retry shortly", True) from None
+
+
+def timed_out(settings: Settings) -> str:
+    return (
+        f"no prediction within {settings.result_timeout:g} s: the model workers "
+        "are down or overloaded"
+    )
+
+
+def predict_many(model: ServedModel, uploads: list[FileStorage], settings: Settings) -> Response:
+    """`/predict` with several `image` fields: one item per image, in order."""
+    try:
+        return jsonify(success=True, results=_classify_each(model, uploads, settings))
+    except Refused as exc:
+        response = jsonify(success=False, error=exc.message)
+        response.status_code = exc.status
+        response.headers.update(exc.headers)
+        return response
+
+
+def _classify_each(
+    model: ServedModel, uploads: list[FileStorage], settings: Settings
+) -> list[dict[str, Any]]:
+    if len(uploads) > settings.max_images:
+        raise too_many(len(uploads), settings)
+    size = model.input_size()
+    if size is None:
+        raise Refused(503, f"model {model.name!r} has no live worker yet; retry shortly", True)
+    items: list[dict[str, Any]] = []
+    jobs: dict[int, protocol.ImageRequest] = {}
+    for position, upload in enumerate(uploads):
+        item: dict[str, Any] = {"filename": upload.filename or ""}
+        items.append(item)
+        data = upload.read()
+        if not data:
+            item.update(status=400, success=False, error="the uploaded image file is empty")
+            continue
+        try:
+            image = load_image(data, size, settings.max_image_pixels)
+        except ImageError as exc:
+            item.update(status=exc.status, success=False, error=str(exc))
+            continue
+        jobs[position] = protocol.ImageRequest.create(image, settings.result_timeout)
+    answers = submit(model, list(jobs.values()), settings) if jobs else {}
+    for position, job in jobs.items():
+        raw = answers.get(job.id)
+        if raw is None:
+            items[position].update(status=504, success=False, error=timed_out(settings))
+            continue
+        result = protocol.decode_result(raw)
+        items[position].update(status=200 if result["success"] else 500, **result)
+    return items

@@ -1,0 +1,547 @@
+"""The Open Inference Protocol (KServe v2, REST), over the same queues and
+workers as `/predict`: a Flask blueprint under `/v2` that `web.create_app`
+registers.
+
+    GET  /v2                                   server metadata
+    GET  /v2/health/live, /v2/health/ready     200 when live / ready, else 400
+    GET  /v2/models/{name}[/versions/{v}]      model metadata
+    GET  /v2/models/{name}[/versions/{v}]/ready
+    POST /v2/models/{name}[/versions/{v}]/infer
+
+A model takes exactly one input per request, either
+- `image`: BYTES `[N]` (or `[N, 1]`), each element an encoded image file:
+  base64 text in the JSON form, the file itself with the binary tensor data
+  extension (what tritonclient sends by default), or
+- `pixels`: UINT8 or FP32 `[N, H, W, 3]`, RGB 0..255 already at the model's
+  input size, JSON or binary,
+and answers one output, `probabilities`: FP32 `[N, classes]`, JSON or binary
+(`"binary_data": true` on the output, or `"binary_data_output": true` on the
+request); with `"classification": k` on the output it is instead BYTES
+`[N, k]` of `"score:index:label"`, as Triton's classification extension.
+
+The N images become N queue entries (fanout.submit), so they batch with
+everyone else's, answered together. A rejected request queues nothing. Every
+error is `{"error": "..."}`: 400 for a request the protocol or the model does
+not take, 404 for an unknown model or version, 413 past --max-images, 503/504
+as `/predict`. A version in the path must be one the model serves (its spec's,
+or a live worker's); all of a model's versions share its queue, so whichever
+worker claims an image answers it, and `model_version` says which.
+TensorFlow-free.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import math
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flask import Blueprint, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from . import protocol
+from .fanout import Refused, submit, timed_out, too_many
+from .images import ImageError, load_image
+from .protocol import WorkerInfo
+from .routing import Deployment, ServedModel
+from .settings import Settings
+from .ui import openapi_document
+
+log = logging.getLogger(__name__)
+
+SERVER_NAME = "keras-server"
+EXTENSIONS = ["classification", "binary_tensor_data"]
+HEADER_LENGTH = "Inference-Header-Content-Length"
+IMAGE, PIXELS, OUTPUT = "image", "pixels", "probabilities"
+PIXEL_TYPES = {"UINT8": np.dtype(np.uint8), "FP32": np.dtype(np.float32)}
+# Bytes per element of every datatype the protocol names, to walk the binary
+# part of a request even when an input is refused.
+ITEM_SIZE = {
+    "BOOL": 1, "UINT8": 1, "UINT16": 2, "UINT32": 4, "UINT64": 8,
+    "INT8": 1, "INT16": 2, "INT32": 4, "INT64": 8,
+    "FP16": 2, "BF16": 2, "FP32": 4, "FP64": 8,
+}  # fmt: skip
+
+
+class V2Error(Exception):
+    """A request answered `{"error": message}` with `status`."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+def bad(message: str) -> V2Error:
+    return V2Error(400, message)
+
+
+@dataclass
+class Output:
+    binary: bool
+    classification: int = 0  # 0: the probabilities themselves
+
+
+@dataclass
+class Inference:
+    """A parsed infer request: the images, as the worker takes them, and what to answer."""
+
+    images: list[np.ndarray]
+    outputs: list[Output]
+    request_id: str | None = None
+    classes: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.classes = max((o.classification for o in self.outputs), default=0)
+
+
+def blueprint(settings: Settings, deployment: Deployment) -> Blueprint:
+    """The `/v2` routes for `deployment`."""
+    bp = Blueprint("v2", __name__, url_prefix="/v2")
+
+    @bp.errorhandler(V2Error)
+    def v2_error(exc: V2Error) -> Response:
+        response = jsonify(error=exc.message)
+        response.status_code = exc.status
+        response.headers.update(exc.headers)
+        return response
+
+    @bp.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> Response:
+        # A body over --max-upload-mb is found while reading it, in the view.
+        message = (
+            f"the request is larger than the {settings.max_upload_mb:g} MB limit"
+            if exc.code == 413
+            else exc.description or exc.name
+        )
+        return v2_error(V2Error(exc.code or 400, message))
+
+    @bp.get("")
+    def server_metadata() -> Response:
+        return jsonify(name=SERVER_NAME, version=_version(), extensions=EXTENSIONS)
+
+    @bp.get("/health/live")
+    def live() -> Response:
+        return jsonify(live=True)
+
+    @bp.get("/health/ready")
+    def ready() -> Response | tuple[Response, int]:
+        # The protocol: 200 is true, a 4xx false (/readyz says why, with a 503).
+        ok = all(model.live_workers() for model in deployment.models.values())
+        return jsonify(ready=ok), 200 if ok else 400
+
+    def resolve(name: str, version: str | None) -> tuple[ServedModel, list[WorkerInfo]]:
+        model = deployment.models.get(name)
+        if model is None:
+            known = ", ".join(sorted(deployment.models))
+            raise V2Error(404, f"unknown model {name!r}; this server serves {known}")
+        workers = model.live_workers()
+        if version is not None and version not in _versions(model, workers):
+            served = ", ".join(_versions(model, workers))
+            raise V2Error(404, f"model {name!r} has no version {version!r}; it serves {served}")
+        return model, workers
+
+    def routes(rule: str, method: str) -> Callable[[Callable[..., Response]], Any]:
+        """Register a view under the model's path and under its /versions/{v} path."""
+
+        def register(view: Callable[..., Response]) -> Any:
+            bp.add_url_rule(f"/models/<name>{rule}", view_func=view, methods=[method])
+            bp.add_url_rule(
+                f"/models/<name>/versions/<version>{rule}",
+                endpoint=f"{view.__name__}_version",
+                view_func=view,
+                methods=[method],
+            )
+            return view
+
+        return register
+
+    @routes("", "GET")
+    def model_metadata(name: str, version: str | None = None) -> Response:
+        model, workers = resolve(name, version)
+        size = model.input_size(workers)
+        width, height = size or (-1, -1)
+        classes = max((w.labels for w in workers), default=0) or -1
+        return jsonify(
+            name=model.name,
+            versions=_versions(model, workers) if version is None else [version],
+            platform="keras",
+            inputs=[
+                {"name": IMAGE, "datatype": "BYTES", "shape": [-1]},
+                {"name": PIXELS, "datatype": "UINT8", "shape": [-1, height, width, 3]},
+            ],
+            outputs=[{"name": OUTPUT, "datatype": "FP32", "shape": [-1, classes]}],
+        )
+
+    @routes("/ready", "GET")
+    def model_ready(name: str, version: str | None = None) -> Response | tuple[Response, int]:
+        model, workers = resolve(name, version)
+        if version is not None:
+            workers = [w for w in workers if w.version == version]
+        return jsonify(name=model.name, ready=bool(workers)), 200 if workers else 400
+
+    @routes("/infer", "POST")
+    def infer(name: str, version: str | None = None) -> Response:
+        model, workers = resolve(name, version)
+        size = model.input_size(workers)
+        if size is None:
+            raise V2Error(
+                503, f"model {model.name!r} has no live worker yet; retry shortly", _RETRY
+            )
+        inference = parse_request(request.get_data(), request.headers, size, settings)
+        jobs = [
+            protocol.ImageRequest.create(
+                image, settings.result_timeout, probabilities=True, classes=inference.classes
+            )
+            for image in inference.images
+        ]
+        try:
+            answers = submit(model, jobs, settings)
+        except Refused as exc:
+            raise V2Error(exc.status, exc.message, exc.headers) from None
+        rows, classes, made_by = _collect(jobs, answers, settings)
+        version_used = (made_by or {}).get("version") or model.spec.version
+        return answer(model.name, version_used, inference, rows, classes)
+
+    return bp
+
+
+_RETRY = {"Retry-After": "1"}
+
+
+def _collect(
+    jobs: list[protocol.ImageRequest], answers: dict[str, bytes], settings: Settings
+) -> tuple[np.ndarray, list[list[dict[str, Any]]], dict[str, str] | None]:
+    """(probabilities [N, classes], each image's top classes, the model that
+    answered) from the workers' answers; V2Error if any image failed."""
+    rows, classes, made_by = [], [], None
+    for job in jobs:
+        raw = answers.get(job.id)
+        if raw is None:
+            raise V2Error(504, timed_out(settings))
+        header, vector = protocol.decode_probabilities(raw)
+        if not header["success"]:
+            raise V2Error(500, header.get("error", "the model failed"))
+        if vector is None:
+            raise V2Error(
+                500, "a worker answered without the probabilities: is it older than this server?"
+            )
+        rows.append(vector)
+        classes.append(header.get("classes", []))
+        made_by = made_by or header.get("model")
+    return np.stack(rows), classes, made_by
+
+
+def _version() -> str:
+    """The package's version, as the OpenAPI description states it (a test
+    keeps that equal to pyproject.toml's)."""
+    return str(json.loads(openapi_document())["info"]["version"])
+
+
+def _versions(model: ServedModel, workers: list[WorkerInfo]) -> list[str]:
+    return sorted({model.spec.version, *(w.version for w in workers if w.version)})
+
+
+# -- the request --------------------------------------------------------------
+
+
+def parse_request(
+    body: bytes, headers: Any, size: tuple[int, int], settings: Settings
+) -> Inference:
+    """An infer request's body -> the images to queue; V2Error says what is wrong."""
+    if headers.get("Content-Encoding", "identity") != "identity":
+        raise bad(f"Content-Encoding {headers['Content-Encoding']!r} is not supported")
+    header_bytes, binary = _split(body, headers.get(HEADER_LENGTH))
+    try:
+        message = json.loads(header_bytes)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise bad(f"the request is not valid JSON ({exc})") from None
+    if not isinstance(message, dict):
+        raise bad("the request must be a JSON object with 'inputs'")
+    request_id = message.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise bad("'id' must be a string")
+    parameters = _object(message.get("parameters", {}), "the request's 'parameters'")
+    inputs = message.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise bad("'inputs' must be a non-empty list of tensors")
+    # Walk every input's binary part first: a length that does not add up is
+    # the first thing to report.
+    parts = _binary_parts(inputs, binary)
+    if len(inputs) != 1:
+        names = [i.get("name") if isinstance(i, dict) else None for i in inputs]
+        raise bad(f"one input per request, {IMAGE!r} or {PIXELS!r}; got {names}")
+    tensor, data = inputs[0], parts[0]
+    name = tensor.get("name")
+    if name == IMAGE:
+        images = _images(tensor, data, size, settings)
+    elif name == PIXELS:
+        images = _pixels(tensor, data, size, settings)
+    else:
+        raise bad(
+            f"unknown input {name!r}: the model takes {IMAGE!r} (BYTES, encoded image files) "
+            f"or {PIXELS!r} (UINT8 or FP32, [N, H, W, 3])"
+        )
+    default_binary = parameters.get("binary_data_output") is True
+    outputs = [_output(o, default_binary) for o in message.get("outputs") or [{"name": OUTPUT}]]
+    return Inference(images, outputs, request_id)
+
+
+def _split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
+    if header_length is None:
+        return body, b""
+    try:
+        length = int(header_length)
+    except ValueError:
+        raise bad(f"{HEADER_LENGTH} {header_length!r} is not a whole number") from None
+    if not 0 < length <= len(body):
+        raise bad(
+            f"{HEADER_LENGTH} says the JSON header is {length} bytes, but the body has {len(body)}"
+        )
+    return body[:length], body[length:]
+
+
+def _object(value: object, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise bad(f"{what} must be a JSON object")
+    return value
+
+
+def _binary_parts(inputs: list[Any], binary: bytes) -> list[bytes | None]:
+    """Each input's binary data (None: its data is in the JSON), in order."""
+    parts: list[bytes | None] = []
+    offset = 0
+    for tensor in inputs:
+        if not isinstance(tensor, dict):
+            raise bad("each input must be a JSON object")
+        what = f"input {tensor.get('name')!r}'s parameters"
+        parameters = _object(tensor.get("parameters", {}), what)
+        if any(key.startswith("shared_memory") for key in parameters):
+            raise bad("shared memory is not supported: send the data in the request")
+        size = parameters.get("binary_data_size")
+        if size is None:
+            parts.append(None)
+            continue
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise bad(f"input {tensor.get('name')!r}: binary_data_size must be a whole number")
+        if offset + size > len(binary):
+            raise bad(
+                f"input {tensor.get('name')!r}: binary_data_size {size} runs past the "
+                f"{len(binary)} bytes after the JSON header ({HEADER_LENGTH})"
+            )
+        parts.append(binary[offset : offset + size])
+        offset += size
+    if offset != len(binary):
+        raise bad(
+            f"{len(binary) - offset} bytes after the JSON header belong to no input: the "
+            f"binary_data_size values and {HEADER_LENGTH} do not match the body"
+        )
+    return parts
+
+
+def _shape(tensor: dict[str, Any]) -> list[int]:
+    shape = tensor.get("shape")
+    if not isinstance(shape, list) or not all(
+        isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape
+    ):
+        raise bad(f"input {tensor.get('name')!r}: 'shape' must be a list of whole numbers")
+    return shape
+
+
+def _count(shape: list[int], settings: Settings) -> int:
+    """How many images the shape holds; too many is a 413, none a 400."""
+    if not shape or shape[0] < 1:
+        raise bad(f"shape {shape}: at least one image")
+    if shape[0] > settings.max_images:
+        count = shape[0]
+        raise V2Error(413, too_many(count, settings).message)
+    return shape[0]
+
+
+def _images(
+    tensor: dict[str, Any], data: bytes | None, size: tuple[int, int], settings: Settings
+) -> list[np.ndarray]:
+    """BYTES: encoded image files, decoded and resized as /predict does."""
+    datatype = tensor.get("datatype")
+    if datatype != "BYTES":
+        raise bad(f"input {IMAGE!r} must be BYTES (encoded image files), not {datatype!r}")
+    shape = _shape(tensor)
+    if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
+        raise bad(f"input {IMAGE!r}: shape must be [N] or [N, 1], not {shape}")
+    count = _count(shape, settings)
+    files = _bytes_elements(data) if data is not None else _base64_elements(tensor)
+    if len(files) != count:
+        raise bad(f"input {IMAGE!r}: shape {shape} holds {count} images, the data {len(files)}")
+    images = []
+    for index, file in enumerate(files):
+        if not file:
+            raise bad(f"input {IMAGE!r} element {index} is empty")
+        try:
+            images.append(load_image(file, size, settings.max_image_pixels))
+        except ImageError as exc:
+            raise V2Error(exc.status, f"input {IMAGE!r} element {index}: {exc}") from None
+    return images
+
+
+def _bytes_elements(data: bytes) -> list[bytes]:
+    """The binary form of a BYTES tensor: each element a 4-byte little-endian
+    length, then that many bytes."""
+    elements, offset = [], 0
+    while offset < len(data):
+        if offset + 4 > len(data):
+            raise bad(f"input {IMAGE!r}: its binary data ends inside an element's length")
+        (length,) = struct.unpack_from("<I", data, offset)
+        offset += 4
+        if offset + length > len(data):
+            raise bad(
+                f"input {IMAGE!r} element {len(elements)}: its length says {length} bytes, "
+                f"{len(data) - offset} are left"
+            )
+        elements.append(data[offset : offset + length])
+        offset += length
+    return elements
+
+
+def _base64_elements(tensor: dict[str, Any]) -> list[bytes]:
+    """The JSON form of a BYTES tensor of files: base64 strings (JSON cannot
+    carry raw bytes), flat or nested."""
+    flat = _flatten(tensor.get("data"), IMAGE)
+    files = []
+    for index, text in enumerate(flat):
+        if not isinstance(text, str):
+            raise bad(f"input {IMAGE!r} element {index}: expected a base64 string")
+        try:
+            files.append(base64.b64decode(text, validate=True))
+        except (binascii.Error, ValueError):
+            raise bad(f"input {IMAGE!r} element {index} is not valid base64") from None
+    return files
+
+
+def _flatten(data: object, name: str) -> list[Any]:
+    if not isinstance(data, list):
+        raise bad(f"input {name!r}: 'data' must be a list (or send binary_data_size)")
+    flat: list[Any] = []
+    stack = [iter(data)]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                stack.append(iter(item))
+                break
+            flat.append(item)
+        else:
+            stack.pop()
+    return flat
+
+
+def _pixels(
+    tensor: dict[str, Any], data: bytes | None, size: tuple[int, int], settings: Settings
+) -> list[np.ndarray]:
+    """UINT8 or FP32 [N, H, W, 3] at the model's input size, RGB 0..255."""
+    datatype = tensor.get("datatype")
+    dtype = PIXEL_TYPES.get(datatype)  # type: ignore[arg-type]
+    if dtype is None:
+        raise bad(f"input {PIXELS!r} must be UINT8 or FP32, not {datatype!r}")
+    shape = _shape(tensor)
+    width, height = size
+    if len(shape) != 4 or shape[1:] != [height, width, 3]:
+        raise bad(
+            f"input {PIXELS!r}: shape must be [N, {height}, {width}, 3] "
+            f"(the model's input size, RGB), not {shape}"
+        )
+    count = _count(shape, settings)
+    elements = math.prod(shape)
+    if data is not None:
+        if len(data) != elements * dtype.itemsize:
+            raise bad(
+                f"input {PIXELS!r}: {len(data)} bytes of binary data do not fit {shape} {datatype}"
+            )
+        array = np.frombuffer(data, dtype=dtype)
+    else:
+        flat = _flatten(tensor.get("data"), PIXELS)
+        if len(flat) != elements:
+            raise bad(
+                f"input {PIXELS!r}: shape {shape} holds {elements} values, the data {len(flat)}"
+            )
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in flat):
+            raise bad(f"input {PIXELS!r}: 'data' must hold only numbers")
+        values = np.asarray(flat, dtype=np.float64)
+        if dtype == np.uint8 and (
+            np.any(values != np.round(values)) or values.min() < 0 or values.max() > 255
+        ):
+            raise bad(f"input {PIXELS!r}: UINT8 values must be whole numbers 0..255")
+        array = values.astype(dtype)
+    if dtype == np.float32 and not np.all(np.isfinite(array)):
+        raise bad(f"input {PIXELS!r}: FP32 values must be finite")
+    batch = array.reshape(shape)
+    return [batch[i] for i in range(count)]
+
+
+def _output(spec: object, default_binary: bool) -> Output:
+    if not isinstance(spec, dict):
+        raise bad("each requested output must be a JSON object")
+    if spec.get("name") != OUTPUT:
+        raise bad(f"unknown output {spec.get('name')!r}: the model has one, {OUTPUT!r}")
+    parameters = _object(spec.get("parameters", {}), f"output {OUTPUT!r}'s parameters")
+    if any(key.startswith("shared_memory") for key in parameters):
+        raise bad("shared memory is not supported")
+    binary = parameters.get("binary_data", default_binary)
+    if not isinstance(binary, bool):
+        raise bad("binary_data must be true or false")
+    k = parameters.get("classification", 0)
+    if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= protocol.MAX_CLASSES:
+        raise bad(f"classification must be a whole number of classes, 1..{protocol.MAX_CLASSES}")
+    return Output(binary, k)
+
+
+# -- the response -------------------------------------------------------------
+
+
+def answer(
+    model: str,
+    version: str,
+    inference: Inference,
+    probabilities: np.ndarray,
+    classes: list[list[dict[str, Any]]],
+) -> Response:
+    """The infer response: JSON, or JSON then the binary outputs when any
+    output asked for binary data."""
+    tensors, blobs = [], []
+    for output in inference.outputs:
+        if output.classification:
+            k = min(output.classification, probabilities.shape[1])
+            strings = [
+                f"{float(row[c['index']]):f}:{c['index']}:{c['label']}"
+                for row, top in zip(probabilities, classes, strict=True)
+                for c in top[:k]
+            ]
+            shape = [len(classes), k]
+            tensor: dict[str, Any] = {"name": OUTPUT, "datatype": "BYTES", "shape": shape}
+            raw = b"".join(struct.pack("<I", len(s.encode())) + s.encode() for s in strings)
+            data: list[Any] = strings
+        else:
+            tensor = {"name": OUTPUT, "datatype": "FP32", "shape": list(probabilities.shape)}
+            raw = np.ascontiguousarray(probabilities, dtype="<f4").tobytes()
+            data = probabilities.ravel().tolist()
+        if output.binary:
+            tensor["parameters"] = {"binary_data_size": len(raw)}
+            blobs.append(raw)
+        else:
+            tensor["data"] = data
+        tensors.append(tensor)
+    body: dict[str, Any] = {"model_name": model, "model_version": version}
+    if inference.request_id is not None:
+        body["id"] = inference.request_id
+    body["outputs"] = tensors
+    header = json.dumps(body).encode()
+    if not blobs:
+        return Response(header, mimetype="application/json")
+    response = Response(header + b"".join(blobs), mimetype="application/octet-stream")
+    response.headers[HEADER_LENGTH] = str(len(header))
+    return response
