@@ -90,7 +90,7 @@ def loader(settings: Settings, spec: ModelSpec) -> Callable[[], Predictor]:
     if spec.source == SIM:
         from .simulated import SimulatedModel
 
-        return lambda: SimulatedModel(settings.sim_batch_ms, settings.sim_image_ms)
+        return lambda: SimulatedModel(settings.sim_batch_ms, settings.sim_image_ms, spec.top_k)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from .model import load_classifier
 

@@ -28,8 +28,12 @@ from pathlib import Path
 from types import FrameType
 from typing import IO
 
+import redis
 import requests
 
+from .cli import served_specs
+from .protocol import Keys
+from .queue import RequestQueue, connect
 from .redis_launcher import RedisServer, free_port
 from .settings import Settings, SettingsError, load_settings
 
@@ -200,18 +204,33 @@ class Cluster:
         self.nginx = Part("nginx", process, log_path, self.port, log_file)
 
     def wait_ready(self, workers: int, timeout: float) -> None:
-        """Until nginx answers and every worker beats on every shard."""
-        expected = workers * len(self.redis)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for part in [*self.workers, *self.webs, *([self.nginx] if self.nginx else [])]:
-                if not part.alive():
-                    raise ClusterError(f"{part.name} exited:\n{part.log_tail()}")
-            with contextlib.suppress(requests.RequestException, ValueError):
-                body = requests.get(self.url + "/readyz", timeout=2).json()
-                if body.get("workers") == expected:
-                    return
-            time.sleep(0.2)
+        """Until nginx answers and, for every model the workers serve (`--serve`),
+        each of the `workers` beats on every shard."""
+        specs, default = served_specs(self.settings)
+        queues = [
+            RequestQueue(
+                connect(server.url, block_seconds=1),
+                Keys.for_model(self.settings.queue_name, spec.name, default),
+            )
+            for spec in specs
+            for server in self.redis
+        ]
+        try:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                for part in [*self.workers, *self.webs, *([self.nginx] if self.nginx else [])]:
+                    if not part.alive():
+                        raise ClusterError(f"{part.name} exited:\n{part.log_tail()}")
+                with contextlib.suppress(requests.RequestException, redis.RedisError):
+                    if requests.get(self.url + "/healthz", timeout=2).ok and all(
+                        sum(info is not None for info in queue.workers().values()) >= workers
+                        for queue in queues
+                    ):
+                        return
+                time.sleep(0.2)
+        finally:
+            for queue in queues:
+                queue.client.close()
         raise ClusterError(f"not ready after {timeout:g} s; logs in {self.dir}")
 
     def stop(self, keep_logs: bool = False) -> None:

@@ -220,12 +220,40 @@ def test_models_file_paths_are_relative_to_it(tmp_path: Path) -> None:
         ('[models.a]\nmodel = "resnet50"\npreprocessing = "magic"\n', "preprocessing 'magic'"),
         ('[models.A]\nmodel = "resnet50"\n', "lower-case"),
         ("[models\n", "models file"),
+        ('[models.a]\nmodel = "resnet50"\ntop_k = "three"\n', "top_k must be a whole number"),
+        ('[models.a]\nmodel = "resnet50"\ntop_k = 2.5\n', "top_k must be a whole number"),
+        ('[models.a]\nmodel = "resnet50"\ntop_k = 0\n', "top_k must be between 1 and 1000"),
+        ("[models]\na = 3\n", "\\[models.a\\] must be a table"),
+        ('[models]\na = "resnet50"\n', "\\[models.a\\] must be a table"),
+        ("[models.a]\nmodel = 50\n", "'model' must be a string"),
     ],
 )
 def test_bad_models_files(tmp_path: Path, text: str, message: str) -> None:
     (tmp_path / "m.toml").write_text(text)
     with pytest.raises(CatalogError, match=message):
         load_models_file(tmp_path / "m.toml")
+
+
+def test_a_bad_models_file_stops_the_entry_point_with_a_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from keras_server.cli import main
+
+    for text in ('[models.a]\nmodel = "resnet50"\ntop_k = "three"\n', "[models]\na = 3\n"):
+        (tmp_path / "m.toml").write_text(text)
+        assert main(["--models-file", str(tmp_path / "m.toml")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("run_keras_server.py: error: models file"), err
+        assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("weights", ["None", "NONE", "ImageNet"])
+def test_weight_names_are_not_taken_for_paths(tmp_path: Path, weights: str) -> None:
+    (tmp_path / "m.toml").write_text(f'[models.a]\nmodel = "resnet50"\nweights = "{weights}"\n')
+    (spec,), _ = load_models_file(tmp_path / "m.toml")
+    assert spec.weights == weights.lower()
+    flags = load_settings(["--weights", weights], environ={})
+    assert flags.model_specs()[0][0].weights == weights.lower()
 
 
 def test_one_model_from_flags() -> None:

@@ -1,15 +1,18 @@
 """The worker loop with a small real Keras model and a real Redis."""
 
+import dataclasses
 import json
 import math
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import CountingPredictor, WorkerThread, make_worker
 
 from keras_server import protocol
+from keras_server.cli import build_workers
 from keras_server.queue import RequestQueue
 from keras_server.settings import Settings
 
@@ -109,6 +112,22 @@ def test_bad_entries_are_answered_or_dropped_without_hurting_the_batch(
     shape_error = answers(queue, [wrong_shape.id])[0]
     assert shape_error["success"] is False and "does not fit" in shape_error["error"]
     assert answers(queue, ["broken"])[0] == {"success": False, "error": "the request was malformed"}
+
+
+@pytest.mark.parametrize("where", ["flag", "models file"])
+def test_the_simulated_model_answers_with_its_top_k(
+    settings: Settings, queue: RequestQueue, tmp_path: Path, where: str
+) -> None:
+    sim = dataclasses.replace(settings, sim_batch_ms=0, sim_image_ms=0)
+    if where == "flag":
+        sim = dataclasses.replace(sim, model="sim", top_k=3)
+    else:
+        (tmp_path / "m.toml").write_text('[models.sim]\nmodel = "sim"\ntop_k = 3\n')
+        sim = dataclasses.replace(sim, models_file=str(tmp_path / "m.toml"))
+    (worker,) = build_workers(sim)
+    ids = enqueue(queue, 2)
+    assert worker.run_once(wait=1) == 2
+    assert [len(result["predictions"]) for result in answers(queue, ids)] == [3, 3]
 
 
 def test_loop_survives_redis_being_unreachable(predictor: CountingPredictor) -> None:
