@@ -2,6 +2,7 @@
 
 Modules, each owning one thing:
     settings        every knob: CLI > environment > default
+    logs            logging set-up, with the request id in every line
     catalog         model specs: built-in names, .keras files, labels, models file
     labels          the ImageNet class names, shipped
     protocol        Redis key names and the messages between web and worker

@@ -1,7 +1,11 @@
 """Every knob of the server, in one table: command line > environment > default.
 
 The entry point calls `load_settings()` once and passes the frozen `Settings`
-down; no other module reads `os.environ` or `sys.argv`.
+down; only `load_settings` reads our KERAS_SERVER_* variables and `sys.argv`.
+Other modules touch `os.environ` only for other programs' switches:
+prometheus-client's multiprocess directory (metrics, gunicorn_conf), TensorFlow's
+log level (cli), and the environment handed to child processes (cli's
+gunicorn, cluster's parts).
 """
 
 from __future__ import annotations

@@ -69,7 +69,7 @@ def create_app(settings: Settings, deployment: Deployment | None = None) -> Flas
     app = Flask(__name__)
     app.request_class = InMemoryRequest
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes
-    app.json.sort_keys = False  # keep {"success", "predictions"} in the seed's order
+    app.json.sort_keys = False  # keep an answer's keys in the order it is built: "success" first
     if deployment is None:
         deployment = Deployment.from_settings(settings)
     _add_request_log(app)

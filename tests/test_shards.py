@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import redis
-from conftest import IMAGES
+from conftest import IMAGES, wait_until
 
 from keras_server import protocol
 from keras_server.cli import make_workers
@@ -134,8 +134,7 @@ def test_fair_lock_takes_turns() -> None:
             thread.start()
             waiting.append(thread)
             # Let each one queue up before the next arrives.
-            while len(lock._turns) < len(waiting) + 1:
-                threading.Event().wait(0.001)
+            wait_until(lambda: lock.asked == len(waiting) + 1, timeout=5, what=f"{name} waiting")
     for thread in waiting:
         thread.join(5)
     assert order == ["a", "b", "c"]

@@ -2,18 +2,18 @@
 
 import dataclasses
 import json
+import logging
 import math
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CountingPredictor, WorkerThread, make_worker
+from conftest import CountingPredictor, WorkerThread, make_worker, wait_until
 
 from keras_server import protocol
 from keras_server.cli import build_workers
-from keras_server.queue import RequestQueue
+from keras_server.queue import RequestQueue, connect
+from keras_server.redis_launcher import RedisServer, free_port
 from keras_server.settings import Settings
 
 
@@ -130,14 +130,24 @@ def test_the_simulated_model_answers_with_its_top_k(
     assert [len(result["predictions"]) for result in answers(queue, ids)] == [3, 3]
 
 
-def test_loop_survives_redis_being_unreachable(predictor: CountingPredictor) -> None:
-    settings = Settings(redis_url="redis://127.0.0.1:1/0", redis_url_given=True)
-    worker = make_worker(settings, predictor)
-    stop = threading.Event()
-    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
-    thread.start()
-    time.sleep(0.5)
-    assert thread.is_alive(), "a Redis error must not end the worker"
-    stop.set()
-    thread.join(6)
-    assert not thread.is_alive()
+def test_loop_survives_redis_being_unreachable_and_serves_once_it_answers(
+    predictor: CountingPredictor, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = free_port()
+    settings = Settings(redis_url=f"redis://127.0.0.1:{port}/0", redis_url_given=True)
+    server = RedisServer(port=port)
+    try:
+        with (
+            caplog.at_level(logging.WARNING, logger="keras_server.worker"),
+            WorkerThread(make_worker(settings, predictor)) as running,
+        ):
+            wait_until(
+                lambda: sum("retrying in" in r.getMessage() for r in caplog.records) >= 2,
+                what="the worker retrying Redis twice",
+            )
+            assert running.thread.is_alive()
+            server.start()
+            queue = RequestQueue(connect(server.url, block_seconds=1), protocol.Keys("image_queue"))
+            assert answers(queue, enqueue(queue, 1))[0]["success"] is True
+    finally:
+        server.close()
