@@ -16,6 +16,7 @@ import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from .labels import imagenet_labels
 
@@ -98,12 +99,10 @@ class ModelSpec:
             raise CatalogError(
                 f"model name {self.name!r}: use 1-64 lower-case letters, digits, '_' or '-'"
             )
-        if self.is_file and not self.source.endswith(".keras"):
-            known = ", ".join(sorted(BUILTINS))
-            raise CatalogError(
-                f"model {self.name!r}: {self.source!r} is neither a built-in model ({known}, "
-                "sim) nor a .keras file"
-            )
+        try:
+            check_source(self.source)
+        except CatalogError as exc:
+            raise CatalogError(f"model {self.name!r}: {self.source!r} {exc}") from None
         if self.preprocessing is not None and self.preprocessing not in PREPROCESSING:
             raise CatalogError(
                 f"model {self.name!r}: preprocessing {self.preprocessing!r} is not one of "
@@ -127,6 +126,13 @@ def weights_name(value: str) -> str:
     return value.lower() if value.lower() in WEIGHT_NAMES else value
 
 
+def check_source(value: str) -> str:
+    """Where a model comes from: a built-in name, sim, or a .keras file."""
+    if value in BUILTINS or value == SIM or value.endswith(".keras"):
+        return value
+    raise CatalogError(f"must be sim, a .keras file or one of {', '.join(sorted(BUILTINS))}")
+
+
 def check_top_k(value: object) -> int:
     """How many classes an answer lists: a whole number, 1 to MAX_TOP_K."""
     if isinstance(value, bool) or not isinstance(value, int):
@@ -134,6 +140,30 @@ def check_top_k(value: object) -> int:
     if not 1 <= value <= MAX_TOP_K:
         raise CatalogError(f"must be between 1 and {MAX_TOP_K}")
     return value
+
+
+class Models(NamedTuple):
+    """The models a deployment serves and the default one's name: resolved once
+    by the entry point (`Settings.model_specs`) and passed down."""
+
+    specs: tuple[ModelSpec, ...]
+    default: str
+
+    def find(self, name: str) -> ModelSpec | None:
+        return next((s for s in self.specs if s.name == name), None)
+
+    def serving(self, serve: str) -> tuple[ModelSpec, ...]:
+        """The models a worker loads for `--serve`: "all", or names separated by commas."""
+        if serve == "all":
+            return self.specs
+        chosen = []
+        for name in (n.strip() for n in serve.split(",")):
+            spec = self.find(name)
+            if spec is None:
+                known = ", ".join(s.name for s in self.specs)
+                raise CatalogError(f"--serve {name}: no such model (known: {known})")
+            chosen.append(spec)
+        return tuple(chosen)
 
 
 def read_labels(path: str | Path) -> tuple[str, ...]:
@@ -174,7 +204,7 @@ def labels_for(spec: ModelSpec) -> tuple[str, ...]:
     return imagenet_labels()
 
 
-def load_models_file(path: str | Path) -> tuple[list[ModelSpec], str]:
+def load_models_file(path: str | Path) -> Models:
     """The specs in a TOML models file, and the name of the default model.
 
         default = "resnet50"          # optional: else the first model
@@ -232,7 +262,7 @@ def load_models_file(path: str | Path) -> tuple[list[ModelSpec], str]:
     default = data.get("default", specs[0].name)
     if default not in {s.name for s in specs}:
         raise CatalogError(f"models file {path}: default model {default!r} is not defined")
-    return specs, default
+    return Models(tuple(specs), default)
 
 
 def _relative(base: Path, value: str, names: Sequence[str] = ()) -> str:
@@ -240,7 +270,3 @@ def _relative(base: Path, value: str, names: Sequence[str] = ()) -> str:
     if value in names or Path(value).is_absolute():
         return value
     return str((base.parent / value).resolve())
-
-
-def find(specs: Sequence[ModelSpec], name: str) -> ModelSpec | None:
-    return next((s for s in specs if s.name == name), None)

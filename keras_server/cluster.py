@@ -31,7 +31,6 @@ from typing import IO
 import redis
 import requests
 
-from .cli import served_specs
 from .protocol import Keys
 from .queue import RequestQueue, connect
 from .redis_launcher import RedisServer, free_port
@@ -206,13 +205,14 @@ class Cluster:
     def wait_ready(self, workers: int, timeout: float) -> None:
         """Until nginx answers and, for every model the workers serve (`--serve`),
         each of the `workers` beats on every shard."""
-        specs, default = served_specs(self.settings)
+        models = self.settings.model_specs()
+        default = models.default
         queues = [
             RequestQueue(
                 connect(server.url, block_seconds=1),
                 Keys.for_model(self.settings.queue_name, spec.name, default),
             )
-            for spec in specs
+            for spec in models.serving(self.settings.serve)
             for server in self.redis
         ]
         try:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import redis
 
-from .catalog import ModelSpec
+from .catalog import Models, ModelSpec
 from .protocol import Keys, WorkerInfo
 from .settings import Settings
 from .shards import ShardSet
@@ -69,14 +69,16 @@ class Deployment:
     default: str
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Deployment:
-        specs, default = settings.model_specs()
-        models = {}
+    def from_settings(cls, settings: Settings, models: Models | None = None) -> Deployment:
+        """Every model of `models` (the entry point's, else read from `settings`)
+        on every shard of `settings`."""
+        specs, default = models or settings.model_specs()
+        served = {}
         for spec in specs:
             keys = Keys.for_model(settings.queue_name, spec.name, default)
             shards = ShardSet.connect(settings.redis_urls, keys, settings.result_timeout)
-            models[spec.name] = ServedModel(spec, shards)
-        return cls(models, default)
+            served[spec.name] = ServedModel(spec, shards)
+        return cls(served, default)
 
     def get(self, name: str | None = None) -> ServedModel | None:
         return self.models.get(self.default if name is None else name)

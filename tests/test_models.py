@@ -216,7 +216,7 @@ def test_models_file_paths_are_relative_to_it(tmp_path: Path) -> None:
         ('[models.a]\nweights = "none"\n', "needs 'model'"),
         ('[models.a]\nmodel = "resnet50"\ncolour = "red"\n', "unknown: colour"),
         ('default = "z"\n[models.a]\nmodel = "resnet50"\n', "default model 'z'"),
-        ('[models.a]\nmodel = "alexnet"\n', "neither a built-in model"),
+        ('[models.a]\nmodel = "alexnet"\n', "alexnet' must be sim, a .keras file or one of"),
         ('[models.a]\nmodel = "resnet50"\npreprocessing = "magic"\n', "preprocessing 'magic'"),
         ('[models.A]\nmodel = "resnet50"\n', "lower-case"),
         ("[models\n", "models file"),
@@ -270,3 +270,46 @@ def test_unknown_model_flag() -> None:
         SettingsError, match=r"--model='alexnet': must be sim, a \.keras file or one of"
     ):
         load_settings(["--model", "alexnet"], environ={})
+
+
+@pytest.mark.parametrize(
+    ("flags", "table", "message"),
+    [
+        (["--top-k", "1001"], 'model = "sim"\ntop_k = 1001', "must be between 1 and 1000"),
+        (["--top-k", "0"], 'model = "sim"\ntop_k = 0', "must be between 1 and 1000"),
+        (["--model", "alexnet"], 'model = "alexnet"', "must be sim, a .keras file or one of"),
+    ],
+)
+def test_flags_and_models_files_share_each_rule(
+    tmp_path: Path, flags: list[str], table: str, message: str
+) -> None:
+    with pytest.raises(SettingsError, match=message):
+        load_settings(flags, environ={})
+    (tmp_path / "m.toml").write_text(f"[models.a]\n{table}\n")
+    with pytest.raises(CatalogError, match=message):
+        load_models_file(tmp_path / "m.toml")
+
+
+def test_the_entry_point_reads_the_models_file_once(
+    tmp_path: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from keras_server import cli
+    from keras_server import settings as settings_module
+
+    read: list[str] = []
+    served: list[str] = []
+
+    def counted(path: str) -> object:
+        read.append(path)
+        return load_models_file(path)
+
+    monkeypatch.setattr(settings_module, "load_models_file", counted)
+    # Stop short of serving: no signal handlers or logging set-up in the test process.
+    monkeypatch.setattr(cli, "serve", lambda workers, stop: served.extend(w.name for w in workers))
+    monkeypatch.setattr(cli.signal, "signal", lambda *args: None)
+    monkeypatch.setattr(cli, "configure_logging", lambda level: None)
+    (tmp_path / "m.toml").write_text('[models.a]\nmodel = "sim"\n[models.b]\nmodel = "sim"\n')
+    argv = ["--role", "worker", "--models-file", str(tmp_path / "m.toml"), "--sim-batch-ms", "0"]
+    assert cli.main([*argv, "--redis-url", settings.redis_url]) == 0
+    assert served == ["a", "b"]
+    assert len(read) == 1

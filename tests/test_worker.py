@@ -124,7 +124,7 @@ def test_the_simulated_model_answers_with_its_top_k(
     else:
         (tmp_path / "m.toml").write_text('[models.sim]\nmodel = "sim"\ntop_k = 3\n')
         sim = dataclasses.replace(sim, models_file=str(tmp_path / "m.toml"))
-    (worker,) = build_workers(sim)
+    (worker,) = build_workers(sim, sim.model_specs())
     ids = enqueue(queue, 2)
     assert worker.run_once(wait=1) == 2
     assert [len(result["predictions"]) for result in answers(queue, ids)] == [3, 3]
