@@ -3,13 +3,16 @@ own queue on every Redis shard, and the input size its uploads are resized to.
 
 The input size comes from the model's live workers (their heartbeat says
 what the loaded model takes), or, before any worker beats, from the built-in
-catalogue. TensorFlow-free.
+catalogue. `Deployment.survey` reads each model's queue on each shard
+(reachable, depth, live workers) for /readyz, /models and the metrics, so
+the three always agree. TensorFlow-free.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import redis
@@ -23,6 +26,36 @@ from .shards import ShardSet
 SIZE_TTL_S = 5.0
 
 
+@dataclass(frozen=True)
+class ShardState:
+    """One model's queue on one shard, as read at one moment."""
+
+    model: str
+    shard: str  # host:port/db, no password
+    reachable: bool
+    depth: int = 0
+    workers: dict[str, WorkerInfo] = field(default_factory=dict)  # live ones, by id
+    error: str = ""  # why it was unreachable
+
+
+@dataclass(frozen=True)
+class Survey:
+    """Every model's queue on every shard."""
+
+    states: tuple[ShardState, ...]
+
+    def __iter__(self) -> Iterator[ShardState]:
+        return iter(self.states)
+
+    def of(self, model: str) -> list[ShardState]:
+        return [s for s in self.states if s.model == model]
+
+    def live_workers(self, model: str | None = None) -> list[WorkerInfo]:
+        """Live workers of `model` (default: of every model) over the reachable shards."""
+        states = self.states if model is None else self.of(model)
+        return [info for s in states for info in s.workers.values()]
+
+
 @dataclass
 class ServedModel:
     spec: ModelSpec
@@ -34,15 +67,23 @@ class ServedModel:
     def name(self) -> str:
         return self.spec.name
 
-    def live_workers(self) -> list[WorkerInfo]:
-        """Live workers over the reachable shards (unreachable ones are skipped)."""
+    def survey(self) -> list[ShardState]:
+        """This model's queue on each shard: reachable, depth, live workers."""
         found = []
         for queue in self.shards.queues:
+            where = self.shards.name(queue)
             try:
-                found += [info for info in queue.workers().values() if info is not None]
-            except redis.RedisError:
+                depth, workers = queue.depth(), queue.workers()
+            except redis.RedisError as exc:
+                found.append(ShardState(self.name, where, reachable=False, error=str(exc)))
                 continue
+            live = {wid: info for wid, info in workers.items() if info is not None}
+            found.append(ShardState(self.name, where, True, depth, live))
         return found
+
+    def live_workers(self) -> list[WorkerInfo]:
+        """Live workers over the reachable shards (unreachable ones are skipped)."""
+        return Survey(tuple(self.survey())).live_workers()
 
     def input_size(self, workers: list[WorkerInfo] | None = None) -> tuple[int, int] | None:
         """(width, height) to resize uploads to; None while unknown. Pass the
@@ -79,6 +120,10 @@ class Deployment:
             shards = ShardSet.connect(settings.redis_urls, keys, settings.result_timeout)
             served[spec.name] = ServedModel(spec, shards)
         return cls(served, default)
+
+    def survey(self) -> Survey:
+        """Every model's queue on every shard, read now."""
+        return Survey(tuple(s for model in self.models.values() for s in model.survey()))
 
     def get(self, name: str | None = None) -> ServedModel | None:
         return self.models.get(self.default if name is None else name)

@@ -120,8 +120,9 @@ def _add_predict(app: Flask, settings: Settings, deployment: Deployment) -> None
     @app.get("/models")
     def list_models() -> Response:
         described = []
+        survey = deployment.survey()
         for model in deployment.models.values():
-            workers = model.live_workers()
+            workers = survey.live_workers(model.name)
             size = model.input_size(workers)
             described.append(
                 {
@@ -195,28 +196,26 @@ def _add_operations(app: Flask, settings: Settings, deployment: Deployment) -> N
         A shard that is down does not make the server unready while another
         serves (/predict skips it too), but it is reported.
         """
-        down: set[str] = set()
-        missing, descriptions, live = [], set(), 0
-        for model in deployment.models.values():
-            serving, reachable = 0, 0
-            for queue in model.shards.queues:
-                where = model.shards.name(queue)
-                try:
-                    workers = [info for info in queue.workers().values() if info is not None]
-                except redis.RedisError as exc:
-                    down.add(f"Redis at {where} is unreachable: {exc}")
-                    continue
-                reachable += 1
-                if not workers:
-                    missing.append(f"no live worker for model {model.name!r} at {where}")
-                serving += len(workers)
-                descriptions.update(w.model for w in workers)
+        survey = deployment.survey()
+        down = {f"Redis at {s.shard} is unreachable: {s.error}" for s in survey if not s.reachable}
+        missing = []
+        for model in deployment.models:
+            reachable = [s for s in survey.of(model) if s.reachable]
+            missing += [
+                f"no live worker for model {model!r} at {s.shard}"
+                for s in reachable
+                if not s.workers
+            ]
             if not reachable:
-                missing.append(f"no reachable Redis shard for model {model.name!r}")
-            live += serving
+                missing.append(f"no reachable Redis shard for model {model!r}")
         if missing:
             return jsonify(ready=False, reason="; ".join([*sorted(down), *missing])), 503
-        body: dict[str, Any] = {"ready": True, "workers": live, "models": sorted(descriptions)}
+        workers = survey.live_workers()
+        body: dict[str, Any] = {
+            "ready": True,
+            "workers": len(workers),
+            "models": sorted({w.model for w in workers}),
+        }
         if down:
             body["unreachable"] = sorted(down)
         return jsonify(body)
