@@ -4,8 +4,7 @@ The entry point calls `load_settings()` once and passes the frozen `Settings`
 down; only `load_settings` reads our KERAS_SERVER_* variables and `sys.argv`.
 Other modules touch `os.environ` only for other programs' switches:
 prometheus-client's multiprocess directory (metrics, gunicorn_conf), TensorFlow's
-log level (cli), and the environment handed to child processes (cli's
-gunicorn, cluster's parts).
+log level (cli), and the environment handed to gunicorn (cli).
 """
 
 from __future__ import annotations

@@ -14,10 +14,10 @@ import redis
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from keras_server.cluster import Cluster, Part, find_nginx
 from keras_server.protocol import Keys
 from keras_server.queue import RequestQueue
 from keras_server.shards import label
+from run_cluster import Cluster, Part, find_nginx
 from stress_test import Load
 from stress_test import run as load
 
