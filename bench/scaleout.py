@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from keras_server.cluster import Cluster  # noqa: E402
+from run_cluster import Cluster  # noqa: E402
 from stress_test import run  # noqa: E402
 
 # 200 ms per batch + 10 ms per image, batches of up to 8: one worker manages

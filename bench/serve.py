@@ -1,28 +1,23 @@
 """Serve a model as a subprocess and drive it with stress_test.py's clients.
 
-`ServerProcess` starts a command that listens on a port, waits until the port
-answers HTTP, keeps its output in a log file, and stops it on exit (SIGTERM,
-then kill). `drive` runs one concurrency level: warm-up requests first, not
-counted, then the measured ones, through `stress_test.run`.
+`ServerProcess` starts a command that listens on a port and waits until the
+port answers HTTP (keras_server.processes.Child: its output in a log file,
+stopped on exit with SIGTERM, then kill). `drive` runs one concurrency level:
+warm-up requests first, not counted, then the measured ones, through
+`stress_test.run`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import signal
 import statistics
 import subprocess
-import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
-import requests
-
-from keras_server.redis_launcher import die_with_parent
+from keras_server.processes import Child, ChildFailed, http_answers
 from stress_test import percentile, run
 
 log = logging.getLogger(__name__)
@@ -40,56 +35,30 @@ class ServerProcess:
 
     def __init__(self, name: str, command: list[str], url: str, log_path: Path) -> None:
         self.name = name
-        self.command = command
         self.url = url
-        self.log_path = log_path
-        self.process: subprocess.Popen[bytes] | None = None
-        self._log: TextIO | None = None
+        self.child = Child(name, command, log_path, cwd=ROOT, env=ENV, tied=True)
         self.start_seconds = float("nan")
 
+    @property
+    def process(self) -> subprocess.Popen[bytes] | None:
+        return self.child.process
+
     def start(self, timeout: float) -> ServerProcess:
-        started = time.monotonic()
-        self._log = self.log_path.open("w")
-        self.process = subprocess.Popen(
-            self.command,
-            cwd=ROOT,
-            env=ENV,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
-        )
-        deadline = started + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise ServerFailed(f"{self.name} exited at start:\n{self.log_tail()}")
-            with contextlib.suppress(requests.ConnectionError):
-                # Any HTTP answer (a 405 for GET) means it listens.
-                requests.get(self.url, timeout=2)
-                self.start_seconds = time.monotonic() - started
-                log.info("%s answers after %.1f s", self.name, self.start_seconds)
-                return self
-            time.sleep(0.25)
-        self.stop()
-        raise ServerFailed(f"{self.name} did not answer within {timeout:g} s:\n{self.log_tail()}")
+        self.child.start()
+        try:
+            # Any HTTP answer (a 405 for GET) means it listens.
+            self.start_seconds = self.child.wait_until(http_answers(self.url), timeout, "answering")
+        except ChildFailed as exc:
+            self.stop()
+            raise ServerFailed(str(exc)) from None
+        log.info("%s answers after %.1f s", self.name, self.start_seconds)
+        return self
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        self.child.stop(20)
 
     def log_tail(self, chars: int = 3000) -> str:
-        if self._log is not None:
-            self._log.flush()
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        return text[-chars:]
+        return self.child.log_tail(chars)
 
     def __enter__(self) -> ServerProcess:
         return self

@@ -2,6 +2,7 @@
 
 Modules, each owning one thing:
     settings        every knob: CLI > environment > default
+    logs            logging set-up, with the request id in every line
     catalog         model specs: built-in names, .keras files, labels, models file
     labels          the ImageNet class names, shipped
     protocol        Redis key names and the messages between web and worker
@@ -19,7 +20,7 @@ Modules, each owning one thing:
     simulated       --model sim: a stand-in that only sleeps, for load tests
     worker          the batch loop: claim, one forward pass, answer each
     redis_launcher  a private redis-server when none is running
+    processes       child processes: start with a log, wait until ready, stop, log tail
     gunicorn_conf   gunicorn's settings for --role web, derived from ours
-    cluster         a local cluster behind nginx (run_cluster.py)
     cli             the entry point behind run_keras_server.py
 """

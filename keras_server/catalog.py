@@ -16,11 +16,15 @@ import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from .labels import imagenet_labels
 from .protocol import KEY_PARTS
 
 PREPROCESSING = ("caffe", "tf", "torch", "none", "scale")
+# --weights values that name weights rather than a file; any case.
+WEIGHT_NAMES = ("imagenet", "none")
+MAX_TOP_K = 1000
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -73,6 +77,9 @@ class ModelSpec:
     # version served each request.
     version: str = "1"
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "weights", weights_name(self.weights))
+
     @property
     def builtin(self) -> Builtin | None:
         return BUILTINS.get(self.source)
@@ -93,12 +100,10 @@ class ModelSpec:
             raise CatalogError(
                 f"model name {self.name!r}: use 1-64 lower-case letters, digits, '_' or '-'"
             )
-        if self.is_file and not self.source.endswith(".keras"):
-            known = ", ".join(sorted(BUILTINS))
-            raise CatalogError(
-                f"model {self.name!r}: {self.source!r} is neither a built-in model ({known}, "
-                "sim) nor a .keras file"
-            )
+        try:
+            check_source(self.source)
+        except CatalogError as exc:
+            raise CatalogError(f"model {self.name!r}: {self.source!r} {exc}") from None
         if self.preprocessing is not None and self.preprocessing not in PREPROCESSING:
             raise CatalogError(
                 f"model {self.name!r}: preprocessing {self.preprocessing!r} is not one of "
@@ -109,9 +114,57 @@ class ModelSpec:
                 f"model {self.name!r}: version {self.version!r}: use 1-64 letters, digits, "
                 "'.', '_' or '-'"
             )
-        if not 1 <= self.top_k <= 1000:
-            raise CatalogError(f"model {self.name!r}: top_k must be between 1 and 1000")
+        try:
+            check_top_k(self.top_k)
+        except CatalogError as exc:
+            raise CatalogError(f"model {self.name!r}: top_k {exc}") from None
         return self
+
+
+def weights_name(value: str) -> str:
+    """'imagenet' or 'none' in any case is that name, lower-cased; anything
+    else is a path, kept as it is."""
+    return value.lower() if value.lower() in WEIGHT_NAMES else value
+
+
+def check_source(value: str) -> str:
+    """Where a model comes from: a built-in name, sim, or a .keras file."""
+    if value in BUILTINS or value == SIM or value.endswith(".keras"):
+        return value
+    raise CatalogError(f"must be sim, a .keras file or one of {', '.join(sorted(BUILTINS))}")
+
+
+def check_top_k(value: object) -> int:
+    """How many classes an answer lists: a whole number, 1 to MAX_TOP_K."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise CatalogError("must be a whole number")
+    if not 1 <= value <= MAX_TOP_K:
+        raise CatalogError(f"must be between 1 and {MAX_TOP_K}")
+    return value
+
+
+class Models(NamedTuple):
+    """The models a deployment serves and the default one's name: resolved once
+    by the entry point (`Settings.model_specs`) and passed down."""
+
+    specs: tuple[ModelSpec, ...]
+    default: str
+
+    def find(self, name: str) -> ModelSpec | None:
+        return next((s for s in self.specs if s.name == name), None)
+
+    def serving(self, serve: str) -> tuple[ModelSpec, ...]:
+        """The models a worker loads for `--serve`: "all", or names separated by commas."""
+        if serve == "all":
+            return self.specs
+        chosen = []
+        for name in (n.strip() for n in serve.split(",")):
+            spec = self.find(name)
+            if spec is None:
+                known = ", ".join(s.name for s in self.specs)
+                raise CatalogError(f"--serve {name}: no such model (known: {known})")
+            chosen.append(spec)
+        return tuple(chosen)
 
 
 def read_labels(path: str | Path) -> tuple[str, ...]:
@@ -152,7 +205,7 @@ def labels_for(spec: ModelSpec) -> tuple[str, ...]:
     return imagenet_labels()
 
 
-def load_models_file(path: str | Path) -> tuple[list[ModelSpec], str]:
+def load_models_file(path: str | Path) -> Models:
     """The specs in a TOML models file, and the name of the default model.
 
         default = "resnet50"          # optional: else the first model
@@ -180,6 +233,13 @@ def load_models_file(path: str | Path) -> tuple[list[ModelSpec], str]:
     known = {"model", "weights", "labels", "preprocessing", "top_k", "version"}
     specs = []
     for name, table in tables.items():
+        if not isinstance(table, dict):
+            raise CatalogError(
+                f"models file {path}: [models.{name}] must be a table (model = ..., ...)"
+            )
+        for key in sorted(known & set(table) - {"top_k", "version"}):
+            if not isinstance(table[key], str):
+                raise CatalogError(f"models file {path}: [models.{name}] {key!r} must be a string")
         unknown = set(table) - known
         if unknown or "model" not in table:
             raise CatalogError(
@@ -187,17 +247,19 @@ def load_models_file(path: str | Path) -> tuple[list[ModelSpec], str]:
                 f"{', '.join(sorted(known - {'model'}))}"
                 + (f"; unknown: {', '.join(sorted(unknown))}" if unknown else "")
             )
-        specs.append(
-            ModelSpec(
-                name=name,
-                source=_relative(path, table["model"]),
-                weights=_relative(path, table.get("weights", "imagenet")),
-                labels=_relative(path, table["labels"]) if "labels" in table else None,
-                preprocessing=table.get("preprocessing"),
-                top_k=int(table.get("top_k", 5)),
-                version=str(table.get("version", "1")),
-            ).validate()
+        spec = ModelSpec(
+            name=name,
+            source=_relative(path, table["model"], (*BUILTINS, SIM)),
+            weights=_relative(path, weights_name(table.get("weights", "imagenet")), WEIGHT_NAMES),
+            labels=_relative(path, table["labels"]) if "labels" in table else None,
+            preprocessing=table.get("preprocessing"),
+            top_k=table.get("top_k", 5),
+            version=str(table.get("version", "1")),
         )
+        try:
+            specs.append(spec.validate())
+        except CatalogError as exc:
+            raise CatalogError(f"models file {path}: {exc}") from None
     default = data.get("default", specs[0].name)
     if default not in {s.name for s in specs}:
         raise CatalogError(f"models file {path}: default model {default!r} is not defined")
@@ -207,15 +269,11 @@ def load_models_file(path: str | Path) -> tuple[list[ModelSpec], str]:
                 f"models file {path}: model name {spec.name!r} is reserved (the Redis keys "
                 f"of every queue use {', '.join(KEY_PARTS)}); choose another name"
             )
-    return specs, default
+    return Models(tuple(specs), default)
 
 
-def _relative(base: Path, value: str) -> str:
-    """Paths in a models file are relative to it; model names stay as they are."""
-    if value in BUILTINS or value in (SIM, "imagenet", "none") or Path(value).is_absolute():
+def _relative(base: Path, value: str, names: Sequence[str] = ()) -> str:
+    """Paths in a models file are relative to it; `names` stay as they are."""
+    if value in names or Path(value).is_absolute():
         return value
     return str((base.parent / value).resolve())
-
-
-def find(specs: Sequence[ModelSpec], name: str) -> ModelSpec | None:
-    return next((s for s in specs if s.name == name), None)

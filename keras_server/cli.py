@@ -23,7 +23,7 @@ from pathlib import Path
 from types import FrameType
 
 from . import protocol
-from .catalog import SIM, CatalogError, ModelSpec, find
+from .catalog import SIM, CatalogError, Models, ModelSpec
 from .logs import configure_logging
 from .metrics import MULTIPROCESS_DIR_ENV
 from .queue import RequestQueue
@@ -49,7 +49,7 @@ GUNICORN_CONFIG = Path(__file__).with_name("gunicorn_conf.py")
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings(argv)
-        settings.model_specs()  # a bad models file or spec stops us here
+        models = settings.model_specs()  # read once; a bad models file or spec stops us here
     except (SettingsError, CatalogError) as exc:
         print(f"run_keras_server.py: error: {exc}", file=sys.stderr)
         return 2
@@ -58,9 +58,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if settings.role == "web":
             exec_gunicorn(settings)
         elif settings.role == "worker":
-            run_worker(settings)
+            run_worker(settings, models)
         else:
-            run_all(settings)
+            run_all(settings, models)
     except (RedisUnavailable, ModelLoadError, CatalogError) as exc:
         log.error("%s", exc)
         return 1
@@ -69,28 +69,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def served_specs(settings: Settings) -> tuple[list[ModelSpec], str]:
-    """The models this process loads (`--serve`), and the deployment's default."""
-    specs, default = settings.model_specs()
-    if settings.serve == "all":
-        return specs, default
-    chosen = []
-    for name in (n.strip() for n in settings.serve.split(",")):
-        spec = find(specs, name)
-        if spec is None:
-            known = ", ".join(s.name for s in specs)
-            raise CatalogError(f"--serve {name}: no such model (known: {known})")
-        chosen.append(spec)
-    return chosen, default
-
-
 def loader(settings: Settings, spec: ModelSpec) -> Callable[[], Predictor]:
     """How to build a model: Keras is imported only for a real model, so the
     web role and `--model sim` never load TensorFlow."""
     if spec.source == SIM:
         from .simulated import SimulatedModel
 
-        return lambda: SimulatedModel(settings.sim_batch_ms, settings.sim_image_ms)
+        return lambda: SimulatedModel(settings.sim_batch_ms, settings.sim_image_ms, spec.top_k)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from .model import load_classifier
 
@@ -98,15 +83,19 @@ def loader(settings: Settings, spec: ModelSpec) -> Callable[[], Predictor]:
 
 
 def make_workers(
-    settings: Settings, predictor: Predictor, model: str | None = None
+    settings: Settings,
+    predictor: Predictor,
+    model: str | None = None,
+    models: Models | None = None,
 ) -> list[Worker]:
     """The claim loops of one model (default: the default model): one per Redis
-    shard, all sharing the model, taking turns."""
-    specs, default = settings.model_specs()
-    name = model or default
-    spec = find(specs, name)
+    shard, all sharing the model, taking turns. `models`: the entry point's,
+    else read from `settings`."""
+    specs = models or settings.model_specs()
+    name = model or specs.default
+    spec = specs.find(name)
     version = spec.version if spec else ""
-    keys = protocol.Keys.for_model(settings.queue_name, name, default)
+    keys = protocol.Keys.for_model(settings.queue_name, name, specs.default)
     turn = FairLock() if len(settings.redis_urls) > 1 else None
     # A claim blocks in Redis for CLAIM_WAIT_S, or the batch delay while it fills.
     block = max(CLAIM_WAIT_S, settings.max_batch_delay_ms / 1000)
@@ -132,18 +121,17 @@ def make_workers(
     return workers
 
 
-def build_workers(settings: Settings) -> list[Worker]:
-    """Load and warm up every model this process serves; their claim loops."""
-    specs, _ = served_specs(settings)
+def build_workers(settings: Settings, models: Models) -> list[Worker]:
+    """Load and warm up every model this process serves (`--serve`); their claim loops."""
     workers = []
-    for spec in specs:
+    for spec in models.serving(settings.serve):
         predictor = load_and_warm_up(loader(settings, spec), settings.batch_size)
-        workers += make_workers(settings, predictor, spec.name)
+        workers += make_workers(settings, predictor, spec.name, models)
     return workers
 
 
-def run_worker(settings: Settings) -> None:
-    workers = build_workers(settings)
+def run_worker(settings: Settings, models: Models) -> None:
+    workers = build_workers(settings, models)
     if settings.metrics_port:
         from prometheus_client import start_http_server
 
@@ -160,7 +148,7 @@ def run_worker(settings: Settings) -> None:
     serve(workers, stop)
 
 
-def run_all(settings: Settings) -> None:
+def run_all(settings: Settings, models: Models) -> None:
     """Web and worker in one process, with a private Redis when none runs."""
 
     def on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -172,13 +160,14 @@ def run_all(settings: Settings) -> None:
         settings, private_redis = ensure_redis(settings)
         if private_redis:
             cleanup.callback(private_redis.close)
-        thread = ModelThread(prepare=lambda: build_workers(settings))
+        thread = ModelThread(prepare=lambda: build_workers(settings, models))
         thread.start()
         thread.wait_until_ready()
         try:
+            from .routing import Deployment
             from .web import create_app
 
-            app = create_app(settings)
+            app = create_app(settings, Deployment.from_settings(settings, models))
             log.info("listening on http://%s:%d/predict", settings.host, settings.port)
             # Flask's development server: fine for one machine and demos;
             # --role web runs gunicorn.

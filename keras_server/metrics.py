@@ -16,7 +16,6 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-import redis
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
@@ -28,8 +27,6 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
-
-from .shards import UNREACHABLE
 
 if TYPE_CHECKING:
     from .routing import Deployment
@@ -90,25 +87,16 @@ class RedisCollector(Collector):
         )
         now = time.time()
         reachable: dict[str, int] = {}
-        for model in self.deployment.models.values():
-            for queue in model.shards.queues:
-                shard = model.shards.name(queue)
-                if model.shards.is_down(queue):
-                    reachable.setdefault(shard, 0)
-                    continue
-                try:
-                    waiting, workers = queue.depth(), queue.workers()
-                except redis.RedisError as exc:
-                    if isinstance(exc, UNREACHABLE):
-                        model.shards.mark_down(queue, exc)
-                    reachable.setdefault(shard, 0)
-                    continue
-                reachable[shard] = 1
-                depth.add_metric([model.name, shard], waiting)
-                beating = {wid: info for wid, info in workers.items() if info is not None}
-                live.add_metric([model.name, shard], len(beating))
-                for worker_id, info in beating.items():
-                    age.add_metric([model.name, shard, worker_id], max(0.0, now - info.at))
+        for state in self.deployment.survey():
+            # A shard is up if it answered for any model.
+            reachable[state.shard] = max(reachable.get(state.shard, 0), int(state.reachable))
+            if not state.reachable:
+                continue
+            where = [state.model, state.shard]
+            depth.add_metric(where, state.depth)
+            live.add_metric(where, len(state.workers))
+            for worker_id, info in state.workers.items():
+                age.add_metric([*where, worker_id], max(0.0, now - info.at))
         for shard, answered in reachable.items():
             up.add_metric([shard], answered)
         yield from (up, depth, live, age)

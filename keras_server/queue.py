@@ -3,10 +3,10 @@
 Web side: `push` a request (refused at once when the queue is full), then
 `wait_result` blocks in Redis (BLPOP) on that request's own result key.
 
-Worker side, crash-safe: `claim` moves requests from the queue into the
-worker's own processing list (BLMOVE for the first, blocking without polling;
-then a short Lua script doing LRANGE + LTRIM + RPUSH atomically for the rest),
-so a claimed request is always in exactly one place. `finish` writes the
+Worker side, crash-safe: a claim moves requests from the queue into the
+worker's own processing list (`claim_first`: BLMOVE, blocking without polling;
+then `claim_more`: a short Lua script doing LRANGE + LTRIM + RPUSH atomically
+for the rest), so a claimed request is always in exactly one place. `finish` writes the
 answers and empties the processing list in one MULTI/EXEC. A worker keeps a
 heartbeat key with a TTL; when it stops beating (kill -9, lost machine), any
 live worker's `reap_dead` puts its claimed requests back at the head of the
@@ -211,21 +211,6 @@ class RequestQueue:
         return int(self.client.llen(self.keys.queue))
 
     # -- worker side ------------------------------------------------------
-
-    def claim(
-        self, worker_id: str, max_items: int, wait: float, fill_for: float = 0.0
-    ) -> list[bytes]:
-        """Move up to `max_items` requests, oldest first, into the worker's
-        processing list and return them; [] if none came within `wait` s.
-
-        Blocks in Redis for the first one (`claim_first`), then fills the batch
-        (`claim_more`); a worker sharing its model between shards does the two
-        apart, taking its turn with the model in between.
-        """
-        first = self.claim_first(worker_id, wait)
-        if first is None:
-            return []
-        return [first, *self.claim_more(worker_id, max_items - 1, time.monotonic() + fill_for)]
 
     def claim_first(self, worker_id: str, wait: float) -> bytes | None:
         """Block up to `wait` s for one request and move it to the processing list."""

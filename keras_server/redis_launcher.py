@@ -8,23 +8,19 @@ and restart. The binary is the `redis-server` on PATH, else the one the
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import dataclasses
 import importlib.util
 import logging
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import redis
 
+from .processes import Child, ChildFailed
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -71,12 +67,6 @@ def answers(url: str) -> bool:
         return False
 
 
-def die_with_parent() -> None:
-    """In the child: get SIGTERM if the parent dies, even by kill -9 (Linux)."""
-    with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 class RedisServer:
     """A redis-server child on a free loopback port, keeping nothing on disk."""
 
@@ -96,10 +86,7 @@ class RedisServer:
         self.port = port or free_port()
         self.extra_args = list(extra_args)
         self.url = url or f"redis://127.0.0.1:{self.port}/0"
-        self.process: subprocess.Popen[bytes] | None = None
         self._dir = tempfile.TemporaryDirectory(prefix="keras-server-redis-")
-
-    def start(self, timeout: float = 10.0) -> RedisServer:
         args = [
             self.binary,
             "--port", str(self.port),
@@ -107,56 +94,34 @@ class RedisServer:
             "--save", "",
             "--appendonly", "no",
             "--dir", self._dir.name,
-            "--logfile", str(Path(self._dir.name) / "redis.log"),
             *self.extra_args,
         ]  # fmt: skip
-        self.process = subprocess.Popen(
-            args,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            # Only tiny prctl code runs in the child; we start Redis before any
-            # thread of ours exists. (The death signal follows the *thread* that
-            # forked, so start it from the main thread.)
-            preexec_fn=die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                stderr = (
-                    self.process.stderr.read().decode(errors="replace")
-                    if self.process.stderr
-                    else ""
-                )
-                raise RedisUnavailable(
-                    f"{self.binary} exited at start: {stderr.strip() or self.log_tail()}"
-                )
-            if answers(self.url):
-                return self
-            time.sleep(0.05)
-        self.stop()
-        raise RedisUnavailable(
-            f"{self.binary} did not answer on port {self.port} within {timeout:g} s"
-        )
+        # Redis logs to stdout, into the child's log. Tied to us: we start Redis
+        # before any thread of ours exists, so from the main thread.
+        self.child = Child("redis-server", args, Path(self._dir.name) / "redis.log", tied=True)
+
+    @property
+    def process(self) -> subprocess.Popen[bytes] | None:
+        return self.child.process
+
+    def start(self, timeout: float = 10.0) -> RedisServer:
+        self.child.start()
+        try:
+            self.child.wait_until(lambda: answers(self.url), timeout, f"answering at {self.url}")
+        except ChildFailed as exc:
+            self.child.stop(5)
+            raise RedisUnavailable(f"{self.binary}: {exc}") from None
+        return self
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if self.process and self.process.stderr:
-            self.process.stderr.close()
+        self.child.stop(5)
 
     def close(self) -> None:
         self.stop()
         self._dir.cleanup()
 
     def log_tail(self) -> str:
-        path = Path(self._dir.name) / "redis.log"
-        return path.read_text(errors="replace")[-2000:] if path.exists() else ""
+        return self.child.log_tail(2000)
 
     def __enter__(self) -> RedisServer:
         return self.start()

@@ -3,24 +3,57 @@ own queue on every Redis shard, and the input size its uploads are resized to.
 
 The input size comes from the model's live workers (their heartbeat says
 what the loaded model takes), or, before any worker beats, from the built-in
-catalogue. TensorFlow-free.
+catalogue. `Deployment.survey` reads each model's queue on each shard
+(reachable, depth, live workers) for /readyz, /models and the metrics, so
+the three always agree. TensorFlow-free.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import redis
 
-from .catalog import ModelSpec
+from .catalog import Models, ModelSpec
 from .protocol import Keys, WorkerInfo
 from .settings import Settings
 from .shards import UNREACHABLE, ShardSet
 
 # How long a learned input size is trusted before asking Redis again.
 SIZE_TTL_S = 5.0
+
+
+@dataclass(frozen=True)
+class ShardState:
+    """One model's queue on one shard, as read at one moment."""
+
+    model: str
+    shard: str  # host:port/db, no password
+    reachable: bool
+    depth: int = 0
+    workers: dict[str, WorkerInfo] = field(default_factory=dict)  # live ones, by id
+    error: str = ""  # why it was unreachable
+
+
+@dataclass(frozen=True)
+class Survey:
+    """Every model's queue on every shard."""
+
+    states: tuple[ShardState, ...]
+
+    def __iter__(self) -> Iterator[ShardState]:
+        return iter(self.states)
+
+    def of(self, model: str) -> list[ShardState]:
+        return [s for s in self.states if s.model == model]
+
+    def live_workers(self, model: str | None = None) -> list[WorkerInfo]:
+        """Live workers of `model` (default: of every model) over the reachable shards."""
+        states = self.states if model is None else self.of(model)
+        return [info for s in states for info in s.workers.values()]
 
 
 @dataclass
@@ -34,17 +67,29 @@ class ServedModel:
     def name(self) -> str:
         return self.spec.name
 
-    def live_workers(self) -> list[WorkerInfo]:
-        """Live workers over the shards that are up (the others are skipped)."""
+    def survey(self) -> list[ShardState]:
+        """This model's queue on each shard: reachable, depth, live workers.
+        A shard marked down is not asked (see shards.ShardSet)."""
         found = []
-        for queue in self.shards.up():
-            try:
-                found += [info for info in queue.workers().values() if info is not None]
-            except UNREACHABLE as exc:
-                self.shards.mark_down(queue, exc)
-            except redis.RedisError:
+        for queue in self.shards.queues:
+            where = self.shards.name(queue)
+            if self.shards.is_down(queue):
+                found.append(ShardState(self.name, where, reachable=False, error="marked down"))
                 continue
+            try:
+                depth, workers = queue.depth(), queue.workers()
+            except redis.RedisError as exc:
+                if isinstance(exc, UNREACHABLE):
+                    self.shards.mark_down(queue, exc)
+                found.append(ShardState(self.name, where, reachable=False, error=str(exc)))
+                continue
+            live = {wid: info for wid, info in workers.items() if info is not None}
+            found.append(ShardState(self.name, where, True, depth, live))
         return found
+
+    def live_workers(self) -> list[WorkerInfo]:
+        """Live workers over the reachable shards (unreachable ones are skipped)."""
+        return Survey(tuple(self.survey())).live_workers()
 
     def input_size(self, workers: list[WorkerInfo] | None = None) -> tuple[int, int] | None:
         """(width, height) to resize uploads to; None while unknown. Pass the
@@ -71,9 +116,11 @@ class Deployment:
     default: str
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Deployment:
-        specs, default = settings.model_specs()
-        models = {}
+    def from_settings(cls, settings: Settings, models: Models | None = None) -> Deployment:
+        """Every model of `models` (the entry point's, else read from `settings`)
+        on every shard of `settings`."""
+        specs, default = models or settings.model_specs()
+        served = {}
         for spec in specs:
             keys = Keys.for_model(settings.queue_name, spec.name, default)
             shards = ShardSet.connect(
@@ -83,8 +130,12 @@ class Deployment:
                 # A result wait blocks until the request's deadline at most.
                 wait_timeout=settings.result_timeout,
             )
-            models[spec.name] = ServedModel(spec, shards)
-        return cls(models, default)
+            served[spec.name] = ServedModel(spec, shards)
+        return cls(served, default)
+
+    def survey(self) -> Survey:
+        """Every model's queue on every shard, read now."""
+        return Survey(tuple(s for model in self.models.values() for s in model.survey()))
 
     def get(self, name: str | None = None) -> ServedModel | None:
         return self.models.get(self.default if name is None else name)

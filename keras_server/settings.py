@@ -1,7 +1,10 @@
 """Every knob of the server, in one table: command line > environment > default.
 
 The entry point calls `load_settings()` once and passes the frozen `Settings`
-down; no other module reads `os.environ` or `sys.argv`.
+down; only `load_settings` reads our KERAS_SERVER_* variables and `sys.argv`.
+Other modules touch `os.environ` only for other programs' switches:
+prometheus-client's multiprocess directory (metrics, gunicorn_conf), TensorFlow's
+log level (cli), and the environment handed to gunicorn (cli).
 """
 
 from __future__ import annotations
@@ -15,7 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .catalog import BUILTINS, PREPROCESSING, SIM, ModelSpec, load_models_file
+from .catalog import (
+    PREPROCESSING,
+    Models,
+    ModelSpec,
+    check_source,
+    check_top_k,
+    load_models_file,
+)
 from .queue import SENTINEL_SCHEME, parse_sentinel_url
 
 ENV_PREFIX = "KERAS_SERVER_"
@@ -63,8 +73,9 @@ class Settings:
     sim_image_ms: float = 5.0
     log_level: str = "INFO"
 
-    def model_specs(self) -> tuple[list[ModelSpec], str]:
-        """The models this deployment serves, and the default one's name.
+    def model_specs(self) -> Models:
+        """The models this deployment serves, and the default one's name: read
+        once by the entry point, which passes them down.
 
         Raises catalog.CatalogError when the models file or a spec is unusable.
         """
@@ -82,7 +93,7 @@ class Settings:
             top_k=self.top_k,
             version=self.model_version,
         )
-        return [spec.validate()], name
+        return Models((spec.validate(),), name)
 
     @property
     def redis_urls(self) -> tuple[str, ...]:
@@ -187,17 +198,11 @@ def _text(text: str) -> str:
 
 
 def _top_k(text: str) -> int:
-    value = _positive_int(text)
-    if value > 1000:
-        raise ValueError("must be at most 1000")
-    return value
+    return check_top_k(_int(text))
 
 
 def _model_source(text: str) -> str:
-    value = text.strip()
-    if value in BUILTINS or value == SIM or value.endswith(".keras"):
-        return value
-    raise ValueError(f"must be sim, a .keras file or one of {', '.join(sorted(BUILTINS))}")
+    return check_source(text.strip())
 
 
 def _non_empty(text: str) -> str:

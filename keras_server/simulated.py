@@ -20,10 +20,11 @@ from .labels import imagenet_labels
 
 
 class SimulatedModel:
-    def __init__(self, batch_ms: float, image_ms: float) -> None:
+    def __init__(self, batch_ms: float, image_ms: float, top_k: int = 5) -> None:
         self.batch_s = batch_ms / 1000
         self.image_s = image_ms / 1000
         self.labels: Sequence[str] = imagenet_labels()
+        self.top_k = top_k  # classes in each answer, like a real model's spec says
         self.description = (
             f"SIMULATED model ({batch_ms:g} ms per batch + {image_ms:g} ms per image)"
         )

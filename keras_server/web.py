@@ -14,7 +14,6 @@ import logging
 import time
 from typing import IO, Any
 
-import redis
 from flask import Flask, Request, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
@@ -22,7 +21,6 @@ from . import fanout, logs, metrics, protocol, v2
 from .images import ImageError, load_image
 from .routing import Deployment, ServedModel
 from .settings import Settings, load_settings
-from .shards import UNREACHABLE
 from .ui import blueprint as ui_blueprint
 
 log = logging.getLogger(__name__)
@@ -73,7 +71,7 @@ def create_app(settings: Settings, deployment: Deployment | None = None) -> Flas
     app = Flask(__name__)
     app.request_class = InMemoryRequest
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes
-    app.json.sort_keys = False  # keep {"success", "predictions"} in the seed's order
+    app.json.sort_keys = False  # keep an answer's keys in the order it is built: "success" first
     if deployment is None:
         deployment = Deployment.from_settings(settings)
     _add_request_log(app)
@@ -125,8 +123,9 @@ def _add_predict(app: Flask, settings: Settings, deployment: Deployment) -> None
     @app.get("/models")
     def list_models() -> Response:
         described = []
+        survey = deployment.survey()
         for model in deployment.models.values():
-            workers = model.live_workers()
+            workers = survey.live_workers(model.name)
             size = model.input_size(workers)
             described.append(
                 {
@@ -184,33 +183,26 @@ def _add_operations(app: Flask, settings: Settings, deployment: Deployment) -> N
         A shard that is down does not make the server unready while another
         serves (/predict skips it too), but it is reported.
         """
-        down: set[str] = set()
-        missing, descriptions, live = [], set(), 0
-        for model in deployment.models.values():
-            serving, reachable = 0, 0
-            for queue in model.shards.queues:
-                where = model.shards.name(queue)
-                if model.shards.is_down(queue):
-                    down.add(f"Redis at {where} is unreachable (marked down)")
-                    continue
-                try:
-                    workers = [info for info in queue.workers().values() if info is not None]
-                except redis.RedisError as exc:
-                    if isinstance(exc, UNREACHABLE):
-                        model.shards.mark_down(queue, exc)
-                    down.add(f"Redis at {where} is unreachable: {exc}")
-                    continue
-                reachable += 1
-                if not workers:
-                    missing.append(f"no live worker for model {model.name!r} at {where}")
-                serving += len(workers)
-                descriptions.update(w.model for w in workers)
+        survey = deployment.survey()
+        down = {f"Redis at {s.shard} is unreachable: {s.error}" for s in survey if not s.reachable}
+        missing = []
+        for model in deployment.models:
+            reachable = [s for s in survey.of(model) if s.reachable]
+            missing += [
+                f"no live worker for model {model!r} at {s.shard}"
+                for s in reachable
+                if not s.workers
+            ]
             if not reachable:
-                missing.append(f"no reachable Redis shard for model {model.name!r}")
-            live += serving
+                missing.append(f"no reachable Redis shard for model {model!r}")
         if missing:
             return jsonify(ready=False, reason="; ".join([*sorted(down), *missing])), 503
-        body: dict[str, Any] = {"ready": True, "workers": live, "models": sorted(descriptions)}
+        workers = survey.live_workers()
+        body: dict[str, Any] = {
+            "ready": True,
+            "workers": len(workers),
+            "models": sorted({w.model for w in workers}),
+        }
         if down:
             body["unreachable"] = sorted(down)
         return jsonify(body)

@@ -283,6 +283,12 @@ class FairLock:
             self._turns.popleft()
             self._changed.notify_all()
 
+    @property
+    def asked(self) -> int:
+        """How many hold or wait for a turn."""
+        with self._changed:
+            return len(self._turns)
+
 
 def serve(workers: Sequence[Worker], stop: threading.Event) -> None:
     """Run each worker's loop (one per shard) until `stop`, then wait for all."""

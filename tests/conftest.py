@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import io
 import os
-import signal
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -18,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
-import requests
 from PIL import Image
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from keras_server import protocol
+from keras_server.processes import Child, ChildFailed, http_answers
 from keras_server.queue import RequestQueue
 from keras_server.redis_launcher import RedisServer, free_port
 from keras_server.settings import Settings
@@ -36,51 +33,34 @@ IMAGES = ROOT / "images"
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
 
 
-def start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    """run_keras_server.py with `args`; its output goes to a file (a pipe
-    nobody reads would fill up and block it), read back by `output`."""
-    log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (lives as long as the process)
-    process = subprocess.Popen(
-        [sys.executable, "run_keras_server.py", *args],
-        cwd=ROOT,
-        env=env or ENV,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    process.log = log  # type: ignore[attr-defined]
-    return process
+def start(*args: str, env: dict[str, str] | None = None) -> Child:
+    """run_keras_server.py with `args`; its output goes to a log file, read
+    back by `output`."""
+    command = [sys.executable, "run_keras_server.py", *args]
+    return Child("run_keras_server.py", command, cwd=ROOT, env=env or ENV).start()
 
 
-def output(process: subprocess.Popen[str]) -> str:
-    process.log.seek(0)  # type: ignore[attr-defined]
-    return process.log.read()  # type: ignore[attr-defined]
+def output(process: Child) -> str:
+    return process.output()
 
 
-def wait_for_http(url: str, process: subprocess.Popen[str], timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"server exited early:\n{output(process)}")
-        try:
-            requests.get(url, timeout=1)
-            return
-        # A read timeout: the port is bound but gunicorn's worker is still
-        # booting (slow on a loaded machine); ask again.
-        except (requests.ConnectionError, requests.Timeout):
-            time.sleep(0.2)
-    pytest.fail("server did not start listening")
+def wait_for_http(url: str, process: Child, timeout: float = 90) -> None:
+    """Until `url` answers; the process is stopped and the test fails if it
+    exits first or does not answer within `timeout` s."""
+    try:
+        process.wait_until(http_answers(url, timeout=5), timeout, f"answering at {url}")
+    except ChildFailed as exc:
+        process.stop()
+        pytest.fail(str(exc))
 
 
-def start_web(settings: Settings, *extra: str) -> tuple[subprocess.Popen[str], str]:
+def start_web(settings: Settings, *extra: str) -> tuple[Child, str]:
     """`--role web` (gunicorn) on a free port for `settings`' Redis and queue,
     listening; returns the process and its base URL."""
     return start_serving(settings, "--role", "web", *extra)
 
 
-def start_serving(
-    settings: Settings, *args: str, timeout: float = 90
-) -> tuple[subprocess.Popen[str], str]:
+def start_serving(settings: Settings, *args: str, timeout: float = 90) -> tuple[Child, str]:
     """run_keras_server.py with `args` on a free port for `settings`' Redis and
     queue, once it listens; returns the process and its base URL."""
     port = free_port()
@@ -93,15 +73,9 @@ def start_serving(
     return process, base
 
 
-def stop(process: subprocess.Popen[str], timeout: float = 20) -> str:
+def stop(process: Child, timeout: float = 20) -> str:
     """SIGTERM, wait for the exit, and return everything it printed."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    if not process.stop(timeout):
         pytest.fail(f"did not stop on SIGTERM:\n{output(process)}")
     return output(process)
 

@@ -22,12 +22,13 @@ from conftest import IMAGES, ROOT, WorkerThread, make_worker, start_web, stop, w
 from PIL import Image
 from playwright.sync_api import BrowserContext, ConsoleMessage, Page, expect, sync_playwright
 
-from keras_server.cluster import find_nginx
+from keras_server.processes import Child
 from keras_server.protocol import Keys
 from keras_server.queue import RequestQueue
 from keras_server.redis_launcher import free_port
 from keras_server.settings import Settings
 from keras_server.simulated import SimulatedModel
+from run_cluster import find_nginx
 
 pytestmark = pytest.mark.slow
 
@@ -149,7 +150,7 @@ def watched(browser: BrowserContext) -> Watched:
 @dataclass
 class Server:
     url: str  # ends with "/"
-    process: subprocess.Popen[str]
+    process: Child
 
 
 @pytest.fixture
@@ -200,14 +201,8 @@ def proxy(nginx: str, web: Server, tmp_path: Path) -> Iterator[Server]:
         }}
         """
     )
-    process = subprocess.Popen(
-        [nginx, "-p", str(prefix), "-c", str(conf)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    process.log = (prefix / "error.log").open("a+")  # type: ignore[attr-defined]
+    process = Child("nginx", [nginx, "-p", str(prefix), "-c", str(conf)], prefix / "nginx.log")
+    process.start()
     url = f"http://127.0.0.1:{port}/classifier/"
     try:
         wait_for_http(url + "healthz", process)

@@ -7,13 +7,17 @@ import subprocess
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
+import redis
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from keras_server.cluster import Cluster, Part, find_nginx
+from keras_server.protocol import Keys
+from keras_server.queue import RequestQueue
 from keras_server.shards import label
+from run_cluster import Cluster, Part, find_nginx
 from stress_test import Load
 from stress_test import run as load
 
@@ -106,3 +110,31 @@ def test_clients_keep_being_served_when_a_web_server_dies(cluster: Cluster) -> N
     assert not victim.alive()
     assert dict(result.statuses) == {"200": 300}
     assert predictions_served(cluster.webs[1]) > 150
+
+
+@pytest.mark.parametrize("serve", [[], ["--serve", "b"]], ids=["every model", "--serve b"])
+def test_ready_with_several_models(nginx: str, tmp_path: Path, serve: list[str]) -> None:
+    """Ready once each served model has every worker on every shard: not
+    before, and not never (as when counting workers across models)."""
+    models = tmp_path / "models.toml"
+    models.write_text('[models.a]\nmodel = "sim"\n[models.b]\nmodel = "sim"\ntop_k = 2\n')
+    args = [*SIM, "--models-file", str(models), *serve]
+    cluster = Cluster(2, 1, 2, server_args=args, say=lambda _: None)
+    cluster.start(timeout=60)
+    try:
+        queue_name = cluster.settings.queue_name
+        for shard in cluster.redis:
+            client = redis.Redis.from_url(shard.url)
+            for model in ("a", "b"):
+                queue = RequestQueue(client, Keys.for_model(queue_name, model, "a"))
+                expected = 0 if serve and model == "a" else 2
+                assert len(queue.workers()) == expected, (model, shard.url)
+            client.close()
+        with open("images/chelsea.png", "rb") as f:
+            answer = requests.post(
+                cluster.url + "/models/b/predict", files={"image": f}, timeout=30
+            )
+        assert answer.status_code == 200, answer.text
+        assert len(answer.json()["predictions"]) == 2
+    finally:
+        cluster.stop()

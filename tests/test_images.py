@@ -6,7 +6,7 @@ import zlib
 import numpy as np
 import pytest
 from conftest import IMAGES, png_bytes
-from PIL import Image
+from PIL import Image, ImageOps
 
 from keras_server.images import ImageError, ImageTooLarge, load_image
 
@@ -21,23 +21,38 @@ def load(data: bytes) -> np.ndarray:
     return array
 
 
-def test_sample_photos_decode() -> None:
-    for path in sorted(IMAGES.glob("*.*g")):
-        load(path.read_bytes())
-
-
-def test_matches_a_plain_pillow_resize() -> None:
-    data = (IMAGES / "chelsea.png").read_bytes()
-    with Image.open(IMAGES / "chelsea.png") as image:
-        expected = np.asarray(image.convert("RGB").resize(SIZE, Image.Resampling.BICUBIC))
+@pytest.mark.parametrize("name", sorted(p.name for p in IMAGES.glob("*.*g")))
+def test_sample_photos_match_pillows_own_upright_rgb_resize(name: str) -> None:
+    data = (IMAGES / name).read_bytes()
+    with Image.open(IMAGES / name) as image:
+        upright = ImageOps.exif_transpose(image).convert("RGB")
+        expected = np.asarray(upright.resize(SIZE, Image.Resampling.BICUBIC))
     np.testing.assert_array_equal(load(data), expected)
 
 
-@pytest.mark.parametrize("mode", ["1", "L", "P", "RGB", "CMYK", "YCbCr", "I", "F"])
-def test_modes_become_rgb(mode: str) -> None:
+@pytest.mark.parametrize(
+    ("mode", "colour", "dithered"),
+    [
+        ("1", (135, 135, 135), True),
+        ("L", (135, 135, 135), False),
+        ("P", (200, 120, 40), True),
+        ("RGB", (200, 120, 40), False),
+        ("CMYK", (200, 120, 40), False),
+        ("YCbCr", (200, 120, 40), False),
+        ("I", (135, 135, 135), False),
+        ("F", (135, 135, 135), False),
+    ],
+)
+def test_modes_become_rgb(mode: str, colour: tuple[int, int, int], dithered: bool) -> None:
+    """An orange square in each mode comes out orange, or the grey of its
+    luminance (135) from a greyscale mode; 1-bit and palette images are
+    dithered, so only their average colour is the same."""
     image = Image.new("RGB", (50, 40), (200, 120, 40)).convert(mode)
     fmt = "TIFF" if mode in ("CMYK", "YCbCr", "I", "F") else "PNG"
-    load(png_bytes(image, fmt))
+    pixels = load(png_bytes(image, fmt)).reshape(-1, 3).astype(int)
+    np.testing.assert_allclose(pixels.mean(axis=0), colour, atol=3)
+    if not dithered:
+        assert (pixels == pixels[0]).all(), "a plain colour stays plain"
 
 
 def test_transparency_is_white() -> None:

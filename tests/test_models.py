@@ -216,16 +216,44 @@ def test_models_file_paths_are_relative_to_it(tmp_path: Path) -> None:
         ('[models.a]\nweights = "none"\n', "needs 'model'"),
         ('[models.a]\nmodel = "resnet50"\ncolour = "red"\n', "unknown: colour"),
         ('default = "z"\n[models.a]\nmodel = "resnet50"\n', "default model 'z'"),
-        ('[models.a]\nmodel = "alexnet"\n', "neither a built-in model"),
+        ('[models.a]\nmodel = "alexnet"\n', "alexnet' must be sim, a .keras file or one of"),
         ('[models.a]\nmodel = "resnet50"\npreprocessing = "magic"\n', "preprocessing 'magic'"),
         ('[models.A]\nmodel = "resnet50"\n', "lower-case"),
         ("[models\n", "models file"),
+        ('[models.a]\nmodel = "resnet50"\ntop_k = "three"\n', "top_k must be a whole number"),
+        ('[models.a]\nmodel = "resnet50"\ntop_k = 2.5\n', "top_k must be a whole number"),
+        ('[models.a]\nmodel = "resnet50"\ntop_k = 0\n', "top_k must be between 1 and 1000"),
+        ("[models]\na = 3\n", "\\[models.a\\] must be a table"),
+        ('[models]\na = "resnet50"\n', "\\[models.a\\] must be a table"),
+        ("[models.a]\nmodel = 50\n", "'model' must be a string"),
     ],
 )
 def test_bad_models_files(tmp_path: Path, text: str, message: str) -> None:
     (tmp_path / "m.toml").write_text(text)
     with pytest.raises(CatalogError, match=message):
         load_models_file(tmp_path / "m.toml")
+
+
+def test_a_bad_models_file_stops_the_entry_point_with_a_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from keras_server.cli import main
+
+    for text in ('[models.a]\nmodel = "resnet50"\ntop_k = "three"\n', "[models]\na = 3\n"):
+        (tmp_path / "m.toml").write_text(text)
+        assert main(["--models-file", str(tmp_path / "m.toml")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("run_keras_server.py: error: models file"), err
+        assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("weights", ["None", "NONE", "ImageNet"])
+def test_weight_names_are_not_taken_for_paths(tmp_path: Path, weights: str) -> None:
+    (tmp_path / "m.toml").write_text(f'[models.a]\nmodel = "resnet50"\nweights = "{weights}"\n')
+    (spec,), _ = load_models_file(tmp_path / "m.toml")
+    assert spec.weights == weights.lower()
+    flags = load_settings(["--weights", weights], environ={})
+    assert flags.model_specs()[0][0].weights == weights.lower()
 
 
 def test_one_model_from_flags() -> None:
@@ -242,3 +270,46 @@ def test_unknown_model_flag() -> None:
         SettingsError, match=r"--model='alexnet': must be sim, a \.keras file or one of"
     ):
         load_settings(["--model", "alexnet"], environ={})
+
+
+@pytest.mark.parametrize(
+    ("flags", "table", "message"),
+    [
+        (["--top-k", "1001"], 'model = "sim"\ntop_k = 1001', "must be between 1 and 1000"),
+        (["--top-k", "0"], 'model = "sim"\ntop_k = 0', "must be between 1 and 1000"),
+        (["--model", "alexnet"], 'model = "alexnet"', "must be sim, a .keras file or one of"),
+    ],
+)
+def test_flags_and_models_files_share_each_rule(
+    tmp_path: Path, flags: list[str], table: str, message: str
+) -> None:
+    with pytest.raises(SettingsError, match=message):
+        load_settings(flags, environ={})
+    (tmp_path / "m.toml").write_text(f"[models.a]\n{table}\n")
+    with pytest.raises(CatalogError, match=message):
+        load_models_file(tmp_path / "m.toml")
+
+
+def test_the_entry_point_reads_the_models_file_once(
+    tmp_path: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from keras_server import cli
+    from keras_server import settings as settings_module
+
+    read: list[str] = []
+    served: list[str] = []
+
+    def counted(path: str) -> object:
+        read.append(path)
+        return load_models_file(path)
+
+    monkeypatch.setattr(settings_module, "load_models_file", counted)
+    # Stop short of serving: no signal handlers or logging set-up in the test process.
+    monkeypatch.setattr(cli, "serve", lambda workers, stop: served.extend(w.name for w in workers))
+    monkeypatch.setattr(cli.signal, "signal", lambda *args: None)
+    monkeypatch.setattr(cli, "configure_logging", lambda level: None)
+    (tmp_path / "m.toml").write_text('[models.a]\nmodel = "sim"\n[models.b]\nmodel = "sim"\n')
+    argv = ["--role", "worker", "--models-file", str(tmp_path / "m.toml"), "--sim-batch-ms", "0"]
+    assert cli.main([*argv, "--redis-url", settings.redis_url]) == 0
+    assert served == ["a", "b"]
+    assert len(read) == 1

@@ -11,33 +11,47 @@ from keras_server.queue import QueueFull, RequestQueue
 from keras_server.settings import Settings
 
 
+def take(
+    queue: RequestQueue, worker_id: str, n: int, wait: float = 1, fill_for: float = 0
+) -> list[bytes]:
+    """Claim a batch of up to `n` the way Worker.run_once does: block for the
+    first request, then fill the batch."""
+    first = queue.claim_first(worker_id, wait)
+    if first is None:
+        return []
+    return [first, *queue.claim_more(worker_id, n - 1, time.monotonic() + fill_for)]
+
+
 def test_claim_takes_oldest_first_up_to_the_batch_size(queue: RequestQueue) -> None:
     for i in range(5):
         queue.push(f"m{i}".encode())
-    assert queue.claim("w", 3, wait=1) == [b"m0", b"m1", b"m2"]
+    assert take(queue, "w", 3) == [b"m0", b"m1", b"m2"]
     assert queue.depth() == 2
-    assert queue.claim("w", 3, wait=1) == [b"m3", b"m4"]
+    assert take(queue, "w", 3) == [b"m3", b"m4"]
     assert queue.depth() == 0
 
 
-def test_claim_of_one(queue: RequestQueue) -> None:
-    queue.push(b"a")
-    queue.push(b"b")
-    assert queue.claim("w", 1, wait=1) == [b"a"]
+def test_claim_first_takes_one_and_claim_more_the_rest(queue: RequestQueue) -> None:
+    for item in (b"a", b"b", b"c"):
+        queue.push(item)
+    assert queue.claim_first("w", wait=1) == b"a"
+    assert queue.depth() == 2
+    assert queue.claim_more("w", 5, until=0) == [b"b", b"c"], "what is queued, without waiting"
+    assert queue.claim_more("w", 5, until=0) == []
 
 
 def test_claim_blocks_until_work_arrives(queue: RequestQueue) -> None:
     timer = threading.Timer(0.3, queue.push, args=(b"late",))
     timer.start()
     started = time.monotonic()
-    assert queue.claim("w", 4, wait=5) == [b"late"]
+    assert queue.claim_first("w", wait=5) == b"late"
     assert 0.2 < time.monotonic() - started < 4
     timer.join()
 
 
 def test_claim_on_an_empty_queue_gives_up_after_wait(queue: RequestQueue) -> None:
     started = time.monotonic()
-    assert queue.claim("w", 4, wait=0.2) == []
+    assert queue.claim_first("w", wait=0.2) is None
     assert time.monotonic() - started >= 0.15
 
 
@@ -51,7 +65,7 @@ def test_two_concurrent_consumers_take_each_item_exactly_once(
     def consume(worker_id: str, into: list[bytes]) -> None:
         own = RequestQueue.open(settings.redis_url, queue.keys, timeout=1, wait_timeout=2)
         while producing.is_set() or own.depth():
-            into.extend(own.claim(worker_id, 7, wait=0.05))
+            into.extend(take(own, worker_id, 7, wait=0.05))
             own.finish(worker_id, {}, ttl=1)
 
     producing.set()
@@ -123,7 +137,7 @@ def test_claims_sit_in_the_processing_list_until_finished(
 ) -> None:
     for item in (b"a", b"b", b"c"):
         queue.push(item)
-    assert queue.claim("w1", 2, wait=1) == [b"a", b"b"]
+    assert take(queue, "w1", 2) == [b"a", b"b"]
     assert redis_client.lrange(queue.keys.processing("w1"), 0, -1) == [b"a", b"b"]
     assert queue.depth() == 1
     queue.finish("w1", {"a": b"done"}, ttl=5)
@@ -133,9 +147,9 @@ def test_claims_sit_in_the_processing_list_until_finished(
 def test_requeue_puts_claims_back_at_the_head_in_order(queue: RequestQueue) -> None:
     for item in (b"a", b"b", b"c", b"d"):
         queue.push(item)
-    queue.claim("w1", 3, wait=1)
+    take(queue, "w1", 3)
     assert queue.requeue("w1") == 3
-    assert queue.claim("w2", 10, wait=1) == [b"a", b"b", b"c", b"d"]
+    assert take(queue, "w2", 10) == [b"a", b"b", b"c", b"d"]
 
 
 def test_only_dead_workers_are_reaped(queue: RequestQueue, redis_client: redis.Redis) -> None:
@@ -144,14 +158,14 @@ def test_only_dead_workers_are_reaped(queue: RequestQueue, redis_client: redis.R
         queue.push(item)
     queue.beat("alive", info, ttl=30)
     queue.beat("doomed", info, ttl=0.2)
-    queue.claim("alive", 2, wait=1)
-    queue.claim("doomed", 2, wait=1)
+    take(queue, "alive", 2)
+    take(queue, "doomed", 2)
     assert queue.reap_dead() == {}
     time.sleep(0.3)
     assert set(queue.workers()) == {"alive", "doomed"}
     assert queue.workers()["doomed"] is None
     assert queue.reap_dead() == {"doomed": 2}
-    assert queue.claim("alive", 10, wait=1) == [b"c", b"d"]
+    assert take(queue, "alive", 10) == [b"c", b"d"]
     assert set(queue.workers()) == {"alive"}
     assert queue.reap_dead() == {}, "reaping twice moves nothing twice"
 
@@ -164,12 +178,12 @@ def test_claim_fills_a_batch_until_the_delay_runs_out(queue: RequestQueue) -> No
     for t in timers:
         t.start()
     started = time.monotonic()
-    batch = queue.claim("w", 10, wait=1, fill_for=0.6)
+    batch = take(queue, "w", 10, fill_for=0.6)
     elapsed = time.monotonic() - started
     assert batch == [b"first", b"late0", b"late1", b"late2"]
     assert 0.3 < elapsed < 2
     full = time.monotonic()
     for i in range(2):
         queue.push(b"x%d" % i)
-    assert len(queue.claim("w", 2, wait=1, fill_for=5)) == 2, "a full batch does not wait"
+    assert len(take(queue, "w", 2, fill_for=5)) == 2, "a full batch does not wait"
     assert time.monotonic() - full < 2

@@ -1,15 +1,18 @@
 """Several Redis shards: power-of-two-choices routing, skipping dead shards,
 answers on the shard that took the request, one worker serving several."""
 
+import dataclasses
 import io
 import random
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import redis
-from conftest import IMAGES
+from conftest import IMAGES, wait_until
+from prometheus_client.parser import text_string_to_metric_families
 
 from keras_server import protocol
 from keras_server.cli import make_workers
@@ -137,8 +140,74 @@ def test_fair_lock_takes_turns() -> None:
             thread.start()
             waiting.append(thread)
             # Let each one queue up before the next arrives.
-            while len(lock._turns) < len(waiting) + 1:
-                threading.Event().wait(0.001)
+            wait_until(lambda: lock.asked == len(waiting) + 1, timeout=5, what=f"{name} waiting")
     for thread in waiting:
         thread.join(5)
     assert order == ["a", "b", "c"]
+
+
+def test_readyz_models_and_metrics_agree_model_by_shard(
+    two_servers: list[RedisServer], tmp_path: Path
+) -> None:
+    """/readyz, /models and /metrics read one survey: each model's workers and
+    depth on each shard, with one shard going down."""
+    (tmp_path / "m.toml").write_text('[models.a]\nmodel = "sim"\n[models.b]\nmodel = "sim"\n')
+    urls = [s.url for s in two_servers]
+    shard0, shard1 = (label(url) for url in urls)
+    settings = Settings(
+        redis_url=",".join(urls),
+        redis_url_given=True,
+        queue_name="survey",
+        models_file=str(tmp_path / "m.toml"),
+    )
+    models = settings.model_specs()
+    model = SimulatedModel(0, 0)
+    only_shard0 = dataclasses.replace(settings, redis_url=urls[0])
+    workers = [
+        *make_workers(settings, model, "a", models),
+        *make_workers(only_shard0, model, "b", models),
+    ]
+    for worker in workers:
+        worker.queue.beat(worker.id, worker.info(), ttl=60)
+    b_on_shard1 = RequestQueue.open(urls[1], workers[-1].queue.keys, timeout=1, wait_timeout=2)
+    for _ in range(3):
+        b_on_shard1.push(b"waiting")
+    client = create_app(settings).test_client()
+
+    def live_in_metrics() -> dict[tuple[str, str], float]:
+        text = client.get("/metrics").get_data(as_text=True)
+        return {
+            (s.labels["model"], s.labels["shard"]): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name == "keras_server_workers_live"
+        }
+
+    def live_in_models() -> dict[str, int]:
+        listed = client.get("/models").get_json()["models"]
+        return {m["name"]: m["live_workers"] for m in listed}
+
+    ready = client.get("/readyz")
+    assert ready.status_code == 503
+    assert ready.get_json()["reason"] == f"no live worker for model 'b' at {shard1}"
+    assert live_in_models() == {"a": 2, "b": 1}
+    by_shard = {("a", shard0): 1, ("a", shard1): 1, ("b", shard0): 1, ("b", shard1): 0}
+    assert live_in_metrics() == by_shard
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert f'keras_server_queue_depth{{model="b",shard="{shard1}"}} 3.0' in metrics
+
+    (late,) = make_workers(dataclasses.replace(settings, redis_url=urls[1]), model, "b", models)
+    late.queue.beat(late.id, late.info(), ttl=60)
+    assert client.get("/readyz").get_json()["workers"] == 4
+    assert sum(live_in_models().values()) == sum(live_in_metrics().values()) == 4
+
+    two_servers[1].stop()
+    ready = client.get("/readyz").get_json()
+    assert ready["ready"] is True
+    assert ready["unreachable"] == [ready["unreachable"][0]]
+    assert ready["unreachable"][0].startswith(f"Redis at {shard1} is unreachable")
+    assert ready["workers"] == 2
+    assert live_in_models() == {"a": 1, "b": 1}
+    assert live_in_metrics() == {("a", shard0): 1, ("b", shard0): 1}
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert f'keras_server_redis_up{{shard="{shard1}"}} 0.0' in metrics

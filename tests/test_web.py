@@ -115,7 +115,7 @@ def test_get_is_405_json(client: FlaskClient) -> None:
 
 
 def test_unknown_path_is_404_json(client: FlaskClient) -> None:
-    assert_error(client.get("/nope"), 404, "")
+    assert_error(client.get("/nope"), 404, "The requested URL was not found on the server")
 
 
 def test_no_worker_means_504_after_the_timeout(settings: Settings) -> None:

@@ -1,16 +1,19 @@
 """The worker loop with a small real Keras model and a real Redis."""
 
+import dataclasses
 import json
+import logging
 import math
-import threading
-import time
+from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CountingPredictor, WorkerThread, make_worker
+from conftest import CountingPredictor, WorkerThread, make_worker, wait_until
 
 from keras_server import protocol
+from keras_server.cli import build_workers
 from keras_server.queue import RequestQueue
+from keras_server.redis_launcher import RedisServer, free_port
 from keras_server.settings import Settings
 
 
@@ -111,17 +114,45 @@ def test_bad_entries_are_answered_or_dropped_without_hurting_the_batch(
     assert answers(queue, ["broken"])[0] == {"success": False, "error": "the request was malformed"}
 
 
-def test_loop_survives_redis_being_unreachable(predictor: CountingPredictor) -> None:
-    settings = Settings(redis_url="redis://127.0.0.1:1/0", redis_url_given=True)
-    worker = make_worker(settings, predictor)
-    stop = threading.Event()
-    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
-    thread.start()
-    time.sleep(0.5)
-    assert thread.is_alive(), "a Redis error must not end the worker"
-    stop.set()
-    thread.join(6)
-    assert not thread.is_alive()
+@pytest.mark.parametrize("where", ["flag", "models file"])
+def test_the_simulated_model_answers_with_its_top_k(
+    settings: Settings, queue: RequestQueue, tmp_path: Path, where: str
+) -> None:
+    sim = dataclasses.replace(settings, sim_batch_ms=0, sim_image_ms=0)
+    if where == "flag":
+        sim = dataclasses.replace(sim, model="sim", top_k=3)
+    else:
+        (tmp_path / "m.toml").write_text('[models.sim]\nmodel = "sim"\ntop_k = 3\n')
+        sim = dataclasses.replace(sim, models_file=str(tmp_path / "m.toml"))
+    (worker,) = build_workers(sim, sim.model_specs())
+    ids = enqueue(queue, 2)
+    assert worker.run_once(wait=1) == 2
+    assert [len(result["predictions"]) for result in answers(queue, ids)] == [3, 3]
+
+
+def test_loop_survives_redis_being_unreachable_and_serves_once_it_answers(
+    predictor: CountingPredictor, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = free_port()
+    settings = Settings(redis_url=f"redis://127.0.0.1:{port}/0", redis_url_given=True)
+    server = RedisServer(port=port)
+    try:
+        with (
+            caplog.at_level(logging.WARNING, logger="keras_server.worker"),
+            WorkerThread(make_worker(settings, predictor)) as running,
+        ):
+            wait_until(
+                lambda: sum("retrying in" in r.getMessage() for r in caplog.records) >= 2,
+                what="the worker retrying Redis twice",
+            )
+            assert running.thread.is_alive()
+            server.start()
+            queue = RequestQueue.open(
+                server.url, protocol.Keys("image_queue"), timeout=1, wait_timeout=2
+            )
+            assert answers(queue, enqueue(queue, 1))[0]["success"] is True
+    finally:
+        server.close()
 
 
 def test_a_request_may_ask_for_the_whole_vector(

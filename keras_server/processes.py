@@ -1,0 +1,201 @@
+"""A child process with its log: start it, wait until it is ready, stop it
+(SIGTERM, then SIGKILL), and read the tail of what it printed.
+
+Used for every process we start: the private redis-server, the parts of a
+local cluster (run_cluster.py), the servers the benchmark drives, and the
+servers the tests run. Output goes to a file, never a pipe: a pipe nobody
+reads fills up and blocks the child.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import requests
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.1
+
+
+class ChildFailed(RuntimeError):
+    """A child exited or was not ready in time; the message ends with its log."""
+
+
+def die_with_parent() -> None:
+    """In the child: get SIGTERM if the parent dies, even by kill -9 (Linux)."""
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def http_answers(url: str, timeout: float = 2.0, *, success: bool = False) -> Callable[[], bool]:
+    """A readiness check: any HTTP answer from `url` (a 405 too) means it
+    listens; with `success`, only a 2xx answer counts (a proxy answers 502 while
+    nothing listens behind it)."""
+
+    def check() -> bool:
+        try:
+            answer = requests.get(url, timeout=timeout)
+        except requests.RequestException:
+            return False
+        return answer.ok or not success
+
+    return check
+
+
+def wait_for(
+    ready: Callable[[], object], timeout: float, what: str, children: Sequence[Child]
+) -> float:
+    """Poll `ready()` until it is true while every one of `children` runs;
+    returns the seconds it took. ChildFailed, with the log's tail, if a child
+    exits first or `timeout` passes."""
+    started = time.monotonic()
+    while True:
+        for child in children:
+            if not child.alive():
+                raise ChildFailed(f"{child.name} exited ({child.returncode}):\n{child.log_tail()}")
+        if ready():
+            return time.monotonic() - started
+        if time.monotonic() - started > timeout:
+            tail = f":\n{children[0].log_tail()}" if len(children) == 1 else ""
+            raise ChildFailed(f"{what}: gave up after {timeout:g} s{tail}")
+        time.sleep(POLL_S)
+
+
+class Child:
+    """`command` as a child process, its stdout and stderr in one log file.
+
+    `log_path` defaults to a file in a temporary directory that goes when this
+    object does. `new_session` puts the child in its own process group: Ctrl-C
+    in a terminal reaches only us, and `kill` takes the child's own children
+    (gunicorn's workers) along. `tied` sends it SIGTERM if we die, even by
+    kill -9 (Linux; start it from the main thread, as the signal follows the
+    thread that forked). Can be started again once stopped; the log grows.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        command: Sequence[str],
+        log_path: Path | None = None,
+        *,
+        cwd: Path | None = None,
+        env: Mapping[str, str] | None = None,
+        new_session: bool = False,
+        tied: bool = False,
+    ) -> None:
+        self.name = name
+        self.command = list(command)
+        self.cwd = cwd
+        self.env = dict(env) if env is not None else None
+        self.new_session = new_session
+        self.tied = tied
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        if log_path is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="keras-server-")
+            log_path = Path(self._tmp.name) / f"{name}.log"
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Child:
+        # Append mode: our reads never move the child's write position.
+        with self.log_path.open("ab") as out:
+            self.process = subprocess.Popen(
+                self.command,
+                cwd=self.cwd,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=self.new_session,
+                # Only tiny prctl code runs in the child.
+                preexec_fn=die_with_parent if self.tied and sys.platform == "linux" else None,  # noqa: PLW1509
+            )
+        return self
+
+    def wait_until(self, ready: Callable[[], object], timeout: float, what: str = "ready") -> float:
+        """Poll `ready()` until it is true; returns the seconds it took.
+
+        Raises ChildFailed if the child exits first or `timeout` passes (the
+        child is left running then: the caller decides).
+        """
+        return wait_for(ready, timeout, f"{self.name} {what}", [self])
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.poll() if self.process else None
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for the exit; subprocess.TimeoutExpired if it takes longer."""
+        if self.process is None:
+            raise ChildFailed(f"{self.name} was never started")
+        return self.process.wait(timeout)
+
+    def send_signal(self, signum: int) -> None:
+        if self.alive():
+            self.process.send_signal(signum)  # type: ignore[union-attr]
+
+    def terminate(self) -> None:
+        """SIGTERM, without waiting: to stop several children side by side."""
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """SIGKILL, to its whole process group with `new_session`, as a crash would."""
+        if self.process is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            if self.new_session:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            else:
+                self.process.kill()
+        self.process.wait()
+
+    def stop(self, timeout: float = 20) -> bool:
+        """SIGTERM, wait up to `timeout` s, then SIGKILL. True if it exited on
+        its own (or had already), False if it had to be killed."""
+        if self.process is None:
+            return True
+        self.terminate()
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("%s ignored SIGTERM for %g s: killing it", self.name, timeout)
+            self.kill()
+            return False
+        return True
+
+    def output(self) -> str:
+        """Everything it printed so far."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.output()[-chars:]
+
+    def __enter__(self) -> Child:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

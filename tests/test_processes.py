@@ -1,0 +1,109 @@
+"""The child-process helper every launcher uses: start with a log, wait until
+ready, SIGTERM then kill, the log's tail; with real processes."""
+
+import os
+import signal
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from conftest import wait_until
+
+from keras_server.processes import Child, ChildFailed
+from keras_server.redis_launcher import RedisServer, RedisUnavailable
+
+
+def python(name: str, code: str, **options: object) -> Child:
+    return Child(name, [sys.executable, "-u", "-c", textwrap.dedent(code)], **options)
+
+
+def gone(pid: int) -> bool:
+    """Exited (a zombie nobody reaped counts as exited)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_ready_then_stopped_by_sigterm_with_its_log() -> None:
+    child = python("sleeper", "import time\nprint('up', flush=True)\ntime.sleep(60)\n")
+    child.start()
+    child.wait_until(lambda: "up" in child.output(), timeout=30, what="printing")
+    assert child.alive()
+    assert child.stop(timeout=10) is True
+    assert child.returncode == -signal.SIGTERM
+    assert child.log_tail(3) == "up\n"
+
+
+def test_a_child_that_ignores_sigterm_is_killed() -> None:
+    child = python(
+        "stubborn",
+        """
+        import signal, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print("ignoring", flush=True)
+        time.sleep(60)
+        """,
+    ).start()
+    child.wait_until(lambda: "ignoring" in child.output(), timeout=30)
+    assert child.stop(timeout=0.5) is False
+    assert child.returncode == -signal.SIGKILL
+
+
+def test_exiting_before_ready_fails_with_the_log() -> None:
+    child = python("broken", "import sys\nsys.exit('bad configuration')\n").start()
+    with pytest.raises(ChildFailed, match=r"broken exited \(1\):\nbad configuration"):
+        child.wait_until(lambda: False, timeout=30)
+
+
+def test_never_ready_gives_up_with_the_log(tmp_path: Path) -> None:
+    child = python(
+        "slow", "import time\nprint('booting')\ntime.sleep(60)\n", log_path=tmp_path / "l"
+    )
+    with child.start():
+        with pytest.raises(ChildFailed, match=r"slow ready: gave up after 0.3 s:\n"):
+            child.wait_until(lambda: False, timeout=0.3)
+        assert child.alive(), "left running: the caller decides"
+        wait_until(lambda: "booting" in (tmp_path / "l").read_text(), what="the log file")
+    assert not child.alive()
+
+
+def test_kill_takes_a_new_sessions_own_children() -> None:
+    child = python(
+        "parent",
+        """
+        import subprocess, sys, time
+        grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        print(grandchild.pid, flush=True)
+        time.sleep(60)
+        """,
+        new_session=True,
+    ).start()
+    child.wait_until(lambda: child.output().strip(), timeout=30, what="printing a pid")
+    grandchild = int(child.output())
+    child.kill()
+    wait_until(lambda: gone(grandchild), timeout=10, what="the grandchild killed too")
+
+
+def test_a_tied_child_gets_sigterm_when_its_parent_is_killed() -> None:
+    parent = python(
+        "parent",
+        """
+        import time
+        from keras_server.processes import Child
+        tied = Child("tied", ["sleep", "60"], tied=True).start()
+        print(tied.pid, flush=True)
+        time.sleep(60)
+        """,
+        cwd=Path(__file__).resolve().parent.parent,
+    ).start()
+    parent.wait_until(lambda: parent.output().strip(), timeout=30, what="printing a pid")
+    tied = int(parent.output())
+    os.kill(parent.pid, signal.SIGKILL)
+    wait_until(lambda: gone(tied), timeout=10, what="the tied child stopped")
+
+
+def test_a_redis_server_that_cannot_start_says_why() -> None:
+    with pytest.raises(RedisUnavailable, match="Bad directive"):
+        RedisServer(extra_args=["--no-such-option", "1"]).start()
