@@ -1,7 +1,8 @@
 """A whole deployment on one machine, on free loopback ports: several Redis
 shards, gunicorn web servers, model workers, and nginx round-robin in front.
 
-    python run_cluster.py [--redis 2] [--web 2] [--workers 2] [--port 8080] [-- SERVER FLAGS]
+    python run_cluster.py [--redis 2] [--web 2] [--workers 2] [--port 8080]
+                          [--rate-limit N [--rate-burst N]] [-- SERVER FLAGS]
 
 Everything after `--` goes to every web server and worker, e.g.
 `-- --model sim --sim-batch-ms 200` or `-- --weights none`. Each part is
@@ -15,6 +16,7 @@ import argparse
 import contextlib
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -38,6 +40,7 @@ log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent
 NGINX_TEMPLATE = ROOT / "deploy" / "nginx.conf.template"
 SERVER = ROOT / "run_keras_server.py"
+RATE = re.compile(r"^[1-9][0-9]*r/[sm]$")  # nginx's limit_req_zone rate
 
 
 class ClusterError(RuntimeError):
@@ -52,8 +55,17 @@ def find_nginx() -> str | None:
 
 
 def render_nginx_conf(
-    prefix: Path, listen_port: int, web_ports: Sequence[int], settings: Settings
+    prefix: Path,
+    listen_port: int,
+    web_ports: Sequence[int],
+    settings: Settings,
+    *,
+    rate_limit: str = "",
+    burst: int = 0,
 ) -> str:
+    """The template filled in. `rate_limit`, in nginx's words ("10r/s",
+    "30r/m"), limits each client address, allowing bursts of `burst` more;
+    empty: no limit."""
     upstreams = "\n".join(
         f"        server 127.0.0.1:{port} max_fails=1 fail_timeout=5s;" for port in web_ports
     )
@@ -63,7 +75,14 @@ def render_nginx_conf(
         "@UPSTREAMS@": upstreams,
         "@MAX_BODY_MB@": f"{settings.max_upload_mb:g}",
         "@PROXY_TIMEOUT_S@": str(int(settings.result_timeout) + 10),
+        "@RATE_LIMIT_ZONE@": "",
+        "@RATE_LIMIT@": "",
     }
+    if rate_limit:
+        values["@RATE_LIMIT_ZONE@"] = (
+            f"    limit_req_zone $binary_remote_addr zone=per_client:10m rate={rate_limit};"
+        )
+        values["@RATE_LIMIT@"] = f"            limit_req zone=per_client burst={burst} nodelay;"
     text = NGINX_TEMPLATE.read_text()
     for placeholder, value in values.items():
         text = text.replace(placeholder, value)
@@ -97,8 +116,14 @@ class Cluster:
         server_args: Sequence[str] = (),
         port: int = 0,
         say: Callable[[str], None] = print,
+        rate_limit: str = "",
+        rate_burst: int = 0,
     ) -> None:
         self.counts = (redis_count, web_count, worker_count)
+        if rate_limit and not RATE.match(rate_limit):
+            raise SettingsError(f"rate limit {rate_limit!r}: expected e.g. 10r/s or 30r/m")
+        self.rate_limit = rate_limit
+        self.rate_burst = rate_burst
         self.server_args = list(server_args)
         self.settings = load_settings(self.server_args, environ={})
         self.port = port or free_port()
@@ -187,7 +212,14 @@ class Cluster:
         prefix.mkdir()
         conf = prefix / "nginx.conf"
         conf.write_text(
-            render_nginx_conf(prefix, self.port, [w.port for w in self.webs], self.settings)
+            render_nginx_conf(
+                prefix,
+                self.port,
+                [w.port for w in self.webs],
+                self.settings,
+                rate_limit=self.rate_limit,
+                burst=self.rate_burst,
+            )
         )
         log_path = self.dir / "nginx.log"
         log_file = log_path.open("wb")
@@ -200,15 +232,23 @@ class Cluster:
         self.nginx = Part("nginx", process, log_path, self.port, log_file)
 
     def wait_ready(self, workers: int, timeout: float) -> None:
-        """Until nginx answers and every worker beats on every shard."""
+        """Until nginx answers and every worker beats on every shard (as a web
+        server sees them)."""
         expected = workers * len(self.redis)
         deadline = time.monotonic() + timeout
+        nginx_answered = False
         while time.monotonic() < deadline:
             for part in [*self.workers, *self.webs, *([self.nginx] if self.nginx else [])]:
                 if not part.alive():
                     raise ClusterError(f"{part.name} exited:\n{part.log_tail()}")
             with contextlib.suppress(requests.RequestException, ValueError):
-                body = requests.get(self.url + "/readyz", timeout=2).json()
+                # nginx once (any answer will do): with a rate limit, polling
+                # through it would use the clients' allowance up.
+                if not nginx_answered:
+                    requests.get(self.url + "/healthz", timeout=2)
+                    nginx_answered = True
+                web = f"http://127.0.0.1:{self.webs[0].port}"
+                body = requests.get(web + "/readyz", timeout=2).json()
                 if body.get("workers") == expected:
                     return
             time.sleep(0.2)
@@ -254,9 +294,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--web", type=int, default=2, help="gunicorn web servers (default 2)")
     parser.add_argument("--workers", type=int, default=2, help="model workers (default 2)")
     parser.add_argument("--port", type=int, default=8080, help="nginx port (default 8080)")
+    parser.add_argument(
+        "--rate-limit",
+        default="",
+        metavar="RATE",
+        help="nginx: most requests per client address, e.g. 10r/s or 600r/m; beyond it "
+        "nginx answers 429 (default: no limit)",
+    )
+    parser.add_argument(
+        "--rate-burst", type=int, default=20, help="with --rate-limit: burst allowed (default 20)"
+    )
     args = parser.parse_args(own)
     if min(args.redis, args.web, args.workers) < 1:
         parser.error("each count must be at least 1")
+    if args.rate_burst < 0:
+        parser.error("--rate-burst must be 0 or more")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     stopped = threading.Event()
 
@@ -265,7 +317,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         cluster = Cluster(
-            args.redis, args.web, args.workers, server_args=server_args, port=args.port
+            args.redis,
+            args.web,
+            args.workers,
+            server_args=server_args,
+            port=args.port,
+            rate_limit=args.rate_limit,
+            rate_burst=args.rate_burst,
         )
     except SettingsError as exc:
         parser.error(str(exc))

@@ -7,6 +7,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import requests
@@ -19,6 +20,7 @@ from stress_test import run as load
 
 pytestmark = pytest.mark.slow
 
+CHELSEA = Path(__file__).resolve().parent.parent / "images" / "chelsea.png"
 SIM = ["--model", "sim", "--sim-batch-ms", "20", "--sim-image-ms", "1", "--batch-size", "8"]
 
 
@@ -106,3 +108,28 @@ def test_clients_keep_being_served_when_a_web_server_dies(cluster: Cluster) -> N
     assert not victim.alive()
     assert dict(result.statuses) == {"200": 300}
     assert predictions_served(cluster.webs[1]) > 150
+
+
+def test_nginx_rate_limit_answers_429_in_json(nginx: str) -> None:
+    """The template's optional per-client limit, through real nginx: past the
+    rate a client gets 429 with our JSON error, before the app sees the
+    request; without a limit, never."""
+    with Cluster(1, 1, 1, server_args=SIM, say=lambda _: None, rate_limit="1r/m") as limited:
+        # One request a minute: the cluster's own readiness check used it up.
+        refused = requests.get(limited.url + "/healthz", timeout=5)
+        assert refused.status_code == 429
+        assert refused.headers["Content-Type"] == "application/json"
+        assert refused.headers["Retry-After"] == "1"
+        body = refused.json()
+        assert body["success"] is False
+        assert "too many requests" in body["error"]
+        with CHELSEA.open("rb") as f:
+            answer = requests.post(limited.url + "/predict", files={"image": f}, timeout=30)
+        assert answer.status_code == 429
+        assert predictions_served(limited.webs[0]) == 0
+
+    with Cluster(1, 1, 1, server_args=SIM, say=lambda _: None) as unlimited:
+        for _ in range(10):
+            with CHELSEA.open("rb") as f:
+                answer = requests.post(unlimited.url + "/predict", files={"image": f}, timeout=30)
+            assert answer.status_code == 200
