@@ -16,7 +16,7 @@ import redis
 from flask import Flask, Request, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from . import logs, metrics, protocol
+from . import auth, logs, metrics, protocol
 from .images import ImageError, load_image
 from .queue import QueueFull
 from .routing import Deployment, ServedModel
@@ -73,6 +73,7 @@ def create_app(settings: Settings, deployment: Deployment | None = None) -> Flas
     if deployment is None:
         deployment = Deployment.from_settings(settings)
     _add_request_log(app)
+    auth.install(app, settings)  # before every route, those of blueprints too
     _add_predict(app, settings, deployment)
     _add_operations(app, settings, deployment)
     _add_error_handlers(app, settings)
