@@ -2,6 +2,7 @@
 // (relative, so a proxy may mount the service under any sub-path), and show
 // the top-5 classes as bars, or the API's error, readably.
 "use strict";
+/* global apiKey */
 
 (() => {
   const form = document.getElementById("upload");
@@ -97,7 +98,7 @@
     let response;
     try {
       // form.action is the "predict" attribute resolved against the page's URL.
-      response = await fetch(form.action, { method: "POST", body });
+      response = await fetch(form.action, { method: "POST", body, headers: apiKey.headers() });
     } catch (failure) {
       if (mine !== ticket) return;
       form.removeAttribute("aria-busy");
@@ -120,6 +121,10 @@
 
     if (answer && answer.success === true && Array.isArray(answer.predictions)) {
       showPredictions(answer.predictions);
+    } else if (response.status === 401 && answer && typeof answer.error === "string") {
+      // --api-keys: ask for a key, then send this file again with it.
+      showError(`Could not classify ${file.name} (HTTP 401).`, answer.error);
+      apiKey.ask(() => classify(file));
     } else if (answer && typeof answer.error === "string") {
       showError(`Could not classify ${file.name} (HTTP ${response.status}).`, answer.error);
     } else {
