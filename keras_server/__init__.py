@@ -10,6 +10,7 @@ Modules, each owning one thing:
     routing         the models a web server routes to, and their input sizes
     images          upload -> RGB uint8 array at the model's input size
     web             the Flask app factory (never imports TensorFlow)
+    auth            API keys (--api-keys): checked before every route
     ui              the upload page at / and the OpenAPI description
     metrics         Prometheus metrics
     model           loading and running Keras models (the only module importing Keras)

@@ -82,7 +82,8 @@ def render_nginx_conf(
         values["@RATE_LIMIT_ZONE@"] = (
             f"    limit_req_zone $binary_remote_addr zone=per_client:10m rate={rate_limit};"
         )
-        values["@RATE_LIMIT@"] = f"            limit_req zone=per_client burst={burst} nodelay;"
+        extra = f" burst={burst} nodelay" if burst else ""  # nginx refuses burst=0
+        values["@RATE_LIMIT@"] = f"            limit_req zone=per_client{extra};"
     text = NGINX_TEMPLATE.read_text()
     for placeholder, value in values.items():
         text = text.replace(placeholder, value)

@@ -10,7 +10,8 @@
 - probes, resource requests, grace periods that fit the drain, and the
   scaler's query on a metric we export;
 - the nginx template: every placeholder filled by both its renderers
-  (keras_server.cluster and compose.yaml's sed).
+  (keras_server.cluster and compose.yaml's sed), and compose's script run
+  for real up to `nginx -t` (slow-marked: it may install nginx).
 
 The container itself is built and run in tests/test_container.py.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +29,10 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from test_browser import apt_install
 
 from keras_server import metrics
-from keras_server.cluster import render_nginx_conf
+from keras_server.cluster import find_nginx, render_nginx_conf
 from keras_server.routing import Deployment
 from keras_server.settings import KNOBS, Settings, load_settings
 
@@ -277,3 +280,30 @@ def test_nginx_template_is_filled_by_both_renderers(tmp_path: Path) -> None:
     script = compose()["services"]["nginx"]["command"][-1]
     filled = set(re.findall(r"s\|(@[A-Z_]+@)\|", script))
     assert filled == wanted
+
+
+@pytest.fixture(scope="module")
+def nginx() -> str:
+    return find_nginx() or apt_install("nginx-light", "/usr/sbin/nginx", "--no-install-recommends")
+
+
+@pytest.mark.slow
+def test_compose_nginx_script_makes_a_valid_configuration(nginx: str, tmp_path: Path) -> None:
+    """compose.yaml's nginx command, run here as the container would run it
+    (paths moved into tmp_path, `nginx -t` instead of starting): the filled-in
+    template is a configuration nginx accepts."""
+    script = compose()["services"]["nginx"]["command"][-1]
+    script = script.replace("$$", "$")  # compose's escape for a literal $
+    template = str(KUBERNETES.parent / "nginx.conf.template")
+    script = script.replace("/etc/keras-server/nginx.conf.template", template)
+    script = script.replace("/tmp/nginx", str(tmp_path / "nginx"))
+    # No compose DNS here: the web service's name becomes loopback.
+    script = script.replace("server web:5000", "server 127.0.0.1:5000")
+    script = script.replace("exec nginx ", f"exec {nginx} -t ")
+    done = subprocess.run(
+        ["sh", "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    conf = (tmp_path / "nginx" / "nginx.conf").read_text()
+    assert "limit_req_zone $binary_remote_addr zone=per_client" in conf
+    assert placeholders(conf) == set()
