@@ -4,6 +4,7 @@
   schemas that kubernetes-validate ships (strict: no unknown fields);
 - the KEDA ScaledObject against KEDA's own CRD schema (vendored in
   tests/schemas/, see its README), strict the same way;
+- compose.yaml against the Compose Specification's schema (vendored too);
 - every keras-server command line and KERAS_SERVER_* variable in the
   manifests, compose.yaml and the Dockerfile: only flags and variables our
   settings table has, with values it accepts;
@@ -38,7 +39,9 @@ from keras_server.settings import KNOBS, Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBERNETES = ROOT / "deploy" / "kubernetes"
-KEDA_CRD = Path(__file__).resolve().parent / "schemas" / "keda.sh_scaledobjects.yaml"
+SCHEMAS = Path(__file__).resolve().parent / "schemas"
+KEDA_CRD = SCHEMAS / "keda.sh_scaledobjects.yaml"
+COMPOSE_SPEC = SCHEMAS / "compose-spec.json"
 KUBERNETES_VERSION = "1.37.0"
 FLAGS = {knob.flag for knob in KNOBS}
 VARIABLES = {knob.env for knob in KNOBS}
@@ -214,6 +217,15 @@ def test_kubernetes_command_lines_use_real_flags() -> None:
 
 def compose() -> dict[str, Any]:
     return yaml.safe_load((ROOT / "compose.yaml").read_text())
+
+
+def test_compose_file_matches_the_compose_specification() -> None:
+    validator = jsonschema.Draft7Validator(json.loads(COMPOSE_SPEC.read_text()))
+    errors = [f"{list(e.path)}: {e.message}" for e in validator.iter_errors(compose())]
+    assert errors == []
+    broken = compose()
+    broken["services"]["web"]["stop_grace"] = "40s"  # not stop_grace_period
+    assert list(validator.iter_errors(broken))
 
 
 def test_compose_command_lines_use_real_flags() -> None:
