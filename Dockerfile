@@ -53,8 +53,7 @@ urllib.request.urlretrieve(url, name); print("baked in /models/" + name)' "${WEI
 
 WORKDIR /app
 COPY keras_server/ /app/keras_server/
-COPY run_keras_server.py run_cluster.py /app/
-COPY deploy/ /app/deploy/
+COPY run_keras_server.py /app/
 
 USER keras
 EXPOSE 5000
