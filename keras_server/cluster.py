@@ -2,7 +2,7 @@
 shards, gunicorn web servers, model workers, and nginx round-robin in front.
 
     python run_cluster.py [--redis 2] [--web 2] [--workers 2] [--port 8080]
-                          [--rate-limit N [--rate-burst N]] [-- SERVER FLAGS]
+                          [--rate-limit RATE [--rate-burst N]] [-- SERVER FLAGS]
 
 Everything after `--` goes to every web server and worker, e.g.
 `-- --model sim --sim-batch-ms 200` or `-- --weights none`. Each part is

@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import http.server
 import os
-import shutil
 import subprocess
 import tempfile
 import threading
@@ -31,6 +30,7 @@ import numpy as np
 import pytest
 import requests
 from conftest import IMAGES, ROOT, wait_until
+from test_browser import apt_install
 
 from keras_server.images import load_image
 from keras_server.redis_launcher import RedisServer, free_port
@@ -42,17 +42,12 @@ IMAGE = "localhost/keras-server:test"
 CONTAINERS_CONF = "[containers]\ndefault_ulimits = []\npids_limit = 0\n"
 KEY = "test-key-" + "k" * 24
 CHELSEA = IMAGES / "chelsea.png"
-
-
-def apt_install(*packages: str) -> None:
-    """Debian packages, installed when their binaries are missing (as root)."""
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    command = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *packages]
-    if subprocess.run(command, env=env, capture_output=True, check=False).returncode:
-        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, check=False)
-        done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-        if done.returncode:
-            pytest.fail(f"apt-get install {' '.join(packages)} failed:\n{done.stderr[-2000:]}")
+# Debian's packages, installed when missing (as root).
+TOOLS = {
+    "podman": "/usr/bin/podman",
+    "runc": "/usr/sbin/runc",
+    "debootstrap": "/usr/sbin/debootstrap",
+}
 
 
 def pip_cert() -> str:
@@ -103,11 +98,8 @@ class Podman:
 
 @pytest.fixture(scope="module")
 def podman(tmp_path_factory: pytest.TempPathFactory) -> Podman:
-    missing = [tool for tool in ("podman", "runc", "debootstrap") if shutil.which(tool) is None]
-    if missing:
-        if os.geteuid() != 0 or shutil.which("apt-get") is None:
-            pytest.fail(f"{', '.join(missing)} missing and cannot be installed (needs root)")
-        apt_install("podman", "runc", "debootstrap")
+    for package, binary in TOOLS.items():
+        apt_install(package, binary, "--no-install-recommends")
     conf = tmp_path_factory.mktemp("podman") / "containers.conf"
     conf.write_text(CONTAINERS_CONF)
     return Podman(conf)
