@@ -233,25 +233,31 @@ class Cluster:
         self.nginx = Part("nginx", process, log_path, self.port, log_file)
 
     def wait_ready(self, workers: int, timeout: float) -> None:
-        """Until nginx answers and every worker beats on every shard (as a web
-        server sees them)."""
+        """Until every web server answers, every worker beats on every shard,
+        and then nginx answers.
+
+        The web servers are polled directly and nginx only once they are up:
+        a request nginx fails on a starting web server would take it out of
+        the upstream for fail_timeout, and with a rate limit, polling through
+        nginx would use the clients' allowance up."""
         expected = workers * len(self.redis)
         deadline = time.monotonic() + timeout
-        nginx_answered = False
+        webs_ready = False
         while time.monotonic() < deadline:
             for part in [*self.workers, *self.webs, *([self.nginx] if self.nginx else [])]:
                 if not part.alive():
                     raise ClusterError(f"{part.name} exited:\n{part.log_tail()}")
             with contextlib.suppress(requests.RequestException, ValueError):
-                # nginx once (any answer will do): with a rate limit, polling
-                # through it would use the clients' allowance up.
-                if not nginx_answered:
-                    requests.get(self.url + "/healthz", timeout=2)
-                    nginx_answered = True
-                web = f"http://127.0.0.1:{self.webs[0].port}"
-                body = requests.get(web + "/readyz", timeout=2).json()
-                if body.get("workers") == expected:
-                    return
+                if not webs_ready:
+                    bodies = [
+                        requests.get(f"http://127.0.0.1:{web.port}/readyz", timeout=2).json()
+                        for web in self.webs
+                    ]
+                    webs_ready = all(body.get("workers") == expected for body in bodies)
+                if webs_ready:
+                    status = requests.get(self.url + "/healthz", timeout=2).status_code
+                    if status < 500:  # 200, or 429 under a rate limit
+                        return
             time.sleep(0.2)
         raise ClusterError(f"not ready after {timeout:g} s; logs in {self.dir}")
 
