@@ -1,12 +1,13 @@
 # Two commands on a fresh machine:
 #   make serve   set up .venv, then start the server (pass flags with ARGS="...")
 #   make test    set up .venv with the test tools, then lint and run the tests
+#   make container-test  build the Dockerfile and run it with podman (minutes; see README)
 #   make bench   the benchmark behind BENCHMARKS.md (ARGS=--quick: a 2-3 minute smoke run)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve test lint bench
+.PHONY: serve test lint bench container-test
 
 $(BIN)/.runtime: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +28,10 @@ lint: $(BIN)/.dev
 
 test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The test installs podman, runc and debootstrap with apt-get when missing (as root).
+container-test: $(BIN)/.dev
+	$(BIN)/python -m pytest -m container $(PYTEST_ARGS)
 
 bench: $(BIN)/.dev
 	$(BIN)/python -m bench.run $(ARGS)

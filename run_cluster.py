@@ -3,7 +3,8 @@ shards, gunicorn web servers, model workers, and nginx round-robin in front.
 Not part of the server package: it runs the server's entry point
 (run_keras_server.py) and nginx with deploy/nginx.conf.template.
 
-    python run_cluster.py [--redis 2] [--web 2] [--workers 2] [--port 8080] [-- SERVER FLAGS]
+    python run_cluster.py [--redis 2] [--web 2] [--workers 2] [--port 8080]
+                          [--rate-limit RATE [--rate-burst N]] [-- SERVER FLAGS]
 
 Everything after `--` goes to every web server and worker, e.g.
 `-- --model sim --sim-batch-ms 200` or `-- --weights none`. Each part is
@@ -17,6 +18,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -36,6 +38,7 @@ log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent
 NGINX_TEMPLATE = ROOT / "deploy" / "nginx.conf.template"
 SERVER = ROOT / "run_keras_server.py"
+RATE = re.compile(r"^[1-9][0-9]*r/[sm]$")  # nginx's limit_req_zone rate
 
 
 class ClusterError(RuntimeError):
@@ -50,8 +53,17 @@ def find_nginx() -> str | None:
 
 
 def render_nginx_conf(
-    prefix: Path, listen_port: int, web_ports: Sequence[int], settings: Settings
+    prefix: Path,
+    listen_port: int,
+    web_ports: Sequence[int],
+    settings: Settings,
+    *,
+    rate_limit: str = "",
+    burst: int = 0,
 ) -> str:
+    """The template filled in. `rate_limit`, in nginx's words ("10r/s",
+    "30r/m"), limits each client address, allowing bursts of `burst` more;
+    empty: no limit."""
     upstreams = "\n".join(
         f"        server 127.0.0.1:{port} max_fails=1 fail_timeout=5s;" for port in web_ports
     )
@@ -61,7 +73,15 @@ def render_nginx_conf(
         "@UPSTREAMS@": upstreams,
         "@MAX_BODY_MB@": f"{settings.max_upload_mb:g}",
         "@PROXY_TIMEOUT_S@": str(int(settings.result_timeout) + 10),
+        "@RATE_LIMIT_ZONE@": "",
+        "@RATE_LIMIT@": "",
     }
+    if rate_limit:
+        values["@RATE_LIMIT_ZONE@"] = (
+            f"    limit_req_zone $binary_remote_addr zone=per_client:10m rate={rate_limit};"
+        )
+        extra = f" burst={burst} nodelay" if burst else ""  # nginx refuses burst=0
+        values["@RATE_LIMIT@"] = f"            limit_req zone=per_client{extra};"
     text = NGINX_TEMPLATE.read_text()
     for placeholder, value in values.items():
         text = text.replace(placeholder, value)
@@ -89,8 +109,14 @@ class Cluster:
         server_args: Sequence[str] = (),
         port: int = 0,
         say: Callable[[str], None] = print,
+        rate_limit: str = "",
+        rate_burst: int = 0,
     ) -> None:
         self.counts = (redis_count, web_count, worker_count)
+        if rate_limit and not RATE.match(rate_limit):
+            raise SettingsError(f"rate limit {rate_limit!r}: expected e.g. 10r/s or 30r/m")
+        self.rate_limit = rate_limit
+        self.rate_burst = rate_burst
         self.server_args = list(server_args)
         self.settings = load_settings(self.server_args, environ={})
         self.port = port or free_port()
@@ -164,7 +190,14 @@ class Cluster:
         prefix.mkdir()
         conf = prefix / "nginx.conf"
         conf.write_text(
-            render_nginx_conf(prefix, self.port, [w.port for w in self.webs], self.settings)
+            render_nginx_conf(
+                prefix,
+                self.port,
+                [w.port for w in self.webs],
+                self.settings,
+                rate_limit=self.rate_limit,
+                burst=self.rate_burst,
+            )
         )
         command = [binary, "-p", str(prefix), "-c", str(conf)]
         self.nginx = Part("nginx", command, self.dir / "nginx.log", self.port).start()
@@ -178,10 +211,16 @@ class Cluster:
         models = settings.model_specs()
         served = {spec.name for spec in models.serving(settings.serve)}
         deployment = Deployment.from_settings(settings, models)
-        # Each web server directly, then nginx in front of them.
+        # Each web server directly, then nginx in front of them, once they
+        # are up: a request nginx fails on a starting web server would take it
+        # out of the upstream for fail_timeout. Under a rate limit nginx may
+        # answer 429: it answers, so it is up.
         answering = [
-            http_answers(f"{url}/healthz", success=True)
-            for url in [*(f"http://127.0.0.1:{web.port}" for web in self.webs), self.url]
+            *(
+                http_answers(f"http://127.0.0.1:{web.port}/healthz", success=True)
+                for web in self.webs
+            ),
+            http_answers(f"{self.url}/healthz", success=True, accept=(429,)),
         ]
         parts = [*self.workers, *self.webs, *([self.nginx] if self.nginx else [])]
 
@@ -234,9 +273,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--web", type=int, default=2, help="gunicorn web servers (default 2)")
     parser.add_argument("--workers", type=int, default=2, help="model workers (default 2)")
     parser.add_argument("--port", type=int, default=8080, help="nginx port (default 8080)")
+    parser.add_argument(
+        "--rate-limit",
+        default="",
+        metavar="RATE",
+        help="nginx: most requests per client address, e.g. 10r/s or 600r/m; beyond it "
+        "nginx answers 429 (default: no limit)",
+    )
+    parser.add_argument(
+        "--rate-burst", type=int, default=20, help="with --rate-limit: burst allowed (default 20)"
+    )
     args = parser.parse_args(own)
     if min(args.redis, args.web, args.workers) < 1:
         parser.error("each count must be at least 1")
+    if args.rate_burst < 0:
+        parser.error("--rate-burst must be 0 or more")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     stopped = threading.Event()
 
@@ -245,7 +296,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         cluster = Cluster(
-            args.redis, args.web, args.workers, server_args=server_args, port=args.port
+            args.redis,
+            args.web,
+            args.workers,
+            server_args=server_args,
+            port=args.port,
+            rate_limit=args.rate_limit,
+            rate_burst=args.rate_burst,
         )
     except SettingsError as exc:
         parser.error(str(exc))

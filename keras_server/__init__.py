@@ -13,6 +13,7 @@ Modules, each owning one thing:
     web             the Flask app factory (never imports TensorFlow)
     fanout          one request, several images: queued together, every answer awaited
     v2              the Open Inference Protocol (KServe v2, REST) under /v2
+    auth            API keys (--api-keys): checked before every route
     ui              the upload page at / and the OpenAPI description
     metrics         Prometheus metrics
     model           loading and running Keras models (the only module importing Keras)

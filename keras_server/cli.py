@@ -23,6 +23,7 @@ from pathlib import Path
 from types import FrameType
 
 from . import protocol
+from .auth import KeysFileError, load_keys
 from .catalog import SIM, CatalogError, Models, ModelSpec
 from .logs import configure_logging
 from .metrics import MULTIPROCESS_DIR_ENV
@@ -55,13 +56,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     configure_logging(settings.log_level)
     try:
+        if settings.api_keys and settings.role != "worker":
+            load_keys(settings.api_keys)  # an unusable keys file stops us before the port opens
         if settings.role == "web":
             exec_gunicorn(settings)
         elif settings.role == "worker":
             run_worker(settings, models)
         else:
             run_all(settings, models)
-    except (RedisUnavailable, ModelLoadError, CatalogError) as exc:
+    except (RedisUnavailable, ModelLoadError, CatalogError, KeysFileError) as exc:
         log.error("%s", exc)
         return 1
     except KeyboardInterrupt:

@@ -38,17 +38,19 @@ def die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def http_answers(url: str, timeout: float = 2.0, *, success: bool = False) -> Callable[[], bool]:
+def http_answers(
+    url: str, timeout: float = 2.0, *, success: bool = False, accept: Sequence[int] = ()
+) -> Callable[[], bool]:
     """A readiness check: any HTTP answer from `url` (a 405 too) means it
-    listens; with `success`, only a 2xx answer counts (a proxy answers 502 while
-    nothing listens behind it)."""
+    listens; with `success`, only a 2xx answer, or one in `accept`, counts (a
+    proxy answers 502 while nothing listens behind it)."""
 
     def check() -> bool:
         try:
             answer = requests.get(url, timeout=timeout)
         except requests.RequestException:
             return False
-        return answer.ok or not success
+        return answer.ok or answer.status_code in accept or not success
 
     return check
 

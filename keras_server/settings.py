@@ -72,6 +72,8 @@ class Settings:
     sim_batch_ms: float = 50.0
     sim_image_ms: float = 5.0
     log_level: str = "INFO"
+    api_keys: str = ""
+    auth_probes: bool = False
 
     def model_specs(self) -> Models:
         """The models this deployment serves, and the default one's name: read
@@ -203,6 +205,15 @@ def _top_k(text: str) -> int:
 
 def _model_source(text: str) -> str:
     return check_source(text.strip())
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
 
 
 def _non_empty(text: str) -> str:
@@ -362,6 +373,19 @@ KNOBS: tuple[Knob, ...] = (
     Knob("sim_batch_ms", _non_negative_float, "--model sim: sleep per batch", "MS"),
     Knob("sim_image_ms", _non_negative_float, "--model sim: sleep per image", "MS"),
     Knob("log_level", _choice(LOG_LEVELS, upper=True), "logging level", "LEVEL"),
+    Knob(
+        "api_keys",
+        _text,
+        "a file of API keys, one per line: every request but /healthz, the upload page "
+        "and /openapi.json must then show one (Authorization: Bearer KEY or X-API-Key: KEY)",
+        "FILE",
+    ),
+    Knob(
+        "auth_probes",
+        _bool,
+        "with --api-keys: /readyz and /metrics need a key too (true or false)",
+        "BOOL",
+    ),
 )
 
 

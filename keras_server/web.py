@@ -17,7 +17,7 @@ from typing import IO, Any
 from flask import Flask, Request, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from . import fanout, logs, metrics, protocol, v2
+from . import auth, fanout, logs, metrics, protocol, v2
 from .images import ImageError, load_image
 from .routing import Deployment, ServedModel
 from .settings import Settings, load_settings
@@ -75,6 +75,7 @@ def create_app(settings: Settings, deployment: Deployment | None = None) -> Flas
     if deployment is None:
         deployment = Deployment.from_settings(settings)
     _add_request_log(app)
+    auth.install(app, settings)  # before every route, those of blueprints too
     _add_predict(app, settings, deployment)
     _add_operations(app, settings, deployment)
     _add_error_handlers(app, settings)

@@ -30,6 +30,17 @@ ROOT = Path(__file__).resolve().parent.parent
 IMAGES = ROOT / "images"
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Container tests take minutes: they run only when the -m expression names
+    their marker (`make container-test`), never in a plain `make test`."""
+    if "container" in (config.getoption("markexpr") or ""):
+        return
+    kept = [item for item in items if item.get_closest_marker("container") is None]
+    if len(kept) < len(items):
+        config.hook.pytest_deselected(items=[i for i in items if i not in kept])
+        items[:] = kept
+
+
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
 
 

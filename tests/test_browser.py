@@ -128,7 +128,8 @@ class Watched:
 
     def unexpected_errors(self) -> list[str]:
         # An API error is a failed load to Chromium's console, and is expected.
-        return [e for e in self.errors if "the server responded with a status of 400" not in e]
+        expected = ("the server responded with a status of 400", "status of 401")
+        return [e for e in self.errors if not any(text in e for text in expected)]
 
 
 @pytest.fixture
@@ -379,3 +380,66 @@ def test_one_model_offers_no_menu(watched: Watched, web: Server) -> None:
     page.goto(web.url)
     page.wait_for_load_state("networkidle")  # GET models answered
     expect(page.locator("#model-choice")).to_be_hidden()
+
+
+KEY = "browser-test-key-0123456789abcdef"
+
+
+@pytest.fixture
+def keyed_web(settings: Settings, tmp_path: Path) -> Iterator[Server]:
+    """`--role web` with `--api-keys`."""
+    keys = tmp_path / "keys.txt"
+    keys.write_text(KEY + "\n")
+    process, base = start_web(settings, "--web-workers", "1", "--api-keys", str(keys))
+    try:
+        yield Server(base + "/", process)
+    finally:
+        stop(process)
+
+
+def test_the_page_asks_for_a_key_when_the_server_needs_one(
+    watched: Watched, keyed_web: Server, worker: WorkerThread
+) -> None:
+    page = watched.page
+    page.goto(keyed_web.url)
+    key_form = page.locator("#key-form")
+    expect(key_form).to_be_hidden()
+
+    # The API says 401: the page shows its words and asks for a key.
+    page.locator("#image").set_input_files(CHELSEA)
+    expect(key_form).to_be_visible()
+    expect(page.locator("#error")).to_contain_text("HTTP 401")
+    expect(page.locator("#error")).to_contain_text("an API key is required")
+    expect(page.locator("#key-hint")).to_have_text("This server needs an API key.")
+    expect(page.locator("#api-key")).to_be_focused()
+    screenshot(page, "upload-page-asks-for-a-key.png")
+
+    # A wrong key: asked again.
+    page.locator("#api-key").fill("not-the-key-0123456789abcdef")
+    page.locator("#api-key").press("Enter")
+    expect(page.locator("#key-hint")).to_contain_text("not accepted")
+    expect(page.locator("#error")).to_contain_text("not valid")
+    expect(page.locator(".prediction")).to_have_count(0)
+
+    # The right key: the refused file is sent again, and answered.
+    page.locator("#api-key").fill(KEY)
+    page.get_by_role("button", name="Use this key").click()
+    with CHELSEA.open("rb") as f:
+        expected = requests.post(
+            keyed_web.url + "predict", files={"image": f}, headers={"X-API-Key": KEY}, timeout=30
+        ).json()
+    assert_shows(page, expected["predictions"])
+    expect(key_form).to_be_hidden()
+
+    # The next file goes with the key at once.
+    page.locator("#image").set_input_files(COFFEE)
+    expect(page.locator("#preview")).to_have_attribute("alt", "Preview of coffee.png")
+    expect(page.locator(".prediction")).to_have_count(5)
+    expect(key_form).to_be_hidden()
+    screenshot(page, "upload-page-with-a-key.png")
+
+    # The key is kept in the page's memory only: no storage, no URL.
+    stored = page.evaluate("JSON.stringify([localStorage, sessionStorage, document.cookie])")
+    assert KEY not in stored
+    assert all(KEY not in url for url in watched.urls)
+    assert watched.unexpected_errors() == []

@@ -23,6 +23,7 @@ from stress_test import run as load
 
 pytestmark = pytest.mark.slow
 
+CHELSEA = Path(__file__).resolve().parent.parent / "images" / "chelsea.png"
 SIM = ["--model", "sim", "--sim-batch-ms", "20", "--sim-image-ms", "1", "--batch-size", "8"]
 
 
@@ -138,3 +139,28 @@ def test_ready_with_several_models(nginx: str, tmp_path: Path, serve: list[str])
         assert len(answer.json()["predictions"]) == 2
     finally:
         cluster.stop()
+
+
+def test_nginx_rate_limit_answers_429_in_json(nginx: str) -> None:
+    """The template's optional per-client limit, through real nginx: past the
+    rate a client gets 429 with our JSON error, before the app sees the
+    request; without a limit, never."""
+    with Cluster(1, 1, 1, server_args=SIM, say=lambda _: None, rate_limit="1r/m") as limited:
+        # One request a minute: the cluster's own readiness check used it up.
+        refused = requests.get(limited.url + "/healthz", timeout=5)
+        assert refused.status_code == 429
+        assert refused.headers["Content-Type"] == "application/json"
+        assert refused.headers["Retry-After"] == "1"
+        body = refused.json()
+        assert body["success"] is False
+        assert "too many requests" in body["error"]
+        with CHELSEA.open("rb") as f:
+            answer = requests.post(limited.url + "/predict", files={"image": f}, timeout=30)
+        assert answer.status_code == 429
+        assert predictions_served(limited.webs[0]) == 0
+
+    with Cluster(1, 1, 1, server_args=SIM, say=lambda _: None) as unlimited:
+        for _ in range(10):
+            with CHELSEA.open("rb") as f:
+                answer = requests.post(unlimited.url + "/predict", files={"image": f}, timeout=30)
+            assert answer.status_code == 200

@@ -4,6 +4,7 @@
 // serves several models (GET `models`), a menu picks one: its image goes to
 // `models/<name>/predict`.
 "use strict";
+/* global apiKey */
 
 (() => {
   const form = document.getElementById("upload");
@@ -90,11 +91,12 @@
   }
 
   // The menu appears only when there is a choice; without it (one model, or
-  // GET models failing) images go to the default model, as before.
+  // GET models failing, e.g. 401 before an API key is given) images go to the
+  // default model, as before.
   async function offerModels() {
     let listed;
     try {
-      const response = await fetch("models");
+      const response = await fetch("models", { headers: apiKey.headers() });
       listed = response.ok ? await response.json() : null;
     } catch {
       listed = null;
@@ -130,7 +132,7 @@
     let response;
     try {
       // form.action is the "predict" attribute resolved against the page's URL.
-      response = await fetch(predictUrl(), { method: "POST", body });
+      response = await fetch(predictUrl(), { method: "POST", body, headers: apiKey.headers() });
     } catch (failure) {
       if (mine !== ticket) return;
       form.removeAttribute("aria-busy");
@@ -153,6 +155,14 @@
 
     if (answer && answer.success === true && Array.isArray(answer.predictions)) {
       showPredictions(answer.predictions);
+    } else if (response.status === 401 && answer && typeof answer.error === "string") {
+      // --api-keys: ask for a key, then send this file again with it.
+      showError(`Could not classify ${file.name} (HTTP 401).`, answer.error);
+      // With a key, GET models may answer now: offer the menu, then retry.
+      apiKey.ask(() => {
+        if (choice.hidden) offerModels();
+        classify(file);
+      });
     } else if (answer && typeof answer.error === "string") {
       showError(`Could not classify ${file.name} (HTTP ${response.status}).`, answer.error);
     } else {

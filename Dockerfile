@@ -1,0 +1,67 @@
+# One image for every role of keras-server: `--role web` (gunicorn), `--role
+# worker` (the model) and `--role all` (both in one process, the default).
+#
+#   docker build -t keras-server .
+#   docker run -p 5000:5000 keras-server --weights none        # --role all, random weights
+#
+# Build arguments:
+#   BASE_IMAGE   any Debian-like image with python3 (>= 3.11) and its venv module
+#   WEIGHTS_URL  a model or weights file (.keras, .weights.h5, .h5) fetched at
+#                build time into /models, then served with `--model /models/NAME.keras`
+#                or `--weights /models/NAME.h5`. Or leave it out and mount the files
+#                at run time: `-v "$PWD/models:/models:ro"`.
+#   PIP_CERT     a CA bundle path for pip inside the build (a TLS-intercepting
+#                proxy); the file itself must be mounted into the build
+#                (`podman build -v /etc/ssl/certs/ca-certificates.crt:/ca.pem:ro
+#                --build-arg PIP_CERT=/ca.pem`). Not needed with plain internet access.
+ARG BASE_IMAGE=python:3.11-slim
+FROM ${BASE_IMAGE}
+
+ARG PIP_CERT
+ARG WEIGHTS_URL=""
+
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    TF_CPP_MIN_LOG_LEVEL=2 \
+    PATH=/opt/venv/bin:$PATH \
+    # Listen on every interface of the container (the server's own default is loopback).
+    KERAS_SERVER_HOST=0.0.0.0 \
+    KERAS_SERVER_PORT=5000
+
+# The dependencies first: this layer is rebuilt only when requirements.txt changes.
+COPY requirements.txt /tmp/requirements.txt
+RUN if [ -z "${PIP_CERT:-}" ]; then unset PIP_CERT; fi \
+    && python3 -m venv /opt/venv \
+    && /opt/venv/bin/pip install --no-cache-dir -r /tmp/requirements.txt \
+    && rm /tmp/requirements.txt
+
+# An unprivileged user owning nothing but its home (Keras's cache lives there).
+RUN groupadd --system --gid 10001 keras \
+    && useradd --system --uid 10001 --gid keras --create-home --home-dir /home/keras \
+        --shell /usr/sbin/nologin keras \
+    && mkdir -p /models
+
+RUN if [ -n "${WEIGHTS_URL}" ]; then \
+        if [ -n "${PIP_CERT:-}" ]; then export SSL_CERT_FILE="${PIP_CERT}"; fi; \
+        cd /models && python3 -c 'import sys, urllib.request; \
+url = sys.argv[1]; name = url.rstrip("/").rsplit("/", 1)[-1].split("?")[0]; \
+urllib.request.urlretrieve(url, name); print("baked in /models/" + name)' "${WEIGHTS_URL}" \
+        && chmod -R a+rX /models; \
+    fi
+
+WORKDIR /app
+COPY keras_server/ /app/keras_server/
+COPY run_keras_server.py /app/
+
+USER keras
+EXPOSE 5000
+
+# /healthz of the HTTP server. A worker has no HTTP server: compose and
+# Kubernetes give workers their own check (see compose.yaml).
+HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
+    CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('KERAS_SERVER_PORT', '5000') + '/healthz', timeout=4)"]
+
+ENTRYPOINT ["python3", "run_keras_server.py"]
+CMD []

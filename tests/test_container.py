@@ -1,0 +1,250 @@
+"""The Dockerfile, built and run for real with podman: one image, a worker
+container serving a model baked in through WEIGHTS_URL, a web container
+(gunicorn) requiring an API key, and a prediction through them.
+
+No container registry is reachable here, so the base image is a local one:
+a Debian rootfs from `debootstrap`, loaded with `podman import` (built once,
+then reused). Podman runs with the settings this machine needs: a
+containers.conf with `default_ulimits = []` and `pids_limit = 0` (through
+CONTAINERS_CONF, so the system's own file is left alone), `--runtime runc`,
+and `--network host`. pip inside the build trusts the CA bundle that pip's
+`cert` setting names here, mounted into the build.
+
+Slow (minutes on a fresh machine): runs only when `-m` names the `container`
+marker, as `make container-test` does.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import subprocess
+import tempfile
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from conftest import IMAGES, ROOT, wait_until
+from test_browser import apt_install
+
+from keras_server.images import load_image
+from keras_server.redis_launcher import RedisServer, free_port
+
+pytestmark = [pytest.mark.container, pytest.mark.slow]
+
+BASE = "localhost/keras-server-base:bookworm"
+IMAGE = "localhost/keras-server:test"
+CONTAINERS_CONF = "[containers]\ndefault_ulimits = []\npids_limit = 0\n"
+KEY = "test-key-" + "k" * 24
+CHELSEA = IMAGES / "chelsea.png"
+# Debian's packages, installed when missing (as root).
+TOOLS = {
+    "podman": "/usr/bin/podman",
+    "runc": "/usr/sbin/runc",
+    "debootstrap": "/usr/sbin/debootstrap",
+}
+
+
+def pip_cert() -> str:
+    """The CA bundle pip's `cert` setting names on this machine (pip's default
+    bundle when nothing is set)."""
+    found = subprocess.run(
+        ["python3", "-m", "pip", "config", "get", "global.cert"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    if not found:
+        found = os.environ.get("PIP_CERT", "")
+    if not found:
+        import certifi
+
+        found = certifi.where()
+    return found
+
+
+class Podman:
+    def __init__(self, conf: Path) -> None:
+        self.env = {**os.environ, "CONTAINERS_CONF": str(conf)}
+
+    def __call__(
+        self, *args: str, check: bool = True, timeout: float = 900
+    ) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(
+            ["podman", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if check and done.returncode:
+            output = done.stdout[-3000:] + done.stderr[-3000:]
+            pytest.fail(f"podman {' '.join(args)} failed:\n{output}")
+        return done
+
+    def run(self, name: str, *args: str) -> None:
+        self("run", "--detach", "--name", name, "--runtime", "runc", "--network", "host", *args)
+
+    def logs(self, name: str) -> str:
+        done = self("logs", name, check=False)
+        return done.stdout + done.stderr
+
+
+@pytest.fixture(scope="module")
+def podman(tmp_path_factory: pytest.TempPathFactory) -> Podman:
+    for package, binary in TOOLS.items():
+        apt_install(package, binary, "--no-install-recommends")
+    conf = tmp_path_factory.mktemp("podman") / "containers.conf"
+    conf.write_text(CONTAINERS_CONF)
+    return Podman(conf)
+
+
+@pytest.fixture(scope="module")
+def base_image(podman: Podman) -> str:
+    """A Debian bookworm with python3 and venv, as an image (made once)."""
+    if podman("image", "exists", BASE, check=False).returncode == 0:
+        return BASE
+    with tempfile.TemporaryDirectory(prefix="keras-rootfs-") as rootfs:
+        subprocess.run(
+            ["debootstrap", "--variant=minbase", "--include=python3,python3-venv", "bookworm",
+             rootfs],
+            capture_output=True,
+            check=True,
+            timeout=900,
+        )  # fmt: skip
+        tar = subprocess.Popen(["tar", "-C", rootfs, "-c", "."], stdout=subprocess.PIPE)
+        subprocess.run(
+            ["podman", "import", "-", BASE],
+            stdin=tar.stdout,
+            env=podman.env,
+            capture_output=True,
+            check=True,
+            timeout=600,
+        )
+        assert tar.wait() == 0
+    return BASE
+
+
+@pytest.fixture(scope="module")
+def served_files(small_model_path: Path) -> Iterator[str]:
+    """An HTTP server with the small model, for the build to fetch (WEIGHTS_URL)."""
+    handler = functools.partial(
+        http.server.SimpleHTTPRequestHandler, directory=str(small_model_path.parent)
+    )
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def image(podman: Podman, base_image: str, served_files: str, small_model_path: Path) -> str:
+    cert = pip_cert()
+    podman(
+        "build",
+        "--runtime", "runc",
+        "--network", "host",
+        "--format", "docker",  # OCI images drop HEALTHCHECK
+        "--volume", f"{cert}:/etc/keras-build-ca.pem:ro",
+        "--build-arg", "PIP_CERT=/etc/keras-build-ca.pem",
+        "--build-arg", f"BASE_IMAGE={base_image}",
+        "--build-arg", f"WEIGHTS_URL={served_files}/{small_model_path.name}",
+        "--tag", IMAGE,
+        str(ROOT),
+        timeout=1800,
+    )  # fmt: skip
+    return IMAGE
+
+
+@pytest.fixture
+def redis_for_containers() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+# A fresh machine installs podman, makes the base image and builds: minutes.
+@pytest.mark.timeout(1800)
+def test_image_serves_a_prediction_with_every_role(
+    podman: Podman,
+    image: str,
+    redis_for_containers: RedisServer,
+    small_classifier: object,
+    tmp_path: Path,
+) -> None:
+    keys = tmp_path / "keys.txt"
+    keys.write_text(f"# keys of the test\n{KEY}\n")
+    keys.chmod(0o644)
+    redis_url = redis_for_containers.url
+    suffix = uuid.uuid4().hex[:8]
+    worker, web = f"keras-test-worker-{suffix}", f"keras-test-web-{suffix}"
+    port = free_port()
+    try:
+        podman.run(
+            worker, image,
+            "--role", "worker", "--model", "/models/small.keras",
+            "--redis-url", redis_url, "--batch-size", "4",
+        )  # fmt: skip
+        podman.run(
+            web,
+            "--volume", f"{keys}:/run/keys/keys.txt:ro",
+            # The port as a variable: the image's HEALTHCHECK reads it.
+            "--env", f"KERAS_SERVER_PORT={port}",
+            image,
+            "--role", "web", "--web-workers", "1", "--redis-url", redis_url,
+            "--api-keys", "/run/keys/keys.txt",
+        )  # fmt: skip
+        base = f"http://127.0.0.1:{port}"
+
+        def ready() -> bool:
+            for name in (worker, web):
+                state = podman("inspect", "--format", "{{.State.Running}}", name, check=False)
+                if state.stdout.strip() != "true":
+                    pytest.fail(f"{name} stopped:\n{podman.logs(name)}")
+            try:
+                return requests.get(base + "/readyz", timeout=2).status_code == 200
+            except requests.ConnectionError:
+                return False
+
+        wait_until(ready, timeout=240, what="the containers to be ready")
+
+        with CHELSEA.open("rb") as f:
+            refused = requests.post(base + "/predict", files={"image": f}, timeout=30)
+        assert refused.status_code == 401
+        assert refused.json()["success"] is False
+        with CHELSEA.open("rb") as f:
+            answer = requests.post(
+                base + "/predict",
+                files={"image": f},
+                headers={"Authorization": f"Bearer {KEY}"},
+                timeout=60,
+            )
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert body["model"] == {"name": "small", "version": "1"}
+
+        # The model baked into the image answers what the same model file
+        # answers here, on the same pixels.
+        pixels = load_image(CHELSEA.read_bytes(), (224, 224), 50_000_000)
+        scores = small_classifier.predict(pixels[np.newaxis])[0]  # type: ignore[attr-defined]
+        top = np.argsort(scores)[::-1][:5]
+        labels = small_classifier.labels  # type: ignore[attr-defined]
+        assert [p["label"] for p in body["predictions"]] == [labels[i] for i in top]
+        for prediction, index in zip(body["predictions"], top, strict=True):
+            assert prediction["probability"] == pytest.approx(float(scores[index]), abs=1e-4)
+
+        # Not root, and the image's HEALTHCHECK passes on the web container.
+        assert podman("exec", web, "id", "-u").stdout.strip() == "10001"
+        assert podman("healthcheck", "run", web, check=False).returncode == 0, podman.logs(web)
+        assert KEY not in podman.logs(web)
+    finally:
+        for name in (web, worker):
+            podman("stop", "--time", "20", name, check=False)
+            podman("rm", "--force", name, check=False)
