@@ -8,7 +8,7 @@ Modules, each owning one thing:
     queue           the Redis queue: push / wait, crash-safe claims, heartbeats
     shards          several Redis instances: pick one per request, skip dead ones
     routing         the models a web server routes to, and their input sizes
-    images          upload -> RGB uint8 array at the model's input size
+    images          upload -> RGB uint8 array at the model's input size, memory-bounded
     web             the Flask app factory (never imports TensorFlow)
     ui              the upload page at / and the OpenAPI description
     metrics         Prometheus metrics

@@ -48,6 +48,7 @@ class Settings:
     result_timeout: float = 30.0
     max_upload_mb: float = 16.0
     max_image_pixels: int = 50_000_000
+    decode_memory_mb: float = 512.0
     role: str = "all"
     web_workers: int = 2
     web_threads: int = 32
@@ -81,6 +82,10 @@ class Settings:
     @property
     def redis_urls(self) -> tuple[str, ...]:
         return tuple(self.redis_url.split(","))
+
+    @property
+    def decode_memory_bytes(self) -> int:
+        return int(self.decode_memory_mb * 1024 * 1024)
 
     @property
     def max_upload_bytes(self) -> int:
@@ -292,6 +297,14 @@ KNOBS: tuple[Knob, ...] = (
         _positive_int,
         "largest accepted image (width x height) before a 413",
         "PIXELS",
+    ),
+    Knob(
+        "decode_memory_mb",
+        _positive_float,
+        "memory each web process may hold for images being decoded, estimated from "
+        "their headers; an upload that does not fit beside those in flight gets a 503 "
+        "with Retry-After, one that could never fit a 413",
+        "MB",
     ),
     Knob("role", _choice(ROLES), "all: web + model thread; web or worker alone", "ROLE"),
     Knob("web_workers", _positive_int, "--role web: gunicorn worker processes", "N"),

@@ -17,7 +17,13 @@ from flask import Flask, Request, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from . import logs, metrics, protocol
-from .images import ImageError, load_image
+from .images import (
+    DecodeBudget,
+    DecoderBusy,
+    ImageError,
+    load_image,
+    return_freed_pixels_to_the_system,
+)
 from .queue import QueueFull
 from .routing import Deployment, ServedModel
 from .settings import Settings, load_settings
@@ -105,6 +111,10 @@ def _add_request_log(app: Flask) -> None:
 
 
 def _add_predict(app: Flask, settings: Settings, deployment: Deployment) -> None:
+    # One per process: its threads share it (gunicorn workers each have theirs).
+    budget = DecodeBudget(settings.decode_memory_bytes)
+    return_freed_pixels_to_the_system()
+
     @app.post("/predict")
     def predict() -> Response | tuple[Any, int]:
         """The default model."""
@@ -148,7 +158,10 @@ def _add_predict(app: Flask, settings: Settings, deployment: Deployment) -> None
         if size is None:
             return unavailable(f"model {model.name!r} has no live worker yet; retry shortly")
         try:
-            image = load_image(data, size, settings.max_image_pixels)
+            image = load_image(data, size, settings.max_image_pixels, budget)
+        except DecoderBusy as exc:
+            log.warning("decode memory spent (%d MB in use): refused", budget.used >> 20)
+            return unavailable(str(exc))
         except ImageError as exc:
             return error(exc.status, str(exc))
 
