@@ -10,6 +10,8 @@ Modules, each owning one thing:
     routing         the models a web server routes to, and their input sizes
     images          upload -> RGB uint8 array at the model's input size, memory-bounded
     web             the Flask app factory (never imports TensorFlow)
+    uploads         the files of a multipart upload (python-multipart)
+    client          client side: shrink a large photo before upload
     ui              the upload page at / and the OpenAPI description
     metrics         Prometheus metrics
     model           loading and running Keras models (the only module importing Keras)
@@ -19,5 +21,5 @@ Modules, each owning one thing:
     redis_launcher  a private redis-server when none is running
     gunicorn_conf   gunicorn's settings for --role web, derived from ours
     cluster         a local cluster behind nginx (run_cluster.py)
-    cli             the entry point behind run_keras_server.py
+    cli             the entry point behind run_keras_server.py (cheroot for --role all)
 """

@@ -1,7 +1,7 @@
 """`python run_keras_server.py`: build the settings once, then run a role.
 
-- all:    a private Redis if needed, the model thread, then Flask's own server
-          (one process: the demo and single-machine setup)
+- all:    a private Redis if needed, the model thread, then the web tier on
+          cheroot, in the same process (the single-machine setup)
 - web:    gunicorn serving the Flask app (never imports TensorFlow)
 - worker: the model loop alone
 
@@ -172,16 +172,37 @@ def run_all(settings: Settings) -> None:
         thread.start()
         thread.wait_until_ready()
         try:
-            from .web import create_app
-
-            app = create_app(settings)
-            log.info("listening on http://%s:%d/predict", settings.host, settings.port)
-            # Flask's development server: fine for one machine and demos;
-            # --role web runs gunicorn.
-            app.run(host=settings.host, port=settings.port, threaded=True, use_reloader=False)
+            serve_http(settings)
         finally:
             thread.stop.set()
             thread.join(timeout=settings.result_timeout)
+
+
+def serve_http(settings: Settings) -> None:
+    """The web tier in this process, on cheroot (CherryPy's production WSGI
+    server) until KeyboardInterrupt: a fixed pool of --web-threads threads,
+    each holding one request while it waits for its prediction, and request
+    bodies streamed to the app (never spooled to disk). On the way out, the
+    requests in flight get as long as their deadline to finish."""
+    from cheroot.wsgi import Server
+
+    from .web import create_app
+
+    server = Server(
+        (settings.host, settings.port),
+        create_app(settings),
+        numthreads=settings.web_threads,
+        max=settings.web_threads,
+        request_queue_size=128,
+        shutdown_timeout=int(settings.result_timeout) + 5,
+        server_name="keras-server",
+    )
+    server.prepare()  # binds: the port is open from here on
+    log.info("listening on http://%s:%d/predict", settings.host, settings.port)
+    try:
+        server.serve()
+    finally:
+        server.stop()
 
 
 def exec_gunicorn(settings: Settings) -> None:

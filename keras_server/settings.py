@@ -311,8 +311,8 @@ KNOBS: tuple[Knob, ...] = (
     Knob(
         "web_threads",
         _positive_int,
-        "--role web: threads per gunicorn worker, i.e. requests each can hold while "
-        "they wait for their prediction",
+        "threads per web process, i.e. requests each can hold while they wait for "
+        "their prediction: per gunicorn worker (--role web) or in cheroot's pool (--role all)",
         "N",
     ),
     Knob(

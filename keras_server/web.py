@@ -28,6 +28,7 @@ from .queue import QueueFull
 from .routing import Deployment, ServedModel
 from .settings import Settings, load_settings
 from .ui import blueprint as ui_blueprint
+from .uploads import read_files
 
 log = logging.getLogger(__name__)
 
@@ -146,24 +147,28 @@ def _add_predict(app: Flask, settings: Settings, deployment: Deployment) -> None
         return jsonify(default=deployment.default, models=described)
 
     def classify(model: ServedModel) -> Response | tuple[Any, int]:
-        upload = request.files.get("image")
-        if upload is None:
+        files = uploaded_files()
+        if not files.get("image"):
             return error(
                 400, "no file in the 'image' field: send multipart/form-data with image=@FILE"
             )
-        data = upload.read()
+        data = files["image"][0]
         if not data:
             return error(400, "the uploaded image file is empty")
         size = model.input_size()
         if size is None:
             return unavailable(f"model {model.name!r} has no live worker yet; retry shortly")
+        started = time.thread_time()
         try:
             image = load_image(data, size, settings.max_image_pixels, budget)
         except DecoderBusy as exc:
+            metrics.DECODE_REFUSED.inc()
             log.warning("decode memory spent (%d MB in use): refused", budget.used >> 20)
             return unavailable(str(exc))
         except ImageError as exc:
             return error(exc.status, str(exc))
+        finally:
+            metrics.DECODE_CPU_SECONDS.inc(time.thread_time() - started)
 
         job = protocol.ImageRequest.create(image, settings.result_timeout)
         logs.request_id.set(job.id)
@@ -193,6 +198,15 @@ def _add_predict(app: Flask, settings: Settings, deployment: Deployment) -> None
             )
         result = protocol.decode_result(raw)
         return jsonify(result), 200 if result["success"] else 500
+
+
+def uploaded_files() -> dict[str, list[bytes]]:
+    """The request's uploaded files by field name (see uploads.py)."""
+    # Cached, so that werkzeug can parse what python-multipart cannot.
+    files = read_files(request.get_data(cache=True), request.content_type)
+    if files is None:
+        files = {name: [f.read() for f in request.files.getlist(name)] for name in request.files}
+    return files
 
 
 def _add_operations(app: Flask, settings: Settings, deployment: Deployment) -> None:

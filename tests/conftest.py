@@ -65,7 +65,9 @@ def wait_for_http(url: str, process: subprocess.Popen[str], timeout: float = 90)
         try:
             requests.get(url, timeout=1)
             return
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):
+            # Not listening yet, or listening (gunicorn's arbiter) while its
+            # workers still boot on a busy machine.
             time.sleep(0.2)
     pytest.fail("server did not start listening")
 

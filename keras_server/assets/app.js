@@ -1,6 +1,8 @@
 // The upload page: pick or drop an image, preview it, POST it to `predict`
 // (relative, so a proxy may mount the service under any sub-path), and show
-// the top-5 classes as bars, or the API's error, readably.
+// the top-5 classes as bars, or the API's error, readably. A large photo is
+// shrunk here first (see `shrink`): the server then decodes a small JPEG
+// instead of megabytes of pixels.
 "use strict";
 
 (() => {
@@ -17,6 +19,61 @@
   // A later pick supersedes a request still in flight: its answer is dropped.
   let ticket = 0;
   let previewUrl = null;
+  let inputSize = null; // the default model's [width, height], asked once
+
+  // The default model's input size, from GET models; null if unknown, and
+  // then nothing is shrunk.
+  async function modelInputSize() {
+    if (inputSize) return inputSize;
+    try {
+      const response = await fetch(new URL("models", document.baseURI));
+      const answer = await response.json();
+      const model = answer.models.find((m) => m.name === answer.default);
+      if (model && Array.isArray(model.input_size)) inputSize = model.input_size;
+    } catch {
+      return null;
+    }
+    return inputSize;
+  }
+
+  // A photo much larger than the model's input goes as a JPEG whose sides
+  // stay at least twice the input's (the server's resize still has pixels to
+  // smooth over), drawn upright (the browser applies EXIF rotation) on white
+  // (as the server shows transparency). Anything else goes as it is.
+  async function shrink(file) {
+    if (!file.type.startsWith("image/")) return file;
+    const size = await modelInputSize();
+    if (!size) return file;
+    let bitmap;
+    try {
+      bitmap = await createImageBitmap(file);
+    } catch {
+      return file; // the browser cannot draw it: let the server say why
+    }
+    const scale = Math.max((2 * size[0]) / bitmap.width, (2 * size[1]) / bitmap.height);
+    if (scale >= 1) {
+      bitmap.close();
+      return file;
+    }
+    const width = Math.max(2 * size[0], Math.round(bitmap.width * scale));
+    const height = Math.max(2 * size[1], Math.round(bitmap.height * scale));
+    bitmap.close();
+    const small = await createImageBitmap(file, {
+      resizeWidth: width,
+      resizeHeight: height,
+      resizeQuality: "high",
+    });
+    const canvas = document.createElement("canvas");
+    canvas.width = width;
+    canvas.height = height;
+    const context = canvas.getContext("2d");
+    context.fillStyle = "#fff";
+    context.fillRect(0, 0, width, height);
+    context.drawImage(small, 0, 0);
+    small.close();
+    const blob = await new Promise((done) => canvas.toBlob(done, "image/jpeg", 0.9));
+    return blob ? new File([blob], file.name, { type: "image/jpeg" }) : file;
+  }
 
   function showPreview(file) {
     if (previewUrl) URL.revokeObjectURL(previewUrl);
@@ -92,8 +149,10 @@
     status.textContent = `Classifying ${file.name}…`;
     form.setAttribute("aria-busy", "true");
 
+    const upload = await shrink(file).catch(() => file);
+    if (mine !== ticket) return;
     const body = new FormData();
-    body.append("image", file, file.name);
+    body.append("image", upload, file.name);
     let response;
     try {
       // form.action is the "predict" attribute resolved against the page's URL.
