@@ -68,7 +68,7 @@ def server_pids(process: subprocess.Popen[bytes]) -> list[int]:
     return workers or [process.pid]
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:  # noqa: PLR0912 (one linear script)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=48, help="uploads at once")
     parser.add_argument("--rounds", type=int, default=3)
@@ -79,6 +79,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:22s} {len(data) / 1024:7.0f} KB on the wire, {BIG[0]}x{BIG[1]}")
     with RedisServer() as redis_server:
         port = free_port()
+        worker = None
+        if "web" in args.server_args:
+            # --role web: the model runs elsewhere; a simulated worker beside it.
+            worker = subprocess.Popen(
+                [
+                    sys.executable, "run_keras_server.py", "--role", "worker", "--model", "sim",
+                    "--redis-url", redis_server.url, "--log-level", "ERROR",
+                    "--sim-batch-ms", "1", "--sim-image-ms", "0",
+                ],
+                cwd=ROOT,
+            )  # fmt: skip
         process = subprocess.Popen(
             [
                 sys.executable, "run_keras_server.py", "--model", "sim", "--port", str(port),
@@ -131,8 +142,10 @@ def main(argv: list[str] | None = None) -> int:
                     f"peak {peak / 1024:.0f} MB (+{(peak - before[pid]) / 1024:.0f} MB)"
                 )
         finally:
-            process.terminate()
-            process.wait(30)
+            for started in (process, worker):
+                if started is not None:
+                    started.terminate()
+                    started.wait(30)
     return 0
 
 
