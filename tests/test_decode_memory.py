@@ -182,6 +182,13 @@ def test_concurrent_decode_bombs_leave_the_server_up_and_bounded(
         # 0.6 MB held twice (multipart parsing), thread stacks and allocator slack.
         assert growth_mb < budget_mb + 160, f"peak grew {growth_mb:.0f} MB"
         assert process.poll() is None
+        metrics = requests.get(base + "/metrics", timeout=10).text
+        refused = next(
+            float(line.split()[1])
+            for line in metrics.splitlines()
+            if line.startswith("keras_server_decode_refused_total ")
+        )
+        assert refused == len(statuses[503])
         again = requests.post(base + "/predict", files={"image": bombs["png16"]}, timeout=60)
         assert again.status_code == 200, again.text
     finally:
