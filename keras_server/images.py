@@ -44,6 +44,9 @@ _ONE_BYTE = frozenset({"1", "L", "P"})
 # into a bytes object before unpacking it; a TIFF strip may be the whole image.
 _DECODER_BYTES = {"WEBP": 12, "TIFF": 4}
 
+# Multi-picture JPEGs (some cameras) are JPEGs to libjpeg too.
+_JPEG = frozenset({"JPEG", "MPO"})
+
 # Small working copies (the reduced image, its RGB and float versions) and the
 # decoder's row buffers: a few MB at most, counted once per decode.
 _WORKING_BYTES = 8 * MB
@@ -157,7 +160,7 @@ def load_image(
                         f"the limit is {max_pixels:,}"
                     )
                 declared = image.size
-                if image.format == "JPEG":
+                if image.format in _JPEG:
                     # libjpeg-turbo decodes at 1/2, 1/4 or 1/8 scale for less
                     # IDCT work; keep at least twice the target so the bicubic
                     # resize still smooths. (Measured: drafting down to the
@@ -200,7 +203,7 @@ def decode_cost(image: Image.Image, declared: tuple[int, int]) -> int:
     mode = image.mode
     cost = pixels * (1 if mode in _ONE_BYTE else 2 if mode.startswith("I;16") else 4)
     cost += pixels * _DECODER_BYTES.get(image.format or "", 0)
-    if image.format == "JPEG" and image.info.get("progressive"):
+    if image.format in _JPEG and image.info.get("progressive"):
         cost += _jpeg_coefficient_bytes(image, declared)
     if mode == "1":
         cost += pixels  # to L

@@ -80,7 +80,11 @@ def create_app(settings: Settings, deployment: Deployment | None = None) -> Flas
     if deployment is None:
         deployment = Deployment.from_settings(settings)
     _add_request_log(app)
-    _add_predict(app, settings, deployment)
+    # One per process, shared by every route that decodes uploads and by all
+    # their threads (gunicorn workers each have their own).
+    budget = DecodeBudget(settings.decode_memory_bytes)
+    return_freed_pixels_to_the_system()
+    _add_predict(app, settings, deployment, budget)
     _add_operations(app, settings, deployment)
     _add_error_handlers(app, settings)
     app.register_blueprint(ui_blueprint)
@@ -111,11 +115,9 @@ def _add_request_log(app: Flask) -> None:
         return response
 
 
-def _add_predict(app: Flask, settings: Settings, deployment: Deployment) -> None:
-    # One per process: its threads share it (gunicorn workers each have theirs).
-    budget = DecodeBudget(settings.decode_memory_bytes)
-    return_freed_pixels_to_the_system()
-
+def _add_predict(
+    app: Flask, settings: Settings, deployment: Deployment, budget: DecodeBudget
+) -> None:
     @app.post("/predict")
     def predict() -> Response | tuple[Any, int]:
         """The default model."""
