@@ -160,6 +160,9 @@ def run_all(settings: Settings) -> None:
     """Web and worker in one process, with a private Redis when none runs."""
 
     def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        # Once: a second SIGTERM while the requests in flight finish must not
+        # interrupt the shutdown it asked for (SIGKILL still ends it).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise KeyboardInterrupt
 
     # SIGTERM unwinds like Ctrl-C, so the cleanups below (the private Redis) run.
