@@ -9,11 +9,13 @@ Modules, each owning one thing:
     queue           the Redis queue: push / wait, crash-safe claims, heartbeats
     shards          several Redis instances: pick one per request, skip dead ones
     routing         the models a web server routes to, and their input sizes
-    images          upload -> RGB uint8 array at the model's input size
+    images          upload -> RGB uint8 array at the model's input size, memory-bounded
     web             the Flask app factory (never imports TensorFlow)
-    fanout          one request, several images: queued together, every answer awaited
+    fanout          uploads to answers: decode within the memory budget, queue, await
     v2              the Open Inference Protocol (KServe v2, REST) under /v2
     auth            API keys (--api-keys): checked before every route
+    uploads         the files of a multipart upload (python-multipart)
+    client          client side: shrink a large photo before upload
     ui              the upload page at / and the OpenAPI description
     metrics         Prometheus metrics
     model           loading and running Keras models (the only module importing Keras)
@@ -23,5 +25,5 @@ Modules, each owning one thing:
     redis_launcher  a private redis-server when none is running
     processes       child processes: start with a log, wait until ready, stop, log tail
     gunicorn_conf   gunicorn's settings for --role web, derived from ours
-    cli             the entry point behind run_keras_server.py
+    cli             the entry point behind run_keras_server.py (cheroot for --role all)
 """

@@ -1,7 +1,7 @@
 """`python run_keras_server.py`: build the settings once, then run a role.
 
-- all:    a private Redis if needed, the model thread, then Flask's own server
-          (one process: the demo and single-machine setup)
+- all:    a private Redis if needed, the model thread, then the web tier on
+          cheroot, in the same process (the single-machine setup)
 - web:    gunicorn serving the Flask app (never imports TensorFlow)
 - worker: the model loop alone
 
@@ -155,6 +155,9 @@ def run_all(settings: Settings, models: Models) -> None:
     """Web and worker in one process, with a private Redis when none runs."""
 
     def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        # Once: a second SIGTERM while the requests in flight finish must not
+        # interrupt the shutdown it asked for (SIGKILL still ends it).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise KeyboardInterrupt
 
     # SIGTERM unwinds like Ctrl-C, so the cleanups below (the private Redis) run.
@@ -167,17 +170,38 @@ def run_all(settings: Settings, models: Models) -> None:
         thread.start()
         thread.wait_until_ready()
         try:
-            from .routing import Deployment
-            from .web import create_app
-
-            app = create_app(settings, Deployment.from_settings(settings, models))
-            log.info("listening on http://%s:%d/predict", settings.host, settings.port)
-            # Flask's development server: fine for one machine and demos;
-            # --role web runs gunicorn.
-            app.run(host=settings.host, port=settings.port, threaded=True, use_reloader=False)
+            serve_http(settings, models)
         finally:
             thread.stop.set()
             thread.join(timeout=settings.result_timeout)
+
+
+def serve_http(settings: Settings, models: Models) -> None:
+    """The web tier in this process, on cheroot (CherryPy's production WSGI
+    server) until KeyboardInterrupt: a fixed pool of --web-threads threads,
+    each holding one request while it waits for its prediction, and request
+    bodies streamed to the app (never spooled to disk). On the way out, the
+    requests in flight get as long as their deadline to finish."""
+    from cheroot.wsgi import Server
+
+    from .routing import Deployment
+    from .web import create_app
+
+    server = Server(
+        (settings.host, settings.port),
+        create_app(settings, Deployment.from_settings(settings, models)),
+        numthreads=settings.web_threads,
+        max=settings.web_threads,
+        request_queue_size=128,
+        shutdown_timeout=int(settings.result_timeout) + 5,
+        server_name="keras-server",
+    )
+    server.prepare()  # binds: the port is open from here on
+    log.info("listening on http://%s:%d/predict", settings.host, settings.port)
+    try:
+        server.serve()
+    finally:
+        server.stop()
 
 
 def exec_gunicorn(settings: Settings) -> None:

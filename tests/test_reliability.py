@@ -18,6 +18,7 @@ from conftest import (
     WorkerThread,
     make_worker,
     start,
+    start_serving,
     start_web,
     stop,
     wait_until,
@@ -155,6 +156,28 @@ def test_sigterm_lets_gunicorn_finish_requests_in_flight(
     finally:
         log = stop(web)
     assert web.returncode == 0, log
+
+
+def test_sigterm_lets_role_all_finish_requests_in_flight(
+    settings: Settings, queue: RequestQueue
+) -> None:
+    """--role all (cheroot and the model thread in one process): the request
+    being answered when SIGTERM comes still gets its prediction."""
+    process, base = start_serving(settings, "--model", "sim", "--sim-batch-ms", "2000")
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            in_flight = pool.submit(
+                requests.post, base + "/predict", files={"image": ("x.png", CHELSEA)}, timeout=30
+            )
+            wait_until(
+                lambda: any(queue.client.keys(queue.keys.processing("*"))), what="work in flight"
+            )
+            process.send_signal(signal.SIGTERM)
+            response = in_flight.result()
+        assert response.status_code == 200, response.text
+    finally:
+        log = stop(process)
+    assert process.returncode == 0, log
 
 
 def test_a_full_queue_is_503_at_once(settings: Settings, queue: RequestQueue) -> None:

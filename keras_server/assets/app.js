@@ -2,7 +2,8 @@
 // (relative, so a proxy may mount the service under any sub-path), and show
 // the top-5 classes as bars, or the API's error, readably. When the server
 // serves several models (GET `models`), a menu picks one: its image goes to
-// `models/<name>/predict`.
+// `models/<name>/predict`. A large photo is shrunk here first (see `shrink`):
+// the server then decodes a small JPEG instead of megabytes of pixels.
 "use strict";
 /* global apiKey */
 
@@ -22,6 +23,69 @@
   // A later pick supersedes a request still in flight: its answer is dropped.
   let ticket = 0;
   let previewUrl = null;
+  let listing = null; // GET models' answer, once it has succeeded
+
+  // GET models, asked until it answers (it needs the API key, if any).
+  async function listModels() {
+    if (listing) return listing;
+    try {
+      const response = await fetch("models", { headers: apiKey.headers() });
+      const answer = response.ok ? await response.json() : null;
+      if (answer && Array.isArray(answer.models)) listing = answer;
+    } catch {
+      return null;
+    }
+    return listing;
+  }
+
+  // The chosen model's [width, height] (the default's without a menu); null
+  // if unknown, and then nothing is shrunk.
+  async function modelInputSize() {
+    const answer = await listModels();
+    if (!answer) return null;
+    const name = choice.hidden || !menu.value ? answer.default : menu.value;
+    const model = answer.models.find((m) => m.name === name);
+    return model && Array.isArray(model.input_size) ? model.input_size : null;
+  }
+
+  // A photo much larger than the model's input goes as a JPEG whose sides
+  // stay at least twice the input's (the server's resize still has pixels to
+  // smooth over), drawn upright (the browser applies EXIF rotation) on white
+  // (as the server shows transparency). Anything else goes as it is.
+  async function shrink(file) {
+    if (!file.type.startsWith("image/")) return file;
+    const size = await modelInputSize();
+    if (!size) return file;
+    let bitmap;
+    try {
+      bitmap = await createImageBitmap(file);
+    } catch {
+      return file; // the browser cannot draw it: let the server say why
+    }
+    const scale = Math.max((2 * size[0]) / bitmap.width, (2 * size[1]) / bitmap.height);
+    if (scale >= 1) {
+      bitmap.close();
+      return file;
+    }
+    const width = Math.max(2 * size[0], Math.round(bitmap.width * scale));
+    const height = Math.max(2 * size[1], Math.round(bitmap.height * scale));
+    bitmap.close();
+    const small = await createImageBitmap(file, {
+      resizeWidth: width,
+      resizeHeight: height,
+      resizeQuality: "high",
+    });
+    const canvas = document.createElement("canvas");
+    canvas.width = width;
+    canvas.height = height;
+    const context = canvas.getContext("2d");
+    context.fillStyle = "#fff";
+    context.fillRect(0, 0, width, height);
+    context.drawImage(small, 0, 0);
+    small.close();
+    const blob = await new Promise((done) => canvas.toBlob(done, "image/jpeg", 0.9));
+    return blob ? new File([blob], file.name, { type: "image/jpeg" }) : file;
+  }
 
   function showPreview(file) {
     if (previewUrl) URL.revokeObjectURL(previewUrl);
@@ -94,14 +158,8 @@
   // GET models failing, e.g. 401 before an API key is given) images go to the
   // default model, as before.
   async function offerModels() {
-    let listed;
-    try {
-      const response = await fetch("models", { headers: apiKey.headers() });
-      listed = response.ok ? await response.json() : null;
-    } catch {
-      listed = null;
-    }
-    const models = listed && Array.isArray(listed.models) ? listed.models : [];
+    const listed = await listModels();
+    const models = listed ? listed.models : [];
     if (models.length < 2) return;
     const options = models.map((model) => {
       const option = document.createElement("option");
@@ -127,8 +185,10 @@
     status.textContent = `Classifying ${file.name}…`;
     form.setAttribute("aria-busy", "true");
 
+    const upload = await shrink(file).catch(() => file);
+    if (mine !== ticket) return;
     const body = new FormData();
-    body.append("image", file, file.name);
+    body.append("image", upload, file.name);
     let response;
     try {
       // form.action is the "predict" attribute resolved against the page's URL.
