@@ -20,6 +20,8 @@ from pathlib import Path
 from .labels import imagenet_labels
 
 PREPROCESSING = ("caffe", "tf", "torch", "none", "scale")
+ENGINES = ("auto", "keras", "onnx", "openvino")
+PRECISIONS = ("fp32", "bf16", "int8")
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -71,6 +73,11 @@ class ModelSpec:
     # Said in every answer and heartbeat, so a rolling upgrade shows which
     # version served each request.
     version: str = "1"
+    # What runs it (engines.py); None: the --engine / --precision /
+    # --calibration-dir flags' (Settings.model_specs fills them in).
+    engine: str | None = None
+    precision: str | None = None
+    calibration_dir: str | None = None
 
     @property
     def builtin(self) -> Builtin | None:
@@ -110,6 +117,20 @@ class ModelSpec:
             )
         if not 1 <= self.top_k <= 1000:
             raise CatalogError(f"model {self.name!r}: top_k must be between 1 and 1000")
+        if self.engine is not None and self.engine not in ENGINES:
+            raise CatalogError(
+                f"model {self.name!r}: engine {self.engine!r} is not one of {', '.join(ENGINES)}"
+            )
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise CatalogError(
+                f"model {self.name!r}: precision {self.precision!r} is not one of "
+                f"{', '.join(PRECISIONS)}"
+            )
+        if self.engine in ("keras", "onnx") and self.precision not in (None, "fp32"):
+            raise CatalogError(
+                f"model {self.name!r}: precision {self.precision} runs only on the openvino "
+                f"engine (or auto), not {self.engine}"
+            )
         return self
 
 
@@ -163,6 +184,9 @@ def load_models_file(path: str | Path) -> tuple[list[ModelSpec], str]:
         labels = "models/shapes.txt"
         preprocessing = "scale"
         top_k = 2
+        engine = "openvino"           # optional: else --engine, --precision,
+        precision = "int8"            # --calibration-dir
+        calibration_dir = "calibration/shapes"
 
     Relative paths are relative to the models file.
     """
@@ -177,6 +201,7 @@ def load_models_file(path: str | Path) -> tuple[list[ModelSpec], str]:
     if not isinstance(tables, dict) or not tables:
         raise CatalogError(f"models file {path}: no [models.NAME] tables")
     known = {"model", "weights", "labels", "preprocessing", "top_k", "version"}
+    known |= {"engine", "precision", "calibration_dir"}
     specs = []
     for name, table in tables.items():
         unknown = set(table) - known
@@ -195,6 +220,13 @@ def load_models_file(path: str | Path) -> tuple[list[ModelSpec], str]:
                 preprocessing=table.get("preprocessing"),
                 top_k=int(table.get("top_k", 5)),
                 version=str(table.get("version", "1")),
+                engine=table.get("engine"),
+                precision=table.get("precision"),
+                calibration_dir=(
+                    _relative(path, table["calibration_dir"])
+                    if "calibration_dir" in table
+                    else None
+                ),
             ).validate()
         )
     default = data.get("default", specs[0].name)

@@ -3,8 +3,10 @@ and a worker thread serving it."""
 
 from __future__ import annotations
 
+import atexit
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,13 +29,23 @@ from keras_server import protocol
 from keras_server.queue import RequestQueue, connect
 from keras_server.redis_launcher import RedisServer, free_port
 from keras_server.settings import Settings
-from keras_server.worker import Worker, warm_up
+from keras_server.predictor import warm_up
+from keras_server.worker import Worker
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGES = ROOT / "images"
 
 
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+# One conversion cache for the session's servers (never the user's own): a
+# model converted by one test's server is a cache hit for the next.
+CACHE_DIR = tempfile.mkdtemp(prefix="keras-server-test-cache-")
+atexit.register(shutil.rmtree, CACHE_DIR, ignore_errors=True)
+ENV = {
+    **os.environ,
+    "PYTHONUNBUFFERED": "1",
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+    "KERAS_SERVER_CACHE_DIR": CACHE_DIR,
+}
 
 
 def start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
@@ -154,6 +166,11 @@ class CountingPredictor:
         self.inner = inner
         self.labels = inner.labels
         self.input_shape = inner.input_shape
+        self.top_k = inner.top_k
+        self.description = inner.description
+        self.engine = inner.engine
+        self.precision = inner.precision
+        self.fidelity = inner.fidelity
         self.batches: list[int] = []
         self.fail = fail
 

@@ -13,7 +13,7 @@ from keras_server.labels import imagenet_labels
 from keras_server.model import load_classifier
 from keras_server.settings import Settings
 from keras_server.web import create_app
-from keras_server.worker import ModelLoadError, warm_up
+from keras_server.predictor import ModelLoadError, warm_up
 
 pytestmark = pytest.mark.slow
 
