@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .engines import EngineRow
 from .raw import RawResult
 from .redis_memory import TARGET_BYTES, MemoryResult
 from .serve import Level
@@ -42,6 +43,8 @@ class Results:
     start_seconds: dict[str, float] = field(default_factory=dict)
     # systems that did not start or died, with the reason
     failures: list[str] = field(default_factory=list)
+    # the engine x precision table (bench/engines.py)
+    engines: list[EngineRow] = field(default_factory=list)
 
     def raw_of(self, system: str) -> RawResult | None:
         engine = self.baselines.get(system)
@@ -62,6 +65,7 @@ class Results:
             "baselines": self.baselines,
             "start_seconds": self.start_seconds,
             "failures": self.failures,
+            "engines": [row.as_dict() for row in self.engines],
         }
 
 
@@ -78,6 +82,7 @@ def markdown(results: Results) -> str:
     lines: list[str] = [f"**FAILED**: {failure}" for failure in results.failures]
     if lines:
         lines.append("")
+    lines += engine_table(results)
     if results.raw:
         lines += [
             f"**The forward pass alone** (in process, `predict` as the worker calls it, "
@@ -144,6 +149,93 @@ def markdown(results: Results) -> str:
             )
         lines.append("")
     return "\n".join(lines)
+
+
+def _x(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.2f}x"
+
+
+def engine_table(results: Results) -> list[str]:
+    """The engine x precision table, and the issue's targets checked against it."""
+    rows = [r for r in results.engines if r.raw and r.one and r.many]
+    failed = [r for r in results.engines if r not in rows]
+    if not results.engines:
+        return []
+    b = results.batch_size
+    keras = next((r for r in rows if r.engine == "keras"), None)
+    lines = [
+        "**Engines and precisions** (ResNet50, random weights saved to a file; served by "
+        f"`--role all`, `--batch-size {b}`; load from wrk, a C client; the raw numbers are the "
+        "same predictor in the harness process):",
+        "",
+        f"| engine | precision | raw 1 image ms | raw img/s at batch {b} | served p50 ms, 1 "
+        "client | served req/s, 32 clients | served / raw | vs keras served | p50 - raw ms "
+        "| cold start s | warm start s | top-1 agreement | max prob. diff | wrk CPU, 32 clients |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        assert r.raw and r.one and r.many
+        ratio = r.many.throughput / r.raw.batch_throughput
+        speed_up = r.many.throughput / keras.many.throughput if keras and keras.many else math.nan
+        fidelity = r.fidelity or {}
+        agreement = fidelity.get("top1_agreement")
+        difference = fidelity.get("max_probability_difference")
+        lines.append(
+            f"| {r.engine} | {r.precision} | {_ms(r.raw.single_p50)} "
+            f"| {r.raw.batch_throughput:.1f} | {_ms(r.one.p50)} | {r.many.throughput:.1f} "
+            f"| {ratio:.2f} | {_x(speed_up)} | {_ms(r.one.p50 - r.raw.single_p50)} "
+            f"| {r.cold_start:.1f} | {r.warm_start:.1f} "
+            f"| {'keras itself' if agreement is None else f'{agreement:.0%}'} "
+            f"| {'' if difference is None else f'{difference:.2g}'} "
+            f"| {r.many.client_cpu_share:.0%} of a core |"
+        )
+    lines += [f"**FAILED**: {r.name}: {r.failure or 'not measured'}" for r in failed]
+    lines += [
+        "",
+        "Served req/s counts wrk's successful answers over its run (after an uncounted "
+        "warm-up); served / raw divides it by the raw img/s at the batch size. Cold start: "
+        "launch to the port answering with an empty conversion cache (export, conversion, "
+        "int8 calibration, the fidelity check and the warm-up); warm start: the same with the "
+        "cache filled. Top-1 agreement and the largest probability difference against Keras "
+        "fp32 are what the server measured at start-up on its held-out images (with random "
+        "weights they say little: an untrained network has no typical activation range, so "
+        "int8 calibrates poorly; the servers ran with `--min-agreement 0`). Server CPU ms per "
+        "request is measured by the web-tier work (issue 10, item 6), not in this table.",
+        "",
+    ]
+    lines += _targets(rows, keras)
+    return lines
+
+
+def _targets(rows: list[EngineRow], keras: EngineRow | None) -> list[str]:
+    """Issue 10's targets, each met or not, from this run."""
+    checks = []
+    by_name = {r.name: r for r in rows}
+    for name, bar in (("openvino bf16", 2.0), ("openvino int8", 2.8)):
+        r = by_name.get(name)
+        if r and r.many and keras and keras.many:
+            got = r.many.throughput / keras.many.throughput
+            what = f"{name} served at 32 clients ≥ {bar}x keras"
+            checks.append((what, f"{got:.2f}x", got >= bar))
+    for r in rows:
+        assert r.raw and r.one and r.many
+        bar = 0.80 if r.precision == "int8" else 0.85
+        got = r.many.throughput / r.raw.batch_throughput
+        checks.append((f"{r.name}: served / raw ≥ {bar}", f"{got:.2f}", got >= bar))
+        added = (r.one.p50 - r.raw.single_p50) * 1000
+        checks.append((f"{r.name}: p50 at 1 client ≤ raw + 10 ms", f"+{added:.0f} ms", added <= 10))
+        if r.engine == "openvino":
+            checks.append(
+                (f"{r.name}: warm start ≤ 15 s", f"{r.warm_start:.1f} s", r.warm_start <= 15)
+            )
+    if not checks:
+        return []
+    return [
+        "| target | this run | met |",
+        "|---|---:|---|",
+        *(f"| {what} | {got} | {'yes' if ok else '**no**'} |" for what, got, ok in checks),
+        "",
+    ]
 
 
 def _added_latency(results: Results) -> list[str]:

@@ -26,10 +26,10 @@ from PIL import Image
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from keras_server import protocol
+from keras_server.predictor import warm_up
 from keras_server.queue import RequestQueue, connect
 from keras_server.redis_launcher import RedisServer, free_port
 from keras_server.settings import Settings
-from keras_server.predictor import warm_up
 from keras_server.worker import Worker
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,7 +77,7 @@ def wait_for_http(url: str, process: subprocess.Popen[str], timeout: float = 90)
         try:
             requests.get(url, timeout=1)
             return
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # busy machine: slow to answer
             time.sleep(0.2)
     pytest.fail("server did not start listening")
 

@@ -474,3 +474,15 @@ def test_web_tier_never_imports_an_engine() -> None:
         "sys.exit(f'imported {heavy}' if heavy else 0)"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
+
+
+@pytest.mark.slow
+def test_no_engine_imports_the_worker_loop() -> None:
+    """One interface (predictor.py), the engines beside it: no cycle, and no
+    engine needs the worker loop."""
+    code = (
+        "import sys; import keras_server.engines, keras_server.model, "
+        "keras_server.onnx_engine, keras_server.openvino_engine, keras_server.calibration; "
+        "sys.exit('imported the worker' if 'keras_server.worker' in sys.modules else 0)"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)

@@ -15,9 +15,9 @@ from PIL import Image
 
 from examples.squares import squares, train
 from keras_server.catalog import CatalogError, ModelSpec, load_models_file, read_labels
+from keras_server.predictor import ModelLoadError
 from keras_server.redis_launcher import free_port
 from keras_server.settings import Settings, SettingsError, load_settings
-from keras_server.predictor import ModelLoadError
 
 
 @pytest.fixture(scope="module")
