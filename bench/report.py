@@ -151,6 +151,10 @@ def markdown(results: Results) -> str:
     return "\n".join(lines)
 
 
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else math.nan
+
+
 def _x(value: float) -> str:
     return "n/a" if math.isnan(value) else f"{value:.2f}x"
 
@@ -175,8 +179,9 @@ def engine_table(results: Results) -> list[str]:
     ]
     for r in rows:
         assert r.raw and r.one and r.many
-        ratio = r.many.throughput / r.raw.batch_throughput
-        speed_up = r.many.throughput / keras.many.throughput if keras and keras.many else math.nan
+        ratio = _ratio(r.many.throughput, r.raw.batch_throughput)
+        base = keras.many.throughput if keras and keras.many else 0.0
+        speed_up = _ratio(r.many.throughput, base)
         fidelity = r.fidelity or {}
         agreement = fidelity.get("top1_agreement")
         difference = fidelity.get("max_probability_difference")
@@ -214,13 +219,13 @@ def _targets(rows: list[EngineRow], keras: EngineRow | None) -> list[str]:
     for name, bar in (("openvino bf16", 2.0), ("openvino int8", 2.8)):
         r = by_name.get(name)
         if r and r.many and keras and keras.many:
-            got = r.many.throughput / keras.many.throughput
+            got = _ratio(r.many.throughput, keras.many.throughput)
             what = f"{name} served at 32 clients ≥ {bar}x keras"
             checks.append((what, f"{got:.2f}x", got >= bar))
     for r in rows:
         assert r.raw and r.one and r.many
         bar = 0.80 if r.precision == "int8" else 0.85
-        got = r.many.throughput / r.raw.batch_throughput
+        got = _ratio(r.many.throughput, r.raw.batch_throughput)
         checks.append((f"{r.name}: served / raw ≥ {bar}", f"{got:.2f}", got >= bar))
         added = (r.one.p50 - r.raw.single_p50) * 1000
         checks.append((f"{r.name}: p50 at 1 client ≤ raw + 10 ms", f"+{added:.0f} ms", added <= 10))

@@ -53,7 +53,7 @@ PRESETS: dict[str, tuple[object, object]] = {
     "batch_runs": (8, 3),
     "single_runs": (30, 10),
     "memory_count": (100, 30),
-    "engine_seconds": (30.0, 6.0),
+    "engine_seconds": (30.0, 12.0),
 }
 
 
@@ -122,8 +122,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "(default: all five; 'none': skip it)",
     )  # fmt: skip
     parser.add_argument(
-        "--engine-seconds", type=float, help="wrk seconds per engine-table level (full 30, quick 6)"
-    )
+        "--engine-seconds", type=float,
+        help="wrk seconds per engine-table level (full 30, quick 12)",
+    )  # fmt: skip
     parser.add_argument(
         "--only-engine-table", action="store_true",
         help="skip the Redis memory, the classic raw / served levels and the seed design",
