@@ -8,12 +8,14 @@ is written last: an entry is built in a scratch directory and renamed into
 place in one step, so a reader sees a whole entry or none. On every read the
 files are checked against the manifest; an entry that fails (a truncated
 file, a flipped byte, a manifest from another format) is logged, deleted and
-rebuilt, never served. A stale entry is one whose inputs changed: its key
+rebuilt, never served. Processes converting the same model at once take turns
+on a lock file, so it is converted once. A stale entry is one whose inputs changed: its key
 differs, so it is simply not found.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -79,8 +81,23 @@ class ConversionCache:
         self, key: str, inputs: Mapping[str, Any], make: Callable[[Path], dict[str, Any]]
     ) -> Entry:
         """Run `make(directory)`, which writes the entry's files and returns its
-        meta, then publish the entry atomically and return it verified."""
+        meta, then publish the entry atomically and return it verified.
+
+        Processes building the same entry at once (workers of one cluster
+        starting together) take turns on a lock file: the second finds the
+        first one's entry instead of converting again."""
         self.root.mkdir(parents=True, exist_ok=True)
+        with (self.root / f".lock-{key}").open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            built = self.get(key)
+            if built is not None:
+                log.info("conversion cache entry %s was built meanwhile by another process", key)
+                return built
+            return self._build(key, inputs, make)
+
+    def _build(
+        self, key: str, inputs: Mapping[str, Any], make: Callable[[Path], dict[str, Any]]
+    ) -> Entry:
         scratch = self.root / f".building-{key}-{uuid.uuid4().hex[:8]}"
         scratch.mkdir()
         try:
