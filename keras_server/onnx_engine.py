@@ -3,9 +3,9 @@
 `export` writes the ONNX file from the Keras model already in memory
 (whatever `--weights` loaded), so there is no second file to keep in step
 with the weights; `engines.py` keeps it in the conversion cache and checks
-the engine's outputs against Keras's before it serves. Imported only by
-`engines.py` (and `openvino_engine.py`, which converts the same file), so
-neither the web tier nor `--engine keras` loads onnxruntime.
+the engine's outputs against Keras's before it serves (and converts the same
+file for OpenVINO). Imported only by `engines.py`, so neither the web tier
+nor `--engine keras` loads onnxruntime.
 """
 
 from __future__ import annotations
