@@ -1,7 +1,7 @@
 # Two commands on a fresh machine:
 #   make serve   set up .venv, then start the server (pass flags with ARGS="...")
 #   make test    set up .venv with the test tools, then lint and run the tests
-#   make bench   the benchmark behind BENCHMARKS.md (ARGS=--quick: a 2-3 minute smoke run)
+#   make bench   the benchmark behind BENCHMARKS.md (ARGS=--quick: a ~5 minute smoke run)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin

@@ -85,6 +85,8 @@ class EngineRow:
     raw: raw.RawResult | None = None
     fidelity: dict[str, Any] | None = None
     description: str = ""
+    # share of the machine's CPU time other processes took while this row ran
+    others_cpu_share: float = float("nan")
     failure: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 

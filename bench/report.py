@@ -155,6 +155,10 @@ def _ratio(a: float, b: float) -> float:
     return a / b if b else math.nan
 
 
+def _share(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.0%}"
+
+
 def _x(value: float) -> str:
     return "n/a" if math.isnan(value) else f"{value:.2f}x"
 
@@ -174,8 +178,9 @@ def engine_table(results: Results) -> list[str]:
         "",
         f"| engine | precision | raw 1 image ms | raw img/s at batch {b} | served p50 ms, 1 "
         "client | served req/s, 32 clients | served / raw | vs keras served | p50 - raw ms "
-        "| cold start s | warm start s | top-1 agreement | max prob. diff | wrk CPU, 32 clients |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| cold start s | warm start s | top-1 agreement | max prob. diff | wrk CPU, 32 clients "
+        "| other processes' CPU |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         assert r.raw and r.one and r.many
@@ -192,7 +197,7 @@ def engine_table(results: Results) -> list[str]:
             f"| {r.cold_start:.1f} | {r.warm_start:.1f} "
             f"| {'keras itself' if agreement is None else f'{agreement:.0%}'} "
             f"| {'' if difference is None else f'{difference:.2g}'} "
-            f"| {r.many.client_cpu_share:.0%} of a core |"
+            f"| {r.many.client_cpu_share:.0%} of a core | {_share(r.others_cpu_share)} |"
         )
     lines += [f"**FAILED**: {r.name}: {r.failure or 'not measured'}" for r in failed]
     lines += [
@@ -205,7 +210,10 @@ def engine_table(results: Results) -> list[str]:
         "fp32 are what the server measured at start-up on its held-out images (with random "
         "weights they say little: an untrained network has no typical activation range, so "
         "int8 calibrates poorly; the servers ran with `--min-agreement 0`). Server CPU ms per "
-        "request is measured by the web-tier work (issue 10, item 6), not in this table.",
+        "request is measured by the web-tier work (issue 10, item 6), not in this table. "
+        "Other processes' CPU: the share of the machine's CPU time taken by processes other "
+        "than the harness and its children while the row was measured (a shared machine "
+        "makes the numbers noisy).",
         "",
     ]
     lines += _targets(rows, keras)

@@ -1,12 +1,16 @@
 """One command, one machine: raw model, served model, the seed design, Redis memory.
 
-    python -m bench.run            # the full run (under ~15 min on 2 cores)
-    python -m bench.run --quick    # a smoke test (~2-3 min)
+    python -m bench.run            # the full run (about 30 min on 2 cores)
+    python -m bench.run --quick    # a smoke test (~5 min)
+
+    python -m bench.run --only-engine-table   # the engine x precision table alone
 
 Run from the repository root. It starts its own redis-server on a free
-loopback port, then, in order: Redis memory per queued image for each wire
-format; the raw forward pass in process for each engine; each engine served by
-`run_keras_server.py --weights none` as a subprocess, driven at each
+loopback port, then, in order: the engine x precision table
+(`bench/engines.py`: cold and warm start, wrk at 1 and 32 connections, the raw
+forward pass; needs Debian's `wrk`); Redis memory per queued image for each
+wire format; the raw forward pass in process for each engine; each engine
+served by `run_keras_server.py --weights none` as a subprocess, driven at each
 concurrency; the seed design (`bench/seed_server.py`) driven the same way.
 Results go to bench/results/ (results.md, results.json, benchmark.png) and
 BENCHMARKS.md; the table is printed too.
@@ -117,9 +121,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip-seed", action="store_true", help="do not run the seed design")
     parser.add_argument(
         "--engine-table", type=_csv_systems,
-        default=list(engines.SYSTEMS),
         help="engine:precision pairs of the engine table, served with wrk "
-        "(default: all five; 'none': skip it)",
+        "(full: all five; quick: openvino:fp32; 'none': skip it)",
     )  # fmt: skip
     parser.add_argument(
         "--engine-seconds", type=float,
@@ -144,6 +147,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for name, (full, quick) in PRESETS.items():
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
+    if args.engine_table is None:
+        args.engine_table = [("openvino", "fp32")] if args.quick else list(engines.SYSTEMS)
     if args.serve_engines is None:
         args.serve_engines = ["keras"] if args.quick else args.engines
     if args.batch_size < 1:
@@ -293,6 +298,8 @@ def run_engine_table(args: argparse.Namespace, results: Results, redis_url: str,
     for engine, precision in args.engine_table:
         row = engines.EngineRow(engine, precision)
         results.engines.append(row)
+        busy_before, own_before = cpu_seconds()
+        started = time.monotonic()
         try:
             engines.measure_served(
                 row, weights=weights, calibration=calibration, cache=cache,
@@ -306,6 +313,9 @@ def run_engine_table(args: argparse.Namespace, results: Results, redis_url: str,
             row.failure = str(exc).splitlines()[0]
             log.error("%s: %s", row.name, exc)
             results.failures.append(f"{row.name}: {row.failure}")
+        busy_after, own_after = cpu_seconds()
+        others = max(0.0, (busy_after - busy_before) - (own_after - own_before))
+        row.others_cpu_share = others / ((time.monotonic() - started) * (os.cpu_count() or 1))
         gc.collect()
 
 

@@ -131,8 +131,8 @@ def _add_predict(app: Flask, settings: Settings, deployment: Deployment) -> None
                     "labels": max((w.labels for w in workers), default=0) or None,
                     "live_workers": len(workers),
                     "description": workers[0].model if workers else None,
-                    "engine": workers[0].engine or None if workers else None,
-                    "precision": workers[0].precision or None if workers else None,
+                    "engine": (workers[0].engine or None) if workers else None,
+                    "precision": (workers[0].precision or None) if workers else None,
                     "fidelity": workers[0].fidelity if workers else None,
                 }
             )

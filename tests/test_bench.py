@@ -125,6 +125,7 @@ def test_wrk_drives_a_server_and_the_engine_table_is_reported(
     table = report.markdown(results)
     assert "| openvino | int8 | 10 | 100.0 |" in table
     assert "| 60.0 | 5.0 | 75% | 0.5 |" in table
+    assert "of a core | n/a |" in table, "other processes: not measured here"
     assert "**FAILED**: openvino bf16: no bf16" in table
     assert "| openvino int8 served at 32 clients ≥ 2.8x keras | 1.00x | **no** |" in table
     assert "| openvino int8: warm start ≤ 15 s | 5.0 s | yes |" in table
