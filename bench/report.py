@@ -330,7 +330,7 @@ def plot(results: Results, path: Path) -> None:
     plt.close(fig)
 
 
-def benchmarks_md(results: Results, table: str, image: str) -> str:
+def benchmarks_md(results: Results, table: str, image: str | None) -> str:
     m = results.machine
     notes = []
     if results.mode == "quick":
@@ -356,14 +356,15 @@ Produced by one run of
 
 on {m.get("date", "?")}: {m.get("cpu", "?")}, {m.get("cpus", "?")} CPUs,
 Python {m.get("python", "?")}, TensorFlow {m.get("tensorflow", "?")}, Keras {m.get("keras", "?")},
-ONNX Runtime {m.get("onnxruntime", "?")}, Redis {m.get("redis", "?")}. The run took
+ONNX Runtime {m.get("onnxruntime", "?")}, OpenVINO {m.get("openvino", "?")},
+Redis {m.get("redis", "?")}. The run took
 {m.get("seconds", "?")} s; processes other than the harness and its children used
 {float(m.get("others_cpu_share", float("nan"))):.0%} of the CPU time meanwhile (load average
 {m.get("load_before", "?")} before, {m.get("load_after", "?")} after).
-ResNet50 with random weights (`--weights none`; the forward pass costs the same as with
-ImageNet weights).
+ResNet50 with random weights (`--weights none`, or saved to a file for the engine table;
+the forward pass costs the same as with ImageNet weights).
 {warnings}
-![throughput and latency against concurrency]({image})
+{f"![throughput and latency against concurrency]({image})" if image else ""}
 
 {table}
 How it is measured (`bench/`): the raw numbers time the worker's own `predict` in the
@@ -372,7 +373,8 @@ harness process; the served numbers start `run_keras_server.py` (and the seed de
 `stress_test.py`'s clients from the same machine, so the clients take CPU from the server
 as they would in any one-machine test. Each level sends warm-up requests first and counts
 only what follows; a level stops after its request count or its time cap, whichever comes
-first. Raw data: `bench/results/results.json`.
+first. The engine table (`bench/engines.py`) drives each server with wrk instead, a C
+client whose own CPU time is reported. Raw data: `bench/results/results.json`.
 """
 
 
@@ -382,9 +384,11 @@ def write(results: Results, out: Path, benchmarks: Path | None) -> str:
     (out / "results.md").write_text(table)
     (out / "results.json").write_text(json.dumps(results.as_dict(), indent=2) + "\n")
     png = out / "benchmark.png"
-    plot(results, png)
+    plotted = bool(results.levels or results.raw)  # the engine table alone has no curves
+    if plotted:
+        plot(results, png)
     if benchmarks is not None:
         image = png.resolve().relative_to(benchmarks.resolve().parent).as_posix()
-        benchmarks.write_text(benchmarks_md(results, table, image))
+        benchmarks.write_text(benchmarks_md(results, table, image if plotted else None))
     log.info("wrote %s, %s and %s", out / "results.md", png, benchmarks or "no BENCHMARKS.md")
     return table
