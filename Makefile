@@ -2,7 +2,7 @@
 #   make serve   set up .venv, then start the server (pass flags with ARGS="...")
 #   make test    set up .venv with the test tools, then lint and run the tests
 #   make container-test  build the Dockerfile and run it with podman (minutes; see README)
-#   make bench   the benchmark behind BENCHMARKS.md (ARGS=--quick: a 2-3 minute smoke run)
+#   make bench   the benchmark behind BENCHMARKS.md (ARGS=--quick: a ~5 minute smoke run)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin

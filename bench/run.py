@@ -1,12 +1,16 @@
 """One command, one machine: raw model, served model, the seed design, Redis memory.
 
-    python -m bench.run            # the full run (under ~15 min on 2 cores)
-    python -m bench.run --quick    # a smoke test (~2-3 min)
+    python -m bench.run            # the full run (about 30 min on 2 cores)
+    python -m bench.run --quick    # a smoke test (~5 min)
+
+    python -m bench.run --only-engine-table   # the engine x precision table alone
 
 Run from the repository root. It starts its own redis-server on a free
-loopback port, then, in order: Redis memory per queued image for each wire
-format; the raw forward pass in process for each engine; each engine served by
-`run_keras_server.py --weights none` as a subprocess, driven at each
+loopback port, then, in order: the engine x precision table
+(`bench/engines.py`: cold and warm start, wrk at 1 and 32 connections, the raw
+forward pass; needs Debian's `wrk`); Redis memory per queued image for each
+wire format; the raw forward pass in process for each engine; each engine
+served by `run_keras_server.py --weights none` as a subprocess, driven at each
 concurrency; the seed design (`bench/seed_server.py`) driven the same way.
 Results go to bench/results/ (results.md, results.json, benchmark.png) and
 BENCHMARKS.md; the table is printed too.
@@ -34,7 +38,7 @@ import redis
 
 from keras_server.redis_launcher import RedisServer, free_port
 
-from . import raw, redis_memory, report, serve
+from . import engines, raw, redis_memory, report, serve
 from .report import SEED, Results, system_name
 
 log = logging.getLogger("bench")
@@ -53,6 +57,7 @@ PRESETS: dict[str, tuple[object, object]] = {
     "batch_runs": (8, 3),
     "single_runs": (30, 10),
     "memory_count": (100, 30),
+    "engine_seconds": (30.0, 12.0),
 }
 
 
@@ -69,6 +74,20 @@ def _csv_engines(text: str) -> list[str]:
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown engine(s) {', '.join(sorted(unknown))}")
     return values
+
+
+def _csv_systems(text: str) -> list[tuple[str, str]]:
+    """keras:fp32,openvino:int8,... ('none': no engine table)."""
+    if text.strip().lower() == "none":
+        return []
+    systems = []
+    for item in (v.strip() for v in text.split(",") if v.strip()):
+        engine, _, precision = item.partition(":")
+        if (engine, precision or "fp32") not in engines.SYSTEMS:
+            known = ",".join(f"{e}:{p}" for e, p in engines.SYSTEMS)
+            raise argparse.ArgumentTypeError(f"unknown {item!r}; known: {known}")
+        systems.append((engine, precision or "fp32"))
+    return systems
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -100,6 +119,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="engines served and driven (full: as --engines; quick: keras)",
     )  # fmt: skip
     parser.add_argument("--skip-seed", action="store_true", help="do not run the seed design")
+    parser.add_argument(
+        "--engine-table", type=_csv_systems,
+        help="engine:precision pairs of the engine table, served with wrk "
+        "(full: all five; quick: openvino:fp32; 'none': skip it)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--engine-seconds", type=float,
+        help="wrk seconds per engine-table level (full 30, quick 12)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--only-engine-table", action="store_true",
+        help="skip the Redis memory, the classic raw / served levels and the seed design",
+    )  # fmt: skip
     parser.add_argument("--batch-runs", type=int, help="timed raw passes at the batch size")
     parser.add_argument("--single-runs", type=int, help="timed raw one-image passes")
     parser.add_argument("--memory-count", type=int, help="requests queued to measure memory")
@@ -115,6 +147,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for name, (full, quick) in PRESETS.items():
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
+    if args.engine_table is None:
+        args.engine_table = [("openvino", "fp32")] if args.quick else list(engines.SYSTEMS)
     if args.serve_engines is None:
         args.serve_engines = ["keras"] if args.quick else args.engines
     if args.batch_size < 1:
@@ -147,8 +181,18 @@ def machine() -> dict[str, object]:
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
         "onnxruntime": ort_version,
+        "openvino": _version("openvino"),
         "load_before": " / ".join(f"{x:.2f}" for x in os.getloadavg()),
     }
+
+
+def _version(package: str) -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def cpu_seconds() -> tuple[float, float]:
@@ -184,10 +228,11 @@ def run_raw(args: argparse.Namespace, results: Results) -> None:
     if "keras" in args.engines:
         results.raw.append(raw.measure("keras", classifier, batch, **runs))
     if "onnx" in args.engines:
-        from keras_server.onnx_engine import from_keras
+        from keras_server.engines import EngineOptions, load_predictor
 
         started = time.perf_counter()
-        engine = from_keras(classifier)
+        spec = ModelSpec(name="resnet50", source="resnet50", weights="none", engine="onnx")
+        engine = load_predictor(spec, EngineOptions("none", 0.0, 50_000_000))
         setup = time.perf_counter() - started
         results.raw.append(raw.measure("onnx", engine, batch, **runs, setup_seconds=setup))
         del engine
@@ -241,6 +286,39 @@ def _run_or_record(
         results.failures.append(str(exc).splitlines()[0])
 
 
+def run_engine_table(args: argparse.Namespace, results: Results, redis_url: str, tmp: Path) -> None:
+    """The engine x precision table (bench/engines.py): one failing system does
+    not lose the others' numbers."""
+    from keras_server.predictor import ModelLoadError
+
+    weights, calibration = engines.prepare(tmp, IMAGES)
+    cache = tmp / "conversion-cache"
+    batch = raw.sample_batch(IMAGES, args.batch_size)
+    runs = {"batch_runs": args.batch_runs, "single_runs": args.single_runs}
+    for engine, precision in args.engine_table:
+        row = engines.EngineRow(engine, precision)
+        results.engines.append(row)
+        busy_before, own_before = cpu_seconds()
+        started = time.monotonic()
+        try:
+            engines.measure_served(
+                row, weights=weights, calibration=calibration, cache=cache,
+                redis_url=redis_url, batch_size=args.batch_size, images=IMAGES,
+                seconds=args.engine_seconds, logs=tmp,
+            )  # fmt: skip
+            engines.measure_raw(
+                row, weights=weights, calibration=calibration, cache=cache, batch=batch, runs=runs
+            )
+        except (serve.ServerFailed, ModelLoadError, engines.WrkMissing) as exc:
+            row.failure = str(exc).splitlines()[0]
+            log.error("%s: %s", row.name, exc)
+            results.failures.append(f"{row.name}: {row.failure}")
+        busy_after, own_after = cpu_seconds()
+        others = max(0.0, (busy_after - busy_before) - (own_after - own_before))
+        row.others_cpu_share = others / ((time.monotonic() - started) * (os.cpu_count() or 1))
+        gc.collect()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(
@@ -259,8 +337,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     with RedisServer() as redis_server, tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         client = redis.Redis.from_url(redis_server.url)
         results.machine["redis"] = client.info("server")["redis_version"]
-        run_memory(args, results, client)
-        run_raw(args, results)
+        if args.engine_table:
+            run_engine_table(args, results, redis_server.url, Path(tmp))
+        if args.only_engine_table:
+            args.serve_engines, args.engines, args.skip_seed = [], [], True
+        else:
+            run_memory(args, results, client)
+        if args.engines:
+            run_raw(args, results)
         b = str(args.batch_size)
         for engine in args.serve_engines:
             system = system_name(engine)

@@ -81,7 +81,7 @@ def child(spec: dict[str, Any]) -> dict[str, float]:
     batch = sample_batch(IMAGES, spec["batch_size"])
     from keras_server.catalog import ModelSpec
     from keras_server.model import load_classifier
-    from keras_server.worker import warm_up
+    from keras_server.predictor import warm_up
 
     keras_model = load_classifier(ModelSpec(name="resnet50", source="resnet50", weights="none"))
     if spec["engine"] == "keras":
@@ -104,7 +104,8 @@ def child(spec: dict[str, Any]) -> dict[str, float]:
             keras_model.labels,
             "ONNX",
             keras_model.input_shape,
-            batch=keras_model.batch,
+            channels=keras_model.channels,
+            preprocess=keras_model.preprocess,
             top_k=keras_model.top_k,
         )
     warm_up(predictor, len(batch))

@@ -18,8 +18,14 @@ Modules, each owning one thing:
     client          client side: shrink a large photo before upload
     ui              the upload page at / and the OpenAPI description
     metrics         Prometheus metrics
-    model           loading and running Keras models (the only module importing Keras)
-    onnx_engine     --engine onnx: the same model run by ONNX Runtime
+    predictor       the one engine interface (Predictor), top_k, warm_up, fidelity
+    engines         which engine and precision serve a model (--engine auto picks)
+    model           the keras engine: loading and running Keras models
+    onnx_engine     --engine onnx: the model exported to ONNX, run by ONNX Runtime
+    openvino_engine --engine openvino: compiled for the CPU at fp32, bf16 or int8
+    calibration     int8 calibration images (--calibration-dir) and quantization
+    conversion_cache converted models on disk, checksummed (--cache-dir)
+    preprocess      the models' input preprocessing, in numpy, for every engine
     simulated       --model sim: a stand-in that only sleeps, for load tests
     worker          the batch loop: claim, one forward pass, answer each
     redis_launcher  a private redis-server when none is running

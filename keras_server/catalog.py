@@ -25,6 +25,8 @@ PREPROCESSING = ("caffe", "tf", "torch", "none", "scale")
 # --weights values that name weights rather than a file; any case.
 WEIGHT_NAMES = ("imagenet", "none")
 MAX_TOP_K = 1000
+ENGINES = ("auto", "keras", "onnx", "openvino")
+PRECISIONS = ("fp32", "bf16", "int8")
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -76,6 +78,11 @@ class ModelSpec:
     # Said in every answer and heartbeat, so a rolling upgrade shows which
     # version served each request.
     version: str = "1"
+    # What runs it (engines.py); None: the --engine / --precision /
+    # --calibration-dir flags' (Settings.model_specs fills them in).
+    engine: str | None = None
+    precision: str | None = None
+    calibration_dir: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "weights", weights_name(self.weights))
@@ -118,6 +125,20 @@ class ModelSpec:
             check_top_k(self.top_k)
         except CatalogError as exc:
             raise CatalogError(f"model {self.name!r}: top_k {exc}") from None
+        if self.engine is not None and self.engine not in ENGINES:
+            raise CatalogError(
+                f"model {self.name!r}: engine {self.engine!r} is not one of {', '.join(ENGINES)}"
+            )
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise CatalogError(
+                f"model {self.name!r}: precision {self.precision!r} is not one of "
+                f"{', '.join(PRECISIONS)}"
+            )
+        if self.engine in ("keras", "onnx") and self.precision not in (None, "fp32"):
+            raise CatalogError(
+                f"model {self.name!r}: precision {self.precision} runs only on the openvino "
+                f"engine (or auto), not {self.engine}"
+            )
         return self
 
 
@@ -217,6 +238,9 @@ def load_models_file(path: str | Path) -> Models:
         labels = "models/shapes.txt"
         preprocessing = "scale"
         top_k = 2
+        engine = "openvino"           # optional: else --engine, --precision,
+        precision = "int8"            # --calibration-dir
+        calibration_dir = "calibration/shapes"
 
     Relative paths are relative to the models file.
     """
@@ -231,6 +255,7 @@ def load_models_file(path: str | Path) -> Models:
     if not isinstance(tables, dict) or not tables:
         raise CatalogError(f"models file {path}: no [models.NAME] tables")
     known = {"model", "weights", "labels", "preprocessing", "top_k", "version"}
+    known |= {"engine", "precision", "calibration_dir"}
     specs = []
     for name, table in tables.items():
         if not isinstance(table, dict):
@@ -255,6 +280,11 @@ def load_models_file(path: str | Path) -> Models:
             preprocessing=table.get("preprocessing"),
             top_k=table.get("top_k", 5),
             version=str(table.get("version", "1")),
+            engine=table.get("engine"),
+            precision=table.get("precision"),
+            calibration_dir=(
+                _relative(path, table["calibration_dir"]) if "calibration_dir" in table else None
+            ),
         )
         try:
             specs.append(spec.validate())

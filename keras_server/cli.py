@@ -22,25 +22,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 
-from . import protocol
+from . import metrics, protocol
 from .auth import KeysFileError, load_keys
 from .catalog import SIM, CatalogError, Models, ModelSpec
 from .logs import configure_logging
 from .metrics import MULTIPROCESS_DIR_ENV
+from .predictor import ModelLoadError, Predictor, timed_warm_up
 from .queue import RequestQueue
 from .redis_launcher import RedisUnavailable, ensure_redis
 from .settings import Settings, SettingsError, load_settings, to_environment
 from .shards import label
-from .worker import (
-    CLAIM_WAIT_S,
-    FairLock,
-    ModelLoadError,
-    ModelThread,
-    Predictor,
-    Worker,
-    load_and_warm_up,
-    serve,
-)
+from .worker import CLAIM_WAIT_S, FairLock, ModelThread, Worker, serve
 
 log = logging.getLogger("keras_server")
 
@@ -73,16 +65,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def loader(settings: Settings, spec: ModelSpec) -> Callable[[], Predictor]:
-    """How to build a model: Keras is imported only for a real model, so the
-    web role and `--model sim` never load TensorFlow."""
+    """How to build a model: the engines are imported only for a real model, so
+    the web role and `--model sim` never load TensorFlow (nor does a model
+    served from the conversion cache)."""
     if spec.source == SIM:
         from .simulated import SimulatedModel
 
         return lambda: SimulatedModel(settings.sim_batch_ms, settings.sim_image_ms, spec.top_k)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from .model import load_classifier
+    from .engines import EngineOptions, load_predictor
 
-    return lambda: load_classifier(spec, settings.engine)
+    options = EngineOptions(
+        cache_dir=settings.cache_dir,
+        min_agreement=settings.min_agreement,
+        max_image_pixels=settings.max_image_pixels,
+    )
+    return lambda: load_predictor(spec, options)
 
 
 def make_workers(
@@ -114,7 +112,7 @@ def make_workers(
             result_ttl=settings.result_timeout,
             heartbeat_ttl=settings.heartbeat_ttl,
             batch_delay=settings.max_batch_delay_ms / 1000,
-            description=getattr(predictor, "description", ""),
+            description=predictor.description,
             name=name,
             version=version,
             turn=turn,
@@ -128,7 +126,9 @@ def build_workers(settings: Settings, models: Models) -> list[Worker]:
     """Load and warm up every model this process serves (`--serve`); their claim loops."""
     workers = []
     for spec in models.serving(settings.serve):
-        predictor = load_and_warm_up(loader(settings, spec), settings.batch_size)
+        predictor = loader(settings, spec)()
+        timed_warm_up(predictor, settings.batch_size)
+        metrics.record_engine(spec.name, predictor)
         workers += make_workers(settings, predictor, spec.name, models)
     return workers
 

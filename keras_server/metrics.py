@@ -21,6 +21,7 @@ from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
     multiprocess,
@@ -29,6 +30,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
+    from .predictor import Predictor
     from .routing import Deployment
 
 # prometheus-client's own switch (read by the library at import); we only
@@ -70,6 +72,36 @@ QUEUED = Counter(
     "Requests this web tier queued, by model and shard",
     ["model", "shard"],
 )
+
+# Set once by the worker that loads each model (never by the web tier).
+ENGINE_LABELS = ["model", "engine", "precision"]
+ENGINE = Gauge(
+    "keras_server_engine_info",
+    "1 for the engine and precision serving each model in this process",
+    ENGINE_LABELS,
+    multiprocess_mode="max",
+)
+TOP1_AGREEMENT = Gauge(
+    "keras_server_engine_top1_agreement",
+    "Share of the start-up reference images whose top-1 class matches Keras fp32",
+    ENGINE_LABELS,
+    multiprocess_mode="max",
+)
+MAX_DIFFERENCE = Gauge(
+    "keras_server_engine_max_probability_difference",
+    "Largest |engine - Keras fp32| class probability on the start-up reference images",
+    ENGINE_LABELS,
+    multiprocess_mode="max",
+)
+
+
+def record_engine(model: str, predictor: Predictor) -> None:
+    """What serves `model` here, and how closely it follows Keras."""
+    labels = (model, predictor.engine, predictor.precision)
+    ENGINE.labels(*labels).set(1)
+    if predictor.fidelity is not None:
+        TOP1_AGREEMENT.labels(*labels).set(predictor.fidelity.agreement)
+        MAX_DIFFERENCE.labels(*labels).set(predictor.fidelity.max_difference)
 
 
 class RedisCollector(Collector):

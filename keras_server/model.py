@@ -1,48 +1,46 @@
-"""The models: a `keras.applications` network or a saved `.keras` file, loaded
-once from its spec (catalog.ModelSpec), checked, and run on batches.
+"""The Keras engine: a `keras.applications` network or a saved `.keras` file,
+loaded once from its spec (catalog.ModelSpec), checked, and run on batches.
 
-This is the only module that imports Keras (and so TensorFlow); the web tier
-never loads it. With `engine="onnx"` it hands the loaded model to
-`onnx_engine` (imported only from here), which runs it in ONNX Runtime.
-`load_classifier` never falls back silently to random weights, and refuses
+The only module that imports Keras (and so TensorFlow); the web tier never
+loads it, and neither does an engine served from the conversion cache. The
+other engines (`onnx_engine`, `openvino_engine`) convert the `Classifier`
+built here; `engines.py` picks one. `load_classifier` never falls back
+silently to random weights, and refuses
 a model it cannot serve (not an image model, or not as many outputs as
 labels) with a ModelLoadError saying why, before the server takes traffic.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import keras
 import numpy as np
-from keras.applications import imagenet_utils
 
 from .catalog import ModelSpec, labels_for
-from .worker import TOP_K, ModelLoadError
-
-if TYPE_CHECKING:
-    from .onnx_engine import OnnxClassifier
+from .predictor import TOP_K, Fidelity, ModelLoadError
+from .preprocess import Preprocess, batch_of, mode_of, preprocessing
 
 log = logging.getLogger(__name__)
-
-Preprocess = Callable[[np.ndarray], np.ndarray]
 
 
 @dataclass
 class Classifier:
-    """A Keras classifier with its labels and its input preprocessing."""
+    """A Keras classifier with its labels and its input preprocessing: the
+    `predictor.Predictor` of the keras engine."""
 
     model: keras.Model
     labels: Sequence[str]
     description: str
     preprocess: Preprocess  # float32 RGB 0..255 batch -> what the model takes
     top_k: int = TOP_K
+    engine: str = "keras"
+    precision: str = "fp32"
+    fidelity: Fidelity | None = None  # Keras is the reference
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -50,12 +48,18 @@ class Classifier:
         _, height, width, _ = self.model.input_shape
         return (int(height), int(width), 3)
 
+    @property
+    def channels(self) -> int:
+        """What the network itself takes: 1 (grey) or 3."""
+        return int(self.model.input_shape[-1])
+
+    @property
+    def outputs(self) -> int:
+        return int(self.model.output_shape[-1])
+
     def batch(self, images: np.ndarray) -> np.ndarray:
         """uint8 RGB images (n, h, w, 3) -> the float32 batch the model takes."""
-        batch = images.astype("float32")
-        if self.model.input_shape[-1] == 1:
-            batch = batch.mean(axis=-1, keepdims=True)
-        return self.preprocess(batch)
+        return batch_of(images, self.channels, self.preprocess)
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Class probabilities (or scores), shape (n, classes)."""
@@ -64,21 +68,9 @@ class Classifier:
         return np.asarray(self.model.predict_on_batch(self.batch(images)))
 
 
-def load_classifier(spec: ModelSpec, engine: str = "keras") -> Classifier | OnnxClassifier:
-    """Build, load and check the model `spec` describes, run by `engine`: keras,
-    or onnx (the same model exported to ONNX Runtime and checked against Keras)."""
-    classifier = _load_keras(spec)
-    if engine == "onnx":
-        from .onnx_engine import from_keras
-
-        return from_keras(classifier)
-    if engine != "keras":
-        raise ModelLoadError(f"--engine {engine}: expected keras or onnx")
-    return classifier
-
-
-def _load_keras(spec: ModelSpec) -> Classifier:
-    """The Keras model itself; the ONNX engine is built from it."""
+def load_classifier(spec: ModelSpec) -> Classifier:
+    """Build, load and check the Keras model `spec` describes; the other
+    engines are converted from it."""
     started = time.perf_counter()
     log.info("loading model %r from %s (weights=%s)", spec.name, spec.source, spec.weights)
     if spec.builtin:
@@ -89,7 +81,7 @@ def _load_keras(spec: ModelSpec) -> Classifier:
     labels = _labels(spec, model)
     _check(spec, model, labels)
     log.info("model %r loaded in %.1f s: %s", spec.name, time.perf_counter() - started, description)
-    return Classifier(model, labels, description, _preprocessing(spec), spec.top_k)
+    return Classifier(model, labels, description, preprocessing(mode_of(spec)), spec.top_k)
 
 
 def _builtin(spec: ModelSpec) -> tuple[keras.Model, str]:
@@ -190,15 +182,3 @@ def _check(spec: ModelSpec, model: keras.Model, labels: Sequence[str]) -> None:
         raise ModelLoadError(
             f"model {spec.name!r}: {spec.preprocessing} preprocessing needs 3 channels"
         )
-
-
-def _preprocessing(spec: ModelSpec) -> Preprocess:
-    mode = spec.preprocessing
-    if mode is None and spec.builtin:
-        module = importlib.import_module(f"keras.applications.{spec.builtin.module}")
-        return module.preprocess_input
-    if mode in ("caffe", "tf", "torch"):
-        return lambda x: imagenet_utils.preprocess_input(x, mode=mode)
-    if mode == "scale":
-        return lambda x: x / 255.0
-    return lambda x: x  # "none", and a .keras file's default

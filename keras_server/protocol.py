@@ -203,6 +203,11 @@ class WorkerInfo:
     input_size: tuple[int, int] | None = None  # (width, height) the web tier resizes to
     labels: int = 0  # how many classes
     version: str = ""  # the model's version (ModelSpec.version)
+    engine: str = ""  # what runs it: keras, onnx, openvino, sim
+    precision: str = ""  # fp32, bf16, int8
+    # Measured against Keras fp32 at start-up (predictor.Fidelity.as_dict);
+    # None for Keras itself.
+    fidelity: dict[str, float] | None = None
 
     def encode(self) -> bytes:
         return json.dumps(self.__dict__).encode()

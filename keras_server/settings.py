@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from .catalog import (
+    ENGINES,
+    PRECISIONS,
     PREPROCESSING,
     Models,
     ModelSpec,
@@ -35,7 +37,6 @@ MAX_BATCH_SIZE = 1024
 # list well inside Lua's stack.
 MAX_IMAGES = 1024
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-ENGINES = ("keras", "onnx")
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,11 @@ class Settings:
     serve: str = "all"
     batch_size: int = 32
     max_batch_delay_ms: float = 0.0
-    engine: str = "keras"
+    engine: str = "auto"
+    precision: str = "fp32"
+    cache_dir: str = "~/.cache/keras-server"
+    calibration_dir: str = ""
+    min_agreement: float = 0.95
     queue_name: str = "image_queue"
     max_queue: int = 512
     result_timeout: float = 30.0
@@ -83,7 +88,9 @@ class Settings:
         Raises catalog.CatalogError when the models file or a spec is unusable.
         """
         if self.models_file:
-            return load_models_file(self.models_file)
+            specs, default = load_models_file(self.models_file)
+            # A model that names no engine, precision or calibration set gets the flags'.
+            return Models(tuple(self._engine_defaults(s) for s in specs), default)
         source = self.model
         name = Path(source).stem.lower() if source.endswith(".keras") else source
         name = re.sub(r"[^a-z0-9_-]+", "-", name).strip("-_") or "model"
@@ -96,7 +103,15 @@ class Settings:
             top_k=self.top_k,
             version=self.model_version,
         )
-        return Models((spec.validate(),), name)
+        return Models((self._engine_defaults(spec).validate(),), name)
+
+    def _engine_defaults(self, spec: ModelSpec) -> ModelSpec:
+        return dataclasses.replace(
+            spec,
+            engine=spec.engine or self.engine,
+            precision=spec.precision or self.precision,
+            calibration_dir=spec.calibration_dir or self.calibration_dir or None,
+        ).validate()
 
     @property
     def redis_urls(self) -> tuple[str, ...]:
@@ -221,6 +236,13 @@ def _bool(text: str) -> bool:
     raise ValueError("must be true or false")
 
 
+def _share(text: str) -> float:
+    value = _float(text)
+    if not 0 <= value <= 1:
+        raise ValueError("must be a number from 0 to 1")
+    return value
+
+
 def _non_empty(text: str) -> str:
     if not text.strip():
         raise ValueError("must not be empty")
@@ -315,9 +337,38 @@ KNOBS: tuple[Knob, ...] = (
     Knob(
         "engine",
         _choice(ENGINES),
-        "what runs the forward pass: keras, or onnx (ONNX Runtime on the same "
-        "model, exported at start-up and checked against Keras)",
+        "what runs the forward pass: auto (OpenVINO fp32 on a CPU, else keras), keras, "
+        "onnx (ONNX Runtime) or openvino; converted engines are checked against Keras at "
+        "start-up",
         "ENGINE",
+    ),
+    Knob(
+        "precision",
+        _choice(PRECISIONS),
+        "fp32, or with OpenVINO bf16 (CPUs with AVX512_BF16/AMX) or int8 (needs "
+        "--calibration-dir); a lossy precision is never picked automatically",
+        "PRECISION",
+    ),
+    Knob(
+        "cache_dir",
+        _non_empty,
+        "where converted models are kept between starts, keyed by model, weights, "
+        "precision and versions ('none': convert at every start)",
+        "DIR",
+    ),
+    Knob(
+        "calibration_dir",
+        _text,
+        "images like the traffic, decoded like uploads: int8 calibrates on them, and every "
+        "fifth is held out to measure bf16/int8 fidelity against Keras",
+        "DIR",
+    ),
+    Knob(
+        "min_agreement",
+        _share,
+        "bf16/int8: refuse to start when the top-1 class agrees with Keras fp32 on less "
+        "than this share of the held-out images",
+        "SHARE",
     ),
     Knob(
         "max_batch_delay_ms",

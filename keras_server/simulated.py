@@ -18,14 +18,21 @@ import numpy as np
 
 from .catalog import SIM_SIZE
 from .labels import imagenet_labels
+from .predictor import TOP_K, Fidelity
 
 
 class SimulatedModel:
-    def __init__(self, batch_ms: float, image_ms: float, top_k: int = 5) -> None:
+    """A `predictor.Predictor` that only sleeps."""
+
+    engine = "sim"
+    precision = "fp32"
+    fidelity: Fidelity | None = None
+
+    def __init__(self, batch_ms: float, image_ms: float, top_k: int = TOP_K) -> None:
         self.batch_s = batch_ms / 1000
         self.image_s = image_ms / 1000
+        self.top_k = top_k
         self.labels: Sequence[str] = imagenet_labels()
-        self.top_k = top_k  # classes in each answer, like a real model's spec says
         self.description = (
             f"SIMULATED model ({batch_ms:g} ms per batch + {image_ms:g} ms per image)"
         )

@@ -143,6 +143,9 @@ def _add_predict(
                     "labels": max((w.labels for w in workers), default=0) or None,
                     "live_workers": len(workers),
                     "description": workers[0].model if workers else None,
+                    "engine": (workers[0].engine or None) if workers else None,
+                    "precision": (workers[0].precision or None) if workers else None,
+                    "fidelity": workers[0].fidelity if workers else None,
                 }
             )
         return jsonify(default=deployment.default, models=described)

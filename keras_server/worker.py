@@ -1,7 +1,7 @@
 """The model worker loop: claim a batch, run one forward pass, answer each request.
 
-It knows the model only as a `Predictor` (anything with `predict`,
-`input_shape`, `labels`), so this module never imports Keras. One bad
+It knows the model only as a `predictor.Predictor` (the one engine
+interface), so this module never imports Keras or any engine. One bad
 message, one failed batch or a Redis outage never ends the loop: every
 request in a failed batch is answered with an error, and Redis errors are
 retried with backoff. Claims are crash-safe (see queue.py): a worker killed
@@ -20,48 +20,19 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Protocol
 
 import numpy as np
 import redis
 
 from . import metrics, protocol
+from .predictor import Predictor, top_indices, top_k
 from .queue import RequestQueue
 
 log = logging.getLogger(__name__)
 
-TOP_K = 5
 # How long one claim blocks in Redis: also how fast the loop notices `stop`.
 CLAIM_WAIT_S = 0.5
 MAX_BACKOFF_S = 5.0
-
-
-class ModelLoadError(RuntimeError):
-    """The model cannot be loaded; the message is meant for the operator."""
-
-
-class Predictor(Protocol):
-    labels: Sequence[str]
-
-    @property
-    def input_shape(self) -> tuple[int, int, int]: ...
-
-    def predict(self, images: np.ndarray) -> np.ndarray: ...
-
-
-def top_k(
-    probabilities: np.ndarray, labels: Sequence[str], k: int = TOP_K
-) -> list[dict[str, object]]:
-    """The k most likely classes, highest first, in the API's shape."""
-    best = top_indices(probabilities, k)
-    return [{"label": labels[i], "probability": float(probabilities[i])} for i in best]
-
-
-def top_indices(probabilities: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k largest, largest first (ties in index order)."""
-    k = min(k, probabilities.shape[-1])
-    best = np.argpartition(-probabilities, k - 1)[:k]
-    return best[np.argsort(-probabilities[best], kind="stable")]
 
 
 def answer(
@@ -114,7 +85,7 @@ class Worker:
         self.result_ttl = result_ttl
         self.heartbeat_ttl = heartbeat_ttl
         self.batch_delay = batch_delay
-        self.description = description or type(predictor).__name__
+        self.description = description or predictor.description
         self.name = name
         self.version = version
         self.turn = turn or contextlib.nullcontext()
@@ -132,6 +103,9 @@ class Worker:
             input_size=(width, height),
             labels=len(self.predictor.labels),
             version=self.version,
+            engine=self.predictor.engine,
+            precision=self.predictor.precision,
+            fidelity=fidelity.as_dict() if (fidelity := self.predictor.fidelity) else None,
         )
 
     def run(self, stop: threading.Event) -> None:
@@ -254,8 +228,7 @@ class Worker:
             (time.perf_counter() - started) * 1000,
             ", ".join(ids),
         )
-        labels = self.predictor.labels
-        k = getattr(self.predictor, "top_k", TOP_K)
+        labels, k = self.predictor.labels, self.predictor.top_k
         return {
             r.id: answer(r, p, labels, k, name=self.name, version=self.version)
             for r, p in zip(batch, probabilities, strict=True)
@@ -337,21 +310,3 @@ class ModelThread(threading.Thread):
             pass
         if self.error is not None:
             raise self.error
-
-
-def warm_up(predictor: Predictor, batch_size: int) -> None:
-    """Run batch 1 and the full batch once before the first request: the first
-    run at a size compiles (Keras) or allocates buffers (ONNX Runtime), and once
-    both ends are traced Keras's compiled step takes every size in between."""
-    for n in sorted({1, batch_size}):
-        predictor.predict(np.zeros((n, *predictor.input_shape), dtype=np.uint8))
-
-
-def load_and_warm_up(load: Callable[[], Predictor], batch_size: int) -> Predictor:
-    predictor = load()
-    started = time.perf_counter()
-    warm_up(predictor, batch_size)
-    log.info(
-        "model warmed up in %.1f s (batch sizes 1..%d)", time.perf_counter() - started, batch_size
-    )
-    return predictor

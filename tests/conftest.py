@@ -3,9 +3,13 @@ and a worker thread serving it."""
 
 from __future__ import annotations
 
+import atexit
 import io
 import os
+import shutil
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -20,11 +24,12 @@ from PIL import Image
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from keras_server import protocol
+from keras_server.predictor import warm_up
 from keras_server.processes import Child, ChildFailed, http_answers
 from keras_server.queue import RequestQueue
 from keras_server.redis_launcher import RedisServer, free_port
 from keras_server.settings import Settings
-from keras_server.worker import Worker, warm_up
+from keras_server.worker import Worker
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGES = ROOT / "images"
@@ -41,7 +46,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items[:] = kept
 
 
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+# One conversion cache for the session's servers (never the user's own): a
+# model converted by one test's server is a cache hit for the next.
+CACHE_DIR = tempfile.mkdtemp(prefix="keras-server-test-cache-")
+atexit.register(shutil.rmtree, CACHE_DIR, ignore_errors=True)
+ENV = {
+    **os.environ,
+    "PYTHONUNBUFFERED": "1",
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+    "KERAS_SERVER_CACHE_DIR": CACHE_DIR,
+}
 
 
 def start(*args: str, env: dict[str, str] | None = None) -> Child:
@@ -144,6 +158,11 @@ class CountingPredictor:
         self.inner = inner
         self.labels = inner.labels
         self.input_shape = inner.input_shape
+        self.top_k = inner.top_k
+        self.description = inner.description
+        self.engine = inner.engine
+        self.precision = inner.precision
+        self.fidelity = inner.fidelity
         self.batches: list[int] = []
         self.fail = fail
 
@@ -234,3 +253,26 @@ def png_bytes(image: Image.Image, fmt: str = "PNG", **params: object) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **params)
     return buffer.getvalue()
+
+
+def apt_install(package: str, binary: str, *options: str) -> str:
+    """`binary`, from Debian's `package`, installed when missing (as root);
+    apt-get update only when the first try fails (stale package lists)."""
+    if not Path(binary).exists() and os.geteuid() == 0 and shutil.which("apt-get"):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+
+        def apt(*args: str) -> subprocess.CompletedProcess[str]:
+            command = ["apt-get", *args]
+            return subprocess.run(
+                command, env=env, capture_output=True, text=True, timeout=900, check=False
+            )
+
+        install = ("install", "-y", "-q", *options, package)
+        if apt(*install).returncode:
+            apt("update", "-q")
+            done = apt(*install)
+            if done.returncode:
+                pytest.fail(f"apt-get install {package} failed:\n{done.stderr[-2000:]}")
+    if not Path(binary).exists():
+        pytest.fail(f"{binary} is missing and cannot be installed (needs root and apt-get)")
+    return binary

@@ -2,14 +2,15 @@
 image, and the seed design served, driven and reported as `bench.run` does."""
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
 import redis
-from conftest import IMAGES
+from conftest import IMAGES, apt_install
 
-from bench import redis_memory, report, serve
+from bench import engines, raw, redis_memory, report, serve
 from bench.raw import sample_batch
 from keras_server.redis_launcher import RedisServer, free_port
 
@@ -84,3 +85,50 @@ def test_the_v2_benchmark_runs_and_reports(tmp_path: Path) -> None:
     text = (tmp_path / "v2.md").read_text()
     assert "| v2 BYTES | 2 | 4 | 0 |" in text
     assert "python -m bench.v2 --requests 4" in text
+
+
+@pytest.fixture(scope="module")
+def wrk() -> str:
+    """wrk, installed from Debian's package when missing (as root), as the
+    engine table's load generator."""
+    return shutil.which("wrk") or apt_install("wrk", "/usr/bin/wrk", "--no-install-recommends")
+
+
+@pytest.mark.slow
+def test_wrk_drives_a_server_and_the_engine_table_is_reported(
+    wrk: str, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/predict"
+    command = [sys.executable, "run_keras_server.py", "--model", "sim", "--port", str(port)]
+    command += ["--redis-url", redis_server.url, "--queue-name", "test-wrk", "--batch-size", "4"]
+    command += ["--sim-batch-ms", "5", "--sim-image-ms", "1"]
+    images = sorted(IMAGES.glob("*.png"))
+    with serve.ServerProcess("sim", command, url, tmp_path / "sim.log") as server:
+        server.start(timeout=120)
+        one = engines.run_wrk(url, images, 1, 2)
+        many = engines.run_wrk(url, images, 4, 2)
+        log = server.log_tail(100_000)
+    assert one.errors == 0 and many.errors == 0
+    assert one.requests > 5 and many.requests > 5
+    assert 0 < one.p50 <= one.p99
+    assert many.client_cpu_seconds > 0
+    assert log.count("batch of") > 5, "the server answered them"
+
+    row = engines.EngineRow("openvino", "int8", cold_start=60.0, warm_start=5.0)
+    row.one, row.many = one, many
+    row.raw = raw.RawResult("openvino int8", 4, 100.0, 0.04, 0.010, 0.012, 3, 10)
+    row.fidelity = {"images": 12, "top1_agreement": 0.75, "max_probability_difference": 0.5}
+    keras_row = engines.EngineRow("keras", "fp32", cold_start=9.0, warm_start=9.0)
+    keras_row.one, keras_row.many, keras_row.raw = one, many, row.raw
+    results = report.Results(command="x", mode="quick", batch_size=4, machine={"cpus": 2})
+    results.engines = [keras_row, row, engines.EngineRow("openvino", "bf16", failure="no bf16")]
+    table = report.markdown(results)
+    assert "| openvino | int8 | 10 | 100.0 |" in table
+    assert "| 60.0 | 5.0 | 75% | 0.5 |" in table
+    assert "of a core | n/a |" in table, "other processes: not measured here"
+    assert "**FAILED**: openvino bf16: no bf16" in table
+    assert "| openvino int8 served at 32 clients ≥ 2.8x keras | 1.00x | **no** |" in table
+    assert "| openvino int8: warm start ≤ 15 s | 5.0 s | yes |" in table
+    saved = results.as_dict()["engines"][1]
+    assert saved["many"]["throughput"] == pytest.approx(many.throughput)

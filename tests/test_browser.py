@@ -11,15 +11,22 @@ import dataclasses
 import io
 import os
 import re
-import shutil
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import requests
-from conftest import IMAGES, ROOT, WorkerThread, make_worker, start_web, stop, wait_for_http
+from conftest import (
+    IMAGES,
+    ROOT,
+    WorkerThread,
+    apt_install,
+    make_worker,
+    start_web,
+    stop,
+    wait_for_http,
+)
 from PIL import Image
 from playwright.sync_api import BrowserContext, ConsoleMessage, Page, expect, sync_playwright
 
@@ -83,29 +90,6 @@ SHOWN = """items => items.map((item) => ({
   percent: item.querySelector(".prediction-percent").textContent,
   width: item.querySelector(".prediction-fill").style.width,
 }))"""
-
-
-def apt_install(package: str, binary: str, *options: str) -> str:
-    """`binary`, from Debian's `package`, installed when missing (as root);
-    apt-get update only when the first try fails (stale package lists)."""
-    if not Path(binary).exists() and os.geteuid() == 0 and shutil.which("apt-get"):
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-
-        def apt(*args: str) -> subprocess.CompletedProcess[str]:
-            command = ["apt-get", *args]
-            return subprocess.run(
-                command, env=env, capture_output=True, text=True, timeout=900, check=False
-            )
-
-        install = ("install", "-y", "-q", *options, package)
-        if apt(*install).returncode:
-            apt("update", "-q")
-            done = apt(*install)
-            if done.returncode:
-                pytest.fail(f"apt-get install {package} failed:\n{done.stderr[-2000:]}")
-    if not Path(binary).exists():
-        pytest.fail(f"{binary} is missing and cannot be installed (needs root and apt-get)")
-    return binary
 
 
 @pytest.fixture(scope="session")

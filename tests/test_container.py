@@ -29,8 +29,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from conftest import IMAGES, ROOT, wait_until
-from test_browser import apt_install
+from conftest import IMAGES, ROOT, apt_install, wait_until
 
 from keras_server.images import load_image
 from keras_server.redis_launcher import RedisServer, free_port

@@ -30,7 +30,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from test_browser import apt_install
+from conftest import apt_install
 
 from keras_server import metrics
 from keras_server.routing import Deployment

@@ -15,9 +15,9 @@ from PIL import Image
 
 from examples.squares import squares, train
 from keras_server.catalog import CatalogError, ModelSpec, load_models_file, read_labels
+from keras_server.predictor import ModelLoadError
 from keras_server.redis_launcher import free_port
 from keras_server.settings import Settings, SettingsError, load_settings
-from keras_server.worker import ModelLoadError
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +43,7 @@ top_k = 2
 [models.mobilenet]
 model = "mobilenet_v2"
 weights = "none"
+engine = "keras"
 """
     )
     port = free_port()
@@ -77,6 +78,11 @@ def test_two_models_side_by_side_and_the_trained_one_is_right(two_models: str) -
     assert by_name["mobilenet"]["input_size"] == [224, 224]
     assert by_name["mobilenet"]["labels"] == 1000
     assert "MobileNetV2, RANDOM weights" in by_name["mobilenet"]["description"]
+    # Per model: keras as the models file says; the other by --engine auto's pick.
+    assert (by_name["mobilenet"]["engine"], by_name["mobilenet"]["precision"]) == ("keras", "fp32")
+    assert by_name["mobilenet"]["fidelity"] is None
+    assert (by_name["shapes"]["engine"], by_name["shapes"]["precision"]) == ("openvino", "fp32")
+    assert by_name["shapes"]["fidelity"]["max_probability_difference"] <= 1e-4
 
     # Held-out images, bigger than the model's input: the web tier resizes them.
     images, labels = squares(24, seed=99, size=64)

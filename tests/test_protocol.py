@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from keras_server import protocol
-from keras_server.worker import top_k
+from keras_server.predictor import top_k
 
 
 def test_request_round_trip_keeps_bytes_shape_and_dtype() -> None:
@@ -135,7 +135,7 @@ def test_top_k_highest_first() -> None:
 def test_heartbeats_ignore_fields_they_do_not_know() -> None:
     """A newer worker's heartbeat must not look dead to an older web server."""
     info = protocol.WorkerInfo(model="m", batch_size=1, host="h", pid=1, at=1.0, version="7")
-    newer = json.loads(info.encode()) | {"gpu": "H100", "engine": "openvino"}
+    newer = json.loads(info.encode()) | {"gpu": "H100", "accelerator": "npu"}
     assert protocol.WorkerInfo.decode(json.dumps(newer)) == info
 
 

@@ -11,9 +11,9 @@ from conftest import IMAGES, CountingPredictor, WorkerThread, make_worker
 from keras_server.catalog import ModelSpec
 from keras_server.labels import imagenet_labels
 from keras_server.model import load_classifier
+from keras_server.predictor import ModelLoadError, warm_up
 from keras_server.settings import Settings
 from keras_server.web import create_app
-from keras_server.worker import ModelLoadError, warm_up
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,146 @@
+"""`--engine openvino`: the model converted to OpenVINO and compiled for the CPU.
+
+The graph comes from the ONNX file `onnx_engine.export` writes (int8: that
+file quantized by `calibration.quantize`, QDQ, which OpenVINO runs as int8),
+saved as OpenVINO IR in the conversion cache with full-precision weights.
+It is compiled with the LATENCY performance hint and run with one synchronous
+infer request, which is how the worker calls it (one batch at a time): the
+THROUGHPUT hint with a single synchronous request was half as fast here.
+`precision` picks the CPU's inference precision: fp32 exact, bf16 (needs
+AVX512_BF16 or AMX), or int8 (the quantized graph).
+
+OpenVINO does not officially support AMD CPUs, and a Zen 4 crash in
+compile_model came with 2025.3 (openvino#35943): on an AMD CPU only the
+versions in `TESTED_ON_AMD` are used; others are refused with the reason.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import openvino as ov
+import openvino.properties.hint as hints
+
+from .predictor import EngineError, Fidelity
+from .preprocess import Preprocess, batch_of
+
+log = logging.getLogger(__name__)
+
+# Versions measured to convert, compile and match Keras on an AMD EPYC (Zen 4).
+TESTED_ON_AMD = ("2026.4",)
+# The CPU plugin's OPTIMIZATION_CAPABILITIES each precision needs.
+NEEDS = {"fp32": "FP32", "bf16": "BF16", "int8": "INT8"}
+
+
+def version() -> str:
+    """e.g. 2026.4.1 (the build suffix dropped)."""
+    return str(ov.__version__).split("-")[0]
+
+
+@functools.cache
+def core() -> ov.Core:
+    return ov.Core()
+
+
+def cpu_vendor() -> str:
+    """vendor_id from /proc/cpuinfo (AuthenticAMD, GenuineIntel), or '' if unknown."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def optimization_capabilities() -> set[str]:
+    """What the CPU plugin can run on this CPU: FP32, BF16, INT8, ..."""
+    return set(core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+
+
+def check_supported(precision: str) -> None:
+    """Refuse, with the reason, a CPU or version this engine is not known to
+    work on, or a precision the CPU cannot run."""
+    if cpu_vendor() == "AuthenticAMD" and not version().startswith(TESTED_ON_AMD):
+        raise EngineError(
+            f"OpenVINO {version()} is not tested on AMD CPUs (OpenVINO does not officially "
+            f"support them; 2025.3 crashed in compile_model, openvino#35943). Install a tested "
+            f"version ({', '.join(v + '.x' for v in TESTED_ON_AMD)}, as requirements.txt pins) "
+            "or use --engine keras"
+        )
+    capabilities = optimization_capabilities()
+    if NEEDS[precision] not in capabilities:
+        raise EngineError(
+            f"--precision {precision}: this CPU cannot run {NEEDS[precision]} in OpenVINO "
+            f"(it offers {', '.join(sorted(capabilities)) or 'nothing'}); use --precision fp32"
+        )
+
+
+def convert(onnx_path: Path, xml_path: Path) -> None:
+    """ONNX -> OpenVINO IR (xml + bin), weights kept in full precision."""
+    try:
+        model = ov.convert_model(str(onnx_path))
+        ov.save_model(model, str(xml_path), compress_to_fp16=False)
+    except Exception as exc:
+        raise EngineError(
+            f"OpenVINO {version()} cannot convert the model ({type(exc).__name__}: {exc})"
+        ) from None
+
+
+def compile_model(xml_path: Path, precision: str) -> ov.CompiledModel:
+    config = {
+        hints.performance_mode: hints.PerformanceMode.LATENCY,
+        # Explicit: on a CPU with AMX, OpenVINO would otherwise pick bf16 itself.
+        hints.inference_precision: ov.Type.bf16 if precision == "bf16" else ov.Type.f32,
+    }
+    try:
+        return core().compile_model(core().read_model(str(xml_path)), "CPU", config)
+    except Exception as exc:
+        raise EngineError(
+            f"OpenVINO {version()} cannot compile the model for this CPU "
+            f"({type(exc).__name__}: {exc})"
+        ) from None
+
+
+class OpenVinoClassifier:
+    """The `predictor.Predictor` of the openvino engine: one synchronous infer
+    request, used by one batch at a time."""
+
+    engine = "openvino"
+
+    def __init__(
+        self,
+        compiled: ov.CompiledModel,
+        *,
+        labels: Sequence[str],
+        description: str,
+        input_shape: tuple[int, int, int],
+        channels: int,
+        preprocess: Preprocess,
+        top_k: int,
+        precision: str,
+    ) -> None:
+        self.labels = labels
+        self.description = description
+        self.input_shape = input_shape
+        self.channels = channels
+        self.preprocess = preprocess
+        self.top_k = top_k
+        self.precision = precision
+        self.fidelity: Fidelity | None = None
+        self._request = compiled.create_infer_request()
+        # Claim loops of several shards take turns already; this keeps the one
+        # request safe for any other caller (warm-up, the fidelity check).
+        self._lock = threading.Lock()
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """Class probabilities, shape (n, classes), for uint8 RGB images (n, h, w, 3)."""
+        batch = batch_of(images, self.channels, self.preprocess)
+        with self._lock:
+            self._request.infer({0: batch})
+            return np.array(self._request.get_output_tensor(0).data, copy=True)

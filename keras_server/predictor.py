@@ -1,0 +1,130 @@
+"""The one interface every engine implements, and what the worker needs of it.
+
+A `Predictor` turns a batch of uint8 RGB images at its `input_shape` into
+class probabilities; it names its `labels`, how many classes an answer lists
+(`top_k`), and says in `description` what it is (model, weights, engine).
+The engines live beside this module: Keras (`model.py`), ONNX Runtime
+(`onnx_engine.py`) and OpenVINO (`openvino_engine.py`), chosen by
+`engines.py`; the simulated model (`simulated.py`) implements it too. This
+module imports neither the engines nor the worker loop, so nothing cycles.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+TOP_K = 5
+
+
+class ModelLoadError(RuntimeError):
+    """The model cannot be loaded; the message is meant for the operator."""
+
+
+class EngineError(ModelLoadError):
+    """This engine cannot run the model here (missing, cannot convert or
+    compile, unsupported CPU, outputs too far from Keras); `--engine auto`
+    falls back to keras on it, an engine asked for by name stops."""
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """How closely an engine's probabilities follow Keras fp32 on held-out images."""
+
+    images: int  # how many images were compared
+    agreement: float  # share of images whose top-1 class is Keras's (0..1)
+    max_difference: float  # largest |engine - keras| over every class probability
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {
+            "images": self.images,
+            "top1_agreement": round(self.agreement, 6),
+            "max_probability_difference": float(f"{self.max_difference:.3g}"),
+        }
+
+
+class Predictor(Protocol):
+    """What the worker knows of a model; every engine implements it."""
+
+    @property
+    def labels(self) -> Sequence[str]: ...
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(height, width, 3): the uint8 RGB images the worker takes off the wire."""
+        ...
+
+    @property
+    def top_k(self) -> int:
+        """How many classes each answer lists."""
+        ...
+
+    @property
+    def description(self) -> str:
+        """The model, its weights and what runs it, for heartbeats and /models."""
+        ...
+
+    @property
+    def engine(self) -> str:
+        """What runs the forward pass: keras, onnx, openvino (or sim)."""
+        ...
+
+    @property
+    def precision(self) -> str:
+        """fp32, bf16 or int8."""
+        ...
+
+    @property
+    def fidelity(self) -> Fidelity | None:
+        """Measured against Keras fp32 at start-up; None for Keras itself."""
+        ...
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """Class probabilities (n, classes) for uint8 RGB images (n, h, w, 3)."""
+        ...
+
+
+def top_k(
+    probabilities: np.ndarray, labels: Sequence[str], k: int = TOP_K
+) -> list[dict[str, object]]:
+    """The k most likely classes, highest first, in the API's shape."""
+    best = top_indices(probabilities, k)
+    return [{"label": labels[i], "probability": float(probabilities[i])} for i in best]
+
+
+def top_indices(probabilities: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest, largest first (ties in index order)."""
+    k = min(k, probabilities.shape[-1])
+    best = np.argpartition(-probabilities, k - 1)[:k]
+    return best[np.argsort(-probabilities[best], kind="stable")]
+
+
+def fidelity(expected: np.ndarray, got: np.ndarray) -> Fidelity:
+    """Compare an engine's probabilities `got` with Keras's `expected`."""
+    agreement = float(np.mean(np.argmax(got, axis=-1) == np.argmax(expected, axis=-1)))
+    difference = float(np.max(np.abs(got.astype(np.float64) - expected)))
+    return Fidelity(images=len(expected), agreement=agreement, max_difference=difference)
+
+
+def warm_up(predictor: Predictor, batch_size: int) -> None:
+    """Run batch 1 and the full batch once before the first request: the first
+    run at a size compiles (Keras) or allocates buffers (ONNX Runtime,
+    OpenVINO), and once both ends are traced Keras's compiled step takes every
+    size in between."""
+    for n in sorted({1, batch_size}):
+        predictor.predict(np.zeros((n, *predictor.input_shape), dtype=np.uint8))
+
+
+def timed_warm_up(predictor: Predictor, batch_size: int) -> None:
+    started = time.perf_counter()
+    warm_up(predictor, batch_size)
+    log.info(
+        "model warmed up in %.1f s (batch sizes 1..%d)", time.perf_counter() - started, batch_size
+    )

@@ -1,0 +1,70 @@
+"""The models' input preprocessing, in numpy: the same for every engine.
+
+Keras's `preprocess_input` modes (`caffe`, `tf`, `torch`), `scale` and
+`none`, applied to a float32 RGB 0..255 batch. It lives outside Keras so an
+engine served from the conversion cache needs no TensorFlow at all; the tests
+check it against Keras's own functions for every built-in model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from .catalog import ModelSpec
+
+Preprocess = Callable[[np.ndarray], np.ndarray]
+
+# keras.applications.<module>.preprocess_input, by module: its mode. The
+# EfficientNet, MobileNetV3 and ConvNeXt models rescale inside the network.
+MODULE_MODES = {
+    "resnet50": "caffe",
+    "resnet": "caffe",
+    "vgg16": "caffe",
+    "vgg19": "caffe",
+    "resnet_v2": "tf",
+    "mobilenet": "tf",
+    "mobilenet_v2": "tf",
+    "inception_v3": "tf",
+    "xception": "tf",
+    "densenet": "torch",
+    "mobilenet_v3": "none",
+    "efficientnet": "none",
+    "efficientnet_v2": "none",
+    "convnext": "none",
+}
+CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68], dtype=np.float32)
+TORCH_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+TORCH_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+
+def mode_of(spec: ModelSpec) -> str:
+    """The preprocessing `spec` asks for, or its built-in model's own."""
+    if spec.preprocessing is not None:
+        return spec.preprocessing
+    if spec.builtin is not None:
+        return MODULE_MODES[spec.builtin.module]
+    return "none"  # a .keras file's default: it may rescale itself
+
+
+def preprocessing(mode: str) -> Preprocess:
+    """float32 RGB 0..255 batch -> what the model takes, for `mode`."""
+    if mode == "caffe":
+        return lambda x: x[..., ::-1] - CAFFE_MEAN_BGR  # RGB -> BGR, centred
+    if mode == "tf":
+        return lambda x: x / np.float32(127.5) - np.float32(1.0)
+    if mode == "torch":
+        return lambda x: (x / np.float32(255.0) - TORCH_MEAN) / TORCH_STD
+    if mode == "scale":
+        return lambda x: x / np.float32(255.0)
+    return lambda x: x
+
+
+def batch_of(images: np.ndarray, channels: int, preprocess: Preprocess) -> np.ndarray:
+    """uint8 RGB images (n, h, w, 3) -> the float32 batch a model with
+    `channels` (1 or 3) input channels takes."""
+    batch = images.astype(np.float32)
+    if channels == 1:
+        batch = batch.mean(axis=-1, keepdims=True)
+    return np.ascontiguousarray(preprocess(batch), dtype=np.float32)
