@@ -93,7 +93,7 @@ def list_models() -> Response:
                 "input_size": list(size) if size else None,
                 "labels": max((w.labels for w in workers), default=0) or None,
                 "live_workers": len(workers),
-                "description": workers[0].model if workers else None,
+                "description": workers[0].description if workers else None,
             }
         )
     return jsonify(default=deployment.default, models=described)
@@ -145,20 +145,20 @@ def readyz() -> Response | tuple[Response, int]:
     survey = deployment.survey()
     down = {f"Redis at {s.shard} is unreachable: {s.error}" for s in survey if not s.reachable}
     missing = []
-    for model in deployment.models:
-        reachable = [s for s in survey.of(model) if s.reachable]
+    for name in deployment.models:
+        reachable = [s for s in survey.of(name) if s.reachable]
         missing += [
-            f"no live worker for model {model!r} at {s.shard}" for s in reachable if not s.workers
+            f"no live worker for model {name!r} at {s.shard}" for s in reachable if not s.workers
         ]
         if not reachable:
-            missing.append(f"no reachable Redis shard for model {model!r}")
+            missing.append(f"no reachable Redis shard for model {name!r}")
     if missing:
         return jsonify(ready=False, reason="; ".join([*sorted(down), *missing])), 503
     workers = survey.live_workers()
     body: dict[str, Any] = {
         "ready": True,
         "workers": len(workers),
-        "models": sorted({w.model for w in workers}),
+        "models": sorted({w.description for w in workers}),
     }
     if down:
         body["unreachable"] = sorted(down)
