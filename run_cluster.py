@@ -225,7 +225,7 @@ class Cluster:
         parts = [*self.workers, *self.webs, *([self.nginx] if self.nginx else [])]
 
         def ready() -> bool:
-            states = [s for s in deployment.survey() if s.model in served]
+            states = [s for s in deployment.survey() if s.model_name in served]
             beating = all(s.reachable and len(s.workers) >= workers for s in states)
             return beating and all(check() for check in answering)
 

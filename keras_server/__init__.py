@@ -10,7 +10,8 @@ Modules, each owning one thing:
     shards          several Redis instances: pick one per request, skip dead ones
     routing         the models a web server routes to, and their input sizes
     images          upload -> RGB uint8 array at the model's input size, memory-bounded
-    web             the Flask app factory (never imports TensorFlow)
+    web             the Flask app factory: request log, auth, blueprints, errors
+    api             the JSON routes (/predict, /models, probes, /metrics) and their app state
     fanout          uploads to answers: decode within the memory budget, queue, await
     v2              the Open Inference Protocol (KServe v2, REST) under /v2
     auth            API keys (--api-keys): checked before every route

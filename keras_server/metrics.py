@@ -132,7 +132,7 @@ class RedisCollector(Collector):
             reachable[state.shard] = max(reachable.get(state.shard, 0), int(state.reachable))
             if not state.reachable:
                 continue
-            where = [state.model, state.shard]
+            where = [state.model_name, state.shard]
             depth.add_metric(where, state.depth)
             live.add_metric(where, len(state.workers))
             for worker_id, info in state.workers.items():

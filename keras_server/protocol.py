@@ -194,7 +194,7 @@ def request_id_of(raw: bytes | str) -> str | None:
 class WorkerInfo:
     """What a worker's heartbeat says about it (JSON in its heartbeat key)."""
 
-    model: str  # a description, e.g. "ResNet50, ImageNet weights"
+    description: str  # what the worker loaded, e.g. "ResNet50, ImageNet weights"
     batch_size: int
     host: str
     pid: int
@@ -210,7 +210,10 @@ class WorkerInfo:
     fidelity: dict[str, float] | None = None
 
     def encode(self) -> bytes:
-        return json.dumps(self.__dict__).encode()
+        # The description is also written under its old key, "model": a web
+        # server of an earlier version, still running during a rolling
+        # upgrade, requires that key and would take this worker for dead.
+        return json.dumps({**self.__dict__, "model": self.description}).encode()
 
     @classmethod
     def decode(cls, raw: bytes | str) -> WorkerInfo:
@@ -218,6 +221,8 @@ class WorkerInfo:
         never looks dead to an older web server during a rolling upgrade."""
         try:
             fields = json.loads(raw)
+            if isinstance(fields, dict) and "model" in fields:  # maybe an earlier version's
+                fields.setdefault("description", fields["model"])
             known = {f.name for f in dataclasses.fields(cls)}
             fields = {k: v for k, v in fields.items() if k in known}
             if fields.get("input_size") is not None:

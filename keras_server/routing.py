@@ -30,7 +30,7 @@ SIZE_TTL_S = 5.0
 class ShardState:
     """One model's queue on one shard, as read at one moment."""
 
-    model: str
+    model_name: str
     shard: str  # host:port/db, no password
     reachable: bool
     depth: int = 0
@@ -47,12 +47,13 @@ class Survey:
     def __iter__(self) -> Iterator[ShardState]:
         return iter(self.states)
 
-    def of(self, model: str) -> list[ShardState]:
-        return [s for s in self.states if s.model == model]
+    def of(self, model_name: str) -> list[ShardState]:
+        return [s for s in self.states if s.model_name == model_name]
 
-    def live_workers(self, model: str | None = None) -> list[WorkerInfo]:
-        """Live workers of `model` (default: of every model) over the reachable shards."""
-        states = self.states if model is None else self.of(model)
+    def live_workers(self, model_name: str | None = None) -> list[WorkerInfo]:
+        """Live workers of the model named `model_name` (default: of every
+        model) over the reachable shards."""
+        states = self.states if model_name is None else self.of(model_name)
         return [info for s in states for info in s.workers.values()]
 
 

@@ -43,6 +43,9 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 class Settings:
     host: str = "127.0.0.1"
     port: int = 5000
+    # The --redis-url text: one URL, or several separated by commas (shards);
+    # `redis_urls` is the list. The field keeps the knob's name, which the
+    # flag and the environment variable are derived from.
     redis_url: str = "redis://localhost:6379/0"
     # False when redis_url is the default: only then may we start a private
     # redis-server if nothing answers there (see redis_launcher).
@@ -115,6 +118,7 @@ class Settings:
 
     @property
     def redis_urls(self) -> tuple[str, ...]:
+        """Each Redis of --redis-url: one per shard."""
         return split_redis_urls(self.redis_url)
 
     @property

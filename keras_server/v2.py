@@ -1,6 +1,7 @@
 """The Open Inference Protocol (KServe v2, REST), over the same queues and
-workers as `/predict`: a Flask blueprint under `/v2` that `web.create_app`
-registers.
+workers as `/predict`: a module-level Flask blueprint under `/v2` that
+`web.create_app` registers; its routes read the app's settings, deployment and
+decoder with `api.state()`.
 
     GET  /v2                                   server metadata
     GET  /v2/health/live, /v2/health/ready     200 when live / ready, else 400
@@ -46,10 +47,11 @@ from flask import Blueprint, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from . import protocol
+from .api import state
 from .fanout import Decoder, Refused, submit, timed_out, too_many
 from .images import ImageError
 from .protocol import WorkerInfo
-from .routing import Deployment, ServedModel
+from .routing import ServedModel
 from .settings import Settings
 from .ui import openapi_document
 
@@ -102,115 +104,121 @@ class Inference:
         self.classes = max((o.classification for o in self.outputs), default=0)
 
 
-def blueprint(settings: Settings, deployment: Deployment, decode: Decoder) -> Blueprint:
-    """The `/v2` routes for `deployment`."""
-    bp = Blueprint("v2", __name__, url_prefix="/v2")
+blueprint = Blueprint("v2", __name__, url_prefix="/v2")
 
-    @bp.errorhandler(V2Error)
-    def v2_error(exc: V2Error) -> Response:
-        response = jsonify(error=exc.message)
-        response.status_code = exc.status
-        response.headers.update(exc.headers)
-        return response
 
-    @bp.errorhandler(HTTPException)
-    def http_error(exc: HTTPException) -> Response:
-        # A body over --max-upload-mb is found while reading it, in the view.
-        message = (
-            f"the request is larger than the {settings.max_upload_mb:g} MB limit"
-            if exc.code == 413
-            else exc.description or exc.name
+@blueprint.errorhandler(V2Error)
+def v2_error(exc: V2Error) -> Response:
+    response = jsonify(error=exc.message)
+    response.status_code = exc.status
+    response.headers.update(exc.headers)
+    return response
+
+
+@blueprint.errorhandler(HTTPException)
+def http_error(exc: HTTPException) -> Response:
+    # A body over --max-upload-mb is found while reading it, in the view.
+    message = (
+        f"the request is larger than the {state().settings.max_upload_mb:g} MB limit"
+        if exc.code == 413
+        else exc.description or exc.name
+    )
+    return v2_error(V2Error(exc.code or 400, message))
+
+
+@blueprint.get("")
+def server_metadata() -> Response:
+    return jsonify(name=SERVER_NAME, version=_version(), extensions=EXTENSIONS)
+
+
+@blueprint.get("/health/live")
+def live() -> Response:
+    return jsonify(live=True)
+
+
+@blueprint.get("/health/ready")
+def ready() -> Response | tuple[Response, int]:
+    # The protocol: 200 is true, a 4xx false (/readyz says why, with a 503).
+    ok = all(model.live_workers() for model in state().deployment.models.values())
+    return jsonify(ready=ok), 200 if ok else 400
+
+
+def resolve(name: str, version: str | None) -> tuple[ServedModel, list[WorkerInfo]]:
+    deployment = state().deployment
+    model = deployment.models.get(name)
+    if model is None:
+        known = ", ".join(sorted(deployment.models))
+        raise V2Error(404, f"unknown model {name!r}; this server serves {known}")
+    workers = model.live_workers()
+    if version is not None and version not in _versions(model, workers):
+        served = ", ".join(_versions(model, workers))
+        raise V2Error(404, f"model {name!r} has no version {version!r}; it serves {served}")
+    return model, workers
+
+
+def routes(rule: str, method: str) -> Callable[[Callable[..., Response]], Any]:
+    """Register a view under the model's path and under its /versions/{v} path."""
+
+    def register(view: Callable[..., Response]) -> Any:
+        blueprint.add_url_rule(f"/models/<name>{rule}", view_func=view, methods=[method])
+        blueprint.add_url_rule(
+            f"/models/<name>/versions/<version>{rule}",
+            endpoint=f"{view.__name__}_version",
+            view_func=view,
+            methods=[method],
         )
-        return v2_error(V2Error(exc.code or 400, message))
+        return view
 
-    @bp.get("")
-    def server_metadata() -> Response:
-        return jsonify(name=SERVER_NAME, version=_version(), extensions=EXTENSIONS)
+    return register
 
-    @bp.get("/health/live")
-    def live() -> Response:
-        return jsonify(live=True)
 
-    @bp.get("/health/ready")
-    def ready() -> Response | tuple[Response, int]:
-        # The protocol: 200 is true, a 4xx false (/readyz says why, with a 503).
-        ok = all(model.live_workers() for model in deployment.models.values())
-        return jsonify(ready=ok), 200 if ok else 400
+@routes("", "GET")
+def model_metadata(name: str, version: str | None = None) -> Response:
+    model, workers = resolve(name, version)
+    size = model.input_size(workers)
+    width, height = size or (-1, -1)
+    classes = max((w.labels for w in workers), default=0) or -1
+    return jsonify(
+        name=model.name,
+        versions=_versions(model, workers) if version is None else [version],
+        platform="keras",
+        inputs=[
+            {"name": IMAGE, "datatype": "BYTES", "shape": [-1]},
+            {"name": PIXELS, "datatype": "UINT8", "shape": [-1, height, width, 3]},
+        ],
+        outputs=[{"name": OUTPUT, "datatype": "FP32", "shape": [-1, classes]}],
+    )
 
-    def resolve(name: str, version: str | None) -> tuple[ServedModel, list[WorkerInfo]]:
-        model = deployment.models.get(name)
-        if model is None:
-            known = ", ".join(sorted(deployment.models))
-            raise V2Error(404, f"unknown model {name!r}; this server serves {known}")
-        workers = model.live_workers()
-        if version is not None and version not in _versions(model, workers):
-            served = ", ".join(_versions(model, workers))
-            raise V2Error(404, f"model {name!r} has no version {version!r}; it serves {served}")
-        return model, workers
 
-    def routes(rule: str, method: str) -> Callable[[Callable[..., Response]], Any]:
-        """Register a view under the model's path and under its /versions/{v} path."""
+@routes("/ready", "GET")
+def model_ready(name: str, version: str | None = None) -> Response | tuple[Response, int]:
+    model, workers = resolve(name, version)
+    if version is not None:
+        workers = [w for w in workers if w.version == version]
+    return jsonify(name=model.name, ready=bool(workers)), 200 if workers else 400
 
-        def register(view: Callable[..., Response]) -> Any:
-            bp.add_url_rule(f"/models/<name>{rule}", view_func=view, methods=[method])
-            bp.add_url_rule(
-                f"/models/<name>/versions/<version>{rule}",
-                endpoint=f"{view.__name__}_version",
-                view_func=view,
-                methods=[method],
-            )
-            return view
 
-        return register
-
-    @routes("", "GET")
-    def model_metadata(name: str, version: str | None = None) -> Response:
-        model, workers = resolve(name, version)
-        size = model.input_size(workers)
-        width, height = size or (-1, -1)
-        classes = max((w.labels for w in workers), default=0) or -1
-        return jsonify(
-            name=model.name,
-            versions=_versions(model, workers) if version is None else [version],
-            platform="keras",
-            inputs=[
-                {"name": IMAGE, "datatype": "BYTES", "shape": [-1]},
-                {"name": PIXELS, "datatype": "UINT8", "shape": [-1, height, width, 3]},
-            ],
-            outputs=[{"name": OUTPUT, "datatype": "FP32", "shape": [-1, classes]}],
+@routes("/infer", "POST")
+def infer(name: str, version: str | None = None) -> Response:
+    model, workers = resolve(name, version)
+    size = model.input_size(workers)
+    if size is None:
+        raise V2Error(503, f"model {model.name!r} has no live worker yet; retry shortly", _RETRY)
+    settings = state().settings
+    inference = parse_request(request.get_data(), request.headers, size, settings, state().decoder)
+    jobs = [
+        protocol.ImageRequest.create(
+            image, settings.result_timeout, probabilities=True, classes=inference.classes
         )
-
-    @routes("/ready", "GET")
-    def model_ready(name: str, version: str | None = None) -> Response | tuple[Response, int]:
-        model, workers = resolve(name, version)
-        if version is not None:
-            workers = [w for w in workers if w.version == version]
-        return jsonify(name=model.name, ready=bool(workers)), 200 if workers else 400
-
-    @routes("/infer", "POST")
-    def infer(name: str, version: str | None = None) -> Response:
-        model, workers = resolve(name, version)
-        size = model.input_size(workers)
-        if size is None:
-            raise V2Error(
-                503, f"model {model.name!r} has no live worker yet; retry shortly", _RETRY
-            )
-        inference = parse_request(request.get_data(), request.headers, size, settings, decode)
-        jobs = [
-            protocol.ImageRequest.create(
-                image, settings.result_timeout, probabilities=True, classes=inference.classes
-            )
-            for image in inference.images
-        ]
-        try:
-            answers = submit(model, jobs, settings)
-        except Refused as exc:
-            raise V2Error(exc.status, exc.message, exc.headers) from None
-        rows, classes, made_by = _collect(jobs, answers, settings)
-        version_used = (made_by or {}).get("version") or model.spec.version
-        return answer(model.name, version_used, inference, rows, classes)
-
-    return bp
+        for image in inference.images
+    ]
+    try:
+        answers = submit(model, jobs, settings)
+    except Refused as exc:
+        raise V2Error(exc.status, exc.message, exc.headers) from None
+    rows, classes, made_by = _collect(jobs, answers, settings)
+    version_used = (made_by or {}).get("version") or model.spec.version
+    return answer(model.name, version_used, inference, rows, classes)
 
 
 _RETRY = {"Retry-After": "1"}

@@ -94,7 +94,7 @@ class Worker:
     def info(self) -> protocol.WorkerInfo:
         height, width, _ = self.predictor.input_shape
         return protocol.WorkerInfo(
-            model=self.description,
+            description=self.description,
             batch_size=self.batch_size,
             host=socket.gethostname(),
             pid=os.getpid(),

@@ -1,5 +1,6 @@
 """Shared fixtures: a real redis-server per test session, a small Keras model,
-and a worker thread serving it."""
+a worker thread serving it, the sample images, a test client of the app and a
+multipart upload to it."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
+from flask.testing import FlaskClient
 from PIL import Image
+from werkzeug.test import TestResponse
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -29,10 +32,15 @@ from keras_server.processes import Child, ChildFailed, http_answers
 from keras_server.queue import RequestQueue
 from keras_server.redis_launcher import RedisServer, free_port
 from keras_server.settings import Settings
+from keras_server.web import create_app
 from keras_server.worker import Worker
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGES = ROOT / "images"
+# The sample images, as uploaded.
+CHELSEA = (IMAGES / "chelsea.png").read_bytes()
+COFFEE = (IMAGES / "coffee.png").read_bytes()
+ROCKET = (IMAGES / "rocket.jpg").read_bytes()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -139,6 +147,27 @@ def settings(redis_server: RedisServer, redis_client: redis.Redis) -> Settings:
         result_timeout=20.0,
         batch_size=8,
     )
+
+
+@pytest.fixture
+def client(settings: Settings) -> FlaskClient:
+    """A test client of the app for `settings` (nothing served until a test
+    starts a worker)."""
+    return create_app(settings).test_client()
+
+
+def post_images(
+    client: FlaskClient,
+    *files: bytes | tuple[str, bytes],
+    path: str = "/predict",
+    field: str = "image",
+    headers: dict[str, str] | None = None,
+) -> TestResponse:
+    """POST `files` as multipart/form-data, each in the `field` field (a file
+    given as bare bytes is named x.png)."""
+    named = [(f, "x.png") if isinstance(f, bytes) else (f[1], f[0]) for f in files]
+    data = {field: [(io.BytesIO(content), name) for content, name in named]}
+    return client.post(path, data=data, content_type="multipart/form-data", headers=headers)
 
 
 @pytest.fixture

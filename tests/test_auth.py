@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import hmac
-import io
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,10 +13,11 @@ from pathlib import Path
 import pytest
 import requests
 from conftest import (
-    IMAGES,
+    CHELSEA,
     CountingPredictor,
     WorkerThread,
     make_worker,
+    post_images,
     start,
     start_web,
     stop,
@@ -35,7 +35,6 @@ from keras_server.web import create_app
 
 KEY = "k3y-of-the-first-client-0123456789"
 OTHER = "another.client~key/with+signs=="
-CHELSEA = (IMAGES / "chelsea.png").read_bytes()
 
 
 @pytest.fixture
@@ -72,15 +71,6 @@ def client(keyed: Settings) -> FlaskClient:
     return app_for(keyed).test_client()
 
 
-def predict(client: FlaskClient, **headers: str):
-    return client.post(
-        "/predict",
-        data={"image": (io.BytesIO(CHELSEA), "chelsea.png")},
-        content_type="multipart/form-data",
-        headers=headers,
-    )
-
-
 def assert_401(response, text: str, error: str | None = None) -> None:
     assert response.status_code == 401
     assert response.is_json
@@ -100,7 +90,7 @@ def test_a_key_as_bearer_or_x_api_key(client: FlaskClient, model: CountingPredic
         {"X-API-Key": KEY},
         {"x-api-key": OTHER},
     ):
-        response = predict(client, **headers)
+        response = post_images(client, CHELSEA, headers=headers)
         assert response.status_code == 200, (headers, response.get_json())
         assert response.get_json()["success"] is True
     assert sum(model.batches) == 4
@@ -129,7 +119,7 @@ def test_missing_wrong_or_malformed_key_is_401_and_nothing_is_queued(
     text: str,
     error: str | None,
 ) -> None:
-    assert_401(predict(client, **headers), text, error)
+    assert_401(post_images(client, CHELSEA, headers=headers), text, error)
     assert_401(client.post("/models/resnet50/predict", headers=headers), text)
     assert model.batches == []
 
@@ -137,7 +127,7 @@ def test_missing_wrong_or_malformed_key_is_401_and_nothing_is_queued(
 def test_no_key_is_401_before_the_body_is_read(keyed: Settings) -> None:
     # Over the upload limit, still 401 (not 413): the body is never looked at.
     small = dataclasses.replace(keyed, max_upload_mb=0.001)
-    response = predict(app_for(small).test_client())
+    response = post_images(app_for(small).test_client(), CHELSEA)
     assert_401(response, "an API key is required")
 
 

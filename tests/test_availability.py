@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import redis
 import requests
-from conftest import IMAGES, start, start_web, stop, wait_until
+from conftest import CHELSEA, start, start_web, stop, wait_until
 
 from keras_server import protocol
 from keras_server.catalog import CatalogError, load_models_file
@@ -27,7 +27,6 @@ from keras_server.redis_launcher import RedisServer, find_redis_server, free_por
 from keras_server.settings import Settings
 from keras_server.shards import ShardSet, label
 
-CHELSEA = (IMAGES / "chelsea.png").read_bytes()
 RESULT_TIMEOUT = 5.0
 # How far past its deadline an answer may come: the HTTP hop and a loaded CI box.
 SLACK_S = 2.0

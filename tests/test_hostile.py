@@ -9,15 +9,13 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import IMAGES, CountingPredictor, WorkerThread, make_worker, png_bytes
+from conftest import CHELSEA, ROCKET, CountingPredictor, WorkerThread, make_worker, png_bytes
 from flask.testing import FlaskClient
 from PIL import Image
 from test_images import _png_header_only
 
 from keras_server.settings import Settings
-from keras_server.web import create_app
 
-CHELSEA = (IMAGES / "chelsea.png").read_bytes()
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 BOMB = _png_header_only(70_000, 70_000)
 SVG = (
@@ -62,11 +60,6 @@ BAD_REQUESTS: list[tuple[str, Callable[[], dict], int, str]] = [
 ]
 
 
-@pytest.fixture
-def client(settings: Settings) -> FlaskClient:
-    return create_app(settings).test_client()
-
-
 @pytest.mark.parametrize("case", BAD_REQUESTS, ids=[case[0] for case in BAD_REQUESTS])
 def test_each_bad_request_gets_the_right_4xx(
     client: FlaskClient, redis_client, settings: Settings, case: tuple
@@ -92,7 +85,7 @@ def test_a_polyglot_is_classified_as_the_image_it_is(
 def test_bad_uploads_mixed_with_good_ones(
     client: FlaskClient, settings: Settings, predictor: CountingPredictor
 ) -> None:
-    photos = [CHELSEA, (IMAGES / "rocket.jpg").read_bytes()]
+    photos = [CHELSEA, ROCKET]
     good = [("good", lambda d=d: multipart("image", d), 200, "") for d in photos]
     cases = BAD_REQUESTS * 3 + good * 12
     random.Random(7).shuffle(cases)

@@ -10,7 +10,7 @@ import re
 import struct
 
 import pytest
-from conftest import IMAGES, ROOT, CountingPredictor, WorkerThread, make_worker, wait_until
+from conftest import CHELSEA, ROOT, CountingPredictor, WorkerThread, make_worker, wait_until
 from flask.testing import FlaskClient
 from openapi_core import OpenAPI
 from openapi_core.contrib.werkzeug import WerkzeugOpenAPIRequest, WerkzeugOpenAPIResponse
@@ -28,7 +28,6 @@ from keras_server.ui import openapi_document
 from keras_server.web import create_app
 
 SPEC = json.loads(openapi_document())
-CHELSEA = (IMAGES / "chelsea.png").read_bytes()
 DOWN = "redis://127.0.0.1:1/0"  # nothing listens on port 1
 
 
@@ -38,11 +37,6 @@ def openapi() -> OpenAPI:
     # proxy's sub-path); openapi-core matches servers literally, and the test
     # client serves the document at http://localhost/.
     return OpenAPI.from_dict({**SPEC, "servers": [{"url": "http://localhost/"}]})
-
-
-@pytest.fixture
-def client(settings: Settings) -> FlaskClient:
-    return create_app(settings).test_client()
 
 
 @dataclasses.dataclass

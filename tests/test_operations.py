@@ -1,11 +1,10 @@
 """Health probes and Prometheus metrics, in one process and under gunicorn."""
 
 import dataclasses
-import io
 
 import pytest
 import requests
-from conftest import IMAGES, WorkerThread, make_worker, start_web, stop, wait_until
+from conftest import CHELSEA, WorkerThread, make_worker, post_images, start_web, stop, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 from keras_server.queue import RequestQueue
@@ -13,8 +12,6 @@ from keras_server.settings import Settings
 from keras_server.shards import label
 from keras_server.simulated import SimulatedModel
 from keras_server.web import create_app
-
-CHELSEA = (IMAGES / "chelsea.png").read_bytes()
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -27,14 +24,6 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 def value(text: str, name: str, **labels: str) -> float:
     return samples(text).get((name, tuple(sorted(labels.items()))), 0.0)
-
-
-def post(client):
-    return client.post(
-        "/predict",
-        data={"image": (io.BytesIO(CHELSEA), "x.png")},
-        content_type="multipart/form-data",
-    )
 
 
 def test_healthz_is_always_ok(settings: Settings) -> None:
@@ -73,7 +62,7 @@ def test_metrics_count_requests_batches_queue_and_heartbeats(
     client = create_app(settings).test_client()
     before = client.get("/metrics").get_data(as_text=True)
     with WorkerThread(make_worker(settings, predictor)) as running:
-        assert post(client).status_code == 200
+        assert post_images(client, CHELSEA).status_code == 200
         client.post("/predict")  # a 400
         response = client.get("/metrics")
     assert response.status_code == 200

@@ -134,7 +134,7 @@ def test_top_k_highest_first() -> None:
 
 def test_heartbeats_ignore_fields_they_do_not_know() -> None:
     """A newer worker's heartbeat must not look dead to an older web server."""
-    info = protocol.WorkerInfo(model="m", batch_size=1, host="h", pid=1, at=1.0, version="7")
+    info = protocol.WorkerInfo(description="m", batch_size=1, host="h", pid=1, at=1.0, version="7")
     newer = json.loads(info.encode()) | {"gpu": "H100", "accelerator": "npu"}
     assert protocol.WorkerInfo.decode(json.dumps(newer)) == info
 
@@ -164,3 +164,17 @@ def test_probabilities_answer_round_trip() -> None:
     assert protocol.decode_probabilities(protocol.success_result([]))[1] is None
     with pytest.raises(protocol.BadMessage):
         protocol.decode_probabilities(raw[:-1])
+
+
+def test_heartbeats_stay_readable_across_the_description_rename() -> None:
+    """WorkerInfo.description was once called `model`. During a rolling upgrade
+    an older web server, which requires `model`, reads a newer worker's beat,
+    and an older worker's beat, with `model` only, reads here."""
+    info = protocol.WorkerInfo(description="ResNet50", batch_size=1, host="h", pid=1, at=1.0)
+    written = json.loads(info.encode())
+    assert written["model"] == written["description"] == "ResNet50"
+    assert {"model", "batch_size", "host", "pid", "at"} <= written.keys()  # what older ones need
+    older = {k: v for k, v in written.items() if k != "description"}
+    assert protocol.WorkerInfo.decode(json.dumps(older)) == info
+    with pytest.raises(protocol.BadMessage):
+        protocol.WorkerInfo.decode(json.dumps({"batch_size": 1, "host": "h", "pid": 1, "at": 1.0}))

@@ -114,7 +114,7 @@ def test_wait_result_times_out(queue: RequestQueue) -> None:
 
 
 def test_writes_join_a_callers_transaction(queue: RequestQueue, redis_client: redis.Redis) -> None:
-    info = WorkerInfo(model="m", batch_size=1, host="h", pid=1, at=time.time())
+    info = WorkerInfo(description="m", batch_size=1, host="h", pid=1, at=time.time())
     with redis_client.pipeline(transaction=True) as pipe:
         queue.beat("w", info, ttl=5, pipe=pipe)
         queue.finish("w", {"id": b"y"}, ttl=5, pipe=pipe)
@@ -153,7 +153,7 @@ def test_requeue_puts_claims_back_at_the_head_in_order(queue: RequestQueue) -> N
 
 
 def test_only_dead_workers_are_reaped(queue: RequestQueue, redis_client: redis.Redis) -> None:
-    info = WorkerInfo(model="m", batch_size=4, host="h", pid=1, at=time.time())
+    info = WorkerInfo(description="m", batch_size=4, host="h", pid=1, at=time.time())
     for item in (b"a", b"b", b"c", b"d"):
         queue.push(item)
     queue.beat("alive", info, ttl=30)

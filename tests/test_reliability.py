@@ -3,7 +3,6 @@ graceful shutdown of workers and web servers, a full queue, Redis out of memory.
 Every request must end in a correct answer or a clear error."""
 
 import dataclasses
-import io
 import os
 import signal
 import threading
@@ -14,9 +13,10 @@ import pytest
 import redis
 import requests
 from conftest import (
-    IMAGES,
+    CHELSEA,
     WorkerThread,
     make_worker,
+    post_images,
     start,
     start_serving,
     start_web,
@@ -36,14 +36,6 @@ from keras_server.simulated import SimulatedModel
 from keras_server.web import create_app
 
 pytestmark = pytest.mark.slow
-
-CHELSEA = (IMAGES / "chelsea.png").read_bytes()
-
-
-def post(client, data: bytes = CHELSEA):
-    return client.post(
-        "/predict", data={"image": (io.BytesIO(data), "x.png")}, content_type="multipart/form-data"
-    )
 
 
 def sim_worker(settings: Settings, *extra: str):
@@ -74,7 +66,7 @@ def test_a_worker_killed_mid_batch_loses_no_request(
         worker_id_of(queue, survivor.pid)
         client = create_app(settings).test_client()
         with ThreadPoolExecutor(16) as pool:
-            futures = [pool.submit(post, client) for _ in range(24)]
+            futures = [pool.submit(post_images, client, CHELSEA) for _ in range(24)]
             processing = queue.keys.processing(doomed_id)
             wait_until(lambda: queue.client.llen(processing), what="the doomed worker's claim")
             held = queue.client.llen(processing)
@@ -95,11 +87,11 @@ def test_redis_outage_is_503_then_recovers_without_restarts(small_classifier: ob
     client = create_app(settings).test_client()
     try:
         with WorkerThread(make_worker(settings, small_classifier, heartbeat_ttl=1.5)) as running:
-            assert post(client).status_code == 200
+            assert post_images(client, CHELSEA).status_code == 200
             server.stop()
 
             started = time.monotonic()
-            down = post(client)
+            down = post_images(client, CHELSEA)
             assert down.status_code == 503
             assert time.monotonic() - started < 5, "503 at once, not after the result timeout"
             assert "Redis" in down.get_json()["error"]
@@ -107,7 +99,9 @@ def test_redis_outage_is_503_then_recovers_without_restarts(small_classifier: ob
             assert client.get("/healthz").status_code == 200
 
             server.start()
-            wait_until(lambda: post(client).status_code == 200, timeout=30, what="recovery")
+            wait_until(
+                lambda: post_images(client, CHELSEA).status_code == 200, timeout=30, what="recovery"
+            )
             wait_until(lambda: client.get("/readyz").status_code == 200, what="ready again")
             assert running.thread.is_alive()
     finally:
@@ -117,7 +111,7 @@ def test_redis_outage_is_503_then_recovers_without_restarts(small_classifier: ob
 def test_sigterm_lets_a_worker_finish_its_batch(settings: Settings, queue: RequestQueue) -> None:
     client = create_app(settings).test_client()
     with ThreadPoolExecutor(4) as pool:
-        futures = [pool.submit(post, client) for _ in range(4)]
+        futures = [pool.submit(post_images, client, CHELSEA) for _ in range(4)]
         wait_until(lambda: queue.depth() == 4, what="four queued requests")
         worker = sim_worker(settings, "--sim-batch-ms", "1500", "--batch-size", "2")
         worker_id = worker_id_of(queue, worker.pid)
@@ -184,7 +178,7 @@ def test_a_full_queue_is_503_at_once(settings: Settings, queue: RequestQueue) ->
     full = dataclasses.replace(settings, max_queue=2)
     queue.push(b"waiting-1")
     queue.push(b"waiting-2")
-    response = post(create_app(full).test_client())
+    response = post_images(create_app(full).test_client(), CHELSEA)
     assert response.status_code == 503
     assert response.headers["Retry-After"] == "1"
     assert "at capacity" in response.get_json()["error"]
@@ -209,7 +203,7 @@ def test_redis_out_of_memory_is_503(name: str) -> None:
         with pytest.raises(redis.ResponseError, match=r"OOM|maxmemory"):
             fill_up(client)
         settings = Settings(redis_url=server.url, redis_url_given=True, result_timeout=2)
-        response = post(create_app(settings).test_client())
+        response = post_images(create_app(settings).test_client(), CHELSEA)
     assert response.status_code == 503, response.get_json()
     assert "out of memory" in response.get_json()["error"]
 
@@ -217,7 +211,7 @@ def test_redis_out_of_memory_is_503(name: str) -> None:
 def test_results_of_a_dead_request_do_not_pile_up(settings: Settings, queue: RequestQueue) -> None:
     """An answer nobody waits for any more expires with its TTL."""
     short = dataclasses.replace(settings, result_timeout=0.5)
-    response = post(create_app(short).test_client())
+    response = post_images(create_app(short).test_client(), CHELSEA)
     assert response.status_code == 504
     raw = queue.client.lrange(queue.keys.queue, 0, -1)
     assert len(raw) == 1
@@ -236,9 +230,9 @@ def test_worker_thread_survives_many_failures(settings: Settings, small_classifi
     client = create_app(settings).test_client()
     with WorkerThread(make_worker(settings, flaky)) as running:
         with ThreadPoolExecutor(8) as pool:
-            statuses = list(pool.map(lambda _: post(client).status_code, range(16)))
+            statuses = list(pool.map(lambda _: post_images(client, CHELSEA).status_code, range(16)))
         assert statuses == [500] * 16
         flaky.fail = False
-        assert post(client).status_code == 200
+        assert post_images(client, CHELSEA).status_code == 200
         assert running.thread.is_alive()
     assert threading.active_count() < 50

@@ -1,12 +1,11 @@
 """The real model path: ResNet50 loaded through --weights, served through
 /predict, gives what Keras itself predicts for the same image."""
 
-import io
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import IMAGES, CountingPredictor, WorkerThread, make_worker
+from conftest import CHELSEA, IMAGES, CountingPredictor, WorkerThread, make_worker, post_images
 
 from keras_server.catalog import ModelSpec
 from keras_server.labels import imagenet_labels
@@ -44,11 +43,7 @@ def test_predict_equals_keras_on_the_same_weights(resnet_weights: Path, settings
     warm_up(classifier, 2)
     client = create_app(settings).test_client()
     with WorkerThread(make_worker(settings, CountingPredictor(classifier))):
-        response = client.post(
-            "/predict",
-            data={"image": (io.BytesIO((IMAGES / "chelsea.png").read_bytes()), "chelsea.png")},
-            content_type="multipart/form-data",
-        )
+        response = post_images(client, ("chelsea.png", CHELSEA))
     assert response.status_code == 200
     served = [(p["label"], p["probability"]) for p in response.get_json()["predictions"]]
     expected = keras_top5(resnet_weights, IMAGES / "chelsea.png")

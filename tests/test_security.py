@@ -1,7 +1,6 @@
 """Redis with a password, an ACL user and TLS; nothing from Redis is ever
 unpickled or evaluated."""
 
-import io
 import json
 import pickle
 import shutil
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from conftest import IMAGES, WorkerThread, make_worker
+from conftest import CHELSEA, WorkerThread, make_worker, post_images
 
 from keras_server import protocol
 from keras_server.queue import RequestQueue
@@ -18,8 +17,6 @@ from keras_server.redis_launcher import RedisServer, free_port
 from keras_server.settings import Settings
 from keras_server.simulated import SimulatedModel
 from keras_server.web import create_app
-
-CHELSEA = (IMAGES / "chelsea.png").read_bytes()
 
 
 def served_ok(url: str, queue_name: str = "image_queue") -> int:
@@ -29,11 +26,7 @@ def served_ok(url: str, queue_name: str = "image_queue") -> int:
     )
     client = create_app(settings).test_client()
     with WorkerThread(make_worker(settings, SimulatedModel(1, 0))):
-        response = client.post(
-            "/predict",
-            data={"image": (io.BytesIO(CHELSEA), "x.png")},
-            content_type="multipart/form-data",
-        )
+        response = post_images(client, CHELSEA)
     return response.status_code
 
 
@@ -45,11 +38,7 @@ def test_password_in_the_url() -> None:
         wrong = f"redis://:nope@127.0.0.1:{port}/0"
         settings = Settings(redis_url=wrong, redis_url_given=True)
         client = create_app(settings).test_client()
-        response = client.post(
-            "/predict",
-            data={"image": (io.BytesIO(CHELSEA), "x.png")},
-            content_type="multipart/form-data",
-        )
+        response = post_images(client, CHELSEA)
         assert response.status_code == 503
         assert client.get("/readyz").status_code == 503
 

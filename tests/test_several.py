@@ -3,31 +3,30 @@ in order, each its own success or error; the single-image answer unchanged.
 Flask test client -> real Redis -> a worker thread with the small Keras model."""
 
 import dataclasses
-import io
 
 import pytest
 import redis
-from conftest import IMAGES, ROOT, CountingPredictor, WorkerThread, make_worker
+from conftest import (
+    CHELSEA,
+    COFFEE,
+    ROOT,
+    CountingPredictor,
+    WorkerThread,
+    make_worker,
+    post_images,
+)
 from flask.testing import FlaskClient
 from test_images import _png_header_only
-from werkzeug.test import TestResponse
 
 from keras_server.settings import Settings
 from keras_server.web import create_app
 
-CHELSEA = (IMAGES / "chelsea.png").read_bytes()
-COFFEE = (IMAGES / "coffee.png").read_bytes()
 NOT_AN_IMAGE = (ROOT / "pyproject.toml").read_bytes()
 
 
-def post(client: FlaskClient, *files: tuple[str, bytes]) -> TestResponse:
-    fields = {"image": [(io.BytesIO(data), name) for name, data in files]}
-    return client.post("/predict", data=fields, content_type="multipart/form-data")
-
-
 @pytest.fixture
-def client(settings: Settings) -> FlaskClient:
-    return create_app(dataclasses.replace(settings, max_images=4)).test_client()
+def settings(settings: Settings) -> Settings:
+    return dataclasses.replace(settings, max_images=4)
 
 
 @pytest.fixture
@@ -39,7 +38,7 @@ def served(settings: Settings, predictor: CountingPredictor):
 def test_one_answer_per_image_in_order_bad_files_fail_alone(
     client: FlaskClient, served: CountingPredictor
 ) -> None:
-    response = post(
+    response = post_images(
         client,
         ("chelsea.png", CHELSEA),
         ("notes.txt", NOT_AN_IMAGE),
@@ -63,7 +62,7 @@ def test_one_answer_per_image_in_order_bad_files_fail_alone(
     assert "empty" in results[3]["error"]
     # Each good image gets exactly what it gets alone, model and version included.
     for index, data in ((0, CHELSEA), (2, COFFEE)):
-        alone = post(client, ("x.png", data)).get_json()
+        alone = post_images(client, ("x.png", data)).get_json()
         assert {k: results[index][k] for k in alone} == alone
     assert results[0]["predictions"] != results[2]["predictions"]
     # Both good images were queued together: one forward pass took them.
@@ -73,12 +72,14 @@ def test_one_answer_per_image_in_order_bad_files_fail_alone(
 def test_a_single_image_answers_exactly_as_before(
     client: FlaskClient, served: CountingPredictor
 ) -> None:
-    body = post(client, ("chelsea.png", CHELSEA)).get_json()
+    body = post_images(client, ("chelsea.png", CHELSEA)).get_json()
     assert list(body) == ["success", "predictions", "model"]
 
 
 def test_an_oversized_image_is_a_413_item(client: FlaskClient, served: CountingPredictor) -> None:
-    response = post(client, ("bomb.png", _png_header_only(60_000, 60_000)), ("ok.png", CHELSEA))
+    response = post_images(
+        client, ("bomb.png", _png_header_only(60_000, 60_000)), ("ok.png", CHELSEA)
+    )
     results = response.get_json()["results"]
     assert [r["status"] for r in results] == [413, 200]
     assert "too many pixels" in results[0]["error"]
@@ -87,7 +88,7 @@ def test_an_oversized_image_is_a_413_item(client: FlaskClient, served: CountingP
 def test_too_many_images_is_a_413_and_nothing_is_queued(
     client: FlaskClient, settings: Settings, redis_client: redis.Redis
 ) -> None:
-    response = post(client, *[("x.png", CHELSEA)] * 5)
+    response = post_images(client, *[("x.png", CHELSEA)] * 5)
     assert response.status_code == 413
     assert response.get_json() == {
         "success": False,
@@ -100,7 +101,7 @@ def test_a_full_queue_refuses_the_whole_request(
     settings: Settings, redis_client: redis.Redis
 ) -> None:
     client = create_app(dataclasses.replace(settings, max_queue=2)).test_client()
-    response = post(client, *[("x.png", CHELSEA)] * 3)
+    response = post_images(client, *[("x.png", CHELSEA)] * 3)
     assert response.status_code == 503
     assert "queue is full" in response.get_json()["error"]
     assert redis_client.llen(settings.queue_name) == 0, "all or none"
@@ -108,7 +109,7 @@ def test_a_full_queue_refuses_the_whole_request(
 
 def test_no_worker_makes_each_image_a_504(settings: Settings) -> None:
     client = create_app(dataclasses.replace(settings, result_timeout=0.5)).test_client()
-    results = post(client, ("a.png", CHELSEA), ("b.txt", NOT_AN_IMAGE)).get_json()["results"]
+    results = post_images(client, ("a.png", CHELSEA), ("b.txt", NOT_AN_IMAGE)).get_json()["results"]
     assert [r["status"] for r in results] == [504, 400]
     assert "no prediction within" in results[0]["error"]
 
@@ -117,6 +118,6 @@ def test_a_failed_batch_fails_its_images(settings: Settings, predictor: Counting
     client = create_app(settings).test_client()
     failing = CountingPredictor(predictor.inner, fail=True)
     with WorkerThread(make_worker(settings, failing)):
-        results = post(client, ("a.png", CHELSEA), ("b.png", COFFEE)).get_json()["results"]
+        results = post_images(client, ("a.png", CHELSEA), ("b.png", COFFEE)).get_json()["results"]
     assert [r["status"] for r in results] == [500, 500]
     assert all("model failed" in r["error"] for r in results)

@@ -2,7 +2,6 @@
 answers on the shard that took the request, one worker serving several."""
 
 import dataclasses
-import io
 import random
 import threading
 from collections.abc import Iterator
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from conftest import IMAGES, wait_until
+from conftest import CHELSEA, post_images, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 from keras_server import protocol
@@ -92,15 +91,9 @@ def test_end_to_end_over_two_shards_with_one_worker_serving_both(
     serving.start()
     app = create_app(settings)
     client = app.test_client()
-    image = (IMAGES / "chelsea.png").read_bytes()
 
     def post(_: int) -> int:
-        response = client.post(
-            "/predict",
-            data={"image": (io.BytesIO(image), "x.png")},
-            content_type="multipart/form-data",
-        )
-        return response.status_code
+        return post_images(client, CHELSEA).status_code
 
     try:
         with ThreadPoolExecutor(8) as pool:

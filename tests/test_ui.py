@@ -11,9 +11,6 @@ import pytest
 from conftest import ROOT
 from flask.testing import FlaskClient
 
-from keras_server.settings import Settings
-from keras_server.web import create_app
-
 Attributes = dict[str, str | None]
 
 
@@ -32,11 +29,6 @@ class Tags(HTMLParser):
         found = [(tag, attrs) for tag, attrs in self.tags if attrs.get("id") == id_]
         assert len(found) == 1, f"one element with id {id_!r}"
         return found[0]
-
-
-@pytest.fixture
-def client(settings: Settings) -> FlaskClient:
-    return create_app(settings).test_client()
 
 
 @pytest.fixture

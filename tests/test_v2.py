@@ -10,7 +10,7 @@ import threading
 
 import pytest
 import redis
-from conftest import IMAGES, CountingPredictor, WorkerThread, make_worker, wait_until
+from conftest import CHELSEA, CountingPredictor, WorkerThread, make_worker, wait_until
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
@@ -18,7 +18,6 @@ from keras_server.settings import Settings
 from keras_server.simulated import SimulatedModel
 from keras_server.web import create_app
 
-CHELSEA = (IMAGES / "chelsea.png").read_bytes()
 INFER = "/v2/models/resnet50/infer"
 HEADER = "Inference-Header-Content-Length"
 

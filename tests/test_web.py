@@ -8,26 +8,23 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import IMAGES, ROOT, CountingPredictor, WorkerThread, make_worker, png_bytes
+from conftest import (
+    CHELSEA,
+    COFFEE,
+    ROCKET,
+    ROOT,
+    CountingPredictor,
+    WorkerThread,
+    make_worker,
+    png_bytes,
+    post_images,
+)
 from flask.testing import FlaskClient
 from PIL import Image
 from test_images import _png_header_only
 
 from keras_server.settings import Settings
 from keras_server.web import create_app
-
-CHELSEA = (IMAGES / "chelsea.png").read_bytes()
-
-
-def post(client: FlaskClient, data: bytes, field: str = "image", name: str = "x.png"):
-    return client.post(
-        "/predict", data={field: (io.BytesIO(data), name)}, content_type="multipart/form-data"
-    )
-
-
-@pytest.fixture
-def client(settings: Settings) -> FlaskClient:
-    return create_app(settings).test_client()
 
 
 @pytest.fixture
@@ -48,7 +45,7 @@ def assert_error(response, status: int, text: str) -> None:
 def test_predict_returns_top5_in_the_seed_shape(
     client: FlaskClient, served: CountingPredictor
 ) -> None:
-    response = post(client, CHELSEA)
+    response = post_images(client, CHELSEA)
     assert response.status_code == 200
     body = response.get_json()
     assert list(body)[:2] == ["success", "predictions"]
@@ -67,9 +64,9 @@ def test_predict_returns_top5_in_the_seed_shape(
 def test_concurrent_requests_share_forward_passes(
     client: FlaskClient, served: CountingPredictor
 ) -> None:
-    images = [(IMAGES / name).read_bytes() for name in ("chelsea.png", "coffee.png", "rocket.jpg")]
+    images = [CHELSEA, COFFEE, ROCKET]
     with ThreadPoolExecutor(16) as pool:
-        responses = list(pool.map(lambda i: post(client, images[i % 3]), range(48)))
+        responses = list(pool.map(lambda i: post_images(client, images[i % 3]), range(48)))
     assert all(r.status_code == 200 for r in responses)
     # Answers reach the right requests: the same image always gets the same top
     # class, whatever batch it was in (scores may differ in the last digits).
@@ -81,31 +78,31 @@ def test_concurrent_requests_share_forward_passes(
 
 
 def test_missing_field(client: FlaskClient) -> None:
-    assert_error(post(client, CHELSEA, field="file"), 400, "no file in the 'image' field")
+    assert_error(post_images(client, CHELSEA, field="file"), 400, "no file in the 'image' field")
     assert_error(client.post("/predict"), 400, "no file in the 'image' field")
 
 
 def test_empty_file(client: FlaskClient) -> None:
-    assert_error(post(client, b""), 400, "empty")
+    assert_error(post_images(client, b""), 400, "empty")
 
 
 def test_not_an_image(client: FlaskClient) -> None:
-    assert_error(post(client, b"hello, I am text", name="x.txt"), 400, "not an image")
+    assert_error(post_images(client, ("x.txt", b"hello, I am text")), 400, "not an image")
 
 
 def test_truncated_image(client: FlaskClient) -> None:
-    assert_error(post(client, CHELSEA[:20_000]), 400, "truncated or corrupt")
+    assert_error(post_images(client, CHELSEA[:20_000]), 400, "truncated or corrupt")
 
 
 def test_decompression_bomb(client: FlaskClient, redis_client, settings: Settings) -> None:
-    assert_error(post(client, _png_header_only(60_000, 60_000)), 413, "too many pixels")
+    assert_error(post_images(client, _png_header_only(60_000, 60_000)), 413, "too many pixels")
     assert redis_client.llen(settings.queue_name) == 0, "nothing bad reaches the queue"
 
 
 def test_body_over_the_upload_limit(settings: Settings) -> None:
     small = dataclasses.replace(settings, max_upload_mb=0.05)
     client = create_app(small).test_client()
-    assert_error(post(client, CHELSEA), 413, "larger than the 0.05 MB limit")
+    assert_error(post_images(client, CHELSEA), 413, "larger than the 0.05 MB limit")
 
 
 def test_get_is_405_json(client: FlaskClient) -> None:
@@ -120,12 +117,12 @@ def test_unknown_path_is_404_json(client: FlaskClient) -> None:
 
 def test_no_worker_means_504_after_the_timeout(settings: Settings) -> None:
     client = create_app(dataclasses.replace(settings, result_timeout=0.5)).test_client()
-    assert_error(post(client, CHELSEA), 504, "no prediction within 0.5 s")
+    assert_error(post_images(client, CHELSEA), 504, "no prediction within 0.5 s")
 
 
 def test_redis_unreachable_is_503(settings: Settings) -> None:
     down = dataclasses.replace(settings, redis_url="redis://127.0.0.1:1/0")
-    response = post(create_app(down).test_client(), CHELSEA)
+    response = post_images(create_app(down).test_client(), CHELSEA)
     assert_error(response, 503, "Redis")
     assert response.headers["Retry-After"] == "1"
 
@@ -134,15 +131,15 @@ def test_a_model_failure_is_500_json(
     client: FlaskClient, settings: Settings, small_classifier: object
 ) -> None:
     with WorkerThread(make_worker(settings, CountingPredictor(small_classifier, fail=True))):
-        assert_error(post(client, CHELSEA), 500, "model failed")
+        assert_error(post_images(client, CHELSEA), 500, "model failed")
 
 
 def test_server_stays_up_after_errors(client: FlaskClient, served: CountingPredictor) -> None:
     for data in (b"", b"junk", CHELSEA[:5000], _png_header_only(60_000, 60_000)):
-        post(client, data)
+        post_images(client, data)
     transparent = png_bytes(Image.new("RGBA", (64, 64), (0, 0, 0, 0)))
-    assert post(client, transparent).status_code == 200
-    assert post(client, CHELSEA).status_code == 200
+    assert post_images(client, transparent).status_code == 200
+    assert post_images(client, CHELSEA).status_code == 200
 
 
 def test_uploads_are_never_spooled_to_disk(settings: Settings) -> None:

@@ -1,0 +1,174 @@
+"""The JSON API's routes, as a module-level Flask blueprint that
+`web.create_app` registers: `POST /predict`, `POST /models/<name>/predict`,
+`GET /models`, and the operations routes `/healthz`, `/readyz`, `/metrics`.
+
+What a route needs of its app (the settings, the deployment it routes to, the
+decoder shared by every route that decodes) is one `AppState`, stored once by
+`create_app` and read with `state()`: the routes themselves are plain
+functions, like ui.py's and v2.py's. A request is decoded and resized here,
+queued in Redis, and answered from its own result key; several `image`
+fields are handed to fanout.py. TensorFlow-free.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Blueprint, Flask, Response, current_app, jsonify
+
+from . import fanout, metrics, protocol
+from .images import ImageError
+from .routing import Deployment, ServedModel
+from .settings import Settings
+from .uploads import request_files
+
+log = logging.getLogger(__name__)
+
+EXTENSION = "keras_server"
+
+blueprint = Blueprint("api", __name__)
+
+
+@dataclass(frozen=True)
+class AppState:
+    """Everything the routes of one app read: made once, by `web.create_app`."""
+
+    settings: Settings
+    deployment: Deployment
+    # One per process, shared by every route that decodes uploads and by all
+    # their threads (gunicorn workers each have their own).
+    decoder: fanout.Decoder
+
+    def install(self, app: Flask) -> None:
+        app.extensions[EXTENSION] = self
+
+
+def state() -> AppState:
+    """The state of the app handling the current request."""
+    found: AppState = current_app.extensions[EXTENSION]
+    return found
+
+
+def error(status: int, message: str, **headers: str) -> Response:
+    response = jsonify(success=False, error=message)
+    response.status_code = status
+    response.headers.update(headers)
+    return response
+
+
+def unavailable(message: str) -> Response:
+    # Retry-After: a second is about one batch on a CPU; clients back off from there.
+    return error(503, message, **{"Retry-After": "1"})
+
+
+@blueprint.post("/predict")
+def predict() -> Response | tuple[Any, int]:
+    """The default model."""
+    deployment = state().deployment
+    return classify(deployment.models[deployment.default])
+
+
+@blueprint.post("/models/<name>/predict")
+def predict_with(name: str) -> Response | tuple[Any, int]:
+    model = state().deployment.get(name)
+    if model is None:
+        return error(404, f"no model named {name!r}; GET /models lists them")
+    return classify(model)
+
+
+@blueprint.get("/models")
+def list_models() -> Response:
+    deployment = state().deployment
+    described = []
+    survey = deployment.survey()
+    for model in deployment.models.values():
+        workers = survey.live_workers(model.name)
+        size = model.input_size(workers)
+        described.append(
+            {
+                "name": model.name,
+                "default": model.name == deployment.default,
+                "input_size": list(size) if size else None,
+                "labels": max((w.labels for w in workers), default=0) or None,
+                "live_workers": len(workers),
+                "description": workers[0].description if workers else None,
+                "engine": (workers[0].engine or None) if workers else None,
+                "precision": (workers[0].precision or None) if workers else None,
+                "fidelity": workers[0].fidelity if workers else None,
+            }
+        )
+    return jsonify(default=deployment.default, models=described)
+
+
+def classify(model: ServedModel) -> Response | tuple[Any, int]:
+    settings, decode = state().settings, state().decoder
+    uploads = request_files().get("image", [])
+    if len(uploads) > 1:
+        return fanout.predict_many(model, uploads, settings, decode)
+    if not uploads:
+        return error(400, "no file in the 'image' field: send multipart/form-data with image=@FILE")
+    data = uploads[0].data
+    if not data:
+        return error(400, "the uploaded image file is empty")
+    size = model.input_size()
+    if size is None:
+        return unavailable(f"model {model.name!r} has no live worker yet; retry shortly")
+    try:
+        image = decode(data, size)
+    except ImageError as exc:
+        return error(exc.status, str(exc), **exc.headers)
+
+    job = protocol.ImageRequest.create(image, settings.result_timeout)
+    try:
+        raw = fanout.submit(model, [job], settings).get(job.id)
+    except fanout.Refused as exc:
+        return error(exc.status, exc.message, **exc.headers)
+    if raw is None:
+        return error(504, fanout.timed_out(settings))
+    result = protocol.decode_result(raw)
+    return jsonify(result), 200 if result["success"] else 500
+
+
+@blueprint.get("/healthz")
+def healthz() -> Response:
+    """Liveness: the process answers. Nothing else is checked."""
+    return jsonify(status="ok")
+
+
+@blueprint.get("/readyz")
+def readyz() -> Response | tuple[Response, int]:
+    """Ready when, for every model, a worker beats on every reachable shard.
+
+    A shard that is down does not make the server unready while another
+    serves (/predict skips it too), but it is reported.
+    """
+    deployment = state().deployment
+    survey = deployment.survey()
+    down = {f"Redis at {s.shard} is unreachable: {s.error}" for s in survey if not s.reachable}
+    missing = []
+    for name in deployment.models:
+        reachable = [s for s in survey.of(name) if s.reachable]
+        missing += [
+            f"no live worker for model {name!r} at {s.shard}" for s in reachable if not s.workers
+        ]
+        if not reachable:
+            missing.append(f"no reachable Redis shard for model {name!r}")
+    if missing:
+        return jsonify(ready=False, reason="; ".join([*sorted(down), *missing])), 503
+    workers = survey.live_workers()
+    body: dict[str, Any] = {
+        "ready": True,
+        "workers": len(workers),
+        "models": sorted({w.description for w in workers}),
+    }
+    if down:
+        body["unreachable"] = sorted(down)
+    return jsonify(body)
+
+
+@blueprint.get("/metrics")
+def metrics_endpoint() -> Response:
+    body, content_type = metrics.exposition(state().deployment)
+    return Response(body, content_type=content_type)
