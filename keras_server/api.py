@@ -147,14 +147,7 @@ def readyz() -> Response | tuple[Response, int]:
     deployment = state().deployment
     survey = deployment.survey()
     down = {f"Redis at {s.shard} is unreachable: {s.error}" for s in survey if not s.reachable}
-    missing = []
-    for name in deployment.models:
-        reachable = [s for s in survey.of(name) if s.reachable]
-        missing += [
-            f"no live worker for model {name!r} at {s.shard}" for s in reachable if not s.workers
-        ]
-        if not reachable:
-            missing.append(f"no reachable Redis shard for model {name!r}")
+    missing = deployment.unready(survey)
     if missing:
         return jsonify(ready=False, reason="; ".join([*sorted(down), *missing])), 503
     workers = survey.live_workers()

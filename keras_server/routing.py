@@ -134,6 +134,21 @@ class Deployment:
             served[spec.name] = ServedModel(spec, shards)
         return cls(served, default)
 
+    def unready(self, survey: Survey) -> list[str]:
+        """Why the deployment is not ready, from `survey`; empty when it is:
+        every model has a reachable shard, and a live worker on each one."""
+        missing = []
+        for name in self.models:
+            reachable = [s for s in survey.of(name) if s.reachable]
+            missing += [
+                f"no live worker for model {name!r} at {s.shard}"
+                for s in reachable
+                if not s.workers
+            ]
+            if not reachable:
+                missing.append(f"no reachable Redis shard for model {name!r}")
+        return missing
+
     def survey(self) -> Survey:
         """Every model's queue on every shard, read now."""
         return Survey(tuple(s for model in self.models.values() for s in model.survey()))

@@ -138,21 +138,33 @@ def live() -> Response:
 
 @blueprint.get("/health/ready")
 def ready() -> Response | tuple[Response, int]:
-    # The protocol: 200 is true, a 4xx false (/readyz says why, with a 503).
-    ok = all(model.live_workers() for model in state().deployment.models.values())
+    # /readyz's rule. The protocol: 200 is true, a 4xx false (/readyz says
+    # why, with a 503).
+    deployment = state().deployment
+    ok = not deployment.unready(deployment.survey())
     return jsonify(ready=ok), 200 if ok else 400
 
 
-def resolve(name: str, version: str | None) -> tuple[ServedModel, list[WorkerInfo]]:
+def find_model(name: str) -> ServedModel:
     deployment = state().deployment
     model = deployment.models.get(name)
     if model is None:
         known = ", ".join(sorted(deployment.models))
         raise V2Error(404, f"unknown model {name!r}; this server serves {known}")
-    workers = model.live_workers()
+    return model
+
+
+def check_version(model: ServedModel, version: str | None, workers: list[WorkerInfo]) -> None:
     if version is not None and version not in _versions(model, workers):
         served = ", ".join(_versions(model, workers))
-        raise V2Error(404, f"model {name!r} has no version {version!r}; it serves {served}")
+        raise V2Error(404, f"model {model.name!r} has no version {version!r}; it serves {served}")
+
+
+def resolve(name: str, version: str | None) -> tuple[ServedModel, list[WorkerInfo]]:
+    """The model, its live workers (read from Redis now), the version checked."""
+    model = find_model(name)
+    workers = model.live_workers()
+    check_version(model, version, workers)
     return model, workers
 
 
@@ -200,8 +212,12 @@ def model_ready(name: str, version: str | None = None) -> Response | tuple[Respo
 
 @routes("/infer", "POST")
 def infer(name: str, version: str | None = None) -> Response:
-    model, workers = resolve(name, version)
-    size = model.input_size(workers)
+    model = find_model(name)
+    # The live workers are read from Redis only to check a version the path
+    # names; the input size comes from the model's cache, as for /predict.
+    if version is not None:
+        check_version(model, version, model.live_workers())
+    size = model.input_size()
     if size is None:
         raise V2Error(503, f"model {model.name!r} has no live worker yet; retry shortly", _RETRY)
     settings = state().settings
