@@ -467,15 +467,6 @@ def test_resnet50_in_openvino_equals_keras(resnet_weights: Path, tmp_path: Path)
     np.testing.assert_allclose(predictor.predict(photos[:1]), expected[:1], rtol=0, atol=1e-4)
 
 
-def test_web_tier_never_imports_an_engine() -> None:
-    code = (
-        "import sys; import keras_server.web, keras_server.cli; "
-        "heavy = {'tensorflow', 'keras', 'onnxruntime', 'openvino'} & set(sys.modules); "
-        "sys.exit(f'imported {heavy}' if heavy else 0)"
-    )
-    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
-
-
 @pytest.mark.slow
 def test_no_engine_imports_the_worker_loop() -> None:
     """One interface (predictor.py), the engines beside it: no cycle, and no

@@ -25,6 +25,7 @@ from conftest import (
 )
 
 from keras_server import protocol
+from keras_server.processes import Child
 from keras_server.queue import RequestQueue
 from keras_server.redis_launcher import (
     RedisServer,
@@ -128,36 +129,9 @@ def test_sigterm_lets_a_worker_finish_its_batch(settings: Settings, queue: Reque
     assert [r.status_code for r in responses] == [200] * 4
 
 
-def test_sigterm_lets_gunicorn_finish_requests_in_flight(
-    settings: Settings, queue: RequestQueue
-) -> None:
-    web, base = start_web(settings, "--web-workers", "1")
-    url = base + "/predict"
-    try:
-        with (
-            WorkerThread(make_worker(settings, SimulatedModel(2000, 0))),
-            ThreadPoolExecutor(2) as pool,
-        ):
-            in_flight = pool.submit(
-                requests.post, url, files={"image": ("x.png", CHELSEA)}, timeout=30
-            )
-            wait_until(
-                lambda: any(queue.client.keys(queue.keys.processing("*"))), what="work in flight"
-            )
-            web.send_signal(signal.SIGTERM)
-            response = in_flight.result()
-        assert response.status_code == 200, response.text
-    finally:
-        log = stop(web)
-    assert web.returncode == 0, log
-
-
-def test_sigterm_lets_role_all_finish_requests_in_flight(
-    settings: Settings, queue: RequestQueue
-) -> None:
-    """--role all (cheroot and the model thread in one process): the request
-    being answered when SIGTERM comes still gets its prediction."""
-    process, base = start_serving(settings, "--model", "sim", "--sim-batch-ms", "2000")
+def sigterm_during_a_request(server: Child, base: str, queue: RequestQueue) -> None:
+    """POST, SIGTERM `server` once a worker holds the request, and expect the
+    prediction all the same, then a clean exit."""
     try:
         with ThreadPoolExecutor(1) as pool:
             in_flight = pool.submit(
@@ -166,12 +140,29 @@ def test_sigterm_lets_role_all_finish_requests_in_flight(
             wait_until(
                 lambda: any(queue.client.keys(queue.keys.processing("*"))), what="work in flight"
             )
-            process.send_signal(signal.SIGTERM)
+            server.send_signal(signal.SIGTERM)
             response = in_flight.result()
         assert response.status_code == 200, response.text
     finally:
-        log = stop(process)
-    assert process.returncode == 0, log
+        log = stop(server)
+    assert server.returncode == 0, log
+
+
+def test_sigterm_lets_gunicorn_finish_requests_in_flight(
+    settings: Settings, queue: RequestQueue
+) -> None:
+    web, base = start_web(settings, "--web-workers", "1")
+    with WorkerThread(make_worker(settings, SimulatedModel(2000, 0))):
+        sigterm_during_a_request(web, base, queue)
+
+
+def test_sigterm_lets_role_all_finish_requests_in_flight(
+    settings: Settings, queue: RequestQueue
+) -> None:
+    """--role all (cheroot and the model thread in one process): the request
+    being answered when SIGTERM comes still gets its prediction."""
+    process, base = start_serving(settings, "--model", "sim", "--sim-batch-ms", "2000")
+    sigterm_during_a_request(process, base, queue)
 
 
 def test_a_full_queue_is_503_at_once(settings: Settings, queue: RequestQueue) -> None:

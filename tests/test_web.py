@@ -153,10 +153,11 @@ def test_uploads_are_never_spooled_to_disk(settings: Settings) -> None:
         assert isinstance(request.files["image"].stream, io.BytesIO)
 
 
-def test_web_tier_never_imports_tensorflow() -> None:
+def test_web_tier_never_imports_tensorflow_or_an_engine() -> None:
     code = (
         "import sys; import keras_server.web, keras_server.cli; "
-        "bad = {'tensorflow', 'keras', 'jax', 'torch'} & set(sys.modules); "
+        "bad = {'tensorflow', 'keras', 'jax', 'torch', 'onnxruntime', 'openvino'} "
+        "& set(sys.modules); "
         "sys.exit(f'imported {bad}' if bad else 0)"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
