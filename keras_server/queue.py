@@ -1,7 +1,8 @@
 """The Redis queue between web servers and model workers.
 
-Web side: `push` a request (refused at once when the queue is full), then
-`wait_result` blocks in Redis (BLPOP) on that request's own result key.
+Web side: `push_all` one request's images (refused at once, all of them, when
+the queue is full), then `wait_results` blocks in Redis (BLPOP) on their own
+result keys (`push` and `wait_result` are the one-request forms).
 
 Worker side, crash-safe: a claim moves requests from the queue into the
 worker's own processing list (`claim_first`: BLMOVE, blocking without polling;
@@ -35,12 +36,6 @@ Pipeline = redis.client.Pipeline
 # BLPOP/BLMOVE treat a timeout of 0 as "forever": never let rounding get us there.
 MIN_BLOCK_S = 0.01
 SENTINEL_SCHEME = "redis+sentinel://"
-
-# KEYS: queue. ARGV: payload, max depth. Returns the new depth, or -1 if full.
-_PUSH = """
-if redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[2]) then return -1 end
-return redis.call('RPUSH', KEYS[1], ARGV[1])
-"""
 
 # KEYS: queue. ARGV: max depth, then the payloads. All of them or none:
 # returns the new depth, or -1 if they do not all fit.
@@ -141,7 +136,6 @@ class RequestQueue:
         self.client = client
         self.waiter = waiter or client
         self.keys = keys
-        self._push = client.register_script(_PUSH)
         self._push_all = client.register_script(_PUSH_ALL)
         self._claim_more = client.register_script(_CLAIM_MORE)
         self._requeue = client.register_script(_REQUEUE)
@@ -167,10 +161,7 @@ class RequestQueue:
         """Queue a request unless `max_depth` are waiting; returns the new depth."""
         if max_depth is None:
             return int(self.client.rpush(self.keys.queue, payload))
-        depth = int(self._push(keys=[self.keys.queue], args=[payload, max_depth]))
-        if depth < 0:
-            raise QueueFull(f"{max_depth} requests are already waiting")
-        return depth
+        return self.push_all([payload], max_depth)
 
     def push_all(self, payloads: Sequence[bytes], max_depth: int) -> int:
         """Queue several requests at once, or none of them when they would take
@@ -203,9 +194,7 @@ class RequestQueue:
 
         BLPOP both waits and removes the answer, so nothing is left behind.
         """
-        key = self.keys.result(request_id)
-        reply = self.waiter.blpop([key], timeout=max(timeout, MIN_BLOCK_S))
-        return None if reply is None else reply[1]
+        return self.wait_results([request_id], timeout).get(request_id)
 
     def depth(self) -> int:
         return int(self.client.llen(self.keys.queue))
