@@ -28,10 +28,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 
+from keras_server.broker.redis_server import RedisServer, free_port
 from keras_server.processes import Child, ChildFailed, http_answers, wait_for
-from keras_server.redis_launcher import RedisServer, free_port
-from keras_server.routing import Deployment
 from keras_server.settings import Settings, SettingsError, load_settings
+from keras_server.web.deployment import Deployment
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ import psutil
 import requests
 from PIL import Image
 
-from keras_server.redis_launcher import RedisServer, free_port
+from keras_server.broker.redis_server import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BIG = (8000, 6000)

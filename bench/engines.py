@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import requests
 
-from keras_server.redis_launcher import free_port
+from keras_server.broker.redis_server import free_port
 
 from . import raw, serve
 
@@ -269,7 +269,7 @@ def measure_raw(
 ) -> None:
     """The same predictor in this process, from the cache the server filled."""
     from keras_server.catalog import ModelSpec
-    from keras_server.engines import EngineOptions, load_predictor
+    from keras_server.engines.selection import EngineOptions, load_predictor
 
     spec = ModelSpec(
         name="resnet50", source="resnet50", weights=str(weights), engine=row.engine,

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from keras_server.engines.predictor import Predictor, warm_up
 from keras_server.images import load_image
-from keras_server.predictor import Predictor, warm_up
 from stress_test import percentile
 
 RESNET50_INPUT = (224, 224)  # (width, height) the web tier resizes to for ResNet50

@@ -26,7 +26,7 @@ import numpy as np
 import redis
 from PIL import Image
 
-from keras_server import protocol
+from keras_server.broker import messages
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class MemoryResult:
 
 def ours(image: np.ndarray) -> bytes:
     """A request as keras_server's web tier queues it."""
-    return protocol.encode_request(protocol.ImageRequest.create(image, timeout=30))
+    return messages.encode_request(messages.ImageRequest.create(image, timeout=30))
 
 
 def seed(photo: Path) -> Callable[[np.ndarray], bytes]:

@@ -36,7 +36,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import redis
 
-from keras_server.redis_launcher import RedisServer, free_port
+from keras_server.broker.redis_server import RedisServer, free_port
 
 from . import engines, raw, redis_memory, report, serve
 from .report import SEED, Results, system_name
@@ -211,7 +211,7 @@ def cpu_seconds() -> tuple[float, float]:
 def run_memory(args: argparse.Namespace, results: Results, client: redis.Redis) -> None:
     image = raw.sample_batch(IMAGES[:1], 1)[0]
     formats = [
-        ("keras-server: uint8, keras_server.protocol", redis_memory.ours),
+        ("keras-server: uint8, keras_server.broker.messages", redis_memory.ours),
         ("seed: float32 base64 JSON", redis_memory.seed(IMAGES[0])),
     ]
     for name, encode in formats:
@@ -220,7 +220,7 @@ def run_memory(args: argparse.Namespace, results: Results, client: redis.Redis) 
 
 def run_raw(args: argparse.Namespace, results: Results) -> None:
     from keras_server.catalog import ModelSpec
-    from keras_server.model import load_classifier
+    from keras_server.engines.keras_engine import load_classifier
 
     batch = raw.sample_batch(IMAGES, args.batch_size)
     runs = {"batch_runs": args.batch_runs, "single_runs": args.single_runs}
@@ -228,7 +228,7 @@ def run_raw(args: argparse.Namespace, results: Results) -> None:
     if "keras" in args.engines:
         results.raw.append(raw.measure("keras", classifier, batch, **runs))
     if "onnx" in args.engines:
-        from keras_server.engines import EngineOptions, load_predictor
+        from keras_server.engines.selection import EngineOptions, load_predictor
 
         started = time.perf_counter()
         spec = ModelSpec(name="resnet50", source="resnet50", weights="none", engine="onnx")
@@ -289,7 +289,7 @@ def _run_or_record(
 def run_engine_table(args: argparse.Namespace, results: Results, redis_url: str, tmp: Path) -> None:
     """The engine x precision table (bench/engines.py): one failing system does
     not lose the others' numbers."""
-    from keras_server.predictor import ModelLoadError
+    from keras_server.engines.predictor import ModelLoadError
 
     weights, calibration = engines.prepare(tmp, IMAGES)
     cache = tmp / "conversion-cache"

@@ -80,8 +80,8 @@ def child(spec: dict[str, Any]) -> dict[str, float]:
 
     batch = sample_batch(IMAGES, spec["batch_size"])
     from keras_server.catalog import ModelSpec
-    from keras_server.model import load_classifier
-    from keras_server.predictor import warm_up
+    from keras_server.engines.keras_engine import load_classifier
+    from keras_server.engines.predictor import warm_up
 
     keras_model = load_classifier(ModelSpec(name="resnet50", source="resnet50", weights="none"))
     if spec["engine"] == "keras":
@@ -89,7 +89,7 @@ def child(spec: dict[str, Any]) -> dict[str, float]:
     else:
         import onnxruntime as ort
 
-        from keras_server.onnx_engine import OnnxClassifier
+        from keras_server.engines.onnx_engine import OnnxClassifier
 
         options = ort.SessionOptions()
         for key, value in spec["ort"].get("config", {}).items():

@@ -47,8 +47,8 @@ import tritonclient.http.aio as aioclient
 from tritonclient.http import InferInput, InferRequestedOutput
 from tritonclient.utils import InferenceServerException
 
+from keras_server.broker.redis_server import RedisServer, free_port
 from keras_server.images import load_image
-from keras_server.redis_launcher import RedisServer, free_port
 from stress_test import percentile
 
 from .serve import ROOT, Level, ServerProcess

@@ -41,10 +41,10 @@ import psutil
 import requests
 from PIL import Image
 
+from keras_server.broker.redis_server import RedisServer, free_port
 from keras_server.catalog import SIM_SIZE
 from keras_server.client import downscale_for_upload
 from keras_server.images import load_image
-from keras_server.redis_launcher import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg")

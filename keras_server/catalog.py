@@ -18,8 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from .labels import imagenet_labels
-from .protocol import KEY_PARTS
+from keras_server.labels import imagenet_labels
 
 PREPROCESSING = ("caffe", "tf", "torch", "none", "scale")
 # --weights values that name weights rather than a file; any case.
@@ -78,7 +77,7 @@ class ModelSpec:
     # Said in every answer and heartbeat, so a rolling upgrade shows which
     # version served each request.
     version: str = "1"
-    # What runs it (engines.py); None: the --engine / --precision /
+    # What runs it (engines/selection.py); None: the --engine / --precision /
     # --calibration-dir flags' (Settings.model_specs fills them in).
     engine: str | None = None
     precision: str | None = None
@@ -293,12 +292,6 @@ def load_models_file(path: str | Path) -> Models:
     default = data.get("default", specs[0].name)
     if default not in {s.name for s in specs}:
         raise CatalogError(f"models file {path}: default model {default!r} is not defined")
-    for spec in specs:
-        if spec.name != default and spec.name in KEY_PARTS:
-            raise CatalogError(
-                f"models file {path}: model name {spec.name!r} is reserved (the Redis keys "
-                f"of every queue use {', '.join(KEY_PARTS)}); choose another name"
-            )
     return Models(tuple(specs), default)
 
 

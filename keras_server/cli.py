@@ -22,21 +22,22 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 
-from . import metrics, protocol
-from .auth import KeysFileError, load_keys
-from .catalog import SIM, CatalogError, Models, ModelSpec
-from .logs import configure_logging
-from .metrics import MULTIPROCESS_DIR_ENV
-from .predictor import ModelLoadError, Predictor, timed_warm_up
-from .queue import RequestQueue
-from .redis_launcher import RedisUnavailable, ensure_redis
-from .settings import Settings, SettingsError, load_settings, to_environment
-from .shards import label
-from .worker import CLAIM_WAIT_S, FairLock, ModelThread, Worker, serve
+from keras_server import metrics
+from keras_server.broker import messages
+from keras_server.broker.redis_server import RedisUnavailable, ensure_redis
+from keras_server.broker.request_queue import RequestQueue
+from keras_server.broker.shards import label
+from keras_server.catalog import SIM, CatalogError, Models, ModelSpec
+from keras_server.engines.predictor import ModelLoadError, Predictor, timed_warm_up
+from keras_server.logs import configure_logging
+from keras_server.metrics import MULTIPROCESS_DIR_ENV
+from keras_server.settings import Settings, SettingsError, load_settings, to_environment
+from keras_server.web.auth import KeysFileError, load_keys
+from keras_server.worker.loop import CLAIM_WAIT_S, FairLock, ModelThread, Worker, serve
 
 log = logging.getLogger("keras_server")
 
-GUNICORN_CONFIG = Path(__file__).with_name("gunicorn_conf.py")
+GUNICORN_CONFIG = Path(__file__).parent / "web" / "gunicorn_conf.py"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -69,11 +70,11 @@ def loader(settings: Settings, spec: ModelSpec) -> Callable[[], Predictor]:
     the web role and `--model sim` never load TensorFlow (nor does a model
     served from the conversion cache)."""
     if spec.source == SIM:
-        from .simulated import SimulatedModel
+        from keras_server.engines.simulated import SimulatedModel
 
         return lambda: SimulatedModel(settings.sim_batch_ms, settings.sim_image_ms, spec.top_k)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from .engines import EngineOptions, load_predictor
+    from keras_server.engines.selection import EngineOptions, load_predictor
 
     options = EngineOptions(
         cache_dir=settings.cache_dir,
@@ -96,7 +97,7 @@ def make_workers(
     name = model or specs.default
     spec = specs.find(name)
     version = spec.version if spec else ""
-    keys = protocol.Keys.for_model(settings.queue_name, name, specs.default)
+    keys = messages.Keys.for_model(settings.queue_name, name, specs.default)
     turn = FairLock() if len(settings.redis_urls) > 1 else None
     # A claim blocks in Redis for CLAIM_WAIT_S, or the batch delay while it fills.
     block = max(CLAIM_WAIT_S, settings.max_batch_delay_ms / 1000)
@@ -184,8 +185,8 @@ def serve_http(settings: Settings, models: Models) -> None:
     requests in flight get as long as their deadline to finish."""
     from cheroot.wsgi import Server
 
-    from .routing import Deployment
-    from .web import create_app
+    from keras_server.web.app import create_app
+    from keras_server.web.deployment import Deployment
 
     server = Server(
         (settings.host, settings.port),
@@ -217,7 +218,7 @@ def exec_gunicorn(settings: Settings) -> None:
     args = [
         sys.executable, "-m", "gunicorn",
         "--config", str(GUNICORN_CONFIG),
-        "keras_server.web:wsgi_app()",
+        "keras_server.web.app:wsgi_app()",
     ]  # fmt: skip
     log.info("starting gunicorn on %s:%d", settings.host, settings.port)
     sys.stdout.flush()

@@ -30,8 +30,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from .predictor import Predictor
-    from .routing import Deployment
+    from keras_server.engines.predictor import Predictor
+    from keras_server.web.deployment import Deployment
 
 # prometheus-client's own switch (read by the library at import); we only
 # follow it to pick the matching registry.

@@ -18,17 +18,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .catalog import (
+from keras_server.broker.messages import Keys
+from keras_server.broker.request_queue import SENTINEL_SCHEME, parse_sentinel_url
+from keras_server.catalog import (
     ENGINES,
     PRECISIONS,
     PREPROCESSING,
+    CatalogError,
     Models,
     ModelSpec,
     check_source,
     check_top_k,
     load_models_file,
 )
-from .queue import SENTINEL_SCHEME, parse_sentinel_url
 
 ENV_PREFIX = "KERAS_SERVER_"
 ROLES = ("all", "web", "worker")
@@ -48,7 +50,7 @@ class Settings:
     # flag and the environment variable are derived from.
     redis_url: str = "redis://localhost:6379/0"
     # False when redis_url is the default: only then may we start a private
-    # redis-server if nothing answers there (see redis_launcher).
+    # redis-server if nothing answers there (see broker/redis_server.py).
     redis_url_given: bool = False
     redis_timeout: float = 1.0
     model: str = "resnet50"
@@ -92,6 +94,11 @@ class Settings:
         """
         if self.models_file:
             specs, default = load_models_file(self.models_file)
+            for spec in specs:
+                try:  # the key layout decides which names are free
+                    Keys.for_model(self.queue_name, spec.name, default)
+                except ValueError as exc:
+                    raise CatalogError(f"models file {self.models_file}: {exc}") from None
             # A model that names no engine, precision or calibration set gets the flags'.
             return Models(tuple(self._engine_defaults(s) for s in specs), default)
         source = self.model

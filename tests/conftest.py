@@ -26,14 +26,14 @@ from werkzeug.test import TestResponse
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from keras_server import protocol
-from keras_server.predictor import warm_up
+from keras_server.broker import messages
+from keras_server.broker.redis_server import RedisServer, free_port
+from keras_server.broker.request_queue import RequestQueue
+from keras_server.engines.predictor import warm_up
 from keras_server.processes import Child, ChildFailed, http_answers
-from keras_server.queue import RequestQueue
-from keras_server.redis_launcher import RedisServer, free_port
 from keras_server.settings import Settings
-from keras_server.web import create_app
-from keras_server.worker import Worker
+from keras_server.web.app import create_app
+from keras_server.worker.loop import Worker
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGES = ROOT / "images"
@@ -172,7 +172,7 @@ def post_images(
 
 @pytest.fixture
 def queue(settings: Settings) -> Iterator[RequestQueue]:
-    keys = protocol.Keys(settings.queue_name)
+    keys = messages.Keys(settings.queue_name)
     queue = RequestQueue.open(
         settings.redis_url, keys, timeout=1, wait_timeout=settings.result_timeout + 1
     )
@@ -235,7 +235,7 @@ def resnet_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def small_classifier(small_model_path: Path) -> object:
     from keras_server.catalog import ModelSpec
-    from keras_server.model import load_classifier
+    from keras_server.engines.keras_engine import load_classifier
 
     classifier = load_classifier(ModelSpec(name="small", source=str(small_model_path)))
     warm_up(classifier, 8)
@@ -266,7 +266,7 @@ class WorkerThread:
 def make_worker(
     settings: Settings, predictor: object, batch_size: int | None = None, **options: float
 ) -> Worker:
-    keys = protocol.Keys(settings.queue_name)
+    keys = messages.Keys(settings.queue_name)
     return Worker(
         RequestQueue.open(settings.redis_url, keys, timeout=1, wait_timeout=2),
         predictor,

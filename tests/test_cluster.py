@@ -14,9 +14,9 @@ import redis
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from keras_server.protocol import Keys
-from keras_server.queue import RequestQueue
-from keras_server.shards import label
+from keras_server.broker.messages import Keys
+from keras_server.broker.request_queue import RequestQueue
+from keras_server.broker.shards import label
 from run_cluster import Cluster, Part, find_nginx
 from stress_test import Load
 from stress_test import run as load

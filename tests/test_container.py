@@ -31,8 +31,8 @@ import pytest
 import requests
 from conftest import IMAGES, ROOT, apt_install, wait_until
 
+from keras_server.broker.redis_server import RedisServer, free_port
 from keras_server.images import load_image
-from keras_server.redis_launcher import RedisServer, free_port
 
 pytestmark = [pytest.mark.container, pytest.mark.slow]
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from keras_server.conversion_cache import MANIFEST, ConversionCache, key_of
+from keras_server.engines.conversion_cache import MANIFEST, ConversionCache, key_of
 
 INPUTS = {"model": "m", "precision": "int8"}
 

@@ -26,7 +26,7 @@ from keras_server.images import (
     load_image,
 )
 from keras_server.settings import Settings
-from keras_server.web import create_app
+from keras_server.web.app import create_app
 
 SIZE = (224, 224)
 LIMIT = 50_000_000

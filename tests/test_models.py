@@ -14,9 +14,9 @@ from conftest import output, start, stop, wait_for_http, wait_until
 from PIL import Image
 
 from examples.squares import squares, train
+from keras_server.broker.redis_server import free_port
 from keras_server.catalog import CatalogError, ModelSpec, load_models_file, read_labels
-from keras_server.predictor import ModelLoadError
-from keras_server.redis_launcher import free_port
+from keras_server.engines.predictor import ModelLoadError
 from keras_server.settings import Settings, SettingsError, load_settings
 
 
@@ -117,7 +117,7 @@ def test_two_models_side_by_side_and_the_trained_one_is_right(two_models: str) -
 
 
 def load(spec: ModelSpec) -> object:
-    from keras_server.model import load_classifier
+    from keras_server.engines.keras_engine import load_classifier
 
     return load_classifier(spec)
 

@@ -10,9 +10,9 @@ import requests
 from conftest import IMAGES, start_serving, stop
 
 from keras_server.catalog import ModelSpec
-from keras_server.engines import EngineOptions, load_predictor
+from keras_server.engines.keras_engine import Classifier, load_classifier
+from keras_server.engines.selection import EngineOptions, load_predictor
 from keras_server.images import load_image
-from keras_server.model import Classifier, load_classifier
 from keras_server.settings import Settings
 
 RESNET50_INPUT = (224, 224)  # (width, height) the web tier resizes to for ResNet50

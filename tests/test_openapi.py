@@ -22,10 +22,10 @@ from test_images import _png_header_only
 from werkzeug.datastructures import FileStorage, MultiDict
 from werkzeug.test import EnvironBuilder, TestResponse, encode_multipart
 
+from keras_server.engines.simulated import SimulatedModel
 from keras_server.settings import Settings
-from keras_server.simulated import SimulatedModel
-from keras_server.ui import openapi_document
-from keras_server.web import create_app
+from keras_server.web.app import create_app
+from keras_server.web.page import openapi_document
 
 SPEC = json.loads(openapi_document())
 DOWN = "redis://127.0.0.1:1/0"  # nothing listens on port 1

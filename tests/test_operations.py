@@ -7,11 +7,11 @@ import requests
 from conftest import CHELSEA, WorkerThread, make_worker, post_images, start_web, stop, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
-from keras_server.queue import RequestQueue
+from keras_server.broker.request_queue import RequestQueue
+from keras_server.broker.shards import label
+from keras_server.engines.simulated import SimulatedModel
 from keras_server.settings import Settings
-from keras_server.shards import label
-from keras_server.simulated import SimulatedModel
-from keras_server.web import create_app
+from keras_server.web.app import create_app
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import wait_until
 
+from keras_server.broker.redis_server import RedisServer, RedisUnavailable
 from keras_server.processes import Child, ChildFailed
-from keras_server.redis_launcher import RedisServer, RedisUnavailable
 
 
 def python(name: str, code: str, **options: object) -> Child:

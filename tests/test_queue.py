@@ -6,8 +6,8 @@ import time
 import pytest
 import redis
 
-from keras_server.protocol import WorkerInfo
-from keras_server.queue import QueueFull, RequestQueue
+from keras_server.broker.messages import WorkerInfo
+from keras_server.broker.request_queue import QueueFull, RequestQueue
 from keras_server.settings import Settings
 
 

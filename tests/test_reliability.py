@@ -24,17 +24,17 @@ from conftest import (
     wait_until,
 )
 
-from keras_server import protocol
-from keras_server.processes import Child
-from keras_server.queue import RequestQueue
-from keras_server.redis_launcher import (
+from keras_server.broker import messages
+from keras_server.broker.redis_server import (
     RedisServer,
     bundled_redis_server,
     find_redis_server,
 )
+from keras_server.broker.request_queue import RequestQueue
+from keras_server.engines.simulated import SimulatedModel
+from keras_server.processes import Child
 from keras_server.settings import Settings
-from keras_server.simulated import SimulatedModel
-from keras_server.web import create_app
+from keras_server.web.app import create_app
 
 pytestmark = pytest.mark.slow
 
@@ -207,7 +207,7 @@ def test_results_of_a_dead_request_do_not_pile_up(settings: Settings, queue: Req
     raw = queue.client.lrange(queue.keys.queue, 0, -1)
     assert len(raw) == 1
     queue.client.delete(queue.keys.queue)
-    request = protocol.decode_request(raw[0])
+    request = messages.decode_request(raw[0])
     worker_queue = RequestQueue.open(settings.redis_url, queue.keys, timeout=1, wait_timeout=2)
     worker_queue.finish("w", {request.id: b"late"}, ttl=0.3)
     wait_until(lambda: not queue.client.exists(queue.keys.result(request.id)), what="expiry")

@@ -8,11 +8,11 @@ import pytest
 from conftest import CHELSEA, IMAGES, CountingPredictor, WorkerThread, make_worker, post_images
 
 from keras_server.catalog import ModelSpec
+from keras_server.engines.keras_engine import load_classifier
+from keras_server.engines.predictor import ModelLoadError, warm_up
 from keras_server.labels import imagenet_labels
-from keras_server.model import load_classifier
-from keras_server.predictor import ModelLoadError, warm_up
 from keras_server.settings import Settings
-from keras_server.web import create_app
+from keras_server.web.app import create_app
 
 pytestmark = pytest.mark.slow
 

@@ -11,12 +11,12 @@ import pytest
 import redis
 from conftest import CHELSEA, WorkerThread, make_worker, post_images
 
-from keras_server import protocol
-from keras_server.queue import RequestQueue
-from keras_server.redis_launcher import RedisServer, free_port
+from keras_server.broker import messages
+from keras_server.broker.redis_server import RedisServer, free_port
+from keras_server.broker.request_queue import RequestQueue
+from keras_server.engines.simulated import SimulatedModel
 from keras_server.settings import Settings
-from keras_server.simulated import SimulatedModel
-from keras_server.web import create_app
+from keras_server.web.app import create_app
 
 
 def served_ok(url: str, queue_name: str = "image_queue") -> int:
@@ -109,8 +109,8 @@ def test_queue_entries_are_never_unpickled_or_evaluated(
 ) -> None:
     target = tmp_path / "pwned"
     queue.push(pickle.dumps(Exploit(target)))
-    raw = protocol.encode_request(
-        protocol.ImageRequest.create(protocol.np.zeros((2, 2, 3), "uint8"), 9)
+    raw = messages.encode_request(
+        messages.ImageRequest.create(messages.np.zeros((2, 2, 3), "uint8"), 9)
     )
     header, _, pixels = raw.partition(b"\n")
     message = json.loads(header)

@@ -13,17 +13,17 @@ import redis
 from conftest import CHELSEA, post_images, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
-from keras_server import protocol
+from keras_server.broker import messages
+from keras_server.broker.redis_server import RedisServer
+from keras_server.broker.request_queue import RequestQueue
+from keras_server.broker.shards import NoShardUp, ShardSet, label
 from keras_server.cli import make_workers
-from keras_server.queue import RequestQueue
-from keras_server.redis_launcher import RedisServer
+from keras_server.engines.simulated import SimulatedModel
 from keras_server.settings import Settings
-from keras_server.shards import NoShardUp, ShardSet, label
-from keras_server.simulated import SimulatedModel
-from keras_server.web import create_app
-from keras_server.worker import FairLock, serve
+from keras_server.web.app import create_app
+from keras_server.worker.loop import FairLock, serve
 
-KEYS = protocol.Keys("sharded")
+KEYS = messages.Keys("sharded")
 
 
 @pytest.fixture

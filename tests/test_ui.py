@@ -94,7 +94,7 @@ def test_the_picker_is_labelled_and_answers_are_announced(page: Tags) -> None:
 
 def test_package_files_are_found_from_any_directory(tmp_path: object) -> None:
     code = (
-        "from keras_server.settings import Settings; from keras_server.web import create_app; "
+        "from keras_server.settings import Settings; from keras_server.web.app import create_app; "
         "c = create_app(Settings()).test_client(); "
         "codes = [c.get(u).status_code for u in ('/', '/assets/app.js', '/openapi.json')]; "
         "assert codes == [200] * 3, codes"

@@ -6,7 +6,7 @@ import io
 import requests
 from werkzeug.test import EnvironBuilder
 
-from keras_server.uploads import Upload, read_files
+from keras_server.web.uploads import Upload, read_files
 
 PHOTO = bytes(range(256)) * 4000 + b"\r\n--not-the-boundary\r\n"
 

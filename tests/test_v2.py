@@ -14,9 +14,9 @@ from conftest import CHELSEA, CountingPredictor, WorkerThread, make_worker, wait
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
+from keras_server.engines.simulated import SimulatedModel
 from keras_server.settings import Settings
-from keras_server.simulated import SimulatedModel
-from keras_server.web import create_app
+from keras_server.web.app import create_app
 
 INFER = "/v2/models/resnet50/infer"
 HEADER = "Inference-Header-Content-Length"

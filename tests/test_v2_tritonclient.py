@@ -15,11 +15,11 @@ import tritonclient.http as httpclient
 from conftest import IMAGES, start_serving, stop, wait_until
 from tritonclient.utils import InferenceServerException
 
+from keras_server.broker.redis_server import RedisServer
+from keras_server.engines.simulated import SimulatedModel
 from keras_server.images import load_image
 from keras_server.labels import imagenet_labels
-from keras_server.redis_launcher import RedisServer
 from keras_server.settings import Settings
-from keras_server.simulated import SimulatedModel
 
 FILES = [(IMAGES / name).read_bytes() for name in ("chelsea.png", "coffee.png", "rocket.jpg")]
 MODEL = "sim"

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from conftest import CountingPredictor, WorkerThread, make_worker, wait_until
 
-from keras_server import protocol
+from keras_server.broker import messages
+from keras_server.broker.redis_server import RedisServer, free_port
+from keras_server.broker.request_queue import RequestQueue
 from keras_server.cli import build_workers
-from keras_server.queue import RequestQueue
-from keras_server.redis_launcher import RedisServer, free_port
 from keras_server.settings import Settings
 
 
@@ -22,8 +22,8 @@ def enqueue(queue: RequestQueue, n: int, timeout: float = 20) -> list[str]:
     ids = []
     for _ in range(n):
         image = rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)
-        request = protocol.ImageRequest.create(image, timeout)
-        queue.push(protocol.encode_request(request))
+        request = messages.ImageRequest.create(image, timeout)
+        queue.push(messages.encode_request(request))
         ids.append(request.id)
     return ids
 
@@ -59,7 +59,7 @@ def test_each_request_gets_its_own_prediction(
     """Batched answers go to the right requests: compare with one-by-one."""
     ids = enqueue(queue, 6)
     images = [
-        protocol.decode_request(raw).image for raw in queue.client.lrange(queue.keys.queue, 0, -1)
+        messages.decode_request(raw).image for raw in queue.client.lrange(queue.keys.queue, 0, -1)
     ]
     make_worker(settings, predictor, 8).run_once(wait=1)
     for request_id, image, result in zip(ids, images, answers(queue, ids), strict=True):
@@ -101,9 +101,9 @@ def test_bad_entries_are_answered_or_dropped_without_hurting_the_batch(
 ) -> None:
     good = enqueue(queue, 1)
     queue.push(b"\x00 not json")
-    wrong_shape = protocol.ImageRequest.create(np.zeros((10, 10, 3), np.uint8), 20)
-    queue.push(protocol.encode_request(wrong_shape))
-    broken = json.loads(protocol.encode_request(wrong_shape).partition(b"\n")[0])
+    wrong_shape = messages.ImageRequest.create(np.zeros((10, 10, 3), np.uint8), 20)
+    queue.push(messages.encode_request(wrong_shape))
+    broken = json.loads(messages.encode_request(wrong_shape).partition(b"\n")[0])
     broken.update(id="broken", dtype="object")
     queue.push(json.dumps(broken).encode())
     assert make_worker(settings, predictor).run_once(wait=1) == 4
@@ -138,7 +138,7 @@ def test_loop_survives_redis_being_unreachable_and_serves_once_it_answers(
     server = RedisServer(port=port)
     try:
         with (
-            caplog.at_level(logging.WARNING, logger="keras_server.worker"),
+            caplog.at_level(logging.WARNING, logger="keras_server.worker.loop"),
             WorkerThread(make_worker(settings, predictor)) as running,
         ):
             wait_until(
@@ -148,7 +148,7 @@ def test_loop_survives_redis_being_unreachable_and_serves_once_it_answers(
             assert running.thread.is_alive()
             server.start()
             queue = RequestQueue.open(
-                server.url, protocol.Keys("image_queue"), timeout=1, wait_timeout=2
+                server.url, messages.Keys("image_queue"), timeout=1, wait_timeout=2
             )
             assert answers(queue, enqueue(queue, 1))[0]["success"] is True
     finally:
@@ -162,15 +162,15 @@ def test_a_request_may_ask_for_the_whole_vector(
     probabilities gets the whole float32 vector and its top classes by index."""
     rng = np.random.default_rng(7)
     images = [rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for _ in range(2)]
-    plain = protocol.ImageRequest.create(images[0], 20)
-    full = protocol.ImageRequest.create(images[1], 20, probabilities=True, classes=3)
-    queue.push_all([protocol.encode_request(r) for r in (plain, full)], max_depth=10)
+    plain = messages.ImageRequest.create(images[0], 20)
+    full = messages.ImageRequest.create(images[1], 20, probabilities=True, classes=3)
+    queue.push_all([messages.encode_request(r) for r in (plain, full)], max_depth=10)
     make_worker(settings, predictor, 8).run_once(wait=1)
     assert predictor.batches == [2]
     results = queue.wait_results([plain.id, full.id], timeout=5)
 
     assert set(json.loads(results[plain.id])) == {"success", "predictions", "model"}
-    header, vector = protocol.decode_probabilities(results[full.id])
+    header, vector = messages.decode_probabilities(results[full.id])
     want = predictor.inner.predict(images[1][None])[0]
     assert vector is not None and vector.dtype == np.float32 and vector.shape == (1000,)
     np.testing.assert_allclose(vector, want, rtol=1e-4, atol=1e-7)

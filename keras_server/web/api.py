@@ -5,9 +5,9 @@
 What a route needs of its app (the settings, the deployment it routes to, the
 decoder shared by every route that decodes) is one `AppState`, stored once by
 `create_app` and read with `state()`: the routes themselves are plain
-functions, like ui.py's and v2.py's. A request is decoded and resized here,
+functions, like page.py's and v2.py's. A request is decoded and resized here,
 queued in Redis, and answered from its own result key; several `image`
-fields are handed to fanout.py. TensorFlow-free.
+fields are handed to dispatch.py. TensorFlow-free.
 """
 
 from __future__ import annotations
@@ -18,11 +18,13 @@ from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, jsonify
 
-from . import fanout, metrics, protocol
-from .images import ImageError
-from .routing import Deployment, ServedModel
-from .settings import Settings
-from .uploads import request_files
+from keras_server import metrics
+from keras_server.broker import messages
+from keras_server.images import ImageError
+from keras_server.settings import Settings
+from keras_server.web import dispatch
+from keras_server.web.deployment import Deployment, ServedModel
+from keras_server.web.uploads import request_files
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +41,7 @@ class AppState:
     deployment: Deployment
     # One per process, shared by every route that decodes uploads and by all
     # their threads (gunicorn workers each have their own).
-    decoder: fanout.Decoder
+    decoder: dispatch.Decoder
 
     def install(self, app: Flask) -> None:
         app.extensions[EXTENSION] = self
@@ -106,7 +108,7 @@ def classify(model: ServedModel) -> Response | tuple[Any, int]:
     settings, decode = state().settings, state().decoder
     uploads = request_files().get("image", [])
     if len(uploads) > 1:
-        return fanout.predict_many(model, uploads, settings, decode)
+        return dispatch.predict_many(model, uploads, settings, decode)
     if not uploads:
         return error(400, "no file in the 'image' field: send multipart/form-data with image=@FILE")
     data = uploads[0].data
@@ -120,14 +122,14 @@ def classify(model: ServedModel) -> Response | tuple[Any, int]:
     except ImageError as exc:
         return error(exc.status, str(exc), **exc.headers)
 
-    job = protocol.ImageRequest.create(image, settings.result_timeout)
+    job = messages.ImageRequest.create(image, settings.result_timeout)
     try:
-        raw = fanout.submit(model, [job], settings).get(job.id)
-    except fanout.Refused as exc:
+        raw = dispatch.submit(model, [job], settings).get(job.id)
+    except dispatch.Refused as exc:
         return error(exc.status, exc.message, **exc.headers)
     if raw is None:
-        return error(504, fanout.timed_out(settings))
-    result = protocol.decode_result(raw)
+        return error(504, dispatch.timed_out(settings))
+    result = messages.decode_result(raw)
     return jsonify(result), 200 if result["success"] else 500
 
 

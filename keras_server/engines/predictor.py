@@ -3,9 +3,9 @@
 A `Predictor` turns a batch of uint8 RGB images at its `input_shape` into
 class probabilities; it names its `labels`, how many classes an answer lists
 (`top_k`), and says in `description` what it is (model, weights, engine).
-The engines live beside this module: Keras (`model.py`), ONNX Runtime
+The engines live beside this module: Keras (`keras_engine.py`), ONNX Runtime
 (`onnx_engine.py`) and OpenVINO (`openvino_engine.py`), chosen by
-`engines.py`; the simulated model (`simulated.py`) implements it too. This
+`selection.py`; the simulated model (`simulated.py`) implements it too. This
 module imports neither the engines nor the worker loop, so nothing cycles.
 """
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .images import ImageError, load_image
-from .predictor import ModelLoadError
+from keras_server.engines.predictor import ModelLoadError
+from keras_server.images import ImageError, load_image
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 `load_predictor(spec, options)` returns the `predictor.Predictor` that serves
 `spec`:
 
-- `keras`: the Keras model itself (`model.py`);
+- `keras`: the Keras model itself (`keras_engine.py`);
 - `onnx`: exported to ONNX, run by ONNX Runtime (`onnx_engine.py`);
 - `openvino`: converted to OpenVINO IR and compiled for the CPU at fp32,
   bf16 or int8 (`openvino_engine.py`, int8 calibrated by `calibration.py`);
@@ -37,14 +37,20 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import calibration
-from .catalog import ModelSpec, labels_for
-from .conversion_cache import ConversionCache, CorruptEntry, Entry, file_sha256, key_of
-from .predictor import EngineError, ModelLoadError, Predictor, fidelity
-from .preprocess import mode_of, preprocessing
+from keras_server.catalog import ModelSpec, labels_for
+from keras_server.engines import calibration
+from keras_server.engines.conversion_cache import (
+    ConversionCache,
+    CorruptEntry,
+    Entry,
+    file_sha256,
+    key_of,
+)
+from keras_server.engines.predictor import EngineError, ModelLoadError, Predictor, fidelity
+from keras_server.engines.preprocess import mode_of, preprocessing
 
 if TYPE_CHECKING:
-    from .model import Classifier
+    from keras_server.engines.keras_engine import Classifier
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +125,7 @@ def gpu_visible() -> bool:
 
 
 def _keras(spec: ModelSpec) -> Predictor:
-    from .model import load_classifier
+    from keras_server.engines.keras_engine import load_classifier
 
     return load_classifier(spec)
 
@@ -127,10 +133,10 @@ def _keras(spec: ModelSpec) -> Predictor:
 def _engine_version(engine: str) -> str:
     try:
         if engine == "openvino":
-            from . import openvino_engine
+            from keras_server.engines import openvino_engine
 
             return openvino_engine.version()
-        from . import onnx_engine
+        from keras_server.engines import onnx_engine
 
         return onnx_engine.version()
     except ImportError as exc:
@@ -147,7 +153,7 @@ def _converted(
     """An onnx or openvino predictor: from the cache, or converted now."""
     version = _engine_version(engine)
     if engine == "openvino":
-        from . import openvino_engine
+        from keras_server.engines import openvino_engine
 
         openvino_engine.check_supported(precision)
     inputs = _key_inputs(spec, engine, version, precision, files)
@@ -242,8 +248,8 @@ def _convert(
     files: list[Path] | None,
 ) -> dict[str, Any]:
     """Load the Keras model, convert it into `directory`; returns the entry's meta."""
-    from . import onnx_engine
-    from .model import load_classifier
+    from keras_server.engines import onnx_engine
+    from keras_server.engines.keras_engine import load_classifier
 
     started = time.perf_counter()
     classifier = load_classifier(spec)
@@ -265,7 +271,7 @@ def _convert(
     onnx_path = directory / "model.onnx"
     onnx_engine.export(classifier, onnx_path)
     if engine == "openvino":
-        from . import openvino_engine
+        from keras_server.engines import openvino_engine
 
         source = onnx_path
         if precision == "int8":
@@ -291,7 +297,7 @@ def _convert(
 
 
 def _quantize(classifier: Classifier, source: Path, target: Path, images: np.ndarray) -> None:
-    from . import onnx_engine
+    from keras_server.engines import onnx_engine
 
     input_name = onnx_engine.session(source).get_inputs()[0].name
     step = calibration.CALIBRATION_BATCH
@@ -325,14 +331,14 @@ def _open(spec: ModelSpec, engine: str, precision: str, entry: Entry) -> Predict
         "top_k": spec.top_k,
     }
     if engine == "onnx":
-        from . import onnx_engine
+        from keras_server.engines import onnx_engine
 
         return onnx_engine.OnnxClassifier(
             session=onnx_engine.session(entry.file("model.onnx")),
             description=f"{meta['description']}, ONNX Runtime {onnx_engine.version()}",
             **common,
         )
-    from . import openvino_engine
+    from keras_server.engines import openvino_engine
 
     return openvino_engine.OpenVinoClassifier(
         openvino_engine.compile_model(entry.file("model.xml"), precision),

@@ -26,8 +26,8 @@ import numpy as np
 import openvino as ov
 import openvino.properties.hint as hints
 
-from .predictor import EngineError, Fidelity
-from .preprocess import Preprocess, batch_of
+from keras_server.engines.predictor import EngineError, Fidelity
+from keras_server.engines.preprocess import Preprocess, batch_of
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The HTTP tier: the Flask app factory. `create_app` only assembles the app:
 the per-app state the routes read (api.AppState), the request log, the API-key
-check (auth.py), the blueprints (api.py's JSON routes, ui.py's page, v2.py's
+check (auth.py), the blueprints (api.py's JSON routes, page.py's page, v2.py's
 protocol) and the JSON error handlers.
 
 Every answer, errors included, is JSON; no traceback ever reaches a client.
@@ -17,10 +17,11 @@ from typing import IO
 from flask import Flask, Request, Response, g, request
 from werkzeug.exceptions import HTTPException
 
-from . import api, auth, fanout, logs, metrics, ui, v2
-from .images import return_freed_pixels_to_the_system
-from .routing import Deployment
-from .settings import Settings, load_settings
+from keras_server import logs, metrics
+from keras_server.images import return_freed_pixels_to_the_system
+from keras_server.settings import Settings, load_settings
+from keras_server.web import api, auth, dispatch, page, v2
+from keras_server.web.deployment import Deployment
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class InMemoryRequest(Request):
 
 
 def wsgi_app() -> Flask:
-    """The app for gunicorn (`keras_server.web:wsgi_app()`), configured from the
+    """The app for gunicorn (`keras_server.web.app:wsgi_app()`), configured from the
     KERAS_SERVER_* variables that `--role web` hands down."""
     settings = load_settings([])
     logs.configure_logging(settings.log_level)
@@ -61,12 +62,12 @@ def create_app(settings: Settings, deployment: Deployment | None = None) -> Flas
     app.json.sort_keys = False  # keep an answer's keys in the order it is built: "success" first
     if deployment is None:
         deployment = Deployment.from_settings(settings)
-    api.AppState(settings, deployment, fanout.Decoder(settings)).install(app)
+    api.AppState(settings, deployment, dispatch.Decoder(settings)).install(app)
     return_freed_pixels_to_the_system()
     _add_request_log(app)
     auth.install(app, settings)  # before every route, those of blueprints too
     app.register_blueprint(api.blueprint)
-    app.register_blueprint(ui.blueprint)
+    app.register_blueprint(page.blueprint)
     app.register_blueprint(v2.blueprint)
     _add_error_handlers(app, settings)
     return app

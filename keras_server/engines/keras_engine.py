@@ -4,7 +4,7 @@ loaded once from its spec (catalog.ModelSpec), checked, and run on batches.
 The only module that imports Keras (and so TensorFlow); the web tier never
 loads it, and neither does an engine served from the conversion cache. The
 other engines (`onnx_engine`, `openvino_engine`) convert the `Classifier`
-built here; `engines.py` picks one. `load_classifier` never falls back
+built here; `selection.py` picks one. `load_classifier` never falls back
 silently to random weights, and refuses
 a model it cannot serve (not an image model, or not as many outputs as
 labels) with a ModelLoadError saying why, before the server takes traffic.
@@ -21,9 +21,9 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from .catalog import ModelSpec, labels_for
-from .predictor import TOP_K, Fidelity, ModelLoadError
-from .preprocess import Preprocess, batch_of, mode_of, preprocessing
+from keras_server.catalog import ModelSpec, labels_for
+from keras_server.engines.predictor import TOP_K, Fidelity, ModelLoadError
+from keras_server.engines.preprocess import Preprocess, batch_of, mode_of, preprocessing
 
 log = logging.getLogger(__name__)
 

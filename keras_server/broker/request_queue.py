@@ -29,7 +29,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-from .protocol import BadMessage, Keys, WorkerInfo
+from keras_server.broker.messages import BadMessage, Keys, WorkerInfo
 
 Pipeline = redis.client.Pipeline
 

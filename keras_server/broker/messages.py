@@ -55,7 +55,7 @@ class BadMessage(ValueError):
 # The words a queue's own keys add after its name. Another model's queue is
 # "<queue-name>:<model>", so a model named after one of them would share keys
 # with the default model (a model "workers" would queue into its workers set):
-# catalog refuses these names for every model but the default.
+# settings refuses these names for every model but the default.
 KEY_PARTS = ("result", "processing", "worker", "workers")
 
 
@@ -72,7 +72,10 @@ class Keys:
         if model == default:
             return cls(queue_name)
         if model in KEY_PARTS:
-            raise ValueError(f"model name {model!r} would collide with the queue's own keys")
+            raise ValueError(
+                f"model name {model!r} would collide with the Redis keys every queue uses "
+                f"({', '.join(KEY_PARTS)}); choose another name"
+            )
         return cls(f"{queue_name}:{model}")
 
     @property

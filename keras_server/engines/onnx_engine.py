@@ -2,9 +2,9 @@
 
 `export` writes the ONNX file from the Keras model already in memory
 (whatever `--weights` loaded), so there is no second file to keep in step
-with the weights; `engines.py` keeps it in the conversion cache and checks
+with the weights; `selection.py` keeps it in the conversion cache and checks
 the engine's outputs against Keras's before it serves (and converts the same
-file for OpenVINO). Imported only by `engines.py`, so neither the web tier
+file for OpenVINO). Imported only by `selection.py`, so neither the web tier
 nor `--engine keras` loads onnxruntime.
 """
 
@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnxruntime as ort
 
-from .predictor import EngineError, Fidelity
-from .preprocess import Preprocess, batch_of
+from keras_server.engines.predictor import EngineError, Fidelity
+from keras_server.engines.preprocess import Preprocess, batch_of
 
 if TYPE_CHECKING:
-    from .model import Classifier
+    from keras_server.engines.keras_engine import Classifier
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import redis
 
-from .processes import Child, ChildFailed
-from .settings import Settings
+from keras_server.processes import Child, ChildFailed
+from keras_server.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ and answers one output, `probabilities`: FP32 `[N, classes]`, JSON or binary
 request); with `"classification": k` on the output it is instead BYTES
 `[N, k]` of `"score:index:label"`, as Triton's classification extension.
 
-The N images become N queue entries (fanout.submit), so they batch with
+The N images become N queue entries (dispatch.submit), so they batch with
 everyone else's, answered together. A rejected request queues nothing. Every
 error is `{"error": "..."}`: 400 for a request the protocol or the model does
 not take, 404 for an unknown model or version, 413 past --max-images, 503/504
@@ -46,14 +46,14 @@ import numpy as np
 from flask import Blueprint, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from . import protocol
-from .api import state
-from .fanout import Decoder, Refused, submit, timed_out, too_many
-from .images import ImageError
-from .protocol import WorkerInfo
-from .routing import ServedModel
-from .settings import Settings
-from .ui import openapi_document
+from keras_server.broker import messages
+from keras_server.broker.messages import WorkerInfo
+from keras_server.images import ImageError
+from keras_server.settings import Settings
+from keras_server.web.api import state
+from keras_server.web.deployment import ServedModel
+from keras_server.web.dispatch import Decoder, Refused, submit, timed_out, too_many
+from keras_server.web.page import openapi_document
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +223,7 @@ def infer(name: str, version: str | None = None) -> Response:
     settings = state().settings
     inference = parse_request(request.get_data(), request.headers, size, settings, state().decoder)
     jobs = [
-        protocol.ImageRequest.create(
+        messages.ImageRequest.create(
             image, settings.result_timeout, probabilities=True, classes=inference.classes
         )
         for image in inference.images
@@ -241,7 +241,7 @@ _RETRY = {"Retry-After": "1"}
 
 
 def _collect(
-    jobs: list[protocol.ImageRequest], answers: dict[str, bytes], settings: Settings
+    jobs: list[messages.ImageRequest], answers: dict[str, bytes], settings: Settings
 ) -> tuple[np.ndarray, list[list[dict[str, Any]]], dict[str, str] | None]:
     """(probabilities [N, classes], each image's top classes, the model that
     answered) from the workers' answers; V2Error if any image failed."""
@@ -250,7 +250,7 @@ def _collect(
         raw = answers.get(job.id)
         if raw is None:
             raise V2Error(504, timed_out(settings))
-        header, vector = protocol.decode_probabilities(raw)
+        header, vector = messages.decode_probabilities(raw)
         if not header["success"]:
             raise V2Error(500, header.get("error", "the model failed"))
         if vector is None:
@@ -525,8 +525,8 @@ def _output(spec: object, default_binary: bool) -> Output:
     if not isinstance(binary, bool):
         raise bad("binary_data must be true or false")
     k = parameters.get("classification", 0)
-    if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= protocol.MAX_CLASSES:
-        raise bad(f"classification must be a whole number of classes, 1..{protocol.MAX_CLASSES}")
+    if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= messages.MAX_CLASSES:
+        raise bad(f"classification must be a whole number of classes, 1..{messages.MAX_CLASSES}")
     return Output(binary, k)
 
 

@@ -20,8 +20,8 @@ from collections.abc import Sequence
 
 import redis
 
-from .protocol import Keys
-from .queue import RequestQueue, parse_sentinel_url
+from keras_server.broker.messages import Keys
+from keras_server.broker.request_queue import RequestQueue, parse_sentinel_url
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ It knows the model only as a `predictor.Predictor` (the one engine
 interface), so this module never imports Keras or any engine. One bad
 message, one failed batch or a Redis outage never ends the loop: every
 request in a failed batch is answered with an error, and Redis errors are
-retried with backoff. Claims are crash-safe (see queue.py): a worker killed
+retried with backoff. Claims are crash-safe (see broker/request_queue.py): a worker killed
 mid-batch loses nothing, because live workers requeue its claims once its
 heartbeat expires.
 """
@@ -24,9 +24,10 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import redis
 
-from . import metrics, protocol
-from .predictor import Predictor, top_indices, top_k
-from .queue import RequestQueue
+from keras_server import metrics
+from keras_server.broker import messages
+from keras_server.broker.request_queue import RequestQueue
+from keras_server.engines.predictor import Predictor, top_indices, top_k
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ MAX_BACKOFF_S = 5.0
 
 
 def answer(
-    request: protocol.ImageRequest,
+    request: messages.ImageRequest,
     probabilities: np.ndarray,
     labels: Sequence[str],
     k: int,
@@ -46,13 +47,13 @@ def answer(
 ) -> bytes:
     """One request's answer: its top k, or the whole vector when it asked."""
     if not request.probabilities:
-        return protocol.success_result(top_k(probabilities, labels, k), name, version)
+        return messages.success_result(top_k(probabilities, labels, k), name, version)
     classes = (
         [{"index": int(i), "label": labels[i]} for i in top_indices(probabilities, request.classes)]
         if request.classes
         else []
     )
-    return protocol.probabilities_result(probabilities, classes, name, version)
+    return messages.probabilities_result(probabilities, classes, name, version)
 
 
 class Worker:
@@ -91,9 +92,9 @@ class Worker:
         self.turn = turn or contextlib.nullcontext()
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
-    def info(self) -> protocol.WorkerInfo:
+    def info(self) -> messages.WorkerInfo:
         height, width, _ = self.predictor.input_shape
-        return protocol.WorkerInfo(
+        return messages.WorkerInfo(
             description=self.description,
             batch_size=self.batch_size,
             host=socket.gethostname(),
@@ -181,21 +182,21 @@ class Worker:
         """Decode, infer and answer one claimed batch."""
         now = time.time()
         results: dict[str, bytes] = {}
-        batch: list[protocol.ImageRequest] = []
+        batch: list[messages.ImageRequest] = []
         for raw in raws:
             try:
-                request = protocol.decode_request(raw)
-            except protocol.BadMessage as exc:
+                request = messages.decode_request(raw)
+            except messages.BadMessage as exc:
                 log.error("dropping a bad queue entry: %s", exc)
-                request_id = protocol.request_id_of(raw)
+                request_id = messages.request_id_of(raw)
                 if request_id:
-                    results[request_id] = protocol.error_result("the request was malformed")
+                    results[request_id] = messages.error_result("the request was malformed")
                 continue
             if request.expired(now):
                 log.warning("[%s] skipped: its deadline passed while queued", request.id)
                 continue
             if request.image.shape != self.predictor.input_shape:
-                results[request.id] = protocol.error_result(
+                results[request.id] = messages.error_result(
                     f"image shape {request.image.shape} does not fit the model's "
                     f"{self.predictor.input_shape}"
                 )
@@ -206,7 +207,7 @@ class Worker:
         self.queue.finish(self.id, results, self.result_ttl)
         return len(raws)
 
-    def _infer(self, batch: list[protocol.ImageRequest]) -> dict[str, bytes]:
+    def _infer(self, batch: list[messages.ImageRequest]) -> dict[str, bytes]:
         ids = [r.id for r in batch]
         metrics.BATCH_SIZE.observe(len(batch))
         started = time.perf_counter()
@@ -218,7 +219,7 @@ class Worker:
         except Exception:
             metrics.FAILED_BATCHES.inc()
             log.exception("batch of %d failed: %s", len(batch), ", ".join(ids))
-            error = protocol.error_result(
+            error = messages.error_result(
                 "the model failed on this request's batch; the worker log has the details"
             )
             return dict.fromkeys(ids, error)

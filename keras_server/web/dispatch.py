@@ -32,12 +32,13 @@ import numpy as np
 import redis
 from flask import Response, jsonify
 
-from . import logs, metrics, protocol
-from .images import DecodeBudget, DecoderBusy, ImageError, load_image
-from .queue import QueueFull
-from .routing import ServedModel
-from .settings import Settings
-from .uploads import Upload
+from keras_server import logs, metrics
+from keras_server.broker import messages
+from keras_server.broker.request_queue import QueueFull
+from keras_server.images import DecodeBudget, DecoderBusy, ImageError, load_image
+from keras_server.settings import Settings
+from keras_server.web.deployment import ServedModel
+from keras_server.web.uploads import Upload
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ def too_many(count: int, settings: Settings) -> Refused:
 
 
 def submit(
-    model: ServedModel, jobs: Sequence[protocol.ImageRequest], settings: Settings
+    model: ServedModel, jobs: Sequence[messages.ImageRequest], settings: Settings
 ) -> dict[str, bytes]:
     """Queue `jobs` for `model` and wait for their answers until the earliest
     deadline; returns the answers that came, by request id. Raises Refused
@@ -90,7 +91,7 @@ def submit(
     logs.request_id.set(jobs[0].id if len(jobs) == 1 else f"{jobs[0].id}+{len(jobs) - 1}")
     try:
         queue = shards.push_all(
-            [protocol.encode_request(job) for job in jobs], max_depth=settings.max_queue
+            [messages.encode_request(job) for job in jobs], max_depth=settings.max_queue
         )
         metrics.QUEUED.labels(model.name, shards.name(queue)).inc(len(jobs))
         deadline = min(job.deadline for job in jobs)
@@ -147,7 +148,7 @@ def _classify_each(
     if size is None:
         raise Refused(503, f"model {model.name!r} has no live worker yet; retry shortly", True)
     items: list[dict[str, Any]] = []
-    jobs: dict[int, protocol.ImageRequest] = {}
+    jobs: dict[int, messages.ImageRequest] = {}
     for position, upload in enumerate(uploads):
         item: dict[str, Any] = {"filename": upload.filename}
         items.append(item)
@@ -160,13 +161,13 @@ def _classify_each(
         except ImageError as exc:
             item.update(status=exc.status, success=False, error=str(exc))
             continue
-        jobs[position] = protocol.ImageRequest.create(image, settings.result_timeout)
+        jobs[position] = messages.ImageRequest.create(image, settings.result_timeout)
     answers = submit(model, list(jobs.values()), settings) if jobs else {}
     for position, job in jobs.items():
         raw = answers.get(job.id)
         if raw is None:
             items[position].update(status=504, success=False, error=timed_out(settings))
             continue
-        result = protocol.decode_result(raw)
+        result = messages.decode_result(raw)
         items[position].update(status=200 if result["success"] else 500, **result)
     return items

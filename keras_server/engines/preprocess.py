@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .catalog import ModelSpec
+from keras_server.catalog import ModelSpec
 
 Preprocess = Callable[[np.ndarray], np.ndarray]
 

@@ -16,9 +16,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .catalog import SIM_SIZE
-from .labels import imagenet_labels
-from .predictor import TOP_K, Fidelity
+from keras_server.catalog import SIM_SIZE
+from keras_server.engines.predictor import TOP_K, Fidelity
+from keras_server.labels import imagenet_labels
 
 
 class SimulatedModel:

@@ -8,7 +8,7 @@ gives in-flight requests that long to finish (graceful_timeout).
 
 Usable directly too:
     KERAS_SERVER_PORT=5000 PROMETHEUS_MULTIPROC_DIR=$(mktemp -d) \\
-        gunicorn -c keras_server/gunicorn_conf.py 'keras_server.web:wsgi_app()'
+        gunicorn -c keras_server/web/gunicorn_conf.py 'keras_server.web.app:wsgi_app()'
 """
 
 from __future__ import annotations

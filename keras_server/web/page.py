@@ -37,7 +37,7 @@ PAGE_POLICY = "; ".join(
 blueprint = Blueprint(
     "ui",
     __name__,
-    # Not "static": Flask(__name__) in web.py would then serve the same folder
+    # Not "static": Flask(__name__) in app.py would then serve the same folder
     # a second time under its own implicit /static route.
     static_folder=ASSETS,
     static_url_path=f"/{ASSETS}",

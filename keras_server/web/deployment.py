@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 
 import redis
 
-from .catalog import Models, ModelSpec
-from .protocol import Keys, WorkerInfo
-from .settings import Settings
-from .shards import UNREACHABLE, ShardSet
+from keras_server.broker.messages import Keys, WorkerInfo
+from keras_server.broker.shards import UNREACHABLE, ShardSet
+from keras_server.catalog import Models, ModelSpec
+from keras_server.settings import Settings
 
 # How long a learned input size is trusted before asking Redis again.
 SIZE_TTL_S = 5.0

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from flask import Flask, Response, jsonify, request
 
-from .settings import Settings
+from keras_server.settings import Settings
 
 log = logging.getLogger(__name__)
 

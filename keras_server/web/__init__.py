@@ -1,0 +1,14 @@
+"""The web process: HTTP in, decoded images onto the queue, answers out.
+
+    app          the Flask app factory: request log, API keys, blueprints, error handlers
+    api          the JSON routes (/predict, /models, probes, /metrics) and their app state
+    v2           the Open Inference Protocol (KServe v2, REST) under /v2
+    dispatch     uploads to answers, for every route: decode within the budget, queue, await
+    deployment   the models this web server routes to, across every Redis shard
+    uploads      the files of a multipart upload (python-multipart)
+    auth         API keys (--api-keys): checked before every route
+    page         the upload page at / and the OpenAPI description
+    gunicorn_conf gunicorn's settings for --role web, derived from ours
+
+Never imports an engine or the worker (import-linter checks it in `make test`).
+"""
