@@ -19,7 +19,7 @@ from flask.testing import FlaskClient
 from test_images import _png_header_only
 
 from keras_server.settings import Settings
-from keras_server.web import create_app
+from keras_server.web.app import create_app
 
 NOT_AN_IMAGE = (ROOT / "pyproject.toml").read_bytes()
 
@@ -60,10 +60,17 @@ def test_one_answer_per_image_in_order_bad_files_fail_alone(
     assert [r["success"] for r in results] == [True, False, True, False]
     assert "not an image" in results[1]["error"]
     assert "empty" in results[3]["error"]
-    # Each good image gets exactly what it gets alone, model and version included.
+    # Each good image gets what it gets alone, model and version included. The
+    # probabilities agree to float32 rounding only: a batch of 2 and a batch of
+    # 1 may take different CPU kernels (seen on an AMD EPYC).
     for index, data in ((0, CHELSEA), (2, COFFEE)):
         alone = post_images(client, ("x.png", data)).get_json()
-        assert {k: results[index][k] for k in alone} == alone
+        together = {k: results[index][k] for k in alone}
+        assert together.pop("predictions") == [
+            {"label": p["label"], "probability": pytest.approx(p["probability"], rel=1e-4)}
+            for p in alone.pop("predictions")
+        ]
+        assert together == alone
     assert results[0]["predictions"] != results[2]["predictions"]
     # Both good images were queued together: one forward pass took them.
     assert 2 in served.batches
