@@ -182,8 +182,8 @@ def thaw(server: RedisServer) -> None:
 
 def test_a_hung_shard_is_skipped_and_probed_back(two_servers: list[RedisServer]) -> None:
     keys = messages.Keys("hung")
-    queues = [RequestQueue.open(s.url, keys, timeout=0.3, wait_timeout=2) for s in two_servers]
-    shards = ShardSet(queues, [label(s.url) for s in two_servers])
+    queues = [RequestQueue.open(s.url, keys, timeout=0.3) for s in two_servers]
+    shards = ShardSet(queues)
     hung, healthy = queues
     freeze(two_servers[0])
     # Every push lands on the healthy shard: the hung one times out once, is
