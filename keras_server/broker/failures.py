@@ -69,7 +69,7 @@ def out_of_memory(exc: BaseException) -> bool:
     """A refusal for want of memory. Redis 7 answers OOM to a write script
     itself; 6.2 as an error inside it."""
     return isinstance(exc, exceptions.OutOfMemoryError) or (
-        isinstance(exc, redis.ResponseError) and str(exc).startswith("OOM")
+        isinstance(exc, redis.ResponseError) and "OOM" in str(exc)
     )
 
 
