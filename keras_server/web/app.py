@@ -69,8 +69,15 @@ def create_app(settings: Settings, deployment: Deployment | None = None) -> Flas
     app.register_blueprint(api.blueprint)
     app.register_blueprint(page.blueprint)
     app.register_blueprint(v2.blueprint)
-    errors.install(app, api.render)
+    errors.install(app, _render)
     return app
+
+
+def _render(error: errors.HttpError) -> Response:
+    """An error no blueprint's handlers took (an unrouted path, a method the
+    path does not take, a refused API key): in the shape of the API the path
+    belongs to."""
+    return (v2.render if v2.owns(request.path) else api.render)(error)
 
 
 def _add_request_log(app: Flask) -> None:

@@ -103,6 +103,11 @@ def render(error: HttpError) -> Response:
     return jsonify(error=error.message)
 
 
+def owns(path: str) -> bool:
+    """Whether `path` is the protocol's, routed or not: its errors take its shape."""
+    return path == blueprint.url_prefix or path.startswith(f"{blueprint.url_prefix}/")
+
+
 # A body over --max-upload-mb is found while reading it, in the view: "the request".
 errors.install(blueprint, render, body="request")
 
