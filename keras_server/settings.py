@@ -298,8 +298,9 @@ KNOBS: tuple[Knob, ...] = (
     Knob(
         "redis_timeout",
         _positive_float,
-        "seconds any Redis command but the waits for work and answers may take; a shard "
-        "that takes longer (a hung host) is skipped like one that refuses connections",
+        "seconds any Redis command may take (the waits for work and answers: past the end "
+        "Redis sets for them); a shard that takes longer (a hung host) is skipped like one "
+        "that refuses connections",
         "SECONDS",
     ),
     Knob(
