@@ -140,3 +140,100 @@ def test_wrk_drives_a_server_and_the_engine_table_is_reported(
     assert "| openvino int8: warm start ≤ 15 s | 5.0 s | yes |" in table
     saved = results.as_dict()["engines"][1]
     assert saved["many"]["throughput"] == pytest.approx(many.throughput)
+
+
+SAPPHIRE_RAPIDS = """processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+flags\t\t: fpu sse avx2 avx512f avx512bw avx512_bf16 amx_bf16 amx_tile amx_int8 avx512_vnni
+"""
+EPYC = """processor\t: 0
+vendor_id\t: AuthenticAMD
+model name\t: AMD EPYC
+flags\t\t: fpu sse avx2 fma
+"""
+
+
+def test_the_cpu_model_and_its_avx512_and_amx_flags_are_read_from_cpuinfo() -> None:
+    from bench import cpu
+
+    flags = cpu.vector_flags(SAPPHIRE_RAPIDS)
+    assert flags == [
+        "amx_bf16",
+        "amx_int8",
+        "amx_tile",
+        "avx512_bf16",
+        "avx512_vnni",
+        "avx512bw",
+        "avx512f",
+    ]
+    assert cpu.has_amx(flags)
+    assert cpu.model(SAPPHIRE_RAPIDS) == "Intel(R) Xeon(R) Platinum 8480+"
+    assert "(AVX-512, AMX; flags: amx_bf16" in cpu.describe(cpu.model(SAPPHIRE_RAPIDS), flags)
+    assert cpu.vector_flags(EPYC) == []
+    assert cpu.describe("AMD EPYC", []) == "AMD EPYC (no AVX-512, no AMX; flags: none)"
+
+
+def _engine_rows() -> list[engines.EngineRow]:
+    wrk = engines.WrkResult(1, 10.0, 200, 0, 0.02, 0.03, 0.1)
+    rows = []
+    for engine, precision in engines.SYSTEMS:
+        row = engines.EngineRow(engine, precision, cold_start=30.0, warm_start=2.0)
+        row.one, row.many = wrk, wrk
+        row.raw = raw.RawResult(f"{engine} {precision}", 32, 50.0, 0.6, 0.015, 0.02, 3, 10)
+        rows.append(row)
+    return rows
+
+
+def test_the_engine_table_has_an_amx_column_when_the_cpu_has_amx() -> None:
+    from bench import cpu
+
+    amx = report.Results(
+        command="x", mode="quick", batch_size=32,
+        machine={"cpus": 2, "cpu_flags": cpu.vector_flags(SAPPHIRE_RAPIDS)},
+    )  # fmt: skip
+    amx.engines = _engine_rows()
+    table = report.markdown(amx)
+    assert "| other processes' CPU | AMX |" in table
+    rows = {
+        " ".join(cell.strip() for cell in line.split("|")[1:3]): line
+        for line in table.splitlines()
+        if "of a core" in line
+    }
+    assert rows["openvino int8"].endswith("| amx_int8 |")
+    assert rows["openvino bf16"].endswith("| amx_bf16 |")
+    assert rows["keras fp32"].endswith("| none (fp32) |")
+    assert "This CPU has AMX (amx_bf16 amx_int8 amx_tile)" in table
+
+    plain = report.Results(
+        command="x", mode="quick", batch_size=32,
+        machine={"cpus": 2, "cpu_flags": cpu.vector_flags(EPYC)},
+    )  # fmt: skip
+    plain.engines = _engine_rows()
+    table = report.markdown(plain)
+    assert "AMX" not in table
+    header = next(line for line in table.splitlines() if line.startswith("| engine |"))
+    rule = table.splitlines()[table.splitlines().index(header) + 1]
+    assert header.count("|") == rule.count("|")
+
+
+def test_benchmarks_md_names_the_cpu_flags_and_keeps_the_peers_section(tmp_path: Path) -> None:
+    from bench import cpu
+
+    benchmarks = tmp_path / "BENCHMARKS.md"
+    peers = "**Peers**\n\n| system | img/s |\n|---|---:|\n| mosec | 1.0 |"
+    benchmarks.write_text(report.replace_section("# Old\n\ntext\n", "peers", peers))
+    assert report.get_section(benchmarks.read_text(), "peers") == peers
+    results = report.Results(
+        command="python -m bench.run", mode="full", batch_size=4,
+        machine={"cpus": 2, "cpu": "Intel(R) Xeon(R) Platinum 8480+",
+                 "cpu_flags": cpu.vector_flags(SAPPHIRE_RAPIDS)},
+    )  # fmt: skip
+    report.write(results, tmp_path / "results", benchmarks)
+    text = benchmarks.read_text()
+    assert "Intel(R) Xeon(R) Platinum 8480+ (AVX-512, AMX; flags: amx_bf16" in text
+    assert "# Old" not in text, "bench.run rewrote the rest"
+    assert report.get_section(text, "peers") == peers
+    again = report.replace_section(text, "peers", "new table")
+    assert report.get_section(again, "peers") == "new table"
+    assert again.count("peers: begin") == 1
