@@ -237,3 +237,61 @@ def test_benchmarks_md_names_the_cpu_flags_and_keeps_the_peers_section(tmp_path:
     again = report.replace_section(text, "peers", "new table")
     assert report.get_section(again, "peers") == "new table"
     assert again.count("peers: begin") == 1
+
+
+def test_the_peers_table_gives_medians_ratios_and_targets(tmp_path: Path) -> None:
+    """The peers harness's table and files, from made-up measurements (no peer
+    server, wrk or model needed)."""
+    from bench import cpu
+    from bench.peers import run as peers
+    from bench.peers.table import Measured, PeerResults
+
+    def wrk(throughput: float, p50_ms: float) -> engines.WrkResult:
+        return engines.WrkResult(32, 10.0, round(throughput * 10), 0, p50_ms / 1e3, 0.05, 0.1)
+
+    results = PeerResults(
+        command="python -m bench.peers --quick", mode="quick", batch_size=32, wait_ms=10,
+        machine={"cpu": "Intel(R) Xeon(R) Platinum 8480+", "cpus": 2, "others_cpu_share": 0.3,
+                 "cpu_flags": cpu.vector_flags(SAPPHIRE_RAPIDS)},
+        engine="openvino", precision="int8",
+        raw=raw.RawResult("openvino int8", 32, 150.0, 0.2, 0.012, 0.015, 5, 30),
+    )  # fmt: skip
+    for round_, (ours, mosec, lit) in enumerate(((90, 100, 80), (88, 110, 78), (86, 102, 77)), 1):
+        results.runs += [
+            Measured("keras-server", round_, wrk(1, 19.0 + round_), wrk(ours, 300)),
+            Measured("mosec", round_, wrk(1, 24.0), wrk(mosec, 300)),
+            Measured("litserve", round_, wrk(1, 20.0), wrk(lit, 300)),
+        ]
+    benchmarks = tmp_path / "BENCHMARKS.md"
+    benchmarks.write_text("# Benchmarks\n\nthe engine table\n")
+    text = peers.write(results, tmp_path / "results", benchmarks)
+    assert "Intel(R) Xeon(R) Platinum 8480+ (AVX-512, AMX; flags: amx_bf16" in text
+    assert "| keras-server | 88.0 | 86.0 to 90.0 | 21.0 | 50.0 | 9.0 | 1.00x | 3 | 0 |" in text
+    assert "| mosec | 102.0 | 100.0 to 110.0 | 24.0 | 50.0 | 12.0 | 0.86x | 3 | 0 |" in text
+    assert "| litserve | 78.0 | 77.0 to 80.0 | 20.0 |" in text
+    assert "| images/s at 32 clients ≥ 1.25x mosec's | 0.86x | **no** |" in text
+    assert "| p50 at 1 client ≤ engine batch 1 + 8 ms | +9.0 ms | **no** |" in text
+    assert "| p50 at 1 client below litserve's | 21.0 vs 20.0 ms | **no** |" in text
+    assert "| p50 at 1 client below mosec's | 21.0 vs 24.0 ms | yes |" in text
+    assert "Busy machine" in text and "Quick mode" in text
+    written = benchmarks.read_text()
+    assert written.startswith("# Benchmarks\n\nthe engine table\n")
+    assert report.get_section(written, "peers") == text.strip("\n")
+    saved = json.loads((tmp_path / "results" / "peers.json").read_text())
+    assert [r["system"] for r in saved["runs"][:3]] == ["keras-server", "mosec", "litserve"]
+    assert saved["runs"][1]["many"]["throughput"] == pytest.approx(100.0)
+    # A second run rewrites the section in place.
+    peers.write(results, tmp_path / "results", benchmarks)
+    assert benchmarks.read_text() == written
+
+
+def test_the_peers_command_line() -> None:
+    from bench.peers import run as peers
+
+    quick = peers.parse_args(["--quick", "--systems", "keras-server,mosec"])
+    assert (quick.rounds, quick.seconds, quick.systems) == (2, 6.0, ["keras-server", "mosec"])
+    full = peers.parse_args([])
+    assert (full.rounds, full.seconds, full.precision) == (3, 20.0, "int8")
+    assert full.systems == ["keras-server", "mosec", "litserve"]
+    with pytest.raises(SystemExit):
+        peers.parse_args(["--systems", "triton"])
