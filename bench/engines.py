@@ -50,6 +50,7 @@ LUA = Path(__file__).with_name("multipart.lua")
 SYSTEMS = (("keras", "fp32"), ("onnx", "fp32"), ("openvino", "fp32"))
 SYSTEMS += (("openvino", "bf16"), ("openvino", "int8"))
 CALIBRATION_IMAGES = 60
+WEIGHTS_FILE = "resnet50-random.weights.h5"  # what prepare saves
 
 
 class WrkMissing(RuntimeError):
@@ -114,7 +115,7 @@ def prepare(directory: Path, images: list[Path]) -> tuple[Path, Path]:
     from PIL import Image
 
     keras.utils.set_random_seed(42)
-    weights = directory / "resnet50-random.weights.h5"
+    weights = directory / WEIGHTS_FILE
     keras.applications.ResNet50(weights=None).save_weights(weights)
     calibration = directory / "calibration"
     calibration.mkdir()

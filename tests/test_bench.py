@@ -295,3 +295,24 @@ def test_the_peers_command_line() -> None:
     assert full.systems == ["keras-server", "mosec", "litserve"]
     with pytest.raises(SystemExit):
         peers.parse_args(["--systems", "triton"])
+
+
+def test_the_mosec_decode_stage_reads_the_upload_wrk_sends() -> None:
+    """mosec hands its first stage the bare body: the boundary comes from it."""
+    pytest.importorskip("mosec", reason="mosec is installed by python -m bench.peers")
+    from mosec import ValidationError
+
+    from bench.peers.mosec_server import Decode, image_field
+
+    photo = (IMAGES / "rocket.jpg").read_bytes()
+    boundary = b"keras-server-bench-boundary"  # bench/multipart.lua's
+    body = b"--" + boundary + b"\r\n"
+    body += b'Content-Disposition: form-data; name="image"; filename="rocket.jpg"\r\n'
+    body += b"Content-Type: application/octet-stream\r\n\r\n" + photo + b"\r\n--"
+    body += boundary + b"--\r\n"
+    assert image_field(body) == photo
+    assert Decode().forward(image_field(body)).shape == (224, 224, 3)
+    with pytest.raises(ValidationError):
+        image_field(b'{"image": "not multipart"}')
+    with pytest.raises(ValidationError):
+        Decode().forward(b"not an image")

@@ -10,8 +10,9 @@ predictor and answers each with /predict's JSON body at /predict. The model
 comes from the environment (`PeerConfig`).
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: LitServe reads decode_request's
+# annotation at run time, and only the class Request (not the string
+# "Request") makes it parse the form before queueing the request.
 import argparse
 import logging
 from typing import Any
@@ -57,8 +58,8 @@ def main() -> None:
     args = parser.parse_args()
     config = PeerConfig.from_env()
     api = Classifier(max_batch_size=config.batch_size, batch_timeout=config.wait_ms / 1000)
-    server = ls.LitServer(api, accelerator="cpu", workers_per_device=1, timeout=60)
-    server.run(host="127.0.0.1", port=args.port, num_api_servers=1, generate_client_file=False)
+    server = ls.LitServer(api, accelerator="cpu", workers_per_device=1)
+    server.run(port=args.port, generate_client_file=False)
 
 
 if __name__ == "__main__":

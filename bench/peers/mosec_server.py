@@ -13,6 +13,7 @@ mosec's own, /inference. The model comes from the environment (`PeerConfig`).
 from __future__ import annotations
 
 import io
+import json
 import logging
 from typing import Any
 
@@ -62,6 +63,10 @@ class Infer(Worker):
 
     def forward(self, data: list[np.ndarray]) -> list[dict[str, Any]]:
         return answers(self.predictor, data)
+
+    def serialize(self, data: dict[str, Any]) -> bytes:
+        # mosec's default indents its JSON; /predict's body is compact.
+        return json.dumps(data).encode()
 
 
 def main() -> None:

@@ -65,6 +65,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="the peers' batching wait: mosec max_wait_time, LitServe batch_timeout (10)",
     )  # fmt: skip
     parser.add_argument(
+        "--work-dir", type=Path,
+        help="keep the random weights, calibration images and conversion cache here and "
+        "reuse them on the next run (default: a temporary directory, converted afresh)",
+    )  # fmt: skip
+    parser.add_argument(
         "--out", type=Path, default=ROOT / "bench" / "results",
         help="peers.md and peers.json go here (bench/results)",
     )  # fmt: skip
@@ -136,6 +141,8 @@ def measure(
             settle = functools.partial(engines.drain, url, redis_url, queue, IMAGES[0])
         else:
             settle = functools.partial(engines.answered, url, IMAGES[0])
+        # mosec's front answers before its model has loaded: one answer first.
+        engines.answered(url, IMAGES[0])
         one, many = engines.wrk_levels(url, IMAGES, seconds, settle)
         if server.process is not None and server.process.poll() is not None:
             raise serve.ServerFailed(f"{name} died under load:\n{server.log_tail()}")
@@ -175,8 +182,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     busy_before, own_before = cpu_seconds()
     with RedisServer() as redis_server, tempfile.TemporaryDirectory(prefix="peers-") as tmp:
-        work = Path(tmp)
-        weights, calibration = engines.prepare(work, IMAGES)
+        work = args.work_dir or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        weights, calibration = work / engines.WEIGHTS_FILE, work / "calibration"
+        if not weights.exists():  # the file's hash keys the cache: reused, no conversion
+            weights, calibration = engines.prepare(work, IMAGES)
         config = PeerConfig(
             weights=str(weights), calibration_dir=str(calibration),
             cache_dir=str(work / "conversion-cache"), engine=results.engine,
