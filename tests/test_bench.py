@@ -2,8 +2,10 @@
 image, and the seed design served, driven and reported as `bench.run` does."""
 
 import json
+import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -316,3 +318,23 @@ def test_the_mosec_decode_stage_reads_the_upload_wrk_sends() -> None:
         image_field(b'{"image": "not multipart"}')
     with pytest.raises(ValidationError):
         Decode().forward(b"not an image")
+
+
+def test_a_grouped_server_leaves_no_process_behind(tmp_path: Path) -> None:
+    """LitServe's workers outlive its SIGTERM: with `group`, whatever the
+    server started is gone once it stopped."""
+    port = free_port()
+    pid_file = tmp_path / "left.pid"
+    script = f"sleep 600 & echo $! > {pid_file}; exec {sys.executable} -m http.server {port}"
+    url = f"http://127.0.0.1:{port}/"
+    server = serve.ServerProcess(
+        "left", ["bash", "-c", script], url, tmp_path / "s.log", group=True
+    )
+    with server:
+        server.start(timeout=60)
+        left = int(pid_file.read_text())
+        assert os.getpgid(left) == server.child.pid, "in the server's own process group"
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{left}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)  # the killed sleep is reaped by init
+    assert not Path(f"/proc/{left}").exists(), "the server's own child outlived it"

@@ -27,6 +27,9 @@ ENV_PREFIX = "BENCH_PEER_"
 # (width, height) ResNet50 takes: the decode process needs it before any model loads.
 INPUT_SIZE = (224, 224)
 MAX_IMAGE_PIXELS = Settings().max_image_pixels  # keras-server's default
+# How long a request may wait for its answer: keras-server's default
+# --result-timeout, given to each peer in place of its own.
+TIMEOUT_S = Settings().result_timeout
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import litserve as ls
 import numpy as np
 from fastapi import HTTPException, Request
 
-from bench.peers.graph import PeerConfig, answers, decode, load
+from bench.peers.graph import TIMEOUT_S, PeerConfig, answers, decode, load
 from keras_server.images import ImageError
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ def main() -> None:
     args = parser.parse_args()
     config = PeerConfig.from_env()
     api = Classifier(max_batch_size=config.batch_size, batch_timeout=config.wait_ms / 1000)
-    server = ls.LitServer(api, accelerator="cpu", workers_per_device=1)
+    server = ls.LitServer(api, accelerator="cpu", workers_per_device=1, timeout=TIMEOUT_S)
     server.run(port=args.port, generate_client_file=False)
 
 

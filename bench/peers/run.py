@@ -36,7 +36,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from bench import cpu, engines, raw, report, serve
 from bench.peers import table
-from bench.peers.graph import PeerConfig
+from bench.peers.graph import TIMEOUT_S, PeerConfig
 from bench.run import IMAGES, ROOT, cpu_seconds, machine
 from keras_server.broker.redis_server import RedisServer, free_port
 
@@ -119,7 +119,10 @@ def start_command(system: str, config: PeerConfig, redis_url: str, port: int) ->
     # Python, so the process stopped at the end is the server itself.
     variables = [f"{k}={v}" for k, v in config.to_env().items()]
     module = f"bench.peers.{system}_server"
-    return ["env", *variables, sys.executable, "-m", module, "--port", str(port)]
+    command = ["env", *variables, sys.executable, "-m", module, "--port", str(port)]
+    if system == "mosec":  # its default, 3 s, is not keras-server's
+        command += ["--timeout", str(round(TIMEOUT_S * 1000))]
+    return command
 
 
 def route(system: str) -> str:
@@ -133,7 +136,8 @@ def measure(
     url = f"http://127.0.0.1:{port}{route(system)}"
     command = start_command(system, config, redis_url, port)
     name = f"{system}-{round_}"
-    with serve.ServerProcess(name, command, url, logs / f"{name}.log") as server:
+    log_path = logs / f"{name}.log"
+    with serve.ServerProcess(name, command, url, log_path, group=True) as server:
         server.start(timeout=300)
         settle: Callable[[], None]
         if system == table.OURS:
