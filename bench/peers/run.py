@@ -1,7 +1,7 @@
 """keras-server, mosec and LitServe side by side: `python -m bench.peers`.
 
-    python -m bench.peers            # 3 interleaved rounds of 20 s wrk runs (~15 min)
-    python -m bench.peers --quick    # 2 rounds of 6 s (~6 min on 2 cores)
+    python -m bench.peers            # 3 interleaved rounds of 20 s wrk runs
+    python -m bench.peers --quick    # 2 rounds of 6 s wrk runs
 
 Run from the repository root; needs Debian's `wrk`. mosec and LitServe are
 not project dependencies: when missing, they are installed into this Python's
