@@ -23,6 +23,7 @@ The calibration images are crops of the sample photos.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ import resource
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +50,7 @@ LUA = Path(__file__).with_name("multipart.lua")
 SYSTEMS = (("keras", "fp32"), ("onnx", "fp32"), ("openvino", "fp32"))
 SYSTEMS += (("openvino", "bf16"), ("openvino", "int8"))
 CALIBRATION_IMAGES = 60
+WEIGHTS_FILE = "resnet50-random.weights.h5"  # what prepare saves
 
 
 class WrkMissing(RuntimeError):
@@ -112,7 +115,7 @@ def prepare(directory: Path, images: list[Path]) -> tuple[Path, Path]:
     from PIL import Image
 
     keras.utils.set_random_seed(42)
-    weights = directory / "resnet50-random.weights.h5"
+    weights = directory / WEIGHTS_FILE
     keras.applications.ResNet50(weights=None).save_weights(weights)
     calibration = directory / "calibration"
     calibration.mkdir()
@@ -177,8 +180,28 @@ def drain(url: str, redis_url: str, queue: str, image: Path) -> None:
             time.sleep(0.2)
     finally:
         client.close()
+    answered(url, image)
+
+
+def answered(url: str, image: Path) -> None:
+    """One request of our own, answered: it waits for the batch being run."""
     with image.open("rb") as f:
         requests.post(url, files={"image": f}, timeout=300)
+
+
+def wrk_levels(
+    url: str, images: list[Path], seconds: float, settle: Callable[[], None]
+) -> tuple[WrkResult, WrkResult]:
+    """wrk at 1 connection, then at 32, each for `seconds` after an uncounted
+    warm-up; `settle` waits until what wrk left in flight is served."""
+    run_wrk(url, images, 1, min(5.0, seconds))
+    settle()
+    one = run_wrk(url, images, 1, seconds)
+    run_wrk(url, images, 32, min(10.0, seconds))
+    settle()
+    many = run_wrk(url, images, 32, seconds)
+    settle()
+    return one, many
 
 
 def server_command(
@@ -237,13 +260,8 @@ def measure_served(
                 listed = models["models"][0]
                 row.fidelity, row.description = listed["fidelity"], listed["description"]
             queue = f"bench-{row.engine}-{row.precision}"
-            run_wrk(url, images, 1, min(5.0, seconds))  # warm-up, not counted
-            drain(url, redis_url, queue, images[0])
-            row.one = run_wrk(url, images, 1, seconds)
-            run_wrk(url, images, 32, min(10.0, seconds))
-            drain(url, redis_url, queue, images[0])
-            row.many = run_wrk(url, images, 32, seconds)
-            drain(url, redis_url, queue, images[0])
+            settle = functools.partial(drain, url, redis_url, queue, images[0])
+            row.one, row.many = wrk_levels(url, images, seconds, settle)
             log.info(
                 "%s: cold %.1f s, warm %.1f s; 1 client p50 %.0f ms; 32 clients %.1f req/s "
                 "(wrk used %.0f%% of a core)",

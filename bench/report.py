@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import cpu
 from .engines import EngineRow
 from .raw import RawResult
 from .redis_memory import TARGET_BYTES, MemoryResult
@@ -171,6 +172,8 @@ def engine_table(results: Results) -> list[str]:
         return []
     b = results.batch_size
     keras = next((r for r in rows if r.engine == "keras"), None)
+    flags = list(results.machine.get("cpu_flags", []))
+    amx = cpu.has_amx(flags)
     lines = [
         "**Engines and precisions** (ResNet50, random weights saved to a file; served by "
         f"`--role all`, `--batch-size {b}`; load from wrk, a C client; the raw numbers are the "
@@ -179,8 +182,9 @@ def engine_table(results: Results) -> list[str]:
         f"| engine | precision | raw 1 image ms | raw img/s at batch {b} | served p50 ms, 1 "
         "client | served req/s, 32 clients | served / raw | vs keras served | p50 - raw ms "
         "| cold start s | warm start s | top-1 agreement | max prob. diff | wrk CPU, 32 clients "
-        "| other processes' CPU |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| other processes' CPU |{' AMX |' if amx else ''}",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        + ("---|" if amx else ""),
     ]
     for r in rows:
         assert r.raw and r.one and r.many
@@ -198,6 +202,7 @@ def engine_table(results: Results) -> list[str]:
             f"| {'keras itself' if agreement is None else f'{agreement:.0%}'} "
             f"| {'' if difference is None else f'{difference:.2g}'} "
             f"| {r.many.client_cpu_share:.0%} of a core | {_share(r.others_cpu_share)} |"
+            + (f" {amx_use(r, flags)} |" if amx else "")
         )
     lines += [f"**FAILED**: {r.name}: {r.failure or 'not measured'}" for r in failed]
     lines += [
@@ -216,8 +221,29 @@ def engine_table(results: Results) -> list[str]:
         "makes the numbers noisy).",
         "",
     ]
+    if amx:
+        lines += [
+            "This CPU has AMX (" + " ".join(f for f in flags if f.startswith("amx")) + "): "
+            "the AMX column names the tile unit OpenVINO's CPU plugin runs a row's precision "
+            "on (bf16 on AMX-BF16, int8 on AMX-INT8; fp32 has none, and the engine pins fp32 "
+            "so that OpenVINO does not pick bf16 itself). On a CPU without AMX, bf16 and int8 "
+            "gain far less over fp32.",
+            "",
+        ]
     lines += _targets(rows, keras)
     return lines
+
+
+# The AMX unit OpenVINO's CPU plugin runs each precision on, where the CPU has it.
+AMX_UNITS = {("openvino", "bf16"): "amx_bf16", ("openvino", "int8"): "amx_int8"}
+
+
+def amx_use(row: EngineRow, flags: list[str]) -> str:
+    """The engine table's AMX cell: the unit this row runs on, or why none."""
+    unit = AMX_UNITS.get((row.engine, row.precision))
+    if unit is None:
+        return "none (fp32)" if row.precision == "fp32" else "none"
+    return unit if unit in flags else f"none ({unit} missing)"
 
 
 def _targets(rows: list[EngineRow], keras: EngineRow | None) -> list[str]:
@@ -346,6 +372,9 @@ def benchmarks_md(results: Results, table: str, image: str | None) -> str:
             "comparable."
         )
     warnings = "\n" + "\n>\n".join(notes) + "\n" if notes else ""
+    cpu_line = str(m.get("cpu", "?"))
+    if "cpu_flags" in m:  # results of runs before the flags were recorded lack them
+        cpu_line = cpu.describe(cpu_line, list(m["cpu_flags"]))
     return f"""# Benchmarks
 
 Produced by one run of
@@ -354,7 +383,7 @@ Produced by one run of
 {results.command}
 ```
 
-on {m.get("date", "?")}: {m.get("cpu", "?")}, {m.get("cpus", "?")} CPUs,
+on {m.get("date", "?")}: {cpu_line}, {m.get("cpus", "?")} CPUs,
 Python {m.get("python", "?")}, TensorFlow {m.get("tensorflow", "?")}, Keras {m.get("keras", "?")},
 ONNX Runtime {m.get("onnxruntime", "?")}, OpenVINO {m.get("openvino", "?")},
 Redis {m.get("redis", "?")}. The run took
@@ -406,3 +435,30 @@ def write(results: Results, out: Path, benchmarks: Path | None) -> str:
         benchmarks.write_text(page + _kept(benchmarks))
     log.info("wrote %s, %s and %s", out / "results.md", png, benchmarks or "no BENCHMARKS.md")
     return table
+
+
+def _markers(name: str) -> tuple[str, str]:
+    return f"<!-- {name}: begin (written by the benchmark) -->", f"<!-- {name}: end -->"
+
+
+def get_section(text: str, name: str) -> str | None:
+    """The body of section `name` in `text`, or None when it has none."""
+    begin, end = _markers(name)
+    start = text.find(begin)
+    stop = text.find(end, start + len(begin)) if start >= 0 else -1
+    if start < 0 or stop < 0:
+        return None
+    return text[start + len(begin) : stop].strip("\n")
+
+
+def replace_section(text: str, name: str, body: str) -> str:
+    """`text` with section `name` holding `body`: replaced where it is, appended
+    at the end where it is not (below KEPT, so that `make bench` keeps it)."""
+    begin, end = _markers(name)
+    block = f"{begin}\n{body.strip(chr(10))}\n{end}"
+    start = text.find(begin)
+    stop = text.find(end, start + len(begin)) if start >= 0 else -1
+    if start < 0 or stop < 0:
+        kept = "" if KEPT in text else f"\n\n{KEPT}"
+        return text.rstrip("\n") + kept + "\n\n" + block + "\n"
+    return text[:start] + block + text[stop + len(end) :]

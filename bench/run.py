@@ -38,7 +38,7 @@ import redis
 
 from keras_server.broker.redis_server import RedisServer, free_port
 
-from . import engines, raw, redis_memory, report, serve
+from . import cpu, engines, raw, redis_memory, report, serve
 from .report import SEED, Results, system_name
 
 log = logging.getLogger("bench")
@@ -166,16 +166,11 @@ def machine() -> dict[str, object]:
         ort_version = onnxruntime.__version__
     except ImportError:
         ort_version = "not installed"
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
     return {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpu": cpu,
+        "cpu": cpu.model(),
+        # AVX-512 / AMX: the ratios between engines and precisions depend on them
+        "cpu_flags": cpu.vector_flags(),
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "tensorflow": tf.__version__,

@@ -33,10 +33,16 @@ class ServerFailed(RuntimeError):
 class ServerProcess:
     """`command` running in the repo root, answering at `url` once started."""
 
-    def __init__(self, name: str, command: list[str], url: str, log_path: Path) -> None:
+    def __init__(
+        self, name: str, command: list[str], url: str, log_path: Path, *, group: bool = False
+    ) -> None:
+        """`group`: the server starts processes of its own that may outlive it
+        (LitServe's workers do on SIGTERM); it gets its own process group, and
+        whatever of it is left once it stopped is killed."""
         self.name = name
         self.url = url
-        self.child = Child(name, command, log_path, cwd=ROOT, env=ENV, tied=True)
+        self.group = group
+        self.child = Child(name, command, log_path, cwd=ROOT, env=ENV, tied=True, new_session=group)
         self.start_seconds = float("nan")
 
     @property
@@ -56,6 +62,8 @@ class ServerProcess:
 
     def stop(self) -> None:
         self.child.stop(20)
+        if self.group:
+            self.child.kill()  # SIGKILL to the group: what the leader left behind
 
     def log_tail(self, chars: int = 3000) -> str:
         return self.child.log_tail(chars)

@@ -2,8 +2,10 @@
 image, and the seed design served, driven and reported as `bench.run` does."""
 
 import json
+import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -140,3 +142,199 @@ def test_wrk_drives_a_server_and_the_engine_table_is_reported(
     assert "| openvino int8: warm start ≤ 15 s | 5.0 s | yes |" in table
     saved = results.as_dict()["engines"][1]
     assert saved["many"]["throughput"] == pytest.approx(many.throughput)
+
+
+SAPPHIRE_RAPIDS = """processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+flags\t\t: fpu sse avx2 avx512f avx512bw avx512_bf16 amx_bf16 amx_tile amx_int8 avx512_vnni
+"""
+EPYC = """processor\t: 0
+vendor_id\t: AuthenticAMD
+model name\t: AMD EPYC
+flags\t\t: fpu sse avx2 fma
+"""
+
+
+def test_the_cpu_model_and_its_avx512_and_amx_flags_are_read_from_cpuinfo() -> None:
+    from bench import cpu
+
+    flags = cpu.vector_flags(SAPPHIRE_RAPIDS)
+    assert flags == [
+        "amx_bf16",
+        "amx_int8",
+        "amx_tile",
+        "avx512_bf16",
+        "avx512_vnni",
+        "avx512bw",
+        "avx512f",
+    ]
+    assert cpu.has_amx(flags)
+    assert cpu.model(SAPPHIRE_RAPIDS) == "Intel(R) Xeon(R) Platinum 8480+"
+    assert "(AVX-512, AMX; flags: amx_bf16" in cpu.describe(cpu.model(SAPPHIRE_RAPIDS), flags)
+    assert cpu.vector_flags(EPYC) == []
+    assert cpu.describe("AMD EPYC", []) == "AMD EPYC (no AVX-512, no AMX; flags: none)"
+
+
+def _engine_rows() -> list[engines.EngineRow]:
+    wrk = engines.WrkResult(1, 10.0, 200, 0, 0.02, 0.03, 0.1)
+    rows = []
+    for engine, precision in engines.SYSTEMS:
+        row = engines.EngineRow(engine, precision, cold_start=30.0, warm_start=2.0)
+        row.one, row.many = wrk, wrk
+        row.raw = raw.RawResult(f"{engine} {precision}", 32, 50.0, 0.6, 0.015, 0.02, 3, 10)
+        rows.append(row)
+    return rows
+
+
+def test_the_engine_table_has_an_amx_column_when_the_cpu_has_amx() -> None:
+    from bench import cpu
+
+    amx = report.Results(
+        command="x", mode="quick", batch_size=32,
+        machine={"cpus": 2, "cpu_flags": cpu.vector_flags(SAPPHIRE_RAPIDS)},
+    )  # fmt: skip
+    amx.engines = _engine_rows()
+    table = report.markdown(amx)
+    assert "| other processes' CPU | AMX |" in table
+    rows = {
+        " ".join(cell.strip() for cell in line.split("|")[1:3]): line
+        for line in table.splitlines()
+        if "of a core" in line
+    }
+    assert rows["openvino int8"].endswith("| amx_int8 |")
+    assert rows["openvino bf16"].endswith("| amx_bf16 |")
+    assert rows["keras fp32"].endswith("| none (fp32) |")
+    assert "This CPU has AMX (amx_bf16 amx_int8 amx_tile)" in table
+
+    plain = report.Results(
+        command="x", mode="quick", batch_size=32,
+        machine={"cpus": 2, "cpu_flags": cpu.vector_flags(EPYC)},
+    )  # fmt: skip
+    plain.engines = _engine_rows()
+    table = report.markdown(plain)
+    assert "AMX" not in table
+    header = next(line for line in table.splitlines() if line.startswith("| engine |"))
+    rule = table.splitlines()[table.splitlines().index(header) + 1]
+    assert header.count("|") == rule.count("|")
+
+
+def test_benchmarks_md_names_the_cpu_flags_and_keeps_the_peers_section(tmp_path: Path) -> None:
+    from bench import cpu
+
+    benchmarks = tmp_path / "BENCHMARKS.md"
+    peers = "**Peers**\n\n| system | img/s |\n|---|---:|\n| mosec | 1.0 |"
+    benchmarks.write_text(report.replace_section("# Old\n\ntext\n", "peers", peers))
+    assert report.get_section(benchmarks.read_text(), "peers") == peers
+    results = report.Results(
+        command="python -m bench.run", mode="full", batch_size=4,
+        machine={"cpus": 2, "cpu": "Intel(R) Xeon(R) Platinum 8480+",
+                 "cpu_flags": cpu.vector_flags(SAPPHIRE_RAPIDS)},
+    )  # fmt: skip
+    report.write(results, tmp_path / "results", benchmarks)
+    text = benchmarks.read_text()
+    assert "Intel(R) Xeon(R) Platinum 8480+ (AVX-512, AMX; flags: amx_bf16" in text
+    assert "# Old" not in text, "bench.run rewrote the rest"
+    assert report.get_section(text, "peers") == peers
+    again = report.replace_section(text, "peers", "new table")
+    assert report.get_section(again, "peers") == "new table"
+    assert again.count("peers: begin") == 1
+
+
+def test_the_peers_table_gives_medians_ratios_and_targets(tmp_path: Path) -> None:
+    """The peers harness's table and files, from made-up measurements (no peer
+    server, wrk or model needed)."""
+    from bench import cpu
+    from bench.peers import run as peers
+    from bench.peers.table import Measured, PeerResults
+
+    def wrk(throughput: float, p50_ms: float) -> engines.WrkResult:
+        return engines.WrkResult(32, 10.0, round(throughput * 10), 0, p50_ms / 1e3, 0.05, 0.1)
+
+    results = PeerResults(
+        command="python -m bench.peers --quick", mode="quick", batch_size=32, wait_ms=10,
+        machine={"cpu": "Intel(R) Xeon(R) Platinum 8480+", "cpus": 2, "others_cpu_share": 0.3,
+                 "cpu_flags": cpu.vector_flags(SAPPHIRE_RAPIDS)},
+        engine="openvino", precision="int8",
+        raw=raw.RawResult("openvino int8", 32, 150.0, 0.2, 0.012, 0.015, 5, 30),
+    )  # fmt: skip
+    for round_, (ours, mosec, lit) in enumerate(((90, 100, 80), (88, 110, 78), (86, 102, 77)), 1):
+        results.runs += [
+            Measured("keras-server", round_, wrk(1, 19.0 + round_), wrk(ours, 300)),
+            Measured("mosec", round_, wrk(1, 24.0), wrk(mosec, 300)),
+            Measured("litserve", round_, wrk(1, 20.0), wrk(lit, 300)),
+        ]
+    benchmarks = tmp_path / "BENCHMARKS.md"
+    benchmarks.write_text("# Benchmarks\n\nthe engine table\n")
+    text = peers.write(results, tmp_path / "results", benchmarks)
+    assert "Intel(R) Xeon(R) Platinum 8480+ (AVX-512, AMX; flags: amx_bf16" in text
+    assert "| keras-server | 88.0 | 86.0 to 90.0 | 21.0 | 50.0 | 9.0 | 1.00x | 3 | 0 |" in text
+    assert "| mosec | 102.0 | 100.0 to 110.0 | 24.0 | 50.0 | 12.0 | 0.86x | 3 | 0 |" in text
+    assert "| litserve | 78.0 | 77.0 to 80.0 | 20.0 |" in text
+    assert "| images/s at 32 clients ≥ 1.25x mosec's | 0.86x | **no** |" in text
+    assert "| p50 at 1 client ≤ engine batch 1 + 8 ms | +9.0 ms | **no** |" in text
+    assert "| p50 at 1 client below litserve's | 21.0 vs 20.0 ms | **no** |" in text
+    assert "| p50 at 1 client below mosec's | 21.0 vs 24.0 ms | yes |" in text
+    assert "Busy machine" in text and "Quick mode" in text
+    written = benchmarks.read_text()
+    assert written.startswith("# Benchmarks\n\nthe engine table\n")
+    assert report.get_section(written, "peers") == text.strip("\n")
+    saved = json.loads((tmp_path / "results" / "peers.json").read_text())
+    assert [r["system"] for r in saved["runs"][:3]] == ["keras-server", "mosec", "litserve"]
+    assert saved["runs"][1]["many"]["throughput"] == pytest.approx(100.0)
+    # A second run rewrites the section in place.
+    peers.write(results, tmp_path / "results", benchmarks)
+    assert benchmarks.read_text() == written
+
+
+def test_the_peers_command_line() -> None:
+    from bench.peers import run as peers
+
+    quick = peers.parse_args(["--quick", "--systems", "keras-server,mosec"])
+    assert (quick.rounds, quick.seconds, quick.systems) == (2, 6.0, ["keras-server", "mosec"])
+    full = peers.parse_args([])
+    assert (full.rounds, full.seconds, full.precision) == (3, 20.0, "int8")
+    assert full.systems == ["keras-server", "mosec", "litserve"]
+    with pytest.raises(SystemExit):
+        peers.parse_args(["--systems", "triton"])
+
+
+def test_the_mosec_decode_stage_reads_the_upload_wrk_sends() -> None:
+    """mosec hands its first stage the bare body: the boundary comes from it."""
+    pytest.importorskip("mosec", reason="mosec is installed by python -m bench.peers")
+    from mosec import ValidationError
+
+    from bench.peers.mosec_server import Decode, image_field
+
+    photo = (IMAGES / "rocket.jpg").read_bytes()
+    boundary = b"keras-server-bench-boundary"  # bench/multipart.lua's
+    body = b"--" + boundary + b"\r\n"
+    body += b'Content-Disposition: form-data; name="image"; filename="rocket.jpg"\r\n'
+    body += b"Content-Type: application/octet-stream\r\n\r\n" + photo + b"\r\n--"
+    body += boundary + b"--\r\n"
+    assert image_field(body) == photo
+    assert Decode().forward(image_field(body)).shape == (224, 224, 3)
+    with pytest.raises(ValidationError):
+        image_field(b'{"image": "not multipart"}')
+    with pytest.raises(ValidationError):
+        Decode().forward(b"not an image")
+
+
+def test_a_grouped_server_leaves_no_process_behind(tmp_path: Path) -> None:
+    """LitServe's workers outlive its SIGTERM: with `group`, whatever the
+    server started is gone once it stopped."""
+    port = free_port()
+    pid_file = tmp_path / "left.pid"
+    script = f"sleep 600 & echo $! > {pid_file}; exec {sys.executable} -m http.server {port}"
+    url = f"http://127.0.0.1:{port}/"
+    server = serve.ServerProcess(
+        "left", ["bash", "-c", script], url, tmp_path / "s.log", group=True
+    )
+    with server:
+        server.start(timeout=60)
+        left = int(pid_file.read_text())
+        assert os.getpgid(left) == server.child.pid, "in the server's own process group"
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{left}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)  # the killed sleep is reaped by init
+    assert not Path(f"/proc/{left}").exists(), "the server's own child outlived it"

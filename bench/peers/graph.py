@@ -1,0 +1,95 @@
+"""What each peer server serves: the project's graph, its decode, its answer.
+
+The peers are configured through the environment (`PeerConfig.to_env`): mosec
+parses the command line itself and spawns its workers, and a LitServe worker
+is a fresh process too, so each process reads the same variables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from keras_server.catalog import ModelSpec
+from keras_server.engines.predictor import Predictor, top_k, warm_up
+from keras_server.engines.selection import EngineOptions, load_predictor
+from keras_server.images import load_image
+from keras_server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+ENV_PREFIX = "BENCH_PEER_"
+# (width, height) ResNet50 takes: the decode process needs it before any model loads.
+INPUT_SIZE = (224, 224)
+MAX_IMAGE_PIXELS = Settings().max_image_pixels  # keras-server's default
+# How long a request may wait for its answer: keras-server's default
+# --result-timeout, given to each peer in place of its own.
+TIMEOUT_S = Settings().result_timeout
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    """The graph a peer serves and how it batches."""
+
+    weights: str  # the saved random weights (the conversion cache's key)
+    calibration_dir: str
+    cache_dir: str
+    engine: str
+    precision: str
+    batch_size: int
+    wait_ms: float  # the longest a batch waits to fill
+
+    def to_env(self) -> dict[str, str]:
+        return {
+            ENV_PREFIX + f.name.upper(): str(getattr(self, f.name))
+            for f in dataclasses.fields(self)
+        }
+
+    @classmethod
+    def from_env(cls) -> PeerConfig:
+        values: dict[str, object] = {
+            f.name: os.environ[ENV_PREFIX + f.name.upper()] for f in dataclasses.fields(cls)
+        }
+        values["batch_size"] = int(str(values["batch_size"]))
+        values["wait_ms"] = float(str(values["wait_ms"]))
+        return cls(**values)  # type: ignore[arg-type]
+
+    def spec(self) -> ModelSpec:
+        """The spec `bench.engines.measure_raw` and the server's flags build: the
+        same conversion-cache key, so every system loads the same converted graph."""
+        return ModelSpec(
+            name="resnet50", source="resnet50", weights=self.weights, engine=self.engine,
+            precision=self.precision, calibration_dir=self.calibration_dir,
+        )  # fmt: skip
+
+
+def load(config: PeerConfig) -> Predictor:
+    """The predictor keras-server's worker would run, warmed up as it is.
+
+    Random weights give int8 calibration nothing to go on, so the agreement
+    floor is 0, as the benchmark's keras-server runs with `--min-agreement 0`.
+    """
+    predictor = load_predictor(
+        config.spec(), EngineOptions(config.cache_dir, 0.0, MAX_IMAGE_PIXELS)
+    )
+    warm_up(predictor, config.batch_size)
+    return predictor
+
+
+def decode(data: bytes) -> np.ndarray:
+    """An upload as the web tier decodes it: uint8 RGB at the model's size."""
+    return load_image(data, INPUT_SIZE, MAX_IMAGE_PIXELS)
+
+
+def answers(predictor: Predictor, images: Sequence[np.ndarray]) -> list[dict[str, object]]:
+    """One forward pass; each image's answer in /predict's body."""
+    probabilities = predictor.predict(np.stack(images))
+    return [
+        {"success": True, "predictions": top_k(p, predictor.labels, predictor.top_k)}
+        for p in probabilities
+    ]

@@ -1,0 +1,226 @@
+"""keras-server, mosec and LitServe side by side: `python -m bench.peers`.
+
+    python -m bench.peers            # 3 interleaved rounds of 20 s wrk runs
+    python -m bench.peers --quick    # 2 rounds of 6 s wrk runs
+
+Run from the repository root; needs Debian's `wrk`. mosec and LitServe are
+not project dependencies: when missing, they are installed into this Python's
+environment first (`pip install` of `PEER_PACKAGES`). The run saves ResNet50
+with random weights, converts it once into a conversion cache (timing the
+engine alone in this process: `bench.engines.measure_raw`), then, for each
+round, starts each system in turn on that cache and drives it with wrk at 1
+and 32 connections (`bench.engines.wrk_levels`). The CPU model and its
+AVX-512 / AMX flags are printed first and go with the table into
+bench/results/peers.md, bench/results/peers.json and BENCHMARKS.md's peers
+section (the rest of BENCHMARKS.md is left as it is).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from bench import cpu, engines, raw, report, serve
+from bench.peers import table
+from bench.peers.graph import TIMEOUT_S, PeerConfig
+from bench.run import IMAGES, ROOT, cpu_seconds, machine
+from keras_server.broker.redis_server import RedisServer, free_port
+
+log = logging.getLogger("bench.peers")
+
+# The versions this harness was written against (LitServe's API still moves).
+PEER_PACKAGES = ("mosec~=0.9.8", "litserve~=0.2.19")
+PRESETS: dict[str, tuple[float, float]] = {"rounds": (3, 2), "seconds": (20.0, 6.0)}
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.peers", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--quick", action="store_true", help="2 rounds of 6 s wrk runs")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds (full 3, quick 2)")
+    parser.add_argument("--seconds", type=float, help="seconds per wrk run (full 20, quick 6)")
+    parser.add_argument(
+        "--systems", default=",".join(table.SYSTEMS),
+        help=f"which to run, comma-separated ({','.join(table.SYSTEMS)})",
+    )  # fmt: skip
+    parser.add_argument("--precision", default="int8", choices=("fp32", "bf16", "int8"))
+    parser.add_argument("--batch-size", type=int, default=32, help="largest batch (32)")
+    parser.add_argument(
+        "--wait-ms", type=float, default=10.0,
+        help="the peers' batching wait: mosec max_wait_time, LitServe batch_timeout (10)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--work-dir", type=Path,
+        help="keep the random weights, calibration images and conversion cache here and "
+        "reuse them on the next run (default: a temporary directory, converted afresh)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "bench" / "results",
+        help="peers.md and peers.json go here (bench/results)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--benchmarks-md", type=Path, default=ROOT / "BENCHMARKS.md",
+        help="whose peers section to rewrite ('-': none)",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    for name, (full, quick) in PRESETS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, type(full)(quick if args.quick else full))
+    args.rounds = int(args.rounds)
+    args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = set(args.systems) - set(table.SYSTEMS)
+    if unknown or not args.systems:
+        parser.error(f"--systems: unknown {', '.join(sorted(unknown)) or 'nothing'}")
+    if args.rounds < 1 or args.seconds <= 0 or args.batch_size < 1:
+        parser.error("--rounds, --seconds and --batch-size must be positive")
+    return args
+
+
+def ensure_peers() -> dict[str, str]:
+    """mosec and LitServe importable here (installed with pip when missing);
+    their versions."""
+    missing = [p for p in PEER_PACKAGES if importlib.util.find_spec(_module(p)) is None]
+    if missing:
+        log.info("installing %s into %s", " ".join(missing), sys.prefix)
+        subprocess.run([sys.executable, "-m", "pip", "install", *missing], check=True)
+    return {_module(p): importlib.metadata.version(_module(p)) for p in PEER_PACKAGES}
+
+
+def _module(requirement: str) -> str:
+    return requirement.split("~=", maxsplit=1)[0]
+
+
+def start_command(system: str, config: PeerConfig, redis_url: str, port: int) -> list[str]:
+    """The command that serves `system` on `port`."""
+    if system == table.OURS:
+        row = engines.EngineRow(config.engine, config.precision)
+        command = engines.server_command(
+            row, weights=Path(config.weights), calibration=Path(config.calibration_dir),
+            cache=Path(config.cache_dir), redis_url=redis_url, batch_size=config.batch_size,
+            port=port,
+        )  # fmt: skip
+        return [sys.executable, *command[1:]]
+    # The peers read their model from the environment: `env` sets it and execs
+    # Python, so the process stopped at the end is the server itself.
+    variables = [f"{k}={v}" for k, v in config.to_env().items()]
+    module = f"bench.peers.{system}_server"
+    command = ["env", *variables, sys.executable, "-m", module, "--port", str(port)]
+    if system == "mosec":  # its default, 3 s, is not keras-server's
+        command += ["--timeout", str(round(TIMEOUT_S * 1000))]
+    return command
+
+
+def route(system: str) -> str:
+    return "/inference" if system == "mosec" else "/predict"  # mosec's own route
+
+
+def measure(
+    system: str, round_: int, config: PeerConfig, *, redis_url: str, seconds: float, logs: Path
+) -> table.Measured:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}{route(system)}"
+    command = start_command(system, config, redis_url, port)
+    name = f"{system}-{round_}"
+    log_path = logs / f"{name}.log"
+    with serve.ServerProcess(name, command, url, log_path, group=True) as server:
+        server.start(timeout=300)
+        settle: Callable[[], None]
+        if system == table.OURS:
+            queue = f"bench-{config.engine}-{config.precision}"
+            settle = functools.partial(engines.drain, url, redis_url, queue, IMAGES[0])
+        else:
+            settle = functools.partial(engines.answered, url, IMAGES[0])
+        # mosec's front answers before its model has loaded: one answer first.
+        engines.answered(url, IMAGES[0])
+        one, many = engines.wrk_levels(url, IMAGES, seconds, settle)
+        if server.process is not None and server.process.poll() is not None:
+            raise serve.ServerFailed(f"{name} died under load:\n{server.log_tail()}")
+    log.info(
+        "%s round %d: 1 client p50 %.1f ms; 32 clients %.1f images/s (%d errors)",
+        system, round_, one.p50 * 1000, many.throughput, one.errors + many.errors,
+    )  # fmt: skip
+    return table.Measured(system, round_, one, many, server.start_seconds)
+
+
+def write(results: table.PeerResults, out: Path, benchmarks: Path | None) -> str:
+    text = table.markdown(results)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "peers.md").write_text(text + "\n")
+    (out / "peers.json").write_text(json.dumps(results.as_dict(), indent=2) + "\n")
+    if benchmarks is not None:
+        old = benchmarks.read_text() if benchmarks.exists() else ""
+        benchmarks.write_text(report.replace_section(old, "peers", text))
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr
+    )
+    command = "python -m bench.peers " + shlex.join(sys.argv[1:] if argv is None else argv)
+    info = machine()
+    print(f"CPU: {cpu.describe(str(info['cpu']), list(info['cpu_flags']))}", flush=True)
+    if any(s in table.PEERS for s in args.systems):
+        info["versions"] = ensure_peers()
+    results = table.PeerResults(
+        command=command.strip(), mode="quick" if args.quick else "full", machine=info,
+        engine="openvino", precision=args.precision, batch_size=args.batch_size,
+        wait_ms=args.wait_ms,
+    )  # fmt: skip
+    started = time.monotonic()
+    busy_before, own_before = cpu_seconds()
+    with RedisServer() as redis_server, tempfile.TemporaryDirectory(prefix="peers-") as tmp:
+        work = args.work_dir or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        weights, calibration = work / engines.WEIGHTS_FILE, work / "calibration"
+        if not weights.exists():  # the file's hash keys the cache: reused, no conversion
+            weights, calibration = engines.prepare(work, IMAGES)
+        config = PeerConfig(
+            weights=str(weights), calibration_dir=str(calibration),
+            cache_dir=str(work / "conversion-cache"), engine=results.engine,
+            precision=results.precision, batch_size=args.batch_size, wait_ms=args.wait_ms,
+        )  # fmt: skip
+        # Converts into the cache every system then loads (minutes, once), and
+        # times the engine alone: the latency target is relative to it.
+        row = engines.EngineRow(config.engine, config.precision)
+        batch = raw.sample_batch(IMAGES, args.batch_size)
+        engines.measure_raw(
+            row, weights=weights, calibration=calibration, cache=Path(config.cache_dir),
+            batch=batch, runs={"batch_runs": 5, "single_runs": 30},
+        )  # fmt: skip
+        results.raw = row.raw
+        for round_ in range(1, args.rounds + 1):
+            for system in args.systems:
+                try:
+                    results.runs.append(
+                        measure(system, round_, config, redis_url=redis_server.url,
+                                seconds=args.seconds, logs=work)
+                    )  # fmt: skip
+                except (serve.ServerFailed, engines.WrkMissing) as exc:
+                    log.error("%s round %d: %s", system, round_, exc)
+                    results.failures.append(f"{system} round {round_}: {str(exc).splitlines()[0]}")
+    elapsed = time.monotonic() - started
+    busy_after, own_after = cpu_seconds()
+    others = max(0.0, (busy_after - busy_before) - (own_after - own_before))
+    info["others_cpu_share"] = round(others / (elapsed * (os.cpu_count() or 1)), 3)
+    info["seconds"] = round(elapsed)
+    benchmarks = None if str(args.benchmarks_md) == "-" else args.benchmarks_md
+    print(write(results, args.out, benchmarks))
+    failed = sum(m.one.errors + m.many.errors for m in results.runs)
+    return 1 if failed or results.failures else 0
