@@ -9,13 +9,17 @@ keras_server`, and a web server (gunicorn) with a simulated worker, answering
 a prediction, the page and the OpenAPI document (package data, all three).
 Nothing runs from the repository there: the commands run in another directory,
 so `python -m` cannot pick up the working tree.
+
+Also: the Makefile reinstalls when pyproject.toml changes (fast).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,9 +30,6 @@ from conftest import ENV, IMAGES, ROOT
 from keras_server.broker.redis_server import RedisServer, free_port
 from keras_server.processes import Child
 from run_cluster import http_answers
-
-# Each test starts Python processes (seconds); the first installs the project.
-pytestmark = pytest.mark.slow
 
 # What the engines need and the web tier must never install.
 FRAMEWORKS = ("tensorflow", "keras", "openvino", "onnxruntime", "onnx", "tf2onnx", "torch")
@@ -48,6 +49,7 @@ def run(*command: str | Path, cwd: Path, timeout: float = 60) -> subprocess.Comp
     )
 
 
+@pytest.mark.slow
 def test_python_m_keras_server_names_itself() -> None:
     """`python -m keras_server` runs the same command line, and its usage and
     errors name the program as it was run."""
@@ -63,10 +65,27 @@ def test_python_m_keras_server_names_itself() -> None:
     assert "python -m keras_server: error: unrecognized arguments" in unknown.stderr
 
 
+@pytest.mark.slow
 def test_run_keras_server_py_still_names_itself() -> None:
     bad = run(sys.executable, "run_keras_server.py", "--batch-size", "0", cwd=ROOT)
     assert bad.returncode == 2
     assert bad.stderr.startswith("run_keras_server.py: error: --batch-size="), bad.stderr
+
+
+@pytest.mark.parametrize("stamp", [".runtime", ".dev"])
+def test_make_reinstalls_when_pyproject_changes(tmp_path: Path, stamp: str) -> None:
+    """The Makefile's install stamps are out of date once pyproject.toml (the
+    dependencies) is newer, as when a requirements file is."""
+    for name in ("Makefile", "pyproject.toml", "requirements.txt", "requirements-dev.txt"):
+        shutil.copy(ROOT / name, tmp_path)
+    stamps = tmp_path / ".venv" / "bin"
+    stamps.mkdir(parents=True)
+    for name in (".runtime", ".dev"):
+        (stamps / name).touch()
+    target = f".venv/bin/{stamp}"
+    assert run("make", "--question", target, cwd=tmp_path).returncode == 0
+    os.utime(tmp_path / "pyproject.toml", (time.time() + 10, time.time() + 10))
+    assert run("make", "--question", target, cwd=tmp_path).returncode == 1
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +120,7 @@ def elsewhere(tmp_path: Path) -> Path:
     return tmp_path
 
 
+@pytest.mark.slow
 def test_the_base_install_has_no_framework_nor_tool(installed: Path, elsewhere: Path) -> None:
     names = ", ".join(repr(name) for name in (*FRAMEWORKS, *TOOLS))
     script = (
@@ -117,6 +137,7 @@ def test_the_base_install_has_no_framework_nor_tool(installed: Path, elsewhere: 
     assert found.stdout == ""
 
 
+@pytest.mark.slow
 def test_the_commands_run_and_name_themselves(installed: Path, elsewhere: Path) -> None:
     command = installed / "bin" / "keras-server"
     helped = run(command, "--help", cwd=elsewhere)
@@ -137,6 +158,7 @@ def redis_for_install() -> Iterator[RedisServer]:
         yield server
 
 
+@pytest.mark.slow
 def test_the_base_install_serves_the_web_role(
     installed: Path, elsewhere: Path, redis_for_install: RedisServer
 ) -> None:
