@@ -1,5 +1,5 @@
 # Two commands on a fresh machine:
-#   make serve   set up .venv, then start the server (pass flags with ARGS="...")
+#   make serve   set up .venv with every engine, then start the server (pass flags with ARGS="...")
 #   make test    set up .venv with the test tools, then lint and run the tests
 #   make container-test  build the Dockerfile and run it with podman (minutes; see README)
 #   make bench   the benchmark behind BENCHMARKS.md (ARGS=--quick: a ~5 minute smoke run)
@@ -9,13 +9,14 @@ BIN := $(VENV)/bin
 
 .PHONY: serve test lint bench container-test
 
-$(BIN)/.runtime: requirements.txt
+# The dependencies live in pyproject.toml; the requirements files name its extras.
+$(BIN)/.runtime: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.txt
 	touch $@
 
-$(BIN)/.dev: $(BIN)/.runtime requirements-dev.txt
+$(BIN)/.dev: $(BIN)/.runtime requirements-dev.txt pyproject.toml
 	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
 	touch $@
 

@@ -28,8 +28,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 
+import requests
+
 from keras_server.broker.redis_server import RedisServer, free_port
-from keras_server.processes import Child, ChildFailed, http_answers, wait_for
+from keras_server.processes import Child, ChildFailed, wait_for
 from keras_server.settings import Settings, SettingsError, load_settings
 from keras_server.web.deployment import Deployment
 
@@ -39,6 +41,23 @@ ROOT = Path(__file__).resolve().parent
 NGINX_TEMPLATE = ROOT / "deploy" / "nginx.conf.template"
 SERVER = ROOT / "run_keras_server.py"
 RATE = re.compile(r"^[1-9][0-9]*r/[sm]$")  # nginx's limit_req_zone rate
+
+
+def http_answers(
+    url: str, timeout: float = 2.0, *, success: bool = False, accept: Sequence[int] = ()
+) -> Callable[[], bool]:
+    """A readiness check: any HTTP answer from `url` (a 405 too) means it
+    listens; with `success`, only a 2xx answer, or one in `accept`, counts (a
+    proxy answers 502 while nothing listens behind it)."""
+
+    def check() -> bool:
+        try:
+            answer = requests.get(url, timeout=timeout)
+        except requests.RequestException:
+            return False
+        return answer.ok or answer.status_code in accept or not success
+
+    return check
 
 
 class ClusterError(RuntimeError):

@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from keras_server.processes import Child, ChildFailed, http_answers
+from keras_server.processes import Child, ChildFailed
+from run_cluster import http_answers
 from stress_test import percentile, run
 
 log = logging.getLogger(__name__)

@@ -50,7 +50,8 @@ import requests
 from PIL import Image
 
 from keras_server.broker.redis_server import RedisServer, free_port
-from keras_server.processes import Child, http_answers
+from keras_server.processes import Child
+from run_cluster import http_answers
 
 log = logging.getLogger("bench.soak")
 

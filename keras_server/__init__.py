@@ -7,7 +7,8 @@ Three kinds of process, a sub-package each, and what they share at the top:
     engines/    what runs a model: the interface, keras, onnx, openvino, sim
     worker/     the model worker: claim a batch, one forward pass, answer each
 
-    cli         the entry point behind run_keras_server.py and `keras-server`
+    cli         the command line: `keras-server`, `python -m keras_server`, run_keras_server.py
+    __main__    `python -m keras_server`
     settings    every knob: CLI > environment > default
     logs        logging set-up, with the request id in every line
     metrics     Prometheus metrics

@@ -1,4 +1,5 @@
-"""`python run_keras_server.py`: build the settings once, then run a role.
+"""The command line (`keras-server`, `python -m keras_server`, or
+`python run_keras_server.py`): build the settings once, then run a role.
 
 - all:    a private Redis if needed, the model thread, then the web tier on
           cheroot, in the same process (the single-machine setup)
@@ -40,12 +41,16 @@ log = logging.getLogger("keras_server")
 GUNICORN_CONFIG = Path(__file__).parent / "web" / "gunicorn_conf.py"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
+    """Run the command line `argv` (default: sys.argv[1:]); `prog` names the
+    program in errors, as argparse does (default: the script run)."""
+    # One name for argparse's errors and ours, whichever way we were started.
+    prog = prog or os.path.basename(sys.argv[0])
     try:
-        settings = load_settings(argv)
+        settings = load_settings(argv, prog=prog)
         models = settings.model_specs()  # read once; a bad models file or spec stops us here
     except (SettingsError, CatalogError) as exc:
-        print(f"run_keras_server.py: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
     try:

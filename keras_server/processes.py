@@ -21,8 +21,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-import requests
-
 log = logging.getLogger(__name__)
 
 POLL_S = 0.1
@@ -36,23 +34,6 @@ def die_with_parent() -> None:
     """In the child: get SIGTERM if the parent dies, even by kill -9 (Linux)."""
     with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def http_answers(
-    url: str, timeout: float = 2.0, *, success: bool = False, accept: Sequence[int] = ()
-) -> Callable[[], bool]:
-    """A readiness check: any HTTP answer from `url` (a 405 too) means it
-    listens; with `success`, only a 2xx answer, or one in `accept`, counts (a
-    proxy answers 502 while nothing listens behind it)."""
-
-    def check() -> bool:
-        try:
-            answer = requests.get(url, timeout=timeout)
-        except requests.RequestException:
-            return False
-        return answer.ok or answer.status_code in accept or not success
-
-    return check
 
 
 def wait_for(

@@ -507,9 +507,11 @@ def to_environment(settings: Settings) -> dict[str, str]:
     return {knob.env: str(getattr(settings, knob.field)) for knob in KNOBS}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The command line; `prog` names the program in usage lines and errors
+    (None: argparse's default, the name of the script run, sys.argv[0])."""
     parser = argparse.ArgumentParser(
-        prog="run_keras_server.py",
+        prog=prog,
         description="Serve a Keras image classifier over HTTP, batching through Redis.",
         epilog="Every option can also be set as an environment variable, e.g. "
         f"{ENV_PREFIX}BATCH_SIZE=16. The command line wins over the environment.",
@@ -527,15 +529,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_settings(
-    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+    argv: Sequence[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    *,
+    prog: str | None = None,
 ) -> Settings:
     """Build Settings from the command line, then the environment, then defaults.
 
     Raises SettingsError naming the flag or variable when a value is bad;
-    argparse itself exits on unknown flags.
+    argparse itself exits on unknown flags, its message naming `prog`.
     """
     environ = os.environ if environ is None else environ
-    args = vars(build_parser().parse_args(argv))
+    args = vars(build_parser(prog).parse_args(argv))
     values: dict[str, Any] = {}
     for knob in KNOBS:
         if args[knob.field] is not None:

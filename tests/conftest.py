@@ -30,10 +30,11 @@ from keras_server.broker import messages
 from keras_server.broker.redis_server import RedisServer, free_port
 from keras_server.broker.request_queue import RequestQueue
 from keras_server.engines.predictor import warm_up
-from keras_server.processes import Child, ChildFailed, http_answers
+from keras_server.processes import Child, ChildFailed
 from keras_server.settings import Settings
 from keras_server.web.app import create_app
 from keras_server.worker.loop import Worker
+from run_cluster import http_answers
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGES = ROOT / "images"

@@ -1,6 +1,7 @@
-"""The Dockerfile, built and run for real with podman: one image, a worker
-container serving a model baked in through WEIGHTS_URL, a web container
-(gunicorn) requiring an API key, and a prediction through them.
+"""The Dockerfile, built and run for real with podman: both targets, a worker
+container of the full image serving a model baked in through WEIGHTS_URL, a
+web container of the web image (gunicorn, no TensorFlow) requiring an API
+key, and a prediction through them.
 
 No container registry is reachable here, so the base image is a local one:
 a Debian rootfs from `debootstrap`, loaded with `podman import` (built once,
@@ -38,6 +39,12 @@ pytestmark = [pytest.mark.container, pytest.mark.slow]
 
 BASE = "localhost/keras-server-base:bookworm"
 IMAGE = "localhost/keras-server:test"
+WEB_IMAGE = "localhost/keras-server-web:test"
+# Run in a container: whether each engine's framework is installed there.
+FRAMEWORKS = (
+    "import importlib.util as u; "
+    "print(*(bool(u.find_spec(m)) for m in ('tensorflow', 'keras', 'openvino', 'onnxruntime')))"
+)
 CONTAINERS_CONF = "[containers]\ndefault_ulimits = []\npids_limit = 0\n"
 KEY = "test-key-" + "k" * 24
 CHELSEA = IMAGES / "chelsea.png"
@@ -144,8 +151,7 @@ def served_files(small_model_path: Path) -> Iterator[str]:
     server.server_close()
 
 
-@pytest.fixture(scope="module")
-def image(podman: Podman, base_image: str, served_files: str, small_model_path: Path) -> str:
+def build(podman: Podman, base_image: str, tag: str, *options: str) -> str:
     cert = pip_cert()
     podman(
         "build",
@@ -155,12 +161,25 @@ def image(podman: Podman, base_image: str, served_files: str, small_model_path: 
         "--volume", f"{cert}:/etc/keras-build-ca.pem:ro",
         "--build-arg", "PIP_CERT=/etc/keras-build-ca.pem",
         "--build-arg", f"BASE_IMAGE={base_image}",
-        "--build-arg", f"WEIGHTS_URL={served_files}/{small_model_path.name}",
-        "--tag", IMAGE,
+        *options,
+        "--tag", tag,
         str(ROOT),
         timeout=1800,
     )  # fmt: skip
-    return IMAGE
+    return tag
+
+
+@pytest.fixture(scope="module")
+def image(podman: Podman, base_image: str, served_files: str, small_model_path: Path) -> str:
+    """The default target: every role and engine."""
+    weights = f"WEIGHTS_URL={served_files}/{small_model_path.name}"
+    return build(podman, base_image, IMAGE, "--build-arg", weights)
+
+
+@pytest.fixture(scope="module")
+def images(podman: Podman, base_image: str, image: str) -> tuple[str, str]:
+    """The full image and the web target's (the base install), built after it."""
+    return image, build(podman, base_image, WEB_IMAGE, "--target", "web")
 
 
 @pytest.fixture
@@ -173,11 +192,12 @@ def redis_for_containers() -> Iterator[RedisServer]:
 @pytest.mark.timeout(1800)
 def test_image_serves_a_prediction_with_every_role(
     podman: Podman,
-    image: str,
+    images: tuple[str, str],
     redis_for_containers: RedisServer,
     small_classifier: object,
     tmp_path: Path,
 ) -> None:
+    image, web_image = images
     keys = tmp_path / "keys.txt"
     keys.write_text(f"# keys of the test\n{KEY}\n")
     keys.chmod(0o644)
@@ -196,7 +216,7 @@ def test_image_serves_a_prediction_with_every_role(
             "--volume", f"{keys}:/run/keys/keys.txt:ro",
             # The port as a variable: the image's HEALTHCHECK reads it.
             "--env", f"KERAS_SERVER_PORT={port}",
-            image,
+            web_image,
             "--role", "web", "--web-workers", "1", "--redis-url", redis_url,
             "--api-keys", "/run/keys/keys.txt",
         )  # fmt: skip
@@ -243,6 +263,9 @@ def test_image_serves_a_prediction_with_every_role(
         assert podman("exec", web, "id", "-u").stdout.strip() == "10001"
         assert podman("healthcheck", "run", web, check=False).returncode == 0, podman.logs(web)
         assert KEY not in podman.logs(web)
+        # The web image has no engine; the full one has them all.
+        assert podman("exec", web, "python3", "-c", FRAMEWORKS).stdout.split() == ["False"] * 4
+        assert podman("exec", worker, "python3", "-c", FRAMEWORKS).stdout.split() == ["True"] * 4
     finally:
         for name in (web, worker):
             podman("stop", "--time", "20", name, check=False)

@@ -242,6 +242,22 @@ def test_compose_command_lines_use_real_flags() -> None:
     )
 
 
+def test_the_web_role_runs_the_web_image() -> None:
+    """Kubernetes and compose run --role web from the Dockerfile's web target
+    (no TensorFlow), the worker from the full image."""
+    data = configmap()
+    for container in keras_containers():
+        env = {**data, **{e["name"]: e["value"] for e in container.get("env", [])}}
+        role = check_command([*container.get("command", []), *container["args"]], env).role
+        repository = container["image"].rsplit(":", 1)[0]
+        assert repository == ("keras-server-web" if role == "web" else "keras-server"), role
+    services = compose()["services"]
+    assert services["web"]["build"] == {"context": ".", "target": "web"}
+    assert services["web"]["image"] == "localhost/keras-server-web:latest"
+    assert services["worker"]["build"] == "."  # the default target: the full image
+    assert services["worker"]["image"] == "localhost/keras-server:latest"
+
+
 def dockerfile_instructions() -> list[tuple[str, str]]:
     # Comment lines go first, even inside a continued instruction (as Docker does).
     text = "\n".join(code((ROOT / "Dockerfile").read_text())).replace("\\\n", " ")
@@ -253,11 +269,29 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
     ]
 
 
-def test_dockerfile_command_line_and_variables() -> None:
-    instructions = dockerfile_instructions()
-    entrypoint = [json.loads(arg) for op, arg in instructions if op == "ENTRYPOINT"]
-    assert entrypoint == [["python3", "run_keras_server.py"]]
-    (cmd,) = [json.loads(arg) for op, arg in instructions if op == "CMD"]
+def dockerfile_targets() -> dict[str, list[tuple[str, str]]]:
+    """Each stage's instructions, after those of the stages it is built FROM
+    (what its image inherits), by stage name; the last stage is the default target."""
+    stages: dict[str, list[tuple[str, str]]] = {}
+    current: list[tuple[str, str]] | None = None
+    for op, arg in dockerfile_instructions():
+        if op == "FROM":
+            parent, _, name = arg.partition(" AS ")
+            current = list(stages.get(parent.strip(), []))
+            stages[name.strip()] = current
+        elif current is not None:
+            current.append((op, arg))
+    return stages
+
+
+@pytest.mark.parametrize(("target", "role"), [("full", "all"), ("web", "web")])
+def test_dockerfile_command_line_and_variables(target: str, role: str) -> None:
+    stages = dockerfile_targets()
+    assert list(stages)[-1] == "full"  # `docker build .` builds every role and engine
+    instructions = stages[target]
+    entrypoints = [json.loads(arg) for op, arg in instructions if op == "ENTRYPOINT"]
+    assert entrypoints[-1] == ["keras-server"]
+    cmd = [json.loads(arg) for op, arg in instructions if op == "CMD"][-1]
     environ = {}
     for op, arg in instructions:
         if op == "ENV":
@@ -265,11 +299,21 @@ def test_dockerfile_command_line_and_variables() -> None:
                 key, _, value = pair.partition("=")
                 environ[key] = value
     settings = check_command(cmd, environ)
+    assert settings.role == role
     assert settings.host == "0.0.0.0"
     (healthcheck,) = [arg for op, arg in instructions if op == "HEALTHCHECK"]
     assert "/healthz" in healthcheck
-    assert any(op == "USER" and arg != "root" for op, arg in instructions)
+    assert [arg for op, arg in instructions if op == "USER"][-1] != "root"
     assert "ARG PIP_CERT" in (ROOT / "Dockerfile").read_text()
+
+
+def test_the_web_image_installs_no_engine() -> None:
+    """The web target installs the project without extras: no TensorFlow."""
+    runs = [arg for op, arg in dockerfile_targets()["web"] if op == "RUN"]
+    assert any("pip install" in run for run in runs)
+    assert not any("[" in run.split("pip install", 1)[-1] for run in runs if "pip install" in run)
+    full = [arg for op, arg in dockerfile_targets()["full"] if op == "RUN"]
+    assert any('"/src[all]"' in run for run in full)
 
 
 def code(text: str) -> list[str]:

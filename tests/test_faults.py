@@ -45,7 +45,8 @@ from keras_server.catalog import SIM_SIZE
 from keras_server.engines.predictor import top_k
 from keras_server.engines.simulated import SimulatedModel
 from keras_server.images import load_image
-from keras_server.processes import Child, ChildFailed, http_answers
+from keras_server.processes import Child, ChildFailed
+from run_cluster import http_answers
 
 pytestmark = pytest.mark.slow
 

@@ -247,9 +247,9 @@ def test_a_bad_models_file_stops_the_entry_point_with_a_message(
 
     for text in ('[models.a]\nmodel = "resnet50"\ntop_k = "three"\n', "[models]\na = 3\n"):
         (tmp_path / "m.toml").write_text(text)
-        assert main(["--models-file", str(tmp_path / "m.toml")]) == 2
+        assert main(["--models-file", str(tmp_path / "m.toml")], prog="keras-server") == 2
         err = capsys.readouterr().err
-        assert err.startswith("run_keras_server.py: error: models file"), err
+        assert err.startswith("keras-server: error: models file"), err
         assert "Traceback" not in err
 
 
