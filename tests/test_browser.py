@@ -345,7 +345,7 @@ def test_a_choice_of_models(watched: Watched, settings: Settings, tmp_path: Path
     default = make_worker(dataclasses.replace(settings, model="sim"), SimulatedModel(0, 0))
     other = make_worker(dataclasses.replace(settings, model="other"), Relabelled())
     other.queue = RequestQueue(
-        other.queue.client, Keys.for_model(settings.queue_name, "other", "sim")
+        other.queue.shard, Keys.for_model(settings.queue_name, "other", "sim")
     )
     process, base = start_web(settings, "--web-workers", "1", "--models-file", str(models))
     try:
