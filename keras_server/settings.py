@@ -431,7 +431,13 @@ KNOBS: tuple[Knob, ...] = (
         "with Retry-After, one that could never fit a 413",
         "MB",
     ),
-    Knob("role", _choice(ROLES), "all: web + model thread; web or worker alone", "ROLE"),
+    Knob(
+        "role",
+        _choice(ROLES),
+        "all: the HTTP front and a model worker, as child processes of one command; "
+        "web or worker alone",
+        "ROLE",
+    ),
     Knob(
         "web_workers",
         _positive_int,
