@@ -78,7 +78,7 @@ def build_server(settings: Settings) -> Server:
         # The app logs one line per request, with its request id.
         log_access=False,
         # granian's own lines go through our handler and format, as one log.
-        log_level=LogLevels.info,
+        log_level=LogLevels(settings.log_level.lower()),
         log_dictconfig={"loggers": {"_granian": {"handlers": [], "propagate": True}}},
     )
 
