@@ -62,10 +62,16 @@ def status_kb(pid: int, field: str) -> int:
 
 
 def server_pids(process: subprocess.Popen[bytes]) -> list[int]:
-    """The process itself, or its gunicorn workers (the arbiter decodes nothing)."""
-    children = psutil.Process(process.pid).children(recursive=True)
-    workers = [c.pid for c in children if "redis" not in c.name()]
-    return workers or [process.pid]
+    """The processes that decode: the HTTP front's workers, forks of the
+    front's supervisor (which decodes nothing), itself `process` (--role web)
+    or its child (--role all, beside the model worker and Redis)."""
+    root = psutil.Process(process.pid)
+    front = "keras_server.web.front"
+    return [
+        p.pid
+        for p in root.children(recursive=True)
+        if front in p.cmdline() and (parent := p.parent()) is not None and front in parent.cmdline()
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:  # noqa: PLR0912 (one linear script)

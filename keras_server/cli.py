@@ -1,12 +1,14 @@
 """The command line (`keras-server`, `python -m keras_server`, or
 `python run_keras_server.py`): build the settings once, then run a role.
 
-- all:    a private Redis if needed, the model thread, then the web tier on
-          cheroot, in the same process (the single-machine setup)
-- web:    gunicorn serving the Flask app (never imports TensorFlow)
+- all:    a private Redis if needed, then the model worker and the HTTP front
+          as child processes of this one (the single-machine setup, one
+          command, one log)
+- web:    the HTTP front alone: granian serving the Flask app (web/front.py;
+          never imports TensorFlow)
 - worker: the model loop alone
 
-SIGTERM is graceful everywhere: gunicorn lets in-flight requests finish, and a
+SIGTERM is graceful everywhere: the front lets in-flight requests finish, and a
 worker finishes and answers the batch it holds before it deregisters.
 """
 
@@ -15,12 +17,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from types import FrameType
 
 from keras_server import metrics
@@ -32,13 +35,13 @@ from keras_server.catalog import SIM, CatalogError, Models, ModelSpec
 from keras_server.engines.predictor import ModelLoadError, Predictor, timed_warm_up
 from keras_server.logs import configure_logging
 from keras_server.metrics import MULTIPROCESS_DIR_ENV
+from keras_server.processes import die_with_parent
 from keras_server.settings import Settings, SettingsError, load_settings, to_environment
 from keras_server.web.auth import KeysFileError, load_keys
-from keras_server.worker.loop import FairLock, ModelThread, Worker, serve
+from keras_server.web.deployment import Deployment
+from keras_server.worker.loop import FairLock, Worker, serve
 
 log = logging.getLogger("keras_server")
-
-GUNICORN_CONFIG = Path(__file__).parent / "web" / "gunicorn_conf.py"
 
 
 def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
@@ -57,11 +60,11 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
         if settings.api_keys and settings.role != "worker":
             load_keys(settings.api_keys)  # an unusable keys file stops us before the port opens
         if settings.role == "web":
-            exec_gunicorn(settings)
+            exec_front(settings)
         elif settings.role == "worker":
             run_worker(settings, models)
         else:
-            run_all(settings, models)
+            return run_all(settings, models)
     except (RedisUnavailable, ModelLoadError, CatalogError, KeysFileError) as exc:
         log.error("%s", exc)
         return 1
@@ -155,75 +158,96 @@ def run_worker(settings: Settings, models: Models) -> None:
     serve(workers, stop)
 
 
-def run_all(settings: Settings, models: Models) -> None:
-    """Web and worker in one process, with a private Redis when none runs."""
+def run_all(settings: Settings, models: Models) -> int:
+    """The one-command setup: a private Redis when none runs, the model worker
+    and the HTTP front, each a child process of this one (the model never
+    shares a GIL with the HTTP threads), with one log: the children write to
+    our stdout and stderr.
 
-    def on_sigterm(signum: int, frame: FrameType | None) -> None:
-        # Once: a second SIGTERM while the requests in flight finish must not
-        # interrupt the shutdown it asked for (SIGKILL still ends it).
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise KeyboardInterrupt
+    The children are in sessions of their own, so a Ctrl-C in the terminal
+    reaches only us, and tied to us (they get SIGTERM if we die). SIGTERM or
+    Ctrl-C stops them in order: the front first, which lets the requests in
+    flight finish while the worker still answers them, then the worker, which
+    answers the batch it holds, then Redis. Returns the exit status: 1 when a
+    child failed (its own log line says why)."""
+    stop = threading.Event()
 
-    # SIGTERM unwinds like Ctrl-C, so the cleanups below (the private Redis) run.
-    signal.signal(signal.SIGTERM, on_sigterm)
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        if not stop.is_set():
+            log.info("%s: stopping once the requests in flight are answered",
+                     signal.Signals(signum).name)  # fmt: skip
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     with contextlib.ExitStack() as cleanup:
         settings, private_redis = ensure_redis(settings)
         if private_redis:
             cleanup.callback(private_redis.close)
-        thread = ModelThread(prepare=lambda: build_workers(settings, models))
-        thread.start()
-        thread.wait_until_ready()
-        try:
-            serve_http(settings, models)
-        finally:
-            thread.stop.set()
-            thread.join(timeout=settings.result_timeout)
+        # One prometheus-client multiprocess directory for both children, so the
+        # front's /metrics shows the worker's batches beside its requests.
+        metrics_dir = tempfile.mkdtemp(prefix="keras-server-metrics-")
+        cleanup.callback(shutil.rmtree, metrics_dir, ignore_errors=True)
+        env = child_environment(settings, metrics_dir)
+        worker = spawn(WORKER_COMMAND, {**env, "KERAS_SERVER_ROLE": "worker"})
+        cleanup.callback(finish, worker, "model worker", settings.result_timeout + 30)
+        deployment = Deployment.from_settings(settings, models)
+        served = [deployment.models[spec.name] for spec in models.serving(settings.serve)]
+        while not all(model.live_workers() for model in served):
+            if worker.poll() is not None:
+                return 1  # it logged why (a model that cannot load, ...)
+            if stop.wait(0.1):
+                return 0
+        front = spawn(FRONT_COMMAND, env)
+        cleanup.callback(finish, front, "HTTP front", settings.result_timeout + 10)
+        while not stop.wait(0.2):
+            for child, name in ((worker, "model worker"), (front, "HTTP front")):
+                if child.poll() is not None:
+                    log.error("the %s exited (status %s): stopping", name, child.returncode)
+                    return 1
+    return 0
 
 
-def serve_http(settings: Settings, models: Models) -> None:
-    """The web tier in this process, on cheroot (CherryPy's production WSGI
-    server) until KeyboardInterrupt: a fixed pool of --web-threads threads,
-    each holding one request while it waits for its prediction, and request
-    bodies streamed to the app (never spooled to disk). On the way out, the
-    requests in flight get as long as their deadline to finish."""
-    from cheroot.wsgi import Server
+# Children of --role all: the worker role and the front, configured by the
+# KERAS_SERVER_* variables we hand down (not by the command line).
+WORKER_COMMAND = ("-c", "import sys; from keras_server.cli import main; sys.exit(main([]))")
+FRONT_COMMAND = ("-m", "keras_server.web.front")
 
-    from keras_server.web.app import create_app
-    from keras_server.web.deployment import Deployment
 
-    server = Server(
-        (settings.host, settings.port),
-        create_app(settings, Deployment.from_settings(settings, models)),
-        numthreads=settings.web_threads,
-        max=settings.web_threads,
-        request_queue_size=128,
-        shutdown_timeout=int(settings.result_timeout) + 5,
-        server_name="keras-server",
+def child_environment(settings: Settings, metrics_dir: str) -> dict[str, str]:
+    """Our environment plus the resolved settings, which the child loads back,
+    and prometheus-client's multiprocess directory, which must be set before
+    the library is first imported: hence new interpreters rather than forks."""
+    return {**os.environ, **to_environment(settings), MULTIPROCESS_DIR_ENV: metrics_dir}
+
+
+def spawn(command: Sequence[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, *command],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,  # Ctrl-C is ours to pass on, in order
+        preexec_fn=die_with_parent,  # noqa: PLW1509 (only a prctl call runs in the child)
     )
-    server.prepare()  # binds: the port is open from here on
-    log.info("listening on http://%s:%d/predict", settings.host, settings.port)
+
+
+def finish(child: subprocess.Popen[bytes], name: str, timeout: float) -> None:
+    """SIGTERM `child` and wait for it to exit gracefully; SIGKILL after `timeout` s."""
+    if child.poll() is None:
+        child.terminate()
     try:
-        server.serve()
-    finally:
-        server.stop()
+        child.wait(timeout)
+    except subprocess.TimeoutExpired:
+        log.error("the %s did not stop within %.0f s of SIGTERM: killed", name, timeout)
+        child.kill()
+        child.wait()
 
 
-def exec_gunicorn(settings: Settings) -> None:
-    """Replace this process with gunicorn serving the web tier.
-
-    The child gets the resolved settings as KERAS_SERVER_* variables (read
-    back by gunicorn_conf.py and web.wsgi_app), and a fresh directory for
-    prometheus-client's multiprocess metrics, which must be set before the
-    library is first imported: hence a new interpreter rather than a fork.
-    """
-    env = {**os.environ, **to_environment(settings)}
-    env[MULTIPROCESS_DIR_ENV] = tempfile.mkdtemp(prefix="keras-server-metrics-")
-    args = [
-        sys.executable, "-m", "gunicorn",
-        "--config", str(GUNICORN_CONFIG),
-        "keras_server.web.app:wsgi_app()",
-    ]  # fmt: skip
-    log.info("starting gunicorn on %s:%d", settings.host, settings.port)
+def exec_front(settings: Settings) -> None:
+    """Replace this process with the HTTP front (web/front.py: granian
+    serving the web tier), configured like --role all's children."""
+    env = child_environment(settings, tempfile.mkdtemp(prefix="keras-server-metrics-"))
+    log.info("starting the HTTP front (granian) on %s:%d", settings.host, settings.port)
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, args, env)
+    os.execve(sys.executable, [sys.executable, *FRONT_COMMAND], env)

@@ -2,9 +2,10 @@
 
 Counters and histograms live in the process that observes them: the web tier
 counts requests, the worker counts batches (`--role all` shows both; a
-`--role worker` process serves its own with `--metrics-port`). Under gunicorn
-several processes share them through prometheus-client's multiprocess mode:
-the launcher sets PROMETHEUS_MULTIPROC_DIR before anything imports this.
+`--role worker` process serves its own with `--metrics-port`). The HTTP
+front's processes (and, under `--role all`, the model worker's) share them
+through prometheus-client's multiprocess mode: the launcher sets
+PROMETHEUS_MULTIPROC_DIR before anything imports this.
 What lives in Redis (queue depth, worker heartbeats) is read at scrape time,
 so every web server reports the same truth.
 """

@@ -3,8 +3,8 @@
 The entry point calls `load_settings()` once and passes the frozen `Settings`
 down; only `load_settings` reads our KERAS_SERVER_* variables and `sys.argv`.
 Other modules touch `os.environ` only for other programs' switches:
-prometheus-client's multiprocess directory (metrics, gunicorn_conf), TensorFlow's
-log level (cli), and the environment handed to gunicorn (cli).
+prometheus-client's multiprocess directory (metrics, web.front), TensorFlow's
+log level (cli), and the environment handed to the child processes (cli).
 """
 
 from __future__ import annotations
@@ -78,6 +78,7 @@ class Settings:
     role: str = "all"
     web_workers: int = 2
     web_threads: int = 32
+    header_timeout: float = 10.0
     heartbeat_ttl: float = 10.0
     metrics_port: int = 0
     sim_batch_ms: float = 50.0
@@ -176,6 +177,13 @@ def _non_negative_float(text: str) -> float:
     value = _float(text)
     if not 0 <= value < float("inf"):
         raise ValueError("must be a number, 0 or more")
+    return value
+
+
+def _header_timeout(text: str) -> float:
+    value = _positive_float(text)
+    if not 0.001 <= value <= 60:
+        raise ValueError("must be from 0.001 to 60 seconds (granian's range)")
     return value
 
 
@@ -442,23 +450,30 @@ KNOBS: tuple[Knob, ...] = (
     Knob(
         "role",
         _choice(ROLES),
-        "all: a web process and a model thread in one process; web (gunicorn's web "
-        "processes) or worker (the model) alone",
+        "all: the HTTP front and a model worker, as child processes of one command; "
+        "web or worker alone",
         "ROLE",
     ),
     Knob(
         "web_workers",
         _positive_int,
-        "--role web: how many web processes gunicorn runs (gunicorn calls them workers)",
+        "--role web and all: HTTP server (granian) processes; --role all runs the model "
+        "in a process of its own beside them",
         "N",
     ),
     Knob(
         "web_threads",
         _positive_int,
         "threads per web process, i.e. requests each can hold while they wait for "
-        "their prediction: in each of gunicorn's web processes (--role web) or in "
-        "cheroot's pool (--role all)",
+        "their prediction (connections waiting for their headers hold none)",
         "N",
+    ),
+    Knob(
+        "header_timeout",
+        _header_timeout,
+        "seconds a client may take to send its request line and headers before the "
+        "connection is closed (a slow client holds no thread meanwhile)",
+        "SECONDS",
     ),
     Knob(
         "heartbeat_ttl",

@@ -178,3 +178,11 @@ def test_heartbeats_stay_readable_across_the_description_rename() -> None:
     assert messages.WorkerInfo.decode(json.dumps(older)) == info
     with pytest.raises(messages.BadMessage):
         messages.WorkerInfo.decode(json.dumps({"batch_size": 1, "host": "h", "pid": 1, "at": 1.0}))
+
+
+def test_request_ids_are_128_random_bits_in_hex() -> None:
+    """os.urandom, not uuid4 (a fifth of the cost; issue 23): 32 hex digits."""
+    image = np.zeros((2, 2, 3), np.uint8)
+    ids = {messages.ImageRequest.create(image, 1).id for _ in range(1000)}
+    assert len(ids) == 1000
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)

@@ -33,8 +33,8 @@ import base64
 import binascii
 import dataclasses
 import json
+import os
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,7 +112,8 @@ class ImageRequest:
         cls, image: np.ndarray, timeout: float, *, probabilities: bool = False, classes: int = 0
     ) -> ImageRequest:
         return cls(
-            id=str(uuid.uuid4()),
+            # 128 random bits, as uuid4 has, at a fifth of its cost (issue 23).
+            id=os.urandom(16).hex(),
             image=image,
             deadline=time.time() + timeout,
             probabilities=probabilities,

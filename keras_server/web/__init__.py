@@ -9,7 +9,7 @@
     uploads      the files of a multipart upload (python-multipart)
     auth         API keys (--api-keys): checked before every route
     page         the upload page at / and the OpenAPI description
-    gunicorn_conf gunicorn's settings for --role web, derived from ours
+    front        the HTTP server (granian) for --role web and all, from our settings
 
 Never imports an engine or the worker (import-linter checks it in `make test`).
 """

@@ -46,8 +46,9 @@ class InMemoryRequest(Request):
 
 
 def wsgi_app() -> Flask:
-    """The app for gunicorn (`keras_server.web.app:wsgi_app()`), configured from the
-    KERAS_SERVER_* variables that `--role web` hands down."""
+    """The app for the HTTP front (web/front.py: granian's factory
+    `keras_server.web.app:wsgi_app`), configured from the KERAS_SERVER_*
+    variables that cli.py hands down."""
     settings = load_settings([])
     logs.configure_logging(settings.log_level)
     return create_app(settings)

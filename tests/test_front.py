@@ -1,0 +1,95 @@
+"""The HTTP front (web/front.py, granian) and the per-request costs around it:
+slow clients, and the decode CPU counter."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from collections.abc import Iterator
+
+import pytest
+import requests
+from conftest import CHELSEA, WorkerThread, make_worker, start_serving, stop
+from prometheus_client import REGISTRY
+
+from keras_server.engines.simulated import SimulatedModel
+from keras_server.settings import Settings
+from keras_server.web.dispatch import FLUSH_CPU_S, Decoder
+
+DECODE_CPU = "keras_server_decode_cpu_seconds_total"
+
+
+def decode_cpu() -> float:
+    return REGISTRY.get_sample_value(DECODE_CPU) or 0.0
+
+
+def test_decode_cpu_is_counted_in_batches_and_all_of_it(settings: Settings) -> None:
+    """One decode does not write the counter (a lock and a file write in
+    multiprocess mode, per image); the CPU is added up and written once it
+    reaches FLUSH_CPU_S, none of it lost."""
+    decode = Decoder(settings)
+    before = decode_cpu()
+    decode(CHELSEA, (224, 224))
+    assert decode_cpu() == before
+    for _ in range(2000):
+        if decode_cpu() != before:
+            break
+        decode(CHELSEA, (224, 224))
+    assert decode_cpu() - before >= FLUSH_CPU_S
+
+
+class Dribblers:
+    """`count` loopback connections that send a request line, then one header
+    line every `every` s and never finish: a slowloris client, bounded."""
+
+    def __init__(self, url: str, count: int, every: float = 1.0) -> None:
+        host, port = url.split("//")[1].split(":")
+        self.sockets = [socket.create_connection((host, int(port)), 5) for _ in range(count)]
+        for s in self.sockets:
+            s.sendall(b"POST /predict HTTP/1.1\r\nHost: localhost\r\n")
+        self.stop = threading.Event()
+        self.every = every
+        self.thread = threading.Thread(target=self.dribble, daemon=True)
+
+    def dribble(self) -> None:
+        while not self.stop.wait(self.every):
+            for s in self.sockets:
+                # Cut by the server's header timeout: what we want.
+                with contextlib.suppress(OSError):
+                    s.sendall(b"X-Slow: 1\r\n")
+
+    def __enter__(self) -> Dribblers:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        for s in self.sockets:
+            s.close()
+
+
+@pytest.fixture(params=["all", "web"])
+def small_server(request: pytest.FixtureRequest, settings: Settings) -> Iterator[str]:
+    """--role all (its own simulated model) or --role web (fed by a worker
+    thread here), with 2 threads in one web process: fewer than the dribblers."""
+    small = ("--web-workers", "1", "--web-threads", "2", "--model", "sim")
+    if request.param == "all":
+        process, base = start_serving(settings, "--role", "all", *small, "--sim-batch-ms", "1")
+        yield base
+    else:
+        process, base = start_serving(settings, "--role", "web", *small)
+        with WorkerThread(make_worker(settings, SimulatedModel(1, 0))):
+            yield base
+    log = stop(process, timeout=60)
+    assert process.returncode == 0, log
+
+
+@pytest.mark.slow
+def test_slow_clients_do_not_starve_the_others(small_server: str) -> None:
+    with Dribblers(small_server, count=8):
+        answer = requests.post(
+            small_server + "/predict", files={"image": ("x.png", CHELSEA)}, timeout=30
+        )
+    assert answer.status_code == 200, answer.text
