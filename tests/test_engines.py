@@ -28,6 +28,7 @@ from keras_server.catalog import CatalogError, ModelSpec, load_models_file
 from keras_server.engines import openvino_engine, selection
 from keras_server.engines.conversion_cache import MANIFEST, ConversionCache, write_manifest
 from keras_server.engines.predictor import EngineError, ModelLoadError
+from keras_server.engines.preprocess import STEPS, batch_of, preprocessing
 from keras_server.engines.selection import EngineOptions, load_predictor
 from keras_server.settings import Settings, SettingsError, load_settings
 
@@ -95,6 +96,26 @@ def test_preprocessing_matches_keras_for_every_builtin_model() -> None:
         expected = np.asarray(module.preprocess_input(batch.copy()))
         got = preprocessing(mode_of(ModelSpec(name=name, source=name)))(batch.copy())
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize(
+    ("mode", "channels"),
+    [(mode, 3) for mode in STEPS] + [("tf", 1), ("scale", 1), ("none", 1)],
+)
+def test_openvino_preprocesses_inside_the_graph_as_numpy_does(mode: str, channels: int) -> None:
+    """The compiled graph takes uint8 RGB and does batch_of's work itself."""
+    import openvino as ov
+    from openvino import opset13 as ops
+
+    images = np.random.default_rng(0).integers(0, 256, (3, 5, 4, 3), dtype=np.uint8)
+    pixels = ops.parameter(ov.PartialShape([-1, 5, 4, channels]), ov.Type.f32)
+    model = ov.Model([ops.multiply(pixels, ops.constant(np.float32(1.0)))], [pixels])
+    compiled = openvino_engine.core().compile_model(
+        openvino_engine.with_preprocessing(model, mode, channels), "CPU"
+    )
+    assert compiled.input(0).get_element_type() == ov.Type.u8
+    expected = batch_of(images, channels, preprocessing(mode))
+    np.testing.assert_allclose(compiled(images)[0], expected, rtol=1e-6, atol=1e-6)
 
 
 # OpenVINO runs bf16 only where the CPU has AVX512_BF16 or AMX *and* its CPU
@@ -367,7 +388,7 @@ def test_openvino_that_cannot_compile_falls_back_under_auto_and_stops_by_name(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    def broken(path: Path, precision: str) -> None:
+    def broken(path: Path, precision: str, mode: str, channels: int) -> None:
         raise EngineError("OpenVINO cannot compile the model for this CPU (simulated)")
 
     monkeypatch.setattr(openvino_engine, "compile_model", broken)

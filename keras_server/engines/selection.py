@@ -20,7 +20,7 @@ on the reference set and compares (`predictor.fidelity`): fp32 must match
 within `TOLERANCE` on every image, bf16 and int8 must agree on the top-1
 class of at least `--min-agreement` of the held-out images (of the noise
 batch when there are none). A cache hit therefore needs neither Keras nor
-TensorFlow: only the converted model, the labels and numpy preprocessing.
+TensorFlow: only the converted model, the labels and the preprocessing steps.
 
 A conversion runs in a child process (multiprocessing's 'spawn' context: a
 fresh interpreter, nothing inherited): the child loads Keras, computes the
@@ -446,11 +446,10 @@ def _labels(spec: ModelSpec, outputs: int) -> tuple[str, ...]:
 def _open(spec: ModelSpec, engine: str, precision: str, entry: Entry) -> Predictor:
     meta = entry.meta
     height, width, channels = meta["input_shape"]
+    mode = str(meta["preprocessing"])
     common: dict[str, Any] = {
         "labels": _labels(spec, int(meta["outputs"])),
         "input_shape": (int(height), int(width), int(channels)),
-        "channels": int(meta["channels"]),
-        "preprocess": preprocessing(str(meta["preprocessing"])),
         "top_k": spec.top_k,
     }
     if engine == "onnx":
@@ -459,12 +458,16 @@ def _open(spec: ModelSpec, engine: str, precision: str, entry: Entry) -> Predict
         return onnx_engine.OnnxClassifier(
             session=onnx_engine.session(entry.file("model.onnx")),
             description=f"{meta['description']}, ONNX Runtime {onnx_engine.version()}",
+            channels=int(meta["channels"]),
+            preprocess=preprocessing(mode),
             **common,
         )
     from keras_server.engines import openvino_engine
 
     return openvino_engine.OpenVinoClassifier(
-        openvino_engine.compile_model(entry.file("model.xml"), precision),
+        openvino_engine.compile_model(
+            entry.file("model.xml"), precision, mode, int(meta["channels"])
+        ),
         description=f"{meta['description']}, OpenVINO {openvino_engine.version()} {precision}",
         precision=precision,
         **common,
