@@ -4,9 +4,12 @@ int8 on a trained model, what `--engine auto` picks, and the error exits."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import logging
+import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -25,6 +28,7 @@ from keras_server.catalog import CatalogError, ModelSpec, load_models_file
 from keras_server.engines import openvino_engine, selection
 from keras_server.engines.conversion_cache import MANIFEST, ConversionCache, write_manifest
 from keras_server.engines.predictor import EngineError, ModelLoadError
+from keras_server.engines.preprocess import STEPS, batch_of, preprocessing
 from keras_server.engines.selection import EngineOptions, load_predictor
 from keras_server.settings import Settings, SettingsError, load_settings
 
@@ -92,6 +96,26 @@ def test_preprocessing_matches_keras_for_every_builtin_model() -> None:
         expected = np.asarray(module.preprocess_input(batch.copy()))
         got = preprocessing(mode_of(ModelSpec(name=name, source=name)))(batch.copy())
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize(
+    ("mode", "channels"),
+    [(mode, 3) for mode in STEPS] + [("tf", 1), ("scale", 1), ("none", 1)],
+)
+def test_openvino_preprocesses_inside_the_graph_as_numpy_does(mode: str, channels: int) -> None:
+    """The compiled graph takes uint8 RGB and does batch_of's work itself."""
+    import openvino as ov
+    from openvino import opset13 as ops
+
+    images = np.random.default_rng(0).integers(0, 256, (3, 5, 4, 3), dtype=np.uint8)
+    pixels = ops.parameter(ov.PartialShape([-1, 5, 4, channels]), ov.Type.f32)
+    model = ov.Model([ops.multiply(pixels, ops.constant(np.float32(1.0)))], [pixels])
+    compiled = openvino_engine.core().compile_model(
+        openvino_engine.with_preprocessing(model, mode, channels), "CPU"
+    )
+    assert compiled.input(0).get_element_type() == ov.Type.u8
+    expected = batch_of(images, channels, preprocessing(mode))
+    np.testing.assert_allclose(compiled(images)[0], expected, rtol=1e-6, atol=1e-6)
 
 
 # OpenVINO runs bf16 only where the CPU has AVX512_BF16 or AMX *and* its CPU
@@ -174,6 +198,81 @@ sys.exit(f"imported {{heavy}}" if heavy else 0)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "conversion cache hit" in done.stderr
     assert "converted for" not in done.stderr
+
+
+@pytest.mark.slow
+def test_a_cold_start_converts_in_a_child_and_serves_without_tensorflow(
+    squares_model: Path, tmp_path: Path
+) -> None:
+    """Issue 23 item 6: the serving process of a cold start holds only what its
+    engine needs, and answers as Keras does."""
+    images, _ = held_out_squares(64)
+    np.save(tmp_path / "images.npy", images)
+    cache = tmp_path / "cache"
+    code = f"""
+import sys, logging
+import numpy as np
+logging.basicConfig(level=logging.INFO, format="%(processName)s %(name)s %(message)s")
+from keras_server.catalog import ModelSpec
+from keras_server.engines.selection import EngineOptions, load_predictor
+spec = ModelSpec(name="squares", source={str(squares_model)!r},
+                 labels={str(squares_model.with_suffix(".txt"))!r}, preprocessing="scale",
+                 engine="openvino", precision="fp32")
+p = load_predictor(spec, EngineOptions({str(cache)!r}, 0.95, 50_000_000))
+assert p.fidelity.max_difference <= 1e-4, p.fidelity
+np.save({str(tmp_path / "got.npy")!r}, p.predict(np.load({str(tmp_path / "images.npy")!r})))
+heavy = sorted({{"tensorflow", "keras", "tf2onnx"}} & set(sys.modules))
+sys.exit(f"imported {{heavy}}" if heavy else 0)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=180,
+        check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "conversion cache miss" in done.stderr
+    # The child's records come out through the parent's handlers, named as the child.
+    assert "convert-squares keras_server.engines.selection model 'squares' converted for" in (
+        done.stderr
+    )
+    reference = keras_reference(squares_model).predict(images)  # type: ignore[attr-defined]
+    np.testing.assert_allclose(np.load(tmp_path / "got.npy"), reference, rtol=0, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_a_conversion_that_dies_is_an_engine_error_and_auto_takes_keras(
+    squares_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A converter killed (out of memory, a crash) stops an engine asked for by
+    name with the reason; auto serves keras instead."""
+
+    def load_and_kill_the_converter(spec: ModelSpec) -> object:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            loading = pool.submit(load_predictor, spec, options(tmp_path))
+            (child,) = wait_until(lambda: converter_children() or None, what="the converter")
+            os.kill(child, signal.SIGKILL)
+            return loading.result(timeout=120)
+
+    with pytest.raises(EngineError, match=r"process was killed by SIGKILL \(out of memory\?\)"):
+        load_and_kill_the_converter(spec_of(squares_model, engine="openvino"))
+    with caplog.at_level(logging.WARNING, logger="keras_server.engines.selection"):
+        chosen = load_and_kill_the_converter(spec_of(squares_model, engine="auto"))
+    assert chosen.engine == "keras"  # type: ignore[attr-defined]
+    assert "killed by SIGKILL (out of memory?); use --engine keras); falling back" in caplog.text
+
+
+def converter_children() -> list[int]:
+    """This process's children started by multiprocessing's spawn (not its
+    resource tracker)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            command = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        if ppid == os.getpid() and b"spawn_main" in command:
+            found.append(int(stat.parent.name))
+    return found
 
 
 @pytest.mark.slow
@@ -289,7 +388,7 @@ def test_openvino_that_cannot_compile_falls_back_under_auto_and_stops_by_name(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    def broken(path: Path, precision: str) -> None:
+    def broken(path: Path, precision: str, mode: str, channels: int) -> None:
         raise EngineError("OpenVINO cannot compile the model for this CPU (simulated)")
 
     monkeypatch.setattr(openvino_engine, "compile_model", broken)

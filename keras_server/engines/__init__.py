@@ -7,7 +7,7 @@
     openvino_engine --engine openvino: compiled for the CPU at fp32, bf16 or int8
     calibration     int8 calibration images (--calibration-dir) and quantization
     conversion_cache converted models on disk, checksummed (--cache-dir)
-    preprocess      the models' input preprocessing, in numpy, for every engine
+    preprocess      the models' input preprocessing steps, for every engine
     simulated       --model sim: a stand-in that only sleeps, for load tests
 
 Imports neither the web tier nor Redis (the broker): an engine takes a batch

@@ -3,6 +3,12 @@
 The graph comes from the ONNX file `onnx_engine.export` writes (int8: that
 file quantized by `calibration.quantize`, QDQ, which OpenVINO runs as int8),
 saved as OpenVINO IR in the conversion cache with full-precision weights.
+At compile time OpenVINO's PrePostProcessor puts the input preprocessing into
+the graph: the compiled model takes the worker's uint8 RGB NHWC batch as it
+is (a quarter of float32's bytes) and converts it to float, averages the
+channels for a grey model, and runs the model's preprocessing steps
+(`preprocess.STEPS`: channel order, scale, mean) itself. The cached IR stays
+the plain model, so an entry does not depend on how it is compiled.
 It is compiled with the LATENCY performance hint and run with one synchronous
 infer request, which is how the worker calls it (one batch at a time): the
 THROUGHPUT hint with a single synchronous request was half as fast here.
@@ -25,9 +31,11 @@ from pathlib import Path
 import numpy as np
 import openvino as ov
 import openvino.properties.hint as hints
+from openvino import opset13 as ops
+from openvino.preprocess import PrePostProcessor
 
 from keras_server.engines.predictor import EngineError, Fidelity
-from keras_server.engines.preprocess import Preprocess, batch_of
+from keras_server.engines.preprocess import steps_of
 
 log = logging.getLogger(__name__)
 
@@ -92,14 +100,42 @@ def convert(onnx_path: Path, xml_path: Path) -> None:
         ) from None
 
 
-def compile_model(xml_path: Path, precision: str) -> ov.CompiledModel:
+def with_preprocessing(model: ov.Model, mode: str, channels: int) -> ov.Model:
+    """`model` (float NHWC input, preprocessed) taking uint8 RGB NHWC instead,
+    with `preprocess.batch_of` and the steps of `mode` inside the graph."""
+    ppp = PrePostProcessor(model)
+    height, width = model.input().get_partial_shape()[1:3]
+    tensor = ppp.input().tensor()
+    tensor.set_element_type(ov.Type.u8).set_layout(ov.Layout("NHWC"))
+    tensor.set_shape(ov.PartialShape([-1, height, width, 3]))
+    ppp.input().model().set_layout(ov.Layout("NHWC"))
+    steps = ppp.input().preprocess()
+    steps.convert_element_type(ov.Type.f32)
+    if channels == 1:
+        # batch_of's grey: the plain mean of R, G and B (not a luma weighting).
+        steps.custom(
+            lambda node: ops.reduce_mean(node, ops.constant([-1]), keep_dims=True).output(0)
+        )
+    for op, value in steps_of(mode):
+        if op == "reverse":
+            steps.reverse_channels()
+        elif op == "divide":
+            steps.scale(np.atleast_1d(value).astype(np.float32).tolist())
+        else:
+            steps.mean(np.atleast_1d(value).astype(np.float32).tolist())
+    return ppp.build()
+
+
+def compile_model(xml_path: Path, precision: str, mode: str, channels: int) -> ov.CompiledModel:
+    """The IR at `xml_path`, taking uint8 RGB with preprocessing `mode` inside."""
     config = {
         hints.performance_mode: hints.PerformanceMode.LATENCY,
         # Explicit: on a CPU with AMX, OpenVINO would otherwise pick bf16 itself.
         hints.inference_precision: ov.Type.bf16 if precision == "bf16" else ov.Type.f32,
     }
     try:
-        return core().compile_model(core().read_model(str(xml_path)), "CPU", config)
+        model = with_preprocessing(core().read_model(str(xml_path)), mode, channels)
+        return core().compile_model(model, "CPU", config)
     except Exception as exc:
         raise EngineError(
             f"OpenVINO {version()} cannot compile the model for this CPU "
@@ -120,16 +156,12 @@ class OpenVinoClassifier:
         labels: Sequence[str],
         description: str,
         input_shape: tuple[int, int, int],
-        channels: int,
-        preprocess: Preprocess,
         top_k: int,
         precision: str,
     ) -> None:
         self.labels = labels
         self.description = description
         self.input_shape = input_shape
-        self.channels = channels
-        self.preprocess = preprocess
         self.top_k = top_k
         self.precision = precision
         self.fidelity: Fidelity | None = None
@@ -140,7 +172,8 @@ class OpenVinoClassifier:
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Class probabilities, shape (n, classes), for uint8 RGB images (n, h, w, 3)."""
-        batch = batch_of(images, self.channels, self.preprocess)
+        # The graph preprocesses (see the module's docstring): the pixels go in as they are.
+        batch = np.ascontiguousarray(images, dtype=np.uint8)
         with self._lock:
             self._request.infer({0: batch})
             return np.array(self._request.get_output_tensor(0).data, copy=True)

@@ -1,9 +1,13 @@
-"""The models' input preprocessing, in numpy: the same for every engine.
+"""The models' input preprocessing: one list of steps per mode, for every engine.
 
 Keras's `preprocess_input` modes (`caffe`, `tf`, `torch`), `scale` and
-`none`, applied to a float32 RGB 0..255 batch. It lives outside Keras so an
+`none`, applied to a float32 RGB 0..255 batch, are each a short list of
+steps (`STEPS`): reverse the channel order (RGB -> BGR), divide by, subtract.
+The keras and onnx engines run them in numpy (`preprocessing`); the openvino
+engine compiles the same steps into its graph (`openvino_engine`), so it
+takes the uint8 batch as the worker has it. They live outside Keras so an
 engine served from the conversion cache needs no TensorFlow at all; the tests
-check it against Keras's own functions for every built-in model.
+check them against Keras's own functions for every built-in model.
 """
 
 from __future__ import annotations
@@ -48,17 +52,38 @@ def mode_of(spec: ModelSpec) -> str:
     return "none"  # a .keras file's default: it may rescale itself
 
 
+# ("reverse", None): RGB -> BGR; ("divide", v) and ("subtract", v): by a
+# scalar or one value per channel (in the channel order at that step).
+Step = tuple[str, np.ndarray | None]
+STEPS: dict[str, tuple[Step, ...]] = {
+    "caffe": (("reverse", None), ("subtract", CAFFE_MEAN_BGR)),
+    "tf": (("divide", np.float32(127.5)), ("subtract", np.float32(1.0))),
+    "torch": (("divide", np.float32(255.0)), ("subtract", TORCH_MEAN), ("divide", TORCH_STD)),
+    "scale": (("divide", np.float32(255.0)),),
+    "none": (),
+}
+
+
+def steps_of(mode: str) -> tuple[Step, ...]:
+    """The steps of `mode`, in order (an unknown mode is `none`'s: nothing)."""
+    return STEPS.get(mode, ())
+
+
 def preprocessing(mode: str) -> Preprocess:
     """float32 RGB 0..255 batch -> what the model takes, for `mode`."""
-    if mode == "caffe":
-        return lambda x: x[..., ::-1] - CAFFE_MEAN_BGR  # RGB -> BGR, centred
-    if mode == "tf":
-        return lambda x: x / np.float32(127.5) - np.float32(1.0)
-    if mode == "torch":
-        return lambda x: (x / np.float32(255.0) - TORCH_MEAN) / TORCH_STD
-    if mode == "scale":
-        return lambda x: x / np.float32(255.0)
-    return lambda x: x
+    steps = steps_of(mode)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        for op, value in steps:
+            if op == "reverse":
+                x = x[..., ::-1]
+            elif op == "divide":
+                x = x / value
+            else:
+                x = x - value
+        return x
+
+    return run
 
 
 def batch_of(images: np.ndarray, channels: int, preprocess: Preprocess) -> np.ndarray:

@@ -20,18 +20,36 @@ on the reference set and compares (`predictor.fidelity`): fp32 must match
 within `TOLERANCE` on every image, bf16 and int8 must agree on the top-1
 class of at least `--min-agreement` of the held-out images (of the noise
 batch when there are none). A cache hit therefore needs neither Keras nor
-TensorFlow: only the converted model, the labels and numpy preprocessing.
-`--weights none` (new random weights at every start) is converted every time
-and never cached.
+TensorFlow: only the converted model, the labels and the preprocessing steps.
+
+A conversion runs in a child process (multiprocessing's 'spawn' context: a
+fresh interpreter, nothing inherited): the child loads Keras, computes the
+reference outputs, exports and converts, writes the entry's files and exits,
+handing back TensorFlow, the Keras model, the ONNX export and the converter's
+memory (GBs for ResNet50) to the system. The serving process then opens the
+entry and runs the fidelity check exactly as a warm start does, so a cold
+start serves with the memory of a warm one. The child's log records are
+relayed through this process's loggers; an error it raises comes back as the
+same ModelLoadError or EngineError (so `--engine auto` still falls back to
+keras on an EngineError), and a child that dies is an EngineError naming its
+exit status. `--weights none` (new random weights at every start) is
+converted every time and never cached: the child writes a temporary entry,
+and the parent serves the random weights the child drew and checks them
+against the reference outputs the child's Keras gave for those weights.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import logging
+import logging.handlers
+import multiprocessing
+import signal
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -170,7 +188,7 @@ def _converted(
             entry = store.build(
                 key,
                 inputs,
-                lambda d: _convert(spec, engine, precision, d, options=options, files=files),
+                lambda d: convert_apart(spec, engine, precision, d, options=options, files=files),
             )
         except (OSError, CorruptEntry) as exc:
             log.warning("conversion cache %s unusable (%s): converting without it", cache, exc)
@@ -182,7 +200,7 @@ def _converted(
             spec.name,
         )
     with tempfile.TemporaryDirectory(prefix="keras-server-convert-") as tmp:
-        meta = _convert(spec, engine, precision, Path(tmp), options=options, files=files)
+        meta = convert_apart(spec, engine, precision, Path(tmp), options=options, files=files)
         # Both runtimes have read the files once this returns.
         return _open_and_check(spec, engine, precision, Entry(Path(tmp), meta), options)
 
@@ -236,6 +254,111 @@ def check_images(input_shape: tuple[int, int, int]) -> np.ndarray:
 def _predict_all(predictor: Predictor, images: np.ndarray, chunk: int = 16) -> np.ndarray:
     parts = [predictor.predict(images[i : i + chunk]) for i in range(0, len(images), chunk)]
     return np.concatenate(parts)
+
+
+def convert_apart(
+    spec: ModelSpec,
+    engine: str,
+    precision: str,
+    directory: Path,
+    *,
+    options: EngineOptions,
+    files: list[Path] | None,
+) -> dict[str, Any]:
+    """`_convert` run in a child process; returns the entry's meta, or raises
+    the child's ModelLoadError (EngineError) in this process."""
+    context = multiprocessing.get_context("spawn")
+    records = context.Queue()
+    receive, send = context.Pipe(duplex=False)
+    levels = (logging.getLogger().getEffectiveLevel(), log.getEffectiveLevel())
+    child = context.Process(
+        target=_convert_in_child,
+        kwargs={
+            "send": send,
+            "records": records,
+            "levels": levels,
+            "spec": spec,
+            "engine": engine,
+            "precision": precision,
+            "directory": str(directory),
+            "options": options,
+            "files": files,
+        },
+        name=f"convert-{spec.name}",
+        # Ends with this process (a stopped server leaves no converter behind).
+        daemon=True,
+    )
+    relay = logging.handlers.QueueListener(records, _Relay())
+    relay.start()
+    try:
+        child.start()
+        send.close()  # the child holds the only writer: EOF when it dies
+        try:
+            outcome = receive.recv()
+        except EOFError:
+            outcome = None
+        child.join()
+    finally:
+        relay.stop()  # after the child's join: its last records are relayed first
+        receive.close()
+        records.close()
+    if outcome is None:
+        raise EngineError(f"the conversion of model {spec.name!r} {_death(child.exitcode)}")
+    kind, value = outcome
+    if kind == "meta":
+        return dict(value)
+    if kind == "refused":
+        raise value  # the child's ModelLoadError or EngineError, as raised there
+    raise EngineError(f"converting model {spec.name!r} failed in its child process: {value}")
+
+
+def _death(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        name = signal.Signals(-exitcode).name
+        why = " (out of memory?)" if -exitcode == signal.SIGKILL else ""
+        return f"process was killed by {name}{why}; use --engine keras"
+    return f"process exited with status {exitcode} without a result; use --engine keras"
+
+
+class _Relay(logging.Handler):
+    """Hands a child's log record to this process's logger of the same name."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logger = logging.getLogger(record.name)
+        if logger.isEnabledFor(record.levelno):
+            logger.handle(record)
+
+
+def _convert_in_child(
+    *,
+    send: Connection,
+    records: Any,
+    levels: tuple[int, int],
+    spec: ModelSpec,
+    engine: str,
+    precision: str,
+    directory: str,
+    options: EngineOptions,
+    files: list[Path] | None,
+) -> None:
+    """The child's side of `convert_apart`: sends ("meta", meta), ("refused",
+    the ModelLoadError) or ("failed", the unexpected exception as text)."""
+    root = logging.getLogger()
+    root.handlers[:] = [logging.handlers.QueueHandler(records)]
+    root.setLevel(levels[0])
+    logging.getLogger("keras_server").setLevel(levels[1])
+    try:
+        meta = _convert(spec, engine, precision, Path(directory), options=options, files=files)
+        send.send(("meta", meta))
+    except ModelLoadError as exc:
+        send.send(("refused", exc))
+    except Exception as exc:
+        log.error("conversion failed:\n%s", traceback.format_exc().rstrip())
+        send.send(("failed", f"{type(exc).__name__}: {exc}"))
+    finally:
+        send.close()
+        records.close()
+        records.join_thread()  # every record is in the pipe before the child exits
 
 
 def _convert(
@@ -323,11 +446,10 @@ def _labels(spec: ModelSpec, outputs: int) -> tuple[str, ...]:
 def _open(spec: ModelSpec, engine: str, precision: str, entry: Entry) -> Predictor:
     meta = entry.meta
     height, width, channels = meta["input_shape"]
+    mode = str(meta["preprocessing"])
     common: dict[str, Any] = {
         "labels": _labels(spec, int(meta["outputs"])),
         "input_shape": (int(height), int(width), int(channels)),
-        "channels": int(meta["channels"]),
-        "preprocess": preprocessing(str(meta["preprocessing"])),
         "top_k": spec.top_k,
     }
     if engine == "onnx":
@@ -336,12 +458,16 @@ def _open(spec: ModelSpec, engine: str, precision: str, entry: Entry) -> Predict
         return onnx_engine.OnnxClassifier(
             session=onnx_engine.session(entry.file("model.onnx")),
             description=f"{meta['description']}, ONNX Runtime {onnx_engine.version()}",
+            channels=int(meta["channels"]),
+            preprocess=preprocessing(mode),
             **common,
         )
     from keras_server.engines import openvino_engine
 
     return openvino_engine.OpenVinoClassifier(
-        openvino_engine.compile_model(entry.file("model.xml"), precision),
+        openvino_engine.compile_model(
+            entry.file("model.xml"), precision, mode, int(meta["channels"])
+        ),
         description=f"{meta['description']}, OpenVINO {openvino_engine.version()} {precision}",
         precision=precision,
         **common,
