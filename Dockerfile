@@ -1,7 +1,7 @@
 # keras-server's images, two targets of one file:
 #
 #   full (the default): every role, every engine: `--role worker` (the model),
-#        `--role web` (gunicorn) and `--role all` (both in one process, the
+#        `--role web` (granian) and `--role all` (both under one command, the
 #        default command).
 #   web: `--role web` alone (the default command): the base install, no
 #        TensorFlow, OpenVINO or ONNX Runtime. Web replicas need no more.

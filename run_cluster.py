@@ -1,5 +1,5 @@
 """A whole deployment on one machine, on free loopback ports: several Redis
-shards, gunicorn web servers, model workers, and nginx round-robin in front.
+shards, web servers (granian), model workers, and nginx round-robin in front.
 Not part of the server package: it runs the server's entry point
 (run_keras_server.py) and nginx with deploy/nginx.conf.template.
 
@@ -112,7 +112,7 @@ class Part(Child):
 
     def __init__(self, name: str, command: Sequence[str], log_path: Path, port: int) -> None:
         # Its own process group: Ctrl-C reaches only us, and we stop the parts
-        # in order; kill() takes gunicorn's workers along.
+        # in order; kill() takes granian's processes along.
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
         super().__init__(name, command, log_path, cwd=ROOT, env=env, new_session=True)
         self.port = port
@@ -289,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         epilog="Flags after -- go to every web server and worker (see run_keras_server.py --help).",
     )
     parser.add_argument("--redis", type=int, default=2, help="Redis shards (default 2)")
-    parser.add_argument("--web", type=int, default=2, help="gunicorn web servers (default 2)")
+    parser.add_argument("--web", type=int, default=2, help="web servers, --role web (default 2)")
     parser.add_argument("--workers", type=int, default=2, help="model workers (default 2)")
     parser.add_argument("--port", type=int, default=8080, help="nginx port (default 8080)")
     parser.add_argument(

@@ -2,7 +2,7 @@
 
     python bench/scaleout.py [--workers 1,2,4] [--clients 64] [--requests 600]
 
-Each level is a fresh local cluster (2 Redis shards, 2 gunicorn web servers,
+Each level is a fresh local cluster (2 Redis shards, 2 web servers,
 N workers, nginx) serving the simulated model (`--model sim`): on 2 CPU cores
 the real ResNet50 saturates the machine by itself, so what is measured here
 is the serving layer's ability to spread work, not the model. Prints a

@@ -4,7 +4,7 @@
     python -m bench.soak --duration 90 --kill-every 30 --redis-restart-at 45   # tests/test_soak.py
 
 Starts its own redis-server (loopback, free port), a web server (`--role web`,
-gunicorn) and `--workers` workers (`--role worker --model sim`), measures
+granian) and `--workers` workers (`--role worker --model sim`), measures
 their capacity with a short closed loop, then drives them open-loop at
 `--load` of it with a mix of good uploads (distinct images), bad ones (not an
 image: 400) and hostile ones (empty, truncated, a header declaring 10^10
@@ -13,7 +13,7 @@ worker with SIGKILL and starts a new one every `--kill-every` s, and restarts
 Redis once at `--redis-restart-at` s (in place: same port, nothing kept).
 
 Every `--sample-every` s it records the RSS and open file descriptors of each
-process (a gunicorn master with its workers counts as one), and Redis's key
+process (granian's supervisor with its web processes counts as one), and Redis's key
 count and `used_memory`. Growth is measured per process lifetime, from the
 first samples after `--warmup` s of it to the last ones.
 

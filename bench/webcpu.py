@@ -5,7 +5,7 @@ simulated model only sleeps, so what is left is the web tier's own work):
 
 - `--role all`: one process, HTTP server and model thread; its CPU counts
   the worker's share (claiming, answering) too;
-- `--role web`: gunicorn alone (its arbiter and workers), with a separate
+- `--role web`: granian alone (its supervisor and web processes), with a separate
   `--role worker` process whose CPU is not counted.
 
 For each image (the four samples, a generated 12 MP phone photo, and that
@@ -104,7 +104,7 @@ def wait_ready(base: str, process: subprocess.Popen[bytes]) -> None:
             if requests.get(base + "/readyz", timeout=5).status_code == 200:
                 return
         except requests.RequestException:
-            pass  # not listening yet, or gunicorn still booting its workers
+            pass  # not listening yet, or granian still booting its web processes
         time.sleep(0.3)
     raise SystemExit("the server did not become ready")
 

@@ -61,7 +61,7 @@ class Child:
     `log_path` defaults to a file in a temporary directory that goes when this
     object does. `new_session` puts the child in its own process group: Ctrl-C
     in a terminal reaches only us, and `kill` takes the child's own children
-    (gunicorn's workers) along. `tied` sends it SIGTERM if we die, even by
+    (granian's web processes) along. `tied` sends it SIGTERM if we die, even by
     kill -9 (Linux; start it from the main thread, as the signal follows the
     thread that forked). Can be started again once stopped; the log grows.
     """

@@ -89,7 +89,7 @@ def wait_for_http(url: str, process: Child, timeout: float = 90) -> None:
 
 
 def start_web(settings: Settings, *extra: str) -> tuple[Child, str]:
-    """`--role web` (gunicorn) on a free port for `settings`' Redis and queue,
+    """`--role web` (granian) on a free port for `settings`' Redis and queue,
     listening; returns the process and its base URL."""
     return start_serving(settings, "--role", "web", *extra)
 

@@ -2,7 +2,7 @@
 "hosts" (Linux network namespaces) joined by veth links, so a test can cut,
 slow or lossy-fy one link while the others carry on.
 
-    root ns (pytest, load) ── web ns (gunicorn) ── redis ns (redis-server) ── worker ns
+    root ns (pytest, load) ── web ns (granian)  ── redis ns (redis-server) ── worker ns
                         └───────────── observer link ─────┘
 
 The Redis namespace is the hub: the web server and the worker each reach it

@@ -241,7 +241,7 @@ def test_server_exits_1_before_listening(
 
 
 @pytest.mark.slow
-def test_gunicorn_with_keys_never_logs_them(
+def test_the_web_role_with_keys_never_logs_them(
     keyed: Settings, keys_file: Path, model: CountingPredictor
 ) -> None:
     process, base = start_web(keyed, "--web-workers", "1", "--api-keys", str(keys_file))

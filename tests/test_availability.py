@@ -203,7 +203,7 @@ def test_a_hung_shard_is_skipped_and_probed_back(two_servers: list[RedisServer])
 def test_a_hung_shard_costs_seconds_not_the_cluster(
     two_servers: list[RedisServer], settings: Settings
 ) -> None:
-    """One worker serving both shards and gunicorn in front; SIGSTOP one shard
+    """One worker serving both shards and a web server in front; SIGSTOP one shard
     under load: requests waiting on it end by their deadline, and the rest of
     the traffic is served by the other shard."""
     urls = ",".join(s.url for s in two_servers)

@@ -1,5 +1,5 @@
 """The upload page in a real browser: headless Chromium (Debian's `chromium`,
-installed when missing) driven by Playwright, against real servers: gunicorn
+installed when missing) driven by Playwright, against real servers: granian
 (`--role web`) with a simulated-model worker thread, directly and through
 nginx under a sub-path.
 
@@ -157,7 +157,7 @@ class Server:
 
 @pytest.fixture
 def web(settings: Settings) -> Iterator[Server]:
-    """`run_keras_server.py --role web` (gunicorn) on the test's queue."""
+    """`run_keras_server.py --role web` (granian) on the test's queue."""
     process, base = start_web(settings, "--web-workers", "1")
     try:
         yield Server(base + "/", process)

@@ -1,4 +1,4 @@
-"""The scaled-out topology with real parts: 2 Redis shards, 2 gunicorn web
+"""The scaled-out topology with real parts: 2 Redis shards, 2 granian web
 servers, 2 workers (simulated model) and nginx round-robin in front."""
 
 import os

@@ -1,6 +1,6 @@
 """The Dockerfile, built and run for real with podman: both targets, a worker
 container of the full image serving a model baked in through WEIGHTS_URL, a
-web container of the web image (gunicorn, no TensorFlow) requiring an API
+web container of the web image (granian, no TensorFlow) requiring an API
 key, and a prediction through them.
 
 No container registry is reachable here, so the base image is a local one:

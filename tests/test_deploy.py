@@ -182,7 +182,7 @@ def test_probes_resources_and_drain() -> None:
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     pause = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
-    # gunicorn gives requests in flight --result-timeout + 5 s (gunicorn_conf.py).
+    # granian gives requests in flight --result-timeout + 5 s (web/front.py).
     assert web["terminationGracePeriodSeconds"] >= pause + settings.result_timeout + 5
     worker = named("Deployment", "keras-server-worker")["spec"]["template"]["spec"]
     assert worker["terminationGracePeriodSeconds"] >= settings.result_timeout

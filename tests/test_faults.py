@@ -1,6 +1,6 @@
 """Faults between hosts, for real (issue 18, item 3).
 
-Redis, a web server (`--role web`, gunicorn) and a worker (`--role worker
+Redis, a web server (`--role web`, granian) and a worker (`--role worker
 --model sim`) each run in their own network namespace, joined by veth links
 (tests/netns.py). Under steady load from a few client threads, each scenario
 breaks one thing for a few seconds, then heals it:

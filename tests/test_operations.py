@@ -1,4 +1,4 @@
-"""Health probes and Prometheus metrics, in one process and under gunicorn."""
+"""Health probes and Prometheus metrics, in one process and across granian's web processes."""
 
 import dataclasses
 
@@ -101,7 +101,7 @@ def test_metrics_while_redis_is_down(settings: Settings) -> None:
 
 
 @pytest.mark.slow
-def test_metrics_add_up_across_gunicorn_workers(settings: Settings) -> None:
+def test_metrics_add_up_across_web_processes(settings: Settings) -> None:
     web, base = start_web(settings, "--web-workers", "3")
     try:
         with WorkerThread(make_worker(settings, SimulatedModel(5, 0))):

@@ -5,7 +5,7 @@ The slow tests build the project from a copy of what the package is made of
 (pyproject.toml and keras_server/, as the Dockerfile copies them) into a fresh
 virtual environment, with pip from PyPI (its cache makes a rerun quick), then
 run what was installed there: the `keras-server` command, `python -m
-keras_server`, and a web server (gunicorn) with a simulated worker, answering
+keras_server`, and a web server (granian) with a simulated worker, answering
 a prediction, the page and the OpenAPI document (package data, all three).
 Nothing runs from the repository there: the commands run in another directory,
 so `python -m` cannot pick up the working tree.
@@ -162,7 +162,7 @@ def redis_for_install() -> Iterator[RedisServer]:
 def test_the_base_install_serves_the_web_role(
     installed: Path, elsewhere: Path, redis_for_install: RedisServer
 ) -> None:
-    """gunicorn (--role web) and a simulated worker, both as installed: a
+    """granian (--role web) and a simulated worker, both as installed: a
     prediction with ImageNet's labels, the upload page and /openapi.json."""
     command = str(installed / "bin" / "keras-server")
     port = free_port()
@@ -188,4 +188,4 @@ def test_the_base_install_serves_the_web_role(
         assert "<html" in page.text.lower()
         assert requests.get(base + "/assets/app.js", timeout=10).status_code == 200
         assert requests.get(base + "/openapi.json", timeout=10).json()["openapi"]
-        assert "gunicorn" in web.output()
+        assert "granian" in web.output().lower()

@@ -148,7 +148,7 @@ def sigterm_during_a_request(server: Child, base: str, queue: RequestQueue) -> N
     assert server.returncode == 0, log
 
 
-def test_sigterm_lets_gunicorn_finish_requests_in_flight(
+def test_sigterm_lets_the_web_role_finish_requests_in_flight(
     settings: Settings, queue: RequestQueue
 ) -> None:
     web, base = start_web(settings, "--web-workers", "1")
@@ -159,7 +159,7 @@ def test_sigterm_lets_gunicorn_finish_requests_in_flight(
 def test_sigterm_lets_role_all_finish_requests_in_flight(
     settings: Settings, queue: RequestQueue
 ) -> None:
-    """--role all (cheroot and the model thread in one process): the request
+    """--role all (granian and the model process under one command): the request
     being answered when SIGTERM comes still gets its prediction."""
     process, base = start_serving(settings, "--model", "sim", "--sim-batch-ms", "2000")
     sigterm_during_a_request(process, base, queue)

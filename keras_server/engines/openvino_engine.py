@@ -78,7 +78,7 @@ def check_supported(precision: str) -> None:
         raise EngineError(
             f"OpenVINO {version()} is not tested on AMD CPUs (OpenVINO does not officially "
             f"support them; 2025.3 crashed in compile_model, openvino#35943). Install a tested "
-            f"version ({', '.join(v + '.x' for v in TESTED_ON_AMD)}, as requirements.txt pins) "
+            f"version ({', '.join(v + '.x' for v in TESTED_ON_AMD)}, as pyproject.toml pins) "
             "or use --engine keras"
         )
     capabilities = optimization_capabilities()

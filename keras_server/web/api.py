@@ -41,7 +41,7 @@ class AppState:
     settings: Settings
     deployment: Deployment
     # One per process, shared by every route that decodes uploads and by all
-    # their threads (gunicorn workers each have their own).
+    # their threads (each web process has its own).
     decoder: dispatch.Decoder
 
     def install(self, app: Flask) -> None:
