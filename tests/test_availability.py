@@ -18,14 +18,17 @@ from pathlib import Path
 import pytest
 import redis
 import requests
-from conftest import CHELSEA, start, start_web, stop, wait_until
+from conftest import CHELSEA, WorkerThread, start, start_web, stop, wait_until
 
 from keras_server.broker import messages
 from keras_server.broker.redis_server import RedisServer, find_redis_server, free_port
 from keras_server.broker.request_queue import RequestQueue
 from keras_server.broker.shards import ShardSet, label
 from keras_server.catalog import CatalogError, load_models_file
+from keras_server.cli import make_workers
+from keras_server.engines.simulated import SimulatedModel
 from keras_server.settings import Settings, load_settings
+from keras_server.web.app import create_app
 
 RESULT_TIMEOUT = 5.0
 # How far past its deadline an answer may come: --redis-timeout (the default,
@@ -115,13 +118,13 @@ def web(settings: Settings) -> tuple[subprocess.Popen[str], str]:
     return start_web(settings, "--result-timeout", str(RESULT_TIMEOUT), "--web-threads", "16")
 
 
-def wait_ready(base: str, workers: int = 1) -> None:
+def wait_ready(base: str, claim_loops: int = 1) -> None:
     def ready() -> bool:
         try:
             body = requests.get(base + "/readyz", timeout=5).json()
         except requests.RequestException:
             return False
-        return bool(body.get("ready")) and body.get("workers", 0) >= workers
+        return bool(body.get("ready")) and body.get("claim_loops", 0) >= claim_loops
 
     wait_until(ready, timeout=60, what="readiness")
 
@@ -211,7 +214,7 @@ def test_a_hung_shard_costs_seconds_not_the_cluster(
     worker = sim_worker(sharded, "--redis-timeout", "0.5")
     server, base = web(sharded)
     try:
-        wait_ready(base, workers=2)
+        wait_ready(base, claim_loops=2)
         assert {a.status for a in hammer(base, 24)} == {200}
         with LoadLoop(base) as load:
             wait_until(lambda: load.count() >= 20, what="traffic")
@@ -358,11 +361,11 @@ def test_rolling_upgrade_answers_every_request(settings: Settings) -> None:
     server, base = web(settings)
     new: list[subprocess.Popen[str]] = []
     try:
-        wait_ready(base, workers=2)
+        wait_ready(base, claim_loops=2)
         with LoadLoop(base) as load:
             wait_until(lambda: load.count() >= 30, what="traffic on version 1")
             new = [sim_worker(settings, "--model-version", "2") for _ in range(2)]
-            wait_ready(base, workers=4)
+            wait_ready(base, claim_loops=4)
             for process in old:
                 process.send_signal(signal.SIGTERM)
             for process in old:
@@ -382,3 +385,21 @@ def test_rolling_upgrade_answers_every_request(settings: Settings) -> None:
         stop(server)
         for process in old + new:
             stop(process)
+
+
+def test_readyz_counts_worker_processes_not_claim_loops(two_servers: list[RedisServer]) -> None:
+    """One worker process serving 2 shards runs 2 claim loops: /readyz says 1
+    worker (and 2 claim loops), not 2 workers."""
+    sharded = Settings(
+        redis_url=",".join(s.url for s in two_servers), model="sim", queue_name="readyz"
+    )
+    loops = make_workers(sharded, SimulatedModel(0, 0))
+    assert len(loops) == 2
+    client = create_app(sharded).test_client()
+    with WorkerThread(loops[0]), WorkerThread(loops[1]):
+        wait_until(lambda: client.get("/readyz").status_code == 200, what="a ready worker")
+        wait_until(
+            lambda: client.get("/readyz").get_json()["claim_loops"] == 2, what="both claim loops"
+        )
+        body = client.get("/readyz").get_json()
+    assert body["workers"] == 1

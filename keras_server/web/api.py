@@ -145,11 +145,12 @@ def readyz() -> Response | tuple[Response, int]:
     missing = deployment.unready(survey)
     if missing:
         return jsonify(ready=False, reason="; ".join([*sorted(down), *missing])), 503
-    workers = survey.live_workers()
+    loops = survey.live_workers()  # one heartbeat per claim loop, per shard
     body: dict[str, Any] = {
         "ready": True,
-        "workers": len(workers),
-        "models": sorted({w.description for w in workers}),
+        "workers": len({(w.host, w.pid) for w in loops}),  # processes
+        "claim_loops": len(loops),
+        "models": sorted({w.description for w in loops}),
     }
     if down:
         body["unreachable"] = sorted(down)
