@@ -113,7 +113,8 @@ def test_two_models_side_by_side_and_the_trained_one_is_right(two_models: str) -
 
     ready = requests.get(base + "/readyz", timeout=5).json()
     assert ready["ready"] is True
-    assert ready["workers"] == 2
+    # One model process serves both: one worker, a claim loop for each model.
+    assert (ready["workers"], ready["claim_loops"]) == (1, 2)
 
 
 def load(spec: ModelSpec) -> object:
