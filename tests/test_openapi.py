@@ -215,7 +215,7 @@ def test_readyz_both_ways(openapi: OpenAPI, client: FlaskClient, settings: Setti
     with WorkerThread(make_worker(settings, SimulatedModel(0, 0), description="sim")):
         wait_until(lambda: client.get("/readyz").status_code == 200, what="a ready worker")
         body = conforms(openapi, call(client, "GET", "/readyz"), 200)
-    assert body == {"ready": True, "workers": 1, "models": ["sim"]}
+    assert body == {"ready": True, "workers": 1, "claim_loops": 1, "models": ["sim"]}
 
 
 def test_readyz_without_redis(openapi: OpenAPI, settings: Settings) -> None:

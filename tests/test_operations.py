@@ -45,7 +45,8 @@ def test_readyz_needs_a_live_worker(settings: Settings, small_classifier: object
     with WorkerThread(make_worker(settings, small_classifier, description="small model")):
         ready = wait_until(lambda: (r := client.get("/readyz")).status_code == 200 and r)
         assert ready.status_code == 200
-        assert ready.get_json() == {"ready": True, "workers": 1, "models": ["small model"]}
+        body = ready.get_json()
+        assert body == {"ready": True, "workers": 1, "claim_loops": 1, "models": ["small model"]}
     assert client.get("/readyz").status_code == 503, "a stopped worker deregisters"
 
 
