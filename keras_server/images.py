@@ -107,10 +107,12 @@ class DecodeBudget:
         return self._used
 
     @contextlib.contextmanager
-    def reserve(self, cost: int) -> Iterator[None]:
+    def reserve(self, cost: int, what: str = "the image") -> Iterator[None]:
+        """Hold `cost` bytes of the budget while the block runs; `what` names
+        what needs them in the 413."""
         if cost > self.limit:
             raise ImageTooLarge(
-                f"the image needs {cost / MB:,.0f} MB to decode; the server's decode "
+                f"{what} needs {cost / MB:,.0f} MB to decode; the server's decode "
                 f"memory is {self.limit / MB:,.0f} MB"
             )
         with self._lock:
