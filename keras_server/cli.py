@@ -33,7 +33,7 @@ from keras_server.logs import configure_logging
 from keras_server.metrics import MULTIPROCESS_DIR_ENV
 from keras_server.settings import Settings, SettingsError, load_settings, to_environment
 from keras_server.web.auth import KeysFileError, load_keys
-from keras_server.worker.loop import CLAIM_WAIT_S, FairLock, ModelThread, Worker, serve
+from keras_server.worker.loop import FairLock, ModelThread, Worker, serve
 
 log = logging.getLogger("keras_server")
 
@@ -99,13 +99,11 @@ def make_workers(
     version = spec.version if spec else ""
     keys = messages.Keys.for_model(settings.queue_name, name, specs.default)
     turn = FairLock() if len(settings.redis_urls) > 1 else None
-    # A claim blocks in Redis for CLAIM_WAIT_S, or the batch delay while it fills.
-    block = max(CLAIM_WAIT_S, settings.max_batch_delay_ms / 1000)
     workers = []
     for url in settings.redis_urls:
-        queue = RequestQueue.open(
-            url, keys, timeout=settings.redis_timeout, wait_timeout=block + settings.redis_timeout
-        )
+        # The process's one Shard for `url`: the web tier of --role all and
+        # every model's worker share its connections and its health.
+        queue = RequestQueue.open(url, keys, timeout=settings.redis_timeout)
         worker = Worker(
             queue,
             predictor,

@@ -279,20 +279,28 @@ class Knob:
 
 
 KNOBS: tuple[Knob, ...] = (
-    Knob("host", _non_empty, "address the HTTP server binds", "ADDR"),
+    Knob(
+        "host",
+        _non_empty,
+        "address the HTTP server binds (and a --role worker's --metrics-port)",
+        "ADDR",
+    ),
     Knob("port", _port, "port the HTTP server listens on", "PORT"),
     Knob(
         "redis_url",
         _redis_urls,
-        "Redis holding the queue, or several separated by commas (shards); if not "
-        "given and nothing answers at the default, --role all starts a private redis-server",
+        "Redis holding the queue (redis://, rediss:// for TLS, unix://, or "
+        "redis+sentinel://HOST:PORT,HOST:PORT/MASTER through Sentinel), or several "
+        "separated by commas (shards); if not given and nothing answers at the default, "
+        "--role all starts a private redis-server",
         "URL[,URL...]",
     ),
     Knob(
         "redis_timeout",
         _positive_float,
-        "seconds any Redis command but the waits for work and answers may take; a shard "
-        "that takes longer (a hung host) is skipped like one that refuses connections",
+        "seconds any Redis command may take (the waits for work and answers: past the end "
+        "Redis sets for them); a shard that takes longer (a hung host) is skipped like one "
+        "that refuses connections",
         "SECONDS",
     ),
     Knob(
@@ -305,8 +313,10 @@ KNOBS: tuple[Knob, ...] = (
     Knob(
         "weights",
         _non_empty,
-        "'imagenet' (downloaded by Keras), 'none' (random: demos and tests "
-        "only), or a path to a .weights.h5 or .keras file",
+        "for a built-in --model: 'imagenet' (Keras downloads it once into "
+        "~/.keras/models/), 'none' (new random weights at every start: demos and tests "
+        "only, converted again at every start), or the path of an .h5 weights file or a "
+        ".keras file",
         "WEIGHTS",
     ),
     Knob(
@@ -344,13 +354,18 @@ KNOBS: tuple[Knob, ...] = (
         "separated, or all",
         "NAMES",
     ),
-    Knob("batch_size", _batch_size, "most images in one forward pass", "N"),
+    Knob(
+        "batch_size",
+        _batch_size,
+        f"most images in one forward pass (at most {MAX_BATCH_SIZE})",
+        "N",
+    ),
     Knob(
         "engine",
         _choice(ENGINES),
-        "what runs the forward pass: auto (OpenVINO fp32 on a CPU, else keras), keras, "
-        "onnx (ONNX Runtime) or openvino; converted engines are checked against Keras at "
-        "start-up",
+        "what runs the forward pass: auto (OpenVINO fp32 on a CPU; keras on a GPU or "
+        "when OpenVINO cannot serve the model), keras, onnx (ONNX Runtime) or openvino; "
+        "converted engines are checked against Keras at start-up",
         "ENGINE",
     ),
     Knob(
@@ -392,7 +407,8 @@ KNOBS: tuple[Knob, ...] = (
     Knob(
         "max_queue",
         _positive_int,
-        "most requests waiting in the queue; beyond it /predict answers 503 at once",
+        "most requests waiting in a shard's queue; beyond it a request is refused "
+        "at once with 503 and Retry-After",
         "N",
     ),
     Knob(
@@ -412,7 +428,7 @@ KNOBS: tuple[Knob, ...] = (
         "max_images",
         _max_images,
         "most images in one request (repeated image fields on /predict, a v2 infer's "
-        "batch); beyond it a 413",
+        f"batch; at most {MAX_IMAGES}); beyond it a 413",
         "N",
     ),
     Knob(
@@ -423,20 +439,32 @@ KNOBS: tuple[Knob, ...] = (
         "with Retry-After, one that could never fit a 413",
         "MB",
     ),
-    Knob("role", _choice(ROLES), "all: web + model thread; web or worker alone", "ROLE"),
-    Knob("web_workers", _positive_int, "--role web: gunicorn worker processes", "N"),
+    Knob(
+        "role",
+        _choice(ROLES),
+        "all: a web process and a model thread in one process; web (gunicorn's web "
+        "processes) or worker (the model) alone",
+        "ROLE",
+    ),
+    Knob(
+        "web_workers",
+        _positive_int,
+        "--role web: how many web processes gunicorn runs (gunicorn calls them workers)",
+        "N",
+    ),
     Knob(
         "web_threads",
         _positive_int,
         "threads per web process, i.e. requests each can hold while they wait for "
-        "their prediction: per gunicorn worker (--role web) or in cheroot's pool (--role all)",
+        "their prediction: in each of gunicorn's web processes (--role web) or in "
+        "cheroot's pool (--role all)",
         "N",
     ),
     Knob(
         "heartbeat_ttl",
         _positive_float,
-        "seconds without a heartbeat after which a worker counts as dead and its "
-        "claimed requests go back on the queue",
+        "seconds without a heartbeat after which a claim loop (a worker's, on one "
+        "shard) counts as dead and its claimed requests go back on the queue",
         "SECONDS",
     ),
     Knob(
@@ -452,13 +480,15 @@ KNOBS: tuple[Knob, ...] = (
         "api_keys",
         _text,
         "a file of API keys, one per line: every request but /healthz, the upload page "
-        "and /openapi.json must then show one (Authorization: Bearer KEY or X-API-Key: KEY)",
+        "(/ and /assets/), /openapi.json and the probes (see --auth-probes) must then "
+        "show one (Authorization: Bearer KEY or X-API-Key: KEY)",
         "FILE",
     ),
     Knob(
         "auth_probes",
         _bool,
-        "with --api-keys: /readyz and /metrics need a key too (true or false)",
+        "with --api-keys: the probes /readyz, /metrics, /v2/health/live and "
+        "/v2/health/ready need a key too (true or false)",
         "BOOL",
     ),
 )
@@ -520,3 +550,53 @@ def load_settings(
             raise SettingsError(f"{source}={raw!r}: {exc}") from None
     values["redis_url_given"] = "redis_url" in values
     return Settings(**values)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _default_text(value: Any) -> str:
+    return f"`{value}`" if value != "" else "none"
+
+
+def markdown() -> str:
+    """docs/settings.md, generated from the table above so that the page and the
+    code cannot disagree (tests/test_docs.py compares the checked-in page)."""
+    defaults = _defaults()
+    rows = [
+        f"| `{knob.flag}` | `{knob.env}` | {_default_text(defaults[knob.field])} | "
+        f"{_cell(knob.help)} |"
+        for knob in KNOBS
+    ]
+    return "\n".join(
+        [
+            "# Settings",
+            "",
+            "<!-- Generated by `python -m keras_server.settings --markdown > docs/settings.md`",
+            "     from the table in keras_server/settings.py: edit the help text there. -->",
+            "",
+            "Each knob is a flag and an environment variable; the flag wins, then the",
+            "variable, then the default (`python run_keras_server.py --help` prints the",
+            "same table). A bad value exits at once with status 2, naming the flag or",
+            "variable and the reason, e.g.",
+            "`run_keras_server.py: error: --batch-size='0': must be a whole number of at least 1`.",
+            "",
+            "| flag | environment | default | meaning |",
+            "|---|---|---|---|",
+            *rows,
+            "",
+        ]
+    )
+
+
+if __name__ == "__main__":
+    import sys
+
+    command = argparse.ArgumentParser(
+        prog="python -m keras_server.settings", description="Print the settings table."
+    )
+    command.add_argument("--markdown", action="store_true", help="as docs/settings.md")
+    if not command.parse_args().markdown:
+        command.error("say --markdown (the only output there is)")
+    sys.stdout.write(markdown())

@@ -171,13 +171,10 @@ def post_images(
 
 
 @pytest.fixture
-def queue(settings: Settings) -> Iterator[RequestQueue]:
+def queue(settings: Settings) -> RequestQueue:
     keys = messages.Keys(settings.queue_name)
-    queue = RequestQueue.open(
-        settings.redis_url, keys, timeout=1, wait_timeout=settings.result_timeout + 1
-    )
-    yield queue
-    queue.close()
+    queue = RequestQueue.open(settings.redis_url, keys, timeout=1)
+    return queue
 
 
 class CountingPredictor:
@@ -268,7 +265,7 @@ def make_worker(
 ) -> Worker:
     keys = messages.Keys(settings.queue_name)
     return Worker(
-        RequestQueue.open(settings.redis_url, keys, timeout=1, wait_timeout=2),
+        RequestQueue.open(settings.redis_url, keys, timeout=1),
         predictor,
         batch_size or settings.batch_size,
         result_ttl=settings.result_timeout,

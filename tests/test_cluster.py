@@ -10,7 +10,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import redis
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -125,12 +124,11 @@ def test_ready_with_several_models(nginx: str, tmp_path: Path, serve: list[str])
     try:
         queue_name = cluster.settings.queue_name
         for shard in cluster.redis:
-            client = redis.Redis.from_url(shard.url)
             for model in ("a", "b"):
-                queue = RequestQueue(client, Keys.for_model(queue_name, model, "a"))
+                keys = Keys.for_model(queue_name, model, "a")
+                queue = RequestQueue.open(shard.url, keys, timeout=5)
                 expected = 0 if serve and model == "a" else 2
                 assert len(queue.workers()) == expected, (model, shard.url)
-            client.close()
         with open("images/chelsea.png", "rb") as f:
             answer = requests.post(
                 cluster.url + "/models/b/predict", files={"image": f}, timeout=30

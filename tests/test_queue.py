@@ -63,7 +63,7 @@ def test_two_concurrent_consumers_take_each_item_exactly_once(
     producing = threading.Event()
 
     def consume(worker_id: str, into: list[bytes]) -> None:
-        own = RequestQueue.open(settings.redis_url, queue.keys, timeout=1, wait_timeout=2)
+        own = RequestQueue.open(settings.redis_url, queue.keys, timeout=1)
         while producing.is_set() or own.depth():
             into.extend(take(own, worker_id, 7, wait=0.05))
             own.finish(worker_id, {}, ttl=1)

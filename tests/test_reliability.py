@@ -208,7 +208,7 @@ def test_results_of_a_dead_request_do_not_pile_up(settings: Settings, queue: Req
     assert len(raw) == 1
     queue.client.delete(queue.keys.queue)
     request = messages.decode_request(raw[0])
-    worker_queue = RequestQueue.open(settings.redis_url, queue.keys, timeout=1, wait_timeout=2)
+    worker_queue = RequestQueue.open(settings.redis_url, queue.keys, timeout=1)
     worker_queue.finish("w", {request.id: b"late"}, ttl=0.3)
     wait_until(lambda: not queue.client.exists(queue.keys.result(request.id)), what="expiry")
 

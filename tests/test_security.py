@@ -119,7 +119,7 @@ def test_queue_entries_are_never_unpickled_or_evaluated(
     worker = make_worker(settings, SimulatedModel(1, 0))
     assert worker.run_once(wait=1) == 2
     assert not target.exists()
-    answer = RequestQueue.open(settings.redis_url, queue.keys, timeout=1, wait_timeout=2)
+    answer = RequestQueue.open(settings.redis_url, queue.keys, timeout=1)
     assert json.loads(answer.wait_result("evil", 1)) == {
         "success": False,
         "error": "the request was malformed",

@@ -1,7 +1,6 @@
 """Settings: one table, CLI > environment > default, clear errors."""
 
 import re
-from pathlib import Path
 
 import pytest
 
@@ -63,9 +62,3 @@ def test_every_field_but_derived_ones_has_a_knob() -> None:
 def test_entry_point_exits_2_with_the_message(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--batch-size", "-3"]) == 2
     assert "--batch-size='-3'" in capsys.readouterr().err
-
-
-def test_readme_documents_every_knob() -> None:
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    for knob in KNOBS:
-        assert f"| `{knob.flag}` | `{knob.env}` |" in readme, knob.flag

@@ -35,8 +35,8 @@ def two_servers() -> Iterator[list[RedisServer]]:
 
 
 def shard_set(servers: list[RedisServer], seed: int = 0) -> ShardSet:
-    queues = [RequestQueue.open(s.url, KEYS, timeout=1, wait_timeout=2) for s in servers]
-    return ShardSet(queues, [label(s.url) for s in servers], rng=random.Random(seed))
+    queues = [RequestQueue.open(s.url, KEYS, timeout=1) for s in servers]
+    return ShardSet(queues, rng=random.Random(seed))
 
 
 def test_label_never_shows_a_password() -> None:
@@ -162,7 +162,7 @@ def test_readyz_models_and_metrics_agree_model_by_shard(
     ]
     for worker in workers:
         worker.queue.beat(worker.id, worker.info(), ttl=60)
-    b_on_shard1 = RequestQueue.open(urls[1], workers[-1].queue.keys, timeout=1, wait_timeout=2)
+    b_on_shard1 = RequestQueue.open(urls[1], workers[-1].queue.keys, timeout=1)
     for _ in range(3):
         b_on_shard1.push(b"waiting")
     client = create_app(settings).test_client()

@@ -141,15 +141,15 @@ def test_loop_survives_redis_being_unreachable_and_serves_once_it_answers(
             caplog.at_level(logging.WARNING, logger="keras_server.worker.loop"),
             WorkerThread(make_worker(settings, predictor)) as running,
         ):
+            # The worker marks the host down and waits for the probe to hear from it.
             wait_until(
-                lambda: sum("retrying in" in r.getMessage() for r in caplog.records) >= 2,
-                what="the worker retrying Redis twice",
+                lambda: any("unreachable" in r.getMessage() for r in caplog.records),
+                what="the worker finding Redis unreachable",
             )
+            assert running.worker.queue.shard.is_down()
             assert running.thread.is_alive()
             server.start()
-            queue = RequestQueue.open(
-                server.url, messages.Keys("image_queue"), timeout=1, wait_timeout=2
-            )
+            queue = RequestQueue.open(server.url, messages.Keys("image_queue"), timeout=1)
             assert answers(queue, enqueue(queue, 1))[0]["success"] is True
     finally:
         server.close()

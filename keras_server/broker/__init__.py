@@ -1,7 +1,9 @@
 """Redis between the web tier and the workers: what both sides share.
 
     messages      Redis key names and the messages between web and worker
-    request_queue the queue: push / wait, crash-safe claims, heartbeats
+    failures      what each redis-py error means: unreachable, refused, or a bug
+    request_queue the queue: push / wait, crash-safe claims, heartbeats; one
+                  Shard (connections + health) per Redis URL per process
     shards        several Redis instances: pick one per request, skip dead ones
     redis_server  a private redis-server when none is running
 

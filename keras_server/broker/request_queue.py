@@ -19,8 +19,11 @@ writes one transaction.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import unquote
 
@@ -29,13 +32,18 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
+from keras_server.broker.failures import Kind, classify, reason
 from keras_server.broker.messages import BadMessage, Keys, WorkerInfo
+
+log = logging.getLogger(__name__)
 
 Pipeline = redis.client.Pipeline
 
 # BLPOP/BLMOVE treat a timeout of 0 as "forever": never let rounding get us there.
 MIN_BLOCK_S = 0.01
 SENTINEL_SCHEME = "redis+sentinel://"
+# How often a host marked down is pinged to see whether it is back.
+PROBE_INTERVAL_S = 0.5
 
 # KEYS: queue. ARGV: max depth, then the payloads. All of them or none:
 # returns the new depth, or -1 if they do not all fit.
@@ -71,13 +79,13 @@ class QueueFull(Exception):
     """The queue holds --max-queue requests already: come back later."""
 
 
-def connect(url: str, *, timeout: float, read_timeout: float | None = None) -> redis.Redis:
+def connect(url: str, *, timeout: float) -> redis.Redis:
     """A client for `url` that gives up on a silent server after `timeout` s.
 
     A hung host (stopped process, network partition) keeps its connections
     open and never answers; without a read timeout each command would wait
-    for it indefinitely. A client that makes blocking calls (BLPOP, BLMOVE)
-    needs a `read_timeout` longer than its longest block. Nothing is retried
+    for it indefinitely. Blocking calls (BLPOP, BLMOVE) go through
+    `Shard.block`, which reads their reply with a longer timeout. Nothing is retried
     behind our back: the web tier answers 503 at once while Redis is down,
     and the worker loop has its own backoff.
 
@@ -86,7 +94,7 @@ def connect(url: str, *, timeout: float, read_timeout: float | None = None) -> r
     """
     options: dict[str, Any] = {
         "socket_connect_timeout": timeout,
-        "socket_timeout": timeout if read_timeout is None else read_timeout,
+        "socket_timeout": timeout,
         "retry": Retry(NoBackoff(), 0),
         "health_check_interval": 30,
     }
@@ -123,50 +131,151 @@ def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, int, str |
     return sentinels, parts[0], int(parts[1]) if len(parts) == 2 else 0, password
 
 
-class RequestQueue:
-    """One model's queue on one Redis.
+def label(url: str) -> str:
+    """host:port/db of a Redis URL, without any password: safe for logs and metrics."""
+    if url.startswith(SENTINEL_SCHEME):
+        _, master, db, _ = parse_sentinel_url(url)
+        return f"sentinel:{master}/{db}"
+    kwargs = redis.connection.parse_url(url)
+    if "path" in kwargs:
+        return str(kwargs["path"])
+    return f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"
 
-    `client` runs the quick commands; `waiter`, if given, the blocking ones
-    (BLPOP, BLMOVE), whose read timeout must outlast the block. Two clients,
-    so a quick command on a hung host fails after the short timeout rather
-    than the long one.
+
+class Shard:
+    """One Redis, as this process sees it: one connection pool and one health
+    record, shared by every model's queue on it, in the web tier and in the
+    worker alike (`Shard.of`).
+
+    A host that cannot be reached — refuses connections, or stays silent past
+    `timeout` like a hung host — is marked down by whichever caller meets it
+    first (`watch`, see failures.py): every queue on it is skipped without
+    asking it anything, and one probe thread pings it until it answers.
     """
 
-    def __init__(self, client: redis.Redis, keys: Keys, waiter: redis.Redis | None = None) -> None:
-        self.client = client
-        self.waiter = waiter or client
-        self.keys = keys
-        self._push_all = client.register_script(_PUSH_ALL)
-        self._claim_more = client.register_script(_CLAIM_MORE)
-        self._requeue = client.register_script(_REQUEUE)
+    _registry: dict[tuple[str, float], Shard] = {}  # noqa: RUF012 (the process's own)
+    _registry_lock = threading.Lock()
+
+    def __init__(self, url: str, timeout: float) -> None:
+        self.url = url
+        self.name = label(url)
+        self.timeout = timeout
+        self.client = connect(url, timeout=timeout)
+        self._lock = threading.Lock()
+        self._down: str | None = None  # why, while marked down
+        self._probing = False
 
     @classmethod
-    def open(cls, url: str, keys: Keys, *, timeout: float, wait_timeout: float) -> RequestQueue:
-        """A queue on `url`: quick commands give up after `timeout` s, blocking
-        ones (which never block longer than `wait_timeout`) after `wait_timeout`."""
-        return cls(
-            connect(url, timeout=timeout),
-            keys,
-            connect(url, timeout=timeout, read_timeout=wait_timeout),
-        )
+    def of(cls, url: str, timeout: float) -> Shard:
+        """This process's Shard for `url`. One settings table per process
+        means one --redis-timeout, so one Shard per URL."""
+        with cls._registry_lock:
+            found = cls._registry.get((url, timeout))
+            if found is None:
+                found = cls._registry[(url, timeout)] = cls(url, timeout)
+            return found
 
-    def close(self) -> None:
-        self.client.close()
-        if self.waiter is not self.client:
-            self.waiter.close()
+    def is_down(self) -> bool:
+        return self.down_reason() is not None
+
+    def down_reason(self) -> str | None:
+        """Why the host is marked down (what it failed with); None while up."""
+        with self._lock:
+            return self._down
+
+    def mark_down(self, error: BaseException) -> None:
+        """Skip this host until the probe hears from it again."""
+        with self._lock:
+            newly = self._down is None
+            if newly:
+                self._down = reason(error)
+            start_probe, self._probing = not self._probing, True
+        if newly:
+            log.warning(
+                "Redis shard %s failed (%s); skipping it until it answers", self.name, error
+            )
+        if start_probe:
+            threading.Thread(target=self._probe, name="shard-probe", daemon=True).start()
+
+    @contextlib.contextmanager
+    def watch(self) -> Iterator[None]:
+        """Mark the host down when what runs inside finds it unreachable; every
+        error goes on to the caller."""
+        try:
+            yield
+        except redis.RedisError as exc:
+            if classify(exc) is Kind.UNREACHABLE:
+                self.mark_down(exc)
+            raise
+
+    def block(self, *command: Any, seconds: float) -> Any:
+        """Run a blocking command (BLPOP, BLMOVE) that Redis ends after
+        `seconds`, reading its reply for `seconds` plus --redis-timeout: a nil
+        reply that comes a little late is not a hung host."""
+        pool = self.client.connection_pool
+        connection = pool.get_connection()
+        try:
+            connection.send_command(*command)
+            return connection.read_response(timeout=seconds + self.timeout)
+        except BaseException:
+            # Its reply may still come: this connection is never reused.
+            connection.disconnect()
+            raise
+        finally:
+            pool.release(connection)
+
+    def _probe(self) -> None:
+        """Ping the host every PROBE_INTERVAL_S until it answers."""
+        event = threading.Event()
+        while True:
+            try:
+                self.client.ping()
+            except redis.RedisError:
+                event.wait(PROBE_INTERVAL_S)
+                continue
+            with self._lock:
+                self._down, self._probing = None, False
+            log.info("Redis shard %s answers again", self.name)
+            return
+
+
+class RequestQueue:
+    """One model's queue on one Redis (`shard`): its connections and health
+    are the shard's, shared with every other queue on the same Redis.
+
+    Every command goes through `Shard.watch`, so an unreachable host is
+    marked down whoever meets it: the web tier, the surveys, the worker.
+    """
+
+    def __init__(self, shard: Shard, keys: Keys) -> None:
+        self.shard = shard
+        self.client = shard.client
+        self.keys = keys
+        self._push_all = self.client.register_script(_PUSH_ALL)
+        self._claim_more = self.client.register_script(_CLAIM_MORE)
+        self._requeue = self.client.register_script(_REQUEUE)
+
+    @classmethod
+    def open(cls, url: str, keys: Keys, *, timeout: float) -> RequestQueue:
+        """A queue on `url`, over this process's Shard for it: commands give
+        up on a silent host after `timeout` s, blocking ones `timeout` s after
+        Redis should have ended them."""
+        return cls(Shard.of(url, timeout), keys)
 
     # -- web side ---------------------------------------------------------
 
     def push(self, payload: bytes, max_depth: int | None = None) -> int:
         """Queue a request unless `max_depth` are waiting; returns the new depth."""
         if max_depth is None:
-            return int(self.client.rpush(self.keys.queue, payload))
+            with self.shard.watch():
+                return int(self.client.rpush(self.keys.queue, payload))
         return self.push_all([payload], max_depth)
 
     def push_all(self, payloads: Sequence[bytes], max_depth: int) -> int:
         """Queue several requests at once, or none of them when they would take
         the queue past `max_depth` (QueueFull); returns the new depth."""
-        depth = int(self._push_all(keys=[self.keys.queue], args=[max_depth, *payloads]))
+        with self.shard.watch():
+            depth = int(self._push_all(keys=[self.keys.queue], args=[max_depth, *payloads]))
         if depth < 0:
             raise QueueFull(f"{len(payloads)} more would take the queue past {max_depth}")
         return depth
@@ -182,7 +291,9 @@ class RequestQueue:
             if remaining <= 0:
                 break
             # BLPOP takes whichever of the keys is answered first.
-            reply = self.waiter.blpop(list(keys), timeout=max(remaining, MIN_BLOCK_S))
+            block = max(remaining, MIN_BLOCK_S)
+            with self.shard.watch():
+                reply = self.shard.block("BLPOP", *keys, block, seconds=block)
             if reply is None:
                 break
             key = reply[0].decode() if isinstance(reply[0], bytes) else reply[0]
@@ -197,16 +308,21 @@ class RequestQueue:
         return self.wait_results([request_id], timeout).get(request_id)
 
     def depth(self) -> int:
-        return int(self.client.llen(self.keys.queue))
+        with self.shard.watch():
+            return int(self.client.llen(self.keys.queue))
 
     # -- worker side ------------------------------------------------------
 
     def claim_first(self, worker_id: str, wait: float) -> bytes | None:
         """Block up to `wait` s for one request and move it to the processing list."""
-        processing = self.keys.processing(worker_id)
-        return self.waiter.blmove(
-            self.keys.queue, processing, max(wait, MIN_BLOCK_S), "LEFT", "RIGHT"
-        )
+        return self._blmove(self.keys.processing(worker_id), max(wait, MIN_BLOCK_S))
+
+    def _blmove(self, processing: str, block: float) -> bytes | None:
+        with self.shard.watch():
+            found: bytes | None = self.shard.block(
+                "BLMOVE", self.keys.queue, processing, "LEFT", "RIGHT", block, seconds=block
+            )
+        return found
 
     def claim_more(self, worker_id: str, max_items: int, until: float) -> list[bytes]:
         """Take up to `max_items` more: whatever is queued, and then, until the
@@ -214,11 +330,12 @@ class RequestQueue:
         queue, processing = self.keys.queue, self.keys.processing(worker_id)
         items: list[bytes] = []
         while len(items) < max_items:
-            items += self._claim_more(keys=[queue, processing], args=[max_items - len(items)])
+            with self.shard.watch():
+                items += self._claim_more(keys=[queue, processing], args=[max_items - len(items)])
             remaining = until - time.monotonic()
             if len(items) >= max_items or remaining < MIN_BLOCK_S:
                 break
-            more = self.waiter.blmove(queue, processing, remaining, "LEFT", "RIGHT")
+            more = self._blmove(processing, remaining)
             if more is None:
                 break
             items.append(more)
@@ -243,11 +360,13 @@ class RequestQueue:
             p.pexpire(key, max(int(ttl * 1000), 1))
         p.delete(self.keys.processing(worker_id))
         if own:
-            p.execute()
+            with self.shard.watch():
+                p.execute()
 
     def requeue(self, worker_id: str) -> int:
         """Put the worker's unanswered claims back at the head of the queue."""
-        return int(self._requeue(keys=self._requeue_keys(worker_id), args=[worker_id, "0"]))
+        with self.shard.watch():
+            return int(self._requeue(keys=self._requeue_keys(worker_id), args=[worker_id, "0"]))
 
     # -- liveness ---------------------------------------------------------
 
@@ -260,7 +379,8 @@ class RequestQueue:
         p.set(self.keys.heartbeat(worker_id), info.encode(), px=max(int(ttl * 1000), 1))
         p.sadd(self.keys.workers, worker_id)
         if own:
-            p.execute()
+            with self.shard.watch():
+                p.execute()
 
     def leave(self, worker_id: str, pipe: Pipeline | None = None) -> None:
         own = pipe is None
@@ -268,14 +388,16 @@ class RequestQueue:
         p.delete(self.keys.heartbeat(worker_id))
         p.srem(self.keys.workers, worker_id)
         if own:
-            p.execute()
+            with self.shard.watch():
+                p.execute()
 
     def workers(self) -> dict[str, WorkerInfo | None]:
         """Every registered worker id, with its heartbeat (None: it stopped beating)."""
-        ids = sorted(m.decode() for m in self.client.smembers(self.keys.workers))
-        if not ids:
-            return {}
-        beats = self.client.mget([self.keys.heartbeat(i) for i in ids])
+        with self.shard.watch():
+            ids = sorted(m.decode() for m in self.client.smembers(self.keys.workers))
+            if not ids:
+                return {}
+            beats = self.client.mget([self.keys.heartbeat(i) for i in ids])
         found: dict[str, WorkerInfo | None] = {}
         for worker_id, raw in zip(ids, beats, strict=True):
             try:
@@ -294,9 +416,10 @@ class RequestQueue:
         reaped = {}
         for worker_id, info in self.workers().items():
             if info is None:
-                moved = int(
-                    self._requeue(keys=self._requeue_keys(worker_id), args=[worker_id, "1"])
-                )
+                with self.shard.watch():
+                    moved = int(
+                        self._requeue(keys=self._requeue_keys(worker_id), args=[worker_id, "1"])
+                    )
                 if moved >= 0:
                     reaped[worker_id] = moved
         return reaped

@@ -1,9 +1,10 @@
 """The web process: HTTP in, decoded images onto the queue, answers out.
 
-    app          the Flask app factory: request log, API keys, blueprints, error handlers
+    app          the Flask app factory: request log, API keys, blueprints, unrouted errors
     api          the JSON routes (/predict, /models, probes, /metrics) and their app state
     v2           the Open Inference Protocol (KServe v2, REST) under /v2
     dispatch     uploads to answers, for every route: decode within the budget, queue, await
+    errors       one HttpError (status, message, headers), each API's handlers, the catch-all
     deployment   the models this web server routes to, across every Redis shard
     uploads      the files of a multipart upload (python-multipart)
     auth         API keys (--api-keys): checked before every route

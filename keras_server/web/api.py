@@ -7,7 +7,9 @@ decoder shared by every route that decodes) is one `AppState`, stored once by
 `create_app` and read with `state()`: the routes themselves are plain
 functions, like page.py's and v2.py's. A request is decoded and resized here,
 queued in Redis, and answered from its own result key; several `image`
-fields are handed to dispatch.py. TensorFlow-free.
+fields are handed to dispatch.py. Errors are errors.HttpError (or left to
+errors.py to classify), answered `{"success": false, "error": "..."}`: the
+blueprint's handlers, and the app's for what no blueprint routes. TensorFlow-free.
 """
 
 from __future__ import annotations
@@ -20,9 +22,8 @@ from flask import Blueprint, Flask, Response, current_app, jsonify
 
 from keras_server import metrics
 from keras_server.broker import messages
-from keras_server.images import ImageError
 from keras_server.settings import Settings
-from keras_server.web import dispatch
+from keras_server.web import dispatch, errors
 from keras_server.web.deployment import Deployment, ServedModel
 from keras_server.web.uploads import request_files
 
@@ -53,16 +54,12 @@ def state() -> AppState:
     return found
 
 
-def error(status: int, message: str, **headers: str) -> Response:
-    response = jsonify(success=False, error=message)
-    response.status_code = status
-    response.headers.update(headers)
-    return response
+def render(error: errors.HttpError) -> Response:
+    """This API's error shape."""
+    return jsonify(success=False, error=error.message)
 
 
-def unavailable(message: str) -> Response:
-    # Retry-After: a second is about one batch on a CPU; clients back off from there.
-    return error(503, message, **{"Retry-After": "1"})
+errors.install(blueprint, render)
 
 
 @blueprint.post("/predict")
@@ -76,7 +73,7 @@ def predict() -> Response | tuple[Any, int]:
 def predict_with(name: str) -> Response | tuple[Any, int]:
     model = state().deployment.get(name)
     if model is None:
-        return error(404, f"no model named {name!r}; GET /models lists them")
+        raise errors.HttpError(404, f"no model named {name!r}; GET /models lists them")
     return classify(model)
 
 
@@ -110,25 +107,21 @@ def classify(model: ServedModel) -> Response | tuple[Any, int]:
     if len(uploads) > 1:
         return dispatch.predict_many(model, uploads, settings, decode)
     if not uploads:
-        return error(400, "no file in the 'image' field: send multipart/form-data with image=@FILE")
+        raise errors.HttpError(
+            400, "no file in the 'image' field: send multipart/form-data with image=@FILE"
+        )
     data = uploads[0].data
     if not data:
-        return error(400, "the uploaded image file is empty")
+        raise errors.HttpError(400, "the uploaded image file is empty")
     size = model.input_size()
     if size is None:
-        return unavailable(f"model {model.name!r} has no live worker yet; retry shortly")
-    try:
-        image = decode(data, size)
-    except ImageError as exc:
-        return error(exc.status, str(exc), **exc.headers)
+        raise errors.no_live_worker(model.name)
+    image = decode(data, size)  # an ImageError is answered by errors.py
 
     job = messages.ImageRequest.create(image, settings.result_timeout)
-    try:
-        raw = dispatch.submit(model, [job], settings).get(job.id)
-    except dispatch.Refused as exc:
-        return error(exc.status, exc.message, **exc.headers)
+    raw = dispatch.submit(model, [job], settings).get(job.id)
     if raw is None:
-        return error(504, dispatch.timed_out(settings))
+        raise errors.HttpError(504, dispatch.timed_out(settings))
     result = messages.decode_result(raw)
     return jsonify(result), 200 if result["success"] else 500
 

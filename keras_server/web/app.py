@@ -1,7 +1,8 @@
 """The HTTP tier: the Flask app factory. `create_app` only assembles the app:
 the per-app state the routes read (api.AppState), the request log, the API-key
 check (auth.py), the blueprints (api.py's JSON routes, page.py's page, v2.py's
-protocol) and the JSON error handlers.
+protocol) and, for what no blueprint routes (an unknown path, a method a
+path does not take), errors.py's handlers in /predict's shape.
 
 Every answer, errors included, is JSON; no traceback ever reaches a client.
 This module never imports Keras or TensorFlow.
@@ -15,12 +16,11 @@ import time
 from typing import IO
 
 from flask import Flask, Request, Response, g, request
-from werkzeug.exceptions import HTTPException
 
 from keras_server import logs, metrics
 from keras_server.images import return_freed_pixels_to_the_system
 from keras_server.settings import Settings, load_settings
-from keras_server.web import api, auth, dispatch, page, v2
+from keras_server.web import api, auth, dispatch, errors, page, v2
 from keras_server.web.deployment import Deployment
 
 log = logging.getLogger(__name__)
@@ -69,8 +69,15 @@ def create_app(settings: Settings, deployment: Deployment | None = None) -> Flas
     app.register_blueprint(api.blueprint)
     app.register_blueprint(page.blueprint)
     app.register_blueprint(v2.blueprint)
-    _add_error_handlers(app, settings)
+    errors.install(app, _render)
     return app
+
+
+def _render(error: errors.HttpError) -> Response:
+    """An error no blueprint's handlers took (an unrouted path, a method the
+    path does not take, a refused API key): in the shape of the API the path
+    belongs to."""
+    return (v2.render if v2.owns(request.path) else api.render)(error)
 
 
 def _add_request_log(app: Flask) -> None:
@@ -95,24 +102,3 @@ def _add_request_log(app: Flask) -> None:
                 elapsed * 1000,
             )
         return response
-
-
-def _add_error_handlers(app: Flask, settings: Settings) -> None:
-    @app.errorhandler(HTTPException)
-    def http_error(exc: HTTPException) -> Response:
-        response = exc.get_response()
-        allowed = response.headers.get("Allow", "POST")
-        messages = {
-            405: f"{request.method} is not allowed here; use {allowed}",
-            413: f"the upload is larger than the {settings.max_upload_mb:g} MB limit",
-        }
-        body = api.error(exc.code or 500, messages.get(exc.code or 0, exc.description or exc.name))
-        for name in ("Allow", "Retry-After"):
-            if name in response.headers:
-                body.headers[name] = response.headers[name]
-        return body
-
-    @app.errorhandler(Exception)
-    def unexpected(exc: Exception) -> Response:
-        log.exception("unhandled error")
-        return api.error(500, "internal server error; the server log has the details")

@@ -28,9 +28,10 @@ import logging
 import re
 from pathlib import Path
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, request
 
 from keras_server.settings import Settings
+from keras_server.web import errors
 
 log = logging.getLogger(__name__)
 
@@ -138,17 +139,12 @@ def presented_key() -> str:
     return key
 
 
-def unauthorized(message: str, error: str) -> Response:
-    # The inference protocol's clients read {"error": ...}; ours, our shape.
-    if request.path == "/v2" or request.path.startswith("/v2/"):
-        response = jsonify(error=message)
-    else:
-        response = jsonify(success=False, error=message)
-    response.status_code = 401
+def unauthorized(message: str, error: str) -> errors.HttpError:
+    """A 401, answered in the shape of the API the path belongs to (errors.py)."""
     challenge = REALM + (f', error="{error}"' if error else "")
-    response.headers["WWW-Authenticate"] = challenge
-    response.headers["Cache-Control"] = "no-store"
-    return response
+    return errors.HttpError(
+        401, message, {"WWW-Authenticate": challenge, "Cache-Control": "no-store"}
+    )
 
 
 def install(app: Flask, settings: Settings) -> None:
@@ -163,16 +159,15 @@ def install(app: Flask, settings: Settings) -> None:
     log.info("API keys required (%d accepted)", len(keys))
 
     @app.before_request
-    def require_key() -> Response | None:
+    def require_key() -> None:
         if is_open(request.path, settings):
-            return None
+            return
         try:
             key = presented_key()
         except Rejected as rejected:
             what = "malformed Authorization header" if rejected.error else "no key"
             log.warning("refused %s %s: %s", request.method, request.path, what)
-            return unauthorized(str(rejected), rejected.error)
+            raise unauthorized(str(rejected), rejected.error) from None
         if not keys.accepts(key):
             log.warning("refused %s %s: unknown key", request.method, request.path)
-            return unauthorized("the API key is not valid", "invalid_token")
-        return None
+            raise unauthorized("the API key is not valid", "invalid_token")

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 
 import redis
 
+from keras_server.broker.failures import reason
 from keras_server.broker.messages import Keys, WorkerInfo
-from keras_server.broker.shards import UNREACHABLE, ShardSet
+from keras_server.broker.shards import ShardSet
 from keras_server.catalog import Models, ModelSpec
 from keras_server.settings import Settings
 
@@ -74,15 +75,16 @@ class ServedModel:
         found = []
         for queue in self.shards.queues:
             where = self.shards.name(queue)
-            if self.shards.is_down(queue):
-                found.append(ShardState(self.name, where, reachable=False, error="marked down"))
+            down = queue.shard.down_reason()
+            if down is not None:
+                found.append(ShardState(self.name, where, reachable=False, error=down))
                 continue
             try:
                 depth, workers = queue.depth(), queue.workers()
             except redis.RedisError as exc:
-                if isinstance(exc, UNREACHABLE):
-                    self.shards.mark_down(queue, exc)
-                found.append(ShardState(self.name, where, reachable=False, error=str(exc)))
+                # An unreachable host was marked down by the queue; one that
+                # refuses is up but cannot be read now: either way, says why.
+                found.append(ShardState(self.name, where, reachable=False, error=reason(exc)))
                 continue
             live = {wid: info for wid, info in workers.items() if info is not None}
             found.append(ShardState(self.name, where, True, depth, live))
@@ -124,13 +126,9 @@ class Deployment:
         served = {}
         for spec in specs:
             keys = Keys.for_model(settings.queue_name, spec.name, default)
-            shards = ShardSet.connect(
-                settings.redis_urls,
-                keys,
-                timeout=settings.redis_timeout,
-                # A result wait blocks until the request's deadline at most.
-                wait_timeout=settings.result_timeout,
-            )
+            # Every model's queue on a shard shares that shard's connections
+            # and health record (request_queue.Shard).
+            shards = ShardSet.connect(settings.redis_urls, keys, timeout=settings.redis_timeout)
             served[spec.name] = ServedModel(spec, shards)
         return cls(served, default)
 

@@ -17,7 +17,8 @@ Several images on `/predict` answer `200 {"success": true, "results": [...]}`,
 one item per `image` field, in order: the single-image body (success or
 error) plus `"filename"` and `"status"`, the HTTP status that image alone
 would have had. A bad file fails only its own item. Only what fails the whole
-request (too many images, the queue full or Redis down) is a plain error.
+request (too many images, the queue full or Redis down) is a plain error: an
+errors.HttpError, or a redis-py error left to errors.py to classify.
 TensorFlow-free.
 """
 
@@ -34,23 +35,15 @@ from flask import Response, jsonify
 
 from keras_server import logs, metrics
 from keras_server.broker import messages
+from keras_server.broker.failures import Kind, classify
 from keras_server.broker.request_queue import QueueFull
 from keras_server.images import DecodeBudget, DecoderBusy, ImageError, load_image
 from keras_server.settings import Settings
+from keras_server.web import errors
 from keras_server.web.deployment import ServedModel
 from keras_server.web.uploads import Upload
 
 log = logging.getLogger(__name__)
-
-
-class Refused(Exception):
-    """The whole request cannot be served; `status` and the message say why."""
-
-    def __init__(self, status: int, message: str, retry_after: bool = False) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = {"Retry-After": "1"} if retry_after else {}
 
 
 class Decoder:
@@ -74,8 +67,8 @@ class Decoder:
             metrics.DECODE_CPU_SECONDS.inc(time.thread_time() - started)
 
 
-def too_many(count: int, settings: Settings) -> Refused:
-    return Refused(
+def too_many(count: int, settings: Settings) -> errors.HttpError:
+    return errors.HttpError(
         413,
         f"{count} images in one request; the limit is {settings.max_images} (--max-images)",
     )
@@ -85,38 +78,29 @@ def submit(
     model: ServedModel, jobs: Sequence[messages.ImageRequest], settings: Settings
 ) -> dict[str, bytes]:
     """Queue `jobs` for `model` and wait for their answers until the earliest
-    deadline; returns the answers that came, by request id. Raises Refused
-    (503) when the queue is full or Redis fails: then nothing was queued."""
+    deadline; returns the answers that came, by request id. A full queue is
+    an errors.HttpError, a failing Redis its redis-py error (errors.py
+    classifies it): then nothing was queued, or nothing more will come."""
     shards = model.shards
     logs.request_id.set(jobs[0].id if len(jobs) == 1 else f"{jobs[0].id}+{len(jobs) - 1}")
     try:
         queue = shards.push_all(
             [messages.encode_request(job) for job in jobs], max_depth=settings.max_queue
         )
-        metrics.QUEUED.labels(model.name, shards.name(queue)).inc(len(jobs))
-        deadline = min(job.deadline for job in jobs)
-        # The answers come back on the shard that took the requests.
-        try:
-            return queue.wait_results([job.id for job in jobs], timeout=deadline - time.time())
-        except redis.TimeoutError as exc:
-            # The shard went silent while we waited (a hung host): the wait's
-            # read timeout is the deadline, so these are 504s.
-            shards.mark_down(queue, exc)
-            return {}
     except QueueFull:
         log.warning("queue full: %d images refused", len(jobs))
-        raise Refused(
-            503, "the server is at capacity (the queue is full); retry shortly", True
-        ) from None
-    except redis.ResponseError as exc:
-        # Redis 7 answers OOM to the script itself; 6.2 as an error inside it.
-        if not isinstance(exc, redis.exceptions.OutOfMemoryError) and "OOM" not in str(exc):
-            raise
-        log.error("Redis refused the write: %s", exc)
-        raise Refused(503, "the queue (Redis) is out of memory; retry shortly", True) from None
+        raise errors.queue_full() from None
+    metrics.QUEUED.labels(model.name, shards.name(queue)).inc(len(jobs))
+    deadline = min(job.deadline for job in jobs)
+    # The answers come back on the shard that took the requests.
+    try:
+        return queue.wait_results([job.id for job in jobs], timeout=deadline - time.time())
     except redis.RedisError as exc:
-        log.warning("Redis unavailable: %s", exc)
-        raise Refused(503, "the queue (Redis) is unavailable; retry shortly", True) from None
+        # The queue marked an unreachable host down. Found silent past the
+        # deadline (the read outlasts it by --redis-timeout), these are 504s.
+        if classify(exc) is Kind.UNREACHABLE and time.time() >= deadline:
+            return {}
+        raise
 
 
 def timed_out(settings: Settings) -> str:
@@ -130,13 +114,7 @@ def predict_many(
     model: ServedModel, uploads: list[Upload], settings: Settings, decode: Decoder
 ) -> Response:
     """`/predict` with several `image` fields: one item per image, in order."""
-    try:
-        return jsonify(success=True, results=_classify_each(model, uploads, settings, decode))
-    except Refused as exc:
-        response = jsonify(success=False, error=exc.message)
-        response.status_code = exc.status
-        response.headers.update(exc.headers)
-        return response
+    return jsonify(success=True, results=_classify_each(model, uploads, settings, decode))
 
 
 def _classify_each(
@@ -146,7 +124,7 @@ def _classify_each(
         raise too_many(len(uploads), settings)
     size = model.input_size()
     if size is None:
-        raise Refused(503, f"model {model.name!r} has no live worker yet; retry shortly", True)
+        raise errors.no_live_worker(model.name)
     items: list[dict[str, Any]] = []
     jobs: dict[int, messages.ImageRequest] = {}
     for position, upload in enumerate(uploads):

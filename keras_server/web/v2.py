@@ -45,15 +45,16 @@ from typing import Any
 
 import numpy as np
 from flask import Blueprint, Response, jsonify, request
-from werkzeug.exceptions import HTTPException
 
 from keras_server.broker import messages
 from keras_server.broker.messages import WorkerInfo
 from keras_server.images import ImageError
 from keras_server.settings import Settings
+from keras_server.web import errors
 from keras_server.web.api import state
 from keras_server.web.deployment import ServedModel
-from keras_server.web.dispatch import Decoder, Refused, submit, timed_out, too_many
+from keras_server.web.dispatch import Decoder, submit, timed_out, too_many
+from keras_server.web.errors import HttpError
 from keras_server.web.page import openapi_document
 
 log = logging.getLogger(__name__)
@@ -72,18 +73,8 @@ ITEM_SIZE = {
 }  # fmt: skip
 
 
-class V2Error(Exception):
-    """A request answered `{"error": message}` with `status`."""
-
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = headers or {}
-
-
-def bad(message: str) -> V2Error:
-    return V2Error(400, message)
+def bad(message: str) -> HttpError:
+    return HttpError(400, message)
 
 
 @dataclass
@@ -108,23 +99,18 @@ class Inference:
 blueprint = Blueprint("v2", __name__, url_prefix="/v2")
 
 
-@blueprint.errorhandler(V2Error)
-def v2_error(exc: V2Error) -> Response:
-    response = jsonify(error=exc.message)
-    response.status_code = exc.status
-    response.headers.update(exc.headers)
-    return response
+def render(error: HttpError) -> Response:
+    """The protocol's error shape."""
+    return jsonify(error=error.message)
 
 
-@blueprint.errorhandler(HTTPException)
-def http_error(exc: HTTPException) -> Response:
-    # A body over --max-upload-mb is found while reading it, in the view.
-    message = (
-        f"the request is larger than the {state().settings.max_upload_mb:g} MB limit"
-        if exc.code == 413
-        else exc.description or exc.name
-    )
-    return v2_error(V2Error(exc.code or 400, message))
+def owns(path: str) -> bool:
+    """Whether `path` is the protocol's, routed or not: its errors take its shape."""
+    return path == blueprint.url_prefix or path.startswith(f"{blueprint.url_prefix}/")
+
+
+# A body over --max-upload-mb is found while reading it, in the view: "the request".
+errors.install(blueprint, render, body="request")
 
 
 @blueprint.get("")
@@ -151,14 +137,14 @@ def find_model(name: str) -> ServedModel:
     model = deployment.models.get(name)
     if model is None:
         known = ", ".join(sorted(deployment.models))
-        raise V2Error(404, f"unknown model {name!r}; this server serves {known}")
+        raise HttpError(404, f"unknown model {name!r}; this server serves {known}")
     return model
 
 
 def check_version(model: ServedModel, version: str | None, workers: list[WorkerInfo]) -> None:
     if version is not None and version not in _versions(model, workers):
         served = ", ".join(_versions(model, workers))
-        raise V2Error(404, f"model {model.name!r} has no version {version!r}; it serves {served}")
+        raise HttpError(404, f"model {model.name!r} has no version {version!r}; it serves {served}")
 
 
 def resolve(name: str, version: str | None) -> tuple[ServedModel, list[WorkerInfo]]:
@@ -220,7 +206,7 @@ def infer(name: str, version: str | None = None) -> Response:
         check_version(model, version, model.live_workers())
     size = model.input_size()
     if size is None:
-        raise V2Error(503, f"model {model.name!r} has no live worker yet; retry shortly", _RETRY)
+        raise errors.no_live_worker(model.name)
     settings = state().settings
     inference = parse_request(request.get_data(), request.headers, size, settings, state().decoder)
     jobs = [
@@ -229,33 +215,27 @@ def infer(name: str, version: str | None = None) -> Response:
         )
         for image in inference.images
     ]
-    try:
-        answers = submit(model, jobs, settings)
-    except Refused as exc:
-        raise V2Error(exc.status, exc.message, exc.headers) from None
+    answers = submit(model, jobs, settings)
     rows, classes, made_by = _collect(jobs, answers, settings)
     version_used = (made_by or {}).get("version") or model.spec.version
     return answer(model.name, version_used, inference, rows, classes)
-
-
-_RETRY = {"Retry-After": "1"}
 
 
 def _collect(
     jobs: list[messages.ImageRequest], answers: dict[str, bytes], settings: Settings
 ) -> tuple[np.ndarray, list[list[dict[str, Any]]], dict[str, str] | None]:
     """(probabilities [N, classes], each image's top classes, the model that
-    answered) from the workers' answers; V2Error if any image failed."""
+    answered) from the workers' answers; HttpError if any image failed."""
     rows, classes, made_by = [], [], None
     for job in jobs:
         raw = answers.get(job.id)
         if raw is None:
-            raise V2Error(504, timed_out(settings))
+            raise HttpError(504, timed_out(settings))
         header, vector = messages.decode_probabilities(raw)
         if not header["success"]:
-            raise V2Error(500, header.get("error", "the model failed"))
+            raise HttpError(500, header.get("error", "the model failed"))
         if vector is None:
-            raise V2Error(
+            raise HttpError(
                 500, "a worker answered without the probabilities: is it older than this server?"
             )
         rows.append(vector)
@@ -280,7 +260,7 @@ def _versions(model: ServedModel, workers: list[WorkerInfo]) -> list[str]:
 def parse_request(
     body: bytes, headers: Any, size: tuple[int, int], settings: Settings, decode: Decoder
 ) -> Inference:
-    """An infer request's body -> the images to queue; V2Error says what is wrong."""
+    """An infer request's body -> the images to queue; HttpError says what is wrong."""
     if headers.get("Content-Encoding", "identity") != "identity":
         raise bad(f"Content-Encoding {headers['Content-Encoding']!r} is not supported")
     header_bytes, binary = _split(body, headers.get(HEADER_LENGTH))
@@ -421,7 +401,7 @@ def _count(shape: list[int], settings: Settings) -> int:
         raise bad(f"shape {shape}: at least one image")
     if shape[0] > settings.max_images:
         count = shape[0]
-        raise V2Error(413, too_many(count, settings).message)
+        raise too_many(count, settings)
     return shape[0]
 
 
@@ -450,9 +430,9 @@ def _images(
         try:
             images.append(decode(file, size))
         except ImageError as exc:
-            raise V2Error(
-                exc.status, f"input {IMAGE!r} element {index}: {exc}", exc.headers
-            ) from None
+            refused = errors.from_image(exc)
+            refused.message = f"input {IMAGE!r} element {index}: {refused.message}"
+            raise refused from None
     return images
 
 

@@ -4,9 +4,11 @@ It knows the model only as a `predictor.Predictor` (the one engine
 interface), so this module never imports Keras or any engine. One bad
 message, one failed batch or a Redis outage never ends the loop: every
 request in a failed batch is answered with an error, and Redis errors are
-retried with backoff. Claims are crash-safe (see broker/request_queue.py): a worker killed
-mid-batch loses nothing, because live workers requeue its claims once its
-heartbeat expires.
+told apart by broker/failures.py: an unreachable host is marked down for
+the whole process (by the queue) and the loop waits for the probe to hear
+from it again; a refusal is retried with backoff. Claims are crash-safe (see
+broker/request_queue.py): a worker killed mid-batch loses nothing, because
+live workers requeue its claims once its heartbeat expires.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ import redis
 
 from keras_server import metrics
 from keras_server.broker import messages
-from keras_server.broker.request_queue import RequestQueue
+from keras_server.broker.failures import Kind, classify, reason
+from keras_server.broker.request_queue import PROBE_INTERVAL_S, RequestQueue
 from keras_server.engines.predictor import Predictor, top_indices, top_k
 
 log = logging.getLogger(__name__)
@@ -131,15 +134,24 @@ class Worker:
                     registered = True
                 self.run_once(CLAIM_WAIT_S)
                 backoff = 0.0
-            except redis.RedisError as exc:
+            except Exception as exc:
                 registered = False
                 backoff = min(max(backoff * 2, 0.1), MAX_BACKOFF_S)
-                log.warning("Redis error (%s); retrying in %.1f s", exc, backoff)
+                kind = classify(exc)
+                if kind is Kind.UNREACHABLE:
+                    # The queue marked the host down; the shard's probe tells
+                    # when it answers again.
+                    log.warning("Redis at %s unreachable (%s)", self.queue.shard.name, exc)
+                    while self.queue.shard.is_down() and not stop.wait(PROBE_INTERVAL_S):
+                        pass
+                    continue
+                if kind is Kind.REFUSED:
+                    log.warning("Redis refused (%s); retrying in %.1f s", reason(exc), backoff)
+                else:
+                    # Not reached for model errors (run_once answers those);
+                    # this is the last guard that keeps the loop alive.
+                    log.exception("unexpected error in the worker loop")
                 stop.wait(backoff)
-            except Exception:
-                # Not reached for model errors (run_once answers those); this is
-                # the last guard that keeps the loop alive.
-                log.exception("unexpected error in the worker loop")
         heartbeat.join(timeout=2 * CLAIM_WAIT_S)
         self._leave()
 
