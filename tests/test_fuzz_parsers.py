@@ -33,6 +33,7 @@ from keras_server.settings import KNOBS, Settings, SettingsError, load_settings
 from keras_server.web import uploads, v2
 from keras_server.web.auth import KeysFileError, load_keys
 from keras_server.web.dispatch import Decoder
+from keras_server.web.errors import HttpError
 
 FUZZ = settings(
     derandomize=True,
@@ -210,12 +211,12 @@ def v2_requests(draw: st.DrawFn) -> tuple[bytes, dict[str, str]]:
 
 @FUZZ
 @given(v2_requests())
-def test_v2_parser_raises_only_v2_error(request: tuple[bytes, dict[str, str]]) -> None:
+def test_v2_parser_raises_only_http_error(request: tuple[bytes, dict[str, str]]) -> None:
     body, headers = request
     status = 400
     try:
         v2.parse_request(body, headers, SIZE, V2_SETTINGS, DECODER)
-    except v2.V2Error as exc:
+    except HttpError as exc:
         status = exc.status
     assert 400 <= status < 500 or status == 503
     assert DECODER.budget.used == 0, "the JSON's reservation is given back"
@@ -238,11 +239,11 @@ def bytes_tensors(draw: st.DrawFn) -> tuple[bytes, dict[str, str]]:
 
 @FUZZ
 @given(bytes_tensors())
-def test_v2_binary_lengths_raise_only_v2_error(request: tuple[bytes, dict[str, str]]) -> None:
+def test_v2_binary_lengths_raise_only_http_error(request: tuple[bytes, dict[str, str]]) -> None:
     status = 400
     try:
         v2.parse_request(*request, SIZE, V2_SETTINGS, DECODER)
-    except v2.V2Error as exc:
+    except HttpError as exc:
         status = exc.status
     assert status == 400
 

@@ -271,7 +271,7 @@ def parse_request(
         with decode.budget.reserve(json_cost(header_bytes), "the request's JSON"):
             return _parse_json(header_bytes, binary, size, settings, decode)
     except ImageError as exc:
-        raise V2Error(exc.status, str(exc), exc.headers) from None
+        raise errors.from_image(exc) from None
 
 
 def json_cost(text: bytes) -> int:
