@@ -34,9 +34,9 @@ from PIL import ExifTags, Image, UnidentifiedImageError
 
 SUPPORTED = "JPEG, PNG, GIF, BMP, TIFF or WebP"
 # The Pillow plugins that may parse an upload: SUPPORTED, whose decode cost
-# `decode_cost` knows. Any other plugin (PSD,
-# FITS, EPS through Ghostscript, ...) is attack surface nobody asked for. A
-# multi-picture JPEG (MPO) opens through the JPEG plugin.
+# `decode_cost` knows. Any other plugin (PSD, FITS, EPS through Ghostscript,
+# ...) is attack surface nobody asked for. A multi-picture JPEG (MPO) opens
+# through the JPEG plugin.
 FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP")
 
 MB = 1024 * 1024
