@@ -271,32 +271,38 @@ def load_models_file(path: str | Path) -> Models:
                 f"{', '.join(sorted(known - {'model'}))}"
                 + (f"; unknown: {', '.join(sorted(unknown))}" if unknown else "")
             )
-        spec = ModelSpec(
-            name=name,
-            source=_relative(path, table["model"], (*BUILTINS, SIM)),
-            weights=_relative(path, weights_name(table.get("weights", "imagenet")), WEIGHT_NAMES),
-            labels=_relative(path, table["labels"]) if "labels" in table else None,
-            preprocessing=table.get("preprocessing"),
-            top_k=table.get("top_k", 5),
-            version=str(table.get("version", "1")),
-            engine=table.get("engine"),
-            precision=table.get("precision"),
-            calibration_dir=(
-                _relative(path, table["calibration_dir"]) if "calibration_dir" in table else None
-            ),
-        )
         try:
+            spec = ModelSpec(
+                name=name,
+                source=_relative(path, table["model"], (*BUILTINS, SIM)),
+                weights=_relative(
+                    path, weights_name(table.get("weights", "imagenet")), WEIGHT_NAMES
+                ),
+                labels=_relative(path, table["labels"]) if "labels" in table else None,
+                preprocessing=table.get("preprocessing"),
+                top_k=table.get("top_k", 5),
+                version=str(table.get("version", "1")),
+                engine=table.get("engine"),
+                precision=table.get("precision"),
+                calibration_dir=(
+                    _relative(path, table["calibration_dir"])
+                    if "calibration_dir" in table
+                    else None
+                ),
+            )
             specs.append(spec.validate())
         except CatalogError as exc:
             raise CatalogError(f"models file {path}: {exc}") from None
     default = data.get("default", specs[0].name)
-    if default not in {s.name for s in specs}:
+    if not isinstance(default, str) or default not in {s.name for s in specs}:
         raise CatalogError(f"models file {path}: default model {default!r} is not defined")
     return Models(tuple(specs), default)
 
 
 def _relative(base: Path, value: str, names: Sequence[str] = ()) -> str:
     """Paths in a models file are relative to it; `names` stay as they are."""
+    if "\0" in value:  # no file system takes one (Path.resolve raises ValueError)
+        raise CatalogError(f"{value!r}: a path cannot hold a NUL character")
     if value in names or Path(value).is_absolute():
         return value
     return str((base.parent / value).resolve())

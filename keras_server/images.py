@@ -33,6 +33,11 @@ import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
 SUPPORTED = "JPEG, PNG, GIF, BMP, TIFF or WebP"
+# The Pillow plugins that may parse an upload: SUPPORTED, whose decode cost
+# `decode_cost` knows. Any other plugin (PSD, FITS, EPS through Ghostscript,
+# ...) is attack surface nobody asked for. A multi-picture JPEG (MPO) opens
+# through the JPEG plugin.
+FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP")
 
 MB = 1024 * 1024
 
@@ -107,10 +112,12 @@ class DecodeBudget:
         return self._used
 
     @contextlib.contextmanager
-    def reserve(self, cost: int) -> Iterator[None]:
+    def reserve(self, cost: int, what: str = "the image") -> Iterator[None]:
+        """Hold `cost` bytes of the budget while the block runs; `what` names
+        what needs them in the 413."""
         if cost > self.limit:
             raise ImageTooLarge(
-                f"the image needs {cost / MB:,.0f} MB to decode; the server's decode "
+                f"{what} needs {cost / MB:,.0f} MB to decode; the server's decode "
                 f"memory is {self.limit / MB:,.0f} MB"
             )
         with self._lock:
@@ -156,7 +163,7 @@ def load_image(
         with warnings.catch_warnings():
             # We enforce our own pixel limit below; Pillow's warning is noise.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
+            with Image.open(io.BytesIO(data), formats=FORMATS) as image:
                 width, height = image.size
                 if width * height > max_pixels:
                     raise ImageTooLarge(

@@ -25,7 +25,7 @@ import keras_server
 from examples.squares import squares, train
 from keras_server.broker.redis_server import free_port
 from keras_server.catalog import CatalogError, ModelSpec, load_models_file
-from keras_server.engines import openvino_engine, selection
+from keras_server.engines import calibration, openvino_engine, selection
 from keras_server.engines.conversion_cache import MANIFEST, ConversionCache, write_manifest
 from keras_server.engines.predictor import EngineError, ModelLoadError
 from keras_server.engines.preprocess import STEPS, batch_of, preprocessing
@@ -456,6 +456,18 @@ def test_int8_without_calibration_images_is_refused_before_loading(
     )  # fmt: skip
     with pytest.raises(ModelLoadError, match=message):
         load_predictor(spec, options(tmp_path / "cache"))
+
+
+def test_an_unreadable_calibration_file_is_a_clear_refusal(tmp_path: Path) -> None:
+    directory = tmp_path / "calibration"
+    directory.mkdir()
+    (directory / "a.png").write_bytes(b"\x89PNG")
+    # A regular file whose read fails even for root (EIO at offset 0).
+    (directory / "b.png").symlink_to("/proc/self/mem")
+    files = calibration.files_of(str(directory))
+    for read in (calibration.digest, lambda f: calibration.load(f, (8, 8), 10**6)):
+        with pytest.raises(ModelLoadError, match=r"--calibration-dir .*: cannot read b.png"):
+            read(files)
 
 
 @pytest.mark.slow

@@ -1,6 +1,8 @@
 """Hostile uploads: each gets the right 4xx, nothing bad reaches the queue,
 and good requests around them still succeed."""
 
+import base64
+import dataclasses
 import io
 import json
 import random
@@ -8,13 +10,16 @@ import zipfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 from conftest import CHELSEA, ROCKET, CountingPredictor, WorkerThread, make_worker, png_bytes
 from flask.testing import FlaskClient
 from PIL import Image
 from test_images import _png_header_only
 
+from keras_server.engines.simulated import SimulatedModel
 from keras_server.settings import Settings
+from keras_server.web.app import create_app
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 BOMB = _png_header_only(70_000, 70_000)
@@ -100,3 +105,56 @@ def test_bad_uploads_mixed_with_good_ones(
     for what, expected, got, body in outcomes:
         assert got == expected, f"{what}: {got} {body}"
     assert sum(predictor.batches) == 24, "exactly the good requests reached the model"
+
+
+# -- v2: what used to be a 500 with a traceback --------------------------------
+
+V2_INFER = "/v2/models/resnet50/infer"
+
+
+def v2_bad_bodies() -> list[tuple[str, bytes, str]]:
+    pixels = {"name": "pixels", "datatype": "UINT8", "shape": [1, 224, 224, 3]}
+    image = {"name": "image", "datatype": "BYTES", "shape": [1]}
+    image["data"] = [base64.b64encode(CHELSEA).decode()]
+    deep = "[" * 100_000
+    deep_data = '{"inputs": [' + json.dumps(pixels)[:-1] + ', "data": ' + deep
+    not_a_list = "'outputs' must be a list"
+    return [
+        ("100 KB of [", deep.encode(), "nested too deeply"),
+        ("deep data", deep_data.encode(), "nested too deeply"),
+        ("outputs 5", json.dumps({"inputs": [image], "outputs": 5}).encode(), not_a_list),
+        ("outputs text", json.dumps({"inputs": [image], "outputs": "x"}).encode(), not_a_list),
+    ]
+
+
+@pytest.mark.parametrize("case", v2_bad_bodies(), ids=[case[0] for case in v2_bad_bodies()])
+def test_v2_hostile_bodies_are_400_without_a_traceback(
+    client: FlaskClient, case: tuple[str, bytes, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    _, body, text = case
+    response = client.post(V2_INFER, data=body, content_type="application/json")
+    assert response.status_code == 400, response.get_data(as_text=True)
+    assert text in response.get_json()["error"]
+    assert not [r for r in caplog.records if r.exc_info], "a traceback in the log"
+
+
+def test_v2_json_pixels_count_against_the_decode_memory(settings: Settings) -> None:
+    # Parsed, 150,528 JSON numbers take ~5 MB of Python objects (a 16 MB body
+    # ~250 MB): the same budget as decoding an image bounds them.
+    tight = create_app(dataclasses.replace(settings, decode_memory_mb=2)).test_client()
+    pixels = {"name": "pixels", "datatype": "FP32", "shape": [1, 224, 224, 3]}
+    response = tight.post(V2_INFER, json={"inputs": [{**pixels, "data": [0.5] * 150_528}]})
+    assert response.status_code == 413, response.get_data(as_text=True)
+    assert "decode memory" in response.get_json()["error"]
+    # The same pixels as binary data hold no Python objects: served within it.
+    raw = np.full(150_528, 0.5, "<f4").tobytes()
+    header = json.dumps(
+        {"inputs": [{**pixels, "parameters": {"binary_data_size": len(raw)}}]}
+    ).encode()
+    with WorkerThread(make_worker(settings, SimulatedModel(0, 0))):
+        answer = tight.post(
+            V2_INFER,
+            data=header + raw,
+            headers={"Inference-Header-Content-Length": str(len(header))},
+        )
+    assert answer.status_code == 200, answer.get_data(as_text=True)

@@ -1,5 +1,6 @@
 """Upload decoding: every mode to RGB, EXIF rotation, first frame, clear errors."""
 
+import io
 import struct
 import zlib
 
@@ -149,3 +150,27 @@ def test_too_many_pixels_is_refused_before_decoding() -> None:
 def test_errors_carry_http_status() -> None:
     assert ImageError("x").status == 400
     assert ImageTooLarge("x").status == 413
+
+
+def _fits() -> bytes:
+    """A minimal 8x8 FITS image (Pillow reads FITS; it is no upload format)."""
+    cards = ["SIMPLE  = T", "BITPIX  = 8", "NAXIS   = 2", "NAXIS1  = 8", "NAXIS2  = 8", "END"]
+    header = "".join(card.ljust(80) for card in cards).ljust(2880).encode()
+    return header + bytes(range(64)).ljust(2880, b"\0")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        png_bytes(Image.new("RGB", (8, 8)), "PPM"),
+        png_bytes(Image.new("RGB", (8, 8)), "TGA"),
+        png_bytes(Image.new("RGB", (8, 8)), "PCX"),
+        _fits(),
+    ],
+    ids=["ppm", "tga", "pcx", "fits"],
+)
+def test_only_the_advertised_formats_are_parsed(data: bytes) -> None:
+    with Image.open(io.BytesIO(data)):
+        pass  # Pillow itself reads it ...
+    with pytest.raises(ImageError, match=r"not an image we can read \(JPEG, PNG, GIF"):
+        load_image(data, (4, 4), 10**6)  # ... the service does not

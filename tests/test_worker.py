@@ -177,3 +177,40 @@ def test_a_request_may_ask_for_the_whole_vector(
     best = np.argsort(-vector, kind="stable")[:3]
     assert header["classes"] == [{"index": int(i), "label": predictor.labels[i]} for i in best]
     assert header["model"] == {"name": settings.model, "version": settings.model_version}
+
+
+def test_a_poison_entry_costs_only_itself(
+    settings: Settings, queue: RequestQueue, predictor: CountingPredictor
+) -> None:
+    # Its shape multiplies past 2**64: np.prod wrapped it to 0, it passed the
+    # size check with no data, and reshape failed the whole batch.
+    header = {"id": "poison", "shape": [2**32, 2**32, 1], "dtype": "uint8", "deadline": 9e9}
+    queue.push(json.dumps(header).encode() + b"\n")
+    good = enqueue(queue, 8)
+    worker = make_worker(settings, predictor, batch_size=16)
+    assert worker.run_once(wait=1) == 9
+    assert [a["success"] for a in answers(queue, good)] == [True] * 8
+    assert answers(queue, ["poison"])[0] == {"success": False, "error": "the request was malformed"}
+    assert queue.client.llen(queue.keys.processing(worker.id)) == 0
+
+
+class BrokenLabels(CountingPredictor):
+    """The model runs; building the answers after it fails (no labels)."""
+
+    def __init__(self, inner: object) -> None:
+        super().__init__(inner)
+        self.labels = ()
+
+
+def test_a_failure_outside_predict_answers_the_batch_and_clears_the_claim(
+    settings: Settings, queue: RequestQueue, predictor: CountingPredictor
+) -> None:
+    model = BrokenLabels(predictor.inner)
+    worker = make_worker(settings, model, batch_size=4)
+    with WorkerThread(worker):
+        ids = enqueue(queue, 3)
+        for answer in answers(queue, ids):
+            assert answer["success"] is False and "worker log" in answer["error"]
+        wait_until(lambda: queue.client.llen(queue.keys.processing(worker.id)) == 0)
+        model.labels = predictor.labels  # the loop still runs and now serves
+        assert answers(queue, enqueue(queue, 2))[0]["success"] is True

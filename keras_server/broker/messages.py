@@ -30,9 +30,9 @@ Nothing read from Redis is ever unpickled or evaluated.
 from __future__ import annotations
 
 import base64
-import binascii
 import dataclasses
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -153,26 +153,36 @@ def _parse(raw: bytes | str) -> tuple[Any, bytes | None]:
 
 
 def decode_request(raw: bytes | str) -> ImageRequest:
-    """Parse one queue entry; BadMessage says what is wrong with it."""
+    """Parse one queue entry; BadMessage (only) says what is wrong with it."""
     try:
         message, data = _parse(raw)
-        request_id = str(message["id"])
-        shape = tuple(int(n) for n in message["shape"])
-        dtype = str(message["dtype"])
+        if not isinstance(message, dict):
+            raise TypeError(f"a JSON object was expected, not {type(message).__name__}")
+        request_id = message["id"]
+        if not isinstance(request_id, str):
+            raise TypeError(f"the id {request_id!r} is not a string")
+        shape = tuple(_whole(n) for n in message["shape"])
+        dtype = message["dtype"]
+        if not isinstance(dtype, str):
+            raise TypeError(f"the dtype {dtype!r} is not a string")
         if data is None:
             data = base64.b64decode(message["image"], validate=True)
         deadline = float(message["deadline"])
         probabilities = message.get("probabilities") is True
-        classes = int(message.get("classes", 0))
-    except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+        classes = _whole(message.get("classes", 0))
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
+        # binascii.Error is a ValueError; OverflowError: float() of a huge integer.
         raise BadMessage(f"malformed request: {exc!r}") from None
     if dtype not in ALLOWED_DTYPES:
         raise BadMessage(f"request {request_id}: dtype {dtype!r} not allowed")
-    count = int(np.prod(shape)) if shape else 1
+    # Python's integers: np.prod would wrap past 2**64 (to 0, fitting no data).
+    count = math.prod(shape)
     if any(n <= 0 for n in shape) or count > MAX_ELEMENTS:
         raise BadMessage(f"request {request_id}: bad shape {shape}")
     if len(data) != count * np.dtype(dtype).itemsize:
         raise BadMessage(f"request {request_id}: {len(data)} bytes do not fit {shape} {dtype}")
+    if not math.isfinite(deadline):
+        raise BadMessage(f"request {request_id}: deadline {deadline} is not a time")
     if not 0 <= classes <= MAX_CLASSES:
         raise BadMessage(f"request {request_id}: classes {classes} out of range")
     image = np.frombuffer(data, dtype=dtype).reshape(shape)
@@ -185,11 +195,19 @@ def decode_request(raw: bytes | str) -> ImageRequest:
     )
 
 
+def _whole(value: object) -> int:
+    """A JSON whole number; ValueError for anything else (a float, a bool,
+    a string of digits: the encoder writes none of these)."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a whole number")
+    return value
+
+
 def request_id_of(raw: bytes | str) -> str | None:
     """Best-effort id of a queue entry that failed to decode, to answer it."""
     try:
         value = _parse(raw)[0].get("id")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         return None
     return value if isinstance(value, str) else None
 

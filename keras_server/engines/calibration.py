@@ -39,7 +39,10 @@ def files_of(directory: str | None) -> list[Path]:
     path = Path(directory)
     if not path.is_dir():
         raise ModelLoadError(f"--calibration-dir {path}: no such directory")
-    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    try:
+        files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    except OSError as exc:
+        raise ModelLoadError(f"--calibration-dir {path}: cannot list it ({exc})") from None
     if not files:
         raise ModelLoadError(f"--calibration-dir {path}: the directory holds no files")
     return files[:MAX_FILES]
@@ -50,9 +53,21 @@ def digest(files: list[Path]) -> str:
     h = hashlib.sha256()
     for file in files:
         h.update(file.name.encode() + b"\0")
-        with file.open("rb") as f:
-            h.update(hashlib.file_digest(f, "sha256").digest())
+        try:
+            with file.open("rb") as f:
+                h.update(hashlib.file_digest(f, "sha256").digest())
+        except OSError as exc:
+            raise unreadable(file, exc) from None
     return h.hexdigest()
+
+
+def unreadable(file: Path, exc: OSError) -> ModelLoadError:
+    """A file that cannot be read stops the start (calibrating on the others
+    would hide it), wherever it is read."""
+    return ModelLoadError(
+        f"--calibration-dir {file.parent}: cannot read {file.name} "
+        f"({exc.strerror or exc}); remove it or make it readable"
+    )
 
 
 def load(files: list[Path], size: tuple[int, int], max_pixels: int) -> np.ndarray:
@@ -60,8 +75,12 @@ def load(files: list[Path], size: tuple[int, int], max_pixels: int) -> np.ndarra
     images, skipped = [], []
     for file in files:
         try:
-            images.append(load_image(file.read_bytes(), size, max_pixels))
-        except (ImageError, OSError) as exc:
+            data = file.read_bytes()
+        except OSError as exc:
+            raise unreadable(file, exc) from None
+        try:
+            images.append(load_image(data, size, max_pixels))
+        except ImageError as exc:
             skipped.append(f"{file.name} ({exc})")
     if skipped:
         log.warning(

@@ -34,11 +34,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import itertools
 import json
 import logging
 import math
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -263,9 +264,38 @@ def parse_request(
     if headers.get("Content-Encoding", "identity") != "identity":
         raise bad(f"Content-Encoding {headers['Content-Encoding']!r} is not supported")
     header_bytes, binary = _split(body, headers.get(HEADER_LENGTH))
+    # The parsed JSON is held until its images are made: it costs the decode
+    # budget, as a decoded image does (a 16 MB body of numbers is ~250 MB of
+    # Python objects).
+    try:
+        with decode.budget.reserve(json_cost(header_bytes), "the request's JSON"):
+            return _parse_json(header_bytes, binary, size, settings, decode)
+    except ImageError as exc:
+        raise errors.from_image(exc) from None
+
+
+def json_cost(text: bytes) -> int:
+    """An upper bound on the bytes `json.loads(text)` holds: per container
+    and per value, a Python object and a list slot; strings about their size.
+    (Measured, CPython 3.11: 16 MB of `[1],` is 385 MB parsed, of `1.5,`
+    129 MB; the bound says 416 and 128.) bytes.count runs at memchr speed."""
+    containers = text.count(b"[") + text.count(b"{")
+    return len(text) + containers * _CONTAINER_BYTES + text.count(b",") * _VALUE_BYTES
+
+
+# A list or dict object with its first slots; a float object and its slot.
+_CONTAINER_BYTES = 72
+_VALUE_BYTES = 32
+
+
+def _parse_json(
+    header_bytes: bytes, binary: bytes, size: tuple[int, int], settings: Settings, decode: Decoder
+) -> Inference:
     try:
         message = json.loads(header_bytes)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except RecursionError:
+        raise bad("the request's JSON is nested too deeply") from None
+    except ValueError as exc:  # UnicodeDecodeError is one
         raise bad(f"the request is not valid JSON ({exc})") from None
     if not isinstance(message, dict):
         raise bad("the request must be a JSON object with 'inputs'")
@@ -282,6 +312,14 @@ def parse_request(
     if len(inputs) != 1:
         names = [i.get("name") if isinstance(i, dict) else None for i in inputs]
         raise bad(f"one input per request, {IMAGE!r} or {PIXELS!r}; got {names}")
+    # The outputs before the images: a request refused for them decodes nothing.
+    default_binary = parameters.get("binary_data_output") is True
+    requested = message.get("outputs")
+    if requested is None:
+        requested = [{"name": OUTPUT}]
+    if not isinstance(requested, list):
+        raise bad("'outputs' must be a list of the outputs to answer")
+    outputs = [_output(o, default_binary) for o in requested or [{"name": OUTPUT}]]
     tensor, data = inputs[0], parts[0]
     name = tensor.get("name")
     if name == IMAGE:
@@ -293,8 +331,6 @@ def parse_request(
             f"unknown input {name!r}: the model takes {IMAGE!r} (BYTES, encoded image files) "
             f"or {PIXELS!r} (UINT8 or FP32, [N, H, W, 3])"
         )
-    default_binary = parameters.get("binary_data_output") is True
-    outputs = [_output(o, default_binary) for o in message.get("outputs") or [{"name": OUTPUT}]]
     return Inference(images, outputs, request_id)
 
 
@@ -422,9 +458,8 @@ def _bytes_elements(data: bytes) -> list[bytes]:
 def _base64_elements(tensor: dict[str, Any]) -> list[bytes]:
     """The JSON form of a BYTES tensor of files: base64 strings (JSON cannot
     carry raw bytes), flat or nested."""
-    flat = _flatten(tensor.get("data"), IMAGE)
     files = []
-    for index, text in enumerate(flat):
+    for index, text in enumerate(_flatten(tensor.get("data"), IMAGE)):
         if not isinstance(text, str):
             raise bad(f"input {IMAGE!r} element {index}: expected a base64 string")
         try:
@@ -434,20 +469,24 @@ def _base64_elements(tensor: dict[str, Any]) -> list[bytes]:
     return files
 
 
-def _flatten(data: object, name: str) -> list[Any]:
+def _flatten(data: object, name: str) -> Iterator[Any]:
+    """The values of a nested JSON list in order, made one at a time (the
+    list may hold millions: no flat copy)."""
     if not isinstance(data, list):
         raise bad(f"input {name!r}: 'data' must be a list (or send binary_data_size)")
-    flat: list[Any] = []
     stack = [iter(data)]
     while stack:
         for item in stack[-1]:
             if isinstance(item, list):
                 stack.append(iter(item))
                 break
-            flat.append(item)
+            yield item
         else:
             stack.pop()
-    return flat
+
+
+# JSON numbers are converted this many at a time.
+_CHUNK = 65_536
 
 
 def _pixels(
@@ -455,7 +494,7 @@ def _pixels(
 ) -> list[np.ndarray]:
     """UINT8 or FP32 [N, H, W, 3] at the model's input size, RGB 0..255."""
     datatype = tensor.get("datatype")
-    dtype = PIXEL_TYPES.get(datatype)  # type: ignore[arg-type]
+    dtype = PIXEL_TYPES.get(datatype) if isinstance(datatype, str) else None
     if dtype is None:
         raise bad(f"input {PIXELS!r} must be UINT8 or FP32, not {datatype!r}")
     shape = _shape(tensor)
@@ -474,23 +513,41 @@ def _pixels(
             )
         array = np.frombuffer(data, dtype=dtype)
     else:
-        flat = _flatten(tensor.get("data"), PIXELS)
-        if len(flat) != elements:
-            raise bad(
-                f"input {PIXELS!r}: shape {shape} holds {elements} values, the data {len(flat)}"
-            )
-        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in flat):
-            raise bad(f"input {PIXELS!r}: 'data' must hold only numbers")
-        values = np.asarray(flat, dtype=np.float64)
-        if dtype == np.uint8 and (
-            np.any(values != np.round(values)) or values.min() < 0 or values.max() > 255
-        ):
-            raise bad(f"input {PIXELS!r}: UINT8 values must be whole numbers 0..255")
-        array = values.astype(dtype)
+        array = _json_pixels(tensor.get("data"), shape, dtype)
     if dtype == np.float32 and not np.all(np.isfinite(array)):
         raise bad(f"input {PIXELS!r}: FP32 values must be finite")
     batch = array.reshape(shape)
     return [batch[i] for i in range(count)]
+
+
+def _json_pixels(data: object, shape: list[int], dtype: np.dtype) -> np.ndarray:
+    """The JSON form of a pixels tensor as a flat array of `dtype`, filled a
+    chunk at a time: beside the parsed list, only the result and one chunk's
+    float64 copy are ever held."""
+    elements = math.prod(shape)
+    array = np.empty(elements, dtype)
+    values = _flatten(data, PIXELS)
+    filled = 0
+    while chunk := list(itertools.islice(values, _CHUNK)):
+        if filled + len(chunk) > elements:
+            filled += len(chunk) + sum(1 for _ in values)
+            break
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in chunk):
+            raise bad(f"input {PIXELS!r}: 'data' must hold only numbers")
+        try:
+            numbers = np.array(chunk, dtype=np.float64)
+        except OverflowError:  # an integer past float64's range: inf, refused below
+            numbers = np.array([math.inf])
+        if dtype == np.uint8 and (
+            not np.all(numbers == np.round(numbers)) or numbers.min() < 0 or numbers.max() > 255
+        ):
+            raise bad(f"input {PIXELS!r}: UINT8 values must be whole numbers 0..255")
+        with np.errstate(over="ignore"):  # past float32's range: inf, refused by _pixels
+            array[filled : filled + len(chunk)] = numbers
+        filled += len(chunk)
+    if filled != elements:
+        raise bad(f"input {PIXELS!r}: shape {shape} holds {elements} values, the data {filled}")
+    return array
 
 
 def _output(spec: object, default_binary: bool) -> Output:

@@ -191,9 +191,30 @@ class Worker:
             return self._answer(raws)
 
     def _answer(self, raws: list[bytes]) -> int:
-        """Decode, infer and answer one claimed batch."""
-        now = time.time()
+        """Decode, infer and answer one claimed batch. Whatever fails, every
+        request of it is answered (with an error if need be) and the claim
+        cleared; only a Redis error in `finish` leaves it, for requeueing."""
         results: dict[str, bytes] = {}
+        try:
+            self._decode_and_infer(raws, results)
+        except Exception:
+            # Not a model error (_infer answers those): a bug outside predict.
+            metrics.FAILED_BATCHES.inc()
+            log.exception("batch of %d failed outside the model", len(raws))
+            error = messages.error_result(
+                "the worker failed on this request's batch; the worker log has the details"
+            )
+            for raw in raws:
+                request_id = messages.request_id_of(raw)
+                if request_id:
+                    results.setdefault(request_id, error)
+        self.queue.finish(self.id, results, self.result_ttl)
+        return len(raws)
+
+    def _decode_and_infer(self, raws: list[bytes], results: dict[str, bytes]) -> None:
+        """Fill `results` with the answers to `raws`: a bad entry is answered
+        (or dropped) alone, the others go through the model together."""
+        now = time.time()
         batch: list[messages.ImageRequest] = []
         for raw in raws:
             try:
@@ -216,8 +237,6 @@ class Worker:
             batch.append(request)
         if batch:
             results.update(self._infer(batch))
-        self.queue.finish(self.id, results, self.result_ttl)
-        return len(raws)
 
     def _infer(self, batch: list[messages.ImageRequest]) -> dict[str, bytes]:
         ids = [r.id for r in batch]
