@@ -100,7 +100,7 @@ def test_end_to_end_over_two_shards_with_one_worker_serving_both(
             assert list(pool.map(post, range(40))) == [200] * 40
         ready = client.get("/readyz").get_json()
         assert ready["ready"] is True
-        assert ready["workers"] == 2
+        assert (ready["workers"], ready["claim_loops"]) == (1, 2)  # one process, 2 shards
         metrics = client.get("/metrics").get_data(as_text=True)
         for server in two_servers:
             shard = label(server.url)
@@ -191,7 +191,7 @@ def test_readyz_models_and_metrics_agree_model_by_shard(
 
     (late,) = make_workers(dataclasses.replace(settings, redis_url=urls[1]), model, "b", models)
     late.queue.beat(late.id, late.info(), ttl=60)
-    assert client.get("/readyz").get_json()["workers"] == 4
+    assert client.get("/readyz").get_json()["claim_loops"] == 4
     assert sum(live_in_models().values()) == sum(live_in_metrics().values()) == 4
 
     two_servers[1].stop()
@@ -199,7 +199,7 @@ def test_readyz_models_and_metrics_agree_model_by_shard(
     assert ready["ready"] is True
     assert ready["unreachable"] == [ready["unreachable"][0]]
     assert ready["unreachable"][0].startswith(f"Redis at {shard1} is unreachable")
-    assert ready["workers"] == 2
+    assert ready["claim_loops"] == 2
     assert live_in_models() == {"a": 1, "b": 1}
     assert live_in_metrics() == {("a", shard0): 1, ("b", shard0): 1}
     metrics = client.get("/metrics").get_data(as_text=True)
