@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import logging
+import random
 import shutil
 import socket
 import subprocess
@@ -51,9 +52,29 @@ def bundled_redis_server() -> str | None:
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback port nothing listens on, for a server about to start there.
+
+    Chosen below the kernel's ephemeral range, never in it: outgoing
+    connections (Redis clients, say) take their local ports from that range,
+    so a port picked there could be taken before the server binds it (seen:
+    a worker's --metrics-port, bound seconds later, once its model loaded)."""
+    low = _ephemeral_low()
+    candidates = [random.randrange(20000, low) for _ in range(200)] if low > 21000 else []
+    for port in [*candidates, 0]:  # 0: the kernel's pick, the last resort
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(sock.getsockname()[1])
+    raise OSError("no free loopback port")
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 def answers(url: str) -> bool:
