@@ -1,6 +1,6 @@
 """The model-worker process: claim a batch from Redis, run one forward pass, answer each.
 
-    loop          the claim loop per shard, the model thread, and `serve`
+    loop          the claim loop per shard, the lock its loops share, and `serve`
 
 Imports the broker and the engines' interface, never the web tier.
 """

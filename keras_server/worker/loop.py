@@ -21,7 +21,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import redis
@@ -308,37 +308,3 @@ def serve(workers: Sequence[Worker], stop: threading.Event) -> None:
         thread.start()
     for thread in threads:
         thread.join()
-
-
-class ModelThread(threading.Thread):
-    """The `--role all` worker: loads the models, warms them up, then serves.
-
-    `prepare` builds the workers (loading is the slow part). `ready` is set
-    once they serve, `failed` (with `error`) if loading failed, so the caller
-    can open the HTTP port only when requests can be answered.
-    """
-
-    def __init__(self, prepare: Callable[[], list[Worker]]) -> None:
-        super().__init__(name="model-worker", daemon=True)
-        self._prepare = prepare
-        self.stop = threading.Event()
-        self.ready = threading.Event()
-        self.failed = threading.Event()
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            workers = self._prepare()
-        except BaseException as exc:
-            self.error = exc
-            self.failed.set()
-            return
-        self.ready.set()
-        serve(workers, self.stop)
-
-    def wait_until_ready(self) -> None:
-        """Block until the models serve; re-raise their loading error if it failed."""
-        while not (self.ready.wait(0.2) or self.failed.is_set()):
-            pass
-        if self.error is not None:
-            raise self.error
