@@ -56,6 +56,7 @@ from keras_server.web.deployment import ServedModel
 from keras_server.web.dispatch import Decoder, submit, timed_out, too_many
 from keras_server.web.errors import HttpError
 from keras_server.web.page import openapi_document
+from keras_server.web.response_cache import HEADER, probabilities_form
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +88,12 @@ class Output:
 class Inference:
     """A parsed infer request: the images, as the worker takes them, and what to answer."""
 
-    images: list[np.ndarray]
+    images: list[np.ndarray]  # the pixels input's, or the files' once decoded
     outputs: list[Output]
     request_id: str | None = None
+    # The image input's encoded files, as sent (read_request leaves them undecoded).
+    files: list[bytes] = field(default_factory=list)
+    pixels_dtype: str = ""  # the pixels input's: uint8 or float32
     classes: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -207,28 +211,50 @@ def infer(name: str, version: str | None = None) -> Response:
     size = model.input_size()
     if size is None:
         raise errors.no_live_worker(model.name)
-    settings = state().settings
-    inference = parse_request(request.get_data(), request.headers, size, settings, state().decoder)
-    jobs = [
-        messages.ImageRequest.create(
-            image, settings.result_timeout, probabilities=True, classes=inference.classes
-        )
-        for image in inference.images
-    ]
-    answers = submit(model, jobs, settings)
-    rows, classes, made_by = _collect(jobs, answers, settings)
+    settings, decode, cache = state().settings, state().decoder, state().cache
+    inference = read_request(request.get_data(), request.headers, size, settings, decode)
+    count = len(inference.files or inference.images)
+    looked = None
+    if cache and cache.on_for(model):
+        form = probabilities_form(inference.classes, inference.pixels_dtype)
+        payloads = inference.files or [
+            memoryview(np.ascontiguousarray(image)) for image in inference.images
+        ]
+        looked = cache.lookup(model, form, payloads)
+    raws: dict[int, bytes | None] = dict(looked.hits) if looked else {}
+    missed = [i for i in range(count) if i not in raws]
+    if missed:
+        if inference.files:
+            images = decode_files([(i, inference.files[i]) for i in missed], size, decode)
+        else:
+            images = [inference.images[i] for i in missed]
+        jobs = [
+            messages.ImageRequest.create(
+                image, settings.result_timeout, probabilities=True, classes=inference.classes
+            )
+            for image in images
+        ]
+        answers = submit(model, jobs, settings)
+        found = {i: answers[j.id] for i, j in zip(missed, jobs, strict=True) if j.id in answers}
+        if cache and looked:
+            cache.store(looked, found)
+        raws.update({i: found.get(i) for i in missed})
+    rows, classes, made_by = _collect([raws[i] for i in range(count)], settings)
     version_used = (made_by or {}).get("version") or model.spec.version
-    return answer(model.name, version_used, inference, rows, classes)
+    response = answer(model.name, version_used, inference, rows, classes)
+    if looked:
+        response.headers[HEADER] = looked.header
+    return response
 
 
 def _collect(
-    jobs: list[messages.ImageRequest], answers: dict[str, bytes], settings: Settings
+    answers: list[bytes | None], settings: Settings
 ) -> tuple[np.ndarray, list[list[dict[str, Any]]], dict[str, str] | None]:
     """(probabilities [N, classes], each image's top classes, the model that
-    answered) from the workers' answers; HttpError if any image failed."""
+    answered) from the answers, in order (None: none came); HttpError if any
+    image failed."""
     rows, classes, made_by = [], [], None
-    for job in jobs:
-        raw = answers.get(job.id)
+    for raw in answers:
         if raw is None:
             raise HttpError(504, timed_out(settings))
         header, vector = messages.decode_probabilities(raw)
@@ -261,6 +287,18 @@ def parse_request(
     body: bytes, headers: Any, size: tuple[int, int], settings: Settings, decode: Decoder
 ) -> Inference:
     """An infer request's body -> the images to queue; HttpError says what is wrong."""
+    inference = read_request(body, headers, size, settings, decode)
+    if inference.files:
+        inference.images = decode_files(list(enumerate(inference.files)), size, decode)
+    return inference
+
+
+def read_request(
+    body: bytes, headers: Any, size: tuple[int, int], settings: Settings, decode: Decoder
+) -> Inference:
+    """An infer request's body, checked, its `image` files not yet decoded
+    (`decode_files`: the response cache may answer them first); HttpError
+    says what is wrong."""
     if headers.get("Content-Encoding", "identity") != "identity":
         raise bad(f"Content-Encoding {headers['Content-Encoding']!r} is not supported")
     header_bytes, binary = _split(body, headers.get(HEADER_LENGTH))
@@ -269,7 +307,7 @@ def parse_request(
     # Python objects).
     try:
         with decode.budget.reserve(json_cost(header_bytes), "the request's JSON"):
-            return _parse_json(header_bytes, binary, size, settings, decode)
+            return _parse_json(header_bytes, binary, size, settings)
     except ImageError as exc:
         raise errors.from_image(exc) from None
 
@@ -289,7 +327,7 @@ _VALUE_BYTES = 32
 
 
 def _parse_json(
-    header_bytes: bytes, binary: bytes, size: tuple[int, int], settings: Settings, decode: Decoder
+    header_bytes: bytes, binary: bytes, size: tuple[int, int], settings: Settings
 ) -> Inference:
     try:
         message = json.loads(header_bytes)
@@ -323,15 +361,14 @@ def _parse_json(
     tensor, data = inputs[0], parts[0]
     name = tensor.get("name")
     if name == IMAGE:
-        images = _images(tensor, data, size, settings, decode)
-    elif name == PIXELS:
+        return Inference([], outputs, request_id, files=_image_files(tensor, data, settings))
+    if name == PIXELS:
         images = _pixels(tensor, data, size, settings)
-    else:
-        raise bad(
-            f"unknown input {name!r}: the model takes {IMAGE!r} (BYTES, encoded image files) "
-            f"or {PIXELS!r} (UINT8 or FP32, [N, H, W, 3])"
-        )
-    return Inference(images, outputs, request_id)
+        return Inference(images, outputs, request_id, pixels_dtype=images[0].dtype.name)
+    raise bad(
+        f"unknown input {name!r}: the model takes {IMAGE!r} (BYTES, encoded image files) "
+        f"or {PIXELS!r} (UINT8 or FP32, [N, H, W, 3])"
+    )
 
 
 def _split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
@@ -405,14 +442,8 @@ def _count(shape: list[int], settings: Settings) -> int:
     return shape[0]
 
 
-def _images(
-    tensor: dict[str, Any],
-    data: bytes | None,
-    size: tuple[int, int],
-    settings: Settings,
-    decode: Decoder,
-) -> list[np.ndarray]:
-    """BYTES: encoded image files, decoded and resized as /predict does."""
+def _image_files(tensor: dict[str, Any], data: bytes | None, settings: Settings) -> list[bytes]:
+    """BYTES: encoded image files, checked, not yet decoded."""
     datatype = tensor.get("datatype")
     if datatype != "BYTES":
         raise bad(f"input {IMAGE!r} must be BYTES (encoded image files), not {datatype!r}")
@@ -423,10 +454,19 @@ def _images(
     files = _bytes_elements(data) if data is not None else _base64_elements(tensor)
     if len(files) != count:
         raise bad(f"input {IMAGE!r}: shape {shape} holds {count} images, the data {len(files)}")
-    images = []
     for index, file in enumerate(files):
         if not file:
             raise bad(f"input {IMAGE!r} element {index} is empty")
+    return files
+
+
+def decode_files(
+    files: list[tuple[int, bytes]], size: tuple[int, int], decode: Decoder
+) -> list[np.ndarray]:
+    """The `image` input's files (each with its element index), decoded and
+    resized as /predict does; an HttpError names the element that failed."""
+    images = []
+    for index, file in files:
         try:
             images.append(decode(file, size))
         except ImageError as exc:
