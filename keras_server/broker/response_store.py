@@ -70,6 +70,8 @@ class ResponseStore:
         CacheDown when the host is marked down; redis-py errors as they come."""
         self._check_up()
         with self.shard.watch():
+            if len(keys) == 1:  # the common case: GET costs a little less than MGET
+                return [self.client.get(keys[0])]
             found: list[bytes | None] = self.client.mget(keys)
         return found
 
@@ -79,9 +81,15 @@ class ResponseStore:
         self._check_up()
         if not self._has_room():
             raise CacheFull(f"Redis at {self.name} is {FULL_SHARE:.0%} full")
+        px = max(int(ttl * 1000), 1)
+        if len(entries) == 1:  # a pipeline object costs more than the command
+            ((key, value),) = entries.items()
+            with self.shard.watch():
+                self.client.set(key, value, px=px)
+            return
         pipe = self.client.pipeline(transaction=False)
         for key, value in entries.items():
-            pipe.set(key, value, px=max(int(ttl * 1000), 1))
+            pipe.set(key, value, px=px)
         with self.shard.watch():
             pipe.execute()
 

@@ -11,8 +11,13 @@ Its key (messages.Keys.cached): the model's name, the version that made the
 answer, the answer's form (`/predict`: `top<k>`, the model's top_k; v2:
 `p<k>`, probabilities and the k classes named for its classification
 output, `p<k>-<dtype>` when the input was pixels rather than a file), and a
-BLAKE2b-128 hash of the uploaded bytes (the encoded file; the pixels' raw
-bytes), so a hit skips decoding.
+hash of the uploaded bytes (the encoded file; the pixels' raw bytes), so a
+hit skips decoding: SHA-256, cut to 128 bits. A cryptographic hash, because
+the cache is shared: with one whose collisions can be made (xxHash), one
+client could upload an image that collides with a popular one and have
+everybody else answered with its classes. SHA-256 rather than BLAKE2b: the
+SHA extensions of current x86 and ARM CPUs make it the faster of the two
+(0.20 against 0.44 ms for a 235 KB upload, BENCHMARKS.md).
 
 Versions. All versions of a model share its queue today, so the version a
 lookup uses is the one the model's live workers serve, read from the
@@ -63,11 +68,12 @@ HEADER = "X-Cache"
 # read again: the longest a lookup can use a version whose last worker has
 # just left, or miss one that has just arrived.
 VERSIONS_TTL_S = 1.0
-DIGEST_BYTES = 16  # BLAKE2b-128: collisions are out of reach, and the key stays short
+# 128 bits of the hash: collisions stay out of reach, and the key short.
+DIGEST_HEX = 32
 
 
 def digest(data: bytes | memoryview) -> str:
-    return hashlib.blake2b(data, digest_size=DIGEST_BYTES).hexdigest()
+    return hashlib.sha256(data).hexdigest()[:DIGEST_HEX]
 
 
 def top_k_form(model: ServedModel) -> str:
