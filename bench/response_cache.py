@@ -6,7 +6,8 @@ Starts a private redis-server and two `run_keras_server.py --role all
 --model sim` servers on it (their own queues), one with the cache off and
 one with `--response-cache-ttl 600`; the simulated model only sleeps
 (`--sim-batch-ms 1 --sim-image-ms 0`), so the web tier is what limits
-throughput and the cache's work is not hidden behind a model's. Each upload
+throughput and the cache's work is not hidden behind a model's: the worst
+case. `--sim-image-ms 20` makes the model the bottleneck, as a real one is. Each upload
 is a sample image with a PNG text chunk holding a counter: every byte string
 is new, the decode costs what the sample's does.
 
@@ -66,11 +67,13 @@ def unique_uploads(sample: bytes, count: int, start: int) -> list[bytes]:
     return uploads
 
 
-def start(port: int, redis_url: str, queue: str, *extra: str) -> subprocess.Popen[bytes]:
+def start(
+    port: int, redis_url: str, queue: str, image_ms: float, *extra: str
+) -> subprocess.Popen[bytes]:
     command = [
         sys.executable, "run_keras_server.py", "--role", "all", "--port", str(port),
         "--redis-url", redis_url, "--queue-name", queue, "--log-level", "WARNING",
-        "--model", "sim", "--sim-batch-ms", "1", "--sim-image-ms", "0", *extra,
+        "--model", "sim", "--sim-batch-ms", "1", "--sim-image-ms", str(image_ms), *extra,
     ]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
@@ -150,6 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--image", default="chelsea.png", help="the sample, in images/")
+    parser.add_argument(
+        "--sim-image-ms",
+        type=float,
+        default=0.0,
+        help="the simulated model's sleep per image: 0 leaves the web tier the bottleneck "
+        "(the cache's worst case); 20 makes the model it, as a real one is",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
 
@@ -199,13 +209,15 @@ def main(argv: list[str] | None = None) -> int:
         "requests_per_round": args.requests,
         "rounds": args.rounds,
         "clients": args.clients,
+        "sim_image_ms": args.sim_image_ms,
         "load": load,
         "bytes_per_entry": round(stored / entries) if entries else None,
         "cache_work_ms": {k: round(v, 3) for k, v in work.items()},
     }
     print(
         f"{args.rounds} rounds x {args.requests} uploads of {args.image} "
-        f"({len(sample) / 1024:.0f} KB, each unique), {args.clients} clients; "
+        f"({len(sample) / 1024:.0f} KB, each unique), {args.clients} clients, "
+        f"--sim-image-ms {args.sim_image_ms:g}; "
         f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
     )
     print(f"{'':24s} {'req/s (median)':>14s} {'server CPU ms/request (median)':>31s}  rounds")
