@@ -170,8 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     with RedisServer() as redis_server:
         ports = {"off": free_port(), "on": free_port()}
         servers = {
-            "off": start(ports["off"], redis_server.url, "bench-off"),
-            "on": start(ports["on"], redis_server.url, "bench-on", "--response-cache-ttl", "600"),
+            "off": start(ports["off"], redis_server.url, "bench-off", args.sim_image_ms),
+            "on": start(
+                ports["on"], redis_server.url, "bench-on", args.sim_image_ms,
+                "--response-cache-ttl", "600",
+            ),  # fmt: skip
         }
         bases = {mode: f"http://127.0.0.1:{port}" for mode, port in ports.items()}
         try:
