@@ -172,9 +172,13 @@ def main(argv: list[str] | None = None) -> int:
         servers = {
             "off": start(ports["off"], redis_server.url, "bench-off", args.sim_image_ms),
             "on": start(
-                ports["on"], redis_server.url, "bench-on", args.sim_image_ms,
-                "--response-cache-ttl", "600",
-            ),  # fmt: skip
+                ports["on"],
+                redis_server.url,
+                "bench-on",
+                args.sim_image_ms,
+                "--response-cache-ttl",
+                "600",
+            ),
         }
         bases = {mode: f"http://127.0.0.1:{port}" for mode, port in ports.items()}
         try:
