@@ -118,6 +118,7 @@ def sim(settings: Settings) -> Settings:
     return Settings(**{**settings.__dict__, "model": "sim"})
 
 
+@pytest.mark.slow
 def test_off_by_default(sim: Settings, redis_client: redis.Redis) -> None:
     process, base = start_web(sim, "--model", "sim", "--web-workers", "1")
     try:
@@ -133,6 +134,7 @@ def test_off_by_default(sim: Settings, redis_client: redis.Redis) -> None:
         stop(process)
 
 
+@pytest.mark.slow
 def test_a_hit_answers_the_same_body_without_queueing(
     sim: Settings, redis_client: redis.Redis
 ) -> None:
@@ -199,6 +201,7 @@ def test_a_hit_answers_the_same_body_without_queueing(
         stop(process)
 
 
+@pytest.mark.slow
 def test_a_new_version_never_reads_an_older_versions_entries(
     sim: Settings, redis_client: redis.Redis
 ) -> None:
@@ -238,6 +241,7 @@ def test_a_new_version_never_reads_an_older_versions_entries(
         stop(process)
 
 
+@pytest.mark.slow
 def test_requests_are_served_when_the_cache_redis_stops(sim: Settings) -> None:
     cache_redis = RedisServer().start()
     try:
@@ -387,3 +391,14 @@ def test_cached_answers_conform_to_the_openapi_description(settings: Settings) -
             done = upload(client, COFFEE, path="/models/sim/predict")
             conforms(openapi, done, 200)
             assert done.response.headers["X-Cache"] == expected
+
+
+def test_the_benchmarks_uploads_are_new_bytes_with_the_samples_pixels() -> None:
+    from bench.response_cache import unique_uploads
+    from keras_server.images import load_image
+
+    uploads = unique_uploads(CHELSEA, 3, start=7)
+    assert len(set(uploads)) == 3 and CHELSEA not in uploads
+    expected = load_image(CHELSEA, (224, 224), 50_000_000)
+    for upload in uploads:
+        assert np.array_equal(load_image(upload, (224, 224), 50_000_000), expected)
