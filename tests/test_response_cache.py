@@ -402,3 +402,19 @@ def test_the_benchmarks_uploads_are_new_bytes_with_the_samples_pixels() -> None:
     expected = load_image(CHELSEA, (224, 224), 50_000_000)
     for upload in uploads:
         assert np.array_equal(load_image(upload, (224, 224), 50_000_000), expected)
+
+
+def test_the_flags_are_checked() -> None:
+    from keras_server.settings import SettingsError, load_settings
+
+    assert load_settings([], {}).response_cache_ttl == 0  # off by default
+    flags = ["--response-cache-ttl", "30", "--response-cache-url", "redis://c:6379/1"]
+    on = load_settings(flags, {})
+    assert (on.response_cache_ttl, on.response_cache_url) == (30, "redis://c:6379/1")
+    for flags, reason in [
+        (["--response-cache-ttl", "-1"], "0 or more"),
+        (["--response-cache-url", "redis://a/0,redis://b/0"], "one Redis URL"),
+        (["--response-cache-url", "http://a/"], "must start with"),
+    ]:
+        with pytest.raises(SettingsError, match=reason):
+            load_settings(flags, {})
