@@ -7,9 +7,12 @@ decoder shared by every route that decodes) is one `AppState`, stored once by
 `create_app` and read with `state()`: the routes themselves are plain
 functions, like page.py's and v2.py's. A request is decoded and resized here,
 queued in Redis, and answered from its own result key; several `image`
-fields are handed to dispatch.py. Errors are errors.HttpError (or left to
-errors.py to classify), answered `{"success": false, "error": "..."}`: the
-blueprint's handlers, and the app's for what no blueprint routes. TensorFlow-free.
+fields are handed to dispatch.py. With the response cache on for the model
+(web/response_cache.py), an upload is looked up before it is decoded, and
+`X-Cache` says whether the answer came from it. Errors are errors.HttpError
+(or left to errors.py to classify), answered `{"success": false, "error":
+"..."}`: the blueprint's handlers, and the app's for what no blueprint
+routes. TensorFlow-free.
 """
 
 from __future__ import annotations

@@ -14,6 +14,9 @@ else's; all of one request's entries go to one Redis shard in one script call,
 all or none, so a full queue refuses the whole request and leaves nothing of
 it queued. Their answers are awaited together on that shard.
 
+With the response cache on, the images it answers are neither decoded nor
+queued (web/response_cache.py); the others go as above.
+
 Several images on `/predict` answer `200 {"success": true, "results": [...]}`,
 one item per `image` field, in order: the single-image body (success or
 error) plus `"filename"` and `"status"`, the HTTP status that image alone
@@ -154,6 +157,8 @@ def predict_many(
 
 @dataclass
 class Items:
+    """Several images' items, and what the workers answered (to cache)."""
+
     results: list[dict[str, Any]]  # one per upload, in order
     answers: dict[int, bytes]  # the workers' answers, by position (not the cached ones)
 

@@ -21,12 +21,15 @@ request); with `"classification": k` on the output it is instead BYTES
 `[N, k]` of `"score:index:label"`, as Triton's classification extension.
 
 The N images become N queue entries (dispatch.submit), so they batch with
-everyone else's, answered together. A rejected request queues nothing. Every
-error is `{"error": "..."}`: 400 for a request the protocol or the model does
-not take, 404 for an unknown model or version, 413 past --max-images, 503/504
-as `/predict`. A version in the path must be one the model serves (its spec's,
-or a live worker's); all of a model's versions share its queue, so whichever
-worker claims an image answers it, and `model_version` says which.
+everyone else's, answered together. With the response cache on for the model
+(web/response_cache.py), each image is looked up before it is decoded and
+only the misses are queued; `X-Cache` says hit, miss or partial. A rejected
+request queues nothing. Every error is `{"error": "..."}`: 400 for a request
+the protocol or the model does not take, 404 for an unknown model or
+version, 413 past --max-images, 503/504 as `/predict`. A version in the path
+must be one the model serves (its spec's, or a live worker's); all of a
+model's versions share its queue, so whichever worker claims an image
+answers it, and `model_version` says which.
 TensorFlow-free.
 """
 
@@ -302,9 +305,9 @@ def read_request(
     if headers.get("Content-Encoding", "identity") != "identity":
         raise bad(f"Content-Encoding {headers['Content-Encoding']!r} is not supported")
     header_bytes, binary = _split(body, headers.get(HEADER_LENGTH))
-    # The parsed JSON is held until its images are made: it costs the decode
-    # budget, as a decoded image does (a 16 MB body of numbers is ~250 MB of
-    # Python objects).
+    # The parsed JSON is held until the files are taken out of it or the
+    # pixels made: it costs the decode budget, as a decoded image does (a
+    # 16 MB body of numbers is ~250 MB of Python objects).
     try:
         with decode.budget.reserve(json_cost(header_bytes), "the request's JSON"):
             return _parse_json(header_bytes, binary, size, settings)
