@@ -31,6 +31,7 @@ from prometheus_client import REGISTRY
 from keras_server.broker import messages
 from keras_server.broker.redis_server import RedisServer
 from keras_server.broker.request_queue import RequestQueue
+from keras_server.broker.response_store import ResponseStore
 from keras_server.catalog import CatalogError
 from keras_server.engines.simulated import SimulatedModel
 from keras_server.settings import Settings
@@ -418,3 +419,22 @@ def test_the_flags_are_checked() -> None:
     ]:
         with pytest.raises(SettingsError, match=reason):
             load_settings(flags, {})
+
+
+def test_a_cache_that_may_not_read_info_still_writes(redis_server: RedisServer) -> None:
+    """The ACL docs/operations.md suggests refuses INFO (@dangerous): the
+    store writes without its headroom check, and asks INFO only once."""
+    admin = redis.Redis.from_url(redis_server.url)
+    user = f"cache-{uuid.uuid4().hex[:6]}"
+    admin.acl_setuser(user, enabled=True, passwords=["+secret"], keys=["*"],
+                      commands=["+@all", "-@dangerous"])  # fmt: skip
+    try:
+        url = redis_server.url.replace("redis://", f"redis://{user}:secret@")
+        store = ResponseStore.open(url, timeout=1.0)
+        store.put_many({f"{user}:a": b"1"}, 60)
+        assert store._info_refused
+        store.put_many({f"{user}:b": b"2", f"{user}:c": b"3"}, 60)
+        assert store.get_many([f"{user}:a", f"{user}:b", f"{user}:x"]) == [b"1", b"2", None]
+    finally:
+        admin.acl_deluser(user)
+        admin.close()

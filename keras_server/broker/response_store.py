@@ -30,6 +30,7 @@ from collections.abc import Mapping, Sequence
 
 import redis
 
+from keras_server.broker.failures import reason
 from keras_server.broker.request_queue import Shard
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class ResponseStore:
         self.client = shard.client
         self._lock = threading.Lock()
         self._room: tuple[float, bool] = (-ROOM_CHECK_S, True)  # (checked at, writes go)
+        self._info_refused = False
 
     @classmethod
     def open(cls, url: str, *, timeout: float) -> ResponseStore:
@@ -106,14 +108,24 @@ class ResponseStore:
             checked, room = self._room
         if now - checked < ROOM_CHECK_S:
             return room
+        if self._info_refused:
+            return True
         try:
             with self.shard.watch():
                 info = self.client.info("memory")
         except redis.ResponseError as exc:
-            # INFO refused (an ACL without it): the Redis's own limit still
-            # refuses writes when it is full; nothing more to check.
-            log.info("response cache at %s: INFO refused (%s); writes unchecked", self.name, exc)
-            info = {}
+            # INFO refused (an ACL without +info: it is in @dangerous): the
+            # Redis's own limit still refuses writes when it is full; never
+            # asked again.
+            log.warning(
+                "response cache at %s: INFO refused (%s); writes go on until Redis itself "
+                "refuses them (allow +info to keep %.0f%% free for the queue)",
+                self.name,
+                reason(exc),
+                100 * (1 - FULL_SHARE),
+            )
+            self._info_refused = True
+            return True
         limit = int(info.get("maxmemory", 0))
         policy = str(info.get("maxmemory_policy", "noeviction"))
         room = (
