@@ -31,6 +31,7 @@ from keras_server.broker import messages
 from keras_server.catalog import CatalogError, load_models_file
 from keras_server.settings import KNOBS, Settings, SettingsError, load_settings
 from keras_server.web import uploads, v2
+from keras_server.web.inference import PIXEL_TYPES
 from keras_server.web.auth import KeysFileError, load_keys
 from keras_server.web.dispatch import Decoder
 from keras_server.web.errors import HttpError
@@ -183,7 +184,7 @@ def v2_requests(draw: st.DrawFn) -> tuple[bytes, dict[str, str]]:
     tensor: dict[str, Any] = {"name": "pixels", "datatype": dtype, "shape": shape}
     binary = b""
     if draw(st.booleans()):
-        binary = bytes(math.prod(shape) * v2.PIXEL_TYPES[dtype].itemsize)
+        binary = bytes(math.prod(shape) * PIXEL_TYPES[dtype].itemsize)
         tensor["parameters"] = {"binary_data_size": len(binary)}
     else:
         tensor["data"] = [0] * math.prod(shape)
@@ -259,7 +260,7 @@ pixel_batches = st.integers(1, V2_SETTINGS.max_images).flatmap(
 @given(pixel_batches, st.sampled_from(["UINT8", "FP32"]), st.booleans(), st.booleans())
 def test_v2_pixels_round_trip(batch: np.ndarray, datatype: str, binary: bool, nested: bool) -> None:
     tensor: dict[str, Any] = {"name": "pixels", "datatype": datatype, "shape": list(batch.shape)}
-    dtype = v2.PIXEL_TYPES[datatype]
+    dtype = PIXEL_TYPES[datatype]
     raw = b""
     if binary:
         raw = batch.astype(dtype).tobytes()
