@@ -31,10 +31,10 @@ from keras_server.broker import messages
 from keras_server.catalog import CatalogError, load_models_file
 from keras_server.settings import KNOBS, Settings, SettingsError, load_settings
 from keras_server.web import uploads, v2
-from keras_server.web.inference import PIXEL_TYPES
 from keras_server.web.auth import KeysFileError, load_keys
 from keras_server.web.dispatch import Decoder
 from keras_server.web.errors import HttpError
+from keras_server.web.inference import PIXEL_TYPES, bytes_elements
 
 FUZZ = settings(
     derandomize=True,
@@ -282,7 +282,7 @@ def test_v2_pixels_round_trip(batch: np.ndarray, datatype: str, binary: bool, ne
 @given(st.lists(st.binary(max_size=12), min_size=1, max_size=4))
 def test_v2_bytes_elements_round_trip(elements: list[bytes]) -> None:
     data = b"".join(struct.pack("<I", len(e)) + e for e in elements)
-    assert v2._bytes_elements(data) == elements
+    assert bytes_elements(data) == elements
     tensor = {"data": [base64.b64encode(e).decode() for e in elements]}
     assert v2._base64_elements(tensor) == elements
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -246,6 +247,31 @@ def decode_images(
             refused.message = f"input {IMAGE!r} element {index}: {refused.message}"
             raise refused from None
     return images
+
+
+def bytes_elements(data: bytes) -> list[bytes]:
+    """The binary form of a BYTES tensor (REST's binary extension, gRPC's raw
+    contents): each element a 4-byte little-endian length, then that many bytes."""
+    elements, offset = [], 0
+    while offset < len(data):
+        if offset + 4 > len(data):
+            raise bad(f"input {IMAGE!r}: its binary data ends inside an element's length")
+        (length,) = struct.unpack_from("<I", data, offset)
+        offset += 4
+        if offset + length > len(data):
+            raise bad(
+                f"input {IMAGE!r} element {len(elements)}: its length says {length} bytes, "
+                f"{len(data) - offset} are left"
+            )
+        elements.append(data[offset : offset + length])
+        offset += length
+    return elements
+
+
+def serialize_bytes(strings: Sequence[str]) -> bytes:
+    """A BYTES tensor of text in the binary form `bytes_elements` reads."""
+    encoded = [s.encode() for s in strings]
+    return b"".join(struct.pack("<I", len(e)) + e for e in encoded)
 
 
 def check_pixel_tensor(

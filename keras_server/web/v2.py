@@ -38,7 +38,6 @@ import itertools
 import json
 import logging
 import math
-import struct
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -264,27 +263,8 @@ def _images(
 ) -> list[np.ndarray]:
     """BYTES: encoded image files, decoded and resized as /predict does."""
     shape, count = core.check_image_tensor(tensor.get("datatype"), tensor.get("shape"), settings)
-    files = _bytes_elements(data) if data is not None else _base64_elements(tensor)
+    files = core.bytes_elements(data) if data is not None else _base64_elements(tensor)
     return core.decode_images(files, shape, count, size, decode)
-
-
-def _bytes_elements(data: bytes) -> list[bytes]:
-    """The binary form of a BYTES tensor: each element a 4-byte little-endian
-    length, then that many bytes."""
-    elements, offset = [], 0
-    while offset < len(data):
-        if offset + 4 > len(data):
-            raise bad(f"input {IMAGE!r}: its binary data ends inside an element's length")
-        (length,) = struct.unpack_from("<I", data, offset)
-        offset += 4
-        if offset + length > len(data):
-            raise bad(
-                f"input {IMAGE!r} element {len(elements)}: its length says {length} bytes, "
-                f"{len(data) - offset} are left"
-            )
-        elements.append(data[offset : offset + length])
-        offset += length
-    return elements
 
 
 def _base64_elements(tensor: dict[str, Any]) -> list[bytes]:
@@ -382,7 +362,7 @@ def answer(inference: Inference, result: Result) -> Response:
         if output.classification:
             strings, shape = result.classification(output.classification)
             tensor: dict[str, Any] = {"name": OUTPUT, "datatype": "BYTES", "shape": shape}
-            raw = b"".join(struct.pack("<I", len(s.encode())) + s.encode() for s in strings)
+            raw = core.serialize_bytes(strings)
             data: list[Any] = strings
         else:
             probabilities = result.probabilities
