@@ -113,6 +113,7 @@ def test_the_grpc_port_cannot_be_the_http_port() -> None:
         load_settings(["--grpc-port", "5000", "--port", "5000"], environ={})
 
 
+@pytest.mark.slow
 def test_health_and_metadata(client: grpcclient.InferenceServerClient) -> None:
     assert client.is_server_live()
     assert client.is_server_ready()
@@ -140,6 +141,7 @@ def test_health_and_metadata(client: grpcclient.InferenceServerClient) -> None:
     assert versioned["versions"] == ["1"]
 
 
+@pytest.mark.slow
 def test_unknown_model_and_version_are_not_found(client: grpcclient.InferenceServerClient) -> None:
     with pytest.raises(InferenceServerException) as unknown:
         client.get_model_metadata("alexnet")
@@ -154,6 +156,7 @@ def test_unknown_model_and_version_are_not_found(client: grpcclient.InferenceSer
     assert code(ready) == "NOT_FOUND"
 
 
+@pytest.mark.slow
 def test_infer_encoded_images(client: grpcclient.InferenceServerClient) -> None:
     output = grpcclient.InferRequestedOutput("probabilities")
     result = client.infer(MODEL, [image_input(FILES)], outputs=[output], request_id="r1")
@@ -165,6 +168,7 @@ def test_infer_encoded_images(client: grpcclient.InferenceServerClient) -> None:
     assert (response.model_name, response.model_version, response.id) == (MODEL, "1", "r1")
 
 
+@pytest.mark.slow
 def test_infer_with_default_outputs(client: grpcclient.InferenceServerClient) -> None:
     result = client.infer(MODEL, [image_input(FILES[:1])])
     np.testing.assert_allclose(
@@ -172,6 +176,7 @@ def test_infer_with_default_outputs(client: grpcclient.InferenceServerClient) ->
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("datatype", ["UINT8", "FP32"])
 def test_infer_pixels(client: grpcclient.InferenceServerClient, datatype: str) -> None:
     pixels = np.random.default_rng(1).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
@@ -187,6 +192,7 @@ def _typed_request(name: str, datatype: str, shape: list[int]) -> service_pb2.Mo
     return request
 
 
+@pytest.mark.slow
 def test_infer_typed_contents(client: grpcclient.InferenceServerClient) -> None:
     """Tensors in `contents` rather than raw bytes (what other clients send),
     through tritonclient's own stub and messages."""
@@ -210,6 +216,7 @@ def test_infer_typed_contents(client: grpcclient.InferenceServerClient) -> None:
     assert refused.value.code().name == "INVALID_ARGUMENT"  # type: ignore[attr-defined]
 
 
+@pytest.mark.slow
 def test_classification_extension(client: grpcclient.InferenceServerClient) -> None:
     output = grpcclient.InferRequestedOutput("probabilities", class_count=3)
     result = client.infer(MODEL, [image_input(FILES[:2])], outputs=[output])
@@ -226,6 +233,7 @@ def test_classification_extension(client: grpcclient.InferenceServerClient) -> N
             assert float(score) == pytest.approx(probabilities[int(index)], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_bad_requests_are_invalid_argument(client: grpcclient.InferenceServerClient) -> None:
     def refused(inputs: list[grpcclient.InferInput], text: str, status: str) -> None:
         with pytest.raises(InferenceServerException) as failure:
@@ -256,6 +264,7 @@ def test_bad_requests_are_invalid_argument(client: grpcclient.InferenceServerCli
     assert client.infer(MODEL, [image_input(FILES[:1])]).as_numpy("probabilities") is not None
 
 
+@pytest.mark.slow
 def test_grpc_calls_are_counted_on_the_http_front(
     served: tuple[Child, str, int], client: grpcclient.InferenceServerClient
 ) -> None:
@@ -294,6 +303,7 @@ def guarded(
         stop(process)
 
 
+@pytest.mark.slow
 def test_keys_deadlines_and_a_full_queue(guarded: tuple[Child, int]) -> None:
     process, port = guarded
     client = connect(port, process)  # ServerLive needs no key: a probe

@@ -16,6 +16,9 @@ error shape, `{"error": "..."}`. Every other path,
 including routes added later and unknown ones, needs a key: the check is a
 `before_request` hook on the whole app, not a decorator on chosen routes.
 
+The gRPC front (keras_server/rpc/server.py) reads the same two keys from a
+call's metadata through `key_from`, and checks them against the same file.
+
 Keys never reach a log line: only whether a key was missing, malformed or
 unknown is logged.
 """

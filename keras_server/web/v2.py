@@ -21,12 +21,16 @@ request); with `"classification": k` on the output it is instead BYTES
 `[N, k]` of `"score:index:label"`, as Triton's classification extension.
 
 The N images become N queue entries (dispatch.submit), so they batch with
-everyone else's, answered together. A rejected request queues nothing. Every
-error is `{"error": "..."}`: 400 for a request the protocol or the model does
-not take, 404 for an unknown model or version, 413 past --max-images, 503/504
-as `/predict`. A version in the path must be one the model serves (its spec's,
-or a live worker's); all of a model's versions share its queue, so whichever
-worker claims an image answers it, and `model_version` says which.
+everyone else's, answered together. What does not depend on HTTP (metadata,
+readiness, the tensors' checks, queueing and awaiting) is web/inference.py,
+which the gRPC service (keras_server/rpc/) calls too; this module is the REST
+form: routes, JSON and the binary tensor data extension. A rejected request
+queues nothing. Every error is `{"error": "..."}`: 400 for a request the
+protocol or the model does not take, 404 for an unknown model or version, 413
+past --max-images, 503/504 as `/predict`. A version in the path must be one
+the model serves (its spec's, or a live worker's); all of a model's versions
+share its queue, so whichever worker claims an image answers it, and
+`model_version` says which.
 TensorFlow-free.
 """
 
