@@ -24,11 +24,14 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import requests
 import tritonclient.grpc as grpcclient
 from conftest import IMAGES, start_serving, stop, wait_until
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException
 
@@ -277,6 +280,80 @@ def test_grpc_calls_are_counted_on_the_http_front(
     )
     assert counted, text[-2000:]
     assert float(counted.group(1)) >= 1
+
+
+# Codes a request of any shape may get; never INTERNAL or UNKNOWN (a bug).
+FUZZ_CODES = {"OK", "INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED", "UNAVAILABLE"}
+PIXELS_SHAPE = [1, 224, 224, 3]
+
+
+@st.composite
+def infer_requests(draw: st.DrawFn) -> service_pb2.ModelInferRequest:
+    """ModelInferRequests of every shape, mostly wrong: names, datatypes,
+    shapes, raw and typed contents, outputs and their parameters."""
+    request = service_pb2.ModelInferRequest(
+        model_name=draw(st.sampled_from([MODEL, MODEL, "alexnet", ""])),
+        model_version=draw(st.sampled_from(["", "", "1", "7"])),
+        id=draw(st.text(max_size=8)),
+    )
+    for _ in range(draw(st.integers(0, 2))):
+        tensor = request.inputs.add(
+            name=draw(st.sampled_from(["image", "pixels", "input_1", ""])),
+            datatype=draw(st.sampled_from(["BYTES", "UINT8", "FP32", "INT32", "FP16", ""])),
+            shape=draw(
+                st.one_of(
+                    st.just(PIXELS_SHAPE),
+                    st.lists(st.integers(-2, 2**40), max_size=5),
+                    st.lists(st.integers(0, 3), max_size=2),
+                )
+            ),
+        )
+        contents = draw(st.sampled_from(["raw", "bytes", "uint", "fp32", "none"]))
+        if contents == "raw":
+            request.raw_input_contents.append(draw(st.binary(max_size=4096)))
+        elif contents == "bytes":
+            tensor.contents.bytes_contents.extend(
+                draw(st.lists(st.binary(max_size=64), max_size=3))
+            )
+        elif contents == "uint":
+            tensor.contents.uint_contents.extend(
+                draw(st.lists(st.integers(0, 2**32 - 1), max_size=8))
+            )
+        elif contents == "fp32":
+            tensor.contents.fp32_contents.extend(
+                draw(st.lists(st.floats(width=32, allow_nan=True), max_size=8))
+            )
+        if draw(st.booleans()):
+            tensor.parameters["shared_memory_region"].string_param = "r"
+    for _ in range(draw(st.integers(0, 2))):
+        output = request.outputs.add(name=draw(st.sampled_from(["probabilities", "logits"])))
+        parameter = output.parameters[draw(st.sampled_from(["classification", "binary_data"]))]
+        kind = draw(st.sampled_from(["int64", "bool", "string", "none"]))
+        if kind == "int64":
+            parameter.int64_param = draw(st.integers(-(2**63), 2**63 - 1))
+        elif kind == "bool":
+            parameter.bool_param = draw(st.booleans())
+        elif kind == "string":
+            parameter.string_param = draw(st.text(max_size=4))
+    return request
+
+
+@pytest.mark.slow
+@settings(
+    max_examples=80,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(request=infer_requests())
+def test_any_infer_request_is_answered_or_refused_never_a_bug(
+    client: grpcclient.InferenceServerClient, request: service_pb2.ModelInferRequest
+) -> None:
+    try:
+        client._client_stub.ModelInfer(request, timeout=30)
+        status, details = "OK", ""
+    except grpc.RpcError as error:
+        status, details = error.code().name, error.details()  # type: ignore[attr-defined]
+    assert status in FUZZ_CODES, f"{status}: {details}"
 
 
 # -- --role web, API keys, no worker ------------------------------------------
