@@ -20,6 +20,7 @@ package `inference`); the server runs in its own process anyway.
 from __future__ import annotations
 
 import re
+import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +30,7 @@ import numpy as np
 import pytest
 import requests
 import tritonclient.grpc as grpcclient
-from conftest import IMAGES, start_serving, stop, wait_until
+from conftest import IMAGES, start, start_serving, stop, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2
@@ -114,6 +115,27 @@ def test_the_generated_code_is_what_protoc_makes_of_the_proto() -> None:
 def test_the_grpc_port_cannot_be_the_http_port() -> None:
     with pytest.raises(SettingsError, match="--grpc-port=5000"):
         load_settings(["--grpc-port", "5000", "--port", "5000"], environ={})
+
+
+@pytest.mark.slow
+def test_a_grpc_port_in_use_stops_the_command(redis_server: RedisServer) -> None:
+    """No second server on a taken port (no SO_REUSEPORT): the gRPC front
+    exits, saying why, and --role web with it."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        process = start(
+            "--role", "web", "--model", "sim", "--port", str(free_port()),
+            "--grpc-port", str(port), "--redis-url", redis_server.url,
+        )  # fmt: skip
+        try:
+            assert process.wait(timeout=90) == 1
+        finally:
+            process.stop()
+    output = process.output()
+    assert f"gRPC cannot listen on 127.0.0.1:{port}" in output, output[-3000:]
+    assert "the gRPC front exited (status 1): stopping" in output
 
 
 @pytest.mark.slow

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -113,10 +114,14 @@ def build_server(settings: Settings, deployment: Deployment | None = None) -> gr
     return server
 
 
-def main() -> None:
+def main() -> int:
     settings = load_settings([])
     configure_logging(settings.log_level)
-    server = build_server(settings)
+    try:
+        server = build_server(settings)
+    except RuntimeError as exc:  # grpcio's "Failed to bind": the port is taken
+        log.error("gRPC cannot listen on %s: %s", address(settings), exc)
+        return 1
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -133,7 +138,8 @@ def main() -> None:
     stop.wait()
     log.info("gRPC: stopping once the calls in flight are answered")
     server.stop(grace=settings.result_timeout).wait()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
