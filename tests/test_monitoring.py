@@ -8,7 +8,8 @@ root).
 - The Grafana dashboard (deploy/grafana/keras-server.json) and the rules read
   only metrics the server exports.
 - A Prometheus started here scrapes a running server (`--role all`, the
-  simulated model) every second while traffic goes through it; every query
+  simulated model, the gRPC front) every second while traffic goes through
+  it (HTTP, and gRPC with tritonclient); every query
   of the dashboard, asked through Prometheus's HTTP API, returns data, and
   every alert rule evaluates without error.
 """
@@ -27,8 +28,10 @@ from typing import Any
 
 import pytest
 import requests
+import tritonclient.grpc as grpcclient
 import yaml
 from conftest import CHELSEA, ROOT, apt_install, start_serving, stop
+from tritonclient.utils import InferenceServerException
 
 from keras_server.broker.redis_server import free_port
 from keras_server.processes import Child, ChildFailed
@@ -140,6 +143,8 @@ def test_the_dashboard_and_rules_read_only_metrics_we_export(settings: Settings)
         "keras_server_workers_live",
         "keras_server_failed_batches_total",
         "keras_server_decode_refused_total",
+        "keras_server_grpc_requests_total",
+        "keras_server_grpc_request_seconds_bucket",
     ):
         assert name in used, name
 
@@ -224,17 +229,34 @@ class Prometheus:
         return [s for s in data["result"] if not math.isnan(float(s["value"][1]))]
 
 
+def grpc_calls(port: int) -> list[str]:
+    """A gRPC call that succeeds and one that does not: their status codes."""
+    codes = []
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+    try:
+        for call in (client.is_server_live, lambda: client.get_model_metadata("no-such-model")):
+            try:
+                call()
+                codes.append("OK")
+            except InferenceServerException as exc:
+                codes.append(str(exc.status()).removeprefix("StatusCode."))
+    finally:
+        client.close()
+    return codes
+
+
 @pytest.fixture
 def traffic_server(settings: Settings) -> Iterator[str]:
-    """`--role all` with the simulated model, with answers of every kind
-    going through it until the test ends: 200s, 400s (not an image) and 404s
-    (an unknown model)."""
+    """`--role all` with the simulated model and the gRPC front, with answers
+    of every kind going through it until the test ends: 200s, 400s (not an
+    image) and 404s (an unknown model); over gRPC, OK and NOT_FOUND."""
+    grpc_port = free_port()
     process, base = start_serving(
         settings, "--role", "all", "--model", "sim", "--sim-batch-ms", "5",
-        "--sim-image-ms", "0", "--web-workers", "1",
+        "--sim-image-ms", "0", "--web-workers", "1", "--grpc-port", str(grpc_port),
     )  # fmt: skip
     done = threading.Event()
-    statuses: list[int] = []
+    statuses: list[int | str] = []
 
     def send() -> None:
         with requests.Session() as session:
@@ -246,6 +268,8 @@ def traffic_server(settings: Settings) -> Iterator[str]:
                 ):
                     answer = session.post(base + path, files={"image": body}, timeout=30)
                     statuses.append(answer.status_code)
+                # UNAVAILABLE until the gRPC front listens, beside the HTTP one.
+                statuses.extend(grpc_calls(grpc_port))
                 done.wait(0.2)
 
     sender = threading.Thread(target=send, daemon=True)
@@ -257,7 +281,7 @@ def traffic_server(settings: Settings) -> Iterator[str]:
         sender.join(timeout=40)
         log = stop(process, timeout=60)
     assert process.returncode == 0, log
-    assert {200, 400, 404} <= set(statuses), statuses[:20]
+    assert {200, 400, 404, "OK", "NOT_FOUND"} <= set(statuses), statuses[:20]
 
 
 @pytest.mark.slow
