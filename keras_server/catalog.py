@@ -82,6 +82,9 @@ class ModelSpec:
     engine: str | None = None
     precision: str | None = None
     calibration_dir: str | None = None
+    # Seconds an answer stays in the response cache (web/response_cache.py);
+    # 0: not cached. None: --response-cache-ttl's (Settings.model_specs fills it in).
+    response_cache_ttl: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "weights", weights_name(self.weights))
@@ -133,6 +136,11 @@ class ModelSpec:
                 f"model {self.name!r}: precision {self.precision!r} is not one of "
                 f"{', '.join(PRECISIONS)}"
             )
+        if self.response_cache_ttl is not None:
+            try:
+                check_cache_ttl(self.response_cache_ttl)
+            except CatalogError as exc:
+                raise CatalogError(f"model {self.name!r}: response_cache_ttl {exc}") from None
         if self.engine in ("keras", "onnx") and self.precision not in (None, "fp32"):
             raise CatalogError(
                 f"model {self.name!r}: precision {self.precision} runs only on the openvino "
@@ -161,6 +169,15 @@ def check_top_k(value: object) -> int:
     if not 1 <= value <= MAX_TOP_K:
         raise CatalogError(f"must be between 1 and {MAX_TOP_K}")
     return value
+
+
+def check_cache_ttl(value: object) -> float:
+    """Seconds a cached answer lives: a number, 0 (not cached) or more."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise CatalogError("must be a number of seconds")
+    if not 0 <= value < float("inf"):
+        raise CatalogError("must be 0 (off) or more seconds")
+    return float(value)
 
 
 class Models(NamedTuple):
@@ -240,6 +257,7 @@ def load_models_file(path: str | Path) -> Models:
         engine = "openvino"           # optional: else --engine, --precision,
         precision = "int8"            # --calibration-dir
         calibration_dir = "calibration/shapes"
+        response_cache_ttl = 300      # optional: else --response-cache-ttl; 0: off
 
     Relative paths are relative to the models file.
     """
@@ -254,14 +272,14 @@ def load_models_file(path: str | Path) -> Models:
     if not isinstance(tables, dict) or not tables:
         raise CatalogError(f"models file {path}: no [models.NAME] tables")
     known = {"model", "weights", "labels", "preprocessing", "top_k", "version"}
-    known |= {"engine", "precision", "calibration_dir"}
+    known |= {"engine", "precision", "calibration_dir", "response_cache_ttl"}
     specs = []
     for name, table in tables.items():
         if not isinstance(table, dict):
             raise CatalogError(
                 f"models file {path}: [models.{name}] must be a table (model = ..., ...)"
             )
-        for key in sorted(known & set(table) - {"top_k", "version"}):
+        for key in sorted(known & set(table) - {"top_k", "version", "response_cache_ttl"}):
             if not isinstance(table[key], str):
                 raise CatalogError(f"models file {path}: [models.{name}] {key!r} must be a string")
         unknown = set(table) - known
@@ -289,6 +307,7 @@ def load_models_file(path: str | Path) -> Models:
                     if "calibration_dir" in table
                     else None
                 ),
+                response_cache_ttl=table.get("response_cache_ttl"),
             )
             specs.append(spec.validate())
         except CatalogError as exc:

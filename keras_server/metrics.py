@@ -84,6 +84,27 @@ QUEUED = Counter(
     "Requests this web tier queued, by model and shard",
     ["model", "shard"],
 )
+RESPONSE_CACHE_HITS = Counter(
+    "keras_server_response_cache_hits",
+    "Images answered from the response cache, by model",
+    ["model"],
+)
+RESPONSE_CACHE_MISSES = Counter(
+    "keras_server_response_cache_misses",
+    "Images the response cache did not answer (skipped lookups included), by model",
+    ["model"],
+)
+RESPONSE_CACHE_STORED_BYTES = Counter(
+    "keras_server_response_cache_stored_bytes",
+    "Bytes of answers written to the response cache, by model",
+    ["model"],
+)
+RESPONSE_CACHE_SKIPPED = Counter(
+    "keras_server_response_cache_skipped",
+    "Images whose response cache lookup or write was skipped, by model, operation "
+    "(lookup, store) and reason (versions, down, unreachable, refused, full, bug)",
+    ["model", "operation", "reason"],
+)
 
 # Set once by the worker that loads each model (never by the web tier).
 ENGINE_LABELS = ["model", "engine", "precision"]

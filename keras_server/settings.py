@@ -87,6 +87,8 @@ class Settings:
     log_level: str = "INFO"
     api_keys: str = ""
     auth_probes: bool = False
+    response_cache_ttl: float = 0.0
+    response_cache_url: str = ""
 
     def model_specs(self) -> Models:
         """The models this deployment serves, and the default one's name: read
@@ -123,6 +125,11 @@ class Settings:
             engine=spec.engine or self.engine,
             precision=spec.precision or self.precision,
             calibration_dir=spec.calibration_dir or self.calibration_dir or None,
+            response_cache_ttl=(
+                self.response_cache_ttl
+                if spec.response_cache_ttl is None
+                else spec.response_cache_ttl
+            ),
         ).validate()
 
     @property
@@ -223,6 +230,14 @@ def _redis_urls(text: str) -> str:
     if len(set(urls)) != len(urls):
         raise ValueError("a Redis URL is listed twice")
     return ",".join(urls)
+
+
+def _redis_url(text: str) -> str:
+    """One Redis URL (not shards), or empty."""
+    text = text.strip()
+    if text and len(split_redis_urls(text)) > 1:
+        raise ValueError("one Redis URL, not several")
+    return _redis_urls(text) if text else ""
 
 
 def _choice(options: Sequence[str], upper: bool = False) -> Callable[[str], str]:
@@ -513,6 +528,22 @@ KNOBS: tuple[Knob, ...] = (
         "with --api-keys: the probes /readyz, /metrics, /v2/health/live and "
         "/v2/health/ready need a key too (true or false)",
         "BOOL",
+    ),
+    Knob(
+        "response_cache_ttl",
+        _non_negative_float,
+        "seconds an answer stays in the shared response cache, so the same upload to the "
+        "same model version is answered from Redis without queueing it (0: off; a model "
+        "of --models-file may set its own response_cache_ttl)",
+        "SECONDS",
+    ),
+    Knob(
+        "response_cache_url",
+        _redis_url,
+        "the Redis holding the response cache (default: the first --redis-url, the "
+        "queue's); in production a Redis of its own with maxmemory and "
+        "maxmemory-policy allkeys-lru",
+        "URL",
     ),
 )
 

@@ -56,7 +56,7 @@ class BadMessage(ValueError):
 # "<queue-name>:<model>", so a model named after one of them would share keys
 # with the default model (a model "workers" would queue into its workers set):
 # settings refuses these names for every model but the default.
-KEY_PARTS = ("result", "processing", "worker", "workers")
+KEY_PARTS = ("result", "processing", "worker", "workers", "cache")
 
 
 @dataclass(frozen=True)
@@ -97,6 +97,14 @@ class Keys:
     def workers(self) -> str:
         """Set of worker ids that may hold claims, live or dead."""
         return f"{self.queue_name}:workers"
+
+    def cached(self, model: str, version: str, form: str, digest: str) -> str:
+        """A cached answer (web/response_cache.py): the answer `version` of
+        `model` gave, in `form` (top-k, or probabilities and how many
+        classes), to the upload whose hash is `digest`. The model is named
+        even though the queue name may say it: the default model's keys
+        carry no model name, and the default can change."""
+        return f"{self.queue_name}:cache:{model}:{version}:{form}:{digest}"
 
 
 @dataclass(frozen=True)

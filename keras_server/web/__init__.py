@@ -7,6 +7,7 @@
     dispatch     uploads to answers, for every route: decode within the budget, queue, await
     errors       one HttpError (status, message, headers), each API's handlers, the catch-all
     deployment   the models this web server routes to, across every Redis shard
+    response_cache the shared response cache: look uploads up by hash, store answers
     uploads      the files of a multipart upload (python-multipart)
     auth         API keys (--api-keys): checked before every route
     page         the upload page at / and the OpenAPI description

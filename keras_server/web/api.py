@@ -7,9 +7,12 @@ decoder shared by every route that decodes) is one `AppState`, stored once by
 `create_app` and read with `state()`: the routes themselves are plain
 functions, like page.py's and v2.py's. A request is decoded and resized here,
 queued in Redis, and answered from its own result key; several `image`
-fields are handed to dispatch.py. Errors are errors.HttpError (or left to
-errors.py to classify), answered `{"success": false, "error": "..."}`: the
-blueprint's handlers, and the app's for what no blueprint routes. TensorFlow-free.
+fields are handed to dispatch.py. With the response cache on for the model
+(web/response_cache.py), an upload is looked up before it is decoded, and
+`X-Cache` says whether the answer came from it. Errors are errors.HttpError
+(or left to errors.py to classify), answered `{"success": false, "error":
+"..."}`: the blueprint's handlers, and the app's for what no blueprint
+routes. TensorFlow-free.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from keras_server.broker import messages
 from keras_server.settings import Settings
 from keras_server.web import dispatch, errors
 from keras_server.web.deployment import Deployment, ServedModel
+from keras_server.web.response_cache import HEADER, ResponseCache, top_k_form
 from keras_server.web.uploads import request_files
 
 log = logging.getLogger(__name__)
@@ -43,6 +47,8 @@ class AppState:
     # One per process, shared by every route that decodes uploads and by all
     # their threads (each web process has its own).
     decoder: dispatch.Decoder
+    # The shared response cache; None when it is off for every model.
+    cache: ResponseCache | None = None
 
     def install(self, app: Flask) -> None:
         app.extensions[EXTENSION] = self
@@ -104,8 +110,11 @@ def list_models() -> Response:
 def classify(model: ServedModel) -> Response | tuple[Any, int]:
     settings, decode = state().settings, state().decoder
     uploads = request_files().get("image", [])
+    cache = state().cache
+    if cache and not cache.on_for(model):
+        cache = None
     if len(uploads) > 1:
-        return dispatch.predict_many(model, uploads, settings, decode)
+        return dispatch.predict_many(model, uploads, settings, decode, cache)
     if not uploads:
         raise errors.HttpError(
             400, "no file in the 'image' field: send multipart/form-data with image=@FILE"
@@ -113,17 +122,31 @@ def classify(model: ServedModel) -> Response | tuple[Any, int]:
     data = uploads[0].data
     if not data:
         raise errors.HttpError(400, "the uploaded image file is empty")
+    looked = cache.lookup(model, top_k_form(model), [data]) if cache else None
+    raw = looked.hits.get(0) if looked else None
+    if raw is None:
+        raw = _predict_one(model, data)
+        if cache and looked:
+            cache.store(looked, {0: raw})
+    result = messages.decode_result(raw)
+    response = jsonify(result)
+    if looked:
+        response.headers[HEADER] = looked.header
+    return response, 200 if result["success"] else 500
+
+
+def _predict_one(model: ServedModel, data: bytes) -> bytes:
+    """The worker's answer to one upload: decoded, queued, awaited."""
+    settings, decode = state().settings, state().decoder
     size = model.input_size()
     if size is None:
         raise errors.no_live_worker(model.name)
     image = decode(data, size)  # an ImageError is answered by errors.py
-
     job = messages.ImageRequest.create(image, settings.result_timeout)
     raw = dispatch.submit(model, [job], settings).get(job.id)
     if raw is None:
         raise errors.HttpError(504, dispatch.timed_out(settings))
-    result = messages.decode_result(raw)
-    return jsonify(result), 200 if result["success"] else 500
+    return raw
 
 
 @blueprint.get("/healthz")

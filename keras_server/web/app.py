@@ -22,6 +22,7 @@ from keras_server.images import return_freed_pixels_to_the_system
 from keras_server.settings import Settings, load_settings
 from keras_server.web import api, auth, dispatch, errors, page, v2
 from keras_server.web.deployment import Deployment
+from keras_server.web.response_cache import ResponseCache
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,8 @@ def create_app(settings: Settings, deployment: Deployment | None = None) -> Flas
     app.json.sort_keys = False  # keep an answer's keys in the order it is built: "success" first
     if deployment is None:
         deployment = Deployment.from_settings(settings)
-    api.AppState(settings, deployment, dispatch.Decoder(settings)).install(app)
+    cache = ResponseCache.from_settings(settings, deployment)
+    api.AppState(settings, deployment, dispatch.Decoder(settings), cache).install(app)
     return_freed_pixels_to_the_system()
     _add_request_log(app)
     auth.install(app, settings)  # before every route, those of blueprints too

@@ -14,6 +14,9 @@ else's; all of one request's entries go to one Redis shard in one script call,
 all or none, so a full queue refuses the whole request and leaves nothing of
 it queued. Their answers are awaited together on that shard.
 
+With the response cache on, the images it answers are neither decoded nor
+queued (web/response_cache.py); the others go as above.
+
 Several images on `/predict` answer `200 {"success": true, "results": [...]}`,
 one item per `image` field, in order: the single-image body (success or
 error) plus `"filename"` and `"status"`, the HTTP status that image alone
@@ -29,6 +32,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -43,6 +47,7 @@ from keras_server.images import DecodeBudget, DecoderBusy, ImageError, load_imag
 from keras_server.settings import Settings
 from keras_server.web import errors
 from keras_server.web.deployment import ServedModel
+from keras_server.web.response_cache import HEADER, ResponseCache, top_k_form
 from keras_server.web.uploads import Upload
 
 log = logging.getLogger(__name__)
@@ -129,26 +134,58 @@ def timed_out(settings: Settings) -> str:
 
 
 def predict_many(
-    model: ServedModel, uploads: list[Upload], settings: Settings, decode: Decoder
+    model: ServedModel,
+    uploads: list[Upload],
+    settings: Settings,
+    decode: Decoder,
+    cache: ResponseCache | None = None,
 ) -> Response:
-    """`/predict` with several `image` fields: one item per image, in order."""
-    return jsonify(success=True, results=_classify_each(model, uploads, settings, decode))
+    """`/predict` with several `image` fields: one item per image, in order;
+    with the response cache on, each image is looked up on its own (X-Cache
+    says hit, miss or partial)."""
+    if len(uploads) > settings.max_images:
+        raise too_many(len(uploads), settings)
+    looked = cache.lookup(model, top_k_form(model), [u.data for u in uploads]) if cache else None
+    items = _classify_each(model, uploads, settings, decode, looked.hits if looked else {})
+    if cache and looked:
+        cache.store(looked, items.answers)
+    response = jsonify(success=True, results=items.results)
+    if looked:
+        response.headers[HEADER] = looked.header
+    return response
+
+
+@dataclass
+class Items:
+    """Several images' items, and what the workers answered (to cache)."""
+
+    results: list[dict[str, Any]]  # one per upload, in order
+    answers: dict[int, bytes]  # the workers' answers, by position (not the cached ones)
 
 
 def _classify_each(
-    model: ServedModel, uploads: list[Upload], settings: Settings, decode: Decoder
-) -> list[dict[str, Any]]:
-    if len(uploads) > settings.max_images:
-        raise too_many(len(uploads), settings)
-    size = model.input_size()
-    if size is None:
-        raise errors.no_live_worker(model.name)
+    model: ServedModel,
+    uploads: list[Upload],
+    settings: Settings,
+    decode: Decoder,
+    cached: dict[int, bytes],
+) -> Items:
+    """Each upload's item: from `cached` (answers by position), else decoded,
+    queued with the others and awaited."""
     items: list[dict[str, Any]] = []
     jobs: dict[int, messages.ImageRequest] = {}
+    size = (0, 0)
+    if len(cached) < len(uploads):
+        found_size = model.input_size()
+        if found_size is None:
+            raise errors.no_live_worker(model.name)
+        size = found_size
     for position, upload in enumerate(uploads):
         item: dict[str, Any] = {"filename": upload.filename}
         items.append(item)
         data = upload.data
+        if position in cached:
+            continue
         if not data:
             item.update(status=400, success=False, error="the uploaded image file is empty")
             continue
@@ -159,11 +196,14 @@ def _classify_each(
             continue
         jobs[position] = messages.ImageRequest.create(image, settings.result_timeout)
     answers = submit(model, list(jobs.values()), settings) if jobs else {}
+    found: dict[int, bytes] = {}
     for position, job in jobs.items():
         raw = answers.get(job.id)
         if raw is None:
             items[position].update(status=504, success=False, error=timed_out(settings))
             continue
+        found[position] = raw
+    for position, raw in sorted({**found, **cached}.items()):
         result = messages.decode_result(raw)
         items[position].update(status=200 if result["success"] else 500, **result)
-    return items
+    return Items(items, found)

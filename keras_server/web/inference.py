@@ -12,7 +12,9 @@ that a request takes the same path whichever way it came.
 - `infer`: the images as N queue entries through dispatch.submit (one shard,
   all or none, batched with everyone else's), awaited until the request's
   deadline (--result-timeout, or less when the caller says so), and the
-  answer (`Result`) with the classification strings made here once.
+  answer (`Result`) with the classification strings made here once; with
+  the response cache on for the model (web/response_cache.py), each image
+  is looked up before it is decoded, and only the misses are queued.
 
 Failures are errors.HttpError with their HTTP status (400, 404, 413, 500,
 503, 504); the REST routes answer them as they are, the gRPC service maps
@@ -41,6 +43,7 @@ from keras_server.web.deployment import Deployment, ServedModel
 from keras_server.web.dispatch import Decoder, submit, timed_out, too_many
 from keras_server.web.errors import HttpError
 from keras_server.web.page import openapi_document
+from keras_server.web.response_cache import ResponseCache, probabilities_form
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +71,13 @@ class Output:
 class Inference:
     """A parsed infer request: the images, as the worker takes them, and what to answer."""
 
-    images: list[np.ndarray]
+    images: list[np.ndarray]  # the pixels input's, or the files' once decoded
     outputs: list[Output]
     request_id: str | None = None
+    # The image input's encoded files, not yet decoded: `infer` decodes those
+    # the response cache does not answer (with `decode` and `size`).
+    files: list[bytes] = field(default_factory=list)
+    pixels_dtype: str = ""  # the pixels input's: uint8 or float32
     classes: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -86,6 +93,7 @@ class Result:
     version: str
     probabilities: np.ndarray
     classes: list[list[dict[str, Any]]]
+    cache: str | None = None  # X-Cache (hit, miss, partial); None: the cache is off
 
     def classification(self, k: int) -> tuple[list[str], list[int]]:
         """Triton's classification extension: `"score:index:label"` for each
@@ -234,12 +242,27 @@ def decode_images(
 ) -> list[np.ndarray]:
     """The `image` input's files, decoded and resized as /predict does, each
     within the decode memory budget."""
+    checked = check_files(files, shape, count)
+    return decode_files(list(enumerate(checked)), size, decode)
+
+
+def check_files(files: Sequence[bytes], shape: list[int], count: int) -> list[bytes]:
+    """The `image` input's files, as many as its shape says, none empty."""
     if len(files) != count:
         raise bad(f"input {IMAGE!r}: shape {shape} holds {count} images, the data {len(files)}")
-    images = []
     for index, file in enumerate(files):
         if not file:
             raise bad(f"input {IMAGE!r} element {index} is empty")
+    return list(files)
+
+
+def decode_files(
+    files: Sequence[tuple[int, bytes]], size: tuple[int, int], decode: Decoder
+) -> list[np.ndarray]:
+    """Files of the `image` input (each with its element index), decoded; an
+    HttpError names the element that failed."""
+    images = []
+    for index, file in files:
         try:
             images.append(decode(file, size))
         except ImageError as exc:
@@ -328,20 +351,54 @@ def requested_output(name: object, parameters: dict[str, Any], default_binary: b
 
 
 def infer(
-    model: ServedModel, inference: Inference, settings: Settings, timeout: float | None = None
+    model: ServedModel,
+    inference: Inference,
+    settings: Settings,
+    timeout: float | None = None,
+    *,
+    cache: ResponseCache | None = None,
+    decode: Decoder | None = None,
+    size: tuple[int, int] | None = None,
 ) -> Result:
     """Queue the request's images and await their answers, for at most
     --result-timeout or `timeout` seconds, whichever is shorter: that is each
-    image's deadline in the queue, too (a worker drops it past then)."""
+    image's deadline in the queue, too (a worker drops it past then).
+
+    With the response `cache` on for the model, each image is looked up
+    first (the files as sent, the pixels' bytes) and only the misses are
+    decoded (`inference.files`, with `decode` and `size`) and queued."""
     limit = settings.result_timeout if timeout is None else min(timeout, settings.result_timeout)
-    jobs = [
-        messages.ImageRequest.create(image, limit, probabilities=True, classes=inference.classes)
-        for image in inference.images
-    ]
-    answers = submit(model, jobs, settings)
+    count = len(inference.files or inference.images)
+    looked = None
+    if cache and cache.on_for(model):
+        form = probabilities_form(inference.classes, inference.pixels_dtype)
+        payloads = inference.files or [
+            memoryview(np.ascontiguousarray(image)) for image in inference.images
+        ]
+        looked = cache.lookup(model, form, payloads)
+    raws: dict[int, bytes | None] = dict(looked.hits) if looked else {}
+    missed = [i for i in range(count) if i not in raws]
+    if missed:
+        if inference.files:
+            if decode is None or size is None:
+                raise ValueError("undecoded files need decode and size")
+            images = decode_files([(i, inference.files[i]) for i in missed], size, decode)
+        else:
+            images = [inference.images[i] for i in missed]
+        jobs = [
+            messages.ImageRequest.create(
+                image, limit, probabilities=True, classes=inference.classes
+            )
+            for image in images
+        ]
+        answers = submit(model, jobs, settings)
+        found = {i: answers[j.id] for i, j in zip(missed, jobs, strict=True) if j.id in answers}
+        if cache and looked:
+            cache.store(looked, found)
+        raws.update({i: found.get(i) for i in missed})
     rows, classes, made_by = [], [], None
-    for job in jobs:
-        raw = answers.get(job.id)
+    for position in range(count):
+        raw = raws[position]
         if raw is None:
             raise HttpError(504, _timed_out(limit, settings))
         header, vector = messages.decode_probabilities(raw)
@@ -355,7 +412,7 @@ def infer(
         classes.append(header.get("classes", []))
         made_by = made_by or header.get("model")
     version = (made_by or {}).get("version") or model.spec.version
-    return Result(model.name, version, np.stack(rows), classes)
+    return Result(model.name, version, np.stack(rows), classes, looked.header if looked else None)
 
 
 def _timed_out(limit: float, settings: Settings) -> str:

@@ -21,7 +21,9 @@ request); with `"classification": k` on the output it is instead BYTES
 `[N, k]` of `"score:index:label"`, as Triton's classification extension.
 
 The N images become N queue entries (dispatch.submit), so they batch with
-everyone else's, answered together. What does not depend on HTTP (metadata,
+everyone else's, answered together; with the response cache on for the
+model, only the images it does not answer (`X-Cache` says hit, miss or
+partial). What does not depend on HTTP (metadata,
 readiness, the tensors' checks, queueing and awaiting) is web/inference.py,
 which the gRPC service (keras_server/rpc/) calls too; this module is the REST
 form: routes, JSON and the binary tensor data extension. A rejected request
@@ -56,6 +58,7 @@ from keras_server.web.api import state
 from keras_server.web.dispatch import Decoder
 from keras_server.web.errors import HttpError
 from keras_server.web.inference import IMAGE, OUTPUT, PIXELS, Inference, Output, Result, bad
+from keras_server.web.response_cache import HEADER
 
 log = logging.getLogger(__name__)
 
@@ -126,9 +129,13 @@ def model_ready(name: str, version: str | None = None) -> Response | tuple[Respo
 @routes("/infer", "POST")
 def infer(name: str, version: str | None = None) -> Response:
     model, size = core.infer_target(state().deployment, name, version)
-    settings = state().settings
-    inference = parse_request(request.get_data(), request.headers, size, settings, state().decoder)
-    return answer(inference, core.infer(model, inference, settings))
+    settings, decode = state().settings, state().decoder
+    inference = read_request(request.get_data(), request.headers, size, settings, decode)
+    result = core.infer(model, inference, settings, cache=state().cache, decode=decode, size=size)
+    response = answer(inference, result)
+    if result.cache:
+        response.headers[HEADER] = result.cache
+    return response
 
 
 # -- the request --------------------------------------------------------------
@@ -138,15 +145,27 @@ def parse_request(
     body: bytes, headers: Any, size: tuple[int, int], settings: Settings, decode: Decoder
 ) -> Inference:
     """An infer request's body -> the images to queue; HttpError says what is wrong."""
+    inference = read_request(body, headers, size, settings, decode)
+    if inference.files:
+        inference.images = core.decode_files(list(enumerate(inference.files)), size, decode)
+    return inference
+
+
+def read_request(
+    body: bytes, headers: Any, size: tuple[int, int], settings: Settings, decode: Decoder
+) -> Inference:
+    """An infer request's body, checked, its `image` files not yet decoded
+    (core.infer decodes those the response cache does not answer);
+    HttpError says what is wrong."""
     if headers.get("Content-Encoding", "identity") != "identity":
         raise bad(f"Content-Encoding {headers['Content-Encoding']!r} is not supported")
     header_bytes, binary = _split(body, headers.get(HEADER_LENGTH))
-    # The parsed JSON is held until its images are made: it costs the decode
-    # budget, as a decoded image does (a 16 MB body of numbers is ~250 MB of
-    # Python objects).
+    # The parsed JSON is held until the files are taken out of it or the
+    # pixels made: it costs the decode budget, as a decoded image does (a
+    # 16 MB body of numbers is ~250 MB of Python objects).
     try:
         with decode.budget.reserve(json_cost(header_bytes), "the request's JSON"):
-            return _parse_json(header_bytes, binary, size, settings, decode)
+            return _parse_json(header_bytes, binary, size, settings)
     except ImageError as exc:
         raise errors.from_image(exc) from None
 
@@ -166,7 +185,7 @@ _VALUE_BYTES = 32
 
 
 def _parse_json(
-    header_bytes: bytes, binary: bytes, size: tuple[int, int], settings: Settings, decode: Decoder
+    header_bytes: bytes, binary: bytes, size: tuple[int, int], settings: Settings
 ) -> Inference:
     try:
         message = json.loads(header_bytes)
@@ -198,12 +217,11 @@ def _parse_json(
     tensor, data = inputs[0], parts[0]
     name = tensor.get("name")
     if name == IMAGE:
-        images = _images(tensor, data, size, settings, decode)
-    elif name == PIXELS:
+        return Inference([], outputs, request_id, files=_image_files(tensor, data, settings))
+    if name == PIXELS:
         images = _pixels(tensor, data, size, settings)
-    else:
-        raise core.unknown_input(name)
-    return Inference(images, outputs, request_id)
+        return Inference(images, outputs, request_id, pixels_dtype=images[0].dtype.name)
+    raise core.unknown_input(name)
 
 
 def _split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
@@ -258,17 +276,11 @@ def _binary_parts(inputs: list[Any], binary: bytes) -> list[bytes | None]:
     return parts
 
 
-def _images(
-    tensor: dict[str, Any],
-    data: bytes | None,
-    size: tuple[int, int],
-    settings: Settings,
-    decode: Decoder,
-) -> list[np.ndarray]:
-    """BYTES: encoded image files, decoded and resized as /predict does."""
+def _image_files(tensor: dict[str, Any], data: bytes | None, settings: Settings) -> list[bytes]:
+    """BYTES: encoded image files, checked, not yet decoded."""
     shape, count = core.check_image_tensor(tensor.get("datatype"), tensor.get("shape"), settings)
     files = core.bytes_elements(data) if data is not None else _base64_elements(tensor)
-    return core.decode_images(files, shape, count, size, decode)
+    return core.check_files(files, shape, count)
 
 
 def _base64_elements(tensor: dict[str, Any]) -> list[bytes]:
