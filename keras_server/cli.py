@@ -111,7 +111,9 @@ def make_workers(
     for url in settings.redis_urls:
         # The process's one Shard for `url`: the web tier of --role all and
         # every model's worker share its connections and its health.
-        queue = RequestQueue.open(url, keys, timeout=settings.redis_timeout)
+        queue = RequestQueue.open(
+            url, keys, timeout=settings.redis_timeout, levels=settings.priority_levels
+        )
         worker = Worker(
             queue,
             predictor,
@@ -119,6 +121,7 @@ def make_workers(
             result_ttl=settings.result_timeout,
             heartbeat_ttl=settings.heartbeat_ttl,
             batch_delay=settings.max_batch_delay_ms / 1000,
+            max_lower=settings.lower_batch_limit,
             description=predictor.description,
             name=name,
             version=version,

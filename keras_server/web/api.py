@@ -9,7 +9,8 @@ functions, like page.py's and v2.py's. A request is decoded and resized here,
 queued in Redis, and answered from its own result key; several `image`
 fields are handed to dispatch.py. Errors are errors.HttpError (or left to
 errors.py to classify), answered `{"success": false, "error": "..."}`: the
-blueprint's handlers, and the app's for what no blueprint routes. TensorFlow-free.
+blueprint's handlers, and the app's for what no blueprint routes. The predict
+routes take `X-Priority` and `X-Request-Timeout` (dispatch.Urgency). TensorFlow-free.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from flask import Blueprint, Flask, Response, current_app, jsonify
+from flask import Blueprint, Flask, Response, current_app, jsonify, request
 
 from keras_server import metrics
 from keras_server.broker import messages
@@ -103,9 +104,11 @@ def list_models() -> Response:
 
 def classify(model: ServedModel) -> Response | tuple[Any, int]:
     settings, decode = state().settings, state().decoder
+    # Checked before the upload is read: a bad header costs no decoding.
+    urgency = dispatch.Urgency.from_headers(request.headers, settings)
     uploads = request_files().get("image", [])
     if len(uploads) > 1:
-        return dispatch.predict_many(model, uploads, settings, decode)
+        return dispatch.predict_many(model, uploads, settings, decode, urgency)
     if not uploads:
         raise errors.HttpError(
             400, "no file in the 'image' field: send multipart/form-data with image=@FILE"
@@ -118,10 +121,10 @@ def classify(model: ServedModel) -> Response | tuple[Any, int]:
         raise errors.no_live_worker(model.name)
     image = decode(data, size)  # an ImageError is answered by errors.py
 
-    job = messages.ImageRequest.create(image, settings.result_timeout)
+    job = messages.ImageRequest.create(image, urgency.timeout, priority=urgency.priority)
     raw = dispatch.submit(model, [job], settings).get(job.id)
     if raw is None:
-        raise errors.HttpError(504, dispatch.timed_out(settings))
+        raise errors.HttpError(504, dispatch.timed_out(urgency.timeout))
     result = messages.decode_result(raw)
     return jsonify(result), 200 if result["success"] else 500
 

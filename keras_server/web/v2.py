@@ -24,9 +24,12 @@ The N images become N queue entries (dispatch.submit), so they batch with
 everyone else's, answered together. A rejected request queues nothing. Every
 error is `{"error": "..."}`: 400 for a request the protocol or the model does
 not take, 404 for an unknown model or version, 413 past --max-images, 503/504
-as `/predict`. A version in the path must be one the model serves (its spec's,
-or a live worker's); all of a model's versions share its queue, so whichever
-worker claims an image answers it, and `model_version` says which.
+as `/predict`. Triton's `parameters.priority` (1 .. --priority-levels) and
+`parameters.timeout` (microseconds, capped by --result-timeout) set the
+request's level and deadline (dispatch.Urgency). A version in the path must
+be one the model serves (its spec's, or a live worker's); all of a model's
+versions share its queue, so whichever worker claims an image answers it,
+and `model_version` says which.
 TensorFlow-free.
 """
 
@@ -53,7 +56,7 @@ from keras_server.settings import Settings
 from keras_server.web import errors
 from keras_server.web.api import state
 from keras_server.web.deployment import ServedModel
-from keras_server.web.dispatch import Decoder, submit, timed_out, too_many
+from keras_server.web.dispatch import Decoder, Urgency, submit, timed_out, too_many
 from keras_server.web.errors import HttpError
 from keras_server.web.page import openapi_document
 
@@ -89,6 +92,7 @@ class Inference:
 
     images: list[np.ndarray]
     outputs: list[Output]
+    urgency: Urgency
     request_id: str | None = None
     classes: int = field(init=False)
 
@@ -211,18 +215,22 @@ def infer(name: str, version: str | None = None) -> Response:
     inference = parse_request(request.get_data(), request.headers, size, settings, state().decoder)
     jobs = [
         messages.ImageRequest.create(
-            image, settings.result_timeout, probabilities=True, classes=inference.classes
+            image,
+            inference.urgency.timeout,
+            probabilities=True,
+            classes=inference.classes,
+            priority=inference.urgency.priority,
         )
         for image in inference.images
     ]
     answers = submit(model, jobs, settings)
-    rows, classes, made_by = _collect(jobs, answers, settings)
+    rows, classes, made_by = _collect(jobs, answers, inference.urgency.timeout)
     version_used = (made_by or {}).get("version") or model.spec.version
     return answer(model.name, version_used, inference, rows, classes)
 
 
 def _collect(
-    jobs: list[messages.ImageRequest], answers: dict[str, bytes], settings: Settings
+    jobs: list[messages.ImageRequest], answers: dict[str, bytes], timeout: float
 ) -> tuple[np.ndarray, list[list[dict[str, Any]]], dict[str, str] | None]:
     """(probabilities [N, classes], each image's top classes, the model that
     answered) from the workers' answers; HttpError if any image failed."""
@@ -230,7 +238,7 @@ def _collect(
     for job in jobs:
         raw = answers.get(job.id)
         if raw is None:
-            raise HttpError(504, timed_out(settings))
+            raise HttpError(504, timed_out(timeout))
         header, vector = messages.decode_probabilities(raw)
         if not header["success"]:
             raise HttpError(500, header.get("error", "the model failed"))
@@ -303,6 +311,7 @@ def _parse_json(
     if request_id is not None and not isinstance(request_id, str):
         raise bad("'id' must be a string")
     parameters = _object(message.get("parameters", {}), "the request's 'parameters'")
+    urgency = Urgency.from_parameters(parameters, settings)
     inputs = message.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise bad("'inputs' must be a non-empty list of tensors")
@@ -331,7 +340,7 @@ def _parse_json(
             f"unknown input {name!r}: the model takes {IMAGE!r} (BYTES, encoded image files) "
             f"or {PIXELS!r} (UINT8 or FP32, [N, H, W, 3])"
         )
-    return Inference(images, outputs, request_id)
+    return Inference(images, outputs, urgency, request_id)
 
 
 def _split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:

@@ -75,6 +75,7 @@ class Worker:
         result_ttl: float,
         heartbeat_ttl: float = 10.0,
         batch_delay: float = 0.0,
+        max_lower: int | None = None,
         description: str = "",
         name: str = "",
         version: str = "",
@@ -82,13 +83,16 @@ class Worker:
     ) -> None:
         """`turn`, shared by workers that share one model (one per shard), is
         held from filling a batch to answering it, so only the worker about to
-        run the model holds more than one claimed request."""
+        run the model holds more than one claimed request. `max_lower`: most
+        requests from below priority level 1 in one batch (default: no limit
+        but `batch_size`)."""
         self.queue = queue
         self.predictor = predictor
         self.batch_size = batch_size
         self.result_ttl = result_ttl
         self.heartbeat_ttl = heartbeat_ttl
         self.batch_delay = batch_delay
+        self.max_lower = batch_size if max_lower is None else max_lower
         self.description = description or predictor.description
         self.name = name
         self.version = version
@@ -180,15 +184,19 @@ class Worker:
         log.info("worker %s stopped", self.id)
 
     def run_once(self, wait: float) -> int:
-        """Claim and answer one batch; returns how many requests it took."""
+        """Claim and answer one batch, highest priority first; returns how
+        many requests it took."""
         first = self.queue.claim_first(self.id, wait)
         if first is None:
             return 0
         # The batch's delay counts from its first request (mosec-style).
         until = time.monotonic() + self.batch_delay
+        # A level-1 request that comes while this batch runs waits for all of
+        # it: past max_lower, lower levels wait for the next batch instead.
+        lower = self.max_lower - (messages.priority_of(first) > 1)
         with self.turn:
-            raws = [first, *self.queue.claim_more(self.id, self.batch_size - 1, until)]
-            return self._answer(raws)
+            more = self.queue.claim_more(self.id, self.batch_size - 1, until, max_lower=lower)
+            return self._answer([first, *more])
 
     def _answer(self, raws: list[bytes]) -> int:
         """Decode, infer and answer one claimed batch. Whatever fails, every
