@@ -1,19 +1,24 @@
 """Level-1 latency while a flood of level-2 requests saturates the worker.
 
     python -m bench.priorities                         # the simulated model
-    python -m bench.priorities --lower 0,4,1 --think-ms 0,100
+    python -m bench.priorities --configs 0:0,4:30 --think-ms 0,100
 
-Run from the repository root. For each --low-priority-batch-size in
-`--lower` (0: --batch-size, no limit), it starts its own redis-server and
-`run_keras_server.py --role all --model sim` (50 ms per batch + 5 ms per
-image unless --server-args says otherwise), then measures one client sending
-level-1 requests one after another (X-Priority: 1, waiting `--think-ms`
-between them, drawn uniformly from 0 to twice that, so they arrive at random
-points of the batches running):
+Run from the repository root. For each pair of --low-priority-batch-size
+(0: --batch-size, no limit) and --priority-hold-ms in `--configs`, it
+starts its own redis-server and `run_keras_server.py --role all --model
+sim` (50 ms per batch + 5 ms per image, batches of 16, unless
+--server-args says otherwise), then measures one client sending level-1
+requests one after another (X-Priority: 1, waiting `--think-ms` between
+them, drawn uniformly from 0 to twice that, so they arrive at random points
+of the batches running):
 
 - idle: nothing else queued;
 - flooded: `--flood` clients sending level-2 requests (X-Priority: 2) as fast
   as they are answered, more than a batch holds, so the worker never idles.
+  Fewer than the server's --web-threads: each request holds a web thread
+  while it waits, and a level-1 request that finds every thread held waits
+  for one in the HTTP server's backlog, whatever its level (priorities order
+  the Redis queue, not the HTTP front).
 
 Prints a Markdown table: each setting's idle and flooded p50 (and p90) of the
 level-1 client, their ratio (the issue's target: <= 1.5), and the level-2
@@ -112,15 +117,19 @@ class Flood:
             thread.join(60)
 
 
-def measure(lower: int, args: argparse.Namespace, think_ms: list[float]) -> list[dict[str, float]]:
+def measure(
+    lower: int, hold: float, args: argparse.Namespace, think_ms: list[float]
+) -> list[dict[str, float]]:
     data = image_bytes()
     rows = []
     with RedisServer() as redis_server, tempfile.TemporaryDirectory() as scratch:
         port = free_port()
         command = [
             sys.executable, "run_keras_server.py", "--role", "all", "--port", str(port),
-            "--redis-url", redis_server.url, "--web-workers", "1", "--log-level", "WARNING",
+            "--redis-url", redis_server.url, "--web-workers", "1",
+            "--web-threads", str(args.web_threads), "--log-level", "WARNING",
             "--priority-levels", "2", "--low-priority-batch-size", str(lower),
+            "--priority-hold-ms", str(hold),
             *(args.server_args.split() if args.server_args else SIM),
         ]  # fmt: skip
         base = f"http://127.0.0.1:{port}"
@@ -130,7 +139,9 @@ def measure(lower: int, args: argparse.Namespace, think_ms: list[float]) -> list
             rng = random.Random(0)
             probe(url, data, 5, 0, rng)  # warm-up
             for think in think_ms:
+                log.info("think %g ms: idle", think)
                 idle = probe(url, data, args.requests, think / 1000, rng)
+                log.info("flooded")
                 with Flood(url, data, args.flood) as flood:
                     time.sleep(args.settle)
                     before, started = flood.done, time.perf_counter()
@@ -140,10 +151,11 @@ def measure(lower: int, args: argparse.Namespace, think_ms: list[float]) -> list
                 rows.append(
                     {
                         "lower": lower,
+                        "hold": hold,
                         "think_ms": think,
                         "idle_p50": statistics.median(idle) * 1000,
                         "flood_p50": statistics.median(flooded) * 1000,
-                        "flood_p90": percentile(flooded, 90) * 1000,
+                        "flood_p90": percentile(sorted(flooded), 90) * 1000,
                         "ratio": statistics.median(flooded) / statistics.median(idle),
                         "throughput": throughput,
                         "errors": errors,
@@ -155,27 +167,38 @@ def measure(lower: int, args: argparse.Namespace, think_ms: list[float]) -> list
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lower", default="0,4,1", help="--low-priority-batch-size values")
+    parser.add_argument(
+        "--configs",
+        default="0:0,4:0,1:0,0:30,4:30",
+        help="LOWER:HOLD pairs: --low-priority-batch-size and --priority-hold-ms",
+    )
     parser.add_argument("--think-ms", default="0,100", help="level-1 client's mean pause")
-    parser.add_argument("--flood", type=int, default=48, help="level-2 clients")
-    parser.add_argument("--requests", type=int, default=40, help="level-1 requests per phase")
+    parser.add_argument("--flood", type=int, default=24, help="level-2 clients")
+    parser.add_argument(
+        "--web-threads",
+        type=int,
+        default=64,
+        help="the server's; more than --flood, or the flood holds every thread",
+    )
+    parser.add_argument("--requests", type=int, default=30, help="level-1 requests per phase")
     parser.add_argument("--settle", type=float, default=2.0, help="seconds of flood first")
     parser.add_argument("--server-args", default="", help="instead of the simulated model's")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     print(f"CPU: {cpu.describe(cpu.model(), cpu.vector_flags())}")
     print(f"server: {args.server_args or ' '.join(SIM)}; flood: {args.flood} level-2 clients")
     think = [float(t) for t in args.think_ms.split(",")]
-    rows = [row for lower in args.lower.split(",") for row in measure(int(lower), args, think)]
+    configs = [c.split(":") for c in args.configs.split(",")]
+    rows = [row for lower, hold in configs for row in measure(int(lower), float(hold), args, think)]
     print()
     print(
-        "| --low-priority-batch-size | level-1 think (ms) | idle p50 (ms) | flooded p50 (ms) "
-        "| flooded p90 (ms) | p50 ratio | level-2 throughput (req/s) |"
+        "| --low-priority-batch-size | --priority-hold-ms | level-1 think (ms) | idle p50 (ms) "
+        "| flooded p50 (ms) | flooded p90 (ms) | p50 ratio | level-2 throughput (req/s) |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['lower'] or 'off'} | {r['think_ms']:g} | {r['idle_p50']:.0f} | "
+            f"| {r['lower'] or 'off'} | {r['hold']:g} | {r['think_ms']:g} | {r['idle_p50']:.0f} | "
             f"{r['flood_p50']:.0f} | {r['flood_p90']:.0f} | {r['ratio']:.2f}x | "
             f"{r['throughput']:.1f} |" + (f" ({r['errors']} errors)" if r["errors"] else "")
         )

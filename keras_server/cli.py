@@ -122,6 +122,7 @@ def make_workers(
             heartbeat_ttl=settings.heartbeat_ttl,
             batch_delay=settings.max_batch_delay_ms / 1000,
             max_lower=settings.lower_batch_limit,
+            hold=settings.priority_hold_ms / 1000,
             description=predictor.description,
             name=name,
             version=version,

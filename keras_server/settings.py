@@ -73,6 +73,7 @@ class Settings:
     max_queue: int = 512
     priority_levels: int = 2
     low_priority_batch_size: int = 0
+    priority_hold_ms: float = 0.0
     result_timeout: float = 30.0
     max_upload_mb: float = 16.0
     max_image_pixels: int = 50_000_000
@@ -455,6 +456,15 @@ KNOBS: tuple[Knob, ...] = (
         "level-1 request that comes while a batch runs waits for it, so a smaller "
         "batch bounds that wait, at a cost in the lower levels' throughput",
         "N",
+    ),
+    Knob(
+        "priority_hold_ms",
+        _non_negative_float,
+        "after a batch that held a level-1 request, wait up to this long for the next "
+        "level-1 request before taking lower levels' work (0: never wait): a client "
+        "sending one request after another then finds the model free, at the cost of "
+        "that idle time when none comes",
+        "MS",
     ),
     Knob(
         "result_timeout",

@@ -24,8 +24,9 @@ a worker that was not blocked) costs one empty claim; the claim script
 deletes the list whenever it leaves every level empty, so tokens never pile
 up. A request pushed without a token (by a web server from before
 priorities, during a rolling upgrade) is found by the claim after each
-blocking wait's timeout. `claim_first` takes one request; `claim_more` fills
-the batch, at most `max_lower` of it from levels below 1.
+blocking wait's timeout. `claim_first` takes one request (with `top_only`,
+from level 1 alone: BLMOVE on that one list); `claim_more` fills the batch,
+at most `max_lower` of it from levels below 1.
 
 `finish` writes the answers and empties the processing list in one
 MULTI/EXEC. A worker keeps a heartbeat key with a TTL; when it stops beating
@@ -59,7 +60,7 @@ log = logging.getLogger(__name__)
 
 Pipeline = redis.client.Pipeline
 
-# BLPOP treats a timeout of 0 as "forever": never let rounding get us there.
+# BLPOP and BLMOVE treat a timeout of 0 as "forever": never let rounding get us there.
 MIN_BLOCK_S = 0.01
 SENTINEL_SCHEME = "redis+sentinel://"
 # How often a host marked down is pinged to see whether it is back.
@@ -148,7 +149,7 @@ def connect(url: str, *, timeout: float) -> redis.Redis:
 
     A hung host (stopped process, network partition) keeps its connections
     open and never answers; without a read timeout each command would wait
-    for it indefinitely. Blocking calls (BLPOP) go through
+    for it indefinitely. Blocking calls (BLPOP, BLMOVE) go through
     `Shard.block`, which reads their reply with a longer timeout. Nothing is retried
     behind our back: the web tier answers 503 at once while Redis is down,
     and the worker loop has its own backoff.
@@ -273,7 +274,7 @@ class Shard:
             raise
 
     def block(self, *command: Any, seconds: float) -> Any:
-        """Run a blocking command (BLPOP) that Redis ends after
+        """Run a blocking command (BLPOP, BLMOVE) that Redis ends after
         `seconds`, reading its reply for `seconds` plus --redis-timeout: a nil
         reply that comes a little late is not a hung host."""
         pool = self.client.connection_pool
@@ -416,9 +417,20 @@ class RequestQueue:
         with self.shard.watch():
             return self.shard.block("BLPOP", self.keys.wakeup, block, seconds=block) is not None
 
-    def claim_first(self, worker_id: str, wait: float) -> bytes | None:
+    def claim_first(self, worker_id: str, wait: float, top_only: bool = False) -> bytes | None:
         """Block up to `wait` s for one request, from the highest level that
-        holds any, and move it to the processing list."""
+        holds any (`top_only`: from level 1 alone), and move it to the
+        processing list."""
+        if top_only:
+            # One list: BLMOVE blocks on it, atomically, without tokens.
+            block = max(wait, MIN_BLOCK_S)
+            processing = self.keys.processing(worker_id)
+            with self.shard.watch():
+                found: bytes | None = self.shard.block(
+                    "BLMOVE", self.keys.queue_at(1), processing, "LEFT", "RIGHT", block,
+                    seconds=block,
+                )  # fmt: skip
+            return found
         until = time.monotonic() + max(wait, MIN_BLOCK_S)
         while True:
             items, _ = self._take(worker_id, 1, 1)

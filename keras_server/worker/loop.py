@@ -76,6 +76,7 @@ class Worker:
         heartbeat_ttl: float = 10.0,
         batch_delay: float = 0.0,
         max_lower: int | None = None,
+        hold: float = 0.0,
         description: str = "",
         name: str = "",
         version: str = "",
@@ -85,7 +86,8 @@ class Worker:
         held from filling a batch to answering it, so only the worker about to
         run the model holds more than one claimed request. `max_lower`: most
         requests from below priority level 1 in one batch (default: no limit
-        but `batch_size`)."""
+        but `batch_size`). `hold`: after a batch that held a level-1 request,
+        seconds to wait for the next one before taking lower levels' work."""
         self.queue = queue
         self.predictor = predictor
         self.batch_size = batch_size
@@ -93,6 +95,8 @@ class Worker:
         self.heartbeat_ttl = heartbeat_ttl
         self.batch_delay = batch_delay
         self.max_lower = batch_size if max_lower is None else max_lower
+        self.hold = hold
+        self._held_until = 0.0  # monotonic; until then, only level 1 is claimed
         self.description = description or predictor.description
         self.name = name
         self.version = version
@@ -186,7 +190,15 @@ class Worker:
     def run_once(self, wait: float) -> int:
         """Claim and answer one batch, highest priority first; returns how
         many requests it took."""
-        first = self.queue.claim_first(self.id, wait)
+        held = self._held_until - time.monotonic()
+        if held > 0:
+            # A client that just had its level-1 answer may send the next one
+            # at once: a batch of lower levels started now would make it wait
+            # that batch out (--priority-hold-ms).
+            self._held_until = 0.0
+            first = self.queue.claim_first(self.id, min(wait, held), top_only=True)
+        else:
+            first = self.queue.claim_first(self.id, wait)
         if first is None:
             return 0
         # The batch's delay counts from its first request (mosec-style).
@@ -196,7 +208,11 @@ class Worker:
         lower = self.max_lower - (messages.priority_of(first) > 1)
         with self.turn:
             more = self.queue.claim_more(self.id, self.batch_size - 1, until, max_lower=lower)
-            return self._answer([first, *more])
+            raws = [first, *more]
+            answered = self._answer(raws)
+        if self.hold and any(messages.priority_of(raw) == 1 for raw in raws):
+            self._held_until = time.monotonic() + self.hold
+        return answered
 
     def _answer(self, raws: list[bytes]) -> int:
         """Decode, infer and answer one claimed batch. Whatever fails, every
