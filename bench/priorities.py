@@ -22,7 +22,8 @@ of the batches running):
 
 Prints a Markdown table: each setting's idle and flooded p50 (and p90) of the
 level-1 client, their ratio (the issue's target: <= 1.5), and the level-2
-throughput during the flood. The images are generated at the model's input
+throughput during the flood, with the level-1 client and (measured just
+before it starts) alone. The images are generated at the model's input
 size, so the web tier's decoding is small next to the model.
 """
 
@@ -144,6 +145,10 @@ def measure(
                 log.info("flooded")
                 with Flood(url, data, args.flood) as flood:
                     time.sleep(args.settle)
+                    # The flood alone first: what batch work gets with no level-1 traffic.
+                    before, started = flood.done, time.perf_counter()
+                    time.sleep(args.settle)
+                    alone = (flood.done - before) / (time.perf_counter() - started)
                     before, started = flood.done, time.perf_counter()
                     flooded = probe(url, data, args.requests, think / 1000, rng)
                     throughput = (flood.done - before) / (time.perf_counter() - started)
@@ -158,6 +163,7 @@ def measure(
                         "flood_p90": percentile(sorted(flooded), 90) * 1000,
                         "ratio": statistics.median(flooded) / statistics.median(idle),
                         "throughput": throughput,
+                        "alone": alone,
                         "errors": errors,
                     }
                 )
@@ -193,14 +199,16 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(
         "| --low-priority-batch-size | --priority-hold-ms | level-1 think (ms) | idle p50 (ms) "
-        "| flooded p50 (ms) | flooded p90 (ms) | p50 ratio | level-2 throughput (req/s) |"
+        "| flooded p50 (ms) | flooded p90 (ms) | p50 ratio | level-2 req/s, with level 1 "
+        "| level-2 req/s, alone |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['lower'] or 'off'} | {r['hold']:g} | {r['think_ms']:g} | {r['idle_p50']:.0f} | "
             f"{r['flood_p50']:.0f} | {r['flood_p90']:.0f} | {r['ratio']:.2f}x | "
-            f"{r['throughput']:.1f} |" + (f" ({r['errors']} errors)" if r["errors"] else "")
+            f"{r['throughput']:.1f} | {r['alone']:.1f} |"
+            + (f" ({r['errors']} errors)" if r["errors"] else "")
         )
     return 0
 

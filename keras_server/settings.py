@@ -72,8 +72,8 @@ class Settings:
     queue_name: str = "image_queue"
     max_queue: int = 512
     priority_levels: int = 2
-    low_priority_batch_size: int = 0
-    priority_hold_ms: float = 0.0
+    low_priority_batch_size: int = 2
+    priority_hold_ms: float = 30.0
     result_timeout: float = 30.0
     max_upload_mb: float = 16.0
     max_image_pixels: int = 50_000_000
@@ -452,9 +452,11 @@ KNOBS: tuple[Knob, ...] = (
     Knob(
         "low_priority_batch_size",
         _non_negative_int,
-        "most requests from below level 1 in one forward pass (0: --batch-size): a "
-        "level-1 request that comes while a batch runs waits for it, so a smaller "
-        "batch bounds that wait, at a cost in the lower levels' throughput",
+        "while level-1 requests come (one in the last second), most requests from "
+        "below level 1 in one forward pass (0: --batch-size): a level-1 request that "
+        "comes while a batch runs waits for it, so a smaller batch bounds that wait, at "
+        "a cost in the lower levels' throughput; without level-1 traffic they fill "
+        "whole batches",
         "N",
     ),
     Knob(

@@ -285,3 +285,31 @@ def test_a_real_server_serves_each_level(settings: Settings) -> None:
             assert "from 1 (the highest) to 2" in response.json()["error"]
     finally:
         stop(process)
+
+
+def test_lower_levels_fill_whole_batches_without_level_one_traffic(
+    settings: Settings, queue: RequestQueue
+) -> None:
+    predictor = CountingPredictor(SimulatedModel(0, 0))
+    worker = make_worker(settings, predictor, batch_size=4, max_lower=1)
+    for _ in range(3):
+        queue.push(request_at(2), level=2)
+    assert worker.run_once(1) == 3, "no level-1 request lately: max_lower does not apply"
+
+
+def test_after_a_level_one_batch_the_worker_holds_for_the_next(
+    settings: Settings, queue: RequestQueue
+) -> None:
+    predictor = CountingPredictor(SimulatedModel(0, 0))
+    worker = make_worker(settings, predictor, batch_size=4, hold=30.0)
+    queue.push(request_at(1))
+    assert worker.run_once(1) == 1
+    queue.push(request_at(2), level=2)
+    assert worker.run_once(0.3) == 0, "held for level 1: the level-2 request waits"
+    assert queue.depths() == [0, 1]
+    queue.push(request_at(1))
+    queue.push(request_at(2), level=2)
+    assert worker.run_once(1) == 3, "level 1 first, the level-2 ones ride along"
+    queue.push(request_at(2), level=2)
+    assert worker.run_once(0.3) == 0, "each level-1 batch holds again"
+    assert worker.run_once(1) == 1, "the hold is over: level 2 is taken"
