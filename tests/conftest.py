@@ -174,9 +174,7 @@ def post_images(
 @pytest.fixture
 def queue(settings: Settings) -> RequestQueue:
     keys = messages.Keys(settings.queue_name)
-    queue = RequestQueue.open(
-        settings.redis_url, keys, timeout=1, levels=settings.priority_levels
-    )
+    queue = RequestQueue.open(settings.redis_url, keys, timeout=1, levels=settings.priority_levels)
     return queue
 
 
