@@ -313,3 +313,19 @@ def test_after_a_level_one_batch_the_worker_holds_for_the_next(
     queue.push(request_at(2), level=2)
     assert worker.run_once(0.3) == 0, "each level-1 batch holds again"
     assert worker.run_once(1) == 1, "the hold is over: level 2 is taken"
+
+
+def test_one_push_of_two_wakes_two_blocked_workers(queue: RequestQueue) -> None:
+    got: dict[str, bytes | None] = {}
+
+    def claim(worker_id: str) -> None:
+        got[worker_id] = queue.claim_first(worker_id, wait=20)
+
+    threads = [threading.Thread(target=claim, args=(w,)) for w in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.3)  # both blocked on the wake-up list
+    queue.push_all([b"x", b"y"], max_depth=10, level=2)
+    for thread in threads:
+        thread.join(10)
+    assert sorted(got.values()) == [b"x", b"y"], "each woken by its own token, at once"
