@@ -169,8 +169,9 @@ def run_wrk(url: str, images: list[Path], connections: int, seconds: float) -> W
 
 
 def drain(url: str, redis_url: str, queue: str, image: Path) -> None:
-    """Wait until what wrk left in flight is served: the queue empty, then one
-    request of our own answered (it waits for the batch being run)."""
+    """Wait until what wrk left in flight is served: the queue empty (wrk
+    names no X-Priority, so its requests wait at level 1, the plain list),
+    then one request of our own answered (it waits for the batch being run)."""
     import redis
 
     client = redis.Redis.from_url(redis_url)

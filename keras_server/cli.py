@@ -114,7 +114,9 @@ def make_workers(
     for url in settings.redis_urls:
         # The process's one Shard for `url`: the web tier of --role all and
         # every model's worker share its connections and its health.
-        queue = RequestQueue.open(url, keys, timeout=settings.redis_timeout)
+        queue = RequestQueue.open(
+            url, keys, timeout=settings.redis_timeout, levels=settings.priority_levels
+        )
         worker = Worker(
             queue,
             predictor,
@@ -122,6 +124,8 @@ def make_workers(
             result_ttl=settings.result_timeout,
             heartbeat_ttl=settings.heartbeat_ttl,
             batch_delay=settings.max_batch_delay_ms / 1000,
+            max_lower=settings.lower_batch_limit,
+            hold=settings.priority_hold_ms / 1000,
             description=predictor.description,
             name=name,
             version=version,

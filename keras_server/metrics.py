@@ -148,7 +148,9 @@ class RedisCollector(Collector):
         up = GaugeMetricFamily("keras_server_redis_up", "1 if the shard answered", labels=["shard"])
         labels = ["model", "shard"]
         depth = GaugeMetricFamily(
-            "keras_server_queue_depth", "Requests waiting in the queue", labels=labels
+            "keras_server_queue_depth",
+            "Requests waiting in the queue, by priority level (1 the highest)",
+            labels=[*labels, "level"],
         )
         live = GaugeMetricFamily(
             "keras_server_workers_live", "Workers with a current heartbeat", labels=labels
@@ -166,7 +168,8 @@ class RedisCollector(Collector):
             if not state.reachable:
                 continue
             where = [state.model_name, state.shard]
-            depth.add_metric(where, state.depth)
+            for level, waiting in enumerate(state.depths, start=1):
+                depth.add_metric([*where, str(level)], waiting)
             live.add_metric(where, len(state.workers))
             for worker_id, info in state.workers.items():
                 age.add_metric([*where, worker_id], max(0.0, now - info.at))

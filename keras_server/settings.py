@@ -35,6 +35,7 @@ from keras_server.catalog import (
 ENV_PREFIX = "KERAS_SERVER_"
 ROLES = ("all", "web", "worker")
 MAX_BATCH_SIZE = 1024
+MAX_PRIORITY_LEVELS = 16
 # One request's images are queued by one Redis script call: keep its argument
 # list well inside Lua's stack.
 MAX_IMAGES = 1024
@@ -70,6 +71,9 @@ class Settings:
     min_agreement: float = 0.95
     queue_name: str = "image_queue"
     max_queue: int = 512
+    priority_levels: int = 2
+    low_priority_batch_size: int = 2
+    priority_hold_ms: float = 30.0
     result_timeout: float = 30.0
     max_upload_mb: float = 16.0
     max_image_pixels: int = 50_000_000
@@ -138,6 +142,11 @@ class Settings:
         return split_redis_urls(self.redis_url)
 
     @property
+    def lower_batch_limit(self) -> int:
+        """Most requests from below level 1 in one batch."""
+        return min(self.low_priority_batch_size or self.batch_size, self.batch_size)
+
+    @property
     def decode_memory_bytes(self) -> int:
         return int(self.decode_memory_mb * 1024 * 1024)
 
@@ -199,6 +208,20 @@ def _batch_size(text: str) -> int:
     value = _positive_int(text)
     if value > MAX_BATCH_SIZE:
         raise ValueError(f"must be at most {MAX_BATCH_SIZE}")
+    return value
+
+
+def _priority_levels(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_PRIORITY_LEVELS:
+        raise ValueError(f"must be at most {MAX_PRIORITY_LEVELS}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise ValueError("must be a whole number, 0 or more")
     return value
 
 
@@ -431,14 +454,41 @@ KNOBS: tuple[Knob, ...] = (
     Knob(
         "max_queue",
         _positive_int,
-        "most requests waiting in a shard's queue; beyond it a request is refused "
-        "at once with 503 and Retry-After",
+        "most requests waiting in a shard's queue at each priority level; beyond it a "
+        "request is refused at once with 503 and Retry-After",
         "N",
+    ),
+    Knob(
+        "priority_levels",
+        _priority_levels,
+        "priority levels a request may ask for (X-Priority, v2 parameters.priority), "
+        f"1 the highest; a request that names none is level 1 (at most {MAX_PRIORITY_LEVELS})",
+        "N",
+    ),
+    Knob(
+        "low_priority_batch_size",
+        _non_negative_int,
+        "while level-1 requests come (one in the last second), most requests from "
+        "below level 1 in one forward pass (0: --batch-size): a level-1 request that "
+        "comes while a batch runs waits for it, so a smaller batch bounds that wait, at "
+        "a cost in the lower levels' throughput; without level-1 traffic they fill "
+        "whole batches",
+        "N",
+    ),
+    Knob(
+        "priority_hold_ms",
+        _non_negative_float,
+        "after a batch that held a level-1 request, wait up to this long for the next "
+        "level-1 request before taking lower levels' work (0: never wait): a client "
+        "sending one request after another then finds the model free, at the cost of "
+        "that idle time when none comes",
+        "MS",
     ),
     Knob(
         "result_timeout",
         _positive_float,
-        "seconds a request waits for its prediction before a 504",
+        "seconds a request waits for its prediction before a 504; the most a "
+        "request's own timeout (X-Request-Timeout, v2 parameters.timeout) may ask",
         "SECONDS",
     ),
     Knob("max_upload_mb", _positive_float, "largest accepted request body", "MB"),

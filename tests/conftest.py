@@ -174,7 +174,7 @@ def post_images(
 @pytest.fixture
 def queue(settings: Settings) -> RequestQueue:
     keys = messages.Keys(settings.queue_name)
-    queue = RequestQueue.open(settings.redis_url, keys, timeout=1)
+    queue = RequestQueue.open(settings.redis_url, keys, timeout=1, levels=settings.priority_levels)
     return queue
 
 
@@ -266,7 +266,7 @@ def make_worker(
 ) -> Worker:
     keys = messages.Keys(settings.queue_name)
     return Worker(
-        RequestQueue.open(settings.redis_url, keys, timeout=1),
+        RequestQueue.open(settings.redis_url, keys, timeout=1, levels=settings.priority_levels),
         predictor,
         batch_size or settings.batch_size,
         result_ttl=settings.result_timeout,

@@ -193,6 +193,27 @@ def test_infer_encoded_images(client: grpcclient.InferenceServerClient) -> None:
     assert (response.model_name, response.model_version, response.id) == (MODEL, "1", "r1")
 
 
+def test_priority_and_timeout_parameters(client: grpcclient.InferenceServerClient) -> None:
+    """Triton's `priority` and `timeout` parameters, as int64 (KServe's proto
+    has no uint64_param: tritonclient's `priority=`, a uint64, is refused)."""
+    stub = client._client_stub
+    request = _typed_request("image", "BYTES", [1])
+    request.inputs[0].contents.bytes_contents.append(FILES[0])
+    request.parameters["priority"].int64_param = 2
+    request.parameters["timeout"].int64_param = 10_000_000
+    answer = stub.ModelInfer(request, timeout=30)
+    assert len(answer.raw_output_contents[0]) == 4 * 1000
+    request.parameters["priority"].int64_param = 3
+    with pytest.raises(grpc.RpcError) as failure:
+        stub.ModelInfer(request, timeout=30)
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "from 1 (the highest) to 2" in failure.value.details()
+    with pytest.raises(InferenceServerException) as refused:
+        client.infer(MODEL, [image_input(FILES[:1])], priority=2)
+    assert code(refused) == "INVALID_ARGUMENT"
+    assert "int64_param" in refused.value.message()
+
+
 @pytest.mark.slow
 def test_infer_with_default_outputs(client: grpcclient.InferenceServerClient) -> None:
     result = client.infer(MODEL, [image_input(FILES[:1])])

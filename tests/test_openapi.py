@@ -51,19 +51,31 @@ def call(
     path: str,
     body: bytes = b"",
     content_type: str | None = None,
+    *,
+    headers: dict[str, str] | None = None,
 ) -> Call:
     def build() -> EnvironBuilder:
-        return EnvironBuilder(path=path, method=method, data=body, content_type=content_type)
+        return EnvironBuilder(
+            path=path, method=method, data=body, content_type=content_type, headers=headers
+        )
 
     response = client.open(build())
     # The app consumed the first request's body; the validator reads a twin.
     return Call(WerkzeugOpenAPIRequest(build().get_request()), response)
 
 
-def upload(client: FlaskClient, data: bytes, field: str = "image", path: str = "/predict") -> Call:
+def upload(
+    client: FlaskClient,
+    data: bytes,
+    field: str = "image",
+    path: str = "/predict",
+    *,
+    headers: dict[str, str] | None = None,
+) -> Call:
     part = FileStorage(io.BytesIO(data), "upload.png", content_type="image/png")
     boundary, body = encode_multipart({field: part})
-    return call(client, "POST", path, body, f"multipart/form-data; boundary={boundary}")
+    content_type = f"multipart/form-data; boundary={boundary}"
+    return call(client, "POST", path, body, content_type, headers=headers)
 
 
 def conforms(openapi: OpenAPI, done: Call, status: int, request_valid: bool = True) -> object:
@@ -122,6 +134,19 @@ def test_a_prediction(openapi: OpenAPI, client: FlaskClient, settings: Settings)
         body = conforms(openapi, upload(client, CHELSEA), 200)
     probabilities = [p["probability"] for p in body["predictions"]]
     assert probabilities == sorted(probabilities, reverse=True), "most likely first"
+
+
+def test_priority_and_timeout_headers(
+    openapi: OpenAPI, client: FlaskClient, settings: Settings
+) -> None:
+    urgent = {"X-Priority": "2", "X-Request-Timeout": "10"}
+    with WorkerThread(make_worker(settings, SimulatedModel(0, 0))):
+        assert conforms(openapi, upload(client, CHELSEA, headers=urgent), 200)["success"]
+    body = conforms(openapi, upload(client, CHELSEA, headers={"X-Priority": "9"}), 400)
+    assert "from 1 (the highest) to 2" in body["error"]
+    late = {"X-Request-Timeout": "0"}
+    body = conforms(openapi, upload(client, CHELSEA, headers=late), 400, request_valid=False)
+    assert "greater than 0" in body["error"]
 
 
 def test_models_list(openapi: OpenAPI, client: FlaskClient, settings: Settings) -> None:

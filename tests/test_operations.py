@@ -90,8 +90,10 @@ def test_metrics_count_requests_batches_queue_and_heartbeats(
 
     queue.push(b"waiting")
     queue.push(b"waiting")
+    queue.push(b"waiting", level=2)
     idle = client.get("/metrics").get_data(as_text=True)
-    assert value(idle, "keras_server_queue_depth", **model) == 2
+    assert value(idle, "keras_server_queue_depth", **model, level="1") == 2
+    assert value(idle, "keras_server_queue_depth", **model, level="2") == 1
     assert value(idle, "keras_server_workers_live", **model) == 0
 
 

@@ -187,7 +187,8 @@ def test_readyz_models_and_metrics_agree_model_by_shard(
     by_shard = {("a", shard0): 1, ("a", shard1): 1, ("b", shard0): 1, ("b", shard1): 0}
     assert live_in_metrics() == by_shard
     metrics = client.get("/metrics").get_data(as_text=True)
-    assert f'keras_server_queue_depth{{model="b",shard="{shard1}"}} 3.0' in metrics
+    assert f'keras_server_queue_depth{{level="1",model="b",shard="{shard1}"}} 3.0' in metrics
+    assert f'keras_server_queue_depth{{level="2",model="b",shard="{shard1}"}} 0.0' in metrics
 
     (late,) = make_workers(dataclasses.replace(settings, redis_url=urls[1]), model, "b", models)
     late.queue.beat(late.id, late.info(), ttl=60)

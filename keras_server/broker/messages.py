@@ -24,6 +24,12 @@ a newline, the raw float32 vector:
 "classes": [{"index", "label"}, ...]}\n<bytes>` (`decode_probabilities`).
 Errors stay plain JSON. A worker from before this ignores both fields and
 answers top-k JSON, which `decode_probabilities` reports as such.
+
+A request below the highest priority says so in its header, `"priority": n`
+(2 .. --priority-levels); a level-1 request's header, like every entry queued
+before priorities existed, has none, and is level 1 (`priority_of`). The
+worker does not need it to run the request: the queue's requeue script reads
+it (cjson, in Redis) to put a dead worker's claim back on its own level.
 Nothing read from Redis is ever unpickled or evaluated.
 """
 
@@ -56,7 +62,7 @@ class BadMessage(ValueError):
 # "<queue-name>:<model>", so a model named after one of them would share keys
 # with the default model (a model "workers" would queue into its workers set):
 # settings refuses these names for every model but the default.
-KEY_PARTS = ("result", "processing", "worker", "workers", "cache")
+KEY_PARTS = ("result", "processing", "worker", "workers", "cache", "level", "wakeup")
 
 
 @dataclass(frozen=True)
@@ -80,7 +86,27 @@ class Keys:
 
     @property
     def queue(self) -> str:
+        """The level-1 queue: the plain name, as before priorities existed, so
+        entries queued by an earlier version are served at the highest level."""
         return self.queue_name
+
+    def queue_at(self, level: int) -> str:
+        """The queue of priority `level` (1 is the highest). Every name of a
+        queue's lists is built from `queue_name` here, so a finer queue (one
+        per model version, say) is a longer `queue_name`, levels and all."""
+        if level < 1:
+            raise ValueError(f"priority level {level} < 1")
+        return self.queue_name if level == 1 else f"{self.queue_name}:level:{level}"
+
+    def queues(self, levels: int) -> list[str]:
+        """The queues of levels 1 .. `levels`, highest first."""
+        return [self.queue_at(level) for level in range(1, levels + 1)]
+
+    @property
+    def wakeup(self) -> str:
+        """Tokens, one per push (a few at most), that a worker blocks on while
+        every level is empty: BLMOVE watches one list, the levels are several."""
+        return f"{self.queue_name}:wakeup"
 
     def result(self, request_id: str) -> str:
         return f"{self.queue_name}:result:{request_id}"
@@ -114,10 +140,17 @@ class ImageRequest:
     deadline: float
     probabilities: bool = False  # answer with the whole vector (v2 protocol)
     classes: int = 0  # with it, the indices and labels of the k most likely
+    priority: int = 1  # the queue level it waits at (1 is the highest)
 
     @classmethod
     def create(
-        cls, image: np.ndarray, timeout: float, *, probabilities: bool = False, classes: int = 0
+        cls,
+        image: np.ndarray,
+        timeout: float,
+        *,
+        probabilities: bool = False,
+        classes: int = 0,
+        priority: int = 1,
     ) -> ImageRequest:
         return cls(
             # 128 random bits, as uuid4 has, at a fifth of its cost (issue 23).
@@ -126,6 +159,7 @@ class ImageRequest:
             deadline=time.time() + timeout,
             probabilities=probabilities,
             classes=classes,
+            priority=priority,
         )
 
     def expired(self, now: float | None = None) -> bool:
@@ -147,6 +181,8 @@ def encode_request(request: ImageRequest) -> bytes:
         message["probabilities"] = True
         if request.classes:
             message["classes"] = request.classes
+    if request.priority != 1:
+        message["priority"] = request.priority
     return json.dumps(message).encode() + b"\n" + array.tobytes()
 
 
@@ -178,6 +214,7 @@ def decode_request(raw: bytes | str) -> ImageRequest:
         deadline = float(message["deadline"])
         probabilities = message.get("probabilities") is True
         classes = _whole(message.get("classes", 0))
+        priority = _whole(message.get("priority", 1))
     except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
         # binascii.Error is a ValueError; OverflowError: float() of a huge integer.
         raise BadMessage(f"malformed request: {exc!r}") from None
@@ -193,6 +230,8 @@ def decode_request(raw: bytes | str) -> ImageRequest:
         raise BadMessage(f"request {request_id}: deadline {deadline} is not a time")
     if not 0 <= classes <= MAX_CLASSES:
         raise BadMessage(f"request {request_id}: classes {classes} out of range")
+    if priority < 1:
+        raise BadMessage(f"request {request_id}: priority {priority} out of range")
     image = np.frombuffer(data, dtype=dtype).reshape(shape)
     return ImageRequest(
         id=request_id,
@@ -200,6 +239,7 @@ def decode_request(raw: bytes | str) -> ImageRequest:
         deadline=deadline,
         probabilities=probabilities,
         classes=classes,
+        priority=priority,
     )
 
 
@@ -209,6 +249,19 @@ def _whole(value: object) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise ValueError(f"{value!r} is not a whole number")
     return value
+
+
+def priority_of(raw: bytes) -> int:
+    """The level a queue entry was pushed at: 1 when its header names none
+    (an older entry) or cannot be read (the worker answers it as malformed)."""
+    header = raw.partition(b"\n")[0] if raw[:1] == b"{" else b""
+    if b'"priority"' not in header:
+        return 1
+    try:
+        value = json.loads(header).get("priority", 1)
+    except (ValueError, AttributeError, RecursionError):
+        return 1
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 1 else 1
 
 
 def request_id_of(raw: bytes | str) -> str | None:

@@ -1,17 +1,38 @@
 """The Redis queue between web servers and model workers.
 
-Web side: `push_all` one request's images (refused at once, all of them, when
-the queue is full), then `wait_results` blocks in Redis (BLPOP) on their own
-result keys (`push` and `wait_result` are the one-request forms).
+Priorities: one list per level (`Keys.queue_at`; level 1, the highest, is the
+plain queue name, so entries queued before priorities existed are served).
+A web server pushes each request onto its level's list. Workers take from the
+highest level that holds anything.
 
-Worker side, crash-safe: a claim moves requests from the queue into the
-worker's own processing list (`claim_first`: BLMOVE, blocking without polling;
-then `claim_more`: a short Lua script doing LRANGE + LTRIM + RPUSH atomically
-for the rest), so a claimed request is always in exactly one place. `finish` writes the
-answers and empties the processing list in one MULTI/EXEC. A worker keeps a
-heartbeat key with a TTL; when it stops beating (kill -9, lost machine), any
-live worker's `reap_dead` puts its claimed requests back at the head of the
-queue.
+Web side: `push_all` one request's images onto one level (refused at once,
+all of them, when that level holds --max-queue already: the cap is per level,
+so a flood at a low level never refuses an interactive request), then
+`wait_results` blocks in Redis (BLPOP) on their own result keys (`push` and
+`wait_result` are the one-request forms).
+
+Worker side, crash-safe: a claim moves requests from the queues into the
+worker's own processing list in one Lua script (`_CLAIM`: highest level first,
+LRANGE + LTRIM + RPUSH per level), so a claimed request is always in exactly
+one place. BLMOVE, which blocked on one list, cannot watch several levels, so
+a worker that finds every level empty blocks (BLPOP) on the wake-up list
+(`Keys.wakeup`): every push adds a token to it (a few at most, see
+WAKEUP_TOKENS), in the same script as the push. No wake-up is lost: the claim
+that found nothing and the push are each atomic, so a push after the claim
+leaves a token the BLPOP takes at once. A stale token (its request claimed by
+a worker that was not blocked) costs one empty claim; the claim script
+deletes the list whenever it leaves every level empty, so tokens never pile
+up. A request pushed without a token (by a web server from before
+priorities, during a rolling upgrade) is found by the claim after each
+blocking wait's timeout. `claim_first` takes one request (with `top_only`,
+from level 1 alone: BLMOVE on that one list); `claim_more` fills the batch,
+at most `max_lower` of it from levels below 1.
+
+`finish` writes the answers and empties the processing list in one
+MULTI/EXEC. A worker keeps a heartbeat key with a TTL; when it stops beating
+(kill -9, lost machine), any live worker's `reap_dead` puts its claimed
+requests back at the head of their own level's queue (the script reads each
+entry's `"priority"`), with wake-up tokens.
 
 Methods that only write take an optional pipeline so a caller can make several
 writes one transaction.
@@ -39,38 +60,82 @@ log = logging.getLogger(__name__)
 
 Pipeline = redis.client.Pipeline
 
-# BLPOP/BLMOVE treat a timeout of 0 as "forever": never let rounding get us there.
+# BLPOP and BLMOVE treat a timeout of 0 as "forever": never let rounding get us there.
 MIN_BLOCK_S = 0.01
 SENTINEL_SCHEME = "redis+sentinel://"
 # How often a host marked down is pinged to see whether it is back.
 PROBE_INTERVAL_S = 0.5
 
-# KEYS: queue. ARGV: max depth, then the payloads. All of them or none:
-# returns the new depth, or -1 if they do not all fit.
+# Most wake-up tokens the list holds: enough to wake that many blocked
+# workers (claim loops) on one shard at once; the others find the work when
+# they next look, which they do before blocking again.
+WAKEUP_TOKENS = 64
+
+# KEYS: the level's queue, the wake-up list. ARGV: max depth, token cap, then
+# the payloads. All of them or none: returns the level's new depth, or -1 if
+# they do not all fit.
 _PUSH_ALL = """
-if redis.call('LLEN', KEYS[1]) + #ARGV - 1 > tonumber(ARGV[1]) then return -1 end
-return redis.call('RPUSH', KEYS[1], unpack(ARGV, 2))
+local count = #ARGV - 2
+if redis.call('LLEN', KEYS[1]) + count > tonumber(ARGV[1]) then return -1 end
+local depth = redis.call('RPUSH', KEYS[1], unpack(ARGV, 3))
+local tokens = math.min(count, tonumber(ARGV[2]) - redis.call('LLEN', KEYS[2]))
+for i = 1, tokens do redis.call('RPUSH', KEYS[2], '1') end
+return depth
 """
 
-# KEYS: queue, processing list. ARGV: how many. Returns the items moved.
-_CLAIM_MORE = """
-local items = redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
-if #items > 0 then
-  redis.call('LTRIM', KEYS[1], #items, -1)
-  redis.call('RPUSH', KEYS[2], unpack(items))
+# KEYS: processing list, wake-up list, then the queues, highest level first.
+# ARGV: how many, how many of them at most from below level 1. Returns
+# {how many came from below level 1, the items moved...}, highest level first,
+# oldest first within a level.
+_CLAIM = """
+local want, lower = tonumber(ARGV[1]), tonumber(ARGV[2])
+local result, lowered, waiting = {0}, 0, 0
+for i = 3, #KEYS do
+  local take = want - (#result - 1)
+  if i > 3 and take > lower - lowered then take = lower - lowered end
+  if take > 0 then
+    local items = redis.call('LRANGE', KEYS[i], 0, take - 1)
+    if #items > 0 then
+      redis.call('LTRIM', KEYS[i], #items, -1)
+      redis.call('RPUSH', KEYS[1], unpack(items))
+      for _, item in ipairs(items) do result[#result + 1] = item end
+      if i > 3 then lowered = lowered + #items end
+    end
+  end
+  waiting = waiting + redis.call('LLEN', KEYS[i])
 end
-return items
+if waiting == 0 then redis.call('DEL', KEYS[2]) end
+result[1] = lowered
+return result
 """
 
-# KEYS: processing list, queue, workers set, heartbeat. ARGV: worker id,
-# "1" to act only if the heartbeat is gone. Puts the items back at the head of
-# the queue, oldest first; returns how many, or -1 if the worker is alive.
+# KEYS: processing list, workers set, heartbeat, wake-up list, then the
+# queues, highest level first. ARGV: worker id, "1" to act only if the
+# heartbeat is gone, token cap. Puts each item back at the head of its own
+# level's queue (its header's "priority"; none, or past the last level: the
+# nearest level there is), oldest first; returns how many, or -1 if the
+# worker is alive.
 _REQUEUE = """
-if ARGV[2] == '1' and redis.call('EXISTS', KEYS[4]) == 1 then return -1 end
+if ARGV[2] == '1' and redis.call('EXISTS', KEYS[3]) == 1 then return -1 end
+local levels = #KEYS - 4
 local items = redis.call('LRANGE', KEYS[1], 0, -1)
-for i = #items, 1, -1 do redis.call('LPUSH', KEYS[2], items[i]) end
+for i = #items, 1, -1 do
+  local item = items[i]
+  local level = 1
+  local newline = string.find(item, '\\n', 1, true)
+  local header = newline and string.sub(item, 1, newline - 1) or item
+  if string.find(header, '"priority"', 1, true) then
+    local ok, message = pcall(cjson.decode, header)
+    if ok and type(message) == 'table' and type(message.priority) == 'number' then
+      level = math.max(1, math.min(levels, math.floor(message.priority)))
+    end
+  end
+  redis.call('LPUSH', KEYS[4 + level], item)
+end
 redis.call('DEL', KEYS[1])
-if ARGV[2] == '1' then redis.call('SREM', KEYS[3], ARGV[1]) end
+if ARGV[2] == '1' then redis.call('SREM', KEYS[2], ARGV[1]) end
+local tokens = math.min(#items, tonumber(ARGV[3]) - redis.call('LLEN', KEYS[4]))
+for i = 1, tokens do redis.call('RPUSH', KEYS[4], '1') end
 return #items
 """
 
@@ -247,37 +312,48 @@ class RequestQueue:
     marked down whoever meets it: the web tier, the surveys, the worker.
     """
 
-    def __init__(self, shard: Shard, keys: Keys) -> None:
+    def __init__(self, shard: Shard, keys: Keys, levels: int = 1) -> None:
+        """`levels`: --priority-levels, the queues a worker takes from."""
+        if levels < 1:
+            raise ValueError(f"{levels} priority levels")
         self.shard = shard
         self.client = shard.client
         self.keys = keys
+        self.levels = levels
         self._push_all = self.client.register_script(_PUSH_ALL)
-        self._claim_more = self.client.register_script(_CLAIM_MORE)
+        self._claim = self.client.register_script(_CLAIM)
         self._requeue = self.client.register_script(_REQUEUE)
 
     @classmethod
-    def open(cls, url: str, keys: Keys, *, timeout: float) -> RequestQueue:
+    def open(cls, url: str, keys: Keys, *, timeout: float, levels: int = 1) -> RequestQueue:
         """A queue on `url`, over this process's Shard for it: commands give
         up on a silent host after `timeout` s, blocking ones `timeout` s after
         Redis should have ended them."""
-        return cls(Shard.of(url, timeout), keys)
+        return cls(Shard.of(url, timeout), keys, levels)
+
+    def _level(self, level: int) -> int:
+        if not 1 <= level <= self.levels:
+            raise ValueError(f"priority level {level} is not in 1..{self.levels}")
+        return level
 
     # -- web side ---------------------------------------------------------
 
-    def push(self, payload: bytes, max_depth: int | None = None) -> int:
-        """Queue a request unless `max_depth` are waiting; returns the new depth."""
-        if max_depth is None:
-            with self.shard.watch():
-                return int(self.client.rpush(self.keys.queue, payload))
-        return self.push_all([payload], max_depth)
+    def push(self, payload: bytes, max_depth: int | None = None, level: int = 1) -> int:
+        """Queue a request at `level` unless `max_depth` wait there; returns
+        that level's new depth."""
+        return self.push_all([payload], max_depth if max_depth is not None else 2**62, level)
 
-    def push_all(self, payloads: Sequence[bytes], max_depth: int) -> int:
-        """Queue several requests at once, or none of them when they would take
-        the queue past `max_depth` (QueueFull); returns the new depth."""
+    def push_all(self, payloads: Sequence[bytes], max_depth: int, level: int = 1) -> int:
+        """Queue several requests at once at `level`, or none of them when
+        they would take that level past `max_depth` (QueueFull); returns the
+        level's new depth."""
+        keys = [self.keys.queue_at(self._level(level)), self.keys.wakeup]
         with self.shard.watch():
-            depth = int(self._push_all(keys=[self.keys.queue], args=[max_depth, *payloads]))
+            depth = int(self._push_all(keys=keys, args=[max_depth, WAKEUP_TOKENS, *payloads]))
         if depth < 0:
-            raise QueueFull(f"{len(payloads)} more would take the queue past {max_depth}")
+            raise QueueFull(
+                f"{len(payloads)} more would take the level-{level} queue past {max_depth}"
+            )
         return depth
 
     def wait_results(self, request_ids: Sequence[str], timeout: float) -> dict[str, bytes]:
@@ -307,38 +383,86 @@ class RequestQueue:
         """
         return self.wait_results([request_id], timeout).get(request_id)
 
-    def depth(self) -> int:
+    def depths(self) -> list[int]:
+        """Requests waiting at each level, highest first (one round trip)."""
+        pipe = self.client.pipeline(transaction=False)
+        for key in self.keys.queues(self.levels):
+            pipe.llen(key)
         with self.shard.watch():
-            return int(self.client.llen(self.keys.queue))
+            return [int(n) for n in pipe.execute()]
+
+    def depth(self, up_to: int | None = None) -> int:
+        """Requests waiting at levels 1 .. `up_to` (default: every level):
+        with `up_to`, those a request pushed at that level would wait behind."""
+        return sum(self.depths()[: up_to or self.levels])
 
     # -- worker side ------------------------------------------------------
 
-    def claim_first(self, worker_id: str, wait: float) -> bytes | None:
-        """Block up to `wait` s for one request and move it to the processing list."""
-        return self._blmove(self.keys.processing(worker_id), max(wait, MIN_BLOCK_S))
-
-    def _blmove(self, processing: str, block: float) -> bytes | None:
+    def _take(self, worker_id: str, count: int, max_lower: int) -> tuple[list[bytes], int]:
+        """(up to `count` requests moved to the worker's processing list,
+        highest level first, at most `max_lower` from below level 1; how many
+        of them came from below level 1)."""
+        keys = [
+            self.keys.processing(worker_id),
+            self.keys.wakeup,
+            *self.keys.queues(self.levels),
+        ]
         with self.shard.watch():
-            found: bytes | None = self.shard.block(
-                "BLMOVE", self.keys.queue, processing, "LEFT", "RIGHT", block, seconds=block
-            )
-        return found
+            reply = self._claim(keys=keys, args=[count, max(max_lower, 0)])
+        return list(reply[1:]), int(reply[0])
 
-    def claim_more(self, worker_id: str, max_items: int, until: float) -> list[bytes]:
-        """Take up to `max_items` more: whatever is queued, and then, until the
-        monotonic time `until`, whatever arrives (mosec-style batch filling)."""
-        queue, processing = self.keys.queue, self.keys.processing(worker_id)
+    def _wait_for_push(self, block: float) -> bool:
+        """Block up to `block` s for a wake-up token; whether one came."""
+        block = max(block, MIN_BLOCK_S)
+        with self.shard.watch():
+            return self.shard.block("BLPOP", self.keys.wakeup, block, seconds=block) is not None
+
+    def claim_first(self, worker_id: str, wait: float, top_only: bool = False) -> bytes | None:
+        """Block up to `wait` s for one request, from the highest level that
+        holds any (`top_only`: from level 1 alone), and move it to the
+        processing list."""
+        if top_only:
+            # One list: BLMOVE blocks on it, atomically, without tokens.
+            block = max(wait, MIN_BLOCK_S)
+            processing = self.keys.processing(worker_id)
+            with self.shard.watch():
+                found: bytes | None = self.shard.block(
+                    "BLMOVE", self.keys.queue_at(1), processing, "LEFT", "RIGHT", block,
+                    seconds=block,
+                )  # fmt: skip
+            return found
+        until = time.monotonic() + max(wait, MIN_BLOCK_S)
+        while True:
+            items, _ = self._take(worker_id, 1, 1)
+            if items:
+                return items[0]
+            remaining = until - time.monotonic()
+            if remaining <= 0:
+                return None
+            if not self._wait_for_push(remaining):
+                # Timed out: one last look, for a push that left no token.
+                items, _ = self._take(worker_id, 1, 1)
+                return items[0] if items else None
+
+    def claim_more(
+        self, worker_id: str, max_items: int, until: float, max_lower: int | None = None
+    ) -> list[bytes]:
+        """Take up to `max_items` more, at most `max_lower` of them from below
+        level 1 (default: no limit): whatever is queued, highest level first,
+        and then, until the monotonic time `until`, whatever arrives
+        (mosec-style batch filling)."""
+        lower_left = max_items if max_lower is None else max_lower
         items: list[bytes] = []
         while len(items) < max_items:
-            with self.shard.watch():
-                items += self._claim_more(keys=[queue, processing], args=[max_items - len(items)])
+            taken, lowered = self._take(worker_id, max_items - len(items), lower_left)
+            items += taken
+            lower_left -= lowered
             remaining = until - time.monotonic()
             if len(items) >= max_items or remaining < MIN_BLOCK_S:
                 break
-            more = self._blmove(processing, remaining)
-            if more is None:
+            if not self._wait_for_push(remaining):
+                items += self._take(worker_id, max_items - len(items), lower_left)[0]
                 break
-            items.append(more)
         return items
 
     def finish(
@@ -364,9 +488,13 @@ class RequestQueue:
                 p.execute()
 
     def requeue(self, worker_id: str) -> int:
-        """Put the worker's unanswered claims back at the head of the queue."""
+        """Put the worker's unanswered claims back at the head of their levels' queues."""
         with self.shard.watch():
-            return int(self._requeue(keys=self._requeue_keys(worker_id), args=[worker_id, "0"]))
+            return int(
+                self._requeue(
+                    keys=self._requeue_keys(worker_id), args=[worker_id, "0", WAKEUP_TOKENS]
+                )
+            )
 
     # -- liveness ---------------------------------------------------------
 
@@ -418,7 +546,10 @@ class RequestQueue:
             if info is None:
                 with self.shard.watch():
                     moved = int(
-                        self._requeue(keys=self._requeue_keys(worker_id), args=[worker_id, "1"])
+                        self._requeue(
+                            keys=self._requeue_keys(worker_id),
+                            args=[worker_id, "1", WAKEUP_TOKENS],
+                        )
                     )
                 if moved >= 0:
                     reaped[worker_id] = moved
@@ -426,4 +557,10 @@ class RequestQueue:
 
     def _requeue_keys(self, worker_id: str) -> list[str]:
         k = self.keys
-        return [k.processing(worker_id), k.queue, k.workers, k.heartbeat(worker_id)]
+        return [
+            k.processing(worker_id),
+            k.workers,
+            k.heartbeat(worker_id),
+            k.wakeup,
+            *k.queues(self.levels),
+        ]

@@ -1,7 +1,9 @@
 """Several Redis instances ("shards"), each holding its own copy of the queue.
 
 A web server knows every shard. Each request goes to one: the shorter queue
-of two random shards that are up (power of two choices), and its result is
+of two random shards that are up (power of two choices; what counts is the
+requests at the request's priority level and above, those it would wait
+behind), and its result is
 awaited on that same shard. A shard that fails — refuses connections, or
 stays silent past --redis-timeout like a hung host — is marked down for the
 whole process (request_queue.Shard, one per Redis URL): requests skip it
@@ -45,8 +47,10 @@ class ShardSet:
         self._rng = rng or random.Random()
 
     @classmethod
-    def connect(cls, urls: Sequence[str], keys: Keys, *, timeout: float) -> ShardSet:
-        return cls([RequestQueue.open(url, keys, timeout=timeout) for url in urls])
+    def connect(
+        cls, urls: Sequence[str], keys: Keys, *, timeout: float, levels: int = 1
+    ) -> ShardSet:
+        return cls([RequestQueue.open(url, keys, timeout=timeout, levels=levels) for url in urls])
 
     def name(self, queue: RequestQueue) -> str:
         return queue.shard.name
@@ -58,8 +62,9 @@ class ShardSet:
         """The shards not marked down, without asking any of them."""
         return [q for q in self.queues if not q.shard.is_down()]
 
-    def pick(self) -> RequestQueue:
-        """The shorter queue of two random shards that are up."""
+    def pick(self, level: int = 1) -> RequestQueue:
+        """The shorter queue of two random shards that are up, counting the
+        requests a request at `level` would wait behind (levels 1 .. `level`)."""
         candidates = self.up()
         if not candidates:
             raise NoShardUp("no Redis shard is reachable")
@@ -69,7 +74,7 @@ class ShardSet:
         depths = {}
         for queue in (first, second):
             try:
-                depths[id(queue)] = queue.depth()
+                depths[id(queue)] = queue.depth(up_to=level)
             except redis.RedisError as exc:
                 if not unreachable(exc):
                     raise  # marked down by the queue: the other one is asked
@@ -77,11 +82,11 @@ class ShardSet:
             return first  # both failed just now: let the caller's push report it
         return min((first, second), key=lambda q: depths.get(id(q), float("inf")))
 
-    def push(self, payload: bytes, max_depth: int) -> RequestQueue:
+    def push(self, payload: bytes, max_depth: int, level: int = 1) -> RequestQueue:
         """Queue `payload` on a picked shard; returns the shard that took it."""
-        return self.push_all([payload], max_depth)
+        return self.push_all([payload], max_depth, level)
 
-    def push_all(self, payloads: Sequence[bytes], max_depth: int) -> RequestQueue:
+    def push_all(self, payloads: Sequence[bytes], max_depth: int, level: int = 1) -> RequestQueue:
         """Queue several requests on one picked shard, all or none (see
         `RequestQueue.push_all`); returns the shard that took them, where
         they will be answered.
@@ -92,14 +97,14 @@ class ShardSet:
         up, its worker skips the copies once their deadline has passed, and
         nobody collects an answer to them. QueueFull and other errors propagate.
         """
-        queue = self.pick()
+        queue = self.pick(level)
         try:
-            queue.push_all(payloads, max_depth=max_depth)
+            queue.push_all(payloads, max_depth=max_depth, level=level)
             return queue
         except redis.RedisError as exc:
             others = [q for q in self.up() if q is not queue]
             if not unreachable(exc) or not others:
                 raise
         retry = self._rng.choice(others)
-        retry.push_all(payloads, max_depth=max_depth)
+        retry.push_all(payloads, max_depth=max_depth, level=level)
         return retry

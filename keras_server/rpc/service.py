@@ -11,7 +11,9 @@ checks, queue and answers as the REST routes under /v2, in protobuf.
   is `probabilities`, FP32 `[N, classes]`, or with the `classification`
   parameter on the output BYTES `[N, k]` of `"score:index:label"`, always in
   `raw_output_contents`. The client's deadline is the request's (capped by
-  --result-timeout): its images are dropped from the queue past it.
+  --result-timeout, and by the request's `timeout` parameter): its images are
+  dropped from the queue past it. The `priority` parameter is its level
+  (dispatch.Urgency), as on REST.
 
 Errors are the REST route's errors.HttpError, answered with the gRPC code
 for its status (`CODES`: 400 INVALID_ARGUMENT, 404 NOT_FOUND, 413
@@ -40,7 +42,7 @@ from keras_server.settings import Settings
 from keras_server.web import errors
 from keras_server.web import inference as core
 from keras_server.web.deployment import Deployment
-from keras_server.web.dispatch import Decoder
+from keras_server.web.dispatch import Decoder, Urgency
 from keras_server.web.errors import HttpError
 from keras_server.web.inference import IMAGE, OUTPUT, PIXELS, Inference, Output, Result, bad
 
@@ -204,7 +206,13 @@ def parse_request(
         images = core.split_pixels(array, checked)
     else:
         raise core.unknown_input(tensor.name)
-    return Inference(images, outputs, request.id or None)
+    given = parameters(request.parameters)
+    for name in ("priority", "timeout"):
+        if name in given and given[name] is None:
+            # A choice this proto lacks: tritonclient's priority= is a uint64_param.
+            raise bad(f"parameters.{name} must be an int64_param (KServe's protocol has no uint64)")
+    urgency = Urgency.from_parameters(given, settings)
+    return Inference(images, outputs, request.id or None, urgency=urgency)
 
 
 def _typed_pixels(

@@ -12,7 +12,8 @@ fields are handed to dispatch.py. With the response cache on for the model
 `X-Cache` says whether the answer came from it. Errors are errors.HttpError
 (or left to errors.py to classify), answered `{"success": false, "error":
 "..."}`: the blueprint's handlers, and the app's for what no blueprint
-routes. TensorFlow-free.
+routes. The predict routes take `X-Priority` and `X-Request-Timeout`
+(dispatch.Urgency). TensorFlow-free.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from flask import Blueprint, Flask, Response, current_app, jsonify
+from flask import Blueprint, Flask, Response, current_app, jsonify, request
 
 from keras_server import metrics
 from keras_server.broker import messages
@@ -109,12 +110,14 @@ def list_models() -> Response:
 
 def classify(model: ServedModel) -> Response | tuple[Any, int]:
     settings, decode = state().settings, state().decoder
+    # Checked before the upload is read: a bad header costs no decoding.
+    urgency = dispatch.Urgency.from_headers(request.headers, settings)
     uploads = request_files().get("image", [])
     cache = state().cache
     if cache and not cache.on_for(model):
         cache = None
     if len(uploads) > 1:
-        return dispatch.predict_many(model, uploads, settings, decode, cache)
+        return dispatch.predict_many(model, uploads, settings, decode, urgency=urgency, cache=cache)
     if not uploads:
         raise errors.HttpError(
             400, "no file in the 'image' field: send multipart/form-data with image=@FILE"
@@ -125,7 +128,7 @@ def classify(model: ServedModel) -> Response | tuple[Any, int]:
     looked = cache.lookup(model, top_k_form(model), [data]) if cache else None
     raw = looked.hits.get(0) if looked else None
     if raw is None:
-        raw = _predict_one(model, data)
+        raw = _predict_one(model, data, urgency)
         if cache and looked:
             cache.store(looked, {0: raw})
     result = messages.decode_result(raw)
@@ -135,17 +138,17 @@ def classify(model: ServedModel) -> Response | tuple[Any, int]:
     return response, 200 if result["success"] else 500
 
 
-def _predict_one(model: ServedModel, data: bytes) -> bytes:
+def _predict_one(model: ServedModel, data: bytes, urgency: dispatch.Urgency) -> bytes:
     """The worker's answer to one upload: decoded, queued, awaited."""
     settings, decode = state().settings, state().decoder
     size = model.input_size()
     if size is None:
         raise errors.no_live_worker(model.name)
     image = decode(data, size)  # an ImageError is answered by errors.py
-    job = messages.ImageRequest.create(image, settings.result_timeout)
+    job = messages.ImageRequest.create(image, urgency.timeout, priority=urgency.priority)
     raw = dispatch.submit(model, [job], settings).get(job.id)
     if raw is None:
-        raise errors.HttpError(504, dispatch.timed_out(settings))
+        raise errors.HttpError(504, dispatch.timed_out(urgency.timeout))
     return raw
 
 

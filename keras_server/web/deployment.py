@@ -4,7 +4,7 @@ own queue on every Redis shard, and the input size its uploads are resized to.
 The input size comes from the model's live workers (their heartbeat says
 what the loaded model takes), or, before any worker beats, from the built-in
 catalogue. `Deployment.survey` reads each model's queue on each shard
-(reachable, depth, live workers) for /readyz, /models and the metrics, so
+(reachable, depth at each priority level, live workers) for /readyz, /models and the metrics, so
 the three always agree. TensorFlow-free.
 """
 
@@ -34,9 +34,14 @@ class ShardState:
     model_name: str
     shard: str  # host:port/db, no password
     reachable: bool
-    depth: int = 0
+    depths: tuple[int, ...] = ()  # requests waiting at each priority level, 1 first
     workers: dict[str, WorkerInfo] = field(default_factory=dict)  # live ones, by id
     error: str = ""  # why it was unreachable
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting at every level."""
+        return sum(self.depths)
 
 
 @dataclass(frozen=True)
@@ -80,14 +85,14 @@ class ServedModel:
                 found.append(ShardState(self.name, where, reachable=False, error=down))
                 continue
             try:
-                depth, workers = queue.depth(), queue.workers()
+                depths, workers = tuple(queue.depths()), queue.workers()
             except redis.RedisError as exc:
                 # An unreachable host was marked down by the queue; one that
                 # refuses is up but cannot be read now: either way, says why.
                 found.append(ShardState(self.name, where, reachable=False, error=reason(exc)))
                 continue
             live = {wid: info for wid, info in workers.items() if info is not None}
-            found.append(ShardState(self.name, where, True, depth, live))
+            found.append(ShardState(self.name, where, True, depths, live))
         return found
 
     def live_workers(self) -> list[WorkerInfo]:
@@ -128,7 +133,12 @@ class Deployment:
             keys = Keys.for_model(settings.queue_name, spec.name, default)
             # Every model's queue on a shard shares that shard's connections
             # and health record (request_queue.Shard).
-            shards = ShardSet.connect(settings.redis_urls, keys, timeout=settings.redis_timeout)
+            shards = ShardSet.connect(
+                settings.redis_urls,
+                keys,
+                timeout=settings.redis_timeout,
+                levels=settings.priority_levels,
+            )
             served[spec.name] = ServedModel(spec, shards)
         return cls(served, default)
 

@@ -23,15 +23,24 @@ error) plus `"filename"` and `"status"`, the HTTP status that image alone
 would have had. A bad file fails only its own item. Only what fails the whole
 request (too many images, the queue full or Redis down) is a plain error: an
 errors.HttpError, or a redis-py error left to errors.py to classify.
+Priorities and deadlines (`Urgency`): `/predict` reads `X-Priority: N`
+(1 .. --priority-levels, 1 the highest and the default) and
+`X-Request-Timeout: SECONDS` (capped by --result-timeout, its default); v2
+reads Triton's `parameters.priority` and `parameters.timeout` (microseconds;
+0 means the default for both, as in Triton). A value out of range is a 400
+naming the range. Every image of a request waits at its level until its
+deadline; a request past its deadline is never run (the worker skips it),
+and its client gets 504.
 TensorFlow-free.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,6 +99,81 @@ class Decoder:
         metrics.DECODE_CPU_SECONDS.inc(seconds)
 
 
+PRIORITY_HEADER = "X-Priority"
+TIMEOUT_HEADER = "X-Request-Timeout"
+# Plain decimal seconds: float() would also take "nan", "1e9", "1_0".
+_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+", re.ASCII)
+
+
+@dataclass(frozen=True)
+class Urgency:
+    """A request's priority level (1 the highest) and how long it may wait
+    for its answer, in seconds (at most --result-timeout)."""
+
+    priority: int
+    timeout: float
+
+    @classmethod
+    def default(cls, settings: Settings) -> Urgency:
+        """Level 1: interactive clients never wait behind anything unless
+        they opt down; batch work (the lowest level) is what opts down."""
+        return cls(1, settings.result_timeout)
+
+    @classmethod
+    def from_headers(cls, headers: Mapping[str, str], settings: Settings) -> Urgency:
+        """`X-Priority` and `X-Request-Timeout`; HttpError 400 naming the range."""
+        urgency = cls.default(settings)
+        priority, seconds = headers.get(PRIORITY_HEADER), headers.get(TIMEOUT_HEADER)
+        if priority is not None:
+            text = priority.strip()
+            level = int(text) if text.isascii() and text.isdigit() else 0
+            if not 1 <= level <= settings.priority_levels:
+                raise errors.HttpError(400, _priority_range(PRIORITY_HEADER, settings))
+            urgency = cls(level, urgency.timeout)
+        if seconds is not None:
+            text = seconds.strip()
+            value = float(text) if _SECONDS.fullmatch(text) else 0.0
+            if not value > 0:
+                raise errors.HttpError(400, _timeout_range(TIMEOUT_HEADER, "seconds", settings))
+            urgency = cls(urgency.priority, min(value, settings.result_timeout))
+        return urgency
+
+    @classmethod
+    def from_parameters(cls, parameters: Mapping[str, Any], settings: Settings) -> Urgency:
+        """v2's `parameters.priority` and `parameters.timeout` (microseconds),
+        as Triton reads them: 0, or absent, is the default."""
+        urgency = cls.default(settings)
+        priority, micros = parameters.get("priority", 0), parameters.get("timeout", 0)
+        if not _whole(priority) or not 0 <= priority <= settings.priority_levels:
+            raise errors.HttpError(
+                400, _priority_range("parameters.priority", settings) + " (0: the default, 1)"
+            )
+        if not _whole(micros) or micros < 0:
+            raise errors.HttpError(
+                400, _timeout_range("parameters.timeout", "microseconds", settings)
+            )
+        timeout = min(micros / 1e6, settings.result_timeout) if micros else urgency.timeout
+        return cls(priority or urgency.priority, timeout)
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _priority_range(name: str, settings: Settings) -> str:
+    return (
+        f"{name} must be a whole number from 1 (the highest) to {settings.priority_levels} "
+        "(--priority-levels)"
+    )
+
+
+def _timeout_range(name: str, unit: str, settings: Settings) -> str:
+    return (
+        f"{name} must be a number of {unit} greater than 0; more than "
+        f"{settings.result_timeout:g} s (--result-timeout) is taken as that"
+    )
+
+
 def too_many(count: int, settings: Settings) -> errors.HttpError:
     return errors.HttpError(
         413,
@@ -108,7 +192,9 @@ def submit(
     logs.request_id.set(jobs[0].id if len(jobs) == 1 else f"{jobs[0].id}+{len(jobs) - 1}")
     try:
         queue = shards.push_all(
-            [messages.encode_request(job) for job in jobs], max_depth=settings.max_queue
+            [messages.encode_request(job) for job in jobs],
+            max_depth=settings.max_queue,
+            level=jobs[0].priority,
         )
     except QueueFull:
         log.warning("queue full: %d images refused", len(jobs))
@@ -126,10 +212,11 @@ def submit(
         raise
 
 
-def timed_out(settings: Settings) -> str:
+def timed_out(timeout: float) -> str:
+    """A 504's message, for a request that waited `timeout` seconds."""
     return (
-        f"no prediction within {settings.result_timeout:g} s: the model workers "
-        "are down or overloaded"
+        f"no prediction within {timeout:g} s: the model workers are down or overloaded, "
+        "and a request past its deadline is never run"
     )
 
 
@@ -138,6 +225,8 @@ def predict_many(
     uploads: list[Upload],
     settings: Settings,
     decode: Decoder,
+    *,
+    urgency: Urgency,
     cache: ResponseCache | None = None,
 ) -> Response:
     """`/predict` with several `image` fields: one item per image, in order;
@@ -146,7 +235,9 @@ def predict_many(
     if len(uploads) > settings.max_images:
         raise too_many(len(uploads), settings)
     looked = cache.lookup(model, top_k_form(model), [u.data for u in uploads]) if cache else None
-    items = _classify_each(model, uploads, settings, decode, looked.hits if looked else {})
+    items = _classify_each(
+        model, uploads, settings, decode, urgency=urgency, cached=looked.hits if looked else {}
+    )
     if cache and looked:
         cache.store(looked, items.answers)
     response = jsonify(success=True, results=items.results)
@@ -168,6 +259,8 @@ def _classify_each(
     uploads: list[Upload],
     settings: Settings,
     decode: Decoder,
+    *,
+    urgency: Urgency,
     cached: dict[int, bytes],
 ) -> Items:
     """Each upload's item: from `cached` (answers by position), else decoded,
@@ -194,13 +287,15 @@ def _classify_each(
         except ImageError as exc:
             item.update(status=exc.status, success=False, error=str(exc))
             continue
-        jobs[position] = messages.ImageRequest.create(image, settings.result_timeout)
+        jobs[position] = messages.ImageRequest.create(
+            image, urgency.timeout, priority=urgency.priority
+        )
     answers = submit(model, list(jobs.values()), settings) if jobs else {}
     found: dict[int, bytes] = {}
     for position, job in jobs.items():
         raw = answers.get(job.id)
         if raw is None:
-            items[position].update(status=504, success=False, error=timed_out(settings))
+            items[position].update(status=504, success=False, error=timed_out(urgency.timeout))
             continue
         found[position] = raw
     for position, raw in sorted({**found, **cached}.items()):

@@ -10,11 +10,13 @@ that a request takes the same path whichever way it came.
   uploads are) and `pixels` (UINT8 or FP32 `[N, H, W, 3]`); the one output,
   `probabilities`, with the classification extension;
 - `infer`: the images as N queue entries through dispatch.submit (one shard,
-  all or none, batched with everyone else's), awaited until the request's
-  deadline (--result-timeout, or less when the caller says so), and the
-  answer (`Result`) with the classification strings made here once; with
-  the response cache on for the model (web/response_cache.py), each image
-  is looked up before it is decoded, and only the misses are queued.
+  all or none, batched with everyone else's) at the request's priority level
+  (Triton's `parameters.priority`, dispatch.Urgency), awaited until the
+  request's deadline (--result-timeout, or less when the caller says so:
+  `parameters.timeout`, or a gRPC client's deadline), and the answer
+  (`Result`) with the classification strings made here once; with the
+  response cache on for the model (web/response_cache.py), each image is
+  looked up before it is decoded, and only the misses are queued.
 
 Failures are errors.HttpError with their HTTP status (400, 404, 413, 500,
 503, 504); the REST routes answer them as they are, the gRPC service maps
@@ -40,7 +42,7 @@ from keras_server.images import ImageError
 from keras_server.settings import Settings
 from keras_server.web import errors
 from keras_server.web.deployment import Deployment, ServedModel
-from keras_server.web.dispatch import Decoder, submit, timed_out, too_many
+from keras_server.web.dispatch import Decoder, Urgency, submit, timed_out, too_many
 from keras_server.web.errors import HttpError
 from keras_server.web.page import openapi_document
 from keras_server.web.response_cache import ResponseCache, probabilities_form
@@ -78,6 +80,8 @@ class Inference:
     # the response cache does not answer (with `decode` and `size`).
     files: list[bytes] = field(default_factory=list)
     pixels_dtype: str = ""  # the pixels input's: uint8 or float32
+    # Its priority level and timeout (Triton's parameters); None: the defaults.
+    urgency: Urgency | None = None
     classes: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -362,12 +366,15 @@ def infer(
 ) -> Result:
     """Queue the request's images and await their answers, for at most
     --result-timeout or `timeout` seconds, whichever is shorter: that is each
-    image's deadline in the queue, too (a worker drops it past then).
+    image's deadline in the queue, too (a worker drops it past then), at the
+    request's priority level.
 
     With the response `cache` on for the model, each image is looked up
     first (the files as sent, the pixels' bytes) and only the misses are
     decoded (`inference.files`, with `decode` and `size`) and queued."""
-    limit = settings.result_timeout if timeout is None else min(timeout, settings.result_timeout)
+    urgency = inference.urgency or Urgency.default(settings)
+    # urgency.timeout is --result-timeout at most already.
+    limit = urgency.timeout if timeout is None else min(timeout, urgency.timeout)
     count = len(inference.files or inference.images)
     looked = None
     if cache and cache.on_for(model):
@@ -387,7 +394,11 @@ def infer(
             images = [inference.images[i] for i in missed]
         jobs = [
             messages.ImageRequest.create(
-                image, limit, probabilities=True, classes=inference.classes
+                image,
+                limit,
+                probabilities=True,
+                classes=inference.classes,
+                priority=urgency.priority,
             )
             for image in images
         ]
@@ -421,4 +432,4 @@ def _timed_out(limit: float, settings: Settings) -> str:
             f"no prediction within the request's deadline ({limit:.3g} s): the model "
             "workers are down or overloaded"
         )
-    return timed_out(settings)
+    return timed_out(limit)

@@ -29,7 +29,10 @@ which the gRPC service (keras_server/rpc/) calls too; this module is the REST
 form: routes, JSON and the binary tensor data extension. A rejected request
 queues nothing. Every error is `{"error": "..."}`: 400 for a request the
 protocol or the model does not take, 404 for an unknown model or version, 413
-past --max-images, 503/504 as `/predict`. A version in the path must be one
+past --max-images, 503/504 as `/predict`. Triton's `parameters.priority`
+(1 .. --priority-levels) and `parameters.timeout` (microseconds, capped by
+--result-timeout) set the request's level and deadline (dispatch.Urgency).
+A version in the path must be one
 the model serves (its spec's, or a live worker's); all of a model's versions
 share its queue, so whichever worker claims an image answers it, and
 `model_version` says which.
@@ -55,7 +58,7 @@ from keras_server.settings import Settings
 from keras_server.web import errors
 from keras_server.web import inference as core
 from keras_server.web.api import state
-from keras_server.web.dispatch import Decoder
+from keras_server.web.dispatch import Decoder, Urgency
 from keras_server.web.errors import HttpError
 from keras_server.web.inference import IMAGE, OUTPUT, PIXELS, Inference, Output, Result, bad
 from keras_server.web.response_cache import HEADER
@@ -199,6 +202,7 @@ def _parse_json(
     if request_id is not None and not isinstance(request_id, str):
         raise bad("'id' must be a string")
     parameters = _object(message.get("parameters", {}), "the request's 'parameters'")
+    urgency = Urgency.from_parameters(parameters, settings)
     inputs = message.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise bad("'inputs' must be a non-empty list of tensors")
@@ -217,10 +221,14 @@ def _parse_json(
     tensor, data = inputs[0], parts[0]
     name = tensor.get("name")
     if name == IMAGE:
-        return Inference([], outputs, request_id, files=_image_files(tensor, data, settings))
+        return Inference(
+            [], outputs, request_id, urgency=urgency, files=_image_files(tensor, data, settings)
+        )
     if name == PIXELS:
         images = _pixels(tensor, data, size, settings)
-        return Inference(images, outputs, request_id, pixels_dtype=images[0].dtype.name)
+        return Inference(
+            images, outputs, request_id, urgency=urgency, pixels_dtype=images[0].dtype.name
+        )
     raise core.unknown_input(name)
 
 

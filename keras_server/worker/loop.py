@@ -36,6 +36,10 @@ log = logging.getLogger(__name__)
 
 # How long one claim blocks in Redis: also how fast the loop notices `stop`.
 CLAIM_WAIT_S = 0.5
+# Lower levels' batches are held to `max_lower` only while level-1 traffic
+# comes: for this long after the last batch that held a level-1 request.
+# Without it, they run full batches (batch work alone loses nothing).
+LEVEL1_RECENT_S = 1.0
 MAX_BACKOFF_S = 5.0
 
 
@@ -75,6 +79,8 @@ class Worker:
         result_ttl: float,
         heartbeat_ttl: float = 10.0,
         batch_delay: float = 0.0,
+        max_lower: int | None = None,
+        hold: float = 0.0,
         description: str = "",
         name: str = "",
         version: str = "",
@@ -82,13 +88,21 @@ class Worker:
     ) -> None:
         """`turn`, shared by workers that share one model (one per shard), is
         held from filling a batch to answering it, so only the worker about to
-        run the model holds more than one claimed request."""
+        run the model holds more than one claimed request. `max_lower`: most
+        requests from below priority level 1 in one batch while level-1
+        traffic comes (LEVEL1_RECENT_S; default: no limit but `batch_size`).
+        `hold`: after a batch that held a level-1 request, seconds to wait for
+        the next one before taking lower levels' work."""
         self.queue = queue
         self.predictor = predictor
         self.batch_size = batch_size
         self.result_ttl = result_ttl
         self.heartbeat_ttl = heartbeat_ttl
         self.batch_delay = batch_delay
+        self.max_lower = batch_size if max_lower is None else max_lower
+        self.hold = hold
+        self._held_until = 0.0  # monotonic; until then, only level 1 is claimed
+        self._level1_at = -LEVEL1_RECENT_S  # monotonic; the last batch with level 1
         self.description = description or predictor.description
         self.name = name
         self.version = version
@@ -180,15 +194,35 @@ class Worker:
         log.info("worker %s stopped", self.id)
 
     def run_once(self, wait: float) -> int:
-        """Claim and answer one batch; returns how many requests it took."""
-        first = self.queue.claim_first(self.id, wait)
+        """Claim and answer one batch, highest priority first; returns how
+        many requests it took."""
+        held = self._held_until - time.monotonic()
+        if held > 0:
+            # A client that just had its level-1 answer may send the next one
+            # at once: a batch of lower levels started now would make it wait
+            # that batch out (--priority-hold-ms).
+            self._held_until = 0.0
+            first = self.queue.claim_first(self.id, min(wait, held), top_only=True)
+        else:
+            first = self.queue.claim_first(self.id, wait)
         if first is None:
             return 0
         # The batch's delay counts from its first request (mosec-style).
         until = time.monotonic() + self.batch_delay
+        # A level-1 request that comes while this batch runs waits for all of
+        # it: past max_lower, lower levels wait for the next batch instead.
+        recent = time.monotonic() - self._level1_at < LEVEL1_RECENT_S
+        limit = self.max_lower if recent else self.batch_size
+        lower = limit - (messages.priority_of(first) > 1)
         with self.turn:
-            raws = [first, *self.queue.claim_more(self.id, self.batch_size - 1, until)]
-            return self._answer(raws)
+            more = self.queue.claim_more(self.id, self.batch_size - 1, until, max_lower=lower)
+            raws = [first, *more]
+            answered = self._answer(raws)
+        if any(messages.priority_of(raw) == 1 for raw in raws):
+            self._level1_at = time.monotonic()
+            if self.hold:
+                self._held_until = self._level1_at + self.hold
+        return answered
 
     def _answer(self, raws: list[bytes]) -> int:
         """Decode, infer and answer one claimed batch. Whatever fails, every
