@@ -116,7 +116,8 @@ def _header(data: bytes) -> Image.Image:
     width, height = image.size
     if width * height > MAX_PIXELS:
         raise images.ImageTooLarge("too many pixels")
-    images._orientation(image)
+    if image.format != "PNG" or "exif" in image.info:
+        images._orientation(image)  # a PNG's getexif() without it would decode the image
     return image
 
 
