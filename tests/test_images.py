@@ -7,6 +7,8 @@ import zlib
 import numpy as np
 import pytest
 from conftest import IMAGES, png_bytes
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image, ImageOps
 
 from keras_server import images
@@ -259,3 +261,39 @@ def test_resize_stays_within_one_level_of_a_bicubic_from_the_reduced_copy() -> N
         small, _ = images._reduced(image, SIZE)
         before = np.asarray(small.resize(SIZE, Image.Resampling.BICUBIC), dtype=np.int16)
         assert np.abs(load(png_bytes(image)) - before).mean() <= 1.0, size
+
+
+def _plain_png(mode: str) -> bytes:
+    pixels = np.random.default_rng(9).integers(0, 256, (24, 32, len(mode)), dtype=np.uint8)
+    return png_bytes(Image.fromarray(pixels.squeeze(), mode))
+
+
+PLAIN_PNGS = [_plain_png(mode) for mode in ("L", "RGB", "RGBA")]
+
+
+@settings(
+    derandomize=True,
+    database=None,
+    deadline=None,
+    max_examples=300,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(
+    st.sampled_from(PLAIN_PNGS),
+    st.lists(st.tuples(st.integers(8, 4000), st.integers(0, 255)), min_size=1, max_size=6),
+    st.integers(0, 4000),
+)
+def test_a_damaged_plain_png_decodes_or_raises_image_error(
+    data: bytes, changes: list[tuple[int, int]], keep: int
+) -> None:
+    """libspng on damaged bytes (past the signature, so most still open as a
+    PNG and reach it): an image of the right shape, or ImageError."""
+    damaged = bytearray(data)
+    for at, value in changes:
+        if at < len(damaged):
+            damaged[at] = value
+    try:
+        out = load_image(bytes(damaged[: max(keep, 33)]), SIZE, LIMIT)
+    except ImageError:
+        return
+    assert out.shape == (224, 224, 3)
