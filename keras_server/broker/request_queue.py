@@ -1,8 +1,9 @@
 """The Redis queue between web servers and model workers.
 
-Web side: `push_all` one request's images (refused at once, all of them, when
-the queue is full), then `wait_results` blocks in Redis (BLPOP) on their own
-result keys (`push` and `wait_result` are the one-request forms).
+Web side: `push_all` one request's images (one RPUSH; taken back and refused
+at once, all of them, when the queue was full), then `wait_results` blocks in
+Redis (BLPOP) on their own result keys (`push` and `wait_result` are the
+one-request forms).
 
 Worker side, crash-safe: a claim moves requests from the queue into the
 worker's own processing list (`claim_first`: BLMOVE, blocking without polling;
@@ -44,13 +45,6 @@ MIN_BLOCK_S = 0.01
 SENTINEL_SCHEME = "redis+sentinel://"
 # How often a host marked down is pinged to see whether it is back.
 PROBE_INTERVAL_S = 0.5
-
-# KEYS: queue. ARGV: max depth, then the payloads. All of them or none:
-# returns the new depth, or -1 if they do not all fit.
-_PUSH_ALL = """
-if redis.call('LLEN', KEYS[1]) + #ARGV - 1 > tonumber(ARGV[1]) then return -1 end
-return redis.call('RPUSH', KEYS[1], unpack(ARGV, 2))
-"""
 
 # KEYS: queue, processing list. ARGV: how many. Returns the items moved.
 _CLAIM_MORE = """
@@ -251,7 +245,6 @@ class RequestQueue:
         self.shard = shard
         self.client = shard.client
         self.keys = keys
-        self._push_all = self.client.register_script(_PUSH_ALL)
         self._claim_more = self.client.register_script(_CLAIM_MORE)
         self._requeue = self.client.register_script(_REQUEUE)
 
@@ -273,12 +266,30 @@ class RequestQueue:
 
     def push_all(self, payloads: Sequence[bytes], max_depth: int) -> int:
         """Queue several requests at once, or none of them when they would take
-        the queue past `max_depth` (QueueFull); returns the new depth."""
+        the queue past `max_depth` (QueueFull); returns the new depth.
+
+        One RPUSH, no Lua: a script's arguments are copied into Lua strings,
+        which cost Redis 15-35x a plain RPUSH for an image (BENCHMARKS.md,
+        "Redis per request"). Past `max_depth` the payloads are taken back
+        (LREM from the tail, one MULTI): refused, unless a worker claimed
+        some of them meanwhile, which makes the request accepted after all
+        (what was taken back goes on the queue again). Two pushes racing at
+        the limit may both be refused where one would have fit."""
+        queue = self.keys.queue
         with self.shard.watch():
-            depth = int(self._push_all(keys=[self.keys.queue], args=[max_depth, *payloads]))
-        if depth < 0:
-            raise QueueFull(f"{len(payloads)} more would take the queue past {max_depth}")
-        return depth
+            depth = int(self.client.rpush(queue, *payloads))
+            if depth <= max_depth:
+                return depth
+            pipe = self.client.pipeline(transaction=True)
+            for payload in payloads:
+                pipe.lrem(queue, -1, payload)  # from the tail: where ours are
+            removed = [int(n) for n in pipe.execute()]
+            taken = [p for p, n in zip(payloads, removed, strict=True) if n]
+            if 0 < len(taken) < len(payloads):
+                return int(self.client.rpush(queue, *taken))
+        if len(taken) < len(payloads):
+            return depth  # a worker had claimed all of them: nothing taken back
+        raise QueueFull(f"{len(payloads)} more would take the queue past {max_depth}")
 
     def wait_results(self, request_ids: Sequence[str], timeout: float) -> dict[str, bytes]:
         """Block until every one of `request_ids` is answered or `timeout`
