@@ -269,7 +269,7 @@ class RequestQueue:
         the queue past `max_depth` (QueueFull); returns the new depth.
 
         One RPUSH, no Lua: a script's arguments are copied into Lua strings,
-        which cost Redis 15-35x a plain RPUSH for an image (BENCHMARKS.md,
+        which cost Redis 11-35x a plain RPUSH for an image (BENCHMARKS.md,
         "Redis per request"). Past `max_depth` the payloads are taken back
         (LREM from the tail, one MULTI): refused, unless a worker claimed
         some of them meanwhile, which makes the request accepted after all
