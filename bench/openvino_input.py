@@ -2,17 +2,20 @@
 preprocessing inside the compiled graph (uint8 in), side by side.
 
 ResNet50 with random weights saved to a file (`bench.engines.prepare`) is
-converted once per precision into a scratch conversion cache; both variants
+converted once per precision into a scratch conversion cache (or `--work`'s,
+kept and reused: then only the timing runs); both variants
 are then compiled from the same IR with the same hints and timed in turns
 (`--repeats` rounds, each variant at batch 1 and at `--batch-size`), so a busy
 machine's noise falls on both alike.
 
     python -m bench.openvino_input --precision fp32 int8 --repeats 3
+    python -m bench.openvino_input --work /tmp/ov-bench   # converts once, reused after
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import statistics
@@ -70,13 +73,27 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--runs", type=int, default=10, help="passes per measurement")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        help="keep the weights and the conversion cache here and reuse them (default: "
+        "a temporary directory, converted anew)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     photos = sorted(ROOT.glob("images/*.*g"))
     batch = raw.sample_batch(photos, args.batch_size)
-    with tempfile.TemporaryDirectory(prefix="openvino-input-") as scratch:
-        weights, calibration = engines.prepare(Path(scratch), photos)
-        cache = Path(scratch) / "cache"
+    with contextlib.ExitStack() as stack:
+        if args.work is None:
+            scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ov-input-")))
+        else:
+            scratch = args.work
+            scratch.mkdir(parents=True, exist_ok=True)
+        if (scratch / engines.WEIGHTS_FILE).exists():
+            weights, calibration = scratch / engines.WEIGHTS_FILE, scratch / "calibration"
+        else:
+            weights, calibration = engines.prepare(scratch, photos)
+        cache = scratch / "cache"
         for precision in args.precision:
             spec = ModelSpec(
                 name="resnet50", source="resnet50", weights=str(weights), engine="openvino",

@@ -91,6 +91,7 @@ def loader(settings: Settings, spec: ModelSpec) -> Callable[[], Predictor]:
         cache_dir=settings.cache_dir,
         min_agreement=settings.min_agreement,
         max_image_pixels=settings.max_image_pixels,
+        parallel_batches=settings.parallel_batches,
     )
     return lambda: load_predictor(spec, options)
 
@@ -101,15 +102,16 @@ def make_workers(
     model: str | None = None,
     models: Models | None = None,
 ) -> list[Worker]:
-    """The claim loops of one model (default: the default model): one per Redis
-    shard, all sharing the model, taking turns. `models`: the entry point's,
-    else read from `settings`."""
+    """The claim loops of one model (default: the default model): for each
+    Redis shard `--parallel-batches` of them, all sharing the model, taking
+    turns (that many at once). `models`: the entry point's, else read from
+    `settings`."""
     specs = models or settings.model_specs()
     name = model or specs.default
     spec = specs.find(name)
     version = spec.version if spec else ""
     keys = messages.Keys.for_model(settings.queue_name, name, specs.default)
-    turn = FairLock() if len(settings.redis_urls) > 1 else None
+    turn = FairLock(settings.parallel_batches) if len(settings.redis_urls) > 1 else None
     workers = []
     for url in settings.redis_urls:
         # The process's one Shard for `url`: the web tier of --role all and
@@ -117,22 +119,23 @@ def make_workers(
         queue = RequestQueue.open(
             url, keys, timeout=settings.redis_timeout, levels=settings.priority_levels
         )
-        worker = Worker(
-            queue,
-            predictor,
-            settings.batch_size,
-            result_ttl=settings.result_timeout,
-            heartbeat_ttl=settings.heartbeat_ttl,
-            batch_delay=settings.max_batch_delay_ms / 1000,
-            max_lower=settings.lower_batch_limit,
-            hold=settings.priority_hold_ms / 1000,
-            description=predictor.description,
-            name=name,
-            version=version,
-            turn=turn,
-        )
-        log.info("worker %s: model %r, queue %r at %s", worker.id, name, keys.queue, label(url))
-        workers.append(worker)
+        for _ in range(settings.parallel_batches):
+            worker = Worker(
+                queue,
+                predictor,
+                settings.batch_size,
+                result_ttl=settings.result_timeout,
+                heartbeat_ttl=settings.heartbeat_ttl,
+                batch_delay=settings.max_batch_delay_ms / 1000,
+                max_lower=settings.lower_batch_limit,
+                hold=settings.priority_hold_ms / 1000,
+                description=predictor.description,
+                name=name,
+                version=version,
+                turn=turn,
+            )
+            log.info("worker %s: model %r, queue %r at %s", worker.id, name, keys.queue, label(url))
+            workers.append(worker)
     return workers
 
 

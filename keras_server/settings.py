@@ -36,6 +36,8 @@ ENV_PREFIX = "KERAS_SERVER_"
 ROLES = ("all", "web", "worker")
 MAX_BATCH_SIZE = 1024
 MAX_PRIORITY_LEVELS = 16
+# More would only split the cores into streams too small to be worth a batch each.
+MAX_PARALLEL_BATCHES = 8
 # One request's images are queued by one Redis script call: keep its argument
 # list well inside Lua's stack.
 MAX_IMAGES = 1024
@@ -64,6 +66,7 @@ class Settings:
     serve: str = "all"
     batch_size: int = 32
     max_batch_delay_ms: float = 0.0
+    parallel_batches: int = 1
     engine: str = "auto"
     precision: str = "fp32"
     cache_dir: str = "~/.cache/keras-server"
@@ -222,6 +225,13 @@ def _non_negative_int(text: str) -> int:
     value = _int(text)
     if value < 0:
         raise ValueError("must be a whole number, 0 or more")
+    return value
+
+
+def _parallel_batches(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_PARALLEL_BATCHES:
+        raise ValueError(f"must be at most {MAX_PARALLEL_BATCHES}")
     return value
 
 
@@ -405,6 +415,15 @@ KNOBS: tuple[Knob, ...] = (
         "batch_size",
         _batch_size,
         f"most images in one forward pass (at most {MAX_BATCH_SIZE})",
+        "N",
+    ),
+    Knob(
+        "parallel_batches",
+        _parallel_batches,
+        "batches a worker runs at once, each claimed by its own claim loop per Redis "
+        "shard; above 1, OpenVINO is compiled for that many requests with the THROUGHPUT "
+        "hint (a CPU stream each). 1: one batch at a time, LATENCY hint (fastest at low "
+        "load; BENCHMARKS.md, 'Parallel batches')",
         "N",
     ),
     Knob(

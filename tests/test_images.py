@@ -7,8 +7,11 @@ import zlib
 import numpy as np
 import pytest
 from conftest import IMAGES, png_bytes
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image, ImageOps
 
+from keras_server import images
 from keras_server.images import ImageError, ImageTooLarge, load_image
 
 SIZE = (224, 224)
@@ -174,3 +177,123 @@ def test_only_the_advertised_formats_are_parsed(data: bytes) -> None:
         pass  # Pillow itself reads it ...
     with pytest.raises(ImageError, match=r"not an image we can read \(JPEG, PNG, GIF"):
         load_image(data, (4, 4), 10**6)  # ... the service does not
+
+
+# Plain 8-bit PNGs decode through libspng (images._spng_format); everything
+# else through Pillow. Both must give the same pixels and follow the same rules.
+
+
+def _pillow_only(data: bytes, monkeypatch: pytest.MonkeyPatch) -> np.ndarray:
+    with monkeypatch.context() as patch:
+        patch.setattr(images, "_spng_format", lambda image, data: None)
+        return load(data)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA"])
+def test_plain_pngs_decode_through_libspng_to_pillows_pixels(
+    mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 256, (300, 500, len(mode)), dtype=np.uint8)
+    data = png_bytes(Image.fromarray(pixels.squeeze(), mode))
+    with Image.open(io.BytesIO(data)) as image:
+        assert images._spng_format(image, data) == mode
+    np.testing.assert_array_equal(load(data), _pillow_only(data, monkeypatch))
+
+
+def test_pngs_libspng_would_decode_otherwise_stay_with_pillow() -> None:
+    cases = {
+        "16-bit": Image.fromarray(np.full((8, 8), 40000, dtype=np.uint16)),
+        "palette": Image.new("P", (8, 8)),
+        "grey with alpha": Image.new("LA", (8, 8)),
+        "colour key": Image.new("RGB", (8, 8)),
+    }
+    for name, image in cases.items():
+        params = {"transparency": (0, 0, 0)} if name == "colour key" else {}
+        data = png_bytes(image, **params)
+        with Image.open(io.BytesIO(data)) as opened:
+            assert images._spng_format(opened, data) is None, name
+
+
+def _exif_after_pixels(data: bytes, exif: bytes) -> bytes:
+    """`data` (a PNG) with an eXIf chunk moved after IDAT, as some writers put it."""
+    end = data.rindex(b"IEND") - 4
+    return data[:end] + _chunk(b"eXIf", exif) + data[end:]
+
+
+@pytest.mark.parametrize("where", ["before the pixels", "after the pixels"])
+def test_png_exif_orientation_is_applied_wherever_the_chunk_is(where: str) -> None:
+    image = Image.new("RGB", (80, 40), (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, 40, 40))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    if where == "before the pixels":
+        data = png_bytes(image, exif=exif.tobytes())
+        with Image.open(io.BytesIO(data)) as opened:
+            assert images._spng_format(opened, data) == "RGB"
+    else:
+        data = _exif_after_pixels(png_bytes(image), exif.tobytes()[6:])  # no "Exif\0\0"
+        with Image.open(io.BytesIO(data)) as opened:
+            assert images._spng_format(opened, data) is None
+    out = load(data)
+    top, bottom = out[20, 112], out[200, 112]
+    assert top[0] > 200 and top[2] < 60, f"top should be red, got {top}"
+    assert bottom[2] > 200 and bottom[0] < 60, f"bottom should be blue, got {bottom}"
+
+
+def test_a_corrupt_plain_png_is_refused() -> None:
+    data = bytearray(png_bytes(Image.new("RGB", (64, 64), (1, 2, 3))))
+    start = data.index(b"IDAT") + 4
+    data[start : start + 8] = bytes(8)  # the CRC no longer matches
+    with pytest.raises(ImageError, match="truncated or corrupt"):
+        load(bytes(data))
+
+
+def test_resize_stays_within_one_level_of_a_bicubic_from_the_reduced_copy() -> None:
+    """The resize's reducing gap costs at most 1/255 on average against the
+    bicubic resize straight from the reduced copy (the pixels before it)."""
+    rng = np.random.default_rng(5)
+    coarse = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    for size in ((1600, 1200), (1024, 768), (900, 700)):
+        big = Image.fromarray(coarse).resize(size, Image.Resampling.BICUBIC)
+        noisy = np.asarray(big, dtype=np.int16) + rng.integers(-8, 9, (size[1], size[0], 3))
+        image = Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+        small, _ = images._reduced(image, SIZE)
+        before = np.asarray(small.resize(SIZE, Image.Resampling.BICUBIC), dtype=np.int16)
+        assert np.abs(load(png_bytes(image)) - before).mean() <= 1.0, size
+
+
+def _plain_png(mode: str) -> bytes:
+    pixels = np.random.default_rng(9).integers(0, 256, (24, 32, len(mode)), dtype=np.uint8)
+    return png_bytes(Image.fromarray(pixels.squeeze(), mode))
+
+
+PLAIN_PNGS = [_plain_png(mode) for mode in ("L", "RGB", "RGBA")]
+
+
+@settings(
+    derandomize=True,
+    database=None,
+    deadline=None,
+    max_examples=300,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(
+    st.sampled_from(PLAIN_PNGS),
+    st.lists(st.tuples(st.integers(8, 4000), st.integers(0, 255)), min_size=1, max_size=6),
+    st.integers(0, 4000),
+)
+def test_a_damaged_plain_png_decodes_or_raises_image_error(
+    data: bytes, changes: list[tuple[int, int]], keep: int
+) -> None:
+    """libspng on damaged bytes (past the signature, so most still open as a
+    PNG and reach it): an image of the right shape, or ImageError."""
+    damaged = bytearray(data)
+    for at, value in changes:
+        if at < len(damaged):
+            damaged[at] = value
+    try:
+        out = load_image(bytes(damaged[: max(keep, 33)]), SIZE, LIMIT)
+    except ImageError:
+        return
+    assert out.shape == (224, 224, 3)

@@ -187,3 +187,30 @@ def test_claim_fills_a_batch_until_the_delay_runs_out(queue: RequestQueue) -> No
         queue.push(b"x%d" % i)
     assert len(take(queue, "w", 2, fill_for=5)) == 2, "a full batch does not wait"
     assert time.monotonic() - full < 2
+
+
+def test_a_refused_push_leaves_nothing_behind(queue: RequestQueue) -> None:
+    queue.push_all([b"a", b"b"], max_depth=3)
+    with pytest.raises(QueueFull):
+        queue.push_all([b"c", b"d"], max_depth=3)
+    assert queue.depth() == 2
+    assert take(queue, "w", 5) == [b"a", b"b"], "the refused ones were taken back, in order"
+
+
+def test_a_push_claimed_before_it_was_taken_back_is_accepted(
+    queue: RequestQueue, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past max_depth the payloads are taken back; any a worker claimed in
+    between make the request accepted, and the rest go back on the queue."""
+    queue.push(b"old")
+    real_pipeline = queue.client.pipeline
+
+    def claim_first_then_pipeline(*args: object, **kwargs: object) -> object:
+        # A worker claims everything queued between the RPUSH and the take-back.
+        assert take(queue, "w", 2) == [b"old", b"x"]
+        return real_pipeline(*args, **kwargs)
+
+    monkeypatch.setattr(queue.client, "pipeline", claim_first_then_pipeline)
+    assert queue.push_all([b"x", b"y"], max_depth=2) >= 1
+    monkeypatch.undo()
+    assert redis_client.lrange(queue.keys.queue, 0, -1) == [b"y"], "y went back on the queue"

@@ -5,11 +5,12 @@ plain queue name, so entries queued before priorities existed are served).
 A web server pushes each request onto its level's list. Workers take from the
 highest level that holds anything.
 
-Web side: `push_all` one request's images onto one level (refused at once,
-all of them, when that level holds --max-queue already: the cap is per level,
-so a flood at a low level never refuses an interactive request), then
-`wait_results` blocks in Redis (BLPOP) on their own result keys (`push` and
-`wait_result` are the one-request forms).
+Web side: `push_all` one request's images onto one level (one MULTI: RPUSH
+and a wake-up token; taken back and refused at once, all of them, when that
+level held --max-queue already: the cap is per level, so a flood at a low
+level never refuses an interactive request), then `wait_results` blocks in
+Redis (BLPOP) on their own result keys (`push` and `wait_result` are the
+one-request forms).
 
 Worker side, crash-safe: a claim moves requests from the queues into the
 worker's own processing list in one Lua script (`_CLAIM`: highest level first,
@@ -17,7 +18,7 @@ LRANGE + LTRIM + RPUSH per level), so a claimed request is always in exactly
 one place. BLMOVE, which blocked on one list, cannot watch several levels, so
 a worker that finds every level empty blocks (BLPOP) on the wake-up list
 (`Keys.wakeup`): every push adds a token to it (a few at most, see
-WAKEUP_TOKENS), in the same script as the push. No wake-up is lost: the claim
+WAKEUP_TOKENS), in the same transaction as the push. No wake-up is lost: the claim
 that found nothing and the push are each atomic, so a push after the claim
 leaves a token the BLPOP takes at once. A stale token (its request claimed by
 a worker that was not blocked) costs one empty claim; the claim script
@@ -70,18 +71,6 @@ PROBE_INTERVAL_S = 0.5
 # workers (claim loops) on one shard at once; the others find the work when
 # they next look, which they do before blocking again.
 WAKEUP_TOKENS = 64
-
-# KEYS: the level's queue, the wake-up list. ARGV: max depth, token cap, then
-# the payloads. All of them or none: returns the level's new depth, or -1 if
-# they do not all fit.
-_PUSH_ALL = """
-local count = #ARGV - 2
-if redis.call('LLEN', KEYS[1]) + count > tonumber(ARGV[1]) then return -1 end
-local depth = redis.call('RPUSH', KEYS[1], unpack(ARGV, 3))
-local tokens = math.min(count, tonumber(ARGV[2]) - redis.call('LLEN', KEYS[2]))
-for i = 1, tokens do redis.call('RPUSH', KEYS[2], '1') end
-return depth
-"""
 
 # KEYS: processing list, wake-up list, then the queues, highest level first.
 # ARGV: how many, how many of them at most from below level 1. Returns
@@ -320,7 +309,6 @@ class RequestQueue:
         self.client = shard.client
         self.keys = keys
         self.levels = levels
-        self._push_all = self.client.register_script(_PUSH_ALL)
         self._claim = self.client.register_script(_CLAIM)
         self._requeue = self.client.register_script(_REQUEUE)
 
@@ -346,15 +334,38 @@ class RequestQueue:
     def push_all(self, payloads: Sequence[bytes], max_depth: int, level: int = 1) -> int:
         """Queue several requests at once at `level`, or none of them when
         they would take that level past `max_depth` (QueueFull); returns the
-        level's new depth."""
-        keys = [self.keys.queue_at(self._level(level)), self.keys.wakeup]
+        level's new depth.
+
+        One MULTI, no Lua: a script's arguments are copied into Lua strings,
+        which cost Redis 11-35x a plain RPUSH for an image (BENCHMARKS.md,
+        "Redis per request"). The same transaction leaves a wake-up token per
+        request (at most WAKEUP_TOKENS wait), so no blocked worker misses the
+        push. Past `max_depth` the payloads are taken back (LREM from the
+        tail, one MULTI): refused, unless a worker claimed some of them
+        meanwhile, which makes the request accepted after all (what was taken
+        back goes on the queue again). Two pushes racing at the limit may both
+        be refused where one would have fit; a token left behind only wakes a
+        worker that finds nothing."""
+        queue = self.keys.queue_at(self._level(level))
+        tokens = min(len(payloads), WAKEUP_TOKENS)
         with self.shard.watch():
-            depth = int(self._push_all(keys=keys, args=[max_depth, WAKEUP_TOKENS, *payloads]))
-        if depth < 0:
-            raise QueueFull(
-                f"{len(payloads)} more would take the level-{level} queue past {max_depth}"
-            )
-        return depth
+            pipe = self.client.pipeline(transaction=True)
+            pipe.rpush(queue, *payloads)
+            pipe.rpush(self.keys.wakeup, *[b"1"] * tokens)
+            pipe.ltrim(self.keys.wakeup, 0, WAKEUP_TOKENS - 1)
+            depth = int(pipe.execute()[0])
+            if depth <= max_depth:
+                return depth
+            pipe = self.client.pipeline(transaction=True)
+            for payload in payloads:
+                pipe.lrem(queue, -1, payload)  # from the tail: where ours are
+            removed = [int(n) for n in pipe.execute()]
+            taken = [p for p, n in zip(payloads, removed, strict=True) if n]
+            if 0 < len(taken) < len(payloads):
+                return int(self.client.rpush(queue, *taken))
+        if len(taken) < len(payloads):
+            return depth  # a worker had claimed all of them: nothing taken back
+        raise QueueFull(f"{len(payloads)} more would take the level-{level} queue past {max_depth}")
 
     def wait_results(self, request_ids: Sequence[str], timeout: float) -> dict[str, bytes]:
         """Block until every one of `request_ids` is answered or `timeout`

@@ -9,9 +9,13 @@ is (a quarter of float32's bytes) and converts it to float, averages the
 channels for a grey model, and runs the model's preprocessing steps
 (`preprocess.STEPS`: channel order, scale, mean) itself. The cached IR stays
 the plain model, so an entry does not depend on how it is compiled.
-It is compiled with the LATENCY performance hint and run with one synchronous
-infer request, which is how the worker calls it (one batch at a time): the
-THROUGHPUT hint with a single synchronous request was half as fast here.
+By default it is compiled with the LATENCY performance hint and run with one
+synchronous infer request, which is how the worker calls it (one batch at a
+time): the THROUGHPUT hint with a single synchronous request was half as fast
+here. With `--parallel-batches N` above 1 the worker runs N batches at once
+(a claim loop each), so it is compiled with the THROUGHPUT hint for N
+requests (OpenVINO splits the cores into streams) and keeps N infer
+requests, each used by one batch at a time.
 `precision` picks the CPU's inference precision: fp32 exact, bf16 (needs
 AVX512_BF16 or AMX), or int8 (the quantized graph).
 
@@ -24,7 +28,7 @@ from __future__ import annotations
 
 import functools
 import logging
-import threading
+import queue
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -126,13 +130,19 @@ def with_preprocessing(model: ov.Model, mode: str, channels: int) -> ov.Model:
     return ppp.build()
 
 
-def compile_model(xml_path: Path, precision: str, mode: str, channels: int) -> ov.CompiledModel:
-    """The IR at `xml_path`, taking uint8 RGB with preprocessing `mode` inside."""
-    config = {
+def compile_model(
+    xml_path: Path, precision: str, mode: str, channels: int, requests: int = 1
+) -> ov.CompiledModel:
+    """The IR at `xml_path`, taking uint8 RGB with preprocessing `mode` inside,
+    for `requests` infer requests running at once."""
+    config: dict[str, object] = {
         hints.performance_mode: hints.PerformanceMode.LATENCY,
         # Explicit: on a CPU with AMX, OpenVINO would otherwise pick bf16 itself.
         hints.inference_precision: ov.Type.bf16 if precision == "bf16" else ov.Type.f32,
     }
+    if requests > 1:
+        config[hints.performance_mode] = hints.PerformanceMode.THROUGHPUT
+        config[hints.num_requests] = requests
     try:
         model = with_preprocessing(core().read_model(str(xml_path)), mode, channels)
         return core().compile_model(model, "CPU", config)
@@ -144,8 +154,9 @@ def compile_model(xml_path: Path, precision: str, mode: str, channels: int) -> o
 
 
 class OpenVinoClassifier:
-    """The `predictor.Predictor` of the openvino engine: one synchronous infer
-    request, used by one batch at a time."""
+    """The `predictor.Predictor` of the openvino engine: `requests` synchronous
+    infer requests, each used by one batch at a time (a call waits for a free
+    one), so that many `predict` calls run at once."""
 
     engine = "openvino"
 
@@ -158,6 +169,7 @@ class OpenVinoClassifier:
         input_shape: tuple[int, int, int],
         top_k: int,
         precision: str,
+        requests: int = 1,
     ) -> None:
         self.labels = labels
         self.description = description
@@ -165,15 +177,19 @@ class OpenVinoClassifier:
         self.top_k = top_k
         self.precision = precision
         self.fidelity: Fidelity | None = None
-        self._request = compiled.create_infer_request()
-        # Claim loops of several shards take turns already; this keeps the one
-        # request safe for any other caller (warm-up, the fidelity check).
-        self._lock = threading.Lock()
+        # The claim loops take turns already; the pool keeps each request to
+        # one caller at a time for any other caller too (warm-up, the fidelity check).
+        self._idle: queue.SimpleQueue[ov.InferRequest] = queue.SimpleQueue()
+        for _ in range(requests):
+            self._idle.put(compiled.create_infer_request())
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Class probabilities, shape (n, classes), for uint8 RGB images (n, h, w, 3)."""
         # The graph preprocesses (see the module's docstring): the pixels go in as they are.
         batch = np.ascontiguousarray(images, dtype=np.uint8)
-        with self._lock:
-            self._request.infer({0: batch})
-            return np.array(self._request.get_output_tensor(0).data, copy=True)
+        request = self._idle.get()
+        try:
+            request.infer({0: batch})
+            return np.array(request.get_output_tensor(0).data, copy=True)
+        finally:
+            self._idle.put(request)

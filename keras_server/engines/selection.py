@@ -87,6 +87,9 @@ class EngineOptions:
     cache_dir: str  # "none": no cache
     min_agreement: float  # bf16 / int8: least top-1 agreement with Keras fp32
     max_image_pixels: int  # calibration images are decoded like uploads
+    # openvino: infer requests compiled (--parallel-batches); above 1 with the
+    # THROUGHPUT hint, so that that many batches run at once
+    parallel_batches: int = 1
 
 
 def load_predictor(spec: ModelSpec, options: EngineOptions) -> Predictor:
@@ -443,7 +446,9 @@ def _labels(spec: ModelSpec, outputs: int) -> tuple[str, ...]:
     return labels
 
 
-def _open(spec: ModelSpec, engine: str, precision: str, entry: Entry) -> Predictor:
+def _open(
+    spec: ModelSpec, engine: str, precision: str, entry: Entry, parallel_batches: int = 1
+) -> Predictor:
     meta = entry.meta
     height, width, channels = meta["input_shape"]
     mode = str(meta["preprocessing"])
@@ -466,10 +471,11 @@ def _open(spec: ModelSpec, engine: str, precision: str, entry: Entry) -> Predict
 
     return openvino_engine.OpenVinoClassifier(
         openvino_engine.compile_model(
-            entry.file("model.xml"), precision, mode, int(meta["channels"])
+            entry.file("model.xml"), precision, mode, int(meta["channels"]), parallel_batches
         ),
         description=f"{meta['description']}, OpenVINO {openvino_engine.version()} {precision}",
         precision=precision,
+        requests=parallel_batches,
         **common,
     )
 
@@ -478,7 +484,7 @@ def _open_and_check(
     spec: ModelSpec, engine: str, precision: str, entry: Entry, options: EngineOptions
 ) -> Predictor:
     """Open the converted model and hold it to Keras's outputs on the reference set."""
-    predictor = _open(spec, engine, precision, entry)
+    predictor = _open(spec, engine, precision, entry, options.parallel_batches)
     with np.load(entry.file("reference.npz")) as reference:
         images, expected = reference["images"], reference["keras"]
     got = _predict_all(predictor, images)

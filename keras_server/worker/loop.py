@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import itertools
 import logging
 import os
 import socket
@@ -86,9 +87,9 @@ class Worker:
         version: str = "",
         turn: contextlib.AbstractContextManager[object] | None = None,
     ) -> None:
-        """`turn`, shared by workers that share one model (one per shard), is
-        held from filling a batch to answering it, so only the worker about to
-        run the model holds more than one claimed request. `max_lower`: most
+        """`turn`, shared by workers that share one model (`--parallel-batches`
+        per shard), is held from filling a batch to answering it, so only the
+        workers about to run the model hold more than one claimed request. `max_lower`: most
         requests from below priority level 1 in one batch while level-1
         traffic comes (LEVEL1_RECENT_S; default: no limit but `batch_size`).
         `hold`: after a batch that held a level-1 request, seconds to wait for
@@ -302,24 +303,28 @@ class Worker:
 
 
 class FairLock:
-    """A lock granted in arrival order, so claim loops serving several shards
+    """A lock granted in arrival order, to `holders` threads at once (the
+    batches a worker runs in parallel), so claim loops serving several shards
     take turns with the one model instead of one shard starving the rest."""
 
     # Used as Worker(turn=...): see Worker.__init__.
 
-    def __init__(self) -> None:
-        self._turns: collections.deque[object] = collections.deque()
+    def __init__(self, holders: int = 1) -> None:
+        self.holders = holders
+        # The threads holding or waiting for a turn, by thread id: the first
+        # `holders` hold one (a thread asks for one turn at a time).
+        self._turns: collections.deque[int] = collections.deque()
         self._changed = threading.Condition()
 
     def __enter__(self) -> None:
-        ticket = object()
+        ticket = threading.get_ident()
         with self._changed:
             self._turns.append(ticket)
-            self._changed.wait_for(lambda: self._turns[0] is ticket)
+            self._changed.wait_for(lambda: ticket in itertools.islice(self._turns, self.holders))
 
     def __exit__(self, *exc: object) -> None:
         with self._changed:
-            self._turns.popleft()
+            self._turns.remove(threading.get_ident())
             self._changed.notify_all()
 
     @property
