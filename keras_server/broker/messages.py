@@ -24,6 +24,11 @@ a newline, the raw float32 vector:
 "classes": [{"index", "label"}, ...]}\n<bytes>` (`decode_probabilities`).
 Errors stay plain JSON. A worker from before this ignores both fields and
 answers top-k JSON, which `decode_probabilities` reports as such.
+
+A traced request (keras_server/tracing.py) also carries `"trace"`: the W3C
+traceparent of the span that queued it, which the worker's batch span links
+to. A worker ignores one that is not a short string (and one from before
+this, the field).
 Nothing read from Redis is ever unpickled or evaluated.
 """
 
@@ -46,6 +51,8 @@ ALLOWED_DTYPES = frozenset({"uint8", "float32"})
 MAX_ELEMENTS = 4096 * 4096 * 4
 # Most classes a probabilities answer may list by name.
 MAX_CLASSES = 100_000
+# A W3C traceparent is 55 characters; a longer "trace" is not one.
+MAX_TRACE = 256
 
 
 class BadMessage(ValueError):
@@ -106,6 +113,7 @@ class ImageRequest:
     deadline: float
     probabilities: bool = False  # answer with the whole vector (v2 protocol)
     classes: int = 0  # with it, the indices and labels of the k most likely
+    trace: str = ""  # the W3C traceparent of the span that queued it (tracing.py)
 
     @classmethod
     def create(
@@ -139,6 +147,8 @@ def encode_request(request: ImageRequest) -> bytes:
         message["probabilities"] = True
         if request.classes:
             message["classes"] = request.classes
+    if request.trace:
+        message["trace"] = request.trace
     return json.dumps(message).encode() + b"\n" + array.tobytes()
 
 
@@ -170,6 +180,7 @@ def decode_request(raw: bytes | str) -> ImageRequest:
         deadline = float(message["deadline"])
         probabilities = message.get("probabilities") is True
         classes = _whole(message.get("classes", 0))
+        trace = message.get("trace", "")
     except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
         # binascii.Error is a ValueError; OverflowError: float() of a huge integer.
         raise BadMessage(f"malformed request: {exc!r}") from None
@@ -192,6 +203,8 @@ def decode_request(raw: bytes | str) -> ImageRequest:
         deadline=deadline,
         probabilities=probabilities,
         classes=classes,
+        # Only a link to a trace rides on it: a bad one loses that, not the request.
+        trace=trace if isinstance(trace, str) and len(trace) <= MAX_TRACE else "",
     )
 
 
@@ -210,6 +223,19 @@ def request_id_of(raw: bytes | str) -> str | None:
     except (ValueError, AttributeError, RecursionError):
         return None
     return value if isinstance(value, str) else None
+
+
+def trace_of(raw: bytes | str) -> str:
+    """A queue entry's traceparent ("" when it has none, or is malformed),
+    read from its header alone, before the batch is decoded."""
+    if isinstance(raw, str):
+        raw = raw.encode("utf-8", "surrogateescape")
+    end = raw.find(b"\n")  # the header only: no copy of the image
+    try:
+        value = json.loads(raw if end < 0 else raw[:end]).get("trace", "")
+    except (ValueError, AttributeError, RecursionError):
+        return ""
+    return value if isinstance(value, str) and len(value) <= MAX_TRACE else ""
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import IO
 
 from flask import Flask, Request, Response, g, request
 
-from keras_server import logs, metrics
+from keras_server import logs, metrics, tracing
 from keras_server.images import return_freed_pixels_to_the_system
 from keras_server.settings import Settings, load_settings
 from keras_server.web import api, auth, dispatch, errors, page, v2
@@ -51,6 +51,7 @@ def wsgi_app() -> Flask:
     variables that cli.py hands down."""
     settings = load_settings([])
     logs.configure_logging(settings.log_level)
+    tracing.configure(settings, "web")  # here, in each web process: after granian's fork
     return create_app(settings)
 
 
@@ -58,6 +59,8 @@ def create_app(settings: Settings, deployment: Deployment | None = None) -> Flas
     """The WSGI app. `deployment` defaults to the models and Redis shards that
     `settings` name."""
     app = Flask(__name__)
+    if tracing.enabled():
+        _trace_http(app)  # first, so that its span covers every other hook
     app.request_class = InMemoryRequest
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes
     app.json.sort_keys = False  # keep an answer's keys in the order it is built: "success" first
@@ -72,6 +75,19 @@ def create_app(settings: Settings, deployment: Deployment | None = None) -> Flas
     app.register_blueprint(v2.blueprint)
     errors.install(app, _render)
     return app
+
+
+def _trace_http(app: Flask) -> None:
+    """The HTTP request's span (route, status; an incoming W3C traceparent
+    continued), by OpenTelemetry's Flask instrumentation; the probes are left
+    out unless OTEL_PYTHON_FLASK_EXCLUDED_URLS says otherwise."""
+    from opentelemetry.instrumentation.flask import FlaskInstrumentor
+
+    FlaskInstrumentor.instrument_app(
+        app,
+        excluded_urls=tracing.untraced_urls(),
+        enable_commenter=False,  # SQL comments: we send no SQL
+    )
 
 
 def _render(error: errors.HttpError) -> Response:
