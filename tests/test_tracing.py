@@ -234,6 +234,32 @@ def test_a_trace_crosses_the_queue_from_web_to_worker(
 
 
 @pytest.mark.slow
+def test_role_all_traces_its_front_and_its_worker_child(
+    settings: Settings, receiver: Receiver
+) -> None:
+    """--role all: the flag reaches both children (the front's granian
+    process and the model process) through the environment it hands down."""
+    port = free_port()
+    server = start(
+        "--role", "all", "--model", "sim", "--sim-batch-ms", "5", "--sim-image-ms", "1",
+        "--web-workers", "1", "--port", str(port), "--otlp-endpoint", receiver.url,
+        "--redis-url", settings.redis_url, "--queue-name", settings.queue_name,
+        env={**CLEAN_ENV, "OTEL_BSP_SCHEDULE_DELAY": "600000"},
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(base + "/readyz", server)
+        predict(base, {"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"})
+    finally:
+        log = stop(server)
+    assert server.returncode == 0, log
+    enqueue, batch = receiver.one("enqueue", CLIENT_TRACE), receiver.one("batch", CLIENT_TRACE)
+    assert batch.parent == enqueue.id and batch.links == [(CLIENT_TRACE, enqueue.id)]
+    assert (enqueue.service, batch.service) == ("keras-server-web", "keras-server-worker")
+    assert enqueue.pid != batch.pid != server.pid
+
+
+@pytest.mark.slow
 def test_tracing_off_sends_nothing(settings: Settings, receiver: Receiver) -> None:
     # OTEL_TRACES_EXPORTER=none wins over an endpoint; the worker has no OTEL_* at all.
     web_env = {
