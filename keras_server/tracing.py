@@ -51,10 +51,6 @@ ANSWERED = "keras_server.answered"
 PROTOCOL = "http/protobuf"
 INSTALL_HINT = "pip install 'keras-server[otel]'"
 
-# The probes and scrapes come every few seconds; their spans would drown the
-# traces (OTEL_PYTHON_FLASK_EXCLUDED_URLS replaces this list).
-QUIET_URLS = "healthz,readyz,metrics,v2/health/live,v2/health/ready"
-
 
 class TracingUnavailable(RuntimeError):
     """Tracing is asked for but cannot run (the SDK is not installed, or the
@@ -191,13 +187,6 @@ def configure(settings: Settings, role: str) -> bool:
         return True
 
 
-def untraced_urls() -> str | None:
-    """The paths the HTTP span leaves out: the probes, unless
-    OTEL_PYTHON_FLASK_EXCLUDED_URLS names others (None: the instrumentation
-    reads that variable itself)."""
-    return None if os.environ.get("OTEL_PYTHON_FLASK_EXCLUDED_URLS") else QUIET_URLS
-
-
 def enabled() -> bool:
     return _state.tracer is not None
 
@@ -208,6 +197,54 @@ def shutdown() -> None:
         provider, _state.provider, _state.tracer = _state.provider, None, None
     if provider is not None:
         provider.shutdown()
+
+
+class ServerSpan:
+    """An HTTP request's span, current from `server_span` until `end`."""
+
+    def __init__(self, span: Any, token: object) -> None:
+        self._span = span
+        self._token = token
+
+    def status(self, code: int) -> None:
+        self._span.set_attribute("http.response.status_code", code)
+        if code >= 500:  # a 4xx is the client's, not an error of ours
+            from opentelemetry.trace import StatusCode
+
+            self._span.set_status(StatusCode.ERROR)
+
+    def end(self, error: BaseException | None = None) -> None:
+        from opentelemetry import context
+
+        if error is not None:
+            self._span.record_exception(error)
+        self._span.end()
+        context.detach(self._token)
+
+
+def server_span(
+    method: str, route: str | None, path: str, headers: Mapping[str, str]
+) -> ServerSpan | None:
+    """The span of an HTTP request (kind SERVER), made current: the child
+    of the trace context in `headers` (a W3C traceparent, by the propagators
+    OTEL_PROPAGATORS names), else a new trace; named by route, with
+    OpenTelemetry's HTTP attribute names. None while tracing is off."""
+    tracer = _state.tracer
+    if tracer is None:
+        return None
+    from opentelemetry import context, propagate, trace
+    from opentelemetry.trace import SpanKind
+
+    attributes = {"http.request.method": method, "url.path": path}
+    if route:
+        attributes["http.route"] = route
+    span = tracer.start_span(
+        f"{method} {route}" if route else method,
+        context=propagate.extract(headers),
+        kind=SpanKind.SERVER,
+        attributes=attributes,
+    )
+    return ServerSpan(span, context.attach(trace.set_span_in_context(span)))
 
 
 def span(name: str, attributes: Mapping[str, Any] | None = None) -> Any:

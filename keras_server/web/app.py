@@ -1,5 +1,6 @@
 """The HTTP tier: the Flask app factory. `create_app` only assembles the app:
-the per-app state the routes read (api.AppState), the request log, the API-key
+the per-app state the routes read (api.AppState), the request's span when
+tracing is on (tracing.server_span), the request log, the API-key
 check (auth.py), the blueprints (api.py's JSON routes, page.py's page, v2.py's
 protocol) and, for what no blueprint routes (an unknown path, a method a
 path does not take), errors.py's handlers in /predict's shape.
@@ -60,7 +61,7 @@ def create_app(settings: Settings, deployment: Deployment | None = None) -> Flas
     `settings` name."""
     app = Flask(__name__)
     if tracing.enabled():
-        _trace_http(app)  # first, so that its span covers every other hook
+        _add_request_span(app)  # first, so that its span covers every other hook
     app.request_class = InMemoryRequest
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes
     app.json.sort_keys = False  # keep an answer's keys in the order it is built: "success" first
@@ -77,17 +78,28 @@ def create_app(settings: Settings, deployment: Deployment | None = None) -> Flas
     return app
 
 
-def _trace_http(app: Flask) -> None:
-    """The HTTP request's span (route, status; an incoming W3C traceparent
-    continued), by OpenTelemetry's Flask instrumentation; the probes are left
-    out unless OTEL_PYTHON_FLASK_EXCLUDED_URLS says otherwise."""
-    from opentelemetry.instrumentation.flask import FlaskInstrumentor
+def _add_request_span(app: Flask) -> None:
+    """The HTTP request's span (tracing.server_span: route, status; an
+    incoming W3C traceparent continued), the probes left out as in the log.
+    Our own hooks: OpenTelemetry's Flask instrumentation cost 0.5-0.85 ms of
+    CPU per request here, this a fifth of that (BENCHMARKS.md#tracing)."""
 
-    FlaskInstrumentor.instrument_app(
-        app,
-        excluded_urls=tracing.untraced_urls(),
-        enable_commenter=False,  # SQL comments: we send no SQL
-    )
+    @app.before_request
+    def start_span() -> None:
+        route = request.url_rule.rule if request.url_rule else None
+        if route not in QUIET_ENDPOINTS:
+            g.span = tracing.server_span(request.method, route, request.path, request.headers)
+
+    @app.after_request
+    def status(response: Response) -> Response:
+        if span := g.get("span"):
+            span.status(response.status_code)
+        return response
+
+    @app.teardown_request
+    def end_span(error: BaseException | None) -> None:
+        if span := g.pop("span", None):
+            span.end(error)
 
 
 def _render(error: errors.HttpError) -> Response:
