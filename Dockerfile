@@ -3,8 +3,9 @@
 #   full (the default): every role, every engine: `--role worker` (the model),
 #        `--role web` (granian) and `--role all` (both under one command, the
 #        default command).
-#   web: `--role web` alone (the default command): the base install, no
-#        TensorFlow, OpenVINO or ONNX Runtime. Web replicas need no more.
+#   web: `--role web` alone (the default command): the base install and the
+#        otel extra (tracing), no TensorFlow, OpenVINO or ONNX Runtime. Web
+#        replicas need no more.
 #
 #   docker build -t keras-server .
 #   docker build --target web -t keras-server-web .
@@ -46,12 +47,13 @@ RUN groupadd --system --gid 10001 keras \
 
 # The dependencies before the code, so that a code change rebuilds neither
 # layer: pyproject.toml with an empty package installs exactly its
-# dependencies (the empty package is replaced below).
+# dependencies (the empty package is replaced below). With the otel extra, so
+# that every role of both images can send traces when asked.
 COPY pyproject.toml /src/pyproject.toml
 RUN if [ -z "${PIP_CERT:-}" ]; then unset PIP_CERT; fi \
     && python3 -m venv /opt/venv \
     && mkdir /src/keras_server && touch /src/keras_server/__init__.py \
-    && /opt/venv/bin/pip install --no-cache-dir /src
+    && /opt/venv/bin/pip install --no-cache-dir "/src[otel]"
 
 WORKDIR /home/keras
 EXPOSE 5000

@@ -13,6 +13,7 @@ Its kinds of process, a sub-package each, and what they share at the top:
     settings    every knob: CLI > environment > default
     logs        logging set-up, with the request id in every line
     metrics     Prometheus metrics
+    tracing     OpenTelemetry traces through the queue, off unless asked for
     catalog     model specs: built-in names, .keras files, labels, models file
     labels      the ImageNet class names, shipped
     images      image file -> RGB uint8 array at the model's input size, memory-bounded

@@ -27,7 +27,7 @@ import threading
 from collections.abc import Callable, Sequence
 from types import FrameType
 
-from keras_server import metrics
+from keras_server import metrics, tracing
 from keras_server.broker import messages
 from keras_server.broker.redis_server import RedisUnavailable, ensure_redis
 from keras_server.broker.request_queue import RequestQueue
@@ -53,7 +53,8 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
     try:
         settings = load_settings(argv, prog=prog)
         models = settings.model_specs()  # read once; a bad models file or spec stops us here
-    except (SettingsError, CatalogError) as exc:
+        tracing.check(settings)  # asked for traces without the otel extra: say so now
+    except (SettingsError, CatalogError, tracing.TracingUnavailable) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
@@ -165,7 +166,11 @@ def run_worker(settings: Settings, models: Models) -> None:
 
     signal.signal(signal.SIGTERM, on_sigterm)
     signal.signal(signal.SIGINT, on_sigterm)  # Ctrl-C: as clean as SIGTERM
-    serve(workers, stop)
+    tracing.configure(settings, "worker")
+    try:
+        serve(workers, stop)
+    finally:
+        tracing.shutdown()  # the last batches' spans go out before we exit
 
 
 def run_all(settings: Settings, models: Models) -> int:

@@ -4,7 +4,8 @@ The entry point calls `load_settings()` once and passes the frozen `Settings`
 down; only `load_settings` reads our KERAS_SERVER_* variables and `sys.argv`.
 Other modules touch `os.environ` only for other programs' switches:
 prometheus-client's multiprocess directory (metrics, web.front), TensorFlow's
-log level (cli), and the environment handed to the child processes (cli).
+log level (cli), OpenTelemetry's OTEL_* variables (tracing, and the SDK
+itself), and the environment handed to the child processes (cli).
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ class Settings:
     auth_probes: bool = False
     response_cache_ttl: float = 0.0
     response_cache_url: str = ""
+    otlp_endpoint: str = ""
 
     def model_specs(self) -> Models:
         """The models this deployment serves, and the default one's name: read
@@ -308,6 +310,13 @@ def _share(text: str) -> float:
     value = _float(text)
     if not 0 <= value <= 1:
         raise ValueError("must be a number from 0 to 1")
+    return value
+
+
+def _otlp_endpoint(text: str) -> str:
+    value = text.strip()
+    if value and not value.startswith(("http://", "https://")):
+        raise ValueError("must be an http:// or https:// URL (OTLP over HTTP)")
     return value
 
 
@@ -612,6 +621,15 @@ KNOBS: tuple[Knob, ...] = (
         "the Redis holding the response cache (default: the first --redis-url, the "
         "queue's); in production a Redis of its own with maxmemory and "
         "maxmemory-policy allkeys-lru",
+        "URL",
+    ),
+    Knob(
+        "otlp_endpoint",
+        _otlp_endpoint,
+        "send OpenTelemetry traces over OTLP/HTTP to this collector, e.g. "
+        "http://localhost:4318 (/v1/traces is appended, as to OTEL_EXPORTER_OTLP_ENDPOINT); "
+        "empty: traces only when the standard OTEL_* variables ask for them (needs the "
+        "otel extra; docs/operations.md#tracing)",
         "URL",
     ),
 )

@@ -308,10 +308,12 @@ def test_dockerfile_command_line_and_variables(target: str, role: str) -> None:
 
 
 def test_the_web_image_installs_no_engine() -> None:
-    """The web target installs the project without extras: no TensorFlow."""
+    """The web target installs the project with no extra but otel (tracing):
+    no TensorFlow."""
     runs = [arg for op, arg in dockerfile_targets()["web"] if op == "RUN"]
     assert any("pip install" in run for run in runs)
-    assert not any("[" in run.split("pip install", 1)[-1] for run in runs if "pip install" in run)
+    installed = [run.split("pip install", 1)[-1] for run in runs if "pip install" in run]
+    assert {extra for run in installed for extra in re.findall(r"\[([^]]*)\]", run)} == {"otel"}
     full = [arg for op, arg in dockerfile_targets()["full"] if op == "RUN"]
     assert any('"/src[all]"' in run for run in full)
 

@@ -15,6 +15,7 @@ repository) and each test is tuned to a few seconds (max_examples).
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import math
 import struct
@@ -297,17 +298,26 @@ images = st.tuples(st.integers(1, 4), st.integers(1, 4), st.sampled_from([1, 3])
 
 
 @FUZZ
-@given(images, st.floats(0, 1e6), st.booleans(), st.integers(0, messages.MAX_CLASSES))
+@given(
+    images,
+    st.floats(0, 1e6),
+    st.booleans(),
+    st.integers(0, messages.MAX_CLASSES),
+    st.text(max_size=messages.MAX_TRACE),
+)
 def test_queue_messages_round_trip(
-    image: np.ndarray, timeout: float, probabilities: bool, classes: int
+    image: np.ndarray, timeout: float, probabilities: bool, classes: int, trace: str
 ) -> None:
     request = messages.ImageRequest.create(
         image, timeout, probabilities=probabilities, classes=classes if probabilities else 0
     )
-    decoded = messages.decode_request(messages.encode_request(request))
+    request = dataclasses.replace(request, trace=trace)
+    raw = messages.encode_request(request)
+    decoded = messages.decode_request(raw)
     assert (decoded.id, decoded.deadline, decoded.probabilities, decoded.classes) == (
         request.id, request.deadline, request.probabilities, request.classes,
     )  # fmt: skip
+    assert decoded.trace == messages.trace_of(raw) == trace
     assert decoded.image.dtype == image.dtype
     np.testing.assert_array_equal(decoded.image, image)
 
@@ -318,14 +328,16 @@ def queue_entries(draw: st.DrawFn) -> bytes:
     hostile, its data maybe cut or emptied, then maybe bytes mutated."""
     image = draw(images)
     # Not ImageRequest.create: a fixed id and deadline keep the draws repeatable.
-    request = messages.ImageRequest("a-request", image, 2e9, probabilities=True, classes=5)
+    request = messages.ImageRequest(
+        "a-request", image, 2e9, probabilities=True, classes=5, trace=f"00-{'1' * 32}-{'2' * 16}-01"
+    )
     raw = messages.encode_request(request)
     text, _, data = raw.partition(b"\n")
     header = json.loads(text)
     if draw(st.booleans()):  # the older all-JSON form
         header["image"] = base64.b64encode(data).decode()
     for _ in range(draw(st.integers(0, 2))):
-        key = draw(st.sampled_from([*header, "classes", "image"]))
+        key = draw(st.sampled_from([*header, "classes", "image", "trace"]))
         header[key] = draw(
             hostile | st.sampled_from(["uint8", "float32", "object", "<U1"]) | st.text(max_size=8)
         )
@@ -341,6 +353,8 @@ def queue_entries(draw: st.DrawFn) -> bytes:
 @FUZZ
 @given(queue_entries() | st.binary(max_size=64))
 def test_queue_decoder_raises_only_bad_message(raw: bytes) -> None:
+    trace = messages.trace_of(raw)  # never raises: a bad one is ""
+    assert isinstance(trace, str) and len(trace) <= messages.MAX_TRACE
     try:
         request = messages.decode_request(raw)
     except messages.BadMessage:
@@ -348,6 +362,7 @@ def test_queue_decoder_raises_only_bad_message(raw: bytes) -> None:
         return
     assert request.image.size * request.image.itemsize <= len(raw)
     assert math.isfinite(request.deadline)
+    assert request.trace == trace
 
 
 # -- the models file and the API keys file --------------------------------------

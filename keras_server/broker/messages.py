@@ -30,6 +30,10 @@ A request below the highest priority says so in its header, `"priority": n`
 before priorities existed, has none, and is level 1 (`priority_of`). The
 worker does not need it to run the request: the queue's requeue script reads
 it (cjson, in Redis) to put a dead worker's claim back on its own level.
+A traced request (keras_server/tracing.py) also carries `"trace"`: the W3C
+traceparent of the span that queued it, which the worker's batch span links
+to. A worker ignores one that is not a short string (and one from before
+this, the field).
 Nothing read from Redis is ever unpickled or evaluated.
 """
 
@@ -52,6 +56,8 @@ ALLOWED_DTYPES = frozenset({"uint8", "float32"})
 MAX_ELEMENTS = 4096 * 4096 * 4
 # Most classes a probabilities answer may list by name.
 MAX_CLASSES = 100_000
+# A W3C traceparent is 55 characters; a longer "trace" is not one.
+MAX_TRACE = 256
 
 
 class BadMessage(ValueError):
@@ -141,6 +147,7 @@ class ImageRequest:
     probabilities: bool = False  # answer with the whole vector (v2 protocol)
     classes: int = 0  # with it, the indices and labels of the k most likely
     priority: int = 1  # the queue level it waits at (1 is the highest)
+    trace: str = ""  # the W3C traceparent of the span that queued it (tracing.py)
 
     @classmethod
     def create(
@@ -183,6 +190,8 @@ def encode_request(request: ImageRequest) -> bytes:
             message["classes"] = request.classes
     if request.priority != 1:
         message["priority"] = request.priority
+    if request.trace:
+        message["trace"] = request.trace
     return json.dumps(message).encode() + b"\n" + array.tobytes()
 
 
@@ -215,6 +224,7 @@ def decode_request(raw: bytes | str) -> ImageRequest:
         probabilities = message.get("probabilities") is True
         classes = _whole(message.get("classes", 0))
         priority = _whole(message.get("priority", 1))
+        trace = message.get("trace", "")
     except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
         # binascii.Error is a ValueError; OverflowError: float() of a huge integer.
         raise BadMessage(f"malformed request: {exc!r}") from None
@@ -240,6 +250,8 @@ def decode_request(raw: bytes | str) -> ImageRequest:
         probabilities=probabilities,
         classes=classes,
         priority=priority,
+        # Only a link to a trace rides on it: a bad one loses that, not the request.
+        trace=trace if isinstance(trace, str) and len(trace) <= MAX_TRACE else "",
     )
 
 
@@ -271,6 +283,19 @@ def request_id_of(raw: bytes | str) -> str | None:
     except (ValueError, AttributeError, RecursionError):
         return None
     return value if isinstance(value, str) else None
+
+
+def trace_of(raw: bytes | str) -> str:
+    """A queue entry's traceparent ("" when it has none, or is malformed),
+    read from its header alone, before the batch is decoded."""
+    if isinstance(raw, str):
+        raw = raw.encode("utf-8", "surrogateescape")
+    end = raw.find(b"\n")  # the header only: no copy of the image
+    try:
+        value = json.loads(raw if end < 0 else raw[:end]).get("trace", "")
+    except (ValueError, AttributeError, RecursionError):
+        return ""
+    return value if isinstance(value, str) and len(value) <= MAX_TRACE else ""
 
 
 @dataclass(frozen=True)

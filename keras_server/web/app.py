@@ -1,5 +1,6 @@
 """The HTTP tier: the Flask app factory. `create_app` only assembles the app:
-the per-app state the routes read (api.AppState), the request log, the API-key
+the per-app state the routes read (api.AppState), the request's span when
+tracing is on (tracing.server_span), the request log, the API-key
 check (auth.py), the blueprints (api.py's JSON routes, page.py's page, v2.py's
 protocol) and, for what no blueprint routes (an unknown path, a method a
 path does not take), errors.py's handlers in /predict's shape.
@@ -17,7 +18,7 @@ from typing import IO
 
 from flask import Flask, Request, Response, g, request
 
-from keras_server import logs, metrics
+from keras_server import logs, metrics, tracing
 from keras_server.images import return_freed_pixels_to_the_system
 from keras_server.settings import Settings, load_settings
 from keras_server.web import api, auth, dispatch, errors, page, v2
@@ -52,6 +53,7 @@ def wsgi_app() -> Flask:
     variables that cli.py hands down."""
     settings = load_settings([])
     logs.configure_logging(settings.log_level)
+    tracing.configure(settings, "web")  # here, in each web process: after granian's fork
     return create_app(settings)
 
 
@@ -59,6 +61,8 @@ def create_app(settings: Settings, deployment: Deployment | None = None) -> Flas
     """The WSGI app. `deployment` defaults to the models and Redis shards that
     `settings` name."""
     app = Flask(__name__)
+    if tracing.enabled():
+        _add_request_span(app)  # first, so that its span covers every other hook
     app.request_class = InMemoryRequest
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes
     app.json.sort_keys = False  # keep an answer's keys in the order it is built: "success" first
@@ -74,6 +78,30 @@ def create_app(settings: Settings, deployment: Deployment | None = None) -> Flas
     app.register_blueprint(v2.blueprint)
     errors.install(app, _render)
     return app
+
+
+def _add_request_span(app: Flask) -> None:
+    """The HTTP request's span (tracing.server_span: route, status; an
+    incoming W3C traceparent continued), the probes left out as in the log.
+    Our own hooks: OpenTelemetry's Flask instrumentation cost 0.5-0.85 ms of
+    CPU per request here, this a fifth of that (BENCHMARKS.md#tracing)."""
+
+    @app.before_request
+    def start_span() -> None:
+        route = request.url_rule.rule if request.url_rule else None
+        if route not in QUIET_ENDPOINTS:
+            g.span = tracing.server_span(request.method, route, request.path, request.headers)
+
+    @app.after_request
+    def status(response: Response) -> Response:
+        if span := g.get("span"):
+            span.status(response.status_code)
+        return response
+
+    @app.teardown_request
+    def end_span(error: BaseException | None) -> None:
+        if span := g.pop("span", None):
+            span.end(error)
 
 
 def _render(error: errors.HttpError) -> Response:

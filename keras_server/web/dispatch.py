@@ -36,6 +36,7 @@ TensorFlow-free.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import threading
@@ -48,7 +49,7 @@ import numpy as np
 import redis
 from flask import Response, jsonify
 
-from keras_server import logs, metrics
+from keras_server import logs, metrics, tracing
 from keras_server.broker import messages
 from keras_server.broker.failures import Kind, classify
 from keras_server.broker.request_queue import QueueFull
@@ -82,7 +83,8 @@ class Decoder:
         503 with Retry-After, when the budget is spent) if not."""
         started = time.thread_time()
         try:
-            return load_image(data, size, self.max_pixels, self.budget)
+            with tracing.span("decode"):
+                return load_image(data, size, self.max_pixels, self.budget)
         except DecoderBusy:
             metrics.DECODE_REFUSED.inc()
             log.warning("decode memory spent (%d MB in use): refused", self.budget.used >> 20)
@@ -190,12 +192,18 @@ def submit(
     classifies it): then nothing was queued, or nothing more will come."""
     shards = model.shards
     logs.request_id.set(jobs[0].id if len(jobs) == 1 else f"{jobs[0].id}+{len(jobs) - 1}")
+    traced = {tracing.MODEL: model.name, tracing.IMAGES: len(jobs)}
     try:
-        queue = shards.push_all(
-            [messages.encode_request(job) for job in jobs],
-            max_depth=settings.max_queue,
-            level=jobs[0].priority,
-        )
+        with tracing.producer_span("enqueue", traced) as span:
+            # The worker's batch span links to this one.
+            if trace := tracing.traceparent():
+                jobs = [dataclasses.replace(job, trace=trace) for job in jobs]
+            queue = shards.push_all(
+                [messages.encode_request(job) for job in jobs],
+                max_depth=settings.max_queue,
+                level=jobs[0].priority,
+            )
+            span.set_attribute(tracing.SHARD, shards.name(queue))
     except QueueFull:
         log.warning("queue full: %d images refused", len(jobs))
         raise errors.queue_full() from None
@@ -203,7 +211,10 @@ def submit(
     deadline = min(job.deadline for job in jobs)
     # The answers come back on the shard that took the requests.
     try:
-        return queue.wait_results([job.id for job in jobs], timeout=deadline - time.time())
+        with tracing.span("wait", {**traced, tracing.SHARD: shards.name(queue)}) as span:
+            answers = queue.wait_results([job.id for job in jobs], timeout=deadline - time.time())
+            span.set_attribute(tracing.ANSWERED, len(answers))
+            return answers
     except redis.RedisError as exc:
         # The queue marked an unreachable host down. Found silent past the
         # deadline (the read outlasts it by --redis-timeout), these are 504s.

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 import redis
 
-from keras_server import metrics
+from keras_server import metrics, tracing
 from keras_server.broker import messages
 from keras_server.broker.failures import Kind, classify, reason
 from keras_server.broker.request_queue import PROBE_INTERVAL_S, RequestQueue
@@ -229,22 +229,41 @@ class Worker:
         """Decode, infer and answer one claimed batch. Whatever fails, every
         request of it is answered (with an error if need be) and the claim
         cleared; only a Redis error in `finish` leaves it, for requeueing."""
-        results: dict[str, bytes] = {}
-        try:
-            self._decode_and_infer(raws, results)
-        except Exception:
-            # Not a model error (_infer answers those): a bug outside predict.
-            metrics.FAILED_BATCHES.inc()
-            log.exception("batch of %d failed outside the model", len(raws))
-            error = messages.error_result(
-                "the worker failed on this request's batch; the worker log has the details"
-            )
-            for raw in raws:
-                request_id = messages.request_id_of(raw)
-                if request_id:
-                    results.setdefault(request_id, error)
-        self.queue.finish(self.id, results, self.result_ttl)
-        return len(raws)
+        with tracing.batch_span(self._traces(raws), self._traced(len(raws))):
+            results: dict[str, bytes] = {}
+            try:
+                self._decode_and_infer(raws, results)
+            except Exception:
+                # Not a model error (_infer answers those): a bug outside predict.
+                metrics.FAILED_BATCHES.inc()
+                log.exception("batch of %d failed outside the model", len(raws))
+                error = messages.error_result(
+                    "the worker failed on this request's batch; the worker log has the details"
+                )
+                for raw in raws:
+                    request_id = messages.request_id_of(raw)
+                    if request_id:
+                        results.setdefault(request_id, error)
+            with tracing.span("answer"):
+                self.queue.finish(self.id, results, self.result_ttl)
+            return len(raws)
+
+    def _traces(self, raws: list[bytes]) -> list[str]:
+        """Each request's traceparent, read before the batch span starts (its
+        links are set then); nothing while tracing is off."""
+        return [messages.trace_of(raw) for raw in raws] if tracing.enabled() else []
+
+    def _traced(self, batch_size: int) -> dict[str, object] | None:
+        if not tracing.enabled():
+            return None
+        return {
+            tracing.MODEL: self.name,
+            tracing.VERSION: self.version,
+            tracing.ENGINE: self.predictor.engine,
+            tracing.PRECISION: self.predictor.precision,
+            tracing.BATCH_SIZE: batch_size,
+            tracing.SHARD: self.queue.shard.name,
+        }
 
     def _decode_and_infer(self, raws: list[bytes], results: dict[str, bytes]) -> None:
         """Fill `results` with the answers to `raws`: a bad entry is answered
@@ -278,7 +297,10 @@ class Worker:
         metrics.BATCH_SIZE.observe(len(batch))
         started = time.perf_counter()
         try:
-            with metrics.INFERENCE_SECONDS.time():
+            with (
+                metrics.INFERENCE_SECONDS.time(),
+                tracing.span("forward", {tracing.BATCH_SIZE: len(batch)}),
+            ):
                 probabilities = self.predictor.predict(np.stack([r.image for r in batch]))
             if probabilities.shape[0] != len(batch):
                 raise ValueError(f"model returned {probabilities.shape[0]} rows for {len(batch)}")
