@@ -5,6 +5,8 @@ down; only `load_settings` reads our KERAS_SERVER_* variables and `sys.argv`.
 Other modules touch `os.environ` only for other programs' switches:
 prometheus-client's multiprocess directory (metrics, web.front), TensorFlow's
 log level (cli), and the environment handed to the child processes (cli).
+The batch client (classify) is no server: its `--api-key` defaults to
+`$KERAS_SERVER_API_KEY`, read by its own parser.
 """
 
 from __future__ import annotations
