@@ -34,6 +34,7 @@ from keras_server.broker import messages
 from keras_server.broker.redis_server import RedisUnavailable, ensure_redis
 from keras_server.broker.request_queue import RequestQueue
 from keras_server.broker.shards import label
+from keras_server.callbacks import CallbackSender
 from keras_server.catalog import SIM, CatalogError, Models, ModelSpec
 from keras_server.engines.predictor import ModelLoadError, Predictor, timed_warm_up
 from keras_server.logs import configure_logging
@@ -124,6 +125,7 @@ def make_workers(
     version = spec.version if spec else ""
     keys = messages.Keys.for_model(settings.queue_name, name, specs.default)
     turn = FairLock() if len(settings.redis_urls) > 1 else None
+    callbacks = CallbackSender(settings.callback_hosts, settings.callback_secret)
     workers = []
     for url in settings.redis_urls:
         # The process's one Shard for `url`: the web tier of --role all and
@@ -140,6 +142,8 @@ def make_workers(
             name=name,
             version=version,
             turn=turn,
+            job_ttl=settings.job_ttl,
+            callbacks=callbacks,
         )
         log.info("worker %s: model %r, queue %r at %s", worker.id, name, keys.queue, label(url))
         workers.append(worker)

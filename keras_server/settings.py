@@ -88,6 +88,13 @@ class Settings:
     log_level: str = "INFO"
     api_keys: str = ""
     auth_probes: bool = False
+    max_job_images: int = 1000
+    max_job_upload_mb: float = 256.0
+    max_archive_mb: float = 1024.0
+    max_job_backlog: int = 4000
+    job_ttl: float = 86400.0
+    callback_hosts: str = ""
+    callback_secret: str = ""
 
     def model_specs(self) -> Models:
         """The models this deployment serves, and the default one's name: read
@@ -130,6 +137,14 @@ class Settings:
     def redis_urls(self) -> tuple[str, ...]:
         """Each Redis of --redis-url: one per shard."""
         return split_redis_urls(self.redis_url)
+
+    @property
+    def max_job_upload_bytes(self) -> int:
+        return int(self.max_job_upload_mb * 1024 * 1024)
+
+    @property
+    def max_archive_bytes(self) -> int:
+        return int(self.max_archive_mb * 1024 * 1024)
 
     @property
     def decode_memory_bytes(self) -> int:
@@ -507,6 +522,53 @@ KNOBS: tuple[Knob, ...] = (
         "with --api-keys: the probes /readyz, /metrics, /v2/health/live and "
         "/v2/health/ready need a key too (true or false)",
         "BOOL",
+    ),
+    Knob(
+        "max_job_images",
+        _positive_int,
+        "most images in one job (POST /jobs: image fields and an archive's files); beyond it a 413",
+        "N",
+    ),
+    Knob(
+        "max_job_upload_mb",
+        _positive_float,
+        "largest POST /jobs body (--max-upload-mb is every other route's)",
+        "MB",
+    ),
+    Knob(
+        "max_archive_mb",
+        _positive_float,
+        "most bytes a job's archive may hold once unpacked, read from its headers "
+        "before anything is inflated; beyond it a 413",
+        "MB",
+    ),
+    Knob(
+        "max_job_backlog",
+        _positive_int,
+        "most job images waiting in a shard's Redis, not yet on the queue (each is "
+        "its decoded pixels, 150 KB at 224x224); a job that would pass it gets a 503 "
+        "with Retry-After",
+        "N",
+    ),
+    Knob(
+        "job_ttl",
+        _positive_float,
+        "seconds a job's record and results are kept (from its end; an unfinished "
+        "job's from its start)",
+        "SECONDS",
+    ),
+    Knob(
+        "callback_hosts",
+        _text,
+        "comma-separated hosts a job's callback_url may name; empty: no callbacks",
+        "HOSTS",
+    ),
+    Knob(
+        "callback_secret",
+        _text,
+        "the HMAC-SHA256 key that signs job callbacks (X-Signature-256); callbacks "
+        "need it (prefer the environment variable to the flag: ps shows flags)",
+        "SECRET",
     ),
 )
 

@@ -9,6 +9,11 @@ the whole process (by the queue) and the loop waits for the probe to hear
 from it again; a refusal is retried with backoff. Claims are crash-safe (see
 broker/request_queue.py): a worker killed mid-batch loses nothing, because
 live workers requeue its claims once its heartbeat expires.
+
+Asynchronous jobs (broker/jobs.py) are driven from here: before each claim
+the loop moves a few of their items onto the queue (at most `job_feed` waiting),
+drops items of cancelled jobs before they reach the model, answers items into
+their job's record, and sends the completion callback of a job it finishes.
 """
 
 from __future__ import annotations
@@ -29,7 +34,9 @@ import redis
 from keras_server import metrics
 from keras_server.broker import messages
 from keras_server.broker.failures import Kind, classify, reason
+from keras_server.broker.jobs import Job
 from keras_server.broker.request_queue import PROBE_INTERVAL_S, RequestQueue
+from keras_server.callbacks import CallbackSender, status_of
 from keras_server.engines.predictor import Predictor, top_indices, top_k
 
 log = logging.getLogger(__name__)
@@ -79,10 +86,16 @@ class Worker:
         name: str = "",
         version: str = "",
         turn: contextlib.AbstractContextManager[object] | None = None,
+        job_ttl: float = 86400.0,
+        job_feed: int | None = None,
+        callbacks: CallbackSender | None = None,
     ) -> None:
         """`turn`, shared by workers that share one model (one per shard), is
         held from filling a batch to answering it, so only the worker about to
-        run the model holds more than one claimed request."""
+        run the model holds more than one claimed request. Jobs: their items
+        are fed onto the queue while it holds fewer than `job_feed` (default:
+        two batches), their results kept `job_ttl` s once done, and
+        `callbacks` sends a finished job's callback (None: never)."""
         self.queue = queue
         self.predictor = predictor
         self.batch_size = batch_size
@@ -93,6 +106,9 @@ class Worker:
         self.name = name
         self.version = version
         self.turn = turn or contextlib.nullcontext()
+        self.job_ttl = job_ttl
+        self.job_feed = job_feed if job_feed is not None else 2 * batch_size
+        self.callbacks = callbacks
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
     def info(self) -> messages.WorkerInfo:
@@ -181,6 +197,7 @@ class Worker:
 
     def run_once(self, wait: float) -> int:
         """Claim and answer one batch; returns how many requests it took."""
+        self.queue.jobs.feed(self.job_feed)
         first = self.queue.claim_first(self.id, wait)
         if first is None:
             return 0
@@ -208,8 +225,22 @@ class Worker:
                 request_id = messages.request_id_of(raw)
                 if request_id:
                     results.setdefault(request_id, error)
-        self.queue.finish(self.id, results, self.result_ttl)
+        finished = self.queue.finish(self.id, results, self.result_ttl, job_ttl=self.job_ttl)
+        for job_id in finished:
+            self._job_done(job_id)
         return len(raws)
+
+    def _job_done(self, job_id: str) -> None:
+        log.info("job %s done", job_id)
+        if self.callbacks is None:
+            return
+        try:
+            job: Job | None = self.queue.jobs.get(job_id)
+        except redis.RedisError as exc:
+            log.warning("job %s: no callback, its record is unreadable (%s)", job_id, exc)
+            return
+        if job is not None and job.callback_url:
+            self.callbacks.send(job.callback_url, status_of(job, f"/jobs/{job_id}"))
 
     def _decode_and_infer(self, raws: list[bytes], results: dict[str, bytes]) -> None:
         """Fill `results` with the answers to `raws`: a bad entry is answered
@@ -235,8 +266,27 @@ class Worker:
                 )
                 continue
             batch.append(request)
+        batch = self._drop_cancelled(batch)
         if batch:
             results.update(self._infer(batch))
+
+    def _drop_cancelled(self, batch: list[messages.ImageRequest]) -> list[messages.ImageRequest]:
+        """The batch without the items of jobs cancelled (or expired) since
+        they were fed: they are claimed, so dropping them is enough."""
+        jobs = {item[0] for r in batch if (item := messages.job_item(r.id))}
+        if not jobs:
+            return batch
+        try:
+            gone = self.queue.jobs.cancelled(jobs)
+        except redis.RedisError as exc:
+            # Run them: a cancelled job's record ignores their results.
+            log.warning("could not check for cancelled jobs (%s)", exc)
+            return batch
+        if not gone:
+            return batch
+        kept = [r for r in batch if (messages.job_item(r.id) or ("",))[0] not in gone]
+        log.info("dropped %d items of cancelled jobs", len(batch) - len(kept))
+        return kept
 
     def _infer(self, batch: list[messages.ImageRequest]) -> dict[str, bytes]:
         ids = [r.id for r in batch]
