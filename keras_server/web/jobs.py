@@ -180,8 +180,9 @@ def _decode(decode: Any, data: bytes, size: tuple[int, int]) -> Any:
     return decode(data, size)
 
 
-@blueprint.get("/jobs/<job_id>")
-def status(job_id: str) -> Response:
+@blueprint.get("/jobs/<id>")
+def status(id: str) -> Response:
+    job_id = id
     store, job = _find(job_id)
     offset = _whole("offset", 0)
     limit = min(_whole("limit", DEFAULT_PAGE), MAX_PAGE)
@@ -214,8 +215,9 @@ def status(job_id: str) -> Response:
     return jsonify(body)
 
 
-@blueprint.delete("/jobs/<job_id>")
-def cancel(job_id: str) -> Response:
+@blueprint.delete("/jobs/<id>")
+def cancel(id: str) -> Response:
+    job_id = id
     store, job = _find(job_id)
     cancelled = store.cancel(job_id)
     state = "cancelled" if cancelled else (store.get(job_id) or job).state
