@@ -21,8 +21,11 @@ Folders, `__MACOSX/` and hidden files are skipped: they are not images.
 from __future__ import annotations
 
 import io
+import lzma
+import struct
 import tarfile
 import zipfile
+import zlib
 from collections.abc import Iterator
 from pathlib import PurePosixPath, PureWindowsPath
 
@@ -36,6 +39,13 @@ NESTED_SUFFIXES = (
 )  # fmt: skip
 NESTED_MAGIC = (b"PK\x03\x04", b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"7z\xbc\xaf\x27\x1c",
                 b"Rar!", b"\x28\xb5\x2f\xfd")  # fmt: skip
+
+
+# What a corrupt archive makes zipfile, tarfile and their decompressors raise.
+READ_ERRORS = (
+    zipfile.BadZipFile, tarfile.TarError, OSError, EOFError, ValueError, NotImplementedError,
+    RuntimeError, zlib.error, lzma.LZMAError, struct.error,
+)  # fmt: skip
 
 
 class ArchiveRefused(Exception):
@@ -56,7 +66,7 @@ def files(data: bytes, max_files: int, max_bytes: int) -> Iterator[tuple[str, by
         return
     try:
         archive = tarfile.open(fileobj=io.BytesIO(data), mode="r:*")  # noqa: SIM115
-    except (tarfile.TarError, OSError, EOFError) as exc:
+    except READ_ERRORS as exc:
         raise ArchiveRefused(400, f"the archive is neither a zip nor a tar file ({exc})") from None
     with archive:
         yield from _tar_files(archive, max_files, max_bytes)
@@ -65,7 +75,7 @@ def files(data: bytes, max_files: int, max_bytes: int) -> Iterator[tuple[str, by
 def _zip_files(data: bytes, max_files: int, max_bytes: int) -> Iterator[tuple[str, bytes]]:
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+    except READ_ERRORS as exc:
         raise ArchiveRefused(400, f"the zip file cannot be read ({exc})") from None
     with archive:
         entries = [i for i in archive.infolist() if not i.is_dir()]
@@ -90,7 +100,7 @@ def _zip_files(data: bytes, max_files: int, max_bytes: int) -> Iterator[tuple[st
         for info in kept:
             try:
                 contents = archive.read(info)
-            except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError) as exc:
+            except READ_ERRORS as exc:
                 raise ArchiveRefused(
                     400, f"archive entry {info.filename!r} cannot be read ({exc})"
                 ) from None
@@ -122,7 +132,7 @@ def _tar_files(
             contents = extracted.read() if extracted else b""
             _check_nested(member.name, contents)
             yield member.name, contents
-    except (tarfile.TarError, OSError, EOFError) as exc:
+    except READ_ERRORS as exc:
         raise ArchiveRefused(400, f"the tar file cannot be read ({exc})") from None
 
 

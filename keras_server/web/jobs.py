@@ -99,7 +99,8 @@ def _read_submission(settings: Settings) -> tuple[list[Upload], Upload | None, S
             "(--max-job-upload-mb)",
         )  # fmt: skip
     request.max_content_length = settings.max_job_upload_bytes
-    uploads = request_files()
+    form: dict[str, str] = {}  # the plain fields, read in the same pass as the files
+    uploads = request_files(form)
     images, archives = uploads.get("image", []), uploads.get("archive", [])
     if len(archives) > 1:
         raise errors.HttpError(400, "one 'archive' field at most")
@@ -109,8 +110,8 @@ def _read_submission(settings: Settings) -> tuple[list[Upload], Upload | None, S
         )
     if len(images) > settings.max_job_images:
         raise _too_many(settings)
-    model = _model(request.form.get("model") or None)
-    callback_url = request.form.get("callback_url", "")
+    model = _model(form.get("model") or None)
+    callback_url = form.get("callback_url", "")
     if callback_url:
         hosts = callbacks.allowed_hosts(settings.callback_hosts)
         why = callbacks.refusal(callback_url, hosts, settings.callback_secret)
