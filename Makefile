@@ -3,11 +3,12 @@
 #   make test    set up .venv with the test tools, then lint and run the tests
 #   make container-test  build the Dockerfile and run it with podman (minutes; see README)
 #   make bench   the benchmark behind BENCHMARKS.md (ARGS=--quick: a ~5 minute smoke run)
+#   make grpc-code  regenerate keras_server/rpc/'s protobuf modules from its .proto (checked in)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve test lint bench container-test
+.PHONY: serve test lint bench container-test grpc-code
 
 # The dependencies live in pyproject.toml; the requirements files name its extras.
 $(BIN)/.runtime: requirements.txt pyproject.toml
@@ -37,3 +38,7 @@ container-test: $(BIN)/.dev
 
 bench: $(BIN)/.dev
 	$(BIN)/python -m bench.run $(ARGS)
+
+# The pinned grpcio-tools of the dev extra; tests/test_grpc.py checks the result is current.
+grpc-code: $(BIN)/.dev
+	$(BIN)/python -m keras_server.rpc.codegen

@@ -13,7 +13,10 @@ each concurrency, drives one image per request through:
   file as a BYTES input in binary form (tritonclient's default), answered
   with the full probabilities, binary;
 - `v2 UINT8`: the same with the pixels decoded and resized by the client,
-  so the web tier decodes nothing.
+  so the web tier decodes nothing;
+- `gRPC BYTES` and `gRPC UINT8`: the same two requests over gRPC
+  (tritonclient.grpc.aio, the server's `--grpc-port`), answered in
+  `raw_output_contents`.
 
 `concurrency` coroutines each send requests one after another; each system
 gets warm-up requests first, not counted, and at each level the systems take
@@ -43,6 +46,8 @@ from typing import Any
 
 import aiohttp
 import numpy as np
+import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as grpcaio
 import tritonclient.http.aio as aioclient
 from tritonclient.http import InferInput, InferRequestedOutput
 from tritonclient.utils import InferenceServerException
@@ -51,13 +56,14 @@ from keras_server.broker.redis_server import RedisServer, free_port
 from keras_server.images import load_image
 from stress_test import percentile
 
+from . import cpu
 from .serve import ROOT, Level, ServerProcess
 
 log = logging.getLogger("bench.v2")
 
 IMAGE = ROOT / "images" / "chelsea.png"
 RESULTS = ROOT / "bench" / "results"
-SYSTEMS = ("/predict", "v2 BYTES", "v2 UINT8")
+SYSTEMS = ("/predict", "v2 BYTES", "v2 UINT8", "gRPC BYTES", "gRPC UINT8")
 OUTPUT = "probabilities"
 
 Send = Callable[[], Awaitable[str]]  # one request; returns its status
@@ -106,7 +112,10 @@ async def measure(send: Send, concurrency: int, requests: int, tally: Tally) -> 
 
 
 def senders(
-    base: str, session: aiohttp.ClientSession, triton: aioclient.InferenceServerClient
+    base: str,
+    session: aiohttp.ClientSession,
+    triton: aioclient.InferenceServerClient,
+    rpc: grpcaio.InferenceServerClient,
 ) -> dict[str, Send]:
     data = IMAGE.read_bytes()
     pixels = load_image(data, (224, 224), 50_000_000)[None]
@@ -135,7 +144,32 @@ def senders(
         tensor = InferInput("pixels", list(pixels.shape), "UINT8")
         return v2(tensor.set_data_from_numpy(pixels))
 
-    return {"/predict": predict, "v2 BYTES": v2_bytes, "v2 UINT8": v2_pixels}
+    async def grpc(tensor: grpcclient.InferInput) -> str:
+        try:
+            result = await rpc.infer(
+                "sim", [tensor], outputs=[grpcclient.InferRequestedOutput(OUTPUT)]
+            )
+        except InferenceServerException as exc:
+            return str(exc.status())
+        if result.as_numpy(OUTPUT).shape != (1, 1000):
+            return "wrong shape"
+        return "200"
+
+    def grpc_bytes() -> Awaitable[str]:
+        tensor = grpcclient.InferInput("image", [1], "BYTES")
+        return grpc(tensor.set_data_from_numpy(np.array([data], dtype=np.object_)))
+
+    def grpc_pixels() -> Awaitable[str]:
+        tensor = grpcclient.InferInput("pixels", list(pixels.shape), "UINT8")
+        return grpc(tensor.set_data_from_numpy(pixels))
+
+    return {
+        "/predict": predict,
+        "v2 BYTES": v2_bytes,
+        "v2 UINT8": v2_pixels,
+        "gRPC BYTES": grpc_bytes,
+        "gRPC UINT8": grpc_pixels,
+    }
 
 
 def _chunks(total: int, rounds: int) -> list[int]:
@@ -143,7 +177,13 @@ def _chunks(total: int, rounds: int) -> list[int]:
 
 
 async def drive(
-    base: str, concurrency: Sequence[int], requests: int, warmup: int, rounds: int
+    base: str,
+    grpc_port: int,
+    concurrency: Sequence[int],
+    *,
+    requests: int,
+    warmup: int,
+    rounds: int,
 ) -> list[Level]:
     levels = []
     limit = aiohttp.TCPConnector(limit=max(concurrency))
@@ -151,8 +191,10 @@ async def drive(
         triton = aioclient.InferenceServerClient(
             base.removeprefix("http://"), conn_limit=max(concurrency)
         )
+        # One channel: HTTP/2 carries every concurrent call on it.
+        rpc = grpcaio.InferenceServerClient(f"127.0.0.1:{grpc_port}")
         try:
-            send = senders(base, session, triton)
+            send = senders(base, session, triton, rpc)
             for system in SYSTEMS:
                 for _ in range(warmup):
                     await send[system]()
@@ -173,12 +215,16 @@ async def drive(
                     levels.append(level)
         finally:
             await triton.close()
+            await rpc.close()
     return levels
 
 
-def server_command(port: int, redis_url: str, args: argparse.Namespace) -> list[str]:
+def server_command(
+    port: int, grpc_port: int, redis_url: str, args: argparse.Namespace
+) -> list[str]:
     return [
         sys.executable, "run_keras_server.py", "--role", "all", "--port", str(port),
+        "--grpc-port", str(grpc_port),
         "--redis-url", redis_url, "--model", "sim",
         "--sim-batch-ms", str(args.sim_batch_ms), "--sim-image-ms", str(args.sim_image_ms),
         "--batch-size", str(args.batch_size), "--log-level", "WARNING",
@@ -211,13 +257,32 @@ def write(results: dict[str, Any], folder: Path) -> str:
 `{results["server"]}` (the simulated model: {results["model"]}), one image per
 request, {results["rounds"]} rounds in which the systems take turns.
 `/predict` is driven by aiohttp (multipart upload), `v2 BYTES` and `v2 UINT8`
-by tritonclient.http.aio (binary tensors, full probabilities back), the client
-on the same machine as the server.
+by tritonclient.http.aio (binary tensors, full probabilities back), `gRPC
+BYTES` and `gRPC UINT8` by tritonclient.grpc.aio (one channel, raw tensors),
+the client on the same machine as the server.
 
 {table}
 """
     (folder / "v2.md").write_text(text)
     return table
+
+
+async def _grpc_ready(port: int, timeout: float) -> None:
+    """Until the gRPC front (started beside the HTTP front) answers."""
+    client = grpcaio.InferenceServerClient(f"127.0.0.1:{port}")
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                if await client.is_server_ready():
+                    return
+            except InferenceServerException:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the gRPC front on port {port} did not answer")
+            await asyncio.sleep(0.1)
+    finally:
+        await client.close()
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -239,25 +304,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args = parse_args(argv)
     concurrency = [int(n) for n in args.concurrency.split(",")]
+    log.info("CPU: %s", cpu.describe(cpu.model(), cpu.vector_flags()))
     load_before = [round(x, 2) for x in os.getloadavg()]
     with RedisServer() as redis_server, tempfile.TemporaryDirectory() as scratch:
-        port = free_port()
-        command = server_command(port, redis_server.url, args)
+        port, grpc_port = free_port(), free_port()
+        command = server_command(port, grpc_port, redis_server.url, args)
         base = f"http://127.0.0.1:{port}"
         with ServerProcess(
             "sim", command, base + "/healthz", Path(scratch) / "server.log"
         ) as server:
             server.start(timeout=120)
-            levels = asyncio.run(drive(base, concurrency, args.requests, args.warmup, args.rounds))
+            asyncio.run(_grpc_ready(grpc_port, timeout=60))
+            levels = asyncio.run(
+                drive(
+                    base,
+                    grpc_port,
+                    concurrency,
+                    requests=args.requests,
+                    warmup=args.warmup,
+                    rounds=args.rounds,
+                )
+            )
     shown = " ".join(["python -m bench.v2", *(argv if argv is not None else sys.argv[1:])])
     results = {
         "command": shown.strip(),
         "when": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
+        "machine": f"{cpu.describe(cpu.model(), cpu.vector_flags())}, "
+        f"{platform.machine()}, {os.cpu_count()} CPUs, "
         f"Python {platform.python_version()}",
         "load_before": load_before,
         "load_after": [round(x, 2) for x in os.getloadavg()],
-        "server": " ".join(command[1:]).replace(str(port), "PORT").replace(redis_server.url, "URL"),
+        "server": " ".join(command[1:])
+        .replace(str(grpc_port), "GRPC_PORT")
+        .replace(str(port), "PORT")
+        .replace(redis_server.url, "URL"),
         "model": f"{args.sim_batch_ms:g} ms per batch + {args.sim_image_ms:g} ms per image",
         "rounds": args.rounds,
         "levels": [lv.as_dict() for lv in levels],

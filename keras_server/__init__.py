@@ -1,8 +1,9 @@
 """Serve Keras image classifiers as a REST API, batching through Redis.
 
-Three kinds of process, a sub-package each, and what they share at the top:
+Its kinds of process, a sub-package each, and what they share at the top:
 
     web/        the web process: HTTP in, decode, queue, answers out (never an engine)
+    rpc/        the gRPC front: the v2 protocol over gRPC (--grpc-port), over web/'s core
     broker/     Redis between them: messages and key names, the queue, shards
     engines/    what runs a model: the interface, keras, onnx, openvino, sim
     worker/     the model worker: claim a batch, one forward pass, answer each

@@ -2,10 +2,11 @@
 `python run_keras_server.py`): build the settings once, then run a role.
 
 - all:    a private Redis if needed, then the model worker and the HTTP front
-          as child processes of this one (the single-machine setup, one
-          command, one log)
+          (and with --grpc-port the gRPC front) as child processes of this one
+          (the single-machine setup, one command, one log)
 - web:    the HTTP front alone: granian serving the Flask app (web/front.py;
-          never imports TensorFlow)
+          never imports TensorFlow); with --grpc-port, the HTTP front and the
+          gRPC front (rpc/server.py) as child processes of this one
 - worker: the model loop alone
 
 `keras-server classify PATH... --url URL` is the batch client instead
@@ -67,6 +68,8 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
         if settings.api_keys and settings.role != "worker":
             load_keys(settings.api_keys)  # an unusable keys file stops us before the port opens
         if settings.role == "web":
+            if settings.grpc_port:
+                return run_web(settings)
             exec_front(settings)
         elif settings.role == "worker":
             run_worker(settings, models)
@@ -181,16 +184,73 @@ def run_worker(settings: Settings, models: Models) -> None:
 
 def run_all(settings: Settings, models: Models) -> int:
     """The one-command setup: a private Redis when none runs, the model worker
-    and the HTTP front, each a child process of this one (the model never
-    shares a GIL with the HTTP threads), with one log: the children write to
-    our stdout and stderr.
+    and the HTTP front (and the gRPC front with --grpc-port), each a child
+    process of this one (the model never shares a GIL with the HTTP threads),
+    with one log: the children write to our stdout and stderr.
 
     The children are in sessions of their own, so a Ctrl-C in the terminal
     reaches only us, and tied to us (they get SIGTERM if we die). SIGTERM or
-    Ctrl-C stops them in order: the front first, which lets the requests in
+    Ctrl-C stops them in order: the fronts first, which let the requests in
     flight finish while the worker still answers them, then the worker, which
     answers the batch it holds, then Redis. Returns the exit status: 1 when a
     child failed (its own log line says why)."""
+    stop = stop_on_signals()
+    with contextlib.ExitStack() as cleanup:
+        settings, private_redis = ensure_redis(settings)
+        if private_redis:
+            cleanup.callback(private_redis.close)
+        # One prometheus-client multiprocess directory for every child, so the
+        # front's /metrics shows the worker's batches beside its requests.
+        env = child_environment(settings, metrics_directory(cleanup))
+        worker = spawn(WORKER_COMMAND, {**env, "KERAS_SERVER_ROLE": "worker"})
+        cleanup.callback(finish, worker, "model worker", settings.result_timeout + 30)
+        deployment = Deployment.from_settings(settings, models)
+        served = [deployment.models[spec.name] for spec in models.serving(settings.serve)]
+        while not all(model.live_workers() for model in served):
+            if worker.poll() is not None:
+                return 1  # it logged why (a model that cannot load, ...)
+            if stop.wait(0.1):
+                return 0
+        children = [(worker, "model worker"), *start_fronts(settings, env, cleanup)]
+        return watch(children, stop)
+    return 0
+
+
+def run_web(settings: Settings) -> int:
+    """--role web with --grpc-port: the HTTP front and the gRPC front, child
+    processes of this one, stopped together (SIGTERM or Ctrl-C: each lets
+    its requests in flight finish). 1 when either exits by itself."""
+    stop = stop_on_signals()
+    with contextlib.ExitStack() as cleanup:
+        env = child_environment(settings, metrics_directory(cleanup))
+        return watch(start_fronts(settings, env, cleanup), stop)
+    return 0
+
+
+def start_fronts(
+    settings: Settings, env: dict[str, str], cleanup: contextlib.ExitStack
+) -> list[tuple[subprocess.Popen[bytes], str]]:
+    """The HTTP front, and the gRPC front with --grpc-port, stopped together
+    by `cleanup` (both get SIGTERM at once, and each its own time to finish)."""
+    log.info("starting the HTTP front (granian) on %s:%d", settings.host, settings.port)
+    fronts = [(spawn(FRONT_COMMAND, env), "HTTP front")]
+    if settings.grpc_port:
+        log.info("starting the gRPC front on %s:%d", settings.host, settings.grpc_port)
+        fronts.append((spawn(GRPC_COMMAND, env), "gRPC front"))
+
+    def stop_fronts() -> None:
+        for child, _ in fronts:
+            if child.poll() is None:
+                child.terminate()
+        for child, name in fronts:
+            finish(child, name, settings.result_timeout + 10)
+
+    cleanup.callback(stop_fronts)
+    return fronts
+
+
+def stop_on_signals() -> threading.Event:
+    """An event set by SIGTERM or SIGINT (logged once)."""
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -201,38 +261,30 @@ def run_all(settings: Settings, models: Models) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    with contextlib.ExitStack() as cleanup:
-        settings, private_redis = ensure_redis(settings)
-        if private_redis:
-            cleanup.callback(private_redis.close)
-        # One prometheus-client multiprocess directory for both children, so the
-        # front's /metrics shows the worker's batches beside its requests.
-        metrics_dir = tempfile.mkdtemp(prefix="keras-server-metrics-")
-        cleanup.callback(shutil.rmtree, metrics_dir, ignore_errors=True)
-        env = child_environment(settings, metrics_dir)
-        worker = spawn(WORKER_COMMAND, {**env, "KERAS_SERVER_ROLE": "worker"})
-        cleanup.callback(finish, worker, "model worker", settings.result_timeout + 30)
-        deployment = Deployment.from_settings(settings, models)
-        served = [deployment.models[spec.name] for spec in models.serving(settings.serve)]
-        while not all(model.live_workers() for model in served):
-            if worker.poll() is not None:
-                return 1  # it logged why (a model that cannot load, ...)
-            if stop.wait(0.1):
-                return 0
-        front = spawn(FRONT_COMMAND, env)
-        cleanup.callback(finish, front, "HTTP front", settings.result_timeout + 10)
-        while not stop.wait(0.2):
-            for child, name in ((worker, "model worker"), (front, "HTTP front")):
-                if child.poll() is not None:
-                    log.error("the %s exited (status %s): stopping", name, child.returncode)
-                    return 1
+    return stop
+
+
+def metrics_directory(cleanup: contextlib.ExitStack) -> str:
+    directory = tempfile.mkdtemp(prefix="keras-server-metrics-")
+    cleanup.callback(shutil.rmtree, directory, ignore_errors=True)
+    return directory
+
+
+def watch(children: list[tuple[subprocess.Popen[bytes], str]], stop: threading.Event) -> int:
+    """Until `stop` is set (0) or a child exits by itself (1, logged)."""
+    while not stop.wait(0.2):
+        for child, name in children:
+            if child.poll() is not None:
+                log.error("the %s exited (status %s): stopping", name, child.returncode)
+                return 1
     return 0
 
 
-# Children of --role all: the worker role and the front, configured by the
+# Children of --role all: the worker role and the fronts, configured by the
 # KERAS_SERVER_* variables we hand down (not by the command line).
 WORKER_COMMAND = ("-c", "import sys; from keras_server.cli import main; sys.exit(main([]))")
 FRONT_COMMAND = ("-m", "keras_server.web.front")
+GRPC_COMMAND = ("-m", "keras_server.rpc.server")
 
 
 def child_environment(settings: Settings, metrics_dir: str) -> dict[str, str]:

@@ -51,6 +51,17 @@ REQUEST_SECONDS = Histogram(
     ["endpoint"],
     buckets=LATENCY_BUCKETS,
 )
+GRPC_REQUESTS = Counter(
+    "keras_server_grpc_requests",
+    "gRPC calls answered (the v2 protocol, --grpc-port), by method and status code",
+    ["method", "code"],
+)
+GRPC_REQUEST_SECONDS = Histogram(
+    "keras_server_grpc_request_seconds",
+    "Seconds from gRPC call to answer, by method",
+    ["method"],
+    buckets=LATENCY_BUCKETS,
+)
 BATCH_SIZE = Histogram(
     "keras_server_batch_size",
     "Images per forward pass",

@@ -83,6 +83,7 @@ class Settings:
     header_timeout: float = 10.0
     heartbeat_ttl: float = 10.0
     metrics_port: int = 0
+    grpc_port: int = 0
     sim_batch_ms: float = 50.0
     sim_image_ms: float = 5.0
     log_level: str = "INFO"
@@ -505,6 +506,13 @@ KNOBS: tuple[Knob, ...] = (
         "--role worker: serve Prometheus /metrics on this port (0: off)",
         "PORT",
     ),
+    Knob(
+        "grpc_port",
+        _port,
+        "--role web and all: also speak the v2 inference protocol over gRPC on this port "
+        "(0: off), from a process of its own beside the HTTP front",
+        "PORT",
+    ),
     Knob("sim_batch_ms", _non_negative_float, "--model sim: sleep per batch", "MS"),
     Knob("sim_image_ms", _non_negative_float, "--model sim: sleep per image", "MS"),
     Knob("log_level", _choice(LOG_LEVELS, upper=True), "logging level", "LEVEL"),
@@ -633,7 +641,10 @@ def load_settings(
         except ValueError as exc:
             raise SettingsError(f"{source}={raw!r}: {exc}") from None
     values["redis_url_given"] = "redis_url" in values
-    return Settings(**values)
+    settings = Settings(**values)
+    if settings.grpc_port and settings.grpc_port == settings.port:
+        raise SettingsError(f"--grpc-port={settings.grpc_port}: the HTTP server has that port")
+    return settings
 
 
 def _cell(text: str) -> str:

@@ -83,7 +83,8 @@ def test_seed_server_is_driven_and_reported(redis_server: RedisServer, tmp_path:
 
 @pytest.mark.slow
 def test_the_v2_benchmark_runs_and_reports(tmp_path: Path) -> None:
-    """tritonclient.http.aio and aiohttp against a real server, every request answered."""
+    """tritonclient.http.aio, tritonclient.grpc.aio and aiohttp against a real
+    server, every request answered."""
     from bench import v2
 
     argv = ["--requests", "4", "--rounds", "2", "--warmup", "1", "--concurrency", "1,2"]
@@ -94,6 +95,7 @@ def test_the_v2_benchmark_runs_and_reports(tmp_path: Path) -> None:
     assert levels == [(s, n, 4) for n in (1, 2) for s in v2.SYSTEMS]
     text = (tmp_path / "v2.md").read_text()
     assert "| v2 BYTES | 2 | 4 | 0 |" in text
+    assert "| gRPC UINT8 | 2 | 4 | 0 |" in text
     assert "python -m bench.v2 --requests 4" in text
 
 

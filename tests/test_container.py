@@ -1,7 +1,10 @@
 """The Dockerfile, built and run for real with podman: both targets, a worker
 container of the full image serving a model baked in through WEIGHTS_URL, a
 web container of the web image (granian, no TensorFlow) requiring an API
-key, and a prediction through them.
+key, and a prediction through them. Then compose.yaml, brought up with
+podman-compose (Redis, 2 web servers, 2 workers, nginx): predictions through
+nginx, a worker container killed under traffic, every request still
+answered, and the whole project torn down.
 
 No container registry is reachable here, so the base image is a local one:
 a Debian rootfs from `debootstrap`, loaded with `podman import` (built once,
@@ -9,7 +12,11 @@ then reused). Podman runs with the settings this machine needs: a
 containers.conf with `default_ulimits = []` and `pids_limit = 0` (through
 CONTAINERS_CONF, so the system's own file is left alone), `--runtime runc`,
 and `--network host`. pip inside the build trusts the CA bundle that pip's
-`cert` setting names here, mounted into the build.
+`cert` setting names here, mounted into the build. compose.yaml's redis and
+nginx images come from a registry too: the compose test puts in their place
+one image of Debian's redis-server and nginx on the same base, through an
+override file (its only change: the images), and its containers find each
+other by name through CNI's dnsname plugin.
 
 Slow (minutes on a fresh machine): runs only when `-m` names the `container`
 marker, as `make container-test` does.
@@ -19,17 +26,21 @@ from __future__ import annotations
 
 import functools
 import http.server
+import json
 import os
 import subprocess
+import sys
 import tempfile
 import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
+import yaml
 from conftest import IMAGES, ROOT, apt_install, wait_until
 
 from keras_server.broker.redis_server import RedisServer, free_port
@@ -53,7 +64,17 @@ TOOLS = {
     "podman": "/usr/bin/podman",
     "runc": "/usr/sbin/runc",
     "debootstrap": "/usr/sbin/debootstrap",
+    # Names for containers on a podman network (compose's service names).
+    "golang-github-containernetworking-plugin-dnsname": "/usr/lib/cni/dnsname",
 }
+# compose.yaml's redis and nginx, from Debian's packages (no registry here).
+INFRA_IMAGE = "localhost/keras-server-test-infra:bookworm"
+INFRA_CONTAINERFILE = """FROM {base}
+RUN apt-get update -q \\
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \\
+        redis-server redis-tools nginx \\
+    && rm -rf /var/lib/apt/lists/*
+"""
 
 
 def pip_cert() -> str:
@@ -270,3 +291,137 @@ def test_image_serves_a_prediction_with_every_role(
         for name in (web, worker):
             podman("stop", "--time", "20", name, check=False)
             podman("rm", "--force", name, check=False)
+
+
+@pytest.fixture(scope="module")
+def infra_image(podman: Podman, base_image: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """redis-server, redis-cli and nginx on the base image (made once)."""
+    if podman("image", "exists", INFRA_IMAGE, check=False).returncode == 0:
+        return INFRA_IMAGE
+    context = tmp_path_factory.mktemp("infra")
+    (context / "Containerfile").write_text(INFRA_CONTAINERFILE.format(base=base_image))
+    podman(
+        "build", "--runtime", "runc", "--network", "host", "--format", "docker",
+        "--tag", INFRA_IMAGE, str(context),
+        timeout=900,
+    )  # fmt: skip
+    return INFRA_IMAGE
+
+
+class Compose:
+    """podman-compose on compose.yaml and an override, as project `name`."""
+
+    def __init__(self, podman: Podman, override: Path, name: str, env: dict[str, str]) -> None:
+        self.podman = podman
+        self.name = name
+        self.files = ["-f", str(ROOT / "compose.yaml"), "-f", str(override)]
+        self.env = {**podman.env, **env}
+
+    def __call__(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "podman_compose", "-p", self.name, *self.files, *args]
+        return subprocess.run(
+            command, env=self.env, cwd=ROOT, capture_output=True, text=True,
+            timeout=timeout, check=False,
+        )  # fmt: skip
+
+    def containers(self) -> dict[str, str]:
+        """Each container of the project: its name and state ("running", "exited", ...)."""
+        listed = self.podman(
+            "ps", "--all", "--filter", f"label=io.podman.compose.project={self.name}",
+            "--format", "json",
+        )  # fmt: skip
+        return {c["Names"][0]: c["State"] for c in json.loads(listed.stdout or "[]")}
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"--- {name} ({state}):\n{self.podman.logs(name)[-2000:]}"
+            for name, state in self.containers().items()
+        )
+
+
+def wait_ready(compose: Compose, base: str, workers: int, timeout: float = 240) -> None:
+    """Until /readyz through nginx counts `workers` workers; fails with every
+    container's log if one stops or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stopped = {n: s for n, s in compose.containers().items() if s != "running"}
+        if stopped:
+            pytest.fail(f"stopped: {stopped}\n{compose.logs()}")
+        try:
+            answer = requests.get(base + "/readyz", timeout=2)
+            if answer.status_code == 200 and answer.json()["workers"] == workers:
+                return
+        except requests.RequestException:  # not listening yet, or busy starting
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"not ready through nginx in {timeout} s:\n{compose.logs()}")
+
+
+def predict(base: str) -> int:
+    with CHELSEA.open("rb") as f:
+        return requests.post(base + "/predict", files={"image": f}, timeout=60).status_code
+
+
+def statuses_while(base: str, action: Callable[[], None], after: int = 20) -> list[int]:
+    """Two clients send predictions, under nginx's rate limit (10 a second per
+    client, bursts of 20), while `action` runs, and for `after` requests more;
+    every status they got."""
+    statuses: list[int] = []
+    done = threading.Event()
+
+    def send() -> None:
+        while not done.is_set():
+            statuses.append(predict(base))
+            time.sleep(0.2)
+
+    senders = [threading.Thread(target=send) for _ in range(2)]
+    for sender in senders:
+        sender.start()
+    try:
+        wait_until(lambda: len(statuses) >= 4, timeout=60, what="requests before")
+        action()
+        sent = len(statuses)
+        wait_until(lambda: len(statuses) >= sent + after, timeout=120, what="requests after")
+    finally:
+        done.set()
+        for sender in senders:
+            sender.join(timeout=90)
+    return statuses
+
+
+@pytest.mark.timeout(1800)
+def test_compose_serves_through_nginx_and_survives_a_killed_worker(
+    podman: Podman, images: tuple[str, str], infra_image: str, tmp_path: Path
+) -> None:
+    image, web_image = images
+    override = tmp_path / "compose.override.yaml"
+    # Only the images change: ours as built above, and the stand-in for redis and nginx.
+    services = {"redis": infra_image, "nginx": infra_image, "web": web_image, "worker": image}
+    override.write_text(
+        yaml.safe_dump({"services": {name: {"image": i} for name, i in services.items()}})
+    )
+    port = free_port()
+    name = f"keras-test-{uuid.uuid4().hex[:8]}"
+    compose = Compose(podman, override, name, {"NGINX_PORT": str(port)})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        up = compose("up", "--detach", "--no-build")
+        assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+        # Redis, 2 web servers, 2 workers and nginx, each its own container.
+        assert sorted(n.removeprefix(name + "_") for n in compose.containers()) == [
+            "nginx_1", "redis_1", "web_1", "web_2", "worker_1", "worker_2",
+        ]  # fmt: skip
+        wait_ready(compose, base, workers=2)
+        assert [predict(base) for _ in range(10)] == [200] * 10
+
+        # Kill a worker while requests keep coming: each is answered, by the
+        # other worker, or after the killed one's claims are requeued (its
+        # heartbeat expires in 10 s, well inside --result-timeout's 30 s).
+        statuses = statuses_while(base, lambda: podman("kill", f"{name}_worker_1"))
+        assert statuses.count(200) == len(statuses), statuses
+        assert requests.get(base + "/readyz", timeout=5).json()["ready"] is True
+    finally:
+        down = compose("down", "--timeout", "20")
+        left = compose.containers()
+    assert down.returncode == 0, down.stdout[-3000:] + down.stderr[-3000:]
+    assert left == {}, left

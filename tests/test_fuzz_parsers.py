@@ -35,6 +35,7 @@ from keras_server.web import archives, uploads, v2
 from keras_server.web.auth import KeysFileError, load_keys
 from keras_server.web.dispatch import Decoder
 from keras_server.web.errors import HttpError
+from keras_server.web.inference import PIXEL_TYPES, bytes_elements
 
 FUZZ = settings(
     derandomize=True,
@@ -184,7 +185,7 @@ def v2_requests(draw: st.DrawFn) -> tuple[bytes, dict[str, str]]:
     tensor: dict[str, Any] = {"name": "pixels", "datatype": dtype, "shape": shape}
     binary = b""
     if draw(st.booleans()):
-        binary = bytes(math.prod(shape) * v2.PIXEL_TYPES[dtype].itemsize)
+        binary = bytes(math.prod(shape) * PIXEL_TYPES[dtype].itemsize)
         tensor["parameters"] = {"binary_data_size": len(binary)}
     else:
         tensor["data"] = [0] * math.prod(shape)
@@ -260,7 +261,7 @@ pixel_batches = st.integers(1, V2_SETTINGS.max_images).flatmap(
 @given(pixel_batches, st.sampled_from(["UINT8", "FP32"]), st.booleans(), st.booleans())
 def test_v2_pixels_round_trip(batch: np.ndarray, datatype: str, binary: bool, nested: bool) -> None:
     tensor: dict[str, Any] = {"name": "pixels", "datatype": datatype, "shape": list(batch.shape)}
-    dtype = v2.PIXEL_TYPES[datatype]
+    dtype = PIXEL_TYPES[datatype]
     raw = b""
     if binary:
         raw = batch.astype(dtype).tobytes()
@@ -282,7 +283,7 @@ def test_v2_pixels_round_trip(batch: np.ndarray, datatype: str, binary: bool, ne
 @given(st.lists(st.binary(max_size=12), min_size=1, max_size=4))
 def test_v2_bytes_elements_round_trip(elements: list[bytes]) -> None:
     data = b"".join(struct.pack("<I", len(e)) + e for e in elements)
-    assert v2._bytes_elements(data) == elements
+    assert bytes_elements(data) == elements
     tensor = {"data": [base64.b64encode(e).decode() for e in elements]}
     assert v2._base64_elements(tensor) == elements
 

@@ -34,7 +34,7 @@ from run_cluster import http_answers
 # What the engines need and the web tier must never install.
 FRAMEWORKS = ("tensorflow", "keras", "openvino", "onnxruntime", "onnx", "tf2onnx", "torch")
 # The repository's tools, not the package's.
-TOOLS = ("requests", "pytest")
+TOOLS = ("requests", "pytest", "grpcio-tools")
 
 
 def run(*command: str | Path, cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -3,6 +3,7 @@
     app          the Flask app factory: request log, API keys, blueprints, unrouted errors
     api          the JSON routes (/predict, /models, probes, /metrics) and their app state
     v2           the Open Inference Protocol (KServe v2, REST) under /v2
+    inference    the v2 protocol without its transport: what REST and gRPC both call
     dispatch     uploads to answers, for every route: decode within the budget, queue, await
     errors       one HttpError (status, message, headers), each API's handlers, the catch-all
     deployment   the models this web server routes to, across every Redis shard

@@ -16,6 +16,9 @@ error shape, `{"error": "..."}`. Every other path,
 including routes added later and unknown ones, needs a key: the check is a
 `before_request` hook on the whole app, not a decorator on chosen routes.
 
+The gRPC front (keras_server/rpc/server.py) reads the same two keys from a
+call's metadata through `key_from`, and checks them against the same file.
+
 Keys never reach a log line: only whether a key was missing, malformed or
 unknown is logged.
 """
@@ -119,7 +122,13 @@ class Rejected(Exception):
 def presented_key() -> str:
     """The key this request shows. Raises Rejected when there is none or the
     Authorization header is not `Bearer <key>`."""
-    authorization = request.headers.get("Authorization")
+    return key_from(request.headers.get("Authorization"), request.headers.get("X-API-Key"))
+
+
+def key_from(authorization: str | None, api_key: str | None) -> str:
+    """The key shown by an `Authorization` value (`Bearer <key>`) or else an
+    `X-API-Key` value, HTTP headers or gRPC metadata alike. Raises Rejected
+    when there is none or the Authorization value is not `Bearer <key>`."""
     if authorization is not None:
         scheme, _, token = authorization.strip().partition(" ")
         token = token.strip()
@@ -130,7 +139,7 @@ def presented_key() -> str:
                 "invalid_request",
             )
         return token
-    key = request.headers.get("X-API-Key", "").strip()
+    key = (api_key or "").strip()
     if not key:
         raise Rejected(
             "an API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",

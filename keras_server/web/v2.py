@@ -21,12 +21,16 @@ request); with `"classification": k` on the output it is instead BYTES
 `[N, k]` of `"score:index:label"`, as Triton's classification extension.
 
 The N images become N queue entries (dispatch.submit), so they batch with
-everyone else's, answered together. A rejected request queues nothing. Every
-error is `{"error": "..."}`: 400 for a request the protocol or the model does
-not take, 404 for an unknown model or version, 413 past --max-images, 503/504
-as `/predict`. A version in the path must be one the model serves (its spec's,
-or a live worker's); all of a model's versions share its queue, so whichever
-worker claims an image answers it, and `model_version` says which.
+everyone else's, answered together. What does not depend on HTTP (metadata,
+readiness, the tensors' checks, queueing and awaiting) is web/inference.py,
+which the gRPC service (keras_server/rpc/) calls too; this module is the REST
+form: routes, JSON and the binary tensor data extension. A rejected request
+queues nothing. Every error is `{"error": "..."}`: 400 for a request the
+protocol or the model does not take, 404 for an unknown model or version, 413
+past --max-images, 503/504 as `/predict`. A version in the path must be one
+the model serves (its spec's, or a live worker's); all of a model's versions
+share its queue, so whichever worker claims an image answers it, and
+`model_version` says which.
 TensorFlow-free.
 """
 
@@ -38,63 +42,24 @@ import itertools
 import json
 import logging
 import math
-import struct
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from flask import Blueprint, Response, jsonify, request
 
-from keras_server.broker import messages
-from keras_server.broker.messages import WorkerInfo
 from keras_server.images import ImageError
 from keras_server.settings import Settings
 from keras_server.web import errors
+from keras_server.web import inference as core
 from keras_server.web.api import state
-from keras_server.web.deployment import ServedModel
-from keras_server.web.dispatch import Decoder, submit, timed_out, too_many
+from keras_server.web.dispatch import Decoder
 from keras_server.web.errors import HttpError
-from keras_server.web.page import openapi_document
+from keras_server.web.inference import IMAGE, OUTPUT, PIXELS, Inference, Output, Result, bad
 
 log = logging.getLogger(__name__)
 
-SERVER_NAME = "keras-server"
-EXTENSIONS = ["classification", "binary_tensor_data"]
 HEADER_LENGTH = "Inference-Header-Content-Length"
-IMAGE, PIXELS, OUTPUT = "image", "pixels", "probabilities"
-PIXEL_TYPES = {"UINT8": np.dtype(np.uint8), "FP32": np.dtype(np.float32)}
-# Bytes per element of every datatype the protocol names, to walk the binary
-# part of a request even when an input is refused.
-ITEM_SIZE = {
-    "BOOL": 1, "UINT8": 1, "UINT16": 2, "UINT32": 4, "UINT64": 8,
-    "INT8": 1, "INT16": 2, "INT32": 4, "INT64": 8,
-    "FP16": 2, "BF16": 2, "FP32": 4, "FP64": 8,
-}  # fmt: skip
-
-
-def bad(message: str) -> HttpError:
-    return HttpError(400, message)
-
-
-@dataclass
-class Output:
-    binary: bool
-    classification: int = 0  # 0: the probabilities themselves
-
-
-@dataclass
-class Inference:
-    """A parsed infer request: the images, as the worker takes them, and what to answer."""
-
-    images: list[np.ndarray]
-    outputs: list[Output]
-    request_id: str | None = None
-    classes: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.classes = max((o.classification for o in self.outputs), default=0)
-
 
 blueprint = Blueprint("v2", __name__, url_prefix="/v2")
 
@@ -115,7 +80,7 @@ errors.install(blueprint, render, body="request")
 
 @blueprint.get("")
 def server_metadata() -> Response:
-    return jsonify(name=SERVER_NAME, version=_version(), extensions=EXTENSIONS)
+    return jsonify(core.server_metadata())
 
 
 @blueprint.get("/health/live")
@@ -127,32 +92,8 @@ def live() -> Response:
 def ready() -> Response | tuple[Response, int]:
     # /readyz's rule. The protocol: 200 is true, a 4xx false (/readyz says
     # why, with a 503).
-    deployment = state().deployment
-    ok = not deployment.unready(deployment.survey())
+    ok = core.server_ready(state().deployment)
     return jsonify(ready=ok), 200 if ok else 400
-
-
-def find_model(name: str) -> ServedModel:
-    deployment = state().deployment
-    model = deployment.models.get(name)
-    if model is None:
-        known = ", ".join(sorted(deployment.models))
-        raise HttpError(404, f"unknown model {name!r}; this server serves {known}")
-    return model
-
-
-def check_version(model: ServedModel, version: str | None, workers: list[WorkerInfo]) -> None:
-    if version is not None and version not in _versions(model, workers):
-        served = ", ".join(_versions(model, workers))
-        raise HttpError(404, f"model {model.name!r} has no version {version!r}; it serves {served}")
-
-
-def resolve(name: str, version: str | None) -> tuple[ServedModel, list[WorkerInfo]]:
-    """The model, its live workers (read from Redis now), the version checked."""
-    model = find_model(name)
-    workers = model.live_workers()
-    check_version(model, version, workers)
-    return model, workers
 
 
 def routes(rule: str, method: str) -> Callable[[Callable[..., Response]], Any]:
@@ -173,85 +114,21 @@ def routes(rule: str, method: str) -> Callable[[Callable[..., Response]], Any]:
 
 @routes("", "GET")
 def model_metadata(name: str, version: str | None = None) -> Response:
-    model, workers = resolve(name, version)
-    size = model.input_size(workers)
-    width, height = size or (-1, -1)
-    classes = max((w.labels for w in workers), default=0) or -1
-    return jsonify(
-        name=model.name,
-        versions=_versions(model, workers) if version is None else [version],
-        platform="keras",
-        inputs=[
-            {"name": IMAGE, "datatype": "BYTES", "shape": [-1]},
-            {"name": PIXELS, "datatype": "UINT8", "shape": [-1, height, width, 3]},
-        ],
-        outputs=[{"name": OUTPUT, "datatype": "FP32", "shape": [-1, classes]}],
-    )
+    return jsonify(core.model_metadata(state().deployment, name, version))
 
 
 @routes("/ready", "GET")
 def model_ready(name: str, version: str | None = None) -> Response | tuple[Response, int]:
-    model, workers = resolve(name, version)
-    if version is not None:
-        workers = [w for w in workers if w.version == version]
-    return jsonify(name=model.name, ready=bool(workers)), 200 if workers else 400
+    ok = core.model_ready(state().deployment, name, version)
+    return jsonify(name=name, ready=ok), 200 if ok else 400
 
 
 @routes("/infer", "POST")
 def infer(name: str, version: str | None = None) -> Response:
-    model = find_model(name)
-    # The live workers are read from Redis only to check a version the path
-    # names; the input size comes from the model's cache, as for /predict.
-    if version is not None:
-        check_version(model, version, model.live_workers())
-    size = model.input_size()
-    if size is None:
-        raise errors.no_live_worker(model.name)
+    model, size = core.infer_target(state().deployment, name, version)
     settings = state().settings
     inference = parse_request(request.get_data(), request.headers, size, settings, state().decoder)
-    jobs = [
-        messages.ImageRequest.create(
-            image, settings.result_timeout, probabilities=True, classes=inference.classes
-        )
-        for image in inference.images
-    ]
-    answers = submit(model, jobs, settings)
-    rows, classes, made_by = _collect(jobs, answers, settings)
-    version_used = (made_by or {}).get("version") or model.spec.version
-    return answer(model.name, version_used, inference, rows, classes)
-
-
-def _collect(
-    jobs: list[messages.ImageRequest], answers: dict[str, bytes], settings: Settings
-) -> tuple[np.ndarray, list[list[dict[str, Any]]], dict[str, str] | None]:
-    """(probabilities [N, classes], each image's top classes, the model that
-    answered) from the workers' answers; HttpError if any image failed."""
-    rows, classes, made_by = [], [], None
-    for job in jobs:
-        raw = answers.get(job.id)
-        if raw is None:
-            raise HttpError(504, timed_out(settings))
-        header, vector = messages.decode_probabilities(raw)
-        if not header["success"]:
-            raise HttpError(500, header.get("error", "the model failed"))
-        if vector is None:
-            raise HttpError(
-                500, "a worker answered without the probabilities: is it older than this server?"
-            )
-        rows.append(vector)
-        classes.append(header.get("classes", []))
-        made_by = made_by or header.get("model")
-    return np.stack(rows), classes, made_by
-
-
-def _version() -> str:
-    """The package's version, as the OpenAPI description states it (a test
-    keeps that equal to pyproject.toml's)."""
-    return str(json.loads(openapi_document())["info"]["version"])
-
-
-def _versions(model: ServedModel, workers: list[WorkerInfo]) -> list[str]:
-    return sorted({model.spec.version, *(w.version for w in workers if w.version)})
+    return answer(inference, core.infer(model, inference, settings))
 
 
 # -- the request --------------------------------------------------------------
@@ -309,9 +186,7 @@ def _parse_json(
     # Walk every input's binary part first: a length that does not add up is
     # the first thing to report.
     parts = _binary_parts(inputs, binary)
-    if len(inputs) != 1:
-        names = [i.get("name") if isinstance(i, dict) else None for i in inputs]
-        raise bad(f"one input per request, {IMAGE!r} or {PIXELS!r}; got {names}")
+    core.one_input([i.get("name") if isinstance(i, dict) else None for i in inputs])
     # The outputs before the images: a request refused for them decodes nothing.
     default_binary = parameters.get("binary_data_output") is True
     requested = message.get("outputs")
@@ -327,10 +202,7 @@ def _parse_json(
     elif name == PIXELS:
         images = _pixels(tensor, data, size, settings)
     else:
-        raise bad(
-            f"unknown input {name!r}: the model takes {IMAGE!r} (BYTES, encoded image files) "
-            f"or {PIXELS!r} (UINT8 or FP32, [N, H, W, 3])"
-        )
+        raise core.unknown_input(name)
     return Inference(images, outputs, request_id)
 
 
@@ -386,25 +258,6 @@ def _binary_parts(inputs: list[Any], binary: bytes) -> list[bytes | None]:
     return parts
 
 
-def _shape(tensor: dict[str, Any]) -> list[int]:
-    shape = tensor.get("shape")
-    if not isinstance(shape, list) or not all(
-        isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape
-    ):
-        raise bad(f"input {tensor.get('name')!r}: 'shape' must be a list of whole numbers")
-    return shape
-
-
-def _count(shape: list[int], settings: Settings) -> int:
-    """How many images the shape holds; too many is a 413, none a 400."""
-    if not shape or shape[0] < 1:
-        raise bad(f"shape {shape}: at least one image")
-    if shape[0] > settings.max_images:
-        count = shape[0]
-        raise too_many(count, settings)
-    return shape[0]
-
-
 def _images(
     tensor: dict[str, Any],
     data: bytes | None,
@@ -413,46 +266,9 @@ def _images(
     decode: Decoder,
 ) -> list[np.ndarray]:
     """BYTES: encoded image files, decoded and resized as /predict does."""
-    datatype = tensor.get("datatype")
-    if datatype != "BYTES":
-        raise bad(f"input {IMAGE!r} must be BYTES (encoded image files), not {datatype!r}")
-    shape = _shape(tensor)
-    if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
-        raise bad(f"input {IMAGE!r}: shape must be [N] or [N, 1], not {shape}")
-    count = _count(shape, settings)
-    files = _bytes_elements(data) if data is not None else _base64_elements(tensor)
-    if len(files) != count:
-        raise bad(f"input {IMAGE!r}: shape {shape} holds {count} images, the data {len(files)}")
-    images = []
-    for index, file in enumerate(files):
-        if not file:
-            raise bad(f"input {IMAGE!r} element {index} is empty")
-        try:
-            images.append(decode(file, size))
-        except ImageError as exc:
-            refused = errors.from_image(exc)
-            refused.message = f"input {IMAGE!r} element {index}: {refused.message}"
-            raise refused from None
-    return images
-
-
-def _bytes_elements(data: bytes) -> list[bytes]:
-    """The binary form of a BYTES tensor: each element a 4-byte little-endian
-    length, then that many bytes."""
-    elements, offset = [], 0
-    while offset < len(data):
-        if offset + 4 > len(data):
-            raise bad(f"input {IMAGE!r}: its binary data ends inside an element's length")
-        (length,) = struct.unpack_from("<I", data, offset)
-        offset += 4
-        if offset + length > len(data):
-            raise bad(
-                f"input {IMAGE!r} element {len(elements)}: its length says {length} bytes, "
-                f"{len(data) - offset} are left"
-            )
-        elements.append(data[offset : offset + length])
-        offset += length
-    return elements
+    shape, count = core.check_image_tensor(tensor.get("datatype"), tensor.get("shape"), settings)
+    files = core.bytes_elements(data) if data is not None else _base64_elements(tensor)
+    return core.decode_images(files, shape, count, size, decode)
 
 
 def _base64_elements(tensor: dict[str, Any]) -> list[bytes]:
@@ -494,30 +310,12 @@ def _pixels(
 ) -> list[np.ndarray]:
     """UINT8 or FP32 [N, H, W, 3] at the model's input size, RGB 0..255."""
     datatype = tensor.get("datatype")
-    dtype = PIXEL_TYPES.get(datatype) if isinstance(datatype, str) else None
-    if dtype is None:
-        raise bad(f"input {PIXELS!r} must be UINT8 or FP32, not {datatype!r}")
-    shape = _shape(tensor)
-    width, height = size
-    if len(shape) != 4 or shape[1:] != [height, width, 3]:
-        raise bad(
-            f"input {PIXELS!r}: shape must be [N, {height}, {width}, 3] "
-            f"(the model's input size, RGB), not {shape}"
-        )
-    count = _count(shape, settings)
-    elements = math.prod(shape)
+    dtype, shape, _ = core.check_pixel_tensor(datatype, tensor.get("shape"), size, settings)
     if data is not None:
-        if len(data) != elements * dtype.itemsize:
-            raise bad(
-                f"input {PIXELS!r}: {len(data)} bytes of binary data do not fit {shape} {datatype}"
-            )
-        array = np.frombuffer(data, dtype=dtype)
+        array = core.pixels_from_bytes(data, dtype, shape, str(datatype))
     else:
         array = _json_pixels(tensor.get("data"), shape, dtype)
-    if dtype == np.float32 and not np.all(np.isfinite(array)):
-        raise bad(f"input {PIXELS!r}: FP32 values must be finite")
-    batch = array.reshape(shape)
-    return [batch[i] for i in range(count)]
+    return core.split_pixels(array, shape)
 
 
 def _json_pixels(data: object, shape: list[int], dtype: np.dtype) -> np.ndarray:
@@ -553,46 +351,25 @@ def _json_pixels(data: object, shape: list[int], dtype: np.dtype) -> np.ndarray:
 def _output(spec: object, default_binary: bool) -> Output:
     if not isinstance(spec, dict):
         raise bad("each requested output must be a JSON object")
-    if spec.get("name") != OUTPUT:
-        raise bad(f"unknown output {spec.get('name')!r}: the model has one, {OUTPUT!r}")
     parameters = _object(spec.get("parameters", {}), f"output {OUTPUT!r}'s parameters")
-    if any(key.startswith("shared_memory") for key in parameters):
-        raise bad("shared memory is not supported")
-    binary = parameters.get("binary_data", default_binary)
-    if not isinstance(binary, bool):
-        raise bad("binary_data must be true or false")
-    k = parameters.get("classification", 0)
-    if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= messages.MAX_CLASSES:
-        raise bad(f"classification must be a whole number of classes, 1..{messages.MAX_CLASSES}")
-    return Output(binary, k)
+    return core.requested_output(spec.get("name"), parameters, default_binary)
 
 
 # -- the response -------------------------------------------------------------
 
 
-def answer(
-    model: str,
-    version: str,
-    inference: Inference,
-    probabilities: np.ndarray,
-    classes: list[list[dict[str, Any]]],
-) -> Response:
+def answer(inference: Inference, result: Result) -> Response:
     """The infer response: JSON, or JSON then the binary outputs when any
     output asked for binary data."""
     tensors, blobs = [], []
     for output in inference.outputs:
         if output.classification:
-            k = min(output.classification, probabilities.shape[1])
-            strings = [
-                f"{float(row[c['index']]):f}:{c['index']}:{c['label']}"
-                for row, top in zip(probabilities, classes, strict=True)
-                for c in top[:k]
-            ]
-            shape = [len(classes), k]
+            strings, shape = result.classification(output.classification)
             tensor: dict[str, Any] = {"name": OUTPUT, "datatype": "BYTES", "shape": shape}
-            raw = b"".join(struct.pack("<I", len(s.encode())) + s.encode() for s in strings)
+            raw = core.serialize_bytes(strings)
             data: list[Any] = strings
         else:
+            probabilities = result.probabilities
             tensor = {"name": OUTPUT, "datatype": "FP32", "shape": list(probabilities.shape)}
             raw = np.ascontiguousarray(probabilities, dtype="<f4").tobytes()
             data = probabilities.ravel().tolist()
@@ -602,7 +379,7 @@ def answer(
         else:
             tensor["data"] = data
         tensors.append(tensor)
-    body: dict[str, Any] = {"model_name": model, "model_version": version}
+    body: dict[str, Any] = {"model_name": result.model, "model_version": result.version}
     if inference.request_id is not None:
         body["id"] = inference.request_id
     body["outputs"] = tensors

@@ -1,0 +1,145 @@
+"""The gRPC front: `python -m keras_server.rpc.server`, the process that
+serves the v2 protocol over gRPC on --grpc-port.
+
+cli.py starts it beside the HTTP front when --grpc-port is set, under
+`--role all` (with the model worker) and `--role web`, handing down the
+resolved settings as KERAS_SERVER_* variables and the prometheus-client
+multiprocess directory the HTTP front also writes to, so `/metrics` shows its
+calls too. It is one process: grpcio's server runs --web-threads threads, each
+holding one call while it waits in Redis for the answer (grpcio's C core
+reads and writes the connections meanwhile). It never imports an engine.
+
+- The port is bound on --host, without SO_REUSEPORT: a port in use is an
+  error at start, not a second server sharing it.
+- Messages up to --max-upload-mb are received; a larger one is answered
+  RESOURCE_EXHAUSTED by grpcio before any of it is parsed.
+- With --api-keys, every call but ServerLive and ServerReady (those too with
+  --auth-probes) must carry a key in its metadata, `authorization: Bearer
+  KEY` or `x-api-key: KEY`, checked as web/auth.py checks the HTTP headers;
+  else UNAUTHENTICATED, before the request is parsed.
+- SIGTERM or SIGINT: no new calls; those in flight have up to
+  --result-timeout to finish.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from types import FrameType
+from typing import Any
+
+import grpc
+
+from keras_server import metrics
+from keras_server.logs import configure_logging
+from keras_server.rpc import grpc_predict_v2_pb2_grpc as pb_grpc
+from keras_server.rpc.service import InferenceService
+from keras_server.settings import Settings, load_settings
+from keras_server.web import auth
+from keras_server.web.deployment import Deployment
+from keras_server.web.dispatch import Decoder
+
+log = logging.getLogger(__name__)
+
+# The calls that answer the probes' questions: open without a key unless --auth-probes.
+PROBES = frozenset({"ServerLive", "ServerReady"})
+
+
+class KeyCheck(grpc.ServerInterceptor):
+    """--api-keys for gRPC: the key from the call's metadata, or UNAUTHENTICATED."""
+
+    def __init__(self, keys: auth.ApiKeys, settings: Settings) -> None:
+        self.keys = keys
+        self.settings = settings
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        method = details.method.rsplit("/", 1)[-1]
+        if method in PROBES and not self.settings.auth_probes:
+            return continuation(details)
+        # gRPC metadata keys are lower case.
+        metadata = dict(details.invocation_metadata)
+        try:
+            key = auth.key_from(metadata.get("authorization"), metadata.get("x-api-key"))
+        except auth.Rejected as rejected:
+            what = "malformed authorization" if rejected.error else "no key"
+            log.warning("refused gRPC %s: %s", method, what)
+            return _refuse(method, str(rejected))
+        if not self.keys.accepts(str(key)):
+            log.warning("refused gRPC %s: unknown key", method)
+            return _refuse(method, "the API key is not valid")
+        return continuation(details)
+
+
+def _refuse(method: str, message: str) -> grpc.RpcMethodHandler:
+    def abort(request: Any, context: grpc.ServicerContext) -> None:
+        metrics.GRPC_REQUESTS.labels(method, grpc.StatusCode.UNAUTHENTICATED.name).inc()
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    return grpc.unary_unary_rpc_method_handler(abort)
+
+
+def address(settings: Settings) -> str:
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    return f"{host}:{settings.grpc_port}"
+
+
+def build_server(settings: Settings, deployment: Deployment | None = None) -> grpc.Server:
+    """The gRPC server for `settings`, its port bound, not yet started."""
+    if deployment is None:
+        deployment = Deployment.from_settings(settings)
+    interceptors = []
+    if settings.api_keys:
+        keys = auth.load_keys(settings.api_keys)
+        log.info("API keys required on gRPC (%d accepted)", len(keys))
+        interceptors.append(KeyCheck(keys, settings))
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=settings.web_threads, thread_name_prefix="grpc"),
+        interceptors=interceptors,
+        options=[
+            ("grpc.max_receive_message_length", settings.max_upload_bytes),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    service = InferenceService(settings, deployment, Decoder(settings))
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
+    server.add_insecure_port(address(settings))  # RuntimeError if the port is taken
+    return server
+
+
+def main() -> int:
+    settings = load_settings([])
+    configure_logging(settings.log_level)
+    try:
+        server = build_server(settings)
+    except RuntimeError as exc:  # grpcio's "Failed to bind": the port is taken
+        log.error("gRPC cannot listen on %s: %s", address(settings), exc)
+        return 1
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server.start()
+    log.info(
+        "gRPC (v2 inference protocol) listening on %s (%d threads)",
+        address(settings),
+        settings.web_threads,
+    )
+    stop.wait()
+    log.info("gRPC: stopping once the calls in flight are answered")
+    server.stop(grace=settings.result_timeout).wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

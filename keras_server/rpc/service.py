@@ -1,0 +1,249 @@
+"""KServe's `GRPCInferenceService` over web/inference.py: the same models,
+checks, queue and answers as the REST routes under /v2, in protobuf.
+
+- ServerLive, ServerReady, ModelReady: `live` / `ready` (false is an
+  answer, not an error; an unknown model or version is NOT_FOUND);
+- ServerMetadata, ModelMetadata: as `GET /v2` and `GET /v2/models/{name}`;
+- ModelInfer: one input, `image` (BYTES: one encoded file per element, in
+  `raw_input_contents` as tritonclient sends them, or in
+  `contents.bytes_contents`) or `pixels` (UINT8 or FP32 `[N, H, W, 3]`, raw
+  little-endian or in `contents.uint_contents` / `fp32_contents`); the answer
+  is `probabilities`, FP32 `[N, classes]`, or with the `classification`
+  parameter on the output BYTES `[N, k]` of `"score:index:label"`, always in
+  `raw_output_contents`. The client's deadline is the request's (capped by
+  --result-timeout): its images are dropped from the queue past it.
+
+Errors are the REST route's errors.HttpError, answered with the gRPC code
+for its status (`CODES`: 400 INVALID_ARGUMENT, 404 NOT_FOUND, 413
+INVALID_ARGUMENT, 401 UNAUTHENTICATED, 503 UNAVAILABLE with a `retry-after`
+trailer, 504 DEADLINE_EXCEEDED, anything else INTERNAL) and the same message.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+import redis
+
+from keras_server import logs, metrics
+from keras_server.images import ImageError
+from keras_server.rpc import grpc_predict_v2_pb2 as pb
+from keras_server.rpc import grpc_predict_v2_pb2_grpc as pb_grpc
+from keras_server.settings import Settings
+from keras_server.web import errors
+from keras_server.web import inference as core
+from keras_server.web.deployment import Deployment
+from keras_server.web.dispatch import Decoder
+from keras_server.web.errors import HttpError
+from keras_server.web.inference import IMAGE, OUTPUT, PIXELS, Inference, Output, Result, bad
+
+log = logging.getLogger(__name__)
+
+CODES = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    404: grpc.StatusCode.NOT_FOUND,
+    # Too many images: the request, not the server, is at fault.
+    413: grpc.StatusCode.INVALID_ARGUMENT,
+    503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+# Calls the request log leaves out, as the REST log leaves out the probes.
+QUIET = frozenset({"ServerLive", "ServerReady"})
+
+Request = TypeVar("Request")
+Reply = TypeVar("Reply")
+Method = Callable[[Any, Request, grpc.ServicerContext], Reply]
+
+
+def answered(method: Method[Request, Reply]) -> Method[Request, Reply]:
+    """Every failure of `method` answered with its gRPC code, counted and logged."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    def call(self: Any, request: Request, context: grpc.ServicerContext) -> Reply:
+        started = time.perf_counter()
+        logs.request_id.set("-")
+        error: HttpError | None = None
+        try:
+            reply = method(self, request, context)
+        except HttpError as exc:
+            error = exc
+        except redis.RedisError as exc:
+            error = errors.from_redis(exc)
+        except ImageError as exc:
+            error = errors.from_image(exc)
+        except Exception as exc:  # a bug: logged with its traceback, answered INTERNAL
+            error = errors.bug(exc)
+        code = (
+            grpc.StatusCode.OK
+            if error is None
+            else CODES.get(error.status, grpc.StatusCode.INTERNAL)
+        )
+        elapsed = time.perf_counter() - started
+        metrics.GRPC_REQUESTS.labels(name, code.name).inc()
+        metrics.GRPC_REQUEST_SECONDS.labels(name).observe(elapsed)
+        if name not in QUIET or error is not None:
+            log.info("gRPC %s %s in %.0f ms", name, code.name, elapsed * 1000)
+        if error is None:
+            return reply
+        if "Retry-After" in error.headers:
+            context.set_trailing_metadata((("retry-after", error.headers["Retry-After"]),))
+        context.abort(code, error.message)  # raises: the call ends here
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    return call
+
+
+class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
+    """The protocol's six calls, for one process's settings, models and decoder."""
+
+    def __init__(self, settings: Settings, deployment: Deployment, decoder: Decoder) -> None:
+        self.settings = settings
+        self.deployment = deployment
+        self.decode = decoder
+
+    @answered
+    def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    @answered
+    def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=core.server_ready(self.deployment))
+
+    @answered
+    def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
+        ready = core.model_ready(self.deployment, request.name, request.version or None)
+        return pb.ModelReadyResponse(ready=ready)
+
+    @answered
+    def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: Any
+    ) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(**core.server_metadata())
+
+    @answered
+    def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: Any
+    ) -> pb.ModelMetadataResponse:
+        metadata = core.model_metadata(self.deployment, request.name, request.version or None)
+        tensor = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=metadata["name"],
+            versions=metadata["versions"],
+            platform=metadata["platform"],
+            inputs=[tensor(**t) for t in metadata["inputs"]],
+            outputs=[tensor(**t) for t in metadata["outputs"]],
+        )
+
+    @answered
+    def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.ServicerContext
+    ) -> pb.ModelInferResponse:
+        model, size = core.infer_target(
+            self.deployment, request.model_name, request.model_version or None
+        )
+        inference = parse_request(request, size, self.settings, self.decode)
+        # The client's deadline, if it set one, is the request's: None when it did not.
+        remaining = context.time_remaining()
+        return answer(inference, core.infer(model, inference, self.settings, remaining))
+
+
+# -- the request --------------------------------------------------------------
+
+
+def parameters(entries: Any) -> dict[str, Any]:
+    """A protobuf map of InferParameter as plain values."""
+    values = {}
+    for key, parameter in entries.items():
+        choice = parameter.WhichOneof("parameter_choice")
+        values[key] = getattr(parameter, choice) if choice else None
+    return values
+
+
+def parse_request(
+    request: pb.ModelInferRequest, size: tuple[int, int], settings: Settings, decode: Decoder
+) -> Inference:
+    """A ModelInferRequest -> the images to queue; HttpError says what is wrong."""
+    inputs = list(request.inputs)
+    if not inputs:
+        raise bad("'inputs' must hold one tensor")
+    raw = list(request.raw_input_contents)
+    if raw and len(raw) != len(inputs):
+        raise bad(
+            f"raw_input_contents holds {len(raw)} tensors for {len(inputs)} inputs: "
+            "one each, or none"
+        )
+    for tensor in inputs:
+        if any(key.startswith("shared_memory") for key in tensor.parameters):
+            raise bad("shared memory is not supported: send the data in the request")
+    core.one_input([t.name for t in inputs])
+    outputs = [
+        core.requested_output(o.name, parameters(o.parameters), default_binary=False)
+        for o in request.outputs
+    ] or [Output()]
+    tensor, data = inputs[0], (raw[0] if raw else None)
+    shape = list(tensor.shape)
+    if tensor.name == IMAGE:
+        checked, count = core.check_image_tensor(tensor.datatype, shape, settings)
+        files = core.bytes_elements(data) if data is not None else tensor.contents.bytes_contents
+        images = core.decode_images(list(files), checked, count, size, decode)
+    elif tensor.name == PIXELS:
+        dtype, checked, _ = core.check_pixel_tensor(tensor.datatype, shape, size, settings)
+        if data is not None:
+            array = core.pixels_from_bytes(data, dtype, checked, tensor.datatype)
+        else:
+            array = _typed_pixels(tensor.contents, dtype, checked, decode)
+        images = core.split_pixels(array, checked)
+    else:
+        raise core.unknown_input(tensor.name)
+    return Inference(images, outputs, request.id or None)
+
+
+def _typed_pixels(
+    contents: pb.InferTensorContents, dtype: np.dtype, shape: list[int], decode: Decoder
+) -> np.ndarray:
+    """Pixels sent as typed values: UINT8 in `uint_contents` (each a uint32),
+    FP32 in `fp32_contents`. The copies are held within the decode budget."""
+    values = contents.uint_contents if dtype == np.uint8 else contents.fp32_contents
+    elements = math.prod(shape)
+    if len(values) != elements:
+        field = "uint_contents" if dtype == np.uint8 else "fp32_contents"
+        raise bad(f"input {PIXELS!r}: shape {shape} holds {elements} values, {field} {len(values)}")
+    wide = np.uint32 if dtype == np.uint8 else np.float32
+    with decode.budget.reserve(elements * (4 + dtype.itemsize), "the request's tensor"):
+        array = np.fromiter(values, dtype=wide, count=elements)
+        if dtype == np.uint8:
+            if elements and array.max() > 255:
+                raise bad(f"input {PIXELS!r}: UINT8 values must be whole numbers 0..255")
+            return array.astype(np.uint8)
+        return array
+
+
+# -- the response -------------------------------------------------------------
+
+
+def answer(inference: Inference, result: Result) -> pb.ModelInferResponse:
+    """The ModelInferResponse: every output in raw_output_contents, as Triton
+    answers (tritonclient reads either form)."""
+    response = pb.ModelInferResponse(model_name=result.model, model_version=result.version)
+    if inference.request_id is not None:
+        response.id = inference.request_id
+    for output in inference.outputs:
+        if output.classification:
+            strings, shape = result.classification(output.classification)
+            response.outputs.add(name=OUTPUT, datatype="BYTES", shape=shape)
+            response.raw_output_contents.append(core.serialize_bytes(strings))
+        else:
+            probabilities = result.probabilities
+            response.outputs.add(name=OUTPUT, datatype="FP32", shape=list(probabilities.shape))
+            raw = np.ascontiguousarray(probabilities, dtype="<f4").tobytes()
+            response.raw_output_contents.append(raw)
+    return response

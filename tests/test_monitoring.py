@@ -1,0 +1,331 @@
+"""deploy/'s monitoring against a real Prometheus (Debian's `prometheus`
+package: the server and `promtool`, installed with apt-get when missing, as
+root).
+
+- The alert rules (deploy/prometheus/keras-server-rules.yaml) pass `promtool
+  check rules`, and their unit tests (keras-server-rules.test.yaml) pass
+  `promtool test rules`; every alert has a runbook and a test that fires it.
+- The Grafana dashboard (deploy/grafana/keras-server.json) and the rules read
+  only metrics the server exports.
+- A Prometheus started here scrapes a running server (`--role all`, the
+  simulated model, the gRPC front) every second while traffic goes through
+  it (HTTP, and gRPC with tritonclient); every query
+  of the dashboard, asked through Prometheus's HTTP API, returns data, and
+  every alert rule evaluates without error.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import tritonclient.grpc as grpcclient
+import yaml
+from conftest import CHELSEA, ROOT, apt_install, start_serving, stop
+from tritonclient.utils import InferenceServerException
+
+from keras_server.broker.redis_server import free_port
+from keras_server.processes import Child, ChildFailed
+from keras_server.settings import Settings
+from keras_server.web.app import create_app
+
+RULES = ROOT / "deploy" / "prometheus" / "keras-server-rules.yaml"
+RULE_TESTS = ROOT / "deploy" / "prometheus" / "keras-server-rules.test.yaml"
+DASHBOARD = ROOT / "deploy" / "grafana" / "keras-server.json"
+# What Grafana puts in for $__rate_interval at a 1 s scrape interval is 4 s
+# (four scrapes); a little more keeps a late scrape from emptying a rate.
+RATE_INTERVAL = "10s"
+METRIC = re.compile(r"\bkeras_server_\w+")
+# The suffixes Prometheus's exposition adds to a histogram's family name.
+HISTOGRAM_SERIES = ("_bucket", "_sum", "_count")
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    """(panel title, PromQL) for every query of every panel."""
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    found = []
+    for panel in panels:
+        for inner in [panel, *panel.get("panels", [])]:
+            found += [(inner["title"], t["expr"]) for t in inner.get("targets", [])]
+    return found
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    return [rule for group in groups for rule in group["rules"] if "alert" in rule]
+
+
+@pytest.fixture(scope="module")
+def promtool() -> str:
+    return apt_install("prometheus", "/usr/bin/promtool", "--no-install-recommends")
+
+
+def test_the_rules_pass_promtool_check_and_their_unit_tests(promtool: str) -> None:
+    checked = subprocess.run(
+        [promtool, "check", "rules", str(RULES)], capture_output=True, text=True, check=False
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert f"SUCCESS: {len(alert_rules())} rules found" in checked.stdout
+    # Run where the test file is: its rule_files path is relative.
+    tested = subprocess.run(
+        [promtool, "test", "rules", RULE_TESTS.name],
+        cwd=RULE_TESTS.parent,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    assert "SUCCESS" in tested.stdout
+
+
+def test_every_alert_has_a_runbook_and_a_unit_test_that_fires_it() -> None:
+    rules = alert_rules()
+    names = {rule["alert"] for rule in rules}
+    assert names == {
+        "KerasServerQueueGrowing",
+        "KerasServerNoLiveWorker",
+        "KerasServerHighErrorRate",
+        "KerasServerShardDown",
+        "KerasServerDecodeBudgetRefusing",
+    }
+    for rule in rules:
+        assert rule["labels"]["severity"] in ("warning", "critical"), rule["alert"]
+        assert rule["annotations"]["summary"], rule["alert"]
+        # A runbook: what is wrong, what to check, what to do.
+        description = rule["annotations"]["description"]
+        assert "Check" in description or "says why" in description, rule["alert"]
+        assert "Act" in description, rule["alert"]
+    cases = yaml.safe_load(RULE_TESTS.read_text())["tests"]
+    fired = {
+        case["alertname"]
+        for test in cases
+        for case in test["alert_rule_test"]
+        if case["exp_alerts"]
+    }
+    quiet = {
+        case["alertname"]
+        for test in cases
+        for case in test["alert_rule_test"]
+        if not case["exp_alerts"]
+    }
+    assert fired == names
+    assert quiet == names
+
+
+def test_the_dashboard_and_rules_read_only_metrics_we_export(settings: Settings) -> None:
+    text = create_app(settings).test_client().get("/metrics").get_data(as_text=True)
+    # Every family this process declares; the model process's histograms and
+    # gauges are declared by the same module, so they are here too.
+    families = set(re.findall(r"^# TYPE (keras_server_\w+) ", text, re.MULTILINE))
+    assert "keras_server_batch_size" in families
+    exported = families | {f + suffix for f in families for suffix in HISTOGRAM_SERIES}
+    queries = [expr for _, expr in dashboard_queries()]
+    queries += [rule["expr"] for rule in alert_rules()]
+    used = {name for expr in queries for name in METRIC.findall(expr)}
+    assert used - exported == set()
+    # The dashboard covers what the issue asked for.
+    for name in (
+        "keras_server_http_requests_total",
+        "keras_server_http_request_seconds_bucket",
+        "keras_server_queue_depth",
+        "keras_server_batch_size_bucket",
+        "keras_server_inference_seconds_bucket",
+        "keras_server_decode_cpu_seconds_total",
+        "keras_server_workers_live",
+        "keras_server_failed_batches_total",
+        "keras_server_decode_refused_total",
+        "keras_server_grpc_requests_total",
+        "keras_server_grpc_request_seconds_bucket",
+    ):
+        assert name in used, name
+
+
+def test_the_dashboard_is_a_grafana_dashboard() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert dashboard["uid"] == "keras-server"
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["query"] == "prometheus"
+    panels = dashboard["panels"]
+    assert len({p["id"] for p in panels}) == len(panels)
+    for panel in panels:
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24, panel["title"]
+        if panel["type"] == "row":
+            continue
+        # Every query asks the dashboard's chosen Prometheus.
+        assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] == "${datasource}", panel["title"]
+    # No two panels on the same spot.
+    spots = [(p["gridPos"]["x"], p["gridPos"]["y"]) for p in panels]
+    assert len(set(spots)) == len(spots)
+
+
+class Prometheus:
+    """A Prometheus server scraping `targets` every second, with our rules."""
+
+    def __init__(self, directory: Path, targets: list[str]) -> None:
+        config = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": [str(RULES)],
+            "scrape_configs": [
+                {"job_name": "keras-server", "static_configs": [{"targets": targets}]}
+            ],
+        }
+        config_path = directory / "prometheus.yml"
+        config_path.write_text(yaml.safe_dump(config))
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.child = Child(
+            "prometheus",
+            [
+                apt_install("prometheus", "/usr/bin/prometheus", "--no-install-recommends"),
+                f"--config.file={config_path}",
+                f"--storage.tsdb.path={directory / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            log_path=directory / "prometheus.log",
+        )
+
+    def __enter__(self) -> Prometheus:
+        self.child.start()
+        try:
+            self.child.wait_until(self.ready, timeout=60, what="ready")
+        except ChildFailed as exc:
+            self.child.stop()
+            pytest.fail(str(exc))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.child.stop()
+
+    def ready(self) -> bool:
+        try:
+            return requests.get(self.url + "/-/ready", timeout=2).status_code == 200
+        except requests.ConnectionError:
+            return False
+
+    def api(self, path: str, **params: str) -> Any:
+        answer = requests.get(f"{self.url}/api/v1/{path}", params=params, timeout=10)
+        body = answer.json()
+        assert body["status"] == "success", body
+        return body["data"]
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        """The instant vector `expr` evaluates to now, without NaN samples (a
+        quantile of a histogram with no new observations)."""
+        data = self.api("query", query=expr.replace("$__rate_interval", RATE_INTERVAL))
+        assert data["resultType"] == "vector", data
+        return [s for s in data["result"] if not math.isnan(float(s["value"][1]))]
+
+
+def grpc_calls(port: int) -> list[str]:
+    """A gRPC call that succeeds and one that does not: their status codes."""
+    codes = []
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+    try:
+        for call in (client.is_server_live, lambda: client.get_model_metadata("no-such-model")):
+            try:
+                call()
+                codes.append("OK")
+            except InferenceServerException as exc:
+                codes.append(str(exc.status()).removeprefix("StatusCode."))
+    finally:
+        client.close()
+    return codes
+
+
+@pytest.fixture
+def traffic_server(settings: Settings) -> Iterator[str]:
+    """`--role all` with the simulated model and the gRPC front, with answers
+    of every kind going through it until the test ends: 200s, 400s (not an
+    image) and 404s (an unknown model); over gRPC, OK and NOT_FOUND."""
+    grpc_port = free_port()
+    process, base = start_serving(
+        settings, "--role", "all", "--model", "sim", "--sim-batch-ms", "5",
+        "--sim-image-ms", "0", "--web-workers", "1", "--grpc-port", str(grpc_port),
+    )  # fmt: skip
+    done = threading.Event()
+    statuses: list[int | str] = []
+
+    def send() -> None:
+        with requests.Session() as session:
+            while not done.is_set():
+                for path, body in (
+                    ("/predict", CHELSEA),
+                    ("/predict", b"not an image"),
+                    ("/models/no-such-model/predict", CHELSEA),
+                ):
+                    answer = session.post(base + path, files={"image": body}, timeout=30)
+                    statuses.append(answer.status_code)
+                # UNAVAILABLE until the gRPC front listens, beside the HTTP one.
+                statuses.extend(grpc_calls(grpc_port))
+                done.wait(0.2)
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    try:
+        yield base
+    finally:
+        done.set()
+        sender.join(timeout=40)
+        log = stop(process, timeout=60)
+    assert process.returncode == 0, log
+    assert {200, 400, 404, "OK", "NOT_FOUND"} <= set(statuses), statuses[:20]
+
+
+@pytest.mark.slow
+def test_prometheus_scrapes_a_server_and_every_dashboard_query_returns_data(
+    traffic_server: str, tmp_path: Path
+) -> None:
+    target = traffic_server.removeprefix("http://")
+    with Prometheus(tmp_path, [target]) as prometheus:
+        # Rates need two scrapes inside their window, and the model process's
+        # metrics appear with its first batch.
+        queries = dashboard_queries()
+        deadline = time.monotonic() + 45
+        while True:
+            empty = [f"{title}: {expr}" for title, expr in queries if not prometheus.query(expr)]
+            if not empty or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert not empty, "no data for:\n" + "\n".join(empty)
+
+        # The data is what the traffic made: /predict answered 200 at a
+        # positive rate, and the worker's batches were seen.
+        rate = prometheus.query(
+            'sum by (endpoint, status) (rate(keras_server_http_requests_total{endpoint="/predict",'
+            ' status="200"}[$__rate_interval]))'
+        )
+        assert float(rate[0]["value"][1]) > 0
+        (batches,) = prometheus.query("sum(keras_server_batch_size_count)")
+        assert float(batches["value"][1]) > 0
+        (target_state,) = prometheus.api("targets")["activeTargets"]
+        assert target_state["health"] == "up", target_state
+
+        # Every alert rule evaluated against the real series, without an error,
+        # and none fires on a healthy server.
+        deadline = time.monotonic() + 20
+        while True:
+            (group,) = prometheus.api("rules")["groups"]
+            rules = group["rules"]
+            # Go's zero time until a rule's first evaluation.
+            evaluated = all(not r["lastEvaluation"].startswith("0001") for r in rules)
+            if evaluated or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert evaluated, rules
+        assert {r["name"] for r in rules} == {r["alert"] for r in alert_rules()}
+        for rule in rules:
+            assert rule["health"] == "ok", rule
+            assert rule["state"] == "inactive", rule
