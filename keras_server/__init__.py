@@ -19,6 +19,8 @@ Its kinds of process, a sub-package each, and what they share at the top:
     images      image file -> RGB uint8 array at the model's input size, memory-bounded
     processes   child processes: start with a log, wait until ready, stop, log tail
     client      client side: shrink a large photo before upload
+    classify    `keras-server classify`: the batch client (HTTP only)
+    callbacks   a job's completion callback: signed, retried, allowed hosts only
 
 Each sub-package's docstring lists its modules.
 """

@@ -9,6 +9,9 @@
           gRPC front (rpc/server.py) as child processes of this one
 - worker: the model loop alone
 
+`keras-server classify PATH... --url URL` is the batch client instead
+(classify.py): it talks HTTP to a running server and loads none of the above.
+
 SIGTERM is graceful everywhere: the front lets in-flight requests finish, and a
 worker finishes and answers the batch it holds before it deregisters.
 """
@@ -32,6 +35,7 @@ from keras_server.broker import messages
 from keras_server.broker.redis_server import RedisUnavailable, ensure_redis
 from keras_server.broker.request_queue import RequestQueue
 from keras_server.broker.shards import label
+from keras_server.callbacks import CallbackSender
 from keras_server.catalog import SIM, CatalogError, Models, ModelSpec
 from keras_server.engines.predictor import ModelLoadError, Predictor, timed_warm_up
 from keras_server.logs import configure_logging
@@ -50,6 +54,9 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
     program in errors, as argparse does (default: the script run)."""
     # One name for argparse's errors and ours, whichever way we were started.
     prog = prog or os.path.basename(sys.argv[0])
+    command = list(sys.argv[1:] if argv is None else argv)
+    if command[:1] == ["classify"]:  # the batch client, not a server role
+        return classify(command[1:], f"{prog} classify")
     try:
         settings = load_settings(argv, prog=prog)
         models = settings.model_specs()  # read once; a bad models file or spec stops us here
@@ -75,6 +82,17 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
     except KeyboardInterrupt:
         log.info("stopped")
     return 0
+
+
+def classify(argv: Sequence[str], prog: str) -> int:
+    """The batch client, whose requests and rich come with the `client` extra."""
+    try:
+        from keras_server import classify as batch_client
+    except ImportError as exc:
+        print(f"{prog}: error: {exc.name} is missing: pip install 'keras-server[client]'",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    return batch_client.main(argv, prog)
 
 
 def loader(settings: Settings, spec: ModelSpec) -> Callable[[], Predictor]:
@@ -113,6 +131,7 @@ def make_workers(
     version = spec.version if spec else ""
     keys = messages.Keys.for_model(settings.queue_name, name, specs.default)
     turn = FairLock(settings.parallel_batches) if len(settings.redis_urls) > 1 else None
+    callbacks = CallbackSender(settings.callback_hosts, settings.callback_secret)
     workers = []
     for url in settings.redis_urls:
         # The process's one Shard for `url`: the web tier of --role all and
@@ -134,6 +153,8 @@ def make_workers(
                 name=name,
                 version=version,
                 turn=turn,
+                job_ttl=settings.job_ttl,
+                callbacks=callbacks,
             )
             log.info("worker %s: model %r, queue %r at %s", worker.id, name, keys.queue, label(url))
             workers.append(worker)

@@ -6,6 +6,8 @@ Other modules touch `os.environ` only for other programs' switches:
 prometheus-client's multiprocess directory (metrics, web.front), TensorFlow's
 log level (cli), OpenTelemetry's OTEL_* variables (tracing, and the SDK
 itself), and the environment handed to the child processes (cli).
+The batch client (classify) is no server: its `--api-key` defaults to
+`$KERAS_SERVER_API_KEY`, read by its own parser.
 """
 
 from __future__ import annotations
@@ -98,6 +100,13 @@ class Settings:
     response_cache_ttl: float = 0.0
     response_cache_url: str = ""
     otlp_endpoint: str = ""
+    max_job_images: int = 1000
+    max_job_upload_mb: float = 256.0
+    max_archive_mb: float = 1024.0
+    max_job_backlog: int = 4000
+    job_ttl: float = 86400.0
+    callback_hosts: str = ""
+    callback_secret: str = ""
 
     def model_specs(self) -> Models:
         """The models this deployment serves, and the default one's name: read
@@ -150,6 +159,14 @@ class Settings:
     def lower_batch_limit(self) -> int:
         """Most requests from below level 1 in one batch."""
         return min(self.low_priority_batch_size or self.batch_size, self.batch_size)
+
+    @property
+    def max_job_upload_bytes(self) -> int:
+        return int(self.max_job_upload_mb * 1024 * 1024)
+
+    @property
+    def max_archive_bytes(self) -> int:
+        return int(self.max_archive_mb * 1024 * 1024)
 
     @property
     def decode_memory_bytes(self) -> int:
@@ -631,6 +648,53 @@ KNOBS: tuple[Knob, ...] = (
         "empty: traces only when the standard OTEL_* variables ask for them (needs the "
         "otel extra; docs/operations.md#tracing)",
         "URL",
+    ),
+    Knob(
+        "max_job_images",
+        _positive_int,
+        "most images in one job (POST /jobs: image fields and an archive's files); beyond it a 413",
+        "N",
+    ),
+    Knob(
+        "max_job_upload_mb",
+        _positive_float,
+        "largest POST /jobs body (--max-upload-mb is every other route's)",
+        "MB",
+    ),
+    Knob(
+        "max_archive_mb",
+        _positive_float,
+        "most bytes a job's archive may hold once unpacked, read from its headers "
+        "before anything is inflated; beyond it a 413",
+        "MB",
+    ),
+    Knob(
+        "max_job_backlog",
+        _positive_int,
+        "most job images waiting in a shard's Redis, not yet on the queue (each is "
+        "its decoded pixels, 150 KB at 224x224); a job that would pass it gets a 503 "
+        "with Retry-After",
+        "N",
+    ),
+    Knob(
+        "job_ttl",
+        _positive_float,
+        "seconds a job's record and results are kept (from its end; an unfinished "
+        "job's from its start)",
+        "SECONDS",
+    ),
+    Knob(
+        "callback_hosts",
+        _text,
+        "comma-separated hosts a job's callback_url may name; empty: no callbacks",
+        "HOSTS",
+    ),
+    Knob(
+        "callback_secret",
+        _text,
+        "the HMAC-SHA256 key that signs job callbacks (X-Signature-256); callbacks "
+        "need it (prefer the environment variable to the flag: ps shows flags)",
+        "SECRET",
     ),
 )
 

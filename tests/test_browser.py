@@ -383,6 +383,32 @@ def test_one_model_offers_no_menu(watched: Watched, web: Server) -> None:
     expect(page.locator("#model-choice")).to_be_hidden()
 
 
+def test_several_files_become_a_job_with_its_progress(
+    watched: Watched, web: Server, worker: WorkerThread, tmp_path: Path
+) -> None:
+    """Three files chosen at once: one POST jobs, then the job's progress and
+    each image's top class (or its error) in the order chosen."""
+    page = watched.page
+    page.goto(web.url)
+    page.wait_for_load_state("networkidle")
+    broken = tmp_path / "broken.png"
+    broken.write_bytes((IMAGES / "chelsea.png").read_bytes()[:300])
+    files = [IMAGES / "chelsea.png", broken, IMAGES / "rocket.jpg"]
+    page.set_input_files("#image", [str(f) for f in files])
+    expect(page.locator("#status")).to_have_text("Done: 2 of 3 classified, 1 failed.")
+    rows = page.locator(".job-item")
+    expect(rows).to_have_count(3)
+    assert rows.locator(".job-name").all_text_contents() == [f.name for f in files]
+    expect(rows.nth(1)).to_have_class(re.compile(r"\bfailed\b"))
+    answers = rows.locator(".job-answer").all_text_contents()
+    assert answers[0].endswith("%")
+    assert answers[2].endswith("%")
+    assert any(url.endswith("/jobs") for url in watched.urls)
+    assert not any(url.endswith("/predict") for url in watched.urls)
+    screenshot(page, "job.png")
+    assert watched.unexpected_errors() == []
+
+
 KEY = "browser-test-key-0123456789abcdef"
 
 

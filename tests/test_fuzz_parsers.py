@@ -5,7 +5,8 @@ where there is an encoder.
 The parsers: the multipart reader (web/uploads.py), the v2 JSON and binary
 request (web/v2.py parse_request), the queue message decoder
 (broker/messages.py), the models file (catalog.py), the API keys file
-(web/auth.py) and every settings value (settings.py). The server-level fuzz,
+(web/auth.py), a job's archive (web/archives.py) and every settings value
+(settings.py). The server-level fuzz,
 against a real process, is test_fuzz_server.py.
 
 Runs are deterministic (derandomize, no example database in the
@@ -25,13 +26,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from keras_server.broker import messages
 from keras_server.catalog import CatalogError, load_models_file
 from keras_server.settings import KNOBS, Settings, SettingsError, load_settings
-from keras_server.web import uploads, v2
+from keras_server.web import archives, uploads, v2
 from keras_server.web.auth import KeysFileError, load_keys
 from keras_server.web.dispatch import Decoder
 from keras_server.web.errors import HttpError
@@ -480,3 +481,58 @@ def test_every_setting_raises_only_settings_error(knob: Any, value: str, as_flag
     except SystemExit:
         pytest.fail(f"argparse refused {argv}")
     assert knob.flag in message or knob.env in message, "the error names where the value came from"
+
+
+# -- a job's archive (web/archives.py) ------------------------------------------
+
+UNSAFE_NAMES = ["../a.png", "/abs.png", "a/../../b.png", "C:\\x.png", "\\\\host\\x"]
+entry_names = st.one_of(
+    st.text(min_size=1, max_size=12),
+    st.sampled_from(["a.png", "x.zip", ".hidden", "__MACOSX/._a", "d/", *UNSAFE_NAMES]),
+)
+
+
+def _zip_of(entries: list[tuple[str, bytes]]) -> bytes:
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in entries:
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+@settings(FUZZ, max_examples=150)
+@given(st.binary(max_size=2048))
+def test_archive_bytes_raise_only_archive_refused(data: bytes) -> None:
+    status = 0
+    try:
+        list(archives.files(data, 10, 1 << 20))
+    except archives.ArchiveRefused as exc:
+        status = exc.status
+    assert status in (0, 400, 413)
+
+
+@settings(FUZZ, max_examples=150)
+@pytest.mark.filterwarnings("ignore:Duplicate name")
+@given(st.lists(st.tuples(entry_names, st.binary(max_size=64)), max_size=6), st.data())
+def test_archives_never_yield_an_unsafe_path(
+    entries: list[tuple[str, bytes]], data: st.DataObject
+) -> None:
+    """Whatever an archive holds (here a zip, mangled or not), what comes
+    out is a relative path with no `..`, or a refusal."""
+    try:
+        raw = bytearray(_zip_of(entries))
+    except (ValueError, IndexError, OSError):
+        assume(False)  # names zipfile itself cannot write
+
+    if raw and data.draw(st.booleans()):
+        raw[data.draw(st.integers(0, len(raw) - 1))] ^= data.draw(st.integers(1, 255))
+    try:
+        found = list(archives.files(bytes(raw), 4, 4096))
+    except archives.ArchiveRefused:
+        return
+    for name, _ in found:
+        assert not name.startswith(("/", "\\"))
+        assert ".." not in name.replace("\\", "/").split("/")

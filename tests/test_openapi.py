@@ -410,3 +410,26 @@ def test_the_v2_checks_have_teeth(openapi: OpenAPI, settings: Settings) -> None:
     refused.response.set_data(json.dumps({"success": False, "error": "x"}))
     with pytest.raises(ResponseValidationError):
         openapi.validate_response(refused.request, WerkzeugOpenAPIResponse(refused.response))
+
+
+def test_jobs(openapi: OpenAPI, client: FlaskClient, settings: Settings) -> None:
+    """POST /jobs (202, and its refusals), GET /jobs/<id> while queued and
+    once done, paged, DELETE; 404 for a job that does not exist."""
+    accepted = conforms(openapi, upload(client, CHELSEA, path="/jobs"), 202)
+    location = accepted["status_url"]
+    conforms(openapi, call(client, "GET", location), 200)
+    conforms(openapi, call(client, "GET", location + "?offset=x"), 400, request_valid=False)
+    conforms(openapi, upload(client, b"not an archive", "archive", "/jobs"), 400)
+    conforms(openapi, call(client, "GET", "/jobs/" + "0" * 32), 404)
+    with WorkerThread(make_worker(settings, SimulatedModel(0, 0))):
+        wait_until(lambda: client.get(location).get_json()["state"] == "done", 30, "the job")
+    done = conforms(openapi, call(client, "GET", location + "?limit=1"), 200)
+    assert done["results"][0]["success"] is True
+    cancelled = conforms(openapi, call(client, "DELETE", location), 200)
+    assert cancelled == {"id": accepted["id"], "state": "done", "cancelled": False}
+    many = dataclasses.replace(settings, max_job_images=1)
+    part = FileStorage(io.BytesIO(CHELSEA), "a.png", content_type="image/png")
+    boundary, body = encode_multipart(MultiDict([("image", part), ("image", part)]))
+    too_many = call(create_app(many).test_client(), "POST", "/jobs", body,
+                    f"multipart/form-data; boundary={boundary}")  # fmt: skip
+    conforms(openapi, too_many, 413)

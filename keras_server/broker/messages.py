@@ -68,7 +68,7 @@ class BadMessage(ValueError):
 # "<queue-name>:<model>", so a model named after one of them would share keys
 # with the default model (a model "workers" would queue into its workers set):
 # settings refuses these names for every model but the default.
-KEY_PARTS = ("result", "processing", "worker", "workers", "cache", "level", "wakeup")
+KEY_PARTS = ("result", "processing", "worker", "workers", "cache", "level", "wakeup", "job", "jobs")
 
 
 @dataclass(frozen=True)
@@ -137,6 +137,56 @@ class Keys:
         even though the queue name may say it: the default model's keys
         carry no model name, and the default can change."""
         return f"{self.queue_name}:cache:{model}:{version}:{form}:{digest}"
+
+    # -- asynchronous jobs (broker/jobs.py) --------------------------------
+
+    @property
+    def jobs(self) -> str:
+        """Set of the ids of jobs with items not yet moved onto the queue."""
+        return f"{self.queue_name}:jobs"
+
+    def job(self, job_id: str) -> str:
+        """Hash: the job's record (state, owner, counts, times, callback)."""
+        return f"{self.queue_name}:job:{job_id}"
+
+    def job_items(self, job_id: str) -> str:
+        """List: the job's encoded requests not yet on the queue, in order."""
+        return f"{self.job(job_id)}:items"
+
+    def job_names(self, job_id: str) -> str:
+        """List: every item's file name, in submission order."""
+        return f"{self.job(job_id)}:names"
+
+    def job_results(self, job_id: str) -> str:
+        """Hash: item index -> its result (the /predict body)."""
+        return f"{self.job(job_id)}:results"
+
+    def job_keys(self, job_id: str) -> list[str]:
+        return [
+            self.job(job_id),
+            self.job_items(job_id),
+            self.job_names(job_id),
+            self.job_results(job_id),
+        ]
+
+
+# A job's item is a request whose id names the job and the item's place in it:
+# the worker answers it into the job's record instead of a result key.
+JOB_ITEM_PREFIX = "job."
+
+
+def job_item_id(job_id: str, index: int) -> str:
+    return f"{JOB_ITEM_PREFIX}{job_id}.{index}"
+
+
+def job_item(request_id: str) -> tuple[str, int] | None:
+    """(job id, index) of a job item's request id; None for any other request."""
+    if not request_id.startswith(JOB_ITEM_PREFIX):
+        return None
+    job_id, _, index = request_id[len(JOB_ITEM_PREFIX) :].rpartition(".")
+    if not job_id or not index.isdigit():
+        return None
+    return job_id, int(index)
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,8 @@ from redis.retry import Retry
 from redis.sentinel import Sentinel
 
 from keras_server.broker.failures import Kind, classify, reason
-from keras_server.broker.messages import BadMessage, Keys, WorkerInfo
+from keras_server.broker.jobs import JobStore, completed
+from keras_server.broker.messages import BadMessage, Keys, WorkerInfo, job_item
 
 log = logging.getLogger(__name__)
 
@@ -311,6 +312,7 @@ class RequestQueue:
         self.levels = levels
         self._claim = self.client.register_script(_CLAIM)
         self._requeue = self.client.register_script(_REQUEUE)
+        self.jobs = JobStore(self.client, keys)
 
     @classmethod
     def open(cls, url: str, keys: Keys, *, timeout: float, levels: int = 1) -> RequestQueue:
@@ -482,21 +484,33 @@ class RequestQueue:
         results: Mapping[str, bytes],
         ttl: float,
         pipe: Pipeline | None = None,
-    ) -> None:
+        *,
+        job_ttl: float = 86400.0,
+    ) -> list[str]:
         """Answer each request and release the worker's claims, atomically.
 
-        Answers nobody collects expire after `ttl` seconds.
-        """
+        Answers nobody collects expire after `ttl` seconds. A job's item is
+        answered into its job's record instead (jobs.JobStore.record), kept
+        `job_ttl` once the job is done. Returns the jobs this completed
+        (none when the caller's `pipe` runs the transaction)."""
         own = pipe is None
         p = self.client.pipeline(transaction=True) if own else pipe
+        recorded: list[tuple[int, str]] = []  # (reply position, job id)
         for request_id, payload in results.items():
+            item = job_item(request_id)
+            if item is not None:
+                recorded.append((len(p.command_stack), item[0]))
+                self.jobs.record(p, item[0], item[1], payload, job_ttl)
+                continue
             key = self.keys.result(request_id)
             p.rpush(key, payload)
             p.pexpire(key, max(int(ttl * 1000), 1))
         p.delete(self.keys.processing(worker_id))
-        if own:
-            with self.shard.watch():
-                p.execute()
+        if not own:
+            return []
+        with self.shard.watch():
+            replies = p.execute()
+        return [job_id for position, job_id in recorded if completed(replies[position])]
 
     def requeue(self, worker_id: str) -> int:
         """Put the worker's unanswered claims back at the head of their levels' queues."""

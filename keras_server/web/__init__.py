@@ -11,6 +11,8 @@
     uploads      the files of a multipart upload (python-multipart)
     auth         API keys (--api-keys): checked before every route
     page         the upload page at / and the OpenAPI description
+    jobs         asynchronous jobs: POST /jobs, GET and DELETE /jobs/<id>
+    archives     a job's zip or tar: its files, with the unsafe ones refused
     front        the HTTP server (granian) for --role web and all, from our settings
 
 Never imports an engine or the worker (import-linter checks it in `make test`).

@@ -9,6 +9,11 @@ the whole process (by the queue) and the loop waits for the probe to hear
 from it again; a refusal is retried with backoff. Claims are crash-safe (see
 broker/request_queue.py): a worker killed mid-batch loses nothing, because
 live workers requeue its claims once its heartbeat expires.
+
+Asynchronous jobs (broker/jobs.py) are driven from here: before each claim
+the loop moves a few of their items onto the queue (at most `job_feed` waiting),
+drops items of cancelled jobs before they reach the model, answers items into
+their job's record, and sends the completion callback of a job it finishes.
 """
 
 from __future__ import annotations
@@ -30,7 +35,9 @@ import redis
 from keras_server import metrics, tracing
 from keras_server.broker import messages
 from keras_server.broker.failures import Kind, classify, reason
+from keras_server.broker.jobs import Job
 from keras_server.broker.request_queue import PROBE_INTERVAL_S, RequestQueue
+from keras_server.callbacks import CallbackSender, status_of
 from keras_server.engines.predictor import Predictor, top_indices, top_k
 
 log = logging.getLogger(__name__)
@@ -86,14 +93,21 @@ class Worker:
         name: str = "",
         version: str = "",
         turn: contextlib.AbstractContextManager[object] | None = None,
+        job_ttl: float = 86400.0,
+        job_feed: int | None = None,
+        callbacks: CallbackSender | None = None,
     ) -> None:
         """`turn`, shared by workers that share one model (`--parallel-batches`
         per shard), is held from filling a batch to answering it, so only the
-        workers about to run the model hold more than one claimed request. `max_lower`: most
-        requests from below priority level 1 in one batch while level-1
-        traffic comes (LEVEL1_RECENT_S; default: no limit but `batch_size`).
-        `hold`: after a batch that held a level-1 request, seconds to wait for
-        the next one before taking lower levels' work."""
+        workers about to run the model hold more than one claimed request.
+        `max_lower`: most requests from below priority level 1 in one batch
+        while level-1 traffic comes (LEVEL1_RECENT_S; default: no limit but
+        `batch_size`). `hold`: after a batch that held a level-1 request,
+        seconds to wait for the next one before taking lower levels' work.
+        Jobs: their items are fed onto the lowest level's queue while it holds
+        fewer than `job_feed` (default: two batches), their results kept
+        `job_ttl` s once done, and `callbacks` sends a finished job's callback
+        (None: never)."""
         self.queue = queue
         self.predictor = predictor
         self.batch_size = batch_size
@@ -108,6 +122,9 @@ class Worker:
         self.name = name
         self.version = version
         self.turn = turn or contextlib.nullcontext()
+        self.job_ttl = job_ttl
+        self.job_feed = job_feed if job_feed is not None else 2 * batch_size
+        self.callbacks = callbacks
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
     def info(self) -> messages.WorkerInfo:
@@ -197,6 +214,8 @@ class Worker:
     def run_once(self, wait: float) -> int:
         """Claim and answer one batch, highest priority first; returns how
         many requests it took."""
+        # Job items wait at the lowest level, so interactive requests go first.
+        self.queue.jobs.feed(self.job_feed, self.queue.keys.queue_at(self.queue.levels))
         held = self._held_until - time.monotonic()
         if held > 0:
             # A client that just had its level-1 answer may send the next one
@@ -245,7 +264,11 @@ class Worker:
                     if request_id:
                         results.setdefault(request_id, error)
             with tracing.span("answer"):
-                self.queue.finish(self.id, results, self.result_ttl)
+                finished = self.queue.finish(
+                    self.id, results, self.result_ttl, job_ttl=self.job_ttl
+                )
+            for job_id in finished:
+                self._job_done(job_id)
             return len(raws)
 
     def _traces(self, raws: list[bytes]) -> list[str]:
@@ -264,6 +287,18 @@ class Worker:
             tracing.BATCH_SIZE: batch_size,
             tracing.SHARD: self.queue.shard.name,
         }
+
+    def _job_done(self, job_id: str) -> None:
+        log.info("job %s done", job_id)
+        if self.callbacks is None:
+            return
+        try:
+            job: Job | None = self.queue.jobs.get(job_id)
+        except redis.RedisError as exc:
+            log.warning("job %s: no callback, its record is unreadable (%s)", job_id, exc)
+            return
+        if job is not None and job.callback_url:
+            self.callbacks.send(job.callback_url, status_of(job, f"/jobs/{job_id}"))
 
     def _decode_and_infer(self, raws: list[bytes], results: dict[str, bytes]) -> None:
         """Fill `results` with the answers to `raws`: a bad entry is answered
@@ -289,8 +324,27 @@ class Worker:
                 )
                 continue
             batch.append(request)
+        batch = self._drop_cancelled(batch)
         if batch:
             results.update(self._infer(batch))
+
+    def _drop_cancelled(self, batch: list[messages.ImageRequest]) -> list[messages.ImageRequest]:
+        """The batch without the items of jobs cancelled (or expired) since
+        they were fed: they are claimed, so dropping them is enough."""
+        jobs = {item[0] for r in batch if (item := messages.job_item(r.id))}
+        if not jobs:
+            return batch
+        try:
+            gone = self.queue.jobs.cancelled(jobs)
+        except redis.RedisError as exc:
+            # Run them: a cancelled job's record ignores their results.
+            log.warning("could not check for cancelled jobs (%s)", exc)
+            return batch
+        if not gone:
+            return batch
+        kept = [r for r in batch if (messages.job_item(r.id) or ("",))[0] not in gone]
+        log.info("dropped %d items of cancelled jobs", len(batch) - len(kept))
+        return kept
 
     def _infer(self, batch: list[messages.ImageRequest]) -> dict[str, bytes]:
         ids = [r.id for r in batch]

@@ -102,6 +102,7 @@
   }
 
   function clearAnswer() {
+    document.getElementById("job-results").replaceChildren();
     error.replaceChildren();
     list.replaceChildren();
   }
@@ -231,8 +232,94 @@
     }
   }
 
+  // Several files: one asynchronous job (POST jobs), its progress polled
+  // from its status URL, each image's top class listed as it comes.
+  const jobList = document.getElementById("job-results");
+
+  function showJob(job) {
+    const done = job.done;
+    status.textContent =
+      job.state === "done"
+        ? `Done: ${job.succeeded} of ${job.total} classified, ${job.failed} failed.`
+        : job.state === "cancelled"
+          ? `Cancelled after ${done} of ${job.total}.`
+          : `Classifying ${job.total} images: ${done} done…`;
+    jobList.replaceChildren(
+      ...job.results.map((item) => {
+        const row = document.createElement("li");
+        row.className = "job-item";
+        const name = document.createElement("span");
+        name.className = "job-name";
+        name.textContent = item.filename;
+        const answer = document.createElement("span");
+        answer.className = "job-answer";
+        if (item.success === true) {
+          const top = item.predictions[0];
+          answer.textContent = `${top.label.replaceAll("_", " ")} ${percent(top.probability)}`;
+        } else if (item.success === false) {
+          answer.textContent = item.error;
+          row.classList.add("failed");
+        } else {
+          answer.textContent = "…";
+        }
+        row.append(name, answer);
+        return row;
+      }),
+    );
+  }
+
+  async function submitJob(files) {
+    const mine = ++ticket;
+    clearAnswer();
+    figure.hidden = true;
+    status.textContent = `Sending ${files.length} images…`;
+    form.setAttribute("aria-busy", "true");
+    const body = new FormData();
+    if (!choice.hidden && menu.value) body.append("model", menu.value);
+    for (const file of files) {
+      body.append("image", await shrink(file).catch(() => file), file.name);
+    }
+    if (mine !== ticket) return;
+    let answer = null;
+    let response = null;
+    try {
+      response = await fetch("jobs", { method: "POST", body, headers: apiKey.headers() });
+      answer = await response.json();
+    } catch (failure) {
+      answer = null;
+    }
+    if (mine !== ticket) return;
+    if (!response || response.status !== 202 || !answer) {
+      form.removeAttribute("aria-busy");
+      const detail = answer && answer.error ? answer.error : "The server could not be reached.";
+      if (response && response.status === 401) apiKey.ask(() => submitJob(files));
+      showError(`Could not send ${files.length} images.`, detail);
+      return;
+    }
+    // The status URL is relative to the server's root; ask it relative to the page.
+    const url = `jobs/${encodeURIComponent(answer.id)}?limit=1000`;
+    while (mine === ticket) {
+      let job = null;
+      try {
+        const polled = await fetch(url, { headers: apiKey.headers() });
+        job = polled.ok ? await polled.json() : null;
+      } catch {
+        job = null;
+      }
+      if (mine !== ticket) return;
+      if (job) {
+        showJob(job);
+        if (job.state === "done" || job.state === "cancelled") break;
+      }
+      await new Promise((wake) => setTimeout(wake, 500));
+    }
+    form.removeAttribute("aria-busy");
+  }
+
   function take(files) {
-    if (files && files.length > 0) classify(files[0]);
+    if (!files || files.length === 0) return;
+    if (files.length > 1) submitJob(Array.from(files));
+    else classify(files[0]);
   }
 
   // A file the browser cannot draw (corrupt, or a type it lacks) loses its

@@ -1,0 +1,617 @@
+"""`keras-server classify PATH...`: classify a folder of images against a
+running server, with a progress bar, resumable, from the command line.
+
+Client side only: HTTP (requests), Pillow to recognise and shrink images, rich
+for the progress bar; never an engine, TensorFlow, Redis or the web tier (an
+import contract in pyproject.toml keeps it so). `pip install
+keras-server[client]` installs what it needs.
+
+What it does:
+- walks the folders given (hidden files and folders skipped), and skips what
+  Pillow cannot open as an image, saying why;
+- shrinks a large photo before sending it, to no less than twice the model's
+  input each way (client.downscale_for_upload, as `simple_request.py
+  --downscale`), unless `--no-downscale`;
+- sends `--batch` images per request (repeated `image` fields on
+  `/predict`), `--concurrency` requests in flight;
+- honours a 429 or 503's Retry-After, backing off exponentially (with jitter)
+  when it is missing or shorter, up to `--retries` tries; an image whose own
+  item is a 503 or 504 (the decoder busy, the model late) is retried alone;
+- with `--job`, submits the images as asynchronous jobs (`POST /jobs`) of up
+  to `--job-size` images and polls them instead;
+- writes one line per image to `--out` (JSON lines, or CSV when the name ends
+  .csv), flushed as results come; run again with the same `--out`, it skips
+  the images that file already records as classified (failures are tried
+  again);
+- ends with a summary (counts per top label, the failures) and exits 1 when
+  any image failed, naming them; 2 when it cannot start (no images, the
+  server unreachable, a bad flag).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import csv
+import email.utils
+import json
+import logging
+import os
+import random
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import requests
+from PIL import Image
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from keras_server.client import downscale_for_upload
+
+log = logging.getLogger(__name__)
+
+# HTTP statuses of a whole request worth another try, after Retry-After.
+RETRYABLE = frozenset({429, 502, 503, 504})
+# An item of a several-image answer worth another try: the decoder's memory
+# budget was spent (503) or the model did not answer in time (504).
+RETRYABLE_ITEM = frozenset({503, 504})
+BACKOFF_FIRST_S = 0.5
+BACKOFF_MAX_S = 30.0
+JOB_POLL_S = 0.5
+
+
+class ClientError(Exception):
+    """The run cannot start or go on (the message says why); exit status 2."""
+
+
+@dataclass
+class Outcome:
+    """One image's line in the output file."""
+
+    path: str
+    success: bool
+    predictions: list[dict[str, Any]] | None = None
+    error: str | None = None
+
+    def record(self) -> dict[str, Any]:
+        line: dict[str, Any] = {"path": self.path, "success": self.success}
+        if self.success:
+            line["predictions"] = self.predictions
+        else:
+            line["error"] = self.error
+        return line
+
+    @property
+    def top_label(self) -> str | None:
+        return self.predictions[0]["label"] if self.success and self.predictions else None
+
+
+# -- finding images ------------------------------------------------------------
+
+
+def walk(paths: Sequence[str]) -> Iterator[tuple[str, str | None]]:
+    """Every file under `paths`, in a stable order, with why it is skipped
+    (None for an image to classify)."""
+    for given in paths:
+        root = Path(given)
+        if root.is_dir():
+            for folder, dirs, files in os.walk(root):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                for name in sorted(files):
+                    if not name.startswith("."):
+                        path = os.path.join(folder, name)
+                        yield path, not_an_image(path)
+        elif root.exists():
+            yield given, not_an_image(given)
+        else:
+            yield given, "no such file or folder"
+
+
+def not_an_image(path: str) -> str | None:
+    """Why `path` is not an image to send (None when it is one): Pillow reads
+    its header only, so this costs a few hundred bytes per file."""
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.size  # noqa: B018 (the header is read: a format Pillow knows)
+    except Image.DecompressionBombError:
+        return None  # an image; the server says how large is too large
+    except PermissionError:
+        return "cannot read it (permission denied)"
+    except Image.UnidentifiedImageError:
+        return "not an image Pillow can read"
+    except OSError as exc:
+        if exc.errno is not None:  # the file itself: gone, a folder, unreadable
+            return f"cannot read it ({exc.strerror})"
+        return f"not an image Pillow can read ({exc})"
+    except (ValueError, SyntaxError, EOFError):
+        return "not an image Pillow can read"
+    return None
+
+
+# -- the output file -------------------------------------------------------------
+
+
+class Output:
+    """The results file: JSON lines, or CSV (top label and probability, and
+    every prediction as JSON) when its name ends .csv. Appended to, a line per
+    image, flushed as results come, so a killed run loses at most the line
+    being written."""
+
+    CSV_FIELDS = ("path", "success", "label", "probability", "error", "predictions")
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self.csv = bool(path and path.lower().endswith(".csv"))
+        self._file: TextIO | None = None
+        self._writer: Any = None
+
+    def done(self) -> dict[str, Outcome]:
+        """What an earlier run recorded, by path (the last line for a path
+        wins); unreadable lines (a run killed mid-write) are ignored."""
+        recorded: dict[str, Outcome] = {}
+        if not self.path or not os.path.exists(self.path):
+            return recorded
+        with open(self.path, newline="", encoding="utf-8") as f:
+            rows: Iterable[dict[str, Any]] = csv.DictReader(f) if self.csv else _json_lines(f)
+            for row in rows:
+                outcome = _outcome(row, self.csv)
+                if outcome is not None:
+                    recorded[outcome.path] = outcome
+        return recorded
+
+    def __enter__(self) -> Output:
+        if not self.path:
+            return self
+        fresh = not os.path.exists(self.path) or os.path.getsize(self.path) == 0
+        if not fresh:
+            with open(self.path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                torn = f.read(1) != b"\n"
+        self._file = open(self.path, "a", newline="", encoding="utf-8")
+        if not fresh and torn:
+            self._file.write("\n")  # a line cut short by a killed run stays unreadable alone
+        if self.csv:
+            self._writer = csv.DictWriter(self._file, self.CSV_FIELDS)
+            if fresh:
+                self._writer.writeheader()
+        return self
+
+    def write(self, outcome: Outcome) -> None:
+        if self._file is None:
+            return
+        if self.csv:
+            top = outcome.predictions[0] if outcome.success and outcome.predictions else {}
+            self._writer.writerow(
+                {
+                    "path": outcome.path,
+                    "success": "true" if outcome.success else "false",
+                    "label": top.get("label", ""),
+                    "probability": top.get("probability", ""),
+                    "error": outcome.error or "",
+                    "predictions": json.dumps(outcome.predictions) if outcome.success else "",
+                }
+            )
+        else:
+            self._file.write(json.dumps(outcome.record()) + "\n")
+        self._file.flush()
+
+    def __exit__(self, *exc: object) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+def _json_lines(f: TextIO) -> Iterator[dict[str, Any]]:
+    for line in f:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            yield row
+
+
+def _outcome(row: dict[str, Any], from_csv: bool) -> Outcome | None:
+    path = row.get("path")
+    if not isinstance(path, str) or not path:
+        return None
+    success = row.get("success")
+    if from_csv:
+        success = {"true": True, "false": False}.get(str(success))
+    if not isinstance(success, bool):
+        return None
+    predictions = row.get("predictions")
+    if from_csv and success:
+        try:
+            predictions = json.loads(predictions or "null")
+        except ValueError:
+            return None
+    return Outcome(path, success, predictions, row.get("error") or None)
+
+
+# -- talking to the server ----------------------------------------------------------
+
+
+@dataclass
+class Server:
+    """The API at `base`, spoken to from several threads (a requests.Session
+    each), retrying what the server asks to be retried."""
+
+    base: str
+    api_key: str | None = None
+    timeout: float = 120.0
+    retries: int = 10
+    sleep: Callable[[float], None] = time.sleep
+    _local: threading.local = field(default_factory=threading.local)
+
+    def session(self) -> requests.Session:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            if self.api_key:
+                session.headers["Authorization"] = f"Bearer {self.api_key}"
+            self._local.session = session
+        return session
+
+    def call(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        """`method path`, retried on connection errors and RETRYABLE statuses
+        (after Retry-After, or an exponential backoff with jitter when that
+        is longer); the last answer, or ClientError when none came."""
+        url = path if path.startswith("http") else self.base + path
+        for attempt in range(self.retries + 1):
+            wait_s = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2**attempt) * random.uniform(0.5, 1)
+            try:
+                response = self.session().request(method, url, timeout=self.timeout, **kwargs)
+            except requests.RequestException as exc:
+                if attempt == self.retries:
+                    raise ClientError(f"{method} {url}: {exc}") from exc
+            else:
+                if response.status_code not in RETRYABLE or attempt == self.retries:
+                    return response
+                wait_s = max(wait_s, retry_after(response.headers.get("Retry-After")) or 0)
+            self.sleep(wait_s)
+        raise AssertionError("unreachable")
+
+    def model_input_size(self, model: str | None) -> tuple[int, int] | None:
+        response = self.call("GET", "/models")
+        if response.status_code != 200:
+            raise ClientError(f"GET /models: {response.status_code} {error_of(response)}")
+        listing = response.json()
+        wanted = model or listing.get("default")
+        for described in listing.get("models", []):
+            if described.get("name") == wanted:
+                size = described.get("input_size")
+                return (int(size[0]), int(size[1])) if size else None
+        names = ", ".join(m.get("name", "?") for m in listing.get("models", []))
+        raise ClientError(f"the server has no model named {wanted!r} (it serves: {names})")
+
+
+def retry_after(value: str | None) -> float | None:
+    """Seconds a Retry-After header asks for: delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def error_of(response: requests.Response) -> str:
+    try:
+        body = response.json()
+        return str(body.get("error") or body)
+    except ValueError:
+        return response.text[:200] or response.reason
+
+
+class Sender:
+    """Reads, shrinks and sends images; every image ends as one Outcome."""
+
+    def __init__(self, server: Server, model: str | None, size: tuple[int, int] | None) -> None:
+        self.server = server
+        self.predict_path = f"/models/{model}/predict" if model else "/predict"
+        self.model = model
+        self.size = size
+
+    def payload(self, path: str) -> bytes:
+        with open(path, "rb") as f:
+            data = f.read()
+        return downscale_for_upload(data, self.size) if self.size else data
+
+    def classify(self, paths: Sequence[str]) -> list[Outcome]:
+        """`paths` in one request (repeated `image` fields), their outcomes in order."""
+        outcomes: dict[str, Outcome] = {}
+        files = []
+        for path in paths:
+            try:
+                files.append(("image", (os.path.basename(path), self.payload(path))))
+            except OSError as exc:
+                outcomes[path] = Outcome(path, False, error=f"cannot read it: {exc}")
+        sending = [p for p in paths if p not in outcomes]
+        for attempt in range(self.server.retries + 1):
+            if not sending:
+                break
+            try:
+                answers = self._post(files)
+            except ClientError as exc:
+                outcomes.update({p: Outcome(p, False, error=str(exc)) for p in sending})
+                break
+            retry = []
+            for path, upload, answer in zip(sending, files, answers, strict=True):
+                status = answer.get("status", 200 if answer.get("success") else 500)
+                if status in RETRYABLE_ITEM and attempt < self.server.retries:
+                    retry.append((path, upload))
+                elif answer.get("success"):
+                    outcomes[path] = Outcome(path, True, answer.get("predictions"))
+                else:
+                    outcomes[path] = Outcome(path, False, error=str(answer.get("error")))
+            sending = [p for p, _ in retry]
+            files = [u for _, u in retry]
+            if retry:
+                self.server.sleep(min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2**attempt))
+        return [outcomes[p] for p in paths]
+
+    def _post(self, files: list[tuple[str, tuple[str, bytes]]]) -> list[dict[str, Any]]:
+        """One item per file; a whole-request failure is every file's."""
+        response = self.server.call("POST", self.predict_path, files=files)
+        try:
+            body = response.json()
+        except ValueError:
+            body = {"success": False, "error": response.text[:200] or response.reason}
+        if len(files) > 1 and response.status_code == 200 and "results" in body:
+            return list(body["results"])
+        if len(files) == 1 and isinstance(body, dict) and "success" in body:
+            return [{**body, "status": response.status_code}]
+        failure = {
+            "success": False,
+            "status": response.status_code,
+            "error": f"{response.status_code}: {body.get('error') or error_of(response)}",
+        }
+        return [failure] * len(files)
+
+    def classify_as_job(self, paths: Sequence[str]) -> list[Outcome]:
+        """`paths` as one asynchronous job: submitted, polled until done,
+        its results read back page by page."""
+        files = []
+        outcomes: dict[str, Outcome] = {}
+        for path in paths:
+            try:
+                files.append(("image", (os.path.basename(path), self.payload(path))))
+            except OSError as exc:
+                outcomes[path] = Outcome(path, False, error=f"cannot read it: {exc}")
+        sending = [p for p in paths if p not in outcomes]
+        if sending:
+            data = {"model": self.model} if self.model else None
+            response = self.server.call("POST", "/jobs", files=files, data=data)
+            if response.status_code != 202:
+                error = f"{response.status_code}: {error_of(response)}"
+                outcomes.update({p: Outcome(p, False, error=error) for p in sending})
+            else:
+                results = self._await_job(response.json()["status_url"])
+                for path, item in zip(sending, results, strict=True):
+                    if item.get("success"):
+                        outcomes[path] = Outcome(path, True, item.get("predictions"))
+                    else:
+                        outcomes[path] = Outcome(path, False, error=str(item.get("error")))
+        return [outcomes[p] for p in paths]
+
+    def _await_job(self, status_url: str) -> list[dict[str, Any]]:
+        while True:
+            response = self.server.call("GET", status_url, params={"limit": 0})
+            if response.status_code != 200:
+                raise ClientError(f"GET {status_url}: {response.status_code} {error_of(response)}")
+            job = response.json()
+            if job["state"] in ("done", "cancelled"):
+                break
+            self.server.sleep(JOB_POLL_S)
+        results: list[dict[str, Any]] = []
+        while len(results) < job["total"]:
+            page = self.server.call("GET", status_url, params={"offset": len(results)})
+            if page.status_code != 200:
+                raise ClientError(f"GET {status_url}: {page.status_code} {error_of(page)}")
+            items = page.json()["results"]
+            if not items:
+                break
+            results += items
+        missing = {"success": False, "error": f"the job ended {job['state']}"}
+        return results + [missing] * (job["total"] - len(results))
+
+
+# -- the run -------------------------------------------------------------------------
+
+
+class RateColumn(ProgressColumn):
+    """Images per second, over the whole run so far."""
+
+    def render(self, task: Task) -> Text:
+        elapsed = task.finished_time if task.finished else task.elapsed
+        if not elapsed or not task.completed:
+            return Text("-- img/s", style="progress.data.speed")
+        return Text(f"{task.completed / elapsed:.1f} img/s", style="progress.data.speed")
+
+
+def chunks(items: Sequence[str], size: int) -> Iterator[list[str]]:
+    for start in range(0, len(items), size):
+        yield list(items[start : start + size])
+
+
+def say(console: Console, text: str) -> None:
+    """A plain line: no markup, colours or wrapping (paths stay whole)."""
+    console.print(text, highlight=False, markup=False, soft_wrap=True)
+
+
+def scan(paths: Sequence[str], already: set[str], console: Console) -> tuple[list[str], int]:
+    """The images under `paths` not `already` classified; how many files
+    were skipped, each said with why."""
+    todo: list[str] = []
+    skipped = 0
+    for path, why in walk(paths):
+        if path in already:
+            continue
+        if why:
+            skipped += 1
+            say(console, f"skipped {path}: {why}")
+        else:
+            todo.append(path)
+    return todo, skipped
+
+
+def run(args: argparse.Namespace, console: Console, sleep: Callable[[float], None]) -> int:
+    server = Server(args.url.rstrip("/"), args.api_key, args.timeout, args.retries, sleep)
+    output = Output(args.out)
+    recorded = output.done()
+    already = {path for path, outcome in recorded.items() if outcome.success}
+    todo, skipped = scan(args.paths, already, console)
+    if not todo and not already:
+        raise ClientError("no images to classify")
+    size = server.model_input_size(args.model) if args.downscale else None
+    sender = Sender(server, args.model, size)
+    work, per_call = (
+        (sender.classify_as_job, args.job_size) if args.job else (sender.classify, args.batch)
+    )
+    if already:
+        say(console, f"{len(already)} images already classified in {args.out}: skipped")
+    outcomes: list[Outcome] = [recorded[p] for p in sorted(already)]
+    columns = (
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        RateColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
+    progress = Progress(*columns, console=console, disable=args.quiet)
+    with output, progress, ThreadPoolExecutor(args.concurrency) as pool:
+        task = progress.add_task("classifying", total=len(todo))
+        pending: set[Future[list[Outcome]]] = set()
+        groups = chunks(todo, per_call)
+        # At most 2 x concurrency calls in hand: the rest wait as paths only.
+        for group in groups:
+            pending.add(pool.submit(work, group))
+            if len(pending) >= 2 * args.concurrency:
+                break
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                for outcome in future.result():
+                    output.write(outcome)
+                    outcomes.append(outcome)
+                    progress.advance(task)
+            for group in groups:
+                pending.add(pool.submit(work, group))
+                if len(pending) >= 2 * args.concurrency:
+                    break
+    return summarize(outcomes, skipped, console)
+
+
+def summarize(outcomes: Sequence[Outcome], skipped: int, console: Console) -> int:
+    """The summary table and the failures; the exit status (1 if any failed)."""
+    labels = collections.Counter(o.top_label for o in outcomes if o.success)
+    failed = [o for o in outcomes if not o.success]
+    table = Table(title="top labels", show_header=True)
+    table.add_column("label")
+    table.add_column("images", justify="right")
+    for label, count in labels.most_common(20):
+        table.add_row(str(label), str(count))
+    if len(labels) > 20:
+        table.add_row(f"({len(labels) - 20} more labels)", str(sum(labels.values()) - sum(
+            count for _, count in labels.most_common(20))))  # fmt: skip
+    if labels:
+        console.print(table)
+    say(
+        console,
+        f"{len(outcomes) - len(failed)} classified, {len(failed)} failed, {skipped} skipped",
+    )
+    if failed:
+        console.print(f"{len(failed)} images failed:", style="bold red")
+        for outcome in failed:
+            say(console, f"  {outcome.path}: {outcome.error}")
+        return 1
+    return 0
+
+
+def parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Classify images (files or whole folders) with a running keras-server.",
+    )
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
+    p.add_argument("--url", required=True, help="the server, e.g. http://localhost:5000")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("KERAS_SERVER_API_KEY"),
+        help="sent as a bearer token (default: $KERAS_SERVER_API_KEY)",
+    )
+    p.add_argument("--out", help="results file, appended to: JSON lines, or CSV if it ends .csv")
+    p.add_argument("--concurrency", type=_positive, default=8, help="requests in flight")
+    p.add_argument(
+        "--batch", type=_positive, default=8, help="images per request (the server's --max-images)"
+    )
+    p.add_argument("--model", help="the model to ask (default: the server's default)")
+    p.add_argument("--job", action="store_true", help="use the asynchronous job API (POST /jobs)")
+    p.add_argument("--job-size", type=_positive, default=100, help="images per job with --job")
+    p.add_argument(
+        "--no-downscale",
+        dest="downscale",
+        action="store_false",
+        help="send photos as they are (default: shrink to twice the model's input)",
+    )
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per HTTP request")
+    p.add_argument(
+        "--retries", type=int, default=10, help="tries after a 429/503 or a connection error"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def main(
+    argv: Sequence[str],
+    prog: str = "keras-server classify",
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+) -> int:
+    """Run the batch client on `argv`; the exit status. `sleep`: every wait
+    between tries goes through it (tests record them)."""
+    args = parser(prog).parse_args(argv)
+    console = Console(stderr=True)
+    try:
+        return run(args, console, sleep)
+    except ClientError as exc:
+        say(console, f"{prog}: error: {exc}")
+        return 2
+    except KeyboardInterrupt:
+        console.print("interrupted: run the same command again to resume", soft_wrap=True)
+        return 130
