@@ -38,7 +38,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from flask import Flask, g, request
+from flask import Flask, request
 
 from keras_server.broker.quotas import Quota
 from keras_server.settings import Settings
@@ -284,5 +284,4 @@ def install(app: Flask, settings: Settings) -> None:
         if entry is None:
             log.warning("refused %s %s: unknown key", request.method, request.path)
             raise unauthorized("the API key is not valid", "invalid_token")
-        g.api_key_name = entry.name
         limiter.admit(entry.name, entry.quota)
