@@ -4,7 +4,8 @@
 with a 429 when it is over.
 
 Every request a key makes counts one, whatever its path or how many images
-it carries; open paths and CORS preflights carry no key and count nothing.
+it carries (a gRPC call too: rpc/server.py asks `Limiter.check`, and answers
+RESOURCE_EXHAUSTED when over); open paths and CORS preflights carry no key and count nothing.
 A metered answer, refused or not, carries `RateLimit-Limit`,
 `RateLimit-Remaining` and `RateLimit-Reset` (the IETF draft's fields); a 429
 also `Retry-After`, in the shape of the API the path belongs to (errors.py).
@@ -44,6 +45,14 @@ def describe(quota: Quota) -> str:
     return f"{quota.rate} {requests} {per}, {quota.burst} at once"
 
 
+def refusal(name: str, quota: Quota, decision: Decision) -> str:
+    """What a request over its quota is told."""
+    return (
+        f"the API key {name!r} is over its quota of {describe(quota)}; retry in "
+        f"{decision.headers['Retry-After']} s"
+    )
+
+
 class Limiter:
     """One web process's gate to the shared quotas."""
 
@@ -57,13 +66,14 @@ class Limiter:
         keys = Keys(settings.queue_name)
         return cls(Quotas.open(settings.redis_urls[0], keys, timeout=settings.redis_timeout))
 
-    def admit(self, name: str, quota: Quota | None) -> None:
-        """Count one request of the key named `name`. Raises errors.HttpError
-        (429) when it is over `quota`; the decision of an admitted request is
-        kept for `add_headers`."""
+    def check(self, name: str, quota: Quota | None) -> Decision | None:
+        """Count one request of the key named `name` against `quota`, and say
+        whether it is over (`Decision.allowed`); None when it is not metered:
+        the key has no quota, or Redis could not be asked. Any front (HTTP,
+        gRPC) answers the refusal in its own way."""
         if quota is None:
             metrics.API_KEY_REQUESTS.labels(name, "none").inc()
-            return
+            return None
         try:
             decision = self.quotas.take(name, quota)
         except redis.RedisError as exc:
@@ -72,17 +82,21 @@ class Limiter:
                 raise
             metrics.API_KEY_REQUESTS.labels(name, "unenforced").inc()
             self._note(failed=exc, kind=kind)
-            return
+            return None
         self._note()
+        metrics.API_KEY_REQUESTS.labels(name, "within" if decision.allowed else "over").inc()
         if not decision.allowed:
-            metrics.API_KEY_REQUESTS.labels(name, "over").inc()
             log.warning("API key %r is over its quota (%s)", name, describe(quota))
-            raise errors.over_quota(
-                f"the API key {name!r} is over its quota of {describe(quota)}; retry in "
-                f"{decision.headers['Retry-After']} s",
-                decision.headers,
-            )
-        metrics.API_KEY_REQUESTS.labels(name, "within").inc()
+        return decision
+
+    def admit(self, name: str, quota: Quota | None) -> None:
+        """`check`, for an HTTP request: errors.HttpError (429) when over; the
+        decision of an admitted request is kept for `add_headers`."""
+        decision = self.check(name, quota)
+        if decision is None:
+            return
+        if not decision.allowed and quota is not None:
+            raise errors.over_quota(refusal(name, quota, decision), decision.headers)
         g.quota_decision = decision
 
     def _note(self, failed: redis.RedisError | None = None, kind: Kind | None = None) -> None:
