@@ -48,6 +48,7 @@ FILES = [(IMAGES / name).read_bytes() for name in ("chelsea.png", "coffee.png", 
 MODEL = "sim"
 MAX_IMAGES = 4
 KEY = "grpc-test-key-0123456789"
+LIMITED = "grpc-limited-key-0123456789"
 
 
 def expected(pixels: np.ndarray) -> np.ndarray:
@@ -409,7 +410,7 @@ def guarded(
     """`--role web` with --grpc-port and --api-keys, on a queue no worker
     serves, holding at most one request: process, gRPC port."""
     keys = Path(tmp_path_factory.mktemp("keys")) / "keys"
-    keys.write_text(KEY + "\n")
+    keys.write_text(f"{KEY}\n{LIMITED} name=grpc-client rate=1/h burst=2\n")
     settings = Settings(redis_url=redis_server.url, queue_name=f"grpc-{uuid.uuid4().hex[:8]}")
     port = free_port()
     process, _ = start_serving(
@@ -454,3 +455,40 @@ def test_keys_deadlines_and_a_full_queue(guarded: tuple[Child, int]) -> None:
         assert "queue is full" in full.value.message()
     finally:
         client.close()
+
+
+@pytest.mark.slow
+def test_a_key_over_its_quota_is_resource_exhausted(guarded: tuple[Child, int]) -> None:
+    """The quota of web/quotas.py holds on gRPC calls too."""
+    process, port = guarded
+    client = connect(port, process)
+    limited = {"x-api-key": LIMITED}
+    try:
+        for _ in range(2):  # the burst
+            assert client.get_model_metadata(MODEL, headers=limited, as_json=True)["name"] == MODEL
+        with pytest.raises(InferenceServerException) as over:
+            client.get_model_metadata(MODEL, headers=limited)
+        assert code(over) == "RESOURCE_EXHAUSTED"
+        # tritonclient keeps the status, not the trailers: grpc itself reads them.
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            metadata = channel.unary_unary(
+                "/inference.GRPCInferenceService/ModelMetadata",
+                request_serializer=service_pb2.ModelMetadataRequest.SerializeToString,
+                response_deserializer=service_pb2.ModelMetadataResponse.FromString,
+            )
+            with pytest.raises(grpc.RpcError) as raw:
+                metadata(service_pb2.ModelMetadataRequest(name=MODEL), metadata=(
+                    ("x-api-key", LIMITED),
+                ), timeout=10)  # fmt: skip
+        assert raw.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        trailers = dict(raw.value.trailing_metadata())
+        assert 3590 <= int(trailers["retry-after"]) <= 3600
+        assert (trailers["ratelimit-limit"], trailers["ratelimit-remaining"]) == ("2", "0")
+        assert "the API key 'grpc-client' is over its quota of 1 request an hour" in (
+            over.value.message()
+        )
+        # Another key is not held by this one's quota.
+        assert client.get_model_metadata(MODEL, headers={"x-api-key": KEY}, as_json=True)
+    finally:
+        client.close()
+    assert LIMITED not in process.output()
