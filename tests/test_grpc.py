@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import re
 import socket
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -110,7 +112,17 @@ def image_input(files: list[bytes]) -> grpcclient.InferInput:
 
 
 def test_the_generated_code_is_what_protoc_makes_of_the_proto() -> None:
-    assert codegen.stale() == []
+    # In a process of its own: protoc run inside this one, beside the
+    # protobuf runtime other tests loaded, crashed it (a segfault in upb).
+    check = subprocess.run(
+        [sys.executable, "-m", "keras_server.rpc.codegen", "--check"],
+        cwd=codegen.ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert check.returncode == 0, check.stderr
 
 
 def test_the_grpc_port_cannot_be_the_http_port() -> None:
