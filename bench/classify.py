@@ -10,7 +10,10 @@ stress_test.py with --clients sending the first 32 photos as they are (the
 server's own throughput, images per second), and `keras-server classify` on
 the folder, once per --classify (its defaults when none is given: shrinking,
 batching, 8 requests in flight), the whole command timed, start-up
-included. Prints each, its ratio to the server's, and the CPU. With the
+included. Prints each, its ratio to the server's, and the CPU; and first,
+timed on --shrink-cost photos in this process, the client's shrink per photo
+(CPU), the server's decode of the original and of the shrunk photo, and how
+far apart the model's inputs from the two end up. With the
 simulated model (it only sleeps) this measures the HTTP, decode and client
 paths, not a real model.
 """
@@ -27,10 +30,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from bench import cpu
 from keras_server.broker.redis_server import free_port
+from keras_server.catalog import SIM_SIZE
+from keras_server.client import downscale_for_upload
+from keras_server.images import load_image
 from keras_server.processes import Child
 from run_cluster import http_answers
 
@@ -56,6 +63,28 @@ def photos(folder: Path, count: int) -> list[Path]:
     return made
 
 
+def shrink_cost(made: list[Path], size: tuple[int, int]) -> None:
+    """CPU per photo (this process, one thread) of the client's shrink, and of
+    the server's decode of the original and of the shrunk photo, and how far
+    apart what the model sees ends up (mean absolute difference, 0-255)."""
+    datas = [path.read_bytes() for path in made]
+    started = time.process_time()
+    shrunk = [downscale_for_upload(data, size) for data in datas]
+    shrink_ms = (time.process_time() - started) / len(datas) * 1000
+    seen = {}
+    for name, files in (("original", datas), ("shrunk", shrunk)):
+        started = time.process_time()
+        seen[name] = [load_image(data, size, 100_000_000).astype(np.float64) for data in files]
+        decode_ms = (time.process_time() - started) / len(files) * 1000
+        kb = sum(map(len, files)) / len(files) / 1000
+        print(f"server decode of the {name}: {decode_ms:.1f} ms/photo, {kb:.0f} KB/photo")
+    difference = np.mean([np.abs(a - b).mean() for a, b in zip(*seen.values(), strict=True)])
+    print(
+        f"client shrink: {shrink_ms:.1f} ms/photo; the model's input from the shrunk photo "
+        f"vs the original: mean |difference| {difference:.4f} /255"
+    )
+
+
 SIM = ["--model", "sim", "--sim-batch-ms", "5", "--sim-image-ms", "0.5"]
 
 
@@ -72,6 +101,9 @@ def main() -> None:
     parser.add_argument(
         "--server-args", default="", help="instead of the simulated model's: " + " ".join(SIM)
     )
+    parser.add_argument(
+        "--shrink-cost", type=int, default=100, help="photos to time the shrink on, first"
+    )
     parser.add_argument("--timeout", type=float, default=300, help="seconds to start the server")
     args = parser.parse_args()
     print(cpu.describe(cpu.model(), cpu.vector_flags()))
@@ -82,6 +114,7 @@ def main() -> None:
         folder = Path(args.photos) if args.photos else Path(tmp) / "photos"
         folder.mkdir(parents=True, exist_ok=True)
         made = photos(folder, args.images)
+        shrink_cost(made[: args.shrink_cost], (SIM_SIZE, SIM_SIZE))
         # Only this run's photos in the folder classify walks.
         if len(list(folder.iterdir())) != len(made):
             folder = Path(tmp) / "these"
