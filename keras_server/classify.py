@@ -9,9 +9,10 @@ keras-server[client]` installs what it needs.
 What it does:
 - walks the folders given (hidden files and folders skipped), and skips what
   Pillow cannot open as an image, saying why;
-- shrinks a large photo before sending it, to no less than twice the model's
-  input each way (client.downscale_for_upload, as `simple_request.py
-  --downscale`), unless `--no-downscale`;
+- shrinks a large photo before sending it, by a whole factor (a JPEG's DCT
+  scale, a box reduction) to no less than twice the model's input each way
+  (client.downscale_for_upload, as `simple_request.py --downscale`), unless
+  `--no-downscale`;
 - sends `--batch` images per request (repeated `image` fields on
   `/predict`), `--concurrency` requests in flight;
 - honours a 429 or 503's Retry-After, backing off exponentially (with jitter)

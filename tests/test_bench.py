@@ -340,3 +340,20 @@ def test_a_grouped_server_leaves_no_process_behind(tmp_path: Path) -> None:
     while Path(f"/proc/{left}").exists() and time.monotonic() < deadline:
         time.sleep(0.1)  # the killed sleep is reaped by init
     assert not Path(f"/proc/{left}").exists(), "the server's own child outlived it"
+
+
+@pytest.mark.slow
+def test_the_job_latency_benchmark_runs_a_job_beside_a_client(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """bench.job_latency against a real server: a job alone, then one client
+    idle and during a job, a row per think time."""
+    from bench import job_latency
+
+    argv = ["--requests", "3", "--job-images", "100", "--alone-images", "10"]
+    assert job_latency.main([*argv, "--think-ms", "0,20"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| client think (ms) | idle p50 (ms)")
+    assert [row.split(" | ")[0] for row in rows[1:]] == ["| 0", "| 20"]
+    for row in rows[1:]:
+        assert "x |" in row  # the ratio
