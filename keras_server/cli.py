@@ -136,8 +136,13 @@ def make_workers(
     for url in settings.redis_urls:
         # The process's one Shard for `url`: the web tier of --role all and
         # every model's worker share its connections and its health.
+        # Its version's own queue first, then the model's (RequestQueue).
         queue = RequestQueue.open(
-            url, keys, timeout=settings.redis_timeout, levels=settings.priority_levels
+            url,
+            keys,
+            timeout=settings.redis_timeout,
+            levels=settings.priority_levels,
+            version=version,
         )
         for _ in range(settings.parallel_batches):
             worker = Worker(

@@ -22,6 +22,7 @@ from keras_server.broker.messages import Keys, WorkerInfo
 from keras_server.broker.shards import ShardSet
 from keras_server.catalog import Models, ModelSpec
 from keras_server.settings import Settings
+from keras_server.web.routing import Router
 
 # How long a learned input size is trusted before asking Redis again.
 SIZE_TTL_S = 5.0
@@ -66,9 +67,14 @@ class Survey:
 @dataclass
 class ServedModel:
     spec: ModelSpec
-    shards: ShardSet
+    shards: ShardSet  # the model's own queue (its versions': router.shards_for)
     _size: tuple[float, tuple[int, int] | None] = field(default=(0.0, None), repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # Which version answers each request, and its queue (web/routing.py).
+    router: Router = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.router = Router(self.spec.name, self.shards)
 
     @property
     def name(self) -> str:

@@ -136,17 +136,23 @@ class ResponseCache:
         return model.name in self.keys
 
     def lookup(
-        self, model: ServedModel, form: str, uploads: Sequence[bytes | memoryview]
+        self,
+        model: ServedModel,
+        form: str,
+        uploads: Sequence[bytes | memoryview],
+        version: str | None = None,
     ) -> Lookup:
-        """Look each non-empty upload up under the version the model's live
-        workers serve; never raises for the cache's sake."""
+        """Look each non-empty upload up under `version`, the one the request
+        is routed to (routing.Route.answered_by); None: under the one version
+        the model's live workers serve, skipped while they serve several.
+        Never raises for the cache's sake."""
         found = Lookup(
             model, form, [digest(data) if memoryview(data).nbytes else None for data in uploads]
         )
         wanted = [(i, d) for i, d in enumerate(found.digests) if d is not None]
         if not wanted:
             return found
-        version = self._live_version(model)
+        version = version or self._live_version(model)
         if version is None:
             _skipped(model, "lookup", "versions", len(wanted))
         else:

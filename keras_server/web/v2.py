@@ -131,10 +131,12 @@ def model_ready(name: str, version: str | None = None) -> Response | tuple[Respo
 
 @routes("/infer", "POST")
 def infer(name: str, version: str | None = None) -> Response:
-    model, size = core.infer_target(state().deployment, name, version)
+    model, size, route = core.infer_target(state().deployment, name, version)
     settings, decode = state().settings, state().decoder
     inference = read_request(request.get_data(), request.headers, size, settings, decode)
-    result = core.infer(model, inference, settings, cache=state().cache, decode=decode, size=size)
+    result = core.infer(
+        model, inference, settings, cache=state().cache, decode=decode, size=size, route=route
+    )
     response = answer(inference, result)
     if result.cache:
         response.headers[HEADER] = result.cache

@@ -1,0 +1,238 @@
+"""Model versions while serving (issue 22): each version's own queue, pinned
+requests answered by that version alone, and the traffic policy in Redis
+(`latest`, or weights such as 90/10) followed by unrestarted web servers.
+
+The HTTP tests run real workers (the simulated model, tiny sim times), a
+real web server (`--role web --web-workers 2`) and real Redis; the images
+are tiny PNGs, so 2,000 requests take seconds."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+from conftest import WorkerThread, start, start_web, stop, wait_until
+from PIL import Image
+
+from keras_server.broker import messages
+from keras_server.broker.request_queue import RequestQueue
+from keras_server.broker.shards import ShardSet
+from keras_server.engines.simulated import SimulatedModel
+from keras_server.processes import Child
+from keras_server.settings import Settings
+from keras_server.web.app import create_app
+from keras_server.web.routing import ROUTING_TTL_S, Policy, PolicyError, Router, store_policy
+from keras_server.worker.loop import Worker
+
+CLIENTS = 8
+
+
+def tiny_png() -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(out, format="PNG")
+    return out.getvalue()
+
+
+PNG = tiny_png()
+
+
+def sim_worker(settings: Settings, version: str) -> Child:
+    return start(
+        "--role", "worker", "--model", "sim", "--sim-batch-ms", "1", "--sim-image-ms", "0",
+        "--batch-size", "16", "--max-batch-delay-ms", "1",
+        "--redis-url", settings.redis_url, "--queue-name", settings.queue_name,
+        "--heartbeat-ttl", "3", "--model-version", version,
+    )  # fmt: skip
+
+
+def router(settings: Settings) -> Router:
+    """The default model's router, as a web process has it (for writing the
+    policy the way the admin API does)."""
+    keys = messages.Keys(settings.queue_name)
+    return Router("sim", ShardSet.connect([settings.redis_url], keys, timeout=2.0))
+
+
+def post(session: requests.Session, url: str) -> tuple[int, str | None]:
+    response = session.post(url, files={"image": ("x.png", PNG)}, timeout=30)
+    body = response.json()
+    return response.status_code, (body.get("model") or {}).get("version")
+
+
+def many(base: str, paths: list[str]) -> list[tuple[str, int, str | None]]:
+    """POST each of `paths` from CLIENTS threads; (path, status, version) each."""
+    local = threading.local()
+
+    def one(path: str) -> tuple[str, int, str | None]:
+        if not hasattr(local, "session"):
+            local.session = requests.Session()
+        return (path, *post(local.session, base + path))
+
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        return list(pool.map(one, paths))
+
+
+@pytest.fixture
+def cluster(settings: Settings) -> Iterator[str]:
+    """Two workers of version 1, two of version 2, and one web server with
+    two processes; yields its base URL once both versions are live."""
+    workers = [sim_worker(settings, v) for v in ("1", "1", "2", "2")]
+    server = None
+    try:
+        server, base = start_web(
+            settings, "--model", "sim", "--web-workers", "2", "--web-threads", "8"
+        )
+        wait_until(
+            lambda: requests.get(base + "/readyz", timeout=5).json().get("claim_loops") == 4,
+            timeout=90,
+            what="four live workers",
+        )
+        yield base
+    finally:
+        if server is not None:
+            stop(server)
+        for worker in workers:
+            stop(worker)
+
+
+@pytest.mark.slow
+def test_pinned_versions_are_answered_by_their_own_workers(cluster: str) -> None:
+    """2,000 requests pinned half to version 1, half to version 2 (REST and
+    v2 paths): each answered, and only by the version it names. A version
+    with no worker is a 503."""
+    paths = [f"/models/sim/versions/{1 + i % 2}/predict" for i in range(2000)]
+    answers = many(cluster, paths)
+    assert {status for _, status, _ in answers} == {200}
+    wrong = [(p, v) for p, _, v in answers if p.split("/")[4] != v]
+    assert not wrong, wrong[:5]
+    assert Counter(v for _, _, v in answers) == {"1": 1000, "2": 1000}
+
+    none = requests.post(
+        cluster + "/models/sim/versions/3/predict", files={"image": PNG}, timeout=10
+    )
+    assert none.status_code == 503
+    assert "no live worker" in none.json()["error"]
+    assert none.headers["Retry-After"]
+
+
+@pytest.mark.slow
+def test_traffic_split_switch_and_rollback(cluster: str, settings: Settings) -> None:
+    """Unversioned requests follow the policy in Redis, with no restart:
+    `latest` (version 2); 90/10 over 2,000 requests lands within ±3 points;
+    after a switch to 100 % of version 1, every request begun 1 s later is
+    answered by version 1; the rollback to `latest` likewise."""
+    model = router(settings)
+    assert {v for _, _, v in many(cluster, ["/predict"] * 40)} == {"2"}
+
+    store_policy(model, Policy.from_weights({"1": 90, "2": 10}))
+    time.sleep(1.0)
+    answers = many(cluster, ["/predict"] * 2000)
+    assert {status for _, status, _ in answers} == {200}
+    share = Counter(v for _, _, v in answers)["1"] / len(answers)
+    assert 0.87 <= share <= 0.93, share
+
+    for policy, expected in ((Policy.from_weights({"1": 100}), "1"), (Policy(), "2")):
+        store_policy(model, policy)
+        time.sleep(1.0)  # requests begun 1 s after the change
+        answers = many(cluster, ["/predict"] * 200)
+        assert {(status, v) for _, status, v in answers} == {(200, expected)}
+
+
+# -- in-process: the queue and the router against real Redis ----------------------
+
+
+def worker_of(settings: Settings, version: str) -> Worker:
+    queue = RequestQueue.open(
+        settings.redis_url, messages.Keys(settings.queue_name), timeout=2.0, version=version
+    )
+    return Worker(
+        queue,
+        SimulatedModel(0, 0),
+        batch_size=8,
+        result_ttl=20.0,
+        heartbeat_ttl=1.0,
+        name="sim",
+        version=version,
+    )
+
+
+def test_routing_counts_a_split_at_the_web_tier(settings: Settings) -> None:
+    """2,000 routing decisions against real Redis with live workers of both
+    versions: 90/10 within ±3 points; a version with no live worker gets
+    nothing; weights for no live version fall back to `latest`."""
+    model = router(settings)
+    model.rng = random.Random(7)
+    with WorkerThread(worker_of(settings, "1")), WorkerThread(worker_of(settings, "2")):
+        wait_until(lambda: set(model.read(0).live) == {"1", "2"}, what="both versions live")
+        store_policy(model, Policy.from_weights({"1": 90, "2": 10, "3": 50}))
+        counts = Counter(model.route().version for _ in range(2000))
+        assert set(counts) == {"1", "2"}
+        assert 0.87 <= counts["1"] / 2000 <= 0.93, counts
+        store_policy(model, Policy.from_weights({"7": 1}))
+        assert model.route().version == "2"
+        store_policy(model, Policy())
+        assert model.route().version == "2"
+
+
+def test_a_leaving_version_hands_its_unpinned_queue_on(settings: Settings) -> None:
+    """Requests left on a version's queue after its last worker left are
+    moved to the model's queue: unpinned ones are answered by another
+    version, pinned ones refused, never answered by another version."""
+    keys = messages.Keys(settings.queue_name)
+    web_side = RequestQueue.open(settings.redis_url, keys, timeout=2.0, version="1")
+    old = worker_of(settings, "1")
+    with WorkerThread(old):
+        wait_until(lambda: web_side.workers(), what="version 1 live")
+    # Version 1 has left; two requests were routed to it just before.
+    image = SimulatedModel(0, 0).input_shape
+    free = messages.ImageRequest.create(np.zeros(image, "uint8"), 20)
+    pinned = messages.ImageRequest.create(
+        np.zeros(image, "uint8"), 20, version="1"
+    )
+    web_side.push_all([messages.encode_request(free), messages.encode_request(pinned)], 100)
+    with WorkerThread(worker_of(settings, "2")):
+        answers = web_side.wait_results([free.id, pinned.id], timeout=15)
+    assert messages.decode_result(answers[free.id])["model"]["version"] == "2"
+    refused = messages.decode_result(answers[pinned.id])
+    assert not refused["success"] and "no live worker" in refused["error"]
+
+
+def test_pinned_route_through_the_app(settings: Settings) -> None:
+    """The app's pinned routes: a version with workers answers; one without
+    is a 503 on /predict's and v2's routes; unknown to v2, a 404."""
+    client = create_app(dataclasses.replace(settings, model="sim")).test_client()
+    with WorkerThread(worker_of(settings, "4")):
+        wait_until(
+            lambda: client.get("/readyz").status_code == 200, what="a live worker of version 4"
+        )
+        data = {"image": (io.BytesIO(PNG), "x.png")}
+        ok = client.post("/models/sim/versions/4/predict", data=data)
+        assert ok.status_code == 200, ok.get_json()
+        assert ok.get_json()["model"]["version"] == "4"
+        data = {"image": (io.BytesIO(PNG), "x.png")}
+        assert client.post("/models/sim/versions/5/predict", data=data).status_code == 503
+        assert client.post("/v2/models/sim/versions/9/infer", json={}).status_code == 404
+
+
+@pytest.mark.parametrize(
+    "weights",
+    [{}, {"1": 0}, {"1": -1}, {"1": "ten"}, {"1": True}, {"a b": 1}, [1], {"1": float("inf")}],
+)
+def test_bad_weights_are_refused(weights: object) -> None:
+    with pytest.raises(PolicyError):
+        Policy.from_weights(weights)
+
+
+def test_an_unreadable_policy_routes_to_the_latest() -> None:
+    assert Policy.decode(b"{not json").weights is None
+    assert Policy.decode(None).weights is None
+    assert Policy.decode(Policy.from_weights({"2": 1}).encode()).weights == {"2": 1.0}
+    assert ROUTING_TTL_S <= 1.0
