@@ -190,13 +190,11 @@ def test_a_leaving_version_hands_its_unpinned_queue_on(settings: Settings) -> No
     web_side = RequestQueue.open(settings.redis_url, keys, timeout=2.0, version="1")
     old = worker_of(settings, "1")
     with WorkerThread(old):
-        wait_until(lambda: web_side.workers(), what="version 1 live")
+        wait_until(web_side.workers, what="version 1 live")
     # Version 1 has left; two requests were routed to it just before.
     image = SimulatedModel(0, 0).input_shape
     free = messages.ImageRequest.create(np.zeros(image, "uint8"), 20)
-    pinned = messages.ImageRequest.create(
-        np.zeros(image, "uint8"), 20, version="1"
-    )
+    pinned = messages.ImageRequest.create(np.zeros(image, "uint8"), 20, version="1")
     web_side.push_all([messages.encode_request(free), messages.encode_request(pinned)], 100)
     with WorkerThread(worker_of(settings, "2")):
         answers = web_side.wait_results([free.id, pinned.id], timeout=15)
