@@ -96,6 +96,7 @@ class Settings:
     sim_image_ms: float = 5.0
     log_level: str = "INFO"
     api_keys: str = ""
+    admin_keys: str = ""
     auth_probes: bool = False
     response_cache_ttl: float = 0.0
     response_cache_url: str = ""
@@ -615,6 +616,14 @@ KNOBS: tuple[Knob, ...] = (
         "a file of API keys, one per line: every request but /healthz, the upload page "
         "(/ and /assets/), /openapi.json and the probes (see --auth-probes) must then "
         "show one (Authorization: Bearer KEY or X-API-Key: KEY)",
+        "FILE",
+    ),
+    Knob(
+        "admin_keys",
+        _text,
+        "a file of admin keys, NAME KEY per line, separate from --api-keys: turns on the "
+        "admin API under /admin/ (models, versions, traffic policy; 404 without it), which "
+        "takes these keys alone (Authorization: Bearer KEY or X-Admin-Key: KEY)",
         "FILE",
     ),
     Knob(

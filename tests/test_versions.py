@@ -16,6 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -80,16 +81,29 @@ def many(base: str, paths: list[str]) -> list[tuple[str, int, str | None]]:
         return list(pool.map(one, paths))
 
 
+ADMIN_KEY = "admin-key-0123456789"
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
 @pytest.fixture
-def cluster(settings: Settings) -> Iterator[str]:
+def admin_keys(tmp_path: Path) -> str:
+    path = tmp_path / "admin-keys"
+    path.write_text(f"# who may change traffic\nalice {ADMIN_KEY}\n")
+    return str(path)
+
+
+@pytest.fixture
+def cluster(settings: Settings, admin_keys: str) -> Iterator[str]:
     """Two workers of version 1, two of version 2, and one web server with
-    two processes; yields its base URL once both versions are live."""
+    two processes and the admin API; yields its base URL once both versions
+    are live."""
     workers = [sim_worker(settings, v) for v in ("1", "1", "2", "2")]
     server = None
     try:
         server, base = start_web(
-            settings, "--model", "sim", "--web-workers", "2", "--web-threads", "8"
-        )
+            settings, "--model", "sim", "--web-workers", "2", "--web-threads", "8",
+            "--admin-keys", admin_keys,
+        )  # fmt: skip
         wait_until(
             lambda: requests.get(base + "/readyz", timeout=5).json().get("claim_loops") == 4,
             timeout=90,
@@ -123,24 +137,33 @@ def test_pinned_versions_are_answered_by_their_own_workers(cluster: str) -> None
     assert none.headers["Retry-After"]
 
 
+def set_traffic(base: str, weights: dict[str, int] | None) -> None:
+    url = base + "/admin/models/sim/traffic"
+    if weights is None:
+        response = requests.delete(url, headers=ADMIN, timeout=10)
+    else:
+        response = requests.put(url, json={"weights": weights}, headers=ADMIN, timeout=10)
+    assert response.status_code == 200, response.text
+
+
 @pytest.mark.slow
-def test_traffic_split_switch_and_rollback(cluster: str, settings: Settings) -> None:
-    """Unversioned requests follow the policy in Redis, with no restart:
-    `latest` (version 2); 90/10 over 2,000 requests lands within ±3 points;
-    after a switch to 100 % of version 1, every request begun 1 s later is
-    answered by version 1; the rollback to `latest` likewise."""
-    model = router(settings)
+def test_traffic_split_switch_and_rollback(cluster: str) -> None:
+    """Unversioned requests follow the policy the admin API sets in Redis,
+    through both processes of an unrestarted web server: `latest` (version
+    2); 90/10 over 2,000 requests lands within ±3 points; after a switch to
+    100 % of version 1, every request begun 1 s later is answered by version
+    1; the rollback (DELETE: `latest`) likewise."""
     assert {v for _, _, v in many(cluster, ["/predict"] * 40)} == {"2"}
 
-    store_policy(model, Policy.from_weights({"1": 90, "2": 10}))
+    set_traffic(cluster, {"1": 90, "2": 10})
     time.sleep(1.0)
     answers = many(cluster, ["/predict"] * 2000)
     assert {status for _, status, _ in answers} == {200}
     share = Counter(v for _, _, v in answers)["1"] / len(answers)
     assert 0.87 <= share <= 0.93, share
 
-    for policy, expected in ((Policy.from_weights({"1": 100}), "1"), (Policy(), "2")):
-        store_policy(model, policy)
+    for weights, expected in (({"1": 100}, "1"), (None, "2")):
+        set_traffic(cluster, weights)
         time.sleep(1.0)  # requests begun 1 s after the change
         answers = many(cluster, ["/predict"] * 200)
         assert {(status, v) for _, status, v in answers} == {(200, expected)}
@@ -234,3 +257,54 @@ def test_an_unreadable_policy_routes_to_the_latest() -> None:
     assert Policy.decode(None).weights is None
     assert Policy.decode(Policy.from_weights({"2": 1}).encode()).weights == {"2": 1.0}
     assert ROUTING_TTL_S <= 1.0
+
+
+# -- the admin API ------------------------------------------------------------------
+
+
+def test_no_admin_keys_no_admin_api(settings: Settings) -> None:
+    client = create_app(settings).test_client()
+    assert client.get("/admin/models", headers=ADMIN).status_code == 404
+
+
+def test_admin_api_sets_and_clears_a_split(
+    settings: Settings, admin_keys: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Admin keys only (no key, a wrong one: 401); weights validated (400),
+    versions without live workers refused (409); every change logged with
+    the key's name; the routes' answers show the policy and live versions."""
+    configured = dataclasses.replace(settings, model="sim", admin_keys=admin_keys)
+    client = create_app(configured).test_client()
+    traffic = "/admin/models/sim/traffic"
+    assert client.get("/admin/models").status_code == 401
+    assert client.get("/admin/models", headers={"X-Admin-Key": "x" * 20}).status_code == 401
+    with WorkerThread(worker_of(settings, "1")), WorkerThread(worker_of(settings, "2")):
+        wait_until(
+            lambda: (
+                len(client.get("/admin/models", headers=ADMIN).get_json()["models"][0]["versions"])
+                == 2
+            ),
+            what="both versions listed",
+        )
+        listed = client.get("/admin/models", headers={"X-Admin-Key": ADMIN_KEY}).get_json()
+        assert listed["models"][0]["latest"] == "2"
+        assert listed["models"][0]["traffic"] == {"policy": "latest"}
+        for bad in ({"weights": {"1": 0}}, {"weights": {}}, {"weights": {"1": -5}}, [1]):
+            assert client.put(traffic, json=bad, headers=ADMIN).status_code == 400, bad
+        refused = client.put(traffic, json={"weights": {"1": 50, "3": 50}}, headers=ADMIN)
+        assert refused.status_code == 409
+        assert "3" in refused.get_json()["error"]
+        assert client.put("/admin/models/nope/traffic", json={}, headers=ADMIN).status_code == 404
+        with caplog.at_level("INFO", logger="keras_server.web.admin"):
+            done = client.put(traffic, json={"weights": {"1": 100}}, headers=ADMIN)
+            assert done.status_code == 200
+            assert done.get_json()["traffic"] == {"policy": "weights", "weights": {"1": 100.0}}
+            time.sleep(ROUTING_TTL_S)
+            data = {"image": (io.BytesIO(PNG), "x.png")}
+            assert client.post("/predict", data=data).get_json()["model"]["version"] == "1"
+            cleared = client.delete(traffic, headers=ADMIN)
+            assert cleared.get_json()["traffic"] == {"policy": "latest"}
+        logged = [r.getMessage() for r in caplog.records]
+        assert any("alice" in m and "weights" in m for m in logged), logged
+        assert any("alice" in m and "latest" in m for m in logged), logged
+        assert not any(ADMIN_KEY in m for m in logged)
