@@ -146,6 +146,7 @@ def make_workers(
             timeout=settings.redis_timeout,
             levels=settings.priority_levels,
             version=version,
+            registry=messages.Keys(settings.queue_name).models,
         )
         for _ in range(settings.parallel_batches):
             worker = Worker(

@@ -66,6 +66,8 @@ class Settings:
     top_k: int = 5
     model_version: str = "1"
     models_file: str = ""
+    models_from: str = "workers"
+    model_grace: float = 60.0
     serve: str = "all"
     batch_size: int = 32
     max_batch_delay_ms: float = 0.0
@@ -430,6 +432,20 @@ KNOBS: tuple[Knob, ...] = (
         "a TOML file of several models to serve side by side (replaces --model, "
         "--weights, --labels, --preprocessing, --top-k)",
         "FILE",
+    ),
+    Knob(
+        "models_from",
+        _choice(("workers", "file")),
+        "web servers route the models of --models-file (or --model) and, with workers, "
+        "also every model a live worker serves, learned from Redis while serving",
+        "workers|file",
+    ),
+    Knob(
+        "model_grace",
+        _non_negative_float,
+        "--models-from workers: seconds a learned model's requests get 503 (no live "
+        "worker) after its last worker left, before it is forgotten (404)",
+        "SECONDS",
     ),
     Knob(
         "serve",

@@ -31,6 +31,7 @@ from keras_server.engines.simulated import SimulatedModel
 from keras_server.processes import Child
 from keras_server.settings import Settings
 from keras_server.web.app import create_app
+from keras_server.web.deployment import DISCOVERY_INTERVAL_S
 from keras_server.web.routing import ROUTING_TTL_S, Policy, PolicyError, Router, store_policy
 from keras_server.worker.loop import Worker
 
@@ -308,3 +309,85 @@ def test_admin_api_sets_and_clears_a_split(
         assert any("alice" in m and "weights" in m for m in logged), logged
         assert any("alice" in m and "latest" in m for m in logged), logged
         assert not any(ADMIN_KEY in m for m in logged)
+
+
+# -- discovery ----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_new_model_serves_through_an_unrestarted_web_server(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A worker for a model the web server was never told of: routed within
+    two heartbeats, listed by /models and the repository index; when it
+    leaves, 503 "no live worker" for --model-grace, then 404."""
+    models = tmp_path / "models.toml"
+    models.write_text(
+        'default = "base"\n[models.base]\nmodel = "sim"\n[models.extra]\nmodel = "sim"\n'
+        'version = "7"\n'
+    )
+    server, base = start_web(settings, "--model", "sim", "--web-workers", "2", "--model-grace", "3")
+    worker = None
+    try:
+        url = base + "/models/extra/predict"
+        assert requests.post(url, files={"image": PNG}, timeout=10).status_code == 404
+        worker = start(
+            "--role", "worker", "--models-file", str(models), "--serve", "extra",
+            "--sim-batch-ms", "1", "--sim-image-ms", "0", "--heartbeat-ttl", "3",
+            "--redis-url", settings.redis_url, "--queue-name", settings.queue_name,
+        )  # fmt: skip
+        wait_until(
+            lambda: requests.post(url, files={"image": PNG}, timeout=10).status_code == 200,
+            timeout=90,
+            what="the new model served",
+        )
+        # Each web process reads the registry at most every second: both
+        # know the model one interval after the first did.
+        time.sleep(DISCOVERY_INTERVAL_S + 0.5)
+        session = requests.Session()
+        for _ in range(20):
+            assert post(session, url) == (200, "7")
+        listed = requests.get(base + "/models", timeout=10).json()["models"]
+        assert {m["name"] for m in listed} == {"sim", "extra"}
+        index = requests.post(base + "/v2/repository/index", json={}, timeout=10).json()
+        assert {"name": "extra", "version": "7", "state": "READY"} in index
+        assert {i["name"]: i["state"] for i in index}["sim"] == "UNAVAILABLE"
+        stop(worker)
+        worker = None
+        gone = requests.post(url, files={"image": PNG}, timeout=10)
+        assert gone.status_code == 503, gone.text
+        assert "no live worker" in gone.json()["error"]
+        wait_until(
+            lambda: requests.post(url, files={"image": PNG}, timeout=10).status_code == 404,
+            timeout=30,
+            what="the model forgotten after the grace period",
+        )
+    finally:
+        stop(server)
+        if worker is not None:
+            stop(worker)
+
+
+def test_models_from_file_learns_nothing(settings: Settings) -> None:
+    """--models-from file: a worker's model the file does not name is 404."""
+    pinned = dataclasses.replace(settings, model="sim", models_from="file")
+    learning = dataclasses.replace(settings, model="sim")
+    keys = messages.Keys(settings.queue_name).for_model(settings.queue_name, "other", "sim")
+    queue = RequestQueue.open(
+        settings.redis_url,
+        keys,
+        timeout=2.0,
+        version="3",
+        registry=messages.Keys(settings.queue_name).models,
+    )
+    worker = Worker(
+        queue, SimulatedModel(0, 0), batch_size=8, result_ttl=20.0, heartbeat_ttl=1.0,
+        name="other", version="3",
+    )  # fmt: skip
+    with WorkerThread(worker):
+        learned = create_app(learning).test_client()
+        wait_until(lambda: learned.get("/v2/models/other/ready").status_code == 200, what="learned")
+        assert learned.get("/v2/models/other").get_json()["versions"] == ["3"]
+        fixed = create_app(pinned).test_client()
+        assert fixed.get("/v2/models/other/ready").status_code == 404
+        assert "other" not in {m["name"] for m in fixed.get("/models").get_json()["models"]}

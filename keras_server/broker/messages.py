@@ -83,6 +83,7 @@ KEY_PARTS = (
     "version",
     "versions",
     "traffic",
+    "models",
 )
 
 
@@ -136,6 +137,14 @@ class Keys:
         """Set of every version that has had workers: the queues a worker
         sweeps for requests left behind when a version's last worker leaves."""
         return f"{self.queue_name}:versions:known"
+
+    @property
+    def models(self) -> str:
+        """Hash, under the plain --queue-name only: model name -> JSON
+        `{"queue", "version", "at"}`, written by each worker's heartbeat, from
+        which web servers learn the models they were not told of
+        (web/deployment.py, --models-from workers)."""
+        return f"{self.queue_name}:models"
 
     @property
     def traffic(self) -> str:

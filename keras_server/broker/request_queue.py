@@ -42,6 +42,7 @@ writes one transaction.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import threading
 import time
@@ -329,14 +330,18 @@ class RequestQueue:
     marked down whoever meets it: the web tier, the surveys, the worker.
     """
 
-    def __init__(self, shard: Shard, keys: Keys, levels: int = 1, version: str = "") -> None:
+    def __init__(
+        self, shard: Shard, keys: Keys, levels: int = 1, version: str = "", registry: str = ""
+    ) -> None:
         """`levels`: --priority-levels, the queues a worker takes from.
         `version`: the model version this queue is for: pushes go onto its
         own queue (`Keys.for_version`), and a worker claims from it first,
         then from the model's (requests queued unversioned, by a web server
         from before versions had queues, or swept off a version whose last
         worker left). "": the model's queue alone. Results, claims,
-        heartbeats and jobs are the model's (`keys`) either way."""
+        heartbeats and jobs are the model's (`keys`) either way. `registry`:
+        the deployment's models hash (`Keys.models`), where each heartbeat
+        names the model and its queue; "": not written."""
         if levels < 1:
             raise ValueError(f"{levels} priority levels")
         self.shard = shard
@@ -344,6 +349,7 @@ class RequestQueue:
         self.keys = keys
         self.levels = levels
         self.version = version
+        self.registry = registry
         # Where pushes go and what `depths` counts.
         self.queue_keys = keys.for_version(version) if version else keys
         self._claim = self.client.register_script(_CLAIM)
@@ -353,12 +359,19 @@ class RequestQueue:
 
     @classmethod
     def open(
-        cls, url: str, keys: Keys, *, timeout: float, levels: int = 1, version: str = ""
+        cls,
+        url: str,
+        keys: Keys,
+        *,
+        timeout: float,
+        levels: int = 1,
+        version: str = "",
+        registry: str = "",
     ) -> RequestQueue:
         """A queue on `url`, over this process's Shard for it: commands give
         up on a silent host after `timeout` s, blocking ones `timeout` s after
         Redis should have ended them."""
-        return cls(Shard.of(url, timeout), keys, levels, version)
+        return cls(Shard.of(url, timeout), keys, levels, version, registry)
 
     def of_version(self, version: str) -> RequestQueue:
         """The same model's queue for `version`, on the same shard."""
@@ -593,6 +606,9 @@ class RequestQueue:
         if self.version:
             p.hset(self.keys.worker_versions, worker_id, self.version)
             p.sadd(self.keys.known_versions, self.version)
+        if self.registry and info.name:
+            entry = {"queue": self.keys.queue_name, "version": info.version, "at": info.at}
+            p.hset(self.registry, info.name, json.dumps(entry))
         if own:
             with self.shard.watch():
                 p.execute()

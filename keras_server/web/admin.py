@@ -169,7 +169,9 @@ def describe(model: ServedModel) -> dict[str, Any]:
 
 @blueprint.get("/models")
 def list_models() -> Response:
-    models = state().deployment.models.values()
+    deployment = state().deployment
+    deployment.discover()
+    models = deployment.models.values()
     return jsonify(models=[describe(m) for m in models])
 
 

@@ -130,8 +130,29 @@ def server_ready(deployment: Deployment) -> bool:
     return not deployment.unready(deployment.survey())
 
 
+def repository_index(deployment: Deployment, ready_only: bool = False) -> list[dict[str, str]]:
+    """Triton's repository index: per model, each version with live workers
+    (READY); a model with none, under its spec's version (UNAVAILABLE)."""
+    survey = deployment.survey()  # learns models first (--models-from workers)
+    index = []
+    for model in deployment.models.values():
+        live = sorted({w.version or model.spec.version for w in survey.live_workers(model.name)})
+        for version in live:
+            index.append({"name": model.name, "version": version, "state": "READY"})
+        if not live and not ready_only:
+            index.append(
+                {
+                    "name": model.name,
+                    "version": model.spec.version,
+                    "state": "UNAVAILABLE",
+                    "reason": "no live worker",
+                }
+            )
+    return index
+
+
 def find_model(deployment: Deployment, name: str) -> ServedModel:
-    model = deployment.models.get(name)
+    model = deployment.get(name)
     if model is None:
         known = ", ".join(sorted(deployment.models))
         raise HttpError(404, f"unknown model {name!r}; this server serves {known}")

@@ -150,6 +150,10 @@ class Router:
     model_name: str
     shards: ShardSet
     rng: random.Random = field(default_factory=random.Random)
+    # With no live worker at all: queue on the model's own queue and wait
+    # for one (a configured model), or answer 503 at once (a learned one,
+    # web/deployment.py, whose workers have left).
+    wait_for_workers: bool = True
     _view: View | None = field(default=None, repr=False)
     _by_version: dict[str, ShardSet] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -213,6 +217,8 @@ class Router:
                 )
             return Route(pinned, self.shards_for(pinned), pinned=True, own_queue=True)
         if not view.live:
+            if not self.wait_for_workers:
+                raise errors.no_live_worker(self.model_name)
             return Route(None, self.shards)
         version = self.choose(view)
         if not view.live[version]:
