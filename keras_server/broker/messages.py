@@ -115,7 +115,8 @@ class Keys:
     def queue_at(self, level: int) -> str:
         """The queue of priority `level` (1 is the highest). Every name of a
         queue's lists is built from `queue_name` here, so a finer queue (one
-        per model version, say) is a longer `queue_name`, levels and all."""
+        per model version: `for_version`) is a longer `queue_name`, levels
+        and all."""
         if level < 1:
             raise ValueError(f"priority level {level} < 1")
         return self.queue_name if level == 1 else f"{self.queue_name}:level:{level}"

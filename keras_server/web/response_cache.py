@@ -19,15 +19,15 @@ everybody else answered with its classes. SHA-256 rather than BLAKE2b: the
 SHA extensions of current x86 and ARM CPUs make it the faster of the two
 (0.20 against 0.44 ms for a 235 KB upload, BENCHMARKS.md).
 
-Versions. All versions of a model share its queue today, so the version a
-lookup uses is the one the model's live workers serve, read from the
-registry (their heartbeats) at most every VERSIONS_TTL_S: exactly one live
-version is looked up under its own name; while versions are mixed (a rolling
-upgrade) or none is live, lookups are skipped and counted, since any worker
-may answer. An answer is always stored under the version it names, so a new
-version never reads an older version's entries: they are different keys.
-(When each version has its own queue, issue 22, the lookup version is the
-one the request is routed to.)
+Versions. Each version has its own queue (web/routing.py), so a lookup uses
+the version the request is routed to, when that is certain. When it is not
+(no live worker, or workers from before versions had queues, all claiming the
+model's one queue), the version is the one the model's live workers serve,
+read from the registry (their heartbeats) at most every VERSIONS_TTL_S: one
+live version is looked up under its own name; while versions are mixed or
+none is live, lookups are skipped and counted, since any worker may answer.
+An answer is always stored under the version it names, so a new version
+never reads an older version's entries: they are different keys.
 
 Several images: each is looked up and stored on its own, in one round trip
 each way (MGET, then a pipeline of SETs); only the misses are decoded and

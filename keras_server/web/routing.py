@@ -215,6 +215,11 @@ class Router:
                     f"version {pinned!r} of model {self.model_name!r} has no live worker; "
                     "retry shortly"
                 )
+            if not view.live[pinned]:
+                # Its workers are from before versions had queues: they claim
+                # the model's alone (a newer worker of another version that
+                # claims it there refuses it, by its header).
+                return Route(pinned, self.shards, pinned=True)
             return Route(pinned, self.shards_for(pinned), pinned=True, own_queue=True)
         if not view.live:
             if not self.wait_for_workers:
