@@ -348,7 +348,7 @@ def test_a_new_model_serves_through_an_unrestarted_web_server(
         for _ in range(20):
             assert post(session, url) == (200, "7")
         listed = requests.get(base + "/models", timeout=10).json()["models"]
-        assert {m["name"] for m in listed} == {"sim", "extra"}
+        assert {m["name"]: m["versions"] for m in listed} == {"sim": [], "extra": ["7"]}
         index = requests.post(base + "/v2/repository/index", json={}, timeout=10).json()
         assert {"name": "extra", "version": "7", "state": "READY"} in index
         assert {i["name"]: i["state"] for i in index}["sim"] == "UNAVAILABLE"

@@ -30,7 +30,7 @@ from keras_server.settings import Settings
 from keras_server.web import dispatch, errors
 from keras_server.web.deployment import Deployment, ServedModel
 from keras_server.web.response_cache import HEADER, ResponseCache, top_k_form
-from keras_server.web.routing import Route
+from keras_server.web.routing import Route, version_order
 from keras_server.web.uploads import request_files
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,9 @@ def list_models() -> Response:
                 "input_size": list(size) if size else None,
                 "labels": max((w.labels for w in workers), default=0) or None,
                 "live_workers": len(workers),
+                "versions": sorted(
+                    {w.version or model.spec.version for w in workers}, key=version_order
+                ),
                 "description": workers[0].description if workers else None,
                 "engine": (workers[0].engine or None) if workers else None,
                 "precision": (workers[0].precision or None) if workers else None,
