@@ -105,6 +105,13 @@ RESPONSE_CACHE_SKIPPED = Counter(
     "(lookup, store) and reason (versions, down, unreachable, refused, full, bug)",
     ["model", "operation", "reason"],
 )
+API_KEY_REQUESTS = Counter(
+    "keras_server_api_key_requests",
+    "Requests with a valid API key, by the key's name in the keys file (never the key) "
+    "and quota: none (the key has no quota), within, over (answered 429), unenforced "
+    "(the quota's Redis could not be asked: let through)",
+    ["key_name", "quota"],
+)
 
 # Set once by the worker that loads each model (never by the web tier).
 ENGINE_LABELS = ["model", "engine", "precision"]

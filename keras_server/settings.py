@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from keras_server.broker.messages import Keys
 from keras_server.broker.request_queue import SENTINEL_SCHEME, parse_sentinel_url
@@ -110,6 +111,7 @@ class Settings:
     job_ttl: float = 86400.0
     callback_hosts: str = ""
     callback_secret: str = ""
+    cors_origins: str = ""
 
     def model_specs(self) -> Models:
         """The models this deployment serves, and the default one's name: read
@@ -170,6 +172,11 @@ class Settings:
     @property
     def max_archive_bytes(self) -> int:
         return int(self.max_archive_mb * 1024 * 1024)
+
+    @property
+    def cors_origin_list(self) -> tuple[str, ...]:
+        """Each origin of --cors-origins ("*" alone for any); empty when off."""
+        return tuple(o for o in self.cors_origins.split(",") if o)
 
     @property
     def decode_memory_bytes(self) -> int:
@@ -338,6 +345,42 @@ def _otlp_endpoint(text: str) -> str:
     if value and not value.startswith(("http://", "https://")):
         raise ValueError("must be an http:// or https:// URL (OTLP over HTTP)")
     return value
+
+
+def _cors_origins(text: str) -> str:
+    """Origins as a browser sends them (scheme://host[:port], lower case), or *."""
+    origins = [o.strip() for o in text.split(",") if o.strip()]
+    if origins == ["*"] or not origins:
+        return ",".join(origins)
+    found = []
+    for origin in origins:
+        if origin == "*":
+            raise ValueError("* allows every origin: give it alone")
+        try:
+            parts = urlsplit(origin)
+            port = parts.port
+        except ValueError:
+            parts, port = None, None
+        if (
+            parts is None
+            or parts.scheme not in ("http", "https")
+            or not parts.hostname
+            or parts.username is not None
+            or parts.password is not None
+            or parts.path
+            or parts.query
+            or parts.fragment
+            or origin.endswith(("?", "#"))
+        ):
+            raise ValueError(
+                f"{origin!r} is not an origin: write scheme://host[:port] (http or https, "
+                "no path, no trailing slash), or * alone"
+            )
+        netloc = parts.netloc.lower()
+        if port is not None and parts.port == {"http": 80, "https": 443}[parts.scheme]:
+            netloc = netloc.rsplit(":", 1)[0]  # a browser leaves a default port out
+        found.append(f"{parts.scheme}://{netloc}")
+    return ",".join(dict.fromkeys(found))
 
 
 def _non_empty(text: str) -> str:
@@ -631,7 +674,9 @@ KNOBS: tuple[Knob, ...] = (
         _text,
         "a file of API keys, one per line: every request but /healthz, the upload page "
         "(/ and /assets/), /openapi.json and the probes (see --auth-probes) must then "
-        "show one (Authorization: Bearer KEY or X-API-Key: KEY)",
+        "show one (Authorization: Bearer KEY or X-API-Key: KEY); after a key, optional "
+        "name=NAME rate=N/UNIT burst=N give it a name and a quota shared through Redis "
+        "(over it: 429)",
         "FILE",
     ),
     Knob(
@@ -720,6 +765,15 @@ KNOBS: tuple[Knob, ...] = (
         "the HMAC-SHA256 key that signs job callbacks (X-Signature-256); callbacks "
         "need it (prefer the environment variable to the flag: ps shows flags)",
         "SECRET",
+    ),
+    Knob(
+        "cors_origins",
+        _cors_origins,
+        "web pages of these origins (scheme://host[:port], comma-separated, or * for any) "
+        "may call the API from a browser (CORS): preflights are answered and every answer, "
+        "errors included, carries the CORS headers; credentials are never allowed (keys "
+        "travel in headers). Empty: off",
+        "ORIGIN[,ORIGIN...]",
     ),
 )
 

@@ -6,11 +6,16 @@ nginx under a sub-path.
 Screenshots are kept in $KERAS_SERVER_TEST_ARTIFACTS (default tests/artifacts/).
 """
 
+from __future__ import annotations
+
 import base64
 import dataclasses
+import functools
+import http.server
 import io
 import os
 import re
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -497,3 +502,119 @@ def test_a_large_photo_is_shrunk_before_upload(
     assert top[0] > 200 and top[2] < 60, f"top should be red, got {top}"
     assert bottom[2] > 200 and bottom[0] < 60, f"bottom should be blue, got {bottom}"
     assert watched.unexpected_errors() == []
+
+
+# -- CORS: the API called from a page of another origin -------------------------
+
+CORS_KEY = "cors-browser-key-0123456789abcdef"
+
+# fetch() from the page: the answer's status, body and the headers CORS lets
+# a script read; a refused call is the TypeError the browser throws.
+FETCH = """async ([url, options]) => {
+  try {
+    const answer = await fetch(url, options);
+    const headers = {};
+    for (const name of ["Retry-After", "RateLimit-Remaining", "WWW-Authenticate"]) {
+      headers[name] = answer.headers.get(name);
+    }
+    return { status: answer.status, body: await answer.json(), headers };
+  } catch (error) {
+    return { failed: String(error) };
+  }
+}"""
+PREDICT = (
+    "async ([url, key, png]) => {\n  const call = " + FETCH + ";\n"
+    """  const bytes = Uint8Array.from(atob(png), (c) => c.charCodeAt(0));
+  const form = new FormData();
+  form.append("image", new Blob([bytes], { type: "image/png" }), "chelsea.png");
+  return await call([url, {
+    method: "POST", body: form, headers: { "X-API-Key": key, "X-Priority": "1" },
+  }]);
+}"""
+)
+INFER = (
+    "async ([url, key, png]) => {\n  const call = " + FETCH + ";\n"
+    """  const body = JSON.stringify({ inputs: [
+    { name: "image", datatype: "BYTES", shape: [1], data: [png] },
+  ] });
+  return await call([url, {
+    method: "POST", body,
+    headers: { Authorization: "Bearer " + key, "Content-Type": "application/json" },
+  }]);
+}"""
+)
+
+
+class PageServer:
+    """A page on an origin of its own (another port): an empty HTML page."""
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir()
+        (directory / "index.html").write_text("<!doctype html><title>elsewhere</title>")
+        handler = functools.partial(QuietHandler, directory=str(directory))
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
+        self.origin = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> PageServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_another_origin_calls_the_api(
+    browser: BrowserContext, settings: Settings, worker: WorkerThread, tmp_path: Path
+) -> None:
+    """A page on an allowed origin calls /predict and /v2 infer with fetch(),
+    with a key (a preflight each), reads a 429's Retry-After and a 401's
+    challenge; a page on another origin is refused by the browser."""
+    keys = tmp_path / "keys.txt"
+    keys.write_text(f"{CORS_KEY} name=browser rate=1/h burst=2\n")
+    png = base64.b64encode(CHELSEA.read_bytes()).decode()
+    with PageServer(tmp_path / "allowed") as allowed, PageServer(tmp_path / "other") as other:
+        process, base = start_web(
+            settings, "--web-workers", "1", "--api-keys", str(keys),
+            "--cors-origins", allowed.origin,
+        )  # fmt: skip
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(30_000)
+            page.goto(allowed.origin + "/")
+            predicted = page.evaluate(PREDICT, [base + "/predict", CORS_KEY, png])
+            assert predicted["status"] == 200, predicted
+            assert len(predicted["body"]["predictions"]) == 5
+            assert predicted["headers"]["RateLimit-Remaining"] == "1"
+
+            inferred = page.evaluate(INFER, [base + "/v2/models/resnet50/infer", CORS_KEY, png])
+            assert inferred["status"] == 200, inferred
+            assert inferred["body"]["outputs"][0]["shape"] == [1, 1000]
+
+            # Over the quota: the page reads the 429, its body and its delay.
+            over = page.evaluate(PREDICT, [base + "/predict", CORS_KEY, png])
+            assert over["status"] == 429, over
+            assert "over its quota" in over["body"]["error"]
+            assert int(over["headers"]["Retry-After"]) > 3000
+            wrong = page.evaluate(PREDICT, [base + "/predict", "not-the-key-0123456789", png])
+            assert wrong["status"] == 401, wrong
+            assert wrong["headers"]["WWW-Authenticate"].startswith("Bearer")
+
+            # The same calls from an origin not allowed: the browser refuses them.
+            page.goto(other.origin + "/")
+            refused = page.evaluate(PREDICT, [base + "/predict", CORS_KEY, png])
+            assert refused == {"failed": "TypeError: Failed to fetch"}
+            refused = page.evaluate(INFER, [base + "/v2/models/resnet50/infer", CORS_KEY, png])
+            assert refused == {"failed": "TypeError: Failed to fetch"}
+        finally:
+            log = stop(process)
+    # The refused origin's preflights were answered, without CORS headers, and
+    # never reached a route: the key's quota was not touched by them.
+    assert "OPTIONS /predict 200" in log
+    assert CORS_KEY not in log

@@ -427,8 +427,9 @@ def test_models_file_raises_only_catalog_error(text: str) -> None:
 keys = st.text(st.sampled_from("abcXYZ0129._~+/-"), min_size=16, max_size=40)
 
 
+# Unique: a key given twice is refused (which line's name and quota would count?).
 @FUZZ
-@given(st.lists(keys, min_size=1, max_size=4), st.binary(max_size=80), st.booleans())
+@given(st.lists(keys, min_size=1, max_size=4, unique=True), st.binary(max_size=80), st.booleans())
 def test_keys_file_round_trips_and_raises_only_keys_file_error(
     good: list[str], junk: bytes, spoil: bool
 ) -> None:

@@ -6,6 +6,7 @@
                   Shard (connections + health) per Redis URL per process
     shards        several Redis instances: pick one per request, skip dead ones
     jobs          asynchronous jobs: record, items fed onto the queue, results, cancel
+    quotas        API keys' quotas: one atomic GCRA script, shared by every web server
     redis_server  a private redis-server when none is running
     response_store the response cache's Redis: get and set answers, never fill the queue's
 

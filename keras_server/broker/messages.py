@@ -69,22 +69,12 @@ class BadMessage(ValueError):
 # The words a queue's own keys add after its name. Another model's queue is
 # "<queue-name>:<model>", so a model named after one of them would share keys
 # with the default model (a model "workers" would queue into its workers set):
-# settings refuses these names for every model but the default.
+# settings refuses these names for every model but the default. "quota" holds
+# the API keys' quotas (`Keys.quota`).
 KEY_PARTS = (
-    "result",
-    "processing",
-    "worker",
-    "workers",
-    "cache",
-    "level",
-    "wakeup",
-    "job",
-    "jobs",
-    "version",
-    "versions",
-    "traffic",
-    "models",
-)
+    "result", "processing", "worker", "workers", "cache", "level", "wakeup", "job", "jobs",
+    "quota", "version", "versions", "traffic", "models",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -185,6 +175,12 @@ class Keys:
         even though the queue name may say it: the default model's keys
         carry no model name, and the default can change."""
         return f"{self.queue_name}:cache:{model}:{version}:{form}:{digest}"
+
+    def quota(self, key_name: str) -> str:
+        """An API key's quota state (broker/quotas.py), by the key's name from
+        the keys file, never by the key itself. Under the default model's
+        queue name, on the first shard: one per deployment."""
+        return f"{self.queue_name}:quota:{key_name}"
 
     # -- asynchronous jobs (broker/jobs.py) --------------------------------
 

@@ -16,7 +16,9 @@ reads and writes the connections meanwhile). It never imports an engine.
 - With --api-keys, every call but ServerLive and ServerReady (those too with
   --auth-probes) must carry a key in its metadata, `authorization: Bearer
   KEY` or `x-api-key: KEY`, checked as web/auth.py checks the HTTP headers;
-  else UNAUTHENTICATED, before the request is parsed.
+  else UNAUTHENTICATED, before the request is parsed. A key over its quota
+  (web/quotas.py, shared with the HTTP front) is RESOURCE_EXHAUSTED, with
+  `retry-after` and `ratelimit-*` trailers.
 - SIGTERM or SIGINT: no new calls; those in flight have up to
   --result-timeout to finish.
 """
@@ -39,7 +41,7 @@ from keras_server.logs import configure_logging
 from keras_server.rpc import grpc_predict_v2_pb2_grpc as pb_grpc
 from keras_server.rpc.service import InferenceService
 from keras_server.settings import Settings, load_settings
-from keras_server.web import auth
+from keras_server.web import auth, quotas
 from keras_server.web.deployment import Deployment
 from keras_server.web.dispatch import Decoder
 
@@ -52,9 +54,10 @@ PROBES = frozenset({"ServerLive", "ServerReady"})
 class KeyCheck(grpc.ServerInterceptor):
     """--api-keys for gRPC: the key from the call's metadata, or UNAUTHENTICATED."""
 
-    def __init__(self, keys: auth.ApiKeys, settings: Settings) -> None:
+    def __init__(self, keys: auth.ApiKeys, settings: Settings, limiter: quotas.Limiter) -> None:
         self.keys = keys
         self.settings = settings
+        self.limiter = limiter
 
     def intercept_service(
         self,
@@ -72,16 +75,31 @@ class KeyCheck(grpc.ServerInterceptor):
             what = "malformed authorization" if rejected.error else "no key"
             log.warning("refused gRPC %s: %s", method, what)
             return _refuse(method, str(rejected))
-        if not self.keys.accepts(str(key)):
+        entry = self.keys.identify(str(key))
+        if entry is None:
             log.warning("refused gRPC %s: unknown key", method)
             return _refuse(method, "the API key is not valid")
+        # The key's quota, shared with the HTTP front (web/quotas.py).
+        decision = self.limiter.check(entry.name, entry.quota)
+        if decision is not None and not decision.allowed and entry.quota is not None:
+            message = quotas.refusal(entry.name, entry.quota, decision)
+            # RateLimit-* and Retry-After, as trailers (lower case, as gRPC's metadata is).
+            trailers = tuple((k.lower(), v) for k, v in decision.headers.items())
+            return _refuse(method, message, grpc.StatusCode.RESOURCE_EXHAUSTED, trailers)
         return continuation(details)
 
 
-def _refuse(method: str, message: str) -> grpc.RpcMethodHandler:
+def _refuse(
+    method: str,
+    message: str,
+    status: grpc.StatusCode = grpc.StatusCode.UNAUTHENTICATED,
+    trailers: tuple[tuple[str, str], ...] = (),
+) -> grpc.RpcMethodHandler:
     def abort(request: Any, context: grpc.ServicerContext) -> None:
-        metrics.GRPC_REQUESTS.labels(method, grpc.StatusCode.UNAUTHENTICATED.name).inc()
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        metrics.GRPC_REQUESTS.labels(method, status.name).inc()
+        if trailers:
+            context.set_trailing_metadata(trailers)
+        context.abort(status, message)
 
     return grpc.unary_unary_rpc_method_handler(abort)
 
@@ -99,7 +117,7 @@ def build_server(settings: Settings, deployment: Deployment | None = None) -> gr
     if settings.api_keys:
         keys = auth.load_keys(settings.api_keys)
         log.info("API keys required on gRPC (%d accepted)", len(keys))
-        interceptors.append(KeyCheck(keys, settings))
+        interceptors.append(KeyCheck(keys, settings, quotas.Limiter.from_settings(settings)))
     server = grpc.server(
         ThreadPoolExecutor(max_workers=settings.web_threads, thread_name_prefix="grpc"),
         interceptors=interceptors,

@@ -12,7 +12,9 @@
     admin        the admin API (--admin-keys): versions and traffic while serving
     response_cache the shared response cache: look uploads up by hash, store answers
     uploads      the files of a multipart upload (python-multipart)
-    auth         API keys (--api-keys): checked before every route
+    auth         API keys (--api-keys): checked before every route; the keys file
+    quotas       quotas per API key: admit or 429, RateLimit-* headers
+    cors         CORS (--cors-origins): preflights, headers on every answer
     page         the upload page at / and the OpenAPI description
     jobs         asynchronous jobs: POST /jobs, GET and DELETE /jobs/<id>
     archives     a job's zip or tar: its files, with the unsafe ones refused

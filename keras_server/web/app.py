@@ -1,9 +1,10 @@
 """The HTTP tier: the Flask app factory. `create_app` only assembles the app:
 the per-app state the routes read (api.AppState), the request's span when
-tracing is on (tracing.server_span), the request log, the API-key
-check (auth.py), the blueprints (api.py's JSON routes, page.py's page, v2.py's
-protocol) and, for what no blueprint routes (an unknown path, a method a
-path does not take), errors.py's handlers in /predict's shape.
+tracing is on (tracing.server_span), the request log, CORS (cors.py), the
+API-key check and its quotas (auth.py, quotas.py), the blueprints (api.py's
+JSON routes, page.py's page, v2.py's protocol) and, for what no blueprint
+routes (an unknown path, a method a path does not take), errors.py's
+handlers in /predict's shape.
 
 Every answer, errors included, is JSON; no traceback ever reaches a client.
 This module never imports Keras or TensorFlow.
@@ -21,7 +22,7 @@ from flask import Flask, Request, Response, g, request
 from keras_server import logs, metrics, tracing
 from keras_server.images import return_freed_pixels_to_the_system
 from keras_server.settings import Settings, load_settings
-from keras_server.web import admin, api, auth, dispatch, errors, jobs, page, v2
+from keras_server.web import admin, api, auth, cors, dispatch, errors, jobs, page, v2
 from keras_server.web.deployment import Deployment
 from keras_server.web.response_cache import ResponseCache
 
@@ -72,6 +73,7 @@ def create_app(settings: Settings, deployment: Deployment | None = None) -> Flas
     api.AppState(settings, deployment, dispatch.Decoder(settings), cache).install(app)
     return_freed_pixels_to_the_system()
     _add_request_log(app)
+    cors.install(app, settings)  # on every answer, errors included
     auth.install(app, settings)  # before every route, those of blueprints too
     app.register_blueprint(api.blueprint)
     app.register_blueprint(page.blueprint)

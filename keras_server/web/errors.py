@@ -2,6 +2,7 @@
 (status, message, headers), and each API renders it in its own shape.
 
 Statuses and headers are decided here: `unavailable` (503 with Retry-After),
+`over_quota` (429, with the quota's Retry-After and RateLimit-* headers),
 `no_live_worker`, `from_redis` (broker/failures.py's classes: an unreachable
 or refusing Redis is a 503, anything else a bug), `from_http` (werkzeug's
 404/405/413 ...) and `from_image` (a bad upload, or the decode budget spent).
@@ -47,6 +48,12 @@ def unavailable(message: str) -> HttpError:
 
 def no_live_worker(model: str) -> HttpError:
     return unavailable(f"model {model!r} has no live worker yet; retry shortly")
+
+
+def over_quota(message: str, headers: dict[str, str]) -> HttpError:
+    """A 429: the API key is over its quota (web/quotas.py); `headers` carry
+    Retry-After and RateLimit-*."""
+    return HttpError(429, message, headers)
 
 
 def queue_full() -> HttpError:
