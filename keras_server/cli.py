@@ -42,6 +42,7 @@ from keras_server.logs import configure_logging
 from keras_server.metrics import MULTIPROCESS_DIR_ENV
 from keras_server.processes import die_with_parent
 from keras_server.settings import Settings, SettingsError, load_settings, to_environment
+from keras_server.web.admin import load_admin_keys
 from keras_server.web.auth import KeysFileError, load_keys
 from keras_server.web.deployment import Deployment
 from keras_server.worker.loop import FairLock, Worker, serve
@@ -68,6 +69,8 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
     try:
         if settings.api_keys and settings.role != "worker":
             load_keys(settings.api_keys)  # an unusable keys file stops us before the port opens
+        if settings.admin_keys and settings.role != "worker":
+            load_admin_keys(settings.admin_keys)
         if settings.role == "web":
             if settings.grpc_port:
                 return run_web(settings)
@@ -136,8 +139,14 @@ def make_workers(
     for url in settings.redis_urls:
         # The process's one Shard for `url`: the web tier of --role all and
         # every model's worker share its connections and its health.
+        # Its version's own queue first, then the model's (RequestQueue).
         queue = RequestQueue.open(
-            url, keys, timeout=settings.redis_timeout, levels=settings.priority_levels
+            url,
+            keys,
+            timeout=settings.redis_timeout,
+            levels=settings.priority_levels,
+            version=version,
+            registry=messages.Keys(settings.queue_name).models,
         )
         for _ in range(settings.parallel_batches):
             worker = Worker(

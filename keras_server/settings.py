@@ -67,6 +67,8 @@ class Settings:
     top_k: int = 5
     model_version: str = "1"
     models_file: str = ""
+    models_from: str = "workers"
+    model_grace: float = 60.0
     serve: str = "all"
     batch_size: int = 32
     max_batch_delay_ms: float = 0.0
@@ -97,6 +99,7 @@ class Settings:
     sim_image_ms: float = 5.0
     log_level: str = "INFO"
     api_keys: str = ""
+    admin_keys: str = ""
     auth_probes: bool = False
     response_cache_ttl: float = 0.0
     response_cache_url: str = ""
@@ -474,6 +477,20 @@ KNOBS: tuple[Knob, ...] = (
         "FILE",
     ),
     Knob(
+        "models_from",
+        _choice(("workers", "file")),
+        "web servers route the models of --models-file (or --model) and, with workers, "
+        "also every model a live worker serves, learned from Redis while serving",
+        "workers|file",
+    ),
+    Knob(
+        "model_grace",
+        _non_negative_float,
+        "--models-from workers: seconds a learned model's requests get 503 (no live "
+        "worker) after its last worker left, before it is forgotten (404)",
+        "SECONDS",
+    ),
+    Knob(
         "serve",
         _non_empty,
         "--role worker/all: the models of --models-file this process loads, comma-"
@@ -660,6 +677,14 @@ KNOBS: tuple[Knob, ...] = (
         "show one (Authorization: Bearer KEY or X-API-Key: KEY); after a key, optional "
         "name=NAME rate=N/UNIT burst=N give it a name and a quota shared through Redis "
         "(over it: 429)",
+        "FILE",
+    ),
+    Knob(
+        "admin_keys",
+        _text,
+        "a file of admin keys, NAME KEY per line, separate from --api-keys: turns on the "
+        "admin API under /admin/ (models, versions, traffic policy; 404 without it), which "
+        "takes these keys alone (Authorization: Bearer KEY or X-Admin-Key: KEY)",
         "FILE",
     ),
     Knob(

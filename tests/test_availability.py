@@ -135,8 +135,9 @@ def wait_ready(base: str, claim_loops: int = 1) -> None:
 def test_a_model_named_after_a_key_part_is_refused(tmp_path: Path) -> None:
     """A model called "workers" used to queue into the default model's workers set."""
     default = messages.Keys("q")
-    with pytest.raises(ValueError, match="collide"):
-        messages.Keys.for_model("q", "workers", default="resnet50")
+    for part in ("workers", "version", "versions", "traffic", "models"):
+        with pytest.raises(ValueError, match="collide"):
+            messages.Keys.for_model("q", part, default="resnet50")
     models = tmp_path / "models.toml"
     models.write_text('[models.resnet50]\nmodel = "sim"\n[models.workers]\nmodel = "sim"\n')
     with pytest.raises(CatalogError, match="'workers' would collide"):
@@ -147,7 +148,9 @@ def test_a_model_named_after_a_key_part_is_refused(tmp_path: Path) -> None:
     assert messages.Keys.for_model("q", "workers", default="workers") == default
 
 
-@pytest.mark.parametrize("other", ["flowers", "result-x", "work", "q", "worker_2"])
+@pytest.mark.parametrize(
+    "other", ["flowers", "result-x", "work", "q", "worker_2", "version-2", "models_x", "1"]
+)
 def test_no_other_models_keys_meet_the_default_models(other: str) -> None:
     def every_key(keys: messages.Keys) -> set[str]:
         return {
@@ -156,6 +159,13 @@ def test_no_other_models_keys_meet_the_default_models(other: str) -> None:
             keys.result("id"),
             keys.processing("w"),
             keys.heartbeat("w"),
+            keys.worker_versions,
+            keys.known_versions,
+            keys.traffic,
+            keys.models,
+            keys.for_version("1").queue,
+            keys.for_version("1").queue_at(2),
+            keys.for_version("1").wakeup,
         }
 
     default = messages.Keys.for_model("q", "default", default="default")

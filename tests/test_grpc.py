@@ -194,6 +194,15 @@ def test_unknown_model_and_version_are_not_found(client: grpcclient.InferenceSer
     assert code(ready) == "NOT_FOUND"
 
 
+def test_a_pinned_version_is_answered_on_its_own_queue(
+    client: grpcclient.InferenceServerClient,
+) -> None:
+    """model_version pins the request to that version's queue (issue 22):
+    its workers claim it there and the answer names it."""
+    result = client.infer(MODEL, [image_input(FILES[:1])], model_version="1")
+    assert result.get_response().model_version == "1"
+
+
 @pytest.mark.slow
 def test_infer_encoded_images(client: grpcclient.InferenceServerClient) -> None:
     output = grpcclient.InferRequestedOutput("probabilities")

@@ -8,6 +8,7 @@ import io
 import json
 import re
 import struct
+from pathlib import Path
 
 import pytest
 from conftest import CHELSEA, ROOT, CountingPredictor, WorkerThread, make_worker, wait_until
@@ -112,8 +113,11 @@ def test_its_version_is_the_package_version() -> None:
     assert SPEC["info"]["version"] == version.group(1)
 
 
-def test_every_route_is_documented_and_nothing_else(settings: Settings) -> None:
-    app = create_app(settings)
+def test_every_route_is_documented_and_nothing_else(settings: Settings, tmp_path: Path) -> None:
+    # With admin keys, so that the admin API's routes are served too.
+    keys = tmp_path / "admin-keys"
+    keys.write_text("ops admin-key-0123456789\n")
+    app = create_app(dataclasses.replace(settings, admin_keys=str(keys)))
     served = {
         (re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule), method.lower())
         for rule in app.url_map.iter_rules()
@@ -440,3 +444,28 @@ def test_jobs(openapi: OpenAPI, client: FlaskClient, settings: Settings) -> None
     too_many = call(create_app(many).test_client(), "POST", "/jobs", body,
                     f"multipart/form-data; boundary={boundary}")  # fmt: skip
     conforms(openapi, too_many, 413)
+
+
+def test_versions_admin_and_repository_index(
+    openapi: OpenAPI, settings: Settings, tmp_path: Path
+) -> None:
+    """The pinned predict route's 503, the repository index, and the admin
+    API's answers (issue 22) are what the description says."""
+    keys = tmp_path / "admin-keys"
+    keys.write_text("ops admin-key-0123456789\n")
+    client = create_app(dataclasses.replace(settings, admin_keys=str(keys))).test_client()
+    admin = {"X-Admin-Key": "admin-key-0123456789"}
+    done = upload(client, CHELSEA, path="/models/resnet50/versions/2/predict")
+    assert "no live worker" in conforms(openapi, done, 503)["error"]
+    index = call(client, "POST", "/v2/repository/index", b"{}", "application/json")
+    assert conforms(openapi, index, 200)[0]["state"] == "UNAVAILABLE"
+    conforms(openapi, call(client, "GET", "/admin/models"), 401, request_valid=False)
+    listed = conforms(openapi, call(client, "GET", "/admin/models", headers=admin), 200)
+    assert listed["models"][0]["traffic"] == {"policy": "latest"}
+    traffic = "/admin/models/resnet50/traffic"
+    body = json.dumps({"weights": {"1": 100}}).encode()
+    conforms(openapi, call(client, "PUT", traffic, body, "application/json", headers=admin), 409)
+    zero = json.dumps({"weights": {"1": 0}}).encode()
+    conforms(openapi, call(client, "PUT", traffic, zero, "application/json", headers=admin), 400)
+    conforms(openapi, call(client, "DELETE", traffic, headers=admin), 200)
+    conforms(openapi, call(client, "DELETE", "/admin/models/x/traffic", headers=admin), 404)

@@ -33,7 +33,9 @@ it (cjson, in Redis) to put a dead worker's claim back on its own level.
 A traced request (keras_server/tracing.py) also carries `"trace"`: the W3C
 traceparent of the span that queued it, which the worker's batch span links
 to. A worker ignores one that is not a short string (and one from before
-this, the field).
+this, the field). A request pinned to a version (`/versions/{v}/` routes)
+says so, `"version": v`: it waits on that version's own queue
+(`Keys.for_version`), and a worker of another version refuses it.
 Nothing read from Redis is ever unpickled or evaluated.
 """
 
@@ -71,7 +73,7 @@ class BadMessage(ValueError):
 # the API keys' quotas (`Keys.quota`).
 KEY_PARTS = (
     "result", "processing", "worker", "workers", "cache", "level", "wakeup", "job", "jobs",
-    "quota",
+    "quota", "version", "versions", "traffic", "models",
 )  # fmt: skip
 
 
@@ -103,10 +105,42 @@ class Keys:
     def queue_at(self, level: int) -> str:
         """The queue of priority `level` (1 is the highest). Every name of a
         queue's lists is built from `queue_name` here, so a finer queue (one
-        per model version, say) is a longer `queue_name`, levels and all."""
+        per model version: `for_version`) is a longer `queue_name`, levels
+        and all."""
         if level < 1:
             raise ValueError(f"priority level {level} < 1")
         return self.queue_name if level == 1 else f"{self.queue_name}:level:{level}"
+
+    def for_version(self, version: str) -> Keys:
+        """Version `version`'s own queue (its levels and wake-up list): only
+        that version's workers claim from it. Results, claims, heartbeats and
+        jobs stay under the model's keys."""
+        return Keys(f"{self.queue_name}:version:{version}")
+
+    @property
+    def worker_versions(self) -> str:
+        """Hash: worker id -> the version it serves, so any worker can put a
+        dead one's claims back on that version's queue."""
+        return f"{self.queue_name}:versions"
+
+    @property
+    def known_versions(self) -> str:
+        """Set of every version that has had workers: the queues a worker
+        sweeps for requests left behind when a version's last worker leaves."""
+        return f"{self.queue_name}:versions:known"
+
+    @property
+    def models(self) -> str:
+        """Hash, under the plain --queue-name only: model name -> JSON
+        `{"queue", "version", "at"}`, written by each worker's heartbeat, from
+        which web servers learn the models they were not told of
+        (web/deployment.py, --models-from workers)."""
+        return f"{self.queue_name}:models"
+
+    @property
+    def traffic(self) -> str:
+        """The model's traffic policy (JSON; absent: `latest`), web/routing.py."""
+        return f"{self.queue_name}:traffic"
 
     def queues(self, levels: int) -> list[str]:
         """The queues of levels 1 .. `levels`, highest first."""
@@ -208,6 +242,9 @@ class ImageRequest:
     classes: int = 0  # with it, the indices and labels of the k most likely
     priority: int = 1  # the queue level it waits at (1 is the highest)
     trace: str = ""  # the W3C traceparent of the span that queued it (tracing.py)
+    # The version the client pinned ("": any); a worker of another version
+    # that meets it (swept off a version with no worker left) refuses it.
+    version: str = ""
 
     @classmethod
     def create(
@@ -218,6 +255,7 @@ class ImageRequest:
         probabilities: bool = False,
         classes: int = 0,
         priority: int = 1,
+        version: str = "",
     ) -> ImageRequest:
         return cls(
             # 128 random bits, as uuid4 has, at a fifth of its cost (issue 23).
@@ -227,6 +265,7 @@ class ImageRequest:
             probabilities=probabilities,
             classes=classes,
             priority=priority,
+            version=version,
         )
 
     def expired(self, now: float | None = None) -> bool:
@@ -252,6 +291,8 @@ def encode_request(request: ImageRequest) -> bytes:
         message["priority"] = request.priority
     if request.trace:
         message["trace"] = request.trace
+    if request.version:
+        message["version"] = request.version
     return json.dumps(message).encode() + b"\n" + array.tobytes()
 
 
@@ -285,6 +326,9 @@ def decode_request(raw: bytes | str) -> ImageRequest:
         classes = _whole(message.get("classes", 0))
         priority = _whole(message.get("priority", 1))
         trace = message.get("trace", "")
+        version = message.get("version", "")
+        if not isinstance(version, str):
+            raise TypeError(f"the version {version!r} is not a string")
     except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
         # binascii.Error is a ValueError; OverflowError: float() of a huge integer.
         raise BadMessage(f"malformed request: {exc!r}") from None
@@ -312,6 +356,7 @@ def decode_request(raw: bytes | str) -> ImageRequest:
         priority=priority,
         # Only a link to a trace rides on it: a bad one loses that, not the request.
         trace=trace if isinstance(trace, str) and len(trace) <= MAX_TRACE else "",
+        version=version,
     )
 
 
@@ -376,6 +421,9 @@ class WorkerInfo:
     # Measured against Keras fp32 at start-up (predictor.Fidelity.as_dict);
     # None for Keras itself.
     fidelity: dict[str, float] | None = None
+    # Claims from its version's own queue (Keys.for_version), not only the
+    # model's; False for a worker from before versions had queues.
+    versioned: bool = False
 
     def encode(self) -> bytes:
         # The description is also written under its old key, "model": a web

@@ -42,6 +42,7 @@ writes one transaction.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import threading
 import time
@@ -73,30 +74,57 @@ PROBE_INTERVAL_S = 0.5
 # they next look, which they do before blocking again.
 WAKEUP_TOKENS = 64
 
-# KEYS: processing list, wake-up list, then the queues, highest level first.
-# ARGV: how many, how many of them at most from below level 1. Returns
-# {how many came from below level 1, the items moved...}, highest level first,
-# oldest first within a level.
+# KEYS: processing list, the wake-up lists (ARGV[4] of them), then the
+# queues, highest level first (the first ARGV[3] of them are level 1: a
+# version's queue and the model's). ARGV: how many, how many of them at most
+# from below level 1, level-1 queues, wake-up lists. Returns {how many came
+# from below level 1, the items moved...}, highest level first, oldest first
+# within a level.
 _CLAIM = """
 local want, lower = tonumber(ARGV[1]), tonumber(ARGV[2])
+local top, wakes = tonumber(ARGV[3]), tonumber(ARGV[4])
+local first = 2 + wakes
 local result, lowered, waiting = {0}, 0, 0
-for i = 3, #KEYS do
+for i = first, #KEYS do
   local take = want - (#result - 1)
-  if i > 3 and take > lower - lowered then take = lower - lowered end
+  local below = i >= first + top
+  if below and take > lower - lowered then take = lower - lowered end
   if take > 0 then
     local items = redis.call('LRANGE', KEYS[i], 0, take - 1)
     if #items > 0 then
       redis.call('LTRIM', KEYS[i], #items, -1)
       redis.call('RPUSH', KEYS[1], unpack(items))
       for _, item in ipairs(items) do result[#result + 1] = item end
-      if i > 3 then lowered = lowered + #items end
+      if below then lowered = lowered + #items end
     end
   end
   waiting = waiting + redis.call('LLEN', KEYS[i])
 end
-if waiting == 0 then redis.call('DEL', KEYS[2]) end
+if waiting == 0 then
+  for i = 2, first - 1 do redis.call('DEL', KEYS[i]) end
+end
 result[1] = lowered
 return result
+"""
+
+# KEYS: the wake-up list, then a version's queues, then the model's, each
+# highest level first (as many of each). Moves every request left on the
+# version's queues to the tail of the model's, level by level; returns how
+# many.
+_SWEEP = """
+local levels = (#KEYS - 1) / 2
+local moved = 0
+for level = 1, levels do
+  local items = redis.call('LRANGE', KEYS[1 + level], 0, -1)
+  if #items > 0 then
+    redis.call('DEL', KEYS[1 + level])
+    redis.call('RPUSH', KEYS[1 + levels + level], unpack(items))
+    moved = moved + #items
+  end
+end
+local tokens = math.min(moved, tonumber(ARGV[1]) - redis.call('LLEN', KEYS[1]))
+for i = 1, tokens do redis.call('RPUSH', KEYS[1], '1') end
+return moved
 """
 
 # KEYS: processing list, workers set, heartbeat, wake-up list, then the
@@ -302,24 +330,52 @@ class RequestQueue:
     marked down whoever meets it: the web tier, the surveys, the worker.
     """
 
-    def __init__(self, shard: Shard, keys: Keys, levels: int = 1) -> None:
-        """`levels`: --priority-levels, the queues a worker takes from."""
+    def __init__(
+        self, shard: Shard, keys: Keys, levels: int = 1, version: str = "", registry: str = ""
+    ) -> None:
+        """`levels`: --priority-levels, the queues a worker takes from.
+        `version`: the model version this queue is for: pushes go onto its
+        own queue (`Keys.for_version`), and a worker claims from it first,
+        then from the model's (requests queued unversioned, by a web server
+        from before versions had queues, or swept off a version whose last
+        worker left). "": the model's queue alone. Results, claims,
+        heartbeats and jobs are the model's (`keys`) either way. `registry`:
+        the deployment's models hash (`Keys.models`), where each heartbeat
+        names the model and its queue; "": not written."""
         if levels < 1:
             raise ValueError(f"{levels} priority levels")
         self.shard = shard
         self.client = shard.client
         self.keys = keys
         self.levels = levels
+        self.version = version
+        self.registry = registry
+        # Where pushes go and what `depths` counts.
+        self.queue_keys = keys.for_version(version) if version else keys
         self._claim = self.client.register_script(_CLAIM)
         self._requeue = self.client.register_script(_REQUEUE)
+        self._sweep = self.client.register_script(_SWEEP)
         self.jobs = JobStore(self.client, keys)
 
     @classmethod
-    def open(cls, url: str, keys: Keys, *, timeout: float, levels: int = 1) -> RequestQueue:
+    def open(
+        cls,
+        url: str,
+        keys: Keys,
+        *,
+        timeout: float,
+        levels: int = 1,
+        version: str = "",
+        registry: str = "",
+    ) -> RequestQueue:
         """A queue on `url`, over this process's Shard for it: commands give
         up on a silent host after `timeout` s, blocking ones `timeout` s after
         Redis should have ended them."""
-        return cls(Shard.of(url, timeout), keys, levels)
+        return cls(Shard.of(url, timeout), keys, levels, version, registry)
+
+    def of_version(self, version: str) -> RequestQueue:
+        """The same model's queue for `version`, on the same shard."""
+        return RequestQueue(self.shard, self.keys, self.levels, version)
 
     def _level(self, level: int) -> int:
         if not 1 <= level <= self.levels:
@@ -348,13 +404,13 @@ class RequestQueue:
         back goes on the queue again). Two pushes racing at the limit may both
         be refused where one would have fit; a token left behind only wakes a
         worker that finds nothing."""
-        queue = self.keys.queue_at(self._level(level))
+        queue = self.queue_keys.queue_at(self._level(level))
         tokens = min(len(payloads), WAKEUP_TOKENS)
         with self.shard.watch():
             pipe = self.client.pipeline(transaction=True)
             pipe.rpush(queue, *payloads)
-            pipe.rpush(self.keys.wakeup, *[b"1"] * tokens)
-            pipe.ltrim(self.keys.wakeup, 0, WAKEUP_TOKENS - 1)
+            pipe.rpush(self.queue_keys.wakeup, *[b"1"] * tokens)
+            pipe.ltrim(self.queue_keys.wakeup, 0, WAKEUP_TOKENS - 1)
             depth = int(pipe.execute()[0])
             if depth <= max_depth:
                 return depth
@@ -397,12 +453,20 @@ class RequestQueue:
         return self.wait_results([request_id], timeout).get(request_id)
 
     def depths(self) -> list[int]:
-        """Requests waiting at each level, highest first (one round trip)."""
-        pipe = self.client.pipeline(transaction=False)
-        for key in self.keys.queues(self.levels):
-            pipe.llen(key)
+        """Requests waiting at each level, highest first: on this version's
+        queue; on the model's queue, the model's and every version's
+        together (two round trips)."""
         with self.shard.watch():
-            return [int(n) for n in pipe.execute()]
+            names = [self.queue_keys]
+            if not self.version:
+                known = sorted(v.decode() for v in self.client.smembers(self.keys.known_versions))
+                names += [self.keys.for_version(v) for v in known]
+            pipe = self.client.pipeline(transaction=False)
+            for keys in names:
+                for key in keys.queues(self.levels):
+                    pipe.llen(key)
+            counts = [int(n) for n in pipe.execute()]
+        return [sum(counts[level :: self.levels]) for level in range(self.levels)]
 
     def depth(self, up_to: int | None = None) -> int:
         """Requests waiting at levels 1 .. `up_to` (default: every level):
@@ -415,20 +479,28 @@ class RequestQueue:
         """(up to `count` requests moved to the worker's processing list,
         highest level first, at most `max_lower` from below level 1; how many
         of them came from below level 1)."""
+        # A version's worker takes its own queue's level first, then the
+        # model's, level by level.
+        sources = [self.queue_keys, self.keys] if self.version else [self.keys]
+        queues = [q.queue_at(level) for level in range(1, self.levels + 1) for q in sources]
         keys = [
             self.keys.processing(worker_id),
-            self.keys.wakeup,
-            *self.keys.queues(self.levels),
+            *self._wakeups(),
+            *queues,
         ]
+        args = [count, max(max_lower, 0), len(sources), len(sources)]
         with self.shard.watch():
-            reply = self._claim(keys=keys, args=[count, max(max_lower, 0)])
+            reply = self._claim(keys=keys, args=args)
         return list(reply[1:]), int(reply[0])
+
+    def _wakeups(self) -> list[str]:
+        return [self.queue_keys.wakeup, self.keys.wakeup] if self.version else [self.keys.wakeup]
 
     def _wait_for_push(self, block: float) -> bool:
         """Block up to `block` s for a wake-up token; whether one came."""
         block = max(block, MIN_BLOCK_S)
         with self.shard.watch():
-            return self.shard.block("BLPOP", self.keys.wakeup, block, seconds=block) is not None
+            return self.shard.block("BLPOP", *self._wakeups(), block, seconds=block) is not None
 
     def claim_first(self, worker_id: str, wait: float, top_only: bool = False) -> bytes | None:
         """Block up to `wait` s for one request, from the highest level that
@@ -440,7 +512,7 @@ class RequestQueue:
             processing = self.keys.processing(worker_id)
             with self.shard.watch():
                 found: bytes | None = self.shard.block(
-                    "BLMOVE", self.keys.queue_at(1), processing, "LEFT", "RIGHT", block,
+                    "BLMOVE", self.queue_keys.queue_at(1), processing, "LEFT", "RIGHT", block,
                     seconds=block,
                 )  # fmt: skip
             return found
@@ -531,6 +603,12 @@ class RequestQueue:
         p = self.client.pipeline(transaction=True) if own else pipe
         p.set(self.keys.heartbeat(worker_id), info.encode(), px=max(int(ttl * 1000), 1))
         p.sadd(self.keys.workers, worker_id)
+        if self.version:
+            p.hset(self.keys.worker_versions, worker_id, self.version)
+            p.sadd(self.keys.known_versions, self.version)
+        if self.registry and info.name:
+            entry = {"queue": self.keys.queue_name, "version": info.version, "at": info.at}
+            p.hset(self.registry, info.name, json.dumps(entry))
         if own:
             with self.shard.watch():
                 p.execute()
@@ -540,6 +618,7 @@ class RequestQueue:
         p = self.client.pipeline(transaction=True) if own else pipe
         p.delete(self.keys.heartbeat(worker_id))
         p.srem(self.keys.workers, worker_id)
+        p.hdel(self.keys.worker_versions, worker_id)
         if own:
             with self.shard.watch():
                 p.execute()
@@ -560,32 +639,65 @@ class RequestQueue:
         return found
 
     def reap_dead(self) -> dict[str, int]:
-        """Requeue the claims of every worker whose heartbeat expired.
+        """Requeue the claims of every worker whose heartbeat expired (onto
+        its own version's queue), then sweep the queues of versions left
+        without a live worker (`sweep`).
 
         Safe to run from any number of workers at once: each dead worker's
         list is moved by one atomic script, and a worker that beats again in
         the meantime is left alone. Returns {dead worker id: requests requeued}.
         """
         reaped = {}
-        for worker_id, info in self.workers().items():
-            if info is None:
-                with self.shard.watch():
-                    moved = int(
-                        self._requeue(
-                            keys=self._requeue_keys(worker_id),
-                            args=[worker_id, "1", WAKEUP_TOKENS],
-                        )
+        workers = self.workers()
+        dead = [worker_id for worker_id, info in workers.items() if info is None]
+        if dead:
+            with self.shard.watch():
+                versions = self.client.hmget(self.keys.worker_versions, dead)
+        for worker_id, version in zip(dead, versions if dead else [], strict=True):
+            with self.shard.watch():
+                moved = int(
+                    self._requeue(
+                        keys=self._requeue_keys(worker_id, version.decode() if version else ""),
+                        args=[worker_id, "1", WAKEUP_TOKENS],
                     )
+                )
                 if moved >= 0:
-                    reaped[worker_id] = moved
+                    self.client.hdel(self.keys.worker_versions, worker_id)
+            if moved >= 0:
+                reaped[worker_id] = moved
+        live = {info.version for info in workers.values() if info is not None and info.versioned}
+        self.sweep(live)
         return reaped
 
-    def _requeue_keys(self, worker_id: str) -> list[str]:
+    def sweep(self, live: set[str]) -> dict[str, int]:
+        """Move what waits on the queue of each version with no live worker
+        (not in `live`) onto the model's queue, where any version's worker
+        takes it: an unpinned request routed there just before that
+        version's last worker left is answered rather than timed out, and a
+        pinned one is refused by the worker that claims it. Returns
+        {version: requests moved}, those that moved any."""
+        with self.shard.watch():
+            known = {v.decode() for v in self.client.smembers(self.keys.known_versions)}
+        moved = {}
+        for version in sorted(known - live):
+            source = self.keys.for_version(version)
+            keys = [self.keys.wakeup, *source.queues(self.levels), *self.keys.queues(self.levels)]
+            with self.shard.watch():
+                count = int(self._sweep(keys=keys, args=[WAKEUP_TOKENS]))
+            if count:
+                log.info("version %s has no live worker: %d queued requests moved", version, count)
+                moved[version] = count
+        return moved
+
+    def _requeue_keys(self, worker_id: str, version: str | None = None) -> list[str]:
+        """The requeue script's keys: claims go back onto `version`'s queue
+        (default: this queue's; "": the model's)."""
         k = self.keys
+        target = self.queue_keys if version is None else (k.for_version(version) if version else k)
         return [
             k.processing(worker_id),
             k.workers,
             k.heartbeat(worker_id),
-            k.wakeup,
-            *k.queues(self.levels),
+            target.wakeup,
+            *target.queues(self.levels),
         ]

@@ -149,13 +149,15 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.ServicerContext
     ) -> pb.ModelInferResponse:
-        model, size = core.infer_target(
+        model, size, route = core.infer_target(
             self.deployment, request.model_name, request.model_version or None
         )
         inference = parse_request(request, size, self.settings, self.decode)
         # The client's deadline, if it set one, is the request's: None when it did not.
         remaining = context.time_remaining()
-        return answer(inference, core.infer(model, inference, self.settings, remaining))
+        return answer(
+            inference, core.infer(model, inference, self.settings, remaining, route=route)
+        )
 
 
 # -- the request --------------------------------------------------------------

@@ -6,7 +6,10 @@
     inference    the v2 protocol without its transport: what REST and gRPC both call
     dispatch     uploads to answers, for every route: decode within the budget, queue, await
     errors       one HttpError (status, message, headers), each API's handlers, the catch-all
-    deployment   the models this web server routes to, across every Redis shard
+    deployment   the models this web server routes to, across every Redis shard, and
+                 those it learns from the workers' registry (--models-from workers)
+    routing      which version answers a request: pinned, or the traffic policy in Redis
+    admin        the admin API (--admin-keys): versions and traffic while serving
     response_cache the shared response cache: look uploads up by hash, store answers
     uploads      the files of a multipart upload (python-multipart)
     auth         API keys (--api-keys): checked before every route; the keys file

@@ -30,6 +30,7 @@ from keras_server.settings import Settings
 from keras_server.web import dispatch, errors
 from keras_server.web.deployment import Deployment, ServedModel
 from keras_server.web.response_cache import HEADER, ResponseCache, top_k_form
+from keras_server.web.routing import Route, version_order
 from keras_server.web.uploads import request_files
 
 log = logging.getLogger(__name__)
@@ -78,10 +79,20 @@ def predict() -> Response | tuple[Any, int]:
 
 @blueprint.post("/models/<name>/predict")
 def predict_with(name: str) -> Response | tuple[Any, int]:
+    return classify(_model(name))
+
+
+@blueprint.post("/models/<name>/versions/<version>/predict")
+def predict_with_version(name: str, version: str) -> Response | tuple[Any, int]:
+    """Pinned: answered by that version's workers alone (web/routing.py)."""
+    return classify(_model(name), version)
+
+
+def _model(name: str) -> ServedModel:
     model = state().deployment.get(name)
     if model is None:
         raise errors.HttpError(404, f"no model named {name!r}; GET /models lists them")
-    return classify(model)
+    return model
 
 
 @blueprint.get("/models")
@@ -99,6 +110,9 @@ def list_models() -> Response:
                 "input_size": list(size) if size else None,
                 "labels": max((w.labels for w in workers), default=0) or None,
                 "live_workers": len(workers),
+                "versions": sorted(
+                    {w.version or model.spec.version for w in workers}, key=version_order
+                ),
                 "description": workers[0].description if workers else None,
                 "engine": (workers[0].engine or None) if workers else None,
                 "precision": (workers[0].precision or None) if workers else None,
@@ -108,16 +122,20 @@ def list_models() -> Response:
     return jsonify(default=deployment.default, models=described)
 
 
-def classify(model: ServedModel) -> Response | tuple[Any, int]:
+def classify(model: ServedModel, version: str | None = None) -> Response | tuple[Any, int]:
+    """`version`: the version pinned (None: the model's traffic policy's)."""
     settings, decode = state().settings, state().decoder
     # Checked before the upload is read: a bad header costs no decoding.
     urgency = dispatch.Urgency.from_headers(request.headers, settings)
+    route = model.router.route(version)
     uploads = request_files().get("image", [])
     cache = state().cache
     if cache and not cache.on_for(model):
         cache = None
     if len(uploads) > 1:
-        return dispatch.predict_many(model, uploads, settings, decode, urgency=urgency, cache=cache)
+        return dispatch.predict_many(
+            model, uploads, settings, decode, urgency=urgency, route=route, cache=cache
+        )
     if not uploads:
         raise errors.HttpError(
             400, "no file in the 'image' field: send multipart/form-data with image=@FILE"
@@ -125,10 +143,10 @@ def classify(model: ServedModel) -> Response | tuple[Any, int]:
     data = uploads[0].data
     if not data:
         raise errors.HttpError(400, "the uploaded image file is empty")
-    looked = cache.lookup(model, top_k_form(model), [data]) if cache else None
+    looked = cache.lookup(model, top_k_form(model), [data], route.answered_by) if cache else None
     raw = looked.hits.get(0) if looked else None
     if raw is None:
-        raw = _predict_one(model, data, urgency)
+        raw = _predict_one(model, data, urgency, route)
         if cache and looked:
             cache.store(looked, {0: raw})
     result = messages.decode_result(raw)
@@ -138,15 +156,17 @@ def classify(model: ServedModel) -> Response | tuple[Any, int]:
     return response, 200 if result["success"] else 500
 
 
-def _predict_one(model: ServedModel, data: bytes, urgency: dispatch.Urgency) -> bytes:
-    """The worker's answer to one upload: decoded, queued, awaited."""
+def _predict_one(model: ServedModel, data: bytes, urgency: dispatch.Urgency, route: Route) -> bytes:
+    """The worker's answer to one upload: decoded, queued as `route` says, awaited."""
     settings, decode = state().settings, state().decoder
     size = model.input_size()
     if size is None:
         raise errors.no_live_worker(model.name)
     image = decode(data, size)  # an ImageError is answered by errors.py
-    job = messages.ImageRequest.create(image, urgency.timeout, priority=urgency.priority)
-    raw = dispatch.submit(model, [job], settings).get(job.id)
+    job = messages.ImageRequest.create(
+        image, urgency.timeout, priority=urgency.priority, version=dispatch.pinned(route)
+    )
+    raw = dispatch.submit(model, [job], settings, route).get(job.id)
     if raw is None:
         raise errors.HttpError(504, dispatch.timed_out(urgency.timeout))
     return raw

@@ -22,7 +22,7 @@ from flask import Flask, Request, Response, g, request
 from keras_server import logs, metrics, tracing
 from keras_server.images import return_freed_pixels_to_the_system
 from keras_server.settings import Settings, load_settings
-from keras_server.web import api, auth, cors, dispatch, errors, jobs, page, v2
+from keras_server.web import admin, api, auth, cors, dispatch, errors, jobs, page, v2
 from keras_server.web.deployment import Deployment
 from keras_server.web.response_cache import ResponseCache
 
@@ -79,6 +79,7 @@ def create_app(settings: Settings, deployment: Deployment | None = None) -> Flas
     app.register_blueprint(page.blueprint)
     app.register_blueprint(v2.blueprint)
     app.register_blueprint(jobs.blueprint)
+    admin.install(app, settings.admin_keys)  # 404 without --admin-keys
     errors.install(app, _render)
     return app
 

@@ -11,7 +11,8 @@ Open without a key, always: `/healthz` (a liveness probe carries no key),
 the upload page `/` with its `/assets/`, and `/openapi.json` (public
 documentation; the page asks for a key when the API answers 401). The
 probes, `/readyz`, `/metrics`, `/v2/health/live` and `/v2/health/ready`, are
-open unless `--auth-probes` is on. A 401 under `/v2` takes that protocol's
+open unless `--auth-probes` is on. The admin API (/admin/, admin.py) takes
+admin keys alone, never API keys. A 401 under `/v2` takes that protocol's
 error shape, `{"error": "..."}`. Every other path,
 including routes added later and unknown ones, needs a key: the check is a
 `before_request` hook on the whole app, not a decorator on chosen routes.
@@ -205,6 +206,8 @@ def is_open(path: str, settings: Settings) -> bool:
     """Whether `path` is served without a key."""
     if path in ALWAYS_OPEN or path.startswith(OPEN_PREFIXES):
         return True
+    if path == "/admin" or path.startswith("/admin/"):
+        return True  # the admin API checks its own keys (admin.py)
     return path in PROBES and not settings.auth_probes
 
 

@@ -58,6 +58,7 @@ from keras_server.settings import Settings
 from keras_server.web import errors
 from keras_server.web.deployment import ServedModel
 from keras_server.web.response_cache import HEADER, ResponseCache, top_k_form
+from keras_server.web.routing import Route
 from keras_server.web.uploads import Upload
 
 log = logging.getLogger(__name__)
@@ -184,13 +185,18 @@ def too_many(count: int, settings: Settings) -> errors.HttpError:
 
 
 def submit(
-    model: ServedModel, jobs: Sequence[messages.ImageRequest], settings: Settings
+    model: ServedModel,
+    jobs: Sequence[messages.ImageRequest],
+    settings: Settings,
+    route: Route | None = None,
 ) -> dict[str, bytes]:
-    """Queue `jobs` for `model` and wait for their answers until the earliest
-    deadline; returns the answers that came, by request id. A full queue is
-    an errors.HttpError, a failing Redis its redis-py error (errors.py
-    classifies it): then nothing was queued, or nothing more will come."""
-    shards = model.shards
+    """Queue `jobs` for `model` on the queue `route` says (None: the model's
+    own, which every version's workers claim) and wait for their answers
+    until the earliest deadline; returns the answers that came, by request
+    id. A full queue is an errors.HttpError, a failing Redis its redis-py
+    error (errors.py classifies it): then nothing was queued, or nothing
+    more will come."""
+    shards = model.shards if route is None else route.shards
     logs.request_id.set(jobs[0].id if len(jobs) == 1 else f"{jobs[0].id}+{len(jobs) - 1}")
     traced = {tracing.MODEL: model.name, tracing.IMAGES: len(jobs)}
     try:
@@ -223,6 +229,11 @@ def submit(
         raise
 
 
+def pinned(route: Route | None) -> str:
+    """The version a request's entries name in their header ("": any)."""
+    return route.version or "" if route is not None and route.pinned else ""
+
+
 def timed_out(timeout: float) -> str:
     """A 504's message, for a request that waited `timeout` seconds."""
     return (
@@ -238,16 +249,27 @@ def predict_many(
     decode: Decoder,
     *,
     urgency: Urgency,
+    route: Route,
     cache: ResponseCache | None = None,
 ) -> Response:
-    """`/predict` with several `image` fields: one item per image, in order;
-    with the response cache on, each image is looked up on its own (X-Cache
-    says hit, miss or partial)."""
+    """`/predict` with several `image` fields: one item per image, in order,
+    all queued as `route` says; with the response cache on, each image is
+    looked up on its own (X-Cache says hit, miss or partial)."""
     if len(uploads) > settings.max_images:
         raise too_many(len(uploads), settings)
-    looked = cache.lookup(model, top_k_form(model), [u.data for u in uploads]) if cache else None
+    looked = (
+        cache.lookup(model, top_k_form(model), [u.data for u in uploads], route.answered_by)
+        if cache
+        else None
+    )
     items = _classify_each(
-        model, uploads, settings, decode, urgency=urgency, cached=looked.hits if looked else {}
+        model,
+        uploads,
+        settings,
+        decode,
+        urgency=urgency,
+        route=route,
+        cached=looked.hits if looked else {},
     )
     if cache and looked:
         cache.store(looked, items.answers)
@@ -272,6 +294,7 @@ def _classify_each(
     decode: Decoder,
     *,
     urgency: Urgency,
+    route: Route,
     cached: dict[int, bytes],
 ) -> Items:
     """Each upload's item: from `cached` (answers by position), else decoded,
@@ -299,9 +322,9 @@ def _classify_each(
             item.update(status=exc.status, success=False, error=str(exc))
             continue
         jobs[position] = messages.ImageRequest.create(
-            image, urgency.timeout, priority=urgency.priority
+            image, urgency.timeout, priority=urgency.priority, version=pinned(route)
         )
-    answers = submit(model, list(jobs.values()), settings) if jobs else {}
+    answers = submit(model, list(jobs.values()), settings, route) if jobs else {}
     found: dict[int, bytes] = {}
     for position, job in jobs.items():
         raw = answers.get(job.id)

@@ -42,10 +42,11 @@ from keras_server.images import ImageError
 from keras_server.settings import Settings
 from keras_server.web import errors
 from keras_server.web.deployment import Deployment, ServedModel
-from keras_server.web.dispatch import Decoder, Urgency, submit, timed_out, too_many
+from keras_server.web.dispatch import Decoder, Urgency, pinned, submit, timed_out, too_many
 from keras_server.web.errors import HttpError
 from keras_server.web.page import openapi_document
 from keras_server.web.response_cache import ResponseCache, probabilities_form
+from keras_server.web.routing import Route
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +130,29 @@ def server_ready(deployment: Deployment) -> bool:
     return not deployment.unready(deployment.survey())
 
 
+def repository_index(deployment: Deployment, ready_only: bool = False) -> list[dict[str, str]]:
+    """Triton's repository index: per model, each version with live workers
+    (READY); a model with none, under its spec's version (UNAVAILABLE)."""
+    survey = deployment.survey()  # learns models first (--models-from workers)
+    index = []
+    for model in deployment.models.values():
+        live = sorted({w.version or model.spec.version for w in survey.live_workers(model.name)})
+        for version in live:
+            index.append({"name": model.name, "version": version, "state": "READY"})
+        if not live and not ready_only:
+            index.append(
+                {
+                    "name": model.name,
+                    "version": model.spec.version,
+                    "state": "UNAVAILABLE",
+                    "reason": "no live worker",
+                }
+            )
+    return index
+
+
 def find_model(deployment: Deployment, name: str) -> ServedModel:
-    model = deployment.models.get(name)
+    model = deployment.get(name)
     if model is None:
         known = ", ".join(sorted(deployment.models))
         raise HttpError(404, f"unknown model {name!r}; this server serves {known}")
@@ -183,18 +205,21 @@ def model_ready(deployment: Deployment, name: str, version: str | None) -> bool:
 
 def infer_target(
     deployment: Deployment, name: str, version: str | None
-) -> tuple[ServedModel, tuple[int, int]]:
-    """The model an infer request names and its input size; 404 for an
-    unknown model or version, 503 while no worker has said its size. The live
-    workers are read from Redis only to check a version the request names;
-    the size comes from the model's cache, as for /predict."""
+) -> tuple[ServedModel, tuple[int, int], Route]:
+    """The model an infer request names, its input size, and where the
+    request goes (web/routing.py: the version named, else the model's
+    traffic policy's); 404 for an unknown model or version, 503 while no
+    worker has said its size, or the version named has no live worker. The
+    live workers are read from Redis only to check a version the request
+    names; the size comes from the model's cache, as for /predict."""
     model = find_model(deployment, name)
     if version:
         check_version(model, version, model.live_workers())
+    route = model.router.route(version or None)
     size = model.input_size()
     if size is None:
         raise errors.no_live_worker(model.name)
-    return model, size
+    return model, size, route
 
 
 # -- the tensors ----------------------------------------------------------------
@@ -363,6 +388,7 @@ def infer(
     cache: ResponseCache | None = None,
     decode: Decoder | None = None,
     size: tuple[int, int] | None = None,
+    route: Route | None = None,
 ) -> Result:
     """Queue the request's images and await their answers, for at most
     --result-timeout or `timeout` seconds, whichever is shorter: that is each
@@ -371,7 +397,8 @@ def infer(
 
     With the response `cache` on for the model, each image is looked up
     first (the files as sent, the pixels' bytes) and only the misses are
-    decoded (`inference.files`, with `decode` and `size`) and queued."""
+    decoded (`inference.files`, with `decode` and `size`) and queued, as
+    `route` says (None: on the model's own queue, any version)."""
     urgency = inference.urgency or Urgency.default(settings)
     # urgency.timeout is --result-timeout at most already.
     limit = urgency.timeout if timeout is None else min(timeout, urgency.timeout)
@@ -382,7 +409,7 @@ def infer(
         payloads = inference.files or [
             memoryview(np.ascontiguousarray(image)) for image in inference.images
         ]
-        looked = cache.lookup(model, form, payloads)
+        looked = cache.lookup(model, form, payloads, route.answered_by if route else None)
     raws: dict[int, bytes | None] = dict(looked.hits) if looked else {}
     missed = [i for i in range(count) if i not in raws]
     if missed:
@@ -399,10 +426,11 @@ def infer(
                 probabilities=True,
                 classes=inference.classes,
                 priority=urgency.priority,
+                version=pinned(route),
             )
             for image in images
         ]
-        answers = submit(model, jobs, settings)
+        answers = submit(model, jobs, settings, route)
         found = {i: answers[j.id] for i, j in zip(missed, jobs, strict=True) if j.id in answers}
         if cache and looked:
             cache.store(looked, found)

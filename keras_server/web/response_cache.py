@@ -19,15 +19,15 @@ everybody else answered with its classes. SHA-256 rather than BLAKE2b: the
 SHA extensions of current x86 and ARM CPUs make it the faster of the two
 (0.20 against 0.44 ms for a 235 KB upload, BENCHMARKS.md).
 
-Versions. All versions of a model share its queue today, so the version a
-lookup uses is the one the model's live workers serve, read from the
-registry (their heartbeats) at most every VERSIONS_TTL_S: exactly one live
-version is looked up under its own name; while versions are mixed (a rolling
-upgrade) or none is live, lookups are skipped and counted, since any worker
-may answer. An answer is always stored under the version it names, so a new
-version never reads an older version's entries: they are different keys.
-(When each version has its own queue, issue 22, the lookup version is the
-one the request is routed to.)
+Versions. Each version has its own queue (web/routing.py), so a lookup uses
+the version the request is routed to, when that is certain. When it is not
+(no live worker, or workers from before versions had queues, all claiming the
+model's one queue), the version is the one the model's live workers serve,
+read from the registry (their heartbeats) at most every VERSIONS_TTL_S: one
+live version is looked up under its own name; while versions are mixed or
+none is live, lookups are skipped and counted, since any worker may answer.
+An answer is always stored under the version it names, so a new version
+never reads an older version's entries: they are different keys.
 
 Several images: each is looked up and stored on its own, in one round trip
 each way (MGET, then a pipeline of SETs); only the misses are decoded and
@@ -136,17 +136,23 @@ class ResponseCache:
         return model.name in self.keys
 
     def lookup(
-        self, model: ServedModel, form: str, uploads: Sequence[bytes | memoryview]
+        self,
+        model: ServedModel,
+        form: str,
+        uploads: Sequence[bytes | memoryview],
+        version: str | None = None,
     ) -> Lookup:
-        """Look each non-empty upload up under the version the model's live
-        workers serve; never raises for the cache's sake."""
+        """Look each non-empty upload up under `version`, the one the request
+        is routed to (routing.Route.answered_by); None: under the one version
+        the model's live workers serve, skipped while they serve several.
+        Never raises for the cache's sake."""
         found = Lookup(
             model, form, [digest(data) if memoryview(data).nbytes else None for data in uploads]
         )
         wanted = [(i, d) for i, d in enumerate(found.digests) if d is not None]
         if not wanted:
             return found
-        version = self._live_version(model)
+        version = version or self._live_version(model)
         if version is None:
             _skipped(model, "lookup", "versions", len(wanted))
         else:

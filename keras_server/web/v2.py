@@ -8,6 +8,8 @@ decoder with `api.state()`.
     GET  /v2/models/{name}[/versions/{v}]      model metadata
     GET  /v2/models/{name}[/versions/{v}]/ready
     POST /v2/models/{name}[/versions/{v}]/infer
+    POST /v2/repository/index                  Triton's model repository index
+                                               (read-only: models, versions, state)
 
 A model takes exactly one input per request, either
 - `image`: BYTES `[N]` (or `[N, 1]`), each element an encoded image file:
@@ -33,9 +35,10 @@ past --max-images, 503/504 as `/predict`. Triton's `parameters.priority`
 (1 .. --priority-levels) and `parameters.timeout` (microseconds, capped by
 --result-timeout) set the request's level and deadline (dispatch.Urgency).
 A version in the path must be one
-the model serves (its spec's, or a live worker's); all of a model's versions
-share its queue, so whichever worker claims an image answers it, and
-`model_version` says which.
+the model serves (its spec's, or a live worker's), else 404; the request is
+then pinned to it: answered by that version's workers alone, 503 while it
+has none. Without a version the model's traffic policy picks one
+(web/routing.py); `model_version` says which answered.
 TensorFlow-free.
 """
 
@@ -102,6 +105,17 @@ def ready() -> Response | tuple[Response, int]:
     return jsonify(ready=ok), 200 if ok else 400
 
 
+@blueprint.post("/repository/index")
+def repository_index() -> Response:
+    """Triton's repository index, read-only: each model's versions with live
+    workers (READY), or the model alone (UNAVAILABLE) while it has none.
+    `{"ready": true}` lists the READY ones only."""
+    body = request.get_json(silent=True) if request.get_data() else {}
+    if not isinstance(body, dict) or not isinstance(body.get("ready", False), bool):
+        raise errors.HttpError(400, 'send {} or {"ready": true}')
+    return jsonify(core.repository_index(state().deployment, ready_only=body.get("ready", False)))
+
+
 def routes(rule: str, method: str) -> Callable[[Callable[..., Response]], Any]:
     """Register a view under the model's path and under its /versions/{v} path."""
 
@@ -131,10 +145,12 @@ def model_ready(name: str, version: str | None = None) -> Response | tuple[Respo
 
 @routes("/infer", "POST")
 def infer(name: str, version: str | None = None) -> Response:
-    model, size = core.infer_target(state().deployment, name, version)
+    model, size, route = core.infer_target(state().deployment, name, version)
     settings, decode = state().settings, state().decoder
     inference = read_request(request.get_data(), request.headers, size, settings, decode)
-    result = core.infer(model, inference, settings, cache=state().cache, decode=decode, size=size)
+    result = core.infer(
+        model, inference, settings, cache=state().cache, decode=decode, size=size, route=route
+    )
     response = answer(inference, result)
     if result.cache:
         response.headers[HEADER] = result.cache

@@ -142,6 +142,7 @@ class Worker:
             engine=self.predictor.engine,
             precision=self.predictor.precision,
             fidelity=fidelity.as_dict() if (fidelity := self.predictor.fidelity) else None,
+            versioned=bool(self.queue.version),
         )
 
     def run(self, stop: threading.Event) -> None:
@@ -204,6 +205,9 @@ class Worker:
         try:
             returned = self.queue.requeue(self.id)
             self.queue.leave(self.id)
+            # The last of its version: what waits on its version's queue
+            # goes to the model's, for the other versions' workers.
+            self.queue.reap_dead()
         except redis.RedisError as exc:
             log.warning("could not deregister from Redis (%s); the heartbeat will expire", exc)
             return
@@ -316,6 +320,13 @@ class Worker:
                 continue
             if request.expired(now):
                 log.warning("[%s] skipped: its deadline passed while queued", request.id)
+                continue
+            if request.version and request.version != self.version:
+                # Pinned to a version whose last worker left (swept onto
+                # the model's queue): never answered by another version.
+                results[request.id] = messages.error_result(
+                    f"version {request.version!r} of model {self.name!r} has no live worker"
+                )
                 continue
             if request.image.shape != self.predictor.input_shape:
                 results[request.id] = messages.error_result(

@@ -1,0 +1,206 @@
+"""The admin API: each model's versions and its traffic policy, changed while
+serving (web/routing.py), guarded by admin keys (`--admin-keys FILE`).
+
+    GET    /admin/models                   every model: its live versions
+                                           (workers of each) and its policy
+    PUT    /admin/models/{name}/traffic    {"weights": {"1": 90, "2": 10}}
+    DELETE /admin/models/{name}/traffic    back to `latest`
+
+The admin keys are not the API keys: a file of `NAME KEY` lines (blank lines
+and `#` comments skipped; a key as auth.py's, 16 characters at least), shown
+as `Authorization: Bearer KEY` or `X-Admin-Key: KEY`, checked in constant
+time against every key. Without `--admin-keys` the routes are not there
+(404), and the API-key check (auth.py) never applies under /admin/: one
+kind of key per route. Weights are validated: an object of version ->
+number, with a positive sum (else 400), each weighted version with live
+workers now (else 409). Every change is logged with the admin key's name
+(never the key). Errors are `{"error": "..."}`. TensorFlow-free.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
+
+from keras_server.web import auth, errors
+from keras_server.web.api import state
+from keras_server.web.deployment import ServedModel
+from keras_server.web.routing import Policy, PolicyError, latest, store_policy
+
+log = logging.getLogger(__name__)
+
+PREFIX = "/admin/"
+HEADER = "X-Admin-Key"
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+
+blueprint = Blueprint("admin", __name__, url_prefix="/admin")
+
+
+class AdminKeys:
+    """The admin keys, each with its name, kept only as SHA-256 digests."""
+
+    def __init__(self, keys: dict[str, str]) -> None:
+        if not keys:
+            raise auth.KeysFileError("no admin keys given")
+        self._digests = tuple((name, _digest(key)) for name, key in keys.items())
+
+    def __len__(self) -> int:
+        return len(self._digests)
+
+    def name_of(self, candidate: str) -> str | None:
+        """The name of the key `candidate` is; None for none. Every key is
+        compared, so the time does not depend on which matched."""
+        given = _digest(candidate)
+        found = None
+        for name, digest in self._digests:
+            if hmac.compare_digest(given, digest):
+                found = name
+        return found
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
+
+
+def load_admin_keys(path: str) -> AdminKeys:
+    """The `NAME KEY` lines of `path`; auth.KeysFileError (naming the line,
+    never a key) when the file is unusable."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise auth.KeysFileError(f"--admin-keys {path}: cannot read it ({reason})") from None
+    keys: dict[str, str] = {}
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, _, key = line.partition(" ")
+        key = key.strip()
+        where = f"--admin-keys {path}, line {number}"
+        if not NAME.match(name) or not key:
+            raise auth.KeysFileError(
+                f"{where}: write NAME KEY (a name of letters, digits and . _ @ -, a space, the key)"
+            )
+        if not auth.KEY.match(key) or len(key) < auth.MIN_KEY_LENGTH:
+            raise auth.KeysFileError(
+                f"{where}: a key is at least {auth.MIN_KEY_LENGTH} letters, digits "
+                "and . _ ~ + / - (then = padding)"
+            )
+        if name in keys:
+            raise auth.KeysFileError(f"{where}: the name {name!r} is used twice")
+        keys[name] = key
+    if not keys:
+        raise auth.KeysFileError(f"--admin-keys {path}: no keys in it (NAME KEY per line)")
+    return AdminKeys(keys)
+
+
+def render(error: errors.HttpError) -> Response:
+    return jsonify(error=error.message)
+
+
+errors.install(blueprint, render, body="request")
+
+
+def install(app: Flask, keys_file: str) -> None:
+    """Serve the admin API on `app` when `keys_file` is given (else 404)."""
+    if not keys_file:
+        return
+    keys = load_admin_keys(keys_file)
+    app.extensions["keras_server.admin"] = keys
+    app.register_blueprint(blueprint)
+    log.info("admin API on (%d admin keys)", len(keys))
+
+
+@blueprint.before_request
+def require_admin_key() -> None:
+    keys: AdminKeys = state_keys()
+    try:
+        key = auth.key_from(request.headers.get("Authorization"), request.headers.get(HEADER))
+    except auth.Rejected as rejected:
+        log.warning("admin: refused %s %s: no key", request.method, request.path)
+        raise auth.unauthorized(
+            "an admin key is required: send 'Authorization: Bearer <key>' or 'X-Admin-Key: <key>'",
+            rejected.error,
+        ) from None
+    name = keys.name_of(key)
+    if name is None:
+        log.warning("admin: refused %s %s: unknown key", request.method, request.path)
+        raise auth.unauthorized("the admin key is not valid", "invalid_token")
+    g.admin = name
+
+
+def state_keys() -> AdminKeys:
+    found: AdminKeys = current_app.extensions["keras_server.admin"]
+    return found
+
+
+def _model(name: str) -> ServedModel:
+    model = state().deployment.get(name)
+    if model is None:
+        raise errors.HttpError(404, f"no model named {name!r}; GET /admin/models lists them")
+    return model
+
+
+def describe(model: ServedModel) -> dict[str, Any]:
+    """A model's live versions (workers of each), its policy, and the
+    version `latest` names now (read from Redis now, not the cached view)."""
+    view = model.router.read(0.0)
+    counts: dict[str, int] = {}
+    for info in model.live_workers():
+        version = info.version or model.spec.version
+        counts[version] = counts.get(version, 0) + 1
+    return {
+        "name": model.name,
+        "default": model.name == state().deployment.default,
+        "versions": [
+            {"version": v, "live_workers": n} for v, n in sorted(counts.items(), key=lambda c: c[0])
+        ],
+        "latest": latest(frozenset(view.live)) if view.live else None,
+        "traffic": view.policy.as_dict(),
+    }
+
+
+@blueprint.get("/models")
+def list_models() -> Response:
+    deployment = state().deployment
+    deployment.discover()
+    models = deployment.models.values()
+    return jsonify(models=[describe(m) for m in models])
+
+
+@blueprint.put("/models/<name>/traffic")
+def put_traffic(name: str) -> Response:
+    model = _model(name)
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict) or "weights" not in body:
+        raise errors.HttpError(400, 'send JSON {"weights": {"VERSION": WEIGHT, ...}}')
+    try:
+        policy = Policy.from_weights(body["weights"])
+    except PolicyError as exc:
+        raise errors.HttpError(400, str(exc)) from None
+    live = model.router.read(0.0).live
+    missing = sorted(v for v, w in (policy.weights or {}).items() if w > 0 and v not in live)
+    if missing:
+        raise errors.HttpError(
+            409,
+            f"model {name!r}: no live worker for version(s) {', '.join(missing)}; "
+            f"live: {', '.join(sorted(live)) or 'none'}",
+        )
+    store_policy(model.router, policy)
+    log.warning("admin %s: model %r traffic set to %s", g.admin, name, policy.as_dict())
+    return jsonify(describe(model))
+
+
+@blueprint.delete("/models/<name>/traffic")
+def delete_traffic(name: str) -> Response:
+    model = _model(name)
+    store_policy(model.router, Policy())
+    log.warning("admin %s: model %r traffic back to latest", g.admin, name)
+    return jsonify(describe(model))
