@@ -19,6 +19,7 @@ failure are told apart the same way everywhere:
 from __future__ import annotations
 
 import enum
+import re
 
 import redis
 from redis import exceptions
@@ -73,9 +74,15 @@ def out_of_memory(exc: BaseException) -> bool:
     )
 
 
+_PIPELINE_PREFIX = re.compile(r"^Command # \d+ \(.*?\) of pipeline caused error: ")
+
+
 def reason(exc: BaseException) -> str:
     """What the server said, with its error code, on one short line."""
     text = " ".join(str(exc).split())
+    # redis-py names the failing command of a pipeline with its arguments (a
+    # request's header, say): the server's words are what matter.
+    text = _PIPELINE_PREFIX.sub("", text)
     code = next((c for t, c in _CODES.items() if isinstance(exc, t)), "")
     if code and not text.startswith(code):
         text = f"{code} {text}"
