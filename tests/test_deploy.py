@@ -167,11 +167,16 @@ def test_workers_scale_on_the_queue_depth_of_every_shard(settings: Settings) -> 
     (trigger,) = spec["triggers"]
     assert trigger["type"] == "prometheus"
     query = trigger["metadata"]["query"]
-    assert query.replace(" ", "").startswith("sum(maxby(model,shard)(keras_server_queue_depth")
+    # Every web server reports the same depths (max), summed over models,
+    # shards and priority levels.
+    expected = "sum(maxby(model,shard,level)(keras_server_queue_depth"
+    assert query.replace(" ", "").startswith(expected)
     # The metric is ours, with those labels (read from a real Redis).
     collector = metrics.RedisCollector(Deployment.from_settings(settings))
     (depth,) = [f for f in collector.collect() if f.name == "keras_server_queue_depth"]
-    assert [set(sample.labels) for sample in depth.samples] == [{"model", "shard"}]
+    assert {frozenset(sample.labels) for sample in depth.samples} == {
+        frozenset({"model", "shard", "level"})
+    }
     assert float(trigger["metadata"]["threshold"]) > 0
 
 
