@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import redis
 import requests
@@ -303,6 +304,13 @@ def test_a_web_server_killed_after_the_202_does_not_stop_the_job(settings: Setti
     answer = requests.post(base + "/jobs", files=images, timeout=30)
     assert answer.status_code == 202, answer.text
     job_id = answer.json()["id"]
+    # A crash takes granian's web processes too: killing the parent alone
+    # would leave them serving, orphaned.
+    assert web.process is not None
+    processes = [psutil.Process(web.process.pid)]
+    processes += processes[0].children(recursive=True)
+    for process in processes:
+        process.kill()
     web.kill()
     worker = start_worker(settings, "--sim-batch-ms", "5", "--batch-size", "4")
     try:
