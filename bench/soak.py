@@ -49,6 +49,7 @@ import redis
 import requests
 from PIL import Image
 
+from keras_server.broker.messages import Keys
 from keras_server.broker.redis_server import RedisServer, free_port
 from keras_server.processes import Child
 from run_cluster import http_answers
@@ -251,12 +252,15 @@ def growth(samples: list[dict[str, object]], warmup: float) -> dict[str, float]:
 
 
 def leftover_keys(cluster: Cluster) -> list[str]:
-    """Keys that outlive the requests: anything but live workers' heartbeats
-    and the workers set."""
+    """Keys that outlive the requests: anything but the registry (live
+    workers' heartbeats, the workers set, the versions and models workers
+    published)."""
+    keys = Keys(QUEUE)
     client = redis.Redis.from_url(cluster.redis.url, socket_timeout=5)
     try:
-        live = {k.decode() for k in client.smembers(f"{QUEUE}:workers")}
-        allowed = {f"{QUEUE}:workers"} | {f"{QUEUE}:worker:{w}" for w in live}
+        live = {k.decode() for k in client.smembers(keys.workers)}
+        allowed = {keys.workers, keys.worker_versions, keys.known_versions, keys.models}
+        allowed |= {keys.heartbeat(w) for w in live}
         return sorted(k.decode() for k in client.scan_iter() if k.decode() not in allowed)
     finally:
         client.close()

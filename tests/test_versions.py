@@ -354,6 +354,10 @@ def test_a_new_model_serves_through_an_unrestarted_web_server(
         assert {i["name"]: i["state"] for i in index}["sim"] == "UNAVAILABLE"
         stop(worker)
         worker = None
+        # A web process learns the worker left when it next reads the
+        # registry (at most ROUTING_TTL_S later); a request routed before
+        # that waits in the version's queue for --result-timeout.
+        time.sleep(ROUTING_TTL_S + 0.2)
         gone = requests.post(url, files={"image": PNG}, timeout=10)
         assert gone.status_code == 503, gone.text
         assert "no live worker" in gone.json()["error"]

@@ -209,6 +209,12 @@ class Router:
         """Where a request for `pinned` (None: any version) goes; a 503 "no
         live worker" for a pinned version with none."""
         view = self.view()
+        if (pinned and pinned not in view.live) or not view.live:
+            # Read again before refusing: a view cached just before a worker
+            # came must not turn away its first requests.
+            view = self.read(time.monotonic())
+            with self._lock:
+                self._view = view
         if pinned:
             if pinned not in view.live:
                 raise errors.unavailable(
