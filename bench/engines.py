@@ -50,7 +50,15 @@ LUA = Path(__file__).with_name("multipart.lua")
 SYSTEMS = (("keras", "fp32"), ("onnx", "fp32"), ("openvino", "fp32"))
 SYSTEMS += (("openvino", "bf16"), ("openvino", "int8"))
 CALIBRATION_IMAGES = 60
-WEIGHTS_FILE = "resnet50-random.weights.h5"  # what prepare saves
+MODEL = "resnet50"  # the keras.applications network every table measures by default
+
+
+def weights_file(model: str = MODEL) -> str:
+    """The name prepare saves `model`'s random weights under."""
+    return f"{model}-random.weights.h5"
+
+
+WEIGHTS_FILE = weights_file()
 
 
 class WrkMissing(RuntimeError):
@@ -109,16 +117,18 @@ class EngineRow:
         return data
 
 
-def prepare(directory: Path, images: list[Path]) -> tuple[Path, Path]:
-    """ResNet50 random weights saved to a file, and a calibration directory."""
+def prepare(directory: Path, images: list[Path], model: str = MODEL) -> tuple[Path, Path]:
+    """`model`'s random weights saved to a file, and a calibration directory."""
     import keras
     from PIL import Image
 
+    from keras_server.catalog import BUILTINS
+
     keras.utils.set_random_seed(42)
-    weights = directory / WEIGHTS_FILE
-    keras.applications.ResNet50(weights=None).save_weights(weights)
+    weights = directory / weights_file(model)
+    getattr(keras.applications, BUILTINS[model].constructor)(weights=None).save_weights(weights)
     calibration = directory / "calibration"
-    calibration.mkdir()
+    calibration.mkdir(exist_ok=True)
     rng = np.random.default_rng(0)
     photos = [Image.open(p).convert("RGB") for p in images]
     for i in range(CALIBRATION_IMAGES):
@@ -214,9 +224,10 @@ def server_command(
     redis_url: str,
     batch_size: int,
     port: int,
+    model: str = MODEL,
 ) -> list[str]:
     return [
-        "python", "run_keras_server.py", "--weights", str(weights),
+        "python", "run_keras_server.py", "--model", model, "--weights", str(weights),
         "--engine", row.engine, "--precision", row.precision,
         "--calibration-dir", str(calibration), "--cache-dir", str(cache), "--min-agreement", "0",
         "--batch-size", str(batch_size), "--redis-url", redis_url,
@@ -285,13 +296,14 @@ def measure_raw(
     cache: Path,
     batch: np.ndarray,
     runs: dict[str, int],
+    model: str = MODEL,
 ) -> None:
     """The same predictor in this process, from the cache the server filled."""
     from keras_server.catalog import ModelSpec
     from keras_server.engines.selection import EngineOptions, load_predictor
 
     spec = ModelSpec(
-        name="resnet50", source="resnet50", weights=str(weights), engine=row.engine,
+        name=model, source=model, weights=str(weights), engine=row.engine,
         precision=row.precision, calibration_dir=str(calibration),
     )  # fmt: skip
     started = time.perf_counter()

@@ -45,9 +45,12 @@ class RawResult:
         return asdict(self)
 
 
-def sample_batch(images: list[Path], size: int) -> np.ndarray:
-    """`size` images cycled from the sample photos, decoded as the web tier does."""
-    decoded = [load_image(p.read_bytes(), RESNET50_INPUT, 50_000_000) for p in images]
+def sample_batch(
+    images: list[Path], size: int, input_size: tuple[int, int] = RESNET50_INPUT
+) -> np.ndarray:
+    """`size` images cycled from the sample photos, decoded as the web tier does
+    for a network taking `input_size` (width, height)."""
+    decoded = [load_image(p.read_bytes(), input_size, 50_000_000) for p in images]
     return np.stack([decoded[i % len(decoded)] for i in range(size)])
 
 

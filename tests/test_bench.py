@@ -257,7 +257,7 @@ def test_the_peers_table_gives_medians_ratios_and_targets(tmp_path: Path) -> Non
         command="python -m bench.peers --quick", mode="quick", batch_size=32, wait_ms=10,
         machine={"cpu": "Intel(R) Xeon(R) Platinum 8480+", "cpus": 2, "others_cpu_share": 0.3,
                  "cpu_flags": cpu.vector_flags(SAPPHIRE_RAPIDS)},
-        engine="openvino", precision="int8",
+        model="resnet50", engine="openvino", precision="int8",
         raw=raw.RawResult("openvino int8", 32, 150.0, 0.2, 0.012, 0.015, 5, 30),
     )  # fmt: skip
     for round_, (ours, mosec, lit) in enumerate(((90, 100, 80), (88, 110, 78), (86, 102, 77)), 1):
@@ -287,6 +287,13 @@ def test_the_peers_table_gives_medians_ratios_and_targets(tmp_path: Path) -> Non
     # A second run rewrites the section in place.
     peers.write(results, tmp_path / "results", benchmarks)
     assert benchmarks.read_text() == written
+    # Another network has its own section and files, beside ResNet50's.
+    results.model = "mobilenet_v2"
+    small = peers.write(results, tmp_path / "results", benchmarks)
+    assert "MobileNetV2 with random weights" in small
+    assert report.get_section(benchmarks.read_text(), "peers") == text.strip("\n")
+    assert report.get_section(benchmarks.read_text(), "peers-mobilenet_v2") == small.strip("\n")
+    assert (tmp_path / "results" / "peers-mobilenet_v2.json").exists()
 
 
 def test_the_peers_command_line() -> None:
@@ -296,6 +303,9 @@ def test_the_peers_command_line() -> None:
     assert (quick.rounds, quick.seconds, quick.systems) == (2, 6.0, ["keras-server", "mosec"])
     full = peers.parse_args([])
     assert (full.rounds, full.seconds, full.precision) == (3, 20.0, "int8")
+    assert (full.model, peers.parse_args(["--model", "mobilenet_v2"]).model) == (
+        "resnet50", "mobilenet_v2",
+    )  # fmt: skip
     assert full.systems == ["keras-server", "mosec", "litserve"]
     with pytest.raises(SystemExit):
         peers.parse_args(["--systems", "triton"])

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from keras_server.catalog import ModelSpec
+from keras_server.catalog import BUILTINS, ModelSpec
 from keras_server.engines.predictor import Predictor, top_k, warm_up
 from keras_server.engines.selection import EngineOptions, load_predictor
 from keras_server.images import load_image
@@ -24,8 +24,6 @@ from keras_server.settings import Settings
 log = logging.getLogger(__name__)
 
 ENV_PREFIX = "BENCH_PEER_"
-# (width, height) ResNet50 takes: the decode process needs it before any model loads.
-INPUT_SIZE = (224, 224)
 MAX_IMAGE_PIXELS = Settings().max_image_pixels  # keras-server's default
 # How long a request may wait for its answer: keras-server's default
 # --result-timeout, given to each peer in place of its own.
@@ -36,6 +34,7 @@ TIMEOUT_S = Settings().result_timeout
 class PeerConfig:
     """The graph a peer serves and how it batches."""
 
+    model: str  # a keras.applications network keras-server knows (catalog.BUILTINS)
     weights: str  # the saved random weights (the conversion cache's key)
     calibration_dir: str
     cache_dir: str
@@ -59,11 +58,18 @@ class PeerConfig:
         values["wait_ms"] = float(str(values["wait_ms"]))
         return cls(**values)  # type: ignore[arg-type]
 
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(width, height) the network takes: the decode process needs it before
+        any model loads."""
+        size = BUILTINS[self.model].size
+        return size, size
+
     def spec(self) -> ModelSpec:
         """The spec `bench.engines.measure_raw` and the server's flags build: the
         same conversion-cache key, so every system loads the same converted graph."""
         return ModelSpec(
-            name="resnet50", source="resnet50", weights=self.weights, engine=self.engine,
+            name=self.model, source=self.model, weights=self.weights, engine=self.engine,
             precision=self.precision, calibration_dir=self.calibration_dir,
         )  # fmt: skip
 
@@ -81,9 +87,9 @@ def load(config: PeerConfig) -> Predictor:
     return predictor
 
 
-def decode(data: bytes) -> np.ndarray:
-    """An upload as the web tier decodes it: uint8 RGB at the model's size."""
-    return load_image(data, INPUT_SIZE, MAX_IMAGE_PIXELS)
+def decode(data: bytes, size: tuple[int, int]) -> np.ndarray:
+    """An upload as the web tier decodes it: uint8 RGB at the model's `size`."""
+    return load_image(data, size, MAX_IMAGE_PIXELS)
 
 
 def answers(predictor: Predictor, images: Sequence[np.ndarray]) -> list[dict[str, object]]:

@@ -29,13 +29,15 @@ log = logging.getLogger(__name__)
 
 class Classifier(ls.LitAPI):
     def setup(self, device: str) -> None:
-        self.predictor = load(PeerConfig.from_env())
+        config = PeerConfig.from_env()
+        self.size = config.input_size
+        self.predictor = load(config)
 
     def decode_request(self, request: Request) -> np.ndarray:
         # With a multipart body, LitServe hands over the parsed form.
         upload = request["image"]  # type: ignore[index]
         try:
-            return decode(upload.file.read())
+            return decode(upload.file.read(), self.size)
         except ImageError as exc:
             raise HTTPException(status_code=exc.status, detail=str(exc)) from None
 

@@ -44,12 +44,16 @@ def image_field(body: bytes) -> bytes:
 class Decode(Worker):
     """Upload -> uint8 RGB array (mosec pickles it to the next stage)."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.size = PeerConfig.from_env().input_size
+
     def deserialize(self, data: bytes) -> bytes:
         return image_field(data)
 
     def forward(self, data: bytes) -> np.ndarray:
         try:
-            return decode(data)
+            return decode(data, self.size)
         except ImageError as exc:
             raise ValidationError(str(exc)) from None
 

@@ -6,13 +6,15 @@
 Run from the repository root; needs Debian's `wrk`. mosec and LitServe are
 not project dependencies: when missing, they are installed into this Python's
 environment first (`pip install` of `PEER_PACKAGES`). The run saves ResNet50
-with random weights, converts it once into a conversion cache (timing the
+(or `--model`) with random weights, converts it once into a conversion cache (timing the
 engine alone in this process: `bench.engines.measure_raw`), then, for each
 round, starts each system in turn on that cache and drives it with wrk at 1
 and 32 connections (`bench.engines.wrk_levels`). The CPU model and its
 AVX-512 / AMX flags are printed first and go with the table into
 bench/results/peers.md, bench/results/peers.json and BENCHMARKS.md's peers
-section (the rest of BENCHMARKS.md is left as it is).
+section (the rest of BENCHMARKS.md is left as it is); `--model mobilenet_v2`
+writes peers-mobilenet_v2 instead, a network small enough that the serving
+tier, not the engine, is the limit on a CPU without AMX.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from bench.peers import table
 from bench.peers.graph import TIMEOUT_S, PeerConfig
 from bench.run import IMAGES, ROOT, cpu_seconds, machine
 from keras_server.broker.redis_server import RedisServer, free_port
+from keras_server.catalog import BUILTINS
 
 log = logging.getLogger("bench.peers")
 
@@ -57,6 +60,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--systems", default=",".join(table.SYSTEMS),
         help=f"which to run, comma-separated ({','.join(table.SYSTEMS)})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--model", default=engines.MODEL, choices=sorted(BUILTINS),
+        help="the keras.applications network all three serve (resnet50); a smaller one "
+        "(mobilenet_v2) makes the serving tier, not the engine, the limit on a CPU "
+        "without AMX",
     )  # fmt: skip
     parser.add_argument("--precision", default="int8", choices=("fp32", "bf16", "int8"))
     parser.add_argument("--batch-size", type=int, default=32, help="largest batch (32)")
@@ -112,7 +121,7 @@ def start_command(system: str, config: PeerConfig, redis_url: str, port: int) ->
         command = engines.server_command(
             row, weights=Path(config.weights), calibration=Path(config.calibration_dir),
             cache=Path(config.cache_dir), redis_url=redis_url, batch_size=config.batch_size,
-            port=port,
+            port=port, model=config.model,
         )  # fmt: skip
         return [sys.executable, *command[1:]]
     # The peers read their model from the environment: `env` sets it and execs
@@ -158,13 +167,16 @@ def measure(
 
 
 def write(results: table.PeerResults, out: Path, benchmarks: Path | None) -> str:
+    """The table into out/NAME.md and .json and BENCHMARKS.md's section NAME
+    (`PeerResults.name`)."""
+    name = results.name
     text = table.markdown(results)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "peers.md").write_text(text + "\n")
-    (out / "peers.json").write_text(json.dumps(results.as_dict(), indent=2) + "\n")
+    (out / f"{name}.md").write_text(text + "\n")
+    (out / f"{name}.json").write_text(json.dumps(results.as_dict(), indent=2) + "\n")
     if benchmarks is not None:
         old = benchmarks.read_text() if benchmarks.exists() else ""
-        benchmarks.write_text(report.replace_section(old, "peers", text))
+        benchmarks.write_text(report.replace_section(old, name, text))
     return text
 
 
@@ -180,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         info["versions"] = ensure_peers()
     results = table.PeerResults(
         command=command.strip(), mode="quick" if args.quick else "full", machine=info,
-        engine="openvino", precision=args.precision, batch_size=args.batch_size,
+        model=args.model, engine="openvino", precision=args.precision, batch_size=args.batch_size,
         wait_ms=args.wait_ms,
     )  # fmt: skip
     started = time.monotonic()
@@ -188,21 +200,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     with RedisServer() as redis_server, tempfile.TemporaryDirectory(prefix="peers-") as tmp:
         work = args.work_dir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        weights, calibration = work / engines.WEIGHTS_FILE, work / "calibration"
+        weights, calibration = work / engines.weights_file(args.model), work / "calibration"
         if not weights.exists():  # the file's hash keys the cache: reused, no conversion
-            weights, calibration = engines.prepare(work, IMAGES)
+            weights, calibration = engines.prepare(work, IMAGES, args.model)
         config = PeerConfig(
-            weights=str(weights), calibration_dir=str(calibration),
+            model=args.model, weights=str(weights), calibration_dir=str(calibration),
             cache_dir=str(work / "conversion-cache"), engine=results.engine,
             precision=results.precision, batch_size=args.batch_size, wait_ms=args.wait_ms,
         )  # fmt: skip
         # Converts into the cache every system then loads (minutes, once), and
         # times the engine alone: the latency target is relative to it.
         row = engines.EngineRow(config.engine, config.precision)
-        batch = raw.sample_batch(IMAGES, args.batch_size)
+        batch = raw.sample_batch(IMAGES, args.batch_size, config.input_size)
         engines.measure_raw(
             row, weights=weights, calibration=calibration, cache=Path(config.cache_dir),
-            batch=batch, runs={"batch_runs": 5, "single_runs": 30},
+            batch=batch, runs={"batch_runs": 5, "single_runs": 30}, model=args.model,
         )  # fmt: skip
         results.raw = row.raw
         for round_ in range(1, args.rounds + 1):

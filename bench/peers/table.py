@@ -13,9 +13,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from bench import cpu
-from bench.engines import WrkResult
+from bench.engines import MODEL, WrkResult
 from bench.raw import RawResult
 from bench.report import BUSY_SHARE
+from keras_server.catalog import BUILTINS
 
 OURS = "keras-server"
 PEERS = ("mosec", "litserve")
@@ -47,6 +48,7 @@ class PeerResults:
     command: str
     mode: str
     machine: dict[str, Any]
+    model: str
     engine: str
     precision: str
     batch_size: int
@@ -54,6 +56,12 @@ class PeerResults:
     raw: RawResult | None = None
     runs: list[Measured] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        """The section and file name: `peers` for ResNet50, `peers-MODEL` otherwise,
+        so a run on one network leaves the others' tables be."""
+        return "peers" if self.model == MODEL else f"peers-{self.model}"
 
     def of(self, system: str) -> list[Measured]:
         return [m for m in self.runs if m.system == system]
@@ -115,7 +123,8 @@ def markdown(results: PeerResults) -> str:
     lines = [
         f"**keras-server beside mosec and LitServe** ({results.mode} run, "
         f"{m.get('date', '?')}): {cpu.describe(str(m.get('cpu', '?')), flags)}, "
-        f"{m.get('cpus', '?')} CPUs; ResNet50 with random weights, the same OpenVINO "
+        f"{m.get('cpus', '?')} CPUs; {BUILTINS[results.model].constructor} with random "
+        "weights, the same OpenVINO "
         f"{results.precision} graph from the conversion cache in all three; batches of up to "
         f"{results.batch_size}. Produced by",
         "",
@@ -174,7 +183,7 @@ def markdown(results: PeerResults) -> str:
         '(`load_predictor`, LATENCY hint) and answers `{"success", "predictions": top 5}`. '
         "The machine runs wrk too, which takes CPU from the servers alike. The ratios depend "
         "on the CPU: AVX-512 and AMX speed up the engine, not the HTTP and decode work around "
-        "it. Raw data: `bench/results/peers.json`.",
+        f"it. Raw data: `bench/results/{results.name}.json`.",
         "",
     ]
     lines += _targets(found, raw)
