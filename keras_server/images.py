@@ -29,6 +29,7 @@ import contextlib
 import ctypes
 import io
 import math
+import struct
 import threading
 import warnings
 from collections.abc import Iterator
@@ -271,9 +272,30 @@ def _spng_format(image: Image.Image, data: bytes) -> str | None:
         return None
     if "transparency" in image.info or getattr(image, "is_animated", False):
         return None
-    if "exif" not in image.info and b"eXIf" in data:
+    if "exif" not in image.info and _has_chunk(data, b"eXIf"):
         return None
     return image.mode
+
+
+# A PNG chunk's header: its data's length, then its type.
+_PNG_CHUNK = struct.Struct(">I4s")
+
+
+def _has_chunk(data: bytes, kind: bytes) -> bool:
+    """Whether the PNG `data` has a chunk of type `kind` before IEND, found by
+    hopping from chunk header to chunk header (a few dozen hops) rather than
+    searching every byte for the name (0.1-0.2 ms of a request's CPU on the
+    sample photos, issue 23). A length that leads past the end ends the walk:
+    such a file is corrupt, and libspng refuses it."""
+    offset = 8  # past the signature
+    while offset + _PNG_CHUNK.size <= len(data):
+        length, name = _PNG_CHUNK.unpack_from(data, offset)
+        if name == kind:
+            return True
+        if name == b"IEND":
+            return False
+        offset += _PNG_CHUNK.size + length + 4  # the header, the data, the CRC
+    return False
 
 
 def _spng_load(data: bytes, fmt: str) -> np.ndarray:

@@ -241,6 +241,26 @@ def test_png_exif_orientation_is_applied_wherever_the_chunk_is(where: str) -> No
     assert bottom[2] > 200 and bottom[0] < 60, f"bottom should be blue, got {bottom}"
 
 
+@settings(derandomize=True, database=None, max_examples=200)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from([b"IDAT", b"tEXt", b"eXIf", b"zTXt", b"IEND"]), st.binary()),
+        max_size=8,
+    ),
+    st.integers(0, 64),
+)
+def test_the_chunk_walk_finds_what_a_full_parse_finds(
+    chunks: list[tuple[bytes, bytes]], cut: int
+) -> None:
+    """images._has_chunk hops over chunk data (which may hold the name itself)
+    and stops at IEND; on a truncated file it answers without raising."""
+    data = b"\x89PNG\r\n\x1a\n" + b"".join(_chunk(kind, body) for kind, body in chunks)
+    kinds = [kind for kind, _ in chunks]
+    before_end = kinds[: kinds.index(b"IEND")] if b"IEND" in kinds else kinds
+    assert images._has_chunk(data, b"eXIf") == (b"eXIf" in before_end)
+    images._has_chunk(data[: len(data) - cut], b"eXIf")
+
+
 def test_a_corrupt_plain_png_is_refused() -> None:
     data = bytearray(png_bytes(Image.new("RGB", (64, 64), (1, 2, 3))))
     start = data.index(b"IDAT") + 4
