@@ -308,11 +308,32 @@ FRONT_COMMAND = ("-m", "keras_server.web.front")
 GRPC_COMMAND = ("-m", "keras_server.rpc.server")
 
 
+# glibc's malloc, as each child starts (it reads these once, at start-up; a
+# value the user set wins). By default it gives a buffer over 128 KB back to
+# the kernel when freed, and raises that threshold only as bigger buffers
+# come and go, while each thread's arena also returns its free top: every
+# request's upload, decoded pixels and queue message (0.1-1 MB each) were
+# faulted back in page by page, ~270 page faults per request in the web tier
+# (issue 23). Fixed at the ceiling glibc's own adjustment may reach (32 MB,
+# twice that for the trim), freed memory stays with the process for the next
+# request, bounded by what requests held at once (the decode budget).
+MALLOC_ENVIRONMENT = {
+    "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
+    "MALLOC_TRIM_THRESHOLD_": str(64 << 20),
+}
+
+
 def child_environment(settings: Settings, metrics_dir: str) -> dict[str, str]:
     """Our environment plus the resolved settings, which the child loads back,
-    and prometheus-client's multiprocess directory, which must be set before
-    the library is first imported: hence new interpreters rather than forks."""
-    return {**os.environ, **to_environment(settings), MULTIPROCESS_DIR_ENV: metrics_dir}
+    prometheus-client's multiprocess directory, which must be set before the
+    library is first imported (hence new interpreters rather than forks), and
+    glibc's malloc settings, which must be set before the process starts."""
+    return {
+        **MALLOC_ENVIRONMENT,
+        **os.environ,
+        **to_environment(settings),
+        MULTIPROCESS_DIR_ENV: metrics_dir,
+    }
 
 
 def spawn(command: Sequence[str], env: dict[str, str]) -> subprocess.Popen[bytes]:

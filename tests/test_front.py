@@ -8,11 +8,23 @@ import socket
 import threading
 from collections.abc import Iterator
 
+import psutil
 import pytest
 import requests
-from conftest import CHELSEA, WorkerThread, make_worker, start_serving, stop
+from conftest import (
+    CHELSEA,
+    ENV,
+    WorkerThread,
+    free_port,
+    make_worker,
+    start,
+    start_serving,
+    stop,
+    wait_for_http,
+)
 from prometheus_client import REGISTRY
 
+from keras_server.cli import MALLOC_ENVIRONMENT
 from keras_server.engines.simulated import SimulatedModel
 from keras_server.settings import Settings
 from keras_server.web.dispatch import FLUSH_CPU_S, Decoder
@@ -93,3 +105,31 @@ def test_slow_clients_do_not_starve_the_others(small_server: str) -> None:
             small_server + "/predict", files={"image": ("x.png", CHELSEA)}, timeout=30
         )
     assert answer.status_code == 200, answer.text
+
+
+def test_every_child_starts_with_the_malloc_settings_a_user_value_winning(
+    settings: Settings,
+) -> None:
+    """--role all's children (the worker, granian's supervisor and its web
+    processes) start with glibc's malloc thresholds fixed, which it reads
+    only at start-up; one the user set is handed down as it is."""
+    port = free_port()
+    mine = "1048576"
+    process = start(
+        "--role", "all", "--model", "sim", "--web-workers", "2", "--port", str(port),
+        "--redis-url", settings.redis_url, "--queue-name", settings.queue_name,
+        env={**ENV, "MALLOC_TRIM_THRESHOLD_": mine},
+    )  # fmt: skip
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/healthz", process)
+        assert process.pid is not None
+        children = psutil.Process(process.pid).children(recursive=True)
+        pythons = [c for c in children if "python" in c.name()]
+        assert len(pythons) >= 4, [c.cmdline() for c in children]  # worker, supervisor, 2 web
+        for child in pythons:
+            environ = child.environ()
+            assert environ["MALLOC_MMAP_THRESHOLD_"] == MALLOC_ENVIRONMENT["MALLOC_MMAP_THRESHOLD_"]
+            assert environ["MALLOC_TRIM_THRESHOLD_"] == mine
+    finally:
+        log = stop(process, timeout=60)
+    assert process.returncode == 0, log
