@@ -201,16 +201,23 @@ def answered(url: str, image: Path) -> None:
 
 
 def wrk_levels(
-    url: str, images: list[Path], seconds: float, settle: Callable[[], None]
+    url: str,
+    images: list[Path],
+    seconds: float,
+    settle: Callable[[], None],
+    around_many: contextlib.AbstractContextManager[object] | None = None,
 ) -> tuple[WrkResult, WrkResult]:
     """wrk at 1 connection, then at 32, each for `seconds` after an uncounted
-    warm-up; `settle` waits until what wrk left in flight is served."""
+    warm-up; `settle` waits until what wrk left in flight is served;
+    `around_many`: a context the measured 32-connection run goes in (a
+    `bench.process_cpu.Probe`)."""
     run_wrk(url, images, 1, min(5.0, seconds))
     settle()
     one = run_wrk(url, images, 1, seconds)
     run_wrk(url, images, 32, min(10.0, seconds))
     settle()
-    many = run_wrk(url, images, 32, seconds)
+    with around_many or contextlib.nullcontext():
+        many = run_wrk(url, images, 32, seconds)
     settle()
     return one, many
 

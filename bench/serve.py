@@ -32,18 +32,26 @@ class ServerFailed(RuntimeError):
 
 
 class ServerProcess:
-    """`command` running in the repo root, answering at `url` once started."""
+    """`command` running in a checkout's root, answering at `url` once started."""
 
     def __init__(
-        self, name: str, command: list[str], url: str, log_path: Path, *, group: bool = False
+        self,
+        name: str,
+        command: list[str],
+        url: str,
+        log_path: Path,
+        *,
+        group: bool = False,
+        cwd: Path = ROOT,
     ) -> None:
         """`group`: the server starts processes of its own that may outlive it
         (LitServe's workers do on SIGTERM); it gets its own process group, and
-        whatever of it is left once it stopped is killed."""
+        whatever of it is left once it stopped is killed. `cwd`: the checkout
+        it runs in (this one)."""
         self.name = name
         self.url = url
         self.group = group
-        self.child = Child(name, command, log_path, cwd=ROOT, env=ENV, tied=True, new_session=group)
+        self.child = Child(name, command, log_path, cwd=cwd, env=ENV, tied=True, new_session=group)
         self.start_seconds = float("nan")
 
     @property

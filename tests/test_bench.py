@@ -4,13 +4,15 @@ image, and the seed design served, driven and reported as `bench.run` does."""
 import json
 import os
 import shutil
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 import redis
-from conftest import IMAGES, apt_install
+from conftest import IMAGES, apt_install, wait_until
 
 from bench import engines, raw, redis_memory, report, serve
 from bench.raw import sample_batch
@@ -262,17 +264,38 @@ def test_the_peers_table_gives_medians_ratios_and_targets(tmp_path: Path) -> Non
     )  # fmt: skip
     for round_, (ours, mosec, lit) in enumerate(((90, 100, 80), (88, 110, 78), (86, 102, 77)), 1):
         results.runs += [
-            Measured("keras-server", round_, wrk(1, 19.0 + round_), wrk(ours, 300)),
-            Measured("mosec", round_, wrk(1, 24.0), wrk(mosec, 300)),
+            Measured(
+                "keras-server",
+                round_,
+                wrk(1, 19.0 + round_),
+                wrk(ours, 300),
+                server_cpu_seconds=ours * 10 * 0.011,
+            ),
+            Measured(
+                "mosec",
+                round_,
+                wrk(1, 24.0),
+                wrk(mosec, 300),
+                server_cpu_seconds=mosec * 10 * 0.013,
+            ),
             Measured("litserve", round_, wrk(1, 20.0), wrk(lit, 300)),
         ]
     benchmarks = tmp_path / "BENCHMARKS.md"
     benchmarks.write_text("# Benchmarks\n\nthe engine table\n")
     text = peers.write(results, tmp_path / "results", benchmarks)
     assert "Intel(R) Xeon(R) Platinum 8480+ (AVX-512, AMX; flags: amx_bf16" in text
-    assert "| keras-server | 88.0 | 86.0 to 90.0 | 21.0 | 50.0 | 9.0 | 1.00x | 3 | 0 |" in text
-    assert "| mosec | 102.0 | 100.0 to 110.0 | 24.0 | 50.0 | 12.0 | 0.86x | 3 | 0 |" in text
-    assert "| litserve | 78.0 | 77.0 to 80.0 | 20.0 |" in text
+    # Server CPU per image answered, median over rounds, beside wrk's own.
+    assert (
+        "| keras-server | 88.0 | 86.0 to 90.0 | 21.0 | 50.0 | 9.0 | 1.00x | 11.0 | 0.1 | 3 | 0 |"
+        in text
+    )
+    assert (
+        "| mosec | 102.0 | 100.0 to 110.0 | 24.0 | 50.0 | 12.0 | 0.86x | 13.0 | 0.1 | 3 | 0 |"
+        in text
+    )
+    assert (
+        "| litserve | 78.0 | 77.0 to 80.0 | 20.0 | 50.0 | 8.0 | 1.13x | n/a | 0.1 | 3 | 0 |" in text
+    )
     assert "| images/s at 32 clients ≥ 1.25x mosec's | 0.86x | **no** |" in text
     assert "| p50 at 1 client ≤ engine batch 1 + 8 ms | +9.0 ms | **no** |" in text
     assert "| p50 at 1 client below litserve's | 21.0 vs 20.0 ms | **no** |" in text
@@ -367,3 +390,27 @@ def test_the_job_latency_benchmark_runs_a_job_beside_a_client(
     assert [row.split(" | ")[0] for row in rows[1:]] == ["| 0", "| 20"]
     for row in rows[1:]:
         assert "x |" in row  # the ratio
+
+
+def test_the_cpu_probe_counts_a_servers_processes_orphans_included() -> None:
+    """bench.process_cpu: a server in a session of its own whose busy child
+    outlives it (as LitServe's workers do) still has that child's CPU counted."""
+    from bench import process_cpu
+
+    spin = "import time; end = time.monotonic() + 20\nwhile time.monotonic() < end: pass"
+    leave_behind = (
+        "import subprocess, sys; "
+        f"subprocess.Popen([sys.executable, '-c', {spin!r}], start_new_session=False)"
+    )
+    leader = subprocess.Popen([sys.executable, "-c", leave_behind], start_new_session=True)
+    leader.wait(10)  # gone: its spinning child is init's now
+    try:
+        processes = wait_until(lambda: process_cpu.server_processes(leader.pid), 5)
+        assert all(p.pid != leader.pid for p in processes)
+        with process_cpu.Probe(processes) as probe:
+            time.sleep(0.5)
+        assert probe.window is not None
+        assert probe.window.server_cpu > 0.2  # a core, less scheduling on a busy machine
+        assert probe.window.others(client_cpu=0.0) >= 0.0
+    finally:
+        os.killpg(leader.pid, signal.SIGKILL)

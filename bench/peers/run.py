@@ -25,6 +25,7 @@ import importlib.metadata
 import importlib.util
 import json
 import logging
+import math
 import os
 import shlex
 import subprocess
@@ -36,10 +37,10 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from bench import cpu, engines, raw, report, serve
+from bench import cpu, engines, process_cpu, raw, report, serve
 from bench.peers import table
 from bench.peers.graph import TIMEOUT_S, PeerConfig
-from bench.run import IMAGES, ROOT, cpu_seconds, machine
+from bench.run import IMAGES, ROOT, machine
 from keras_server.broker.redis_server import RedisServer, free_port
 from keras_server.catalog import BUILTINS
 
@@ -139,8 +140,17 @@ def route(system: str) -> str:
 
 
 def measure(
-    system: str, round_: int, config: PeerConfig, *, redis_url: str, seconds: float, logs: Path
+    system: str,
+    round_: int,
+    config: PeerConfig,
+    *,
+    redis_url: str,
+    seconds: float,
+    logs: Path,
+    redis_pid: int | None = None,
 ) -> table.Measured:
+    """One round of `system`: started, driven at 1 and 32 connections, its
+    processes' CPU counted over the measured 32-connection run, stopped."""
     port = free_port()
     url = f"http://127.0.0.1:{port}{route(system)}"
     command = start_command(system, config, redis_url, port)
@@ -156,14 +166,24 @@ def measure(
             settle = functools.partial(engines.answered, url, IMAGES[0])
         # mosec's front answers before its model has loaded: one answer first.
         engines.answered(url, IMAGES[0])
-        one, many = engines.wrk_levels(url, IMAGES, seconds, settle)
-        if server.process is not None and server.process.poll() is not None:
+        assert server.process is not None
+        # keras-server's CPU counts the Redis it queues through.
+        extra = [redis_pid] if system == table.OURS and redis_pid else []
+        probe = process_cpu.Probe(process_cpu.server_processes(server.process.pid, extra))
+        one, many = engines.wrk_levels(url, IMAGES, seconds, settle, around_many=probe)
+        if server.process.poll() is not None:
             raise serve.ServerFailed(f"{name} died under load:\n{server.log_tail()}")
+    window = probe.window
     log.info(
         "%s round %d: 1 client p50 %.1f ms; 32 clients %.1f images/s (%d errors)",
         system, round_, one.p50 * 1000, many.throughput, one.errors + many.errors,
     )  # fmt: skip
-    return table.Measured(system, round_, one, many, server.start_seconds)
+    return table.Measured(
+        system, round_, one, many, server.start_seconds,
+        server_cpu_seconds=window.server_cpu if window else math.nan,
+        others_cpu_seconds=window.others(many.client_cpu_seconds) if window else math.nan,
+        window_seconds=window.seconds if window else math.nan,
+    )  # fmt: skip
 
 
 def write(results: table.PeerResults, out: Path, benchmarks: Path | None) -> str:
@@ -196,7 +216,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         wait_ms=args.wait_ms,
     )  # fmt: skip
     started = time.monotonic()
-    busy_before, own_before = cpu_seconds()
     with RedisServer() as redis_server, tempfile.TemporaryDirectory(prefix="peers-") as tmp:
         work = args.work_dir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -222,16 +241,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                 try:
                     results.runs.append(
                         measure(system, round_, config, redis_url=redis_server.url,
-                                seconds=args.seconds, logs=work)
+                                seconds=args.seconds, logs=work,
+                                redis_pid=redis_server.child.pid)
                     )  # fmt: skip
                 except (serve.ServerFailed, engines.WrkMissing) as exc:
                     log.error("%s round %d: %s", system, round_, exc)
                     results.failures.append(f"{system} round {round_}: {str(exc).splitlines()[0]}")
-    elapsed = time.monotonic() - started
-    busy_after, own_after = cpu_seconds()
-    others = max(0.0, (busy_after - busy_before) - (own_after - own_before))
-    info["others_cpu_share"] = round(others / (elapsed * (os.cpu_count() or 1)), 3)
-    info["seconds"] = round(elapsed)
+    info["seconds"] = round(time.monotonic() - started)
+    # What else ran while the 32-connection runs were measured: a whole-run
+    # count would charge a peer's orphaned workers (reaped by init, not by us)
+    # to "other processes".
+    windows = [m for m in results.runs if not math.isnan(m.window_seconds)]
+    if windows:
+        others = sum(m.others_cpu_seconds for m in windows)
+        wall = sum(m.window_seconds for m in windows) * (os.cpu_count() or 1)
+        info["others_cpu_share"] = round(others / wall, 3)
     benchmarks = None if str(args.benchmarks_md) == "-" else args.benchmarks_md
     print(write(results, args.out, benchmarks))
     failed = sum(m.one.errors + m.many.errors for m in results.runs)

@@ -35,6 +35,17 @@ class Measured:
     one: WrkResult
     many: WrkResult
     start_seconds: float = math.nan
+    # Over the measured 32-connection run (bench.process_cpu.Probe): the
+    # system's processes' CPU, what other processes took, and its wall time.
+    server_cpu_seconds: float = math.nan
+    others_cpu_seconds: float = math.nan
+    window_seconds: float = math.nan
+
+    @property
+    def server_cpu_per_image(self) -> float:
+        """Seconds of the server's CPU per image answered at 32 connections."""
+        answered = self.many.requests - self.many.errors
+        return self.server_cpu_seconds / answered if answered > 0 else math.nan
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -92,6 +103,8 @@ class Summary:
     p50: float  # 1 client, seconds
     p99: float
     errors: int  # over every counted wrk run
+    server_cpu: float  # seconds per image at 32 clients
+    client_cpu: float  # wrk's, the same
 
     @classmethod
     def of(cls, system: str, runs: list[Measured]) -> Summary:
@@ -104,6 +117,10 @@ class Summary:
             p50=statistics.median(m.one.p50 for m in runs),
             p99=statistics.median(m.one.p99 for m in runs),
             errors=sum(m.one.errors + m.many.errors for m in runs),
+            server_cpu=statistics.median(m.server_cpu_per_image for m in runs),
+            client_cpu=statistics.median(
+                m.many.client_cpu_seconds / max(m.many.requests, 1) for m in runs
+            ),
         )
 
 
@@ -149,8 +166,8 @@ def markdown(results: PeerResults) -> str:
     lines += [
         "| system | images/s, 32 clients | range over rounds | p50 ms, 1 client "
         "| p99 ms, 1 client | p50 - engine batch 1, ms | keras-server's images/s over it "
-        "| rounds | failed requests |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| server CPU ms per image, 32 clients | wrk's | rounds | failed requests |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in found.values():
         low, high = s.throughput_range
@@ -158,7 +175,8 @@ def markdown(results: PeerResults) -> str:
         added = _ms(s.p50 - raw.single_p50) if raw else "n/a"
         lines.append(
             f"| {s.system} | {s.throughput:.1f} | {low:.1f} to {high:.1f} | {_ms(s.p50)} "
-            f"| {_ms(s.p99)} | {added} | {ratio} | {s.rounds} | {s.errors} |"
+            f"| {_ms(s.p99)} | {added} | {ratio} | {_ms(s.server_cpu)} | {_ms(s.client_cpu)} "
+            f"| {s.rounds} | {s.errors} |"
         )
     lines.append("")
     if raw:
@@ -181,7 +199,11 @@ def markdown(results: PeerResults) -> str:
         "connection, another warm-up, then 32 connections. Every system decodes with "
         "`keras_server.images.load_image`, runs the same compiled OpenVINO model "
         '(`load_predictor`, LATENCY hint) and answers `{"success", "predictions": top 5}`. '
-        "The machine runs wrk too, which takes CPU from the servers alike. The ratios depend "
+        "The machine runs wrk too, which takes CPU from the servers alike. Server CPU: user "
+        "+ system time of every process of the system (its session's; keras-server's Redis "
+        "too) over the measured 32-connection run, per image answered "
+        "(`bench.process_cpu.Probe`); with both cores busy, images/s is about the cores over "
+        "it plus wrk's. The ratios depend "
         "on the CPU: AVX-512 and AMX speed up the engine, not the HTTP and decode work around "
         f"it. Raw data: `bench/results/{results.name}.json`.",
         "",
