@@ -55,7 +55,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def counters(process: psutil.Process) -> tuple[float, int]:
-    """(CPU seconds, minor page faults) of `process` so far."""
+    """(CPU seconds, minor page faults) of `process` so far: psutil reads no
+    page faults, /proc/PID/stat has them (its 10th field)."""
     times = process.cpu_times()
     with open(f"/proc/{process.pid}/stat") as stat:
         minor_faults = int(stat.read().rsplit(")", 1)[1].split()[7])
@@ -106,7 +107,7 @@ class Window:
     seconds: float  # wall time
     per_process: dict[int, tuple[str, float, int]]
     machine_busy: float  # CPU seconds the machine spent busy
-    harness: float  # this process's CPU seconds (and its reaped children's)
+    harness: float  # this process's own CPU seconds (wrk's are the client's)
 
     @property
     def server_cpu(self) -> float:
