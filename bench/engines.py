@@ -144,6 +144,16 @@ def prepare(directory: Path, images: list[Path], model: str = MODEL) -> tuple[Pa
     return weights, calibration
 
 
+def prepared(directory: Path, images: list[Path], model: str = MODEL) -> tuple[Path, Path]:
+    """What `prepare` saved in `directory` before, else `prepare` now: the
+    weights file's hash keys the conversion cache, so a later run on the same
+    directory reuses the conversion."""
+    weights = directory / weights_file(model)
+    if weights.exists():
+        return weights, directory / "calibration"
+    return prepare(directory, images, model)
+
+
 def run_wrk(url: str, images: list[Path], connections: int, seconds: float) -> WrkResult:
     """wrk at `connections` for `seconds`; its own CPU time from rusage."""
     wrk = shutil.which("wrk")

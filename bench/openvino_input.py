@@ -89,10 +89,7 @@ def main() -> None:
         else:
             scratch = args.work
             scratch.mkdir(parents=True, exist_ok=True)
-        if (scratch / engines.WEIGHTS_FILE).exists():
-            weights, calibration = scratch / engines.WEIGHTS_FILE, scratch / "calibration"
-        else:
-            weights, calibration = engines.prepare(scratch, photos)
+        weights, calibration = engines.prepared(scratch, photos)
         cache = scratch / "cache"
         for precision in args.precision:
             spec = ModelSpec(

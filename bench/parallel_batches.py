@@ -117,8 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     print(cpu.describe(cpu.model(), cpu.vector_flags()), flush=True)
     args.work.mkdir(parents=True, exist_ok=True)
-    if not (args.work / engines.WEIGHTS_FILE).exists():
-        engines.prepare(args.work, sorted(ROOT.glob("images/*.*g")))
+    engines.prepared(args.work, sorted(ROOT.glob("images/*.*g")))
     rows: list[dict[str, Any]] = []
     if not args.skip_raw:
         for repeat in range(args.repeats):

@@ -173,9 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(cpu.describe(cpu.model(), cpu.vector_flags()), f"{psutil.cpu_count()} CPUs")
     work = args.work_dir
     work.mkdir(parents=True, exist_ok=True)
-    weights, calibration = work / engines.weights_file(args.model), work / "calibration"
-    if not weights.exists():
-        weights, calibration = engines.prepare(work, IMAGES, args.model)
+    weights, calibration = engines.prepared(work, IMAGES, args.model)
     with RedisServer() as redis_server:
         port = free_port()
         url = f"http://127.0.0.1:{port}/predict"

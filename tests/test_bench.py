@@ -334,12 +334,21 @@ def test_the_peers_command_line() -> None:
         peers.parse_args(["--systems", "triton"])
 
 
-def test_the_mosec_decode_stage_reads_the_upload_wrk_sends() -> None:
-    """mosec hands its first stage the bare body: the boundary comes from it."""
+def test_the_mosec_decode_stage_reads_the_upload_wrk_sends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """mosec hands its first stage the bare body: the boundary comes from it;
+    it decodes to the size of the network the harness names (InceptionV3's
+    299x299 here)."""
     pytest.importorskip("mosec", reason="mosec is installed by python -m bench.peers")
     from mosec import ValidationError
 
+    from bench.peers.graph import PeerConfig
     from bench.peers.mosec_server import Decode, image_field
+
+    config = PeerConfig("inception_v3", "w.h5", "calibration", "cache", "openvino", "int8", 32, 10)
+    for name, value in config.to_env().items():
+        monkeypatch.setenv(name, value)
 
     photo = (IMAGES / "rocket.jpg").read_bytes()
     boundary = b"keras-server-bench-boundary"  # bench/multipart.lua's
@@ -348,7 +357,7 @@ def test_the_mosec_decode_stage_reads_the_upload_wrk_sends() -> None:
     body += b"Content-Type: application/octet-stream\r\n\r\n" + photo + b"\r\n--"
     body += boundary + b"--\r\n"
     assert image_field(body) == photo
-    assert Decode().forward(image_field(body)).shape == (224, 224, 3)
+    assert Decode().forward(image_field(body)).shape == (299, 299, 3)
     with pytest.raises(ValidationError):
         image_field(b'{"image": "not multipart"}')
     with pytest.raises(ValidationError):

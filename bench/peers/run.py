@@ -219,9 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with RedisServer() as redis_server, tempfile.TemporaryDirectory(prefix="peers-") as tmp:
         work = args.work_dir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        weights, calibration = work / engines.weights_file(args.model), work / "calibration"
-        if not weights.exists():  # the file's hash keys the cache: reused, no conversion
-            weights, calibration = engines.prepare(work, IMAGES, args.model)
+        weights, calibration = engines.prepared(work, IMAGES, args.model)
         config = PeerConfig(
             model=args.model, weights=str(weights), calibration_dir=str(calibration),
             cache_dir=str(work / "conversion-cache"), engine=results.engine,

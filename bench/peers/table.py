@@ -41,11 +41,10 @@ class Measured:
     others_cpu_seconds: float = math.nan
     window_seconds: float = math.nan
 
-    @property
-    def server_cpu_per_image(self) -> float:
-        """Seconds of the server's CPU per image answered at 32 connections."""
+    def per_image(self, seconds: float) -> float:
+        """`seconds` (of CPU, over the 32-connection run) per image answered in it."""
         answered = self.many.requests - self.many.errors
-        return self.server_cpu_seconds / answered if answered > 0 else math.nan
+        return seconds / answered if answered > 0 else math.nan
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -117,10 +116,8 @@ class Summary:
             p50=statistics.median(m.one.p50 for m in runs),
             p99=statistics.median(m.one.p99 for m in runs),
             errors=sum(m.one.errors + m.many.errors for m in runs),
-            server_cpu=statistics.median(m.server_cpu_per_image for m in runs),
-            client_cpu=statistics.median(
-                m.many.client_cpu_seconds / max(m.many.requests, 1) for m in runs
-            ),
+            server_cpu=statistics.median(m.per_image(m.server_cpu_seconds) for m in runs),
+            client_cpu=statistics.median(m.per_image(m.many.client_cpu_seconds) for m in runs),
         )
 
 
