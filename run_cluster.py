@@ -32,8 +32,8 @@ import requests
 
 from keras_server.broker.redis_server import RedisServer, free_port
 from keras_server.processes import Child, ChildFailed, wait_for
+from keras_server.serving.models import Deployment
 from keras_server.settings import Settings, SettingsError, load_settings
-from keras_server.web.deployment import Deployment
 
 log = logging.getLogger(__name__)
 

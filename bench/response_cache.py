@@ -44,7 +44,7 @@ from bench import cpu
 from bench.webcpu import cpu_seconds, wait_ready
 from keras_server.broker.redis_server import RedisServer, free_port
 from keras_server.broker.response_store import ResponseStore
-from keras_server.web.response_cache import digest
+from keras_server.serving.cache import digest
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -2,8 +2,10 @@
 
 Its kinds of process, a sub-package each, and what they share at the top:
 
-    web/        the web process: HTTP in, decode, queue, answers out (never an engine)
-    rpc/        the gRPC front: the v2 protocol over gRPC (--grpc-port), over web/'s core
+    serving/    the serving core, transport-neutral: models, traffic, admission, cache,
+                the one pipeline (decode, queue, await) and its failures
+    web/        the web process: HTTP adapters over the core (never an engine)
+    rpc/        the gRPC front: the v2 protocol over gRPC (--grpc-port), over the core
     broker/     Redis between them: messages and key names, the queue, shards
     engines/    what runs a model: the interface, keras, onnx, openvino, sim
     worker/     the model worker: claim a batch, one forward pass, answer each
@@ -24,3 +26,7 @@ Its kinds of process, a sub-package each, and what they share at the top:
 
 Each sub-package's docstring lists its modules.
 """
+
+from importlib.metadata import version as _version
+
+__version__ = _version("keras-server")

@@ -41,10 +41,10 @@ from keras_server.engines.predictor import ModelLoadError, Predictor, timed_warm
 from keras_server.logs import configure_logging
 from keras_server.metrics import MULTIPROCESS_DIR_ENV
 from keras_server.processes import die_with_parent
+from keras_server.serving.keys import KeysFileError, load_keys
+from keras_server.serving.models import Deployment
 from keras_server.settings import Settings, SettingsError, load_settings, to_environment
 from keras_server.web.admin import load_admin_keys
-from keras_server.web.auth import KeysFileError, load_keys
-from keras_server.web.deployment import Deployment
 from keras_server.worker.loop import FairLock, Worker, serve
 
 log = logging.getLogger("keras_server")

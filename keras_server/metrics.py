@@ -13,8 +13,6 @@ so every web server reports the same truth.
 from __future__ import annotations
 
 import os
-import time
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import (
@@ -27,12 +25,10 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
-from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from keras_server.engines.predictor import Predictor
-    from keras_server.web.deployment import Deployment
 
 # prometheus-client's own switch (read by the library at import); we only
 # follow it to pick the matching registry.
@@ -144,54 +140,14 @@ def record_engine(model: str, predictor: Predictor) -> None:
         MAX_DIFFERENCE.labels(*labels).set(predictor.fidelity.max_difference)
 
 
-class RedisCollector(Collector):
-    """Queue depth and worker heartbeats of every model on every shard, read
-    from Redis at scrape time."""
-
-    def __init__(self, deployment: Deployment) -> None:
-        self.deployment = deployment
-
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        up = GaugeMetricFamily("keras_server_redis_up", "1 if the shard answered", labels=["shard"])
-        labels = ["model", "shard"]
-        depth = GaugeMetricFamily(
-            "keras_server_queue_depth",
-            "Requests waiting in the queue, by priority level (1 the highest)",
-            labels=[*labels, "level"],
-        )
-        live = GaugeMetricFamily(
-            "keras_server_workers_live", "Workers with a current heartbeat", labels=labels
-        )
-        age = GaugeMetricFamily(
-            "keras_server_worker_heartbeat_age_seconds",
-            "Seconds since each live worker's last heartbeat",
-            labels=[*labels, "worker"],
-        )
-        now = time.time()
-        reachable: dict[str, int] = {}
-        for state in self.deployment.survey():
-            # A shard is up if it answered for any model.
-            reachable[state.shard] = max(reachable.get(state.shard, 0), int(state.reachable))
-            if not state.reachable:
-                continue
-            where = [state.model_name, state.shard]
-            for level, waiting in enumerate(state.depths, start=1):
-                depth.add_metric([*where, str(level)], waiting)
-            live.add_metric(where, len(state.workers))
-            for worker_id, info in state.workers.items():
-                age.add_metric([*where, worker_id], max(0.0, now - info.at))
-        for shard, answered in reachable.items():
-            up.add_metric([shard], answered)
-        yield from (up, depth, live, age)
-
-
-def exposition(deployment: Deployment) -> tuple[bytes, str]:
-    """The /metrics body and its content type."""
+def exposition(live_collector: Collector) -> tuple[bytes, str]:
+    """The /metrics body and its content type; `live_collector` adds what is
+    read at scrape time (the queue gauges, web/probes.py)."""
     if os.environ.get(MULTIPROCESS_DIR_ENV):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
     else:
         registry = REGISTRY
     live = CollectorRegistry()
-    live.register(RedisCollector(deployment))
+    live.register(live_collector)
     return generate_latest(registry) + generate_latest(live), CONTENT_TYPE_LATEST

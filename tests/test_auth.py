@@ -29,8 +29,8 @@ from test_openapi import SPEC, call, conforms, upload
 
 from keras_server.broker.redis_server import free_port
 from keras_server.engines.simulated import SimulatedModel
+from keras_server.serving import keys as auth
 from keras_server.settings import Settings, SettingsError, load_settings
-from keras_server.web import auth
 from keras_server.web.app import create_app
 
 KEY = "k3y-of-the-first-client-0123456789"

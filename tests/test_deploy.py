@@ -33,8 +33,8 @@ import yaml
 from conftest import apt_install
 
 from keras_server import metrics
+from keras_server.serving.models import Deployment
 from keras_server.settings import KNOBS, Settings, load_settings
-from keras_server.web.deployment import Deployment
 from run_cluster import find_nginx, render_nginx_conf
 
 ROOT = Path(__file__).resolve().parent.parent

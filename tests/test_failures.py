@@ -24,9 +24,9 @@ from keras_server.broker import messages
 from keras_server.broker.redis_server import RedisServer, free_port
 from keras_server.cli import make_workers
 from keras_server.engines.simulated import SimulatedModel
+from keras_server.serving.models import Deployment
 from keras_server.settings import Settings
 from keras_server.web.app import create_app
-from keras_server.web.deployment import Deployment
 from keras_server.worker.loop import serve
 
 INFER = "/v2/models/resnet50/infer"

@@ -26,8 +26,8 @@ from prometheus_client import REGISTRY
 
 from keras_server.cli import MALLOC_ENVIRONMENT
 from keras_server.engines.simulated import SimulatedModel
+from keras_server.serving.pipeline import FLUSH_CPU_S, Decoder
 from keras_server.settings import Settings
-from keras_server.web.dispatch import FLUSH_CPU_S, Decoder
 
 DECODE_CPU = "keras_server_decode_cpu_seconds_total"
 

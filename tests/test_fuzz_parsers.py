@@ -31,12 +31,12 @@ from hypothesis import strategies as st
 
 from keras_server.broker import messages
 from keras_server.catalog import CatalogError, load_models_file
+from keras_server.serving.failures import Failure as HttpError
+from keras_server.serving.inference import PIXEL_TYPES, bytes_elements
+from keras_server.serving.keys import KeysFileError, load_keys
+from keras_server.serving.pipeline import Decoder
 from keras_server.settings import KNOBS, Settings, SettingsError, load_settings
 from keras_server.web import archives, uploads, v2
-from keras_server.web.auth import KeysFileError, load_keys
-from keras_server.web.dispatch import Decoder
-from keras_server.web.errors import HttpError
-from keras_server.web.inference import PIXEL_TYPES, bytes_elements
 
 FUZZ = settings(
     derandomize=True,
@@ -276,8 +276,9 @@ def test_v2_pixels_round_trip(batch: np.ndarray, datatype: str, binary: bool, ne
     )
     assert len(inference.images) == len(batch)
     for image, expected in zip(inference.images, batch, strict=True):
-        assert image.dtype == dtype
-        np.testing.assert_array_equal(image, expected)
+        assert image.pixels is not None
+        assert image.pixels.dtype == dtype
+        np.testing.assert_array_equal(image.pixels, expected)
 
 
 @FUZZ

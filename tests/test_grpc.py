@@ -480,16 +480,23 @@ def test_keys_deadlines_and_a_full_queue(guarded: tuple[Child, int]) -> None:
 
 @pytest.mark.slow
 def test_a_key_over_its_quota_is_resource_exhausted(guarded: tuple[Child, int]) -> None:
-    """The quota of web/quotas.py holds on gRPC calls too."""
+    """The quota of serving/quotas.py holds on gRPC calls too, per image: a
+    call with more images than are left is refused whole; once nothing is
+    left, every call is refused before it is parsed."""
     process, port = guarded
     client = connect(port, process)
     limited = {"x-api-key": LIMITED}
     try:
-        for _ in range(2):  # the burst
+        for _ in range(3):  # no image: nothing counted
             assert client.get_model_metadata(MODEL, headers=limited, as_json=True)["name"] == MODEL
         with pytest.raises(InferenceServerException) as over:
-            client.get_model_metadata(MODEL, headers=limited)
+            client.infer(MODEL, [image_input([FILES[0]] * 3)], headers=limited)
         assert code(over) == "RESOURCE_EXHAUSTED"
+        assert "3 images sent, 2 left now" in over.value.message()
+        # Two images are within the burst: charged, then refused by the full queue.
+        with pytest.raises(InferenceServerException) as full:
+            client.infer(MODEL, [image_input([FILES[0]] * 2)], headers=limited)
+        assert code(full) == "UNAVAILABLE"
         # tritonclient keeps the status, not the trailers: grpc itself reads them.
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             metadata = channel.unary_unary(
@@ -505,8 +512,8 @@ def test_a_key_over_its_quota_is_resource_exhausted(guarded: tuple[Child, int]) 
         trailers = dict(raw.value.trailing_metadata())
         assert 3590 <= int(trailers["retry-after"]) <= 3600
         assert (trailers["ratelimit-limit"], trailers["ratelimit-remaining"]) == ("2", "0")
-        assert "the API key 'grpc-client' is over its quota of 1 request an hour" in (
-            over.value.message()
+        assert "the API key 'grpc-client' is over its quota of 1 image an hour" in (
+            raw.value.details()
         )
         # Another key is not held by this one's quota.
         assert client.get_model_metadata(MODEL, headers={"x-api-key": KEY}, as_json=True)

@@ -196,7 +196,7 @@ def test_too_many_image_fields_or_none(settings: Settings) -> None:
     assert post_job(client).status_code == 400
     unknown = post_job(client, [("a.png", CHELSEA)], model="nope")  # a plain form field
     assert unknown.status_code == 404
-    assert "no model named 'nope'" in unknown.get_json()["error"]
+    assert "unknown model 'nope'" in unknown.get_json()["error"]
 
 
 def test_a_job_belongs_to_its_key(settings: Settings, tmp_path: Path) -> None:

@@ -181,7 +181,7 @@ def test_a_prediction_by_model_name(
 
 def test_404_unknown_model(openapi: OpenAPI, client: FlaskClient) -> None:
     done = upload(client, CHELSEA, path="/models/alexnet/predict")
-    assert "no model named 'alexnet'" in conforms(openapi, done, 404)["error"]
+    assert "unknown model 'alexnet'" in conforms(openapi, done, 404)["error"]
 
 
 def test_400_missing_field(openapi: OpenAPI, client: FlaskClient) -> None:

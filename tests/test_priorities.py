@@ -32,10 +32,10 @@ from keras_server.broker import messages
 from keras_server.broker.request_queue import WAKEUP_TOKENS, QueueFull, RequestQueue
 from keras_server.catalog import SIM_SIZE
 from keras_server.engines.simulated import SimulatedModel
+from keras_server.serving.admission import Urgency
+from keras_server.serving.failures import Failure as HttpError
 from keras_server.settings import Settings
 from keras_server.web.app import create_app
-from keras_server.web.dispatch import Urgency
-from keras_server.web.errors import HttpError
 
 
 def request_at(level: int, timeout: float = 20) -> bytes:

@@ -33,8 +33,9 @@ from werkzeug.test import EnvironBuilder, encode_multipart
 from keras_server.broker.messages import Keys
 from keras_server.broker.quotas import MICROS, Decision, Quota, Quotas
 from keras_server.engines.simulated import SimulatedModel
+from keras_server.serving import keys as auth
+from keras_server.serving import quotas
 from keras_server.settings import Settings
-from keras_server.web import auth, quotas
 from keras_server.web.app import create_app
 
 ALICE = "alice-key-0123456789abcdef"

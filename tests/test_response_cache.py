@@ -1,4 +1,4 @@
-"""The shared response cache (`--response-cache-ttl`, web/response_cache.py):
+"""The shared response cache (`--response-cache-ttl`, serving/cache.py):
 a real Redis, real web servers (`--role web`, granian) and in-process workers
 running the simulated model (deterministic answers, derived from the pixels).
 
@@ -34,8 +34,9 @@ from keras_server.broker.request_queue import RequestQueue
 from keras_server.broker.response_store import ResponseStore
 from keras_server.catalog import CatalogError
 from keras_server.engines.simulated import SimulatedModel
+from keras_server.serving import cache as response_cache
+from keras_server.serving.workers import REFRESH_S
 from keras_server.settings import Settings
-from keras_server.web import response_cache
 from keras_server.web.app import create_app
 from keras_server.worker.loop import Worker
 
@@ -216,7 +217,7 @@ def test_a_new_version_never_reads_an_older_versions_entries(
             assert predict(base, CHELSEA).headers["X-Cache"] == "hit"
             # Mixed versions (a rolling upgrade): any worker may answer, so no lookup.
             with worker(sim, "2"):
-                time.sleep(response_cache.VERSIONS_TTL_S + 0.2)  # the web's view is renewed
+                time.sleep(REFRESH_S + 0.2)  # the web's view is renewed
                 mixed = [predict(base, CHELSEA) for _ in range(4)]
                 assert {a.headers["X-Cache"] for a in mixed} == {"miss"}
                 skipped = metric(
@@ -226,7 +227,7 @@ def test_a_new_version_never_reads_an_older_versions_entries(
                 assert skipped == 4
         # Version 1 has left; only 2 is live.
         with worker(sim, "2") as model:
-            time.sleep(response_cache.VERSIONS_TTL_S + 0.2)
+            time.sleep(REFRESH_S + 0.2)
             newer = predict(base, CHELSEA)
             assert newer.headers["X-Cache"] in ("miss", "hit")
             assert newer.json()["model"]["version"] == "2"

@@ -29,10 +29,10 @@ from keras_server.broker.request_queue import RequestQueue
 from keras_server.broker.shards import ShardSet
 from keras_server.engines.simulated import SimulatedModel
 from keras_server.processes import Child
+from keras_server.serving.models import DISCOVERY_INTERVAL_S
+from keras_server.serving.traffic import ROUTING_TTL_S, Policy, PolicyError, Router, store_policy
 from keras_server.settings import Settings
 from keras_server.web.app import create_app
-from keras_server.web.deployment import DISCOVERY_INTERVAL_S
-from keras_server.web.routing import ROUTING_TTL_S, Policy, PolicyError, Router, store_policy
 from keras_server.worker.loop import Worker
 
 CLIENTS = 8

@@ -496,8 +496,13 @@ def decode_probabilities(raw: bytes | str) -> tuple[dict[str, Any], np.ndarray |
         raise BadMessage(f"malformed probabilities: {exc!r}") from None
 
 
-def error_result(message: str) -> bytes:
-    return json.dumps({"success": False, "error": message}).encode()
+def error_result(message: str, status: int | None = None) -> bytes:
+    """A failed answer; `status`, when given, is the HTTP-like status the web
+    tier answers it with (a version with no live worker: 503), else 500."""
+    body: dict[str, Any] = {"success": False, "error": message}
+    if status is not None:
+        body["status"] = status
+    return json.dumps(body).encode()
 
 
 def decode_result(raw: bytes | str) -> dict[str, Any]:

@@ -2,20 +2,22 @@
 shares them: one Lua script, run atomically by Redis, decides each request.
 
 The algorithm is GCRA (the generic cell rate algorithm, a token bucket kept
-as one timestamp): a quota of `rate` requests per `period` seconds with a
-`burst` lets `burst` requests through at once, then one every
+as one timestamp): a quota of `rate` images per `period` seconds with a
+`burst` lets `burst` images through at once, then one every
 `period / rate` seconds (the emission interval). Redis stores a single value
 per key name, its *theoretical arrival time* (TAT, in microseconds): the
-moment the bucket would be full again. A request at `now` is allowed when
-`TAT + interval - burst * interval <= now`, and moves TAT to
-`max(TAT, now) + interval`; the key expires when TAT is reached, so a key
-name at rest holds nothing in Redis.
+moment the bucket would be full again. A request of `cost` images at `now`
+is allowed when `TAT + cost * interval - burst * interval <= now`, and moves
+TAT to `max(TAT, now) + cost * interval`; the key expires when TAT is
+reached, so a key name at rest holds nothing in Redis. `check` asks whether
+one image would pass without counting it: a key with nothing left is refused
+before its upload is read.
 
 The clock is Redis's (TIME), not a web server's, so servers with skewed
 clocks still share one quota; the tests pass their own `now` to check the
 arithmetic. Only Redis 6.2 commands. Errors are redis-py's, for the caller
-to classify (failures.py): the web tier lets a request through unmetered
-when the quota cannot be read (web/quotas.py).
+to classify (failures.py): the serving core lets a request through unmetered
+when the quota cannot be read (serving/quotas.py).
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ from keras_server.broker.request_queue import Shard
 MICROS = 1_000_000
 
 # KEYS: the key name's state. ARGV: emission interval (µs), burst, now (µs,
-# or '' for Redis's own clock). Returns {allowed (1/0), remaining, µs until a
-# retry may pass (0 when allowed), µs until the bucket is full again}.
+# or '' for Redis's own clock), cost (images), '1' to only check (nothing
+# counted). Returns {allowed (1/0), remaining, µs until a retry may pass
+# (0 when allowed), µs until the bucket is full again}.
 # TIME before a write needs effects replication (the default since Redis 5;
 # asked for explicitly, as 6.2 still takes the call).
 _GCRA = """
@@ -44,12 +47,17 @@ if now == nil then
   local time = redis.call('TIME')
   now = tonumber(time[1]) * 1000000 + tonumber(time[2])
 end
+local cost = tonumber(ARGV[4])
 local tat = tonumber(redis.call('GET', KEYS[1]) or now)
 if tat < now then tat = now end
-local new_tat = tat + interval
+local new_tat = tat + cost * interval
 local allow_at = new_tat - burst * interval
 if now < allow_at then
-  return {0, 0, allow_at - now, tat - now}
+  return {0, math.floor(math.max(0, now - (tat - burst * interval)) / interval),
+          allow_at - now, tat - now}
+end
+if ARGV[5] == '1' then
+  return {1, math.floor((now - allow_at) / interval), 0, tat - now}
 end
 redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX',
   math.max(1, math.ceil((new_tat - now) / 1000)))
@@ -59,7 +67,7 @@ return {1, math.floor((now - allow_at) / interval), 0, new_tat - now}
 
 @dataclass(frozen=True)
 class Quota:
-    """`rate` requests every `period` seconds, up to `burst` at once."""
+    """`rate` images every `period` seconds, up to `burst` at once."""
 
     rate: int
     period: float  # seconds
@@ -67,7 +75,7 @@ class Quota:
 
     @property
     def interval_us(self) -> int:
-        """Microseconds between two requests at the sustained rate."""
+        """Microseconds between two images at the sustained rate."""
         return max(1, round(self.period * MICROS / self.rate))
 
 
@@ -76,8 +84,8 @@ class Decision:
     """One request's answer from the script, in the units of the HTTP headers."""
 
     allowed: bool
-    limit: int  # the burst: most requests at once
-    remaining: int  # requests that may follow at once
+    limit: int  # the burst: most images at once
+    remaining: int  # images that may follow at once
     retry_after_s: float  # until a refused request may pass; 0 when allowed
     reset_s: float  # until the quota is whole again
 
@@ -115,13 +123,27 @@ class Quotas:
         record are the queue's."""
         return cls(Shard.of(url, timeout), keys)
 
-    def take(self, key_name: str, quota: Quota, now_us: int | None = None) -> Decision:
-        """Count one request of `key_name` against `quota`; `now_us` (tests
-        only) replaces Redis's clock. Raises redis.RedisError, NotAsked while
-        the shard is marked down."""
+    def take(
+        self, key_name: str, quota: Quota, cost: int = 1, now_us: int | None = None
+    ) -> Decision:
+        """Count `cost` images of `key_name` against `quota`, all or none;
+        `now_us` (tests only) replaces Redis's clock. Raises redis.RedisError,
+        NotAsked while the shard is marked down."""
+        return self._run(key_name, quota, cost, now_us, check=False)
+
+    def check(self, key_name: str, quota: Quota, now_us: int | None = None) -> Decision:
+        """Whether one more image of `key_name` would pass, counting nothing."""
+        return self._run(key_name, quota, 1, now_us, check=True)
+
+    def _run(
+        self, key_name: str, quota: Quota, cost: int, now_us: int | None, check: bool
+    ) -> Decision:
         if self.shard.is_down():
             raise NotAsked(f"Redis at {self.shard.name} is marked down")
-        args = [quota.interval_us, quota.burst, "" if now_us is None else now_us]
+        args = [
+            quota.interval_us, quota.burst, "" if now_us is None else now_us, cost,
+            "1" if check else "0",
+        ]  # fmt: skip
         with self.shard.watch():
             allowed, remaining, retry_us, reset_us = self._gcra(
                 keys=[self.keys.quota(key_name)], args=args

@@ -15,10 +15,11 @@ reads and writes the connections meanwhile). It never imports an engine.
   RESOURCE_EXHAUSTED by grpcio before any of it is parsed.
 - With --api-keys, every call but ServerLive and ServerReady (those too with
   --auth-probes) must carry a key in its metadata, `authorization: Bearer
-  KEY` or `x-api-key: KEY`, checked as web/auth.py checks the HTTP headers;
-  else UNAUTHENTICATED, before the request is parsed. A key over its quota
-  (web/quotas.py, shared with the HTTP front) is RESOURCE_EXHAUSTED, with
-  `retry-after` and `ratelimit-*` trailers.
+  KEY` or `x-api-key: KEY`, checked against the same keys as the HTTP
+  front's (serving/keys.py); else UNAUTHENTICATED, before the request is
+  parsed. A key with nothing left of its quota (serving/quotas.py, shared
+  with the HTTP front) is RESOURCE_EXHAUSTED there too, with `retry-after`
+  and `ratelimit-*` trailers; a ModelInfer is then charged per image.
 - SIGTERM or SIGINT: no new calls; those in flight have up to
   --result-timeout to finish.
 """
@@ -40,10 +41,13 @@ from keras_server import metrics
 from keras_server.logs import configure_logging
 from keras_server.rpc import grpc_predict_v2_pb2_grpc as pb_grpc
 from keras_server.rpc.service import InferenceService
+from keras_server.serving.cache import ResponseCache
+from keras_server.serving.failures import OverQuota
+from keras_server.serving.keys import ApiKeys, Rejected, key_from, load_keys
+from keras_server.serving.models import Deployment
+from keras_server.serving.pipeline import Decoder, Pipeline
+from keras_server.serving.quotas import Caller, Limiter
 from keras_server.settings import Settings, load_settings
-from keras_server.web import auth, quotas
-from keras_server.web.deployment import Deployment
-from keras_server.web.dispatch import Decoder
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +58,7 @@ PROBES = frozenset({"ServerLive", "ServerReady"})
 class KeyCheck(grpc.ServerInterceptor):
     """--api-keys for gRPC: the key from the call's metadata, or UNAUTHENTICATED."""
 
-    def __init__(self, keys: auth.ApiKeys, settings: Settings, limiter: quotas.Limiter) -> None:
+    def __init__(self, keys: ApiKeys, settings: Settings, limiter: Limiter) -> None:
         self.keys = keys
         self.settings = settings
         self.limiter = limiter
@@ -70,8 +74,8 @@ class KeyCheck(grpc.ServerInterceptor):
         # gRPC metadata keys are lower case.
         metadata = dict(details.invocation_metadata)
         try:
-            key = auth.key_from(metadata.get("authorization"), metadata.get("x-api-key"))
-        except auth.Rejected as rejected:
+            key = key_from(metadata.get("authorization"), metadata.get("x-api-key"))
+        except Rejected as rejected:
             what = "malformed authorization" if rejected.error else "no key"
             log.warning("refused gRPC %s: %s", method, what)
             return _refuse(method, str(rejected))
@@ -79,13 +83,13 @@ class KeyCheck(grpc.ServerInterceptor):
         if entry is None:
             log.warning("refused gRPC %s: unknown key", method)
             return _refuse(method, "the API key is not valid")
-        # The key's quota, shared with the HTTP front (web/quotas.py).
-        decision = self.limiter.check(entry.name, entry.quota)
-        if decision is not None and not decision.allowed and entry.quota is not None:
-            message = quotas.refusal(entry.name, entry.quota, decision)
+        # The key's quota, shared with the HTTP front: nothing left, refused now.
+        try:
+            self.limiter.gate(Caller(entry.name, entry.quota))
+        except OverQuota as over:
             # RateLimit-* and Retry-After, as trailers (lower case, as gRPC's metadata is).
-            trailers = tuple((k.lower(), v) for k, v in decision.headers.items())
-            return _refuse(method, message, grpc.StatusCode.RESOURCE_EXHAUSTED, trailers)
+            trailers = tuple((k.lower(), v) for k, v in over.headers.items())
+            return _refuse(method, over.message, grpc.StatusCode.RESOURCE_EXHAUSTED, trailers)
         return continuation(details)
 
 
@@ -114,10 +118,12 @@ def build_server(settings: Settings, deployment: Deployment | None = None) -> gr
     if deployment is None:
         deployment = Deployment.from_settings(settings)
     interceptors = []
+    keys, limiter = None, None
     if settings.api_keys:
-        keys = auth.load_keys(settings.api_keys)
+        keys = load_keys(settings.api_keys)
+        limiter = Limiter.from_settings(settings)
         log.info("API keys required on gRPC (%d accepted)", len(keys))
-        interceptors.append(KeyCheck(keys, settings, quotas.Limiter.from_settings(settings)))
+        interceptors.append(KeyCheck(keys, settings, limiter))
     server = grpc.server(
         ThreadPoolExecutor(max_workers=settings.web_threads, thread_name_prefix="grpc"),
         interceptors=interceptors,
@@ -126,7 +132,9 @@ def build_server(settings: Settings, deployment: Deployment | None = None) -> gr
             ("grpc.so_reuseport", 0),
         ],
     )
-    service = InferenceService(settings, deployment, Decoder(settings))
+    cache = ResponseCache.from_settings(settings, deployment)
+    pipeline = Pipeline(settings, deployment, Decoder(settings), cache, limiter)
+    service = InferenceService(pipeline, keys)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
     server.add_insecure_port(address(settings))  # RuntimeError if the port is taken
     return server

@@ -1,5 +1,6 @@
-"""KServe's `GRPCInferenceService` over web/inference.py: the same models,
-checks, queue and answers as the REST routes under /v2, in protobuf.
+"""KServe's `GRPCInferenceService` over the serving core: the same models,
+checks, pipeline (quota, response cache, decode, queue, await) and answers
+as the REST routes under /v2 (serving/inference.py), in protobuf.
 
 - ServerLive, ServerReady, ModelReady: `live` / `ready` (false is an
   answer, not an error; an unknown model or version is NOT_FOUND);
@@ -13,12 +14,11 @@ checks, queue and answers as the REST routes under /v2, in protobuf.
   `raw_output_contents`. The client's deadline is the request's (capped by
   --result-timeout, and by the request's `timeout` parameter): its images are
   dropped from the queue past it. The `priority` parameter is its level
-  (dispatch.Urgency), as on REST.
+  (serving/admission.py), as on REST.
 
-Errors are the REST route's errors.HttpError, answered with the gRPC code
-for its status (`CODES`: 400 INVALID_ARGUMENT, 404 NOT_FOUND, 413
-INVALID_ARGUMENT, 401 UNAUTHENTICATED, 503 UNAVAILABLE with a `retry-after`
-trailer, 504 DEADLINE_EXCEEDED, anything else INTERNAL) and the same message.
+Failures are the core's (serving/failures.py), answered with the gRPC code
+its one table names and the same message as REST; a Retry-After (503) or
+RateLimit-* (429) goes along as trailers, in lower case.
 """
 
 from __future__ import annotations
@@ -32,31 +32,20 @@ from typing import Any, TypeVar
 
 import grpc
 import numpy as np
-import redis
 
 from keras_server import logs, metrics
-from keras_server.images import ImageError
 from keras_server.rpc import grpc_predict_v2_pb2 as pb
 from keras_server.rpc import grpc_predict_v2_pb2_grpc as pb_grpc
+from keras_server.serving import inference as core
+from keras_server.serving.admission import Urgency
+from keras_server.serving.failures import Failure, from_exception
+from keras_server.serving.inference import IMAGE, OUTPUT, PIXELS, Inference, Output, Result, bad
+from keras_server.serving.keys import ApiKeys, Rejected, key_from
+from keras_server.serving.pipeline import Decoder, Pipeline
+from keras_server.serving.quotas import Caller
 from keras_server.settings import Settings
-from keras_server.web import errors
-from keras_server.web import inference as core
-from keras_server.web.deployment import Deployment
-from keras_server.web.dispatch import Decoder, Urgency
-from keras_server.web.errors import HttpError
-from keras_server.web.inference import IMAGE, OUTPUT, PIXELS, Inference, Output, Result, bad
 
 log = logging.getLogger(__name__)
-
-CODES = {
-    400: grpc.StatusCode.INVALID_ARGUMENT,
-    401: grpc.StatusCode.UNAUTHENTICATED,
-    404: grpc.StatusCode.NOT_FOUND,
-    # Too many images: the request, not the server, is at fault.
-    413: grpc.StatusCode.INVALID_ARGUMENT,
-    503: grpc.StatusCode.UNAVAILABLE,
-    504: grpc.StatusCode.DEADLINE_EXCEEDED,
-}
 # Calls the request log leaves out, as the REST log leaves out the probes.
 QUIET = frozenset({"ServerLive", "ServerReady"})
 
@@ -73,22 +62,12 @@ def answered(method: Method[Request, Reply]) -> Method[Request, Reply]:
     def call(self: Any, request: Request, context: grpc.ServicerContext) -> Reply:
         started = time.perf_counter()
         logs.request_id.set("-")
-        error: HttpError | None = None
+        error: Failure | None = None
         try:
             reply = method(self, request, context)
-        except HttpError as exc:
-            error = exc
-        except redis.RedisError as exc:
-            error = errors.from_redis(exc)
-        except ImageError as exc:
-            error = errors.from_image(exc)
-        except Exception as exc:  # a bug: logged with its traceback, answered INTERNAL
-            error = errors.bug(exc)
-        code = (
-            grpc.StatusCode.OK
-            if error is None
-            else CODES.get(error.status, grpc.StatusCode.INTERNAL)
-        )
+        except Exception as exc:  # a bug is logged with its traceback, answered INTERNAL
+            error = from_exception(exc)
+        code = grpc.StatusCode.OK if error is None else grpc.StatusCode[error.answer.grpc]
         elapsed = time.perf_counter() - started
         metrics.GRPC_REQUESTS.labels(name, code.name).inc()
         metrics.GRPC_REQUEST_SECONDS.labels(name).observe(elapsed)
@@ -96,8 +75,8 @@ def answered(method: Method[Request, Reply]) -> Method[Request, Reply]:
             log.info("gRPC %s %s in %.0f ms", name, code.name, elapsed * 1000)
         if error is None:
             return reply
-        if "Retry-After" in error.headers:
-            context.set_trailing_metadata((("retry-after", error.headers["Retry-After"]),))
+        if error.headers:
+            context.set_trailing_metadata(tuple((k.lower(), v) for k, v in error.headers.items()))
         context.abort(code, error.message)  # raises: the call ends here
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -105,12 +84,15 @@ def answered(method: Method[Request, Reply]) -> Method[Request, Reply]:
 
 
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
-    """The protocol's six calls, for one process's settings, models and decoder."""
+    """The protocol's six calls, over one process's serving core; `keys`: the
+    API keys (--api-keys), to charge a caller's quota per image."""
 
-    def __init__(self, settings: Settings, deployment: Deployment, decoder: Decoder) -> None:
-        self.settings = settings
-        self.deployment = deployment
-        self.decode = decoder
+    def __init__(self, pipeline: Pipeline, keys: ApiKeys | None = None) -> None:
+        self.pipeline = pipeline
+        self.settings = pipeline.settings
+        self.deployment = pipeline.deployment
+        self.decode = pipeline.decoder
+        self.keys = keys
 
     @answered
     def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
@@ -122,7 +104,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     @answered
     def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
-        ready = core.model_ready(self.deployment, request.name, request.version or None)
+        ready = core.model_ready(self.pipeline, request.name, request.version or None)
         return pb.ModelReadyResponse(ready=ready)
 
     @answered
@@ -135,7 +117,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: Any
     ) -> pb.ModelMetadataResponse:
-        metadata = core.model_metadata(self.deployment, request.name, request.version or None)
+        metadata = core.model_metadata(self.pipeline, request.name, request.version or None)
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=metadata["name"],
@@ -149,15 +131,27 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.ServicerContext
     ) -> pb.ModelInferResponse:
-        model, size, route = core.infer_target(
-            self.deployment, request.model_name, request.model_version or None
-        )
-        inference = parse_request(request, size, self.settings, self.decode)
+        model, route = self.pipeline.target(request.model_name, request.model_version or None)
+        inference = parse_request(request, model.input_size(), self.settings, self.decode)
         # The client's deadline, if it set one, is the request's: None when it did not.
         remaining = context.time_remaining()
-        return answer(
-            inference, core.infer(model, inference, self.settings, remaining, route=route)
+        result = core.infer(
+            self.pipeline, model, route, inference, timeout=remaining, caller=self._caller(context)
         )
+        return answer(inference, result)
+
+    def _caller(self, context: grpc.ServicerContext) -> Caller | None:
+        """The call's key, as the interceptor checked it (rpc/server.py); None without keys."""
+        if self.keys is None:
+            return None
+        metadata = dict(context.invocation_metadata())
+        try:
+            entry = self.keys.identify(
+                key_from(metadata.get("authorization"), metadata.get("x-api-key"))
+            )
+        except Rejected:
+            return None
+        return Caller(entry.name, entry.quota) if entry is not None else None
 
 
 # -- the request --------------------------------------------------------------
@@ -173,9 +167,13 @@ def parameters(entries: Any) -> dict[str, Any]:
 
 
 def parse_request(
-    request: pb.ModelInferRequest, size: tuple[int, int], settings: Settings, decode: Decoder
+    request: pb.ModelInferRequest,
+    size: tuple[int, int] | None,
+    settings: Settings,
+    decode: Decoder,
 ) -> Inference:
-    """A ModelInferRequest -> the images to queue; HttpError says what is wrong."""
+    """A ModelInferRequest -> the images to queue (the files not yet decoded);
+    BadInput says what is wrong."""
     inputs = list(request.inputs)
     if not inputs:
         raise bad("'inputs' must hold one tensor")
@@ -198,9 +196,13 @@ def parse_request(
     if tensor.name == IMAGE:
         checked, count = core.check_image_tensor(tensor.datatype, shape, settings)
         files = core.bytes_elements(data) if data is not None else tensor.contents.bytes_contents
-        images = core.decode_images(list(files), checked, count, size, decode)
+        images = core.check_files(list(files), checked, count)
+        dtype_name = ""
     elif tensor.name == PIXELS:
+        if size is None:
+            raise core.input_unknown()
         dtype, checked, _ = core.check_pixel_tensor(tensor.datatype, shape, size, settings)
+        dtype_name = dtype.name
         if data is not None:
             array = core.pixels_from_bytes(data, dtype, checked, tensor.datatype)
         else:
@@ -214,7 +216,7 @@ def parse_request(
             # A choice this proto lacks: tritonclient's priority= is a uint64_param.
             raise bad(f"parameters.{name} must be an int64_param (KServe's protocol has no uint64)")
     urgency = Urgency.from_parameters(given, settings)
-    return Inference(images, outputs, request.id or None, urgency=urgency)
+    return Inference(images, outputs, request.id or None, urgency=urgency, pixels_dtype=dtype_name)
 
 
 def _typed_pixels(

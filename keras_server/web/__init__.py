@@ -1,24 +1,39 @@
-"""The web process: HTTP in, decoded images onto the queue, answers out.
+"""The web process: HTTP adapters over the serving core (keras_server/serving/).
+Each parses its transport, calls the core, and renders the core's answer or
+failure; none decides anything the gRPC front would decide differently.
 
-    app          the Flask app factory: request log, API keys, blueprints, unrouted errors
-    api          the JSON routes (/predict, /models, probes, /metrics) and their app state
-    v2           the Open Inference Protocol (KServe v2, REST) under /v2
-    inference    the v2 protocol without its transport: what REST and gRPC both call
-    dispatch     uploads to answers, for every route: decode within the budget, queue, await
-    errors       one HttpError (status, message, headers), each API's handlers, the catch-all
-    deployment   the models this web server routes to, across every Redis shard, and
-                 those it learns from the workers' registry (--models-from workers)
-    routing      which version answers a request: pinned, or the traffic policy in Redis
-    admin        the admin API (--admin-keys): versions and traffic while serving
-    response_cache the shared response cache: look uploads up by hash, store answers
-    uploads      the files of a multipart upload (python-multipart)
-    auth         API keys (--api-keys): checked before every route; the keys file
-    quotas       quotas per API key: admit or 429, RateLimit-* headers
-    cors         CORS (--cors-origins): preflights, headers on every answer
-    page         the upload page at / and the OpenAPI description
+    app          the Flask app factory and the app's state (AppState)
+    predict      the JSON API: /predict, /models/<name>[/versions/<v>]/predict, GET /models
+    probes       /healthz, /readyz and /metrics (the queue gauges: RedisCollector)
+    v2           the Open Inference Protocol (KServe v2) over REST, under /v2
     jobs         asynchronous jobs: POST /jobs, GET and DELETE /jobs/<id>
+    admin        the admin API (--admin-keys): versions and traffic while serving
+    errors       failures -> HTTP answers, from the core's one table
+    auth         API keys over HTTP: the key check before every route, RateLimit-*
+    cors         CORS (--cors-origins): preflights, headers on every answer
+    uploads      the files of a multipart upload (python-multipart)
     archives     a job's zip or tar: its files, with the unsafe ones refused
+    page         the upload page at / and the OpenAPI description
     front        the HTTP server (granian) for --role web and all, from our settings
 
-Never imports an engine or the worker (import-linter checks it in `make test`).
+`state()` is the state of the app handling the current request (app.AppState).
+Never imports an engine, the worker or the gRPC front (import-linter checks it
+in `make test`).
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from flask import current_app
+
+if TYPE_CHECKING:
+    from keras_server.web.app import AppState
+
+EXTENSION = "keras_server"
+
+
+def state() -> AppState:
+    """The state of the app handling the current request, stored by create_app."""
+    found: AppState = current_app.extensions[EXTENSION]
+    return found

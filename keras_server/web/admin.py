@@ -1,5 +1,5 @@
 """The admin API: each model's versions and its traffic policy, changed while
-serving (web/routing.py), guarded by admin keys (`--admin-keys FILE`).
+serving (serving/traffic.py), guarded by admin keys (`--admin-keys FILE`).
 
     GET    /admin/models                   every model: its live versions
                                            (workers of each) and its policy
@@ -28,10 +28,11 @@ from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 
-from keras_server.web import auth, errors
-from keras_server.web.api import state
-from keras_server.web.deployment import ServedModel
-from keras_server.web.routing import Policy, PolicyError, latest, store_policy
+from keras_server.serving.failures import BadInput, Conflict, Failure, NotFound
+from keras_server.serving.keys import KeysFileError, Rejected, key_from
+from keras_server.serving.models import ServedModel
+from keras_server.serving.traffic import Policy, PolicyError, latest, store_policy
+from keras_server.web import auth, state
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class AdminKeys:
 
     def __init__(self, keys: dict[str, str]) -> None:
         if not keys:
-            raise auth.KeysFileError("no admin keys given")
+            raise KeysFileError("no admin keys given")
         self._digests = tuple((name, _digest(key)) for name, key in keys.items())
 
     def __len__(self) -> int:
@@ -69,13 +70,13 @@ def _digest(key: str) -> bytes:
 
 
 def load_admin_keys(path: str) -> AdminKeys:
-    """The `NAME KEY` lines of `path`; auth.KeysFileError (naming the line,
+    """The `NAME KEY` lines of `path`; KeysFileError (naming the line,
     never a key) when the file is unusable."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
-        raise auth.KeysFileError(f"--admin-keys {path}: cannot read it ({reason})") from None
+        raise KeysFileError(f"--admin-keys {path}: cannot read it ({reason})") from None
     keys: dict[str, str] = {}
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
@@ -85,27 +86,29 @@ def load_admin_keys(path: str) -> AdminKeys:
         key = key.strip()
         where = f"--admin-keys {path}, line {number}"
         if not NAME.match(name) or not key:
-            raise auth.KeysFileError(
+            raise KeysFileError(
                 f"{where}: write NAME KEY (a name of letters, digits and . _ @ -, a space, the key)"
             )
         if not auth.KEY.match(key) or len(key) < auth.MIN_KEY_LENGTH:
-            raise auth.KeysFileError(
+            raise KeysFileError(
                 f"{where}: a key is at least {auth.MIN_KEY_LENGTH} letters, digits "
                 "and . _ ~ + / - (then = padding)"
             )
         if name in keys:
-            raise auth.KeysFileError(f"{where}: the name {name!r} is used twice")
+            raise KeysFileError(f"{where}: the name {name!r} is used twice")
         keys[name] = key
     if not keys:
-        raise auth.KeysFileError(f"--admin-keys {path}: no keys in it (NAME KEY per line)")
+        raise KeysFileError(f"--admin-keys {path}: no keys in it (NAME KEY per line)")
     return AdminKeys(keys)
 
 
-def render(error: errors.HttpError) -> Response:
-    return jsonify(error=error.message)
+def render(failure: Failure) -> Response:
+    return jsonify(error=failure.message)
 
 
-errors.install(blueprint, render, body="request")
+def owns(path: str) -> bool:
+    """Whether `path` is the admin API's: its errors take its shape."""
+    return path == "/admin" or path.startswith("/admin/")
 
 
 def install(app: Flask, keys_file: str) -> None:
@@ -122,8 +125,8 @@ def install(app: Flask, keys_file: str) -> None:
 def require_admin_key() -> None:
     keys: AdminKeys = state_keys()
     try:
-        key = auth.key_from(request.headers.get("Authorization"), request.headers.get(HEADER))
-    except auth.Rejected as rejected:
+        key = key_from(request.headers.get("Authorization"), request.headers.get(HEADER))
+    except Rejected as rejected:
         log.warning("admin: refused %s %s: no key", request.method, request.path)
         raise auth.unauthorized(
             "an admin key is required: send 'Authorization: Bearer <key>' or 'X-Admin-Key: <key>'",
@@ -142,9 +145,9 @@ def state_keys() -> AdminKeys:
 
 
 def _model(name: str) -> ServedModel:
-    model = state().deployment.get(name)
+    model = state().pipeline.deployment.get(name)
     if model is None:
-        raise errors.HttpError(404, f"no model named {name!r}; GET /admin/models lists them")
+        raise NotFound(f"no model named {name!r}; GET /admin/models lists them")
     return model
 
 
@@ -158,7 +161,7 @@ def describe(model: ServedModel) -> dict[str, Any]:
         counts[version] = counts.get(version, 0) + 1
     return {
         "name": model.name,
-        "default": model.name == state().deployment.default,
+        "default": model.name == state().pipeline.deployment.default,
         "versions": [
             {"version": v, "live_workers": n} for v, n in sorted(counts.items(), key=lambda c: c[0])
         ],
@@ -169,7 +172,7 @@ def describe(model: ServedModel) -> dict[str, Any]:
 
 @blueprint.get("/models")
 def list_models() -> Response:
-    deployment = state().deployment
+    deployment = state().pipeline.deployment
     deployment.discover()
     models = deployment.models.values()
     return jsonify(models=[describe(m) for m in models])
@@ -180,16 +183,15 @@ def put_traffic(name: str) -> Response:
     model = _model(name)
     body = request.get_json(silent=True)
     if not isinstance(body, dict) or "weights" not in body:
-        raise errors.HttpError(400, 'send JSON {"weights": {"VERSION": WEIGHT, ...}}')
+        raise BadInput('send JSON {"weights": {"VERSION": WEIGHT, ...}}')
     try:
         policy = Policy.from_weights(body["weights"])
     except PolicyError as exc:
-        raise errors.HttpError(400, str(exc)) from None
-    live = model.router.read(0.0).live
+        raise BadInput(str(exc)) from None
+    live = model.router.read(0.0, fresh=True).live
     missing = sorted(v for v, w in (policy.weights or {}).items() if w > 0 and v not in live)
     if missing:
-        raise errors.HttpError(
-            409,
+        raise Conflict(
             f"model {name!r}: no live worker for version(s) {', '.join(missing)}; "
             f"live: {', '.join(sorted(live)) or 'none'}",
         )

@@ -1,10 +1,10 @@
 """The HTTP tier: the Flask app factory. `create_app` only assembles the app:
-the per-app state the routes read (api.AppState), the request's span when
-tracing is on (tracing.server_span), the request log, CORS (cors.py), the
-API-key check and its quotas (auth.py, quotas.py), the blueprints (api.py's
-JSON routes, page.py's page, v2.py's protocol) and, for what no blueprint
-routes (an unknown path, a method a path does not take), errors.py's
-handlers in /predict's shape.
+its state (`AppState`: the settings and the serving core, serving/pipeline.py,
+that every route reads with `web.state()`), the request's span when tracing
+is on (tracing.server_span), the request log, CORS (cors.py), the API-key
+check (auth.py), the blueprints (predict.py, probes.py, page.py, v2.py,
+jobs.py, admin.py) and errors.py's handlers, each failure in the shape of the
+API its path belongs to.
 
 Every answer, errors included, is JSON; no traceback ever reaches a client.
 This module never imports Keras or TensorFlow.
@@ -15,16 +15,19 @@ from __future__ import annotations
 import io
 import logging
 import time
+from dataclasses import dataclass
 from typing import IO
 
 from flask import Flask, Request, Response, g, request
 
 from keras_server import logs, metrics, tracing
-from keras_server.images import return_freed_pixels_to_the_system
+from keras_server.serving.cache import ResponseCache
+from keras_server.serving.failures import Failure
+from keras_server.serving.models import Deployment
+from keras_server.serving.pipeline import Decoder, Pipeline
+from keras_server.serving.quotas import Limiter
 from keras_server.settings import Settings, load_settings
-from keras_server.web import admin, api, auth, cors, dispatch, errors, jobs, page, v2
-from keras_server.web.deployment import Deployment
-from keras_server.web.response_cache import ResponseCache
+from keras_server.web import EXTENSION, admin, auth, cors, errors, jobs, page, predict, probes, v2
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +35,14 @@ log = logging.getLogger(__name__)
 QUIET_ENDPOINTS = frozenset(
     {"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"}
 )
+
+
+@dataclass(frozen=True)
+class AppState:
+    """What every route of one app reads: made once, by `create_app`."""
+
+    settings: Settings
+    pipeline: Pipeline
 
 
 class InMemoryRequest(Request):
@@ -69,18 +80,22 @@ def create_app(settings: Settings, deployment: Deployment | None = None) -> Flas
     app.json.sort_keys = False  # keep an answer's keys in the order it is built: "success" first
     if deployment is None:
         deployment = Deployment.from_settings(settings)
-    cache = ResponseCache.from_settings(settings, deployment)
-    api.AppState(settings, deployment, dispatch.Decoder(settings), cache).install(app)
-    return_freed_pixels_to_the_system()
+    limiter = Limiter.from_settings(settings) if settings.api_keys else None
+    pipeline = Pipeline(
+        settings,
+        deployment,
+        Decoder(settings),
+        ResponseCache.from_settings(settings, deployment),
+        limiter,
+    )
+    app.extensions[EXTENSION] = AppState(settings, pipeline)
     _add_request_log(app)
     cors.install(app, settings)  # on every answer, errors included
-    auth.install(app, settings)  # before every route, those of blueprints too
-    app.register_blueprint(api.blueprint)
-    app.register_blueprint(page.blueprint)
-    app.register_blueprint(v2.blueprint)
-    app.register_blueprint(jobs.blueprint)
+    auth.install(app, settings, limiter)  # before every route, those of blueprints too
+    for blueprint in (predict, probes, page, v2, jobs):
+        app.register_blueprint(blueprint.blueprint)
     admin.install(app, settings.admin_keys)  # 404 without --admin-keys
-    errors.install(app, _render)
+    errors.install(app, settings, _render)
     return app
 
 
@@ -108,11 +123,13 @@ def _add_request_span(app: Flask) -> None:
             span.end(error)
 
 
-def _render(error: errors.HttpError) -> Response:
-    """An error no blueprint's handlers took (an unrouted path, a method the
-    path does not take, a refused API key): in the shape of the API the path
-    belongs to."""
-    return (v2.render if v2.owns(request.path) else api.render)(error)
+def _render(failure: Failure) -> Response:
+    """A failure in the shape of the API the path belongs to."""
+    if v2.owns(request.path):
+        return v2.render(failure)
+    if admin.owns(request.path):
+        return admin.render(failure)
+    return predict.render(failure)
 
 
 def _add_request_log(app: Flask) -> None:

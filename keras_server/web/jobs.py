@@ -3,11 +3,14 @@
 
 `POST /jobs` takes several `image` fields and/or one `archive` (zip or tar,
 read by archives.py), up to --max-job-images in all, plus the optional form
-fields `model` and `callback_url`. Every image is decoded here, as for
-`/predict`, and staged in Redis a chunk at a time; one that cannot be decoded
-is a failed item of the job, not a refusal. Only once all are staged is the
-job created (one transaction) and answered 202 with `Location`: from then
-on the workers drive it, whether or not this process lives.
+fields `model` and `callback_url`. Every image is charged to the caller's
+quota (serving/quotas.py, a chunk at a time, before the chunk is decoded),
+decoded by the serving core off the request thread within the decode budget
+(serving/pipeline.py, `decode_for_job`), and staged in Redis a chunk at a
+time; one that cannot be decoded is a failed item of the job, not a refusal.
+Only once all are staged is the job created (one transaction) and answered
+202 with `Location`: from then on the workers drive it, whether or not this
+process lives.
 
 A job belongs to the API key that made it (its SHA-256 digest is kept, never
 the key): with --api-keys, another key gets 404, as for a job that does not
@@ -17,7 +20,6 @@ TensorFlow-free.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -31,38 +33,43 @@ from keras_server import callbacks
 from keras_server.broker import messages
 from keras_server.broker.jobs import Job, JobStore
 from keras_server.broker.request_queue import RequestQueue
-from keras_server.images import DecoderBusy, ImageError
+from keras_server.images import ImageError
+from keras_server.serving.failures import (
+    BadInput,
+    Failure,
+    NotFound,
+    TooLarge,
+    Unavailable,
+    from_redis,
+    no_live_worker,
+)
+from keras_server.serving.models import ServedModel
 from keras_server.settings import Settings
-from keras_server.web import api, auth, errors
+from keras_server.web import auth, state
 from keras_server.web.archives import ArchiveRefused, files
-from keras_server.web.deployment import ServedModel
 from keras_server.web.uploads import Upload, request_files
 
 log = logging.getLogger(__name__)
 
 blueprint = Blueprint("jobs", __name__)
-errors.install(blueprint, api.render)
 
 # Images staged per Redis call: the web process holds at most this many
 # decoded images of a job at once.
 STAGE_CHUNK = 16
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
-# How long one image waits for the decode budget before it counts as failed.
-BUSY_TRIES = 100
-BUSY_WAIT_S = 0.05
 
 
 @blueprint.post("/jobs")
 def submit() -> tuple[Response, int, dict[str, str]]:
-    settings = api.state().settings
+    settings = state().settings
     images, archive, model, callback_url = _read_submission(settings)
     size = model.input_size()
     if size is None:
-        raise errors.no_live_worker(model.name)
+        raise no_live_worker(model.name)
     queue = model.shards.pick()
     if queue.jobs.backlog() >= settings.max_job_backlog:
-        raise errors.unavailable(
+        raise Unavailable(
             "the server holds as many job images as it may (--max-job-backlog); retry later"
         )
     entries: Iterator[tuple[str, bytes]] = ((u.filename, u.data) for u in images)
@@ -75,7 +82,7 @@ def submit() -> tuple[Response, int, dict[str, str]]:
                       callback_url=callback_url, settings=settings)  # fmt: skip
     except ArchiveRefused as exc:
         queue.jobs.discard(job_id)
-        raise errors.HttpError(exc.status, exc.message) from None
+        raise (TooLarge if exc.status == 413 else BadInput)(exc.message) from None
     except BaseException:
         queue.jobs.discard(job_id)
         raise
@@ -91,23 +98,21 @@ def submit() -> tuple[Response, int, dict[str, str]]:
 
 def _read_submission(settings: Settings) -> tuple[list[Upload], Upload | None, ServedModel, str]:
     """(the image fields, the archive, the model, the callback URL) of a
-    POST /jobs, or the HttpError that refuses it before anything is decoded."""
+    POST /jobs, or the Failure that refuses it before anything is decoded."""
     length = request.content_length
     if length is not None and length > settings.max_job_upload_bytes:
-        raise errors.HttpError(
-            413, f"the job is larger than the {settings.max_job_upload_mb:g} MB limit "
-            "(--max-job-upload-mb)",
-        )  # fmt: skip
+        raise TooLarge(
+            f"the job is larger than the {settings.max_job_upload_mb:g} MB limit "
+            "(--max-job-upload-mb)"
+        )
     request.max_content_length = settings.max_job_upload_bytes
     form: dict[str, str] = {}  # the plain fields, read in the same pass as the files
     uploads = request_files(form)
     images, archives = uploads.get("image", []), uploads.get("archive", [])
     if len(archives) > 1:
-        raise errors.HttpError(400, "one 'archive' field at most")
+        raise BadInput("one 'archive' field at most")
     if not images and not archives:
-        raise errors.HttpError(
-            400, "no files: send 'image' fields and/or one 'archive' (zip or tar)"
-        )
+        raise BadInput("no files: send 'image' fields and/or one 'archive' (zip or tar)")
     if len(images) > settings.max_job_images:
         raise _too_many(settings)
     model = _model(form.get("model") or None)
@@ -116,7 +121,7 @@ def _read_submission(settings: Settings) -> tuple[list[Upload], Upload | None, S
         hosts = callbacks.allowed_hosts(settings.callback_hosts)
         why = callbacks.refusal(callback_url, hosts, settings.callback_secret)
         if why:
-            raise errors.HttpError(400, why)
+            raise BadInput(why)
     return images, archives[0] if archives else None, model, callback_url
 
 
@@ -135,52 +140,52 @@ def _stage(
     callback_url: str,
     settings: Settings,
 ) -> bool:
-    """Decode and stage every entry, then create the job; whether it is done
-    already (nothing to run)."""
-    decode = api.state().decoder
+    """Charge, decode and stage every entry a chunk at a time, then create
+    the job; whether it is done already (nothing to run)."""
+    pipeline = state().pipeline
+    caller = auth.caller()
     store: JobStore = queue.jobs
     deadline = time.time() + settings.job_ttl
     names: list[str] = []
     failures: dict[int, bytes] = {}
-    chunk: list[bytes] = []
+    pending: list[tuple[int, bytes]] = []
+
+    def stage_pending() -> None:
+        if caller is not None and pipeline.limiter is not None:
+            pipeline.limiter.charge(caller, len(pending))  # OverQuota: the job is refused
+        chunk = []
+        for index, data in pending:
+            try:
+                image = pipeline.decode_for_job(data, size)
+            except ImageError as exc:
+                failures[index] = messages.error_result(str(exc))
+                continue
+            request_id = messages.job_item_id(job_id, index)
+            # The lowest level: a dead worker's claim of it goes back there, too.
+            item = messages.ImageRequest(
+                request_id, image, deadline, priority=settings.priority_levels
+            )
+            chunk.append(messages.encode_request(item))
+        store.stage(job_id, chunk, settings.job_ttl)
+        pending.clear()
+
     for index, (name, data) in enumerate(entries):
         names.append(name)
-        try:
-            image = _decode(decode, data, size)
-        except ImageError as exc:
-            failures[index] = messages.error_result(str(exc))
-            continue
-        request_id = messages.job_item_id(job_id, index)
-        # The lowest level: a dead worker's claim of it goes back there, too.
-        item = messages.ImageRequest(request_id, image, deadline, priority=settings.priority_levels)
-        chunk.append(messages.encode_request(item))
-        if len(chunk) >= STAGE_CHUNK:
-            store.stage(job_id, chunk, settings.job_ttl)
-            chunk = []
+        pending.append((index, data))
+        if len(pending) >= STAGE_CHUNK:
+            stage_pending()
     if len(names) > settings.max_job_images:
         raise _too_many(settings)
-    store.stage(job_id, chunk, settings.job_ttl)
+    stage_pending()
     return store.create(
         job_id,
         model=model,
-        owner=_owner(settings),
+        owner=auth.owner(),
         names=names,
         failures=failures,
         ttl=settings.job_ttl,
         callback_url=callback_url,
     )
-
-
-def _decode(decode: Any, data: bytes, size: tuple[int, int]) -> Any:
-    """The image, waiting a while when the decode budget is spent by others."""
-    if not data:
-        raise ImageError("the uploaded image file is empty")
-    for _ in range(BUSY_TRIES - 1):
-        try:
-            return decode(data, size)
-        except DecoderBusy:
-            time.sleep(BUSY_WAIT_S)
-    return decode(data, size)
 
 
 @blueprint.get("/jobs/<id>")
@@ -230,35 +235,36 @@ def cancel(id: str) -> Response:
 def _find(job_id: str) -> tuple[JobStore, Job]:
     """The job and the store that holds it, on whichever model and shard;
     404 when there is none, or it belongs to another key."""
-    settings, deployment = api.state().settings, api.state().deployment
-    missing = errors.HttpError(404, f"no job {job_id!r} (jobs expire after --job-ttl)")
+    deployment = state().pipeline.deployment
+    missing = NotFound(f"no job {job_id!r} (jobs expire after --job-ttl)")
     if not job_id.isalnum() or len(job_id) > 64:
         raise missing
+    failed: Failure | None = None
     for model in deployment.models.values():
-        for queue in model.shards.up():
+        for queue in model.shards.queues:
+            down = queue.shard.down_reason()
+            if down is not None:
+                failed = Unavailable(
+                    f"the queue (Redis at {queue.shard.name}) is unreachable ({down})"
+                )
+                continue
             try:
                 job = queue.jobs.get(job_id)
-            except redis.RedisError:
-                continue  # marked down if unreachable; the job may be elsewhere
+            except redis.RedisError as exc:
+                failed = from_redis(exc)  # the job may be elsewhere
+                continue
             if job is not None:
-                if job.owner != _owner(settings):
+                if job.owner != auth.owner():
                     raise missing
                 return queue.jobs, job
+    if failed is not None:
+        # Not found where Redis answered; where it did not, the job may be.
+        raise failed
     raise missing
 
 
 def _model(name: str | None) -> ServedModel:
-    model = api.state().deployment.get(name)
-    if model is None:
-        raise errors.HttpError(404, f"no model named {name!r}; GET /models lists them")
-    return model
-
-
-def _owner(settings: Settings) -> str:
-    """Whose job this is: the digest of the request's API key ('' without keys)."""
-    if not settings.api_keys:
-        return ""
-    return hashlib.sha256(auth.presented_key().encode()).hexdigest()
+    return state().pipeline.model(name)
 
 
 def _whole(name: str, default: int) -> int:
@@ -266,13 +272,13 @@ def _whole(name: str, default: int) -> int:
     if text is None:
         return default
     if not text.isascii() or not text.isdigit():
-        raise errors.HttpError(400, f"{name} must be a whole number, 0 or more")
+        raise BadInput(f"{name} must be a whole number, 0 or more")
     return int(text)
 
 
-def _too_many(settings: Settings) -> errors.HttpError:
-    return errors.HttpError(
-        413, f"more images than a job may take ({settings.max_job_images}, --max-job-images)"
+def _too_many(settings: Settings) -> TooLarge:
+    return TooLarge(
+        f"more images than a job may take ({settings.max_job_images}, --max-job-images)"
     )
 
 

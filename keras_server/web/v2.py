@@ -22,23 +22,23 @@ and answers one output, `probabilities`: FP32 `[N, classes]`, JSON or binary
 request); with `"classification": k` on the output it is instead BYTES
 `[N, k]` of `"score:index:label"`, as Triton's classification extension.
 
-The N images become N queue entries (dispatch.submit), so they batch with
-everyone else's, answered together; with the response cache on for the
-model, only the images it does not answer (`X-Cache` says hit, miss or
-partial). What does not depend on HTTP (metadata,
-readiness, the tensors' checks, queueing and awaiting) is web/inference.py,
-which the gRPC service (keras_server/rpc/) calls too; this module is the REST
-form: routes, JSON and the binary tensor data extension. A rejected request
+The N images go through the serving core's one pipeline (serving/pipeline.py:
+quota, response cache, decode, queue, await), so they batch with everyone
+else's, answered together (`X-Cache` says hit, miss or partial while the
+cache is on for the model, without --api-keys). What does not depend on HTTP
+(metadata, readiness, the tensors' checks) is serving/inference.py, which the
+gRPC service (keras_server/rpc/) calls too; this module is the REST form:
+routes, JSON and the binary tensor data extension. A rejected request
 queues nothing. Every error is `{"error": "..."}`: 400 for a request the
 protocol or the model does not take, 404 for an unknown model or version, 413
 past --max-images, 503/504 as `/predict`. Triton's `parameters.priority`
 (1 .. --priority-levels) and `parameters.timeout` (microseconds, capped by
---result-timeout) set the request's level and deadline (dispatch.Urgency).
+--result-timeout) set the request's level and deadline (serving/admission.py).
 A version in the path must be one
 the model serves (its spec's, or a live worker's), else 404; the request is
 then pinned to it: answered by that version's workers alone, 503 while it
 has none. Without a version the model's traffic policy picks one
-(web/routing.py); `model_version` says which answered.
+(serving/traffic.py); `model_version` says which answered.
 TensorFlow-free.
 """
 
@@ -57,14 +57,14 @@ import numpy as np
 from flask import Blueprint, Response, jsonify, request
 
 from keras_server.images import ImageError
+from keras_server.serving import inference as core
+from keras_server.serving.admission import Urgency
+from keras_server.serving.failures import BadInput, Failure, from_image
+from keras_server.serving.inference import IMAGE, OUTPUT, PIXELS, Inference, Output, Result, bad
+from keras_server.serving.pipeline import Decoder, Image
 from keras_server.settings import Settings
-from keras_server.web import errors
-from keras_server.web import inference as core
-from keras_server.web.api import state
-from keras_server.web.dispatch import Decoder, Urgency
-from keras_server.web.errors import HttpError
-from keras_server.web.inference import IMAGE, OUTPUT, PIXELS, Inference, Output, Result, bad
-from keras_server.web.response_cache import HEADER
+from keras_server.web import auth, state
+from keras_server.web.predict import CACHE_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -73,18 +73,14 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 blueprint = Blueprint("v2", __name__, url_prefix="/v2")
 
 
-def render(error: HttpError) -> Response:
+def render(failure: Failure) -> Response:
     """The protocol's error shape."""
-    return jsonify(error=error.message)
+    return jsonify(error=failure.message)
 
 
 def owns(path: str) -> bool:
     """Whether `path` is the protocol's, routed or not: its errors take its shape."""
     return path == blueprint.url_prefix or path.startswith(f"{blueprint.url_prefix}/")
-
-
-# A body over --max-upload-mb is found while reading it, in the view: "the request".
-errors.install(blueprint, render, body="request")
 
 
 @blueprint.get("")
@@ -101,7 +97,7 @@ def live() -> Response:
 def ready() -> Response | tuple[Response, int]:
     # /readyz's rule. The protocol: 200 is true, a 4xx false (/readyz says
     # why, with a 503).
-    ok = core.server_ready(state().deployment)
+    ok = core.server_ready(state().pipeline.deployment)
     return jsonify(ready=ok), 200 if ok else 400
 
 
@@ -112,8 +108,9 @@ def repository_index() -> Response:
     `{"ready": true}` lists the READY ones only."""
     body = request.get_json(silent=True) if request.get_data() else {}
     if not isinstance(body, dict) or not isinstance(body.get("ready", False), bool):
-        raise errors.HttpError(400, 'send {} or {"ready": true}')
-    return jsonify(core.repository_index(state().deployment, ready_only=body.get("ready", False)))
+        raise BadInput('send {} or {"ready": true}')
+    deployment = state().pipeline.deployment
+    return jsonify(core.repository_index(deployment, ready_only=body.get("ready", False)))
 
 
 def routes(rule: str, method: str) -> Callable[[Callable[..., Response]], Any]:
@@ -134,26 +131,27 @@ def routes(rule: str, method: str) -> Callable[[Callable[..., Response]], Any]:
 
 @routes("", "GET")
 def model_metadata(name: str, version: str | None = None) -> Response:
-    return jsonify(core.model_metadata(state().deployment, name, version))
+    return jsonify(core.model_metadata(state().pipeline, name, version))
 
 
 @routes("/ready", "GET")
 def model_ready(name: str, version: str | None = None) -> Response | tuple[Response, int]:
-    ok = core.model_ready(state().deployment, name, version)
+    ok = core.model_ready(state().pipeline, name, version)
     return jsonify(name=name, ready=ok), 200 if ok else 400
 
 
 @routes("/infer", "POST")
 def infer(name: str, version: str | None = None) -> Response:
-    model, size, route = core.infer_target(state().deployment, name, version)
-    settings, decode = state().settings, state().decoder
-    inference = read_request(request.get_data(), request.headers, size, settings, decode)
-    result = core.infer(
-        model, inference, settings, cache=state().cache, decode=decode, size=size, route=route
-    )
+    pipeline = state().pipeline
+    model, route = pipeline.target(name, version)
+    inference = parse_request(
+        request.get_data(), request.headers, model.input_size(), pipeline.settings,
+        pipeline.decoder,
+    )  # fmt: skip
+    result = core.infer(pipeline, model, route, inference, caller=auth.caller())
     response = answer(inference, result)
-    if result.cache:
-        response.headers[HEADER] = result.cache
+    if result.cache and not pipeline.settings.api_keys:
+        response.headers[CACHE_HEADER] = result.cache
     return response
 
 
@@ -161,21 +159,12 @@ def infer(name: str, version: str | None = None) -> Response:
 
 
 def parse_request(
-    body: bytes, headers: Any, size: tuple[int, int], settings: Settings, decode: Decoder
-) -> Inference:
-    """An infer request's body -> the images to queue; HttpError says what is wrong."""
-    inference = read_request(body, headers, size, settings, decode)
-    if inference.files:
-        inference.images = core.decode_files(list(enumerate(inference.files)), size, decode)
-    return inference
-
-
-def read_request(
-    body: bytes, headers: Any, size: tuple[int, int], settings: Settings, decode: Decoder
+    body: bytes, headers: Any, size: tuple[int, int] | None, settings: Settings, decode: Decoder
 ) -> Inference:
     """An infer request's body, checked, its `image` files not yet decoded
-    (core.infer decodes those the response cache does not answer);
-    HttpError says what is wrong."""
+    (the pipeline decodes those the response cache does not answer);
+    `size` is the model's input size (None while unknown: a pixels input is
+    then refused); BadInput says what is wrong."""
     if headers.get("Content-Encoding", "identity") != "identity":
         raise bad(f"Content-Encoding {headers['Content-Encoding']!r} is not supported")
     header_bytes, binary = _split(body, headers.get(HEADER_LENGTH))
@@ -186,7 +175,7 @@ def read_request(
         with decode.budget.reserve(json_cost(header_bytes), "the request's JSON"):
             return _parse_json(header_bytes, binary, size, settings)
     except ImageError as exc:
-        raise errors.from_image(exc) from None
+        raise from_image(exc) from None
 
 
 def json_cost(text: bytes) -> int:
@@ -204,7 +193,7 @@ _VALUE_BYTES = 32
 
 
 def _parse_json(
-    header_bytes: bytes, binary: bytes, size: tuple[int, int], settings: Settings
+    header_bytes: bytes, binary: bytes, size: tuple[int, int] | None, settings: Settings
 ) -> Inference:
     try:
         message = json.loads(header_bytes)
@@ -237,14 +226,11 @@ def _parse_json(
     tensor, data = inputs[0], parts[0]
     name = tensor.get("name")
     if name == IMAGE:
-        return Inference(
-            [], outputs, request_id, urgency=urgency, files=_image_files(tensor, data, settings)
-        )
+        return Inference(_image_files(tensor, data, settings), outputs, request_id, urgency=urgency)
     if name == PIXELS:
         images = _pixels(tensor, data, size, settings)
-        return Inference(
-            images, outputs, request_id, urgency=urgency, pixels_dtype=images[0].dtype.name
-        )
+        dtype = images[0].pixels.dtype.name  # type: ignore[union-attr]
+        return Inference(images, outputs, request_id, urgency=urgency, pixels_dtype=dtype)
     raise core.unknown_input(name)
 
 
@@ -300,7 +286,7 @@ def _binary_parts(inputs: list[Any], binary: bytes) -> list[bytes | None]:
     return parts
 
 
-def _image_files(tensor: dict[str, Any], data: bytes | None, settings: Settings) -> list[bytes]:
+def _image_files(tensor: dict[str, Any], data: bytes | None, settings: Settings) -> list[Image]:
     """BYTES: encoded image files, checked, not yet decoded."""
     shape, count = core.check_image_tensor(tensor.get("datatype"), tensor.get("shape"), settings)
     files = core.bytes_elements(data) if data is not None else _base64_elements(tensor)
@@ -342,9 +328,11 @@ _CHUNK = 65_536
 
 
 def _pixels(
-    tensor: dict[str, Any], data: bytes | None, size: tuple[int, int], settings: Settings
-) -> list[np.ndarray]:
+    tensor: dict[str, Any], data: bytes | None, size: tuple[int, int] | None, settings: Settings
+) -> list[Image]:
     """UINT8 or FP32 [N, H, W, 3] at the model's input size, RGB 0..255."""
+    if size is None:
+        raise core.input_unknown()
     datatype = tensor.get("datatype")
     dtype, shape, _ = core.check_pixel_tensor(datatype, tensor.get("shape"), size, settings)
     if data is not None:

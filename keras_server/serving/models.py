@@ -1,21 +1,22 @@
-"""What a web server routes to: every model of the deployment, each with its
-own queue on every Redis shard, and the input size its uploads are resized to.
+"""The models registry: every model a web process routes to, each with its
+own queue on every Redis shard, its router (serving/traffic.py) and the input
+size its uploads are resized to.
 
 The input size comes from the model's live workers (their heartbeat says
-what the loaded model takes), or, before any worker beats, from the built-in
-catalogue. `Deployment.survey` reads each model's queue on each shard
-(reachable, depth at each priority level, live workers) for /readyz, /models and the metrics, so
-the three always agree.
+what the loaded model takes, read from the process's one WorkerView,
+serving/workers.py), or, before any worker beats, from the built-in
+catalogue.
 
 Which models: those configured (the models file, or the flags' one model),
 always; with --models-from workers (the default) also every model a worker
 beats for, learned from the registry each worker's heartbeat writes
-(`Keys.models`: model name -> its queue, version and last beat), read at
-most every DISCOVERY_INTERVAL_S: a new model's worker serves through every
+(`Keys.models`: model name -> its queue, version and last beat), read with
+each survey of the WorkerView: a new model's worker serves through every
 unrestarted web server within a second of its first heartbeat. A learned
 model whose last worker left answers 503 "no live worker" until
---model-grace seconds after its last beat, then is forgotten (404). Which
-version of a model answers is web/routing.py's. TensorFlow-free.
+--model-grace seconds after its last beat, then is forgotten (404). A Redis
+that cannot be read forgets nothing: a learned model is forgotten only
+--model-grace after the last beat anyone saw. TensorFlow-free.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import redis
@@ -34,73 +34,37 @@ from keras_server.broker.failures import reason
 from keras_server.broker.messages import Keys, WorkerInfo
 from keras_server.broker.shards import ShardSet
 from keras_server.catalog import NAME, Models, ModelSpec
+from keras_server.serving.traffic import Router
+from keras_server.serving.workers import ShardState, Survey, WorkerView
 from keras_server.settings import Settings
-from keras_server.web.routing import Router
 
 log = logging.getLogger(__name__)
 
-# How long a learned input size is trusted before asking Redis again.
-SIZE_TTL_S = 5.0
 # How often a web process reads the models registry (--models-from workers):
 # a new model's worker is routed within this of its first heartbeat.
 DISCOVERY_INTERVAL_S = 1.0
-
-
-@dataclass(frozen=True)
-class ShardState:
-    """One model's queue on one shard, as read at one moment."""
-
-    model_name: str
-    shard: str  # host:port/db, no password
-    reachable: bool
-    depths: tuple[int, ...] = ()  # requests waiting at each priority level, 1 first
-    workers: dict[str, WorkerInfo] = field(default_factory=dict)  # live ones, by id
-    error: str = ""  # why it was unreachable
-
-    @property
-    def depth(self) -> int:
-        """Requests waiting at every level."""
-        return sum(self.depths)
-
-
-@dataclass(frozen=True)
-class Survey:
-    """Every model's queue on every shard."""
-
-    states: tuple[ShardState, ...]
-
-    def __iter__(self) -> Iterator[ShardState]:
-        return iter(self.states)
-
-    def of(self, model_name: str) -> list[ShardState]:
-        return [s for s in self.states if s.model_name == model_name]
-
-    def live_workers(self, model_name: str | None = None) -> list[WorkerInfo]:
-        """Live workers of the model named `model_name` (default: of every
-        model) over the reachable shards."""
-        states = self.states if model_name is None else self.of(model_name)
-        return [info for s in states for info in s.workers.values()]
 
 
 @dataclass
 class ServedModel:
     spec: ModelSpec
     shards: ShardSet  # the model's own queue (its versions': router.shards_for)
-    _size: tuple[float, tuple[int, int] | None] = field(default=(0.0, None), repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    # Which version answers each request, and its queue (web/routing.py).
+    # The process's survey of the workers (Deployment sets it).
+    view: WorkerView | None = field(default=None, repr=False)
+    # Which version answers each request, and its queue (serving/traffic.py).
     router: Router = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.router = Router(self.spec.name, self.shards)
+        self.router = Router(self.spec.name, self.shards, self.live_workers)
 
     @property
     def name(self) -> str:
         return self.spec.name
 
     def survey(self) -> list[ShardState]:
-        """This model's queue on each shard: reachable, depth, live workers.
-        A shard marked down is not asked (see shards.ShardSet)."""
+        """This model's queue on each shard, read now: reachable, depth, live
+        workers. A shard marked down is not asked (see shards.ShardSet).
+        Only the WorkerView calls this; everyone else reads the view."""
         found = []
         for queue in self.shards.queues:
             where = self.shards.name(queue)
@@ -119,34 +83,29 @@ class ServedModel:
             found.append(ShardState(self.name, where, True, depths, live))
         return found
 
-    def live_workers(self) -> list[WorkerInfo]:
-        """Live workers over the reachable shards (unreachable ones are skipped)."""
-        return Survey(tuple(self.survey())).live_workers()
+    def live_workers(self, fresh: bool = False) -> list[WorkerInfo]:
+        """Live workers over the reachable shards, from the process's view
+        (`fresh`: a survey at most WorkerView.FRESH_MIN_S old)."""
+        if self.view is None:
+            return Survey(tuple(self.survey())).live_workers()
+        return self.view.live_workers(self.name, fresh)
 
     def input_size(self, workers: list[WorkerInfo] | None = None) -> tuple[int, int] | None:
-        """(width, height) to resize uploads to; None while unknown. Pass the
-        live `workers` if the caller has just read them."""
-        now = time.monotonic()
-        with self._lock:
-            learned_at, size = self._size
-            if size is not None and now - learned_at < SIZE_TTL_S:
-                return size
+        """(width, height) to resize uploads to; None while unknown."""
         if workers is None:
             workers = self.live_workers()
         sizes = {w.input_size for w in workers if w.input_size}
         if not sizes:
             return self.spec.static_size
-        size = min(sizes)  # several would be a misconfiguration
-        with self._lock:
-            self._size = (now, size)
-        return size
+        return min(sizes)  # several would be a misconfiguration
 
 
 @dataclass
 class Deployment:
     """The models a web process routes: those it was configured with (the
     models file, or the flags' one model), and with --models-from workers
-    also those it learned from the live workers' registry (`discover`)."""
+    also those it learned from the live workers' registry (`discover`).
+    `view` is the process's one survey of the workers (serving/workers.py)."""
 
     models: dict[str, ServedModel]
     default: str
@@ -154,12 +113,19 @@ class Deployment:
     # Learned models are added and forgotten by rebinding `models` (a new
     # dict each time), so a reader always sees one whole set.
     configured: frozenset[str] = frozenset()
+    view: WorkerView = field(init=False, repr=False)
     _discovered_at: float = field(default=-DISCOVERY_INTERVAL_S, repr=False)
+    # The latest registry entry seen for each learned model: a Redis blip
+    # that hides the registry forgets nothing before --model-grace.
+    _seen: dict[str, Registered] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
         if not self.configured:
             self.configured = frozenset(self.models)
+        self.view = WorkerView(lambda: list(self.models.values()), before=self.discover)
+        for model in self.models.values():
+            model.view = self.view
 
     @classmethod
     def from_settings(cls, settings: Settings, models: Models | None = None) -> Deployment:
@@ -187,6 +153,10 @@ class Deployment:
     def learning(self) -> bool:
         return self.settings is not None and self.settings.models_from == "workers"
 
+    def survey(self, fresh: bool = False) -> Survey:
+        """Every model's queue on every shard, from the process's view."""
+        return self.view.survey(fresh)
+
     def discover(self, now: float | None = None) -> None:
         """With --models-from workers, at most every DISCOVERY_INTERVAL_S:
         read the registry (`Keys.models`, every shard that is up) and route
@@ -200,13 +170,16 @@ class Deployment:
             if now - self._discovered_at < DISCOVERY_INTERVAL_S:
                 return
             self._discovered_at = now
-        found = self._read_registry()
+        for name, entry in self._read_registry().items():
+            if name not in self._seen or entry.at > self._seen[name].at:
+                self._seen[name] = entry
         current = self.models
         taken = {current[n].shards.queues[0].keys.queue_name for n in self.configured}
         wall = time.time()
         learned: dict[str, ServedModel] = {}
-        for name, entry in found.items():
+        for name, entry in list(self._seen.items()):
             if name in self.configured or wall - entry.at > self.settings.model_grace:
+                self._seen.pop(name, None)
                 continue
             if entry.queue in taken:
                 log.debug("model %r: its queue %r is a configured model's", name, entry.queue)
@@ -218,6 +191,7 @@ class Deployment:
                     response_cache_ttl=0.0,
                 )  # fmt: skip
                 model = ServedModel(spec, self._connect(self.settings, Keys(entry.queue)))
+                model.view = self.view
                 # A learned model without live workers is a 503 at once:
                 # nobody is coming to claim what would be queued.
                 model.router.wait_for_workers = False
@@ -230,7 +204,8 @@ class Deployment:
         self.models = {**kept, **learned}
 
     def _read_registry(self) -> dict[str, Registered]:
-        """Each model the registry names, with its latest beat over the shards."""
+        """Each model the registry names, with its latest beat over the
+        shards that answered (none: nothing is learned or forgotten now)."""
         if self.settings is None:
             return {}
         found: dict[str, Registered] = {}
@@ -242,7 +217,7 @@ class Deployment:
                 with queue.shard.watch():
                     raw = queue.client.hgetall(root.models)
             except redis.RedisError as exc:
-                log.debug("model registry at %s unreadable (%s)", queue.shard.name, exc)
+                log.warning("model registry at %s unreadable (%s)", queue.shard.name, reason(exc))
                 continue
             for name, value in raw.items():
                 entry = Registered.decode(value)
@@ -271,15 +246,11 @@ class Deployment:
                 missing.append(f"no reachable Redis shard for model {name!r}")
         return missing
 
-    def survey(self) -> Survey:
-        """Every model's queue on every shard, read now."""
-        self.discover()
-        return Survey(tuple(s for model in self.models.values() for s in model.survey()))
-
     def get(self, name: str | None = None) -> ServedModel | None:
         """The model named `name` (None: the default); learned ones are
         looked for at most every DISCOVERY_INTERVAL_S."""
-        self.discover()
+        if name is not None and name not in self.models:
+            self.discover()
         return self.models.get(self.default if name is None else name)
 
 

@@ -18,7 +18,8 @@ admin API; absent: `latest`):
 The answer names the version that served it, as it always did. A web server
 reads the live workers' versions and the policy at most every ROUTING_TTL_S
 per model and process, so a change of policy, or a version's first or last
-worker, takes effect for requests begun within a second. With no live
+worker, takes effect for requests begun within a second. The live versions
+come from the process's one survey of the workers (serving/workers.py). With no live
 worker at all, an unversioned request goes onto the model's own queue, as
 before versions had queues: every version's workers claim it (after their
 own), so it waits for whichever starts first; so does one routed to a version
@@ -33,15 +34,16 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 
+from keras_server.broker.messages import WorkerInfo
 from keras_server.broker.shards import ShardSet
 from keras_server.catalog import VERSION
-from keras_server.web import errors
+from keras_server.serving.failures import Unavailable, no_live_worker
 
 log = logging.getLogger(__name__)
 
@@ -149,10 +151,13 @@ class Router:
 
     model_name: str
     shards: ShardSet
+    # The model's live workers (`fresh`: surveyed just now), from the
+    # process's WorkerView.
+    live_workers: Callable[[bool], list[WorkerInfo]]
     rng: random.Random = field(default_factory=random.Random)
     # With no live worker at all: queue on the model's own queue and wait
     # for one (a configured model), or answer 503 at once (a learned one,
-    # web/deployment.py, whose workers have left).
+    # serving/models.py, whose workers have left).
     wait_for_workers: bool = True
     _view: View | None = field(default=None, repr=False)
     _by_version: dict[str, ShardSet] = field(default_factory=dict, repr=False)
@@ -181,23 +186,21 @@ class Router:
             self._view = view
         return view
 
-    def read(self, now: float) -> View:
-        """Read the live workers' versions (every shard that is up) and the
+    def read(self, now: float, fresh: bool = False) -> View:
+        """The live workers' versions (from the process's survey) and the
         policy (the first shard that answers: the admin API writes it to all)."""
         live: dict[str, bool] = {}
+        for info in self.live_workers(fresh):
+            if info.version:
+                live[info.version] = live.get(info.version, True) and info.versioned
         policy: Policy | None = None
         for queue in self.shards.up():
             try:
-                workers = queue.workers()
-                if policy is None:
-                    with queue.shard.watch():
-                        policy = Policy.decode(queue.client.get(queue.keys.traffic))
+                with queue.shard.watch():
+                    policy = Policy.decode(queue.client.get(queue.keys.traffic))
+                break
             except redis.RedisError as exc:
                 log.debug("routing: %s unreadable (%s)", queue.shard.name, exc)
-                continue
-            for info in workers.values():
-                if info is not None and info.version:
-                    live[info.version] = live.get(info.version, True) and info.versioned
         return View(live, policy or Policy(), now)
 
     def forget(self) -> None:
@@ -212,12 +215,12 @@ class Router:
         if (pinned and pinned not in view.live) or not view.live:
             # Read again before refusing: a view cached just before a worker
             # came must not turn away its first requests.
-            view = self.read(time.monotonic())
+            view = self.read(time.monotonic(), fresh=True)
             with self._lock:
                 self._view = view
         if pinned:
             if pinned not in view.live:
-                raise errors.unavailable(
+                raise Unavailable(
                     f"version {pinned!r} of model {self.model_name!r} has no live worker; "
                     "retry shortly"
                 )
@@ -229,7 +232,7 @@ class Router:
             return Route(pinned, self.shards_for(pinned), pinned=True, own_queue=True)
         if not view.live:
             if not self.wait_for_workers:
-                raise errors.no_live_worker(self.model_name)
+                raise no_live_worker(self.model_name)
             return Route(None, self.shards)
         version = self.choose(view)
         if not view.live[version]:

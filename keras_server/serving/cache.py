@@ -19,11 +19,11 @@ everybody else answered with its classes. SHA-256 rather than BLAKE2b: the
 SHA extensions of current x86 and ARM CPUs make it the faster of the two
 (0.20 against 0.44 ms for a 235 KB upload, BENCHMARKS.md).
 
-Versions. Each version has its own queue (web/routing.py), so a lookup uses
+Versions. Each version has its own queue (serving/traffic.py), so a lookup uses
 the version the request is routed to, when that is certain. When it is not
 (no live worker, or workers from before versions had queues, all claiming the
 model's one queue), the version is the one the model's live workers serve,
-read from the registry (their heartbeats) at most every VERSIONS_TTL_S: one
+from the process's survey of the workers (serving/workers.py): one
 live version is looked up under its own name; while versions are mixed or
 none is live, lookups are skipped and counted, since any worker may answer.
 An answer is always stored under the version it names, so a new version
@@ -47,7 +47,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -55,36 +54,21 @@ from dataclasses import dataclass, field
 import redis
 
 from keras_server import metrics
-from keras_server.broker.failures import Kind, classify, reason
+from keras_server.broker.failures import Kind, kind_of, reason
 from keras_server.broker.messages import Keys
 from keras_server.broker.response_store import CacheDown, CacheFull, ResponseStore
+from keras_server.serving.models import Deployment, ServedModel
 from keras_server.settings import Settings
-from keras_server.web.deployment import Deployment, ServedModel
 
 log = logging.getLogger(__name__)
 
 HEADER = "X-Cache"
-# How long the live workers' versions are trusted before the registry is
-# read again: the longest a lookup can use a version whose last worker has
-# just left, or miss one that has just arrived.
-VERSIONS_TTL_S = 1.0
 # 128 bits of the hash: collisions stay out of reach, and the key short.
 DIGEST_HEX = 32
 
 
 def digest(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()[:DIGEST_HEX]
-
-
-def top_k_form(model: ServedModel) -> str:
-    """`/predict`'s answers: the model's top k classes."""
-    return f"top{model.spec.top_k}"
-
-
-def probabilities_form(classes: int, pixels_dtype: str = "") -> str:
-    """v2's answers: the whole vector and the top `classes`; the pixels'
-    dtype when the input was pixels, not a file."""
-    return f"p{classes}-{pixels_dtype}" if pixels_dtype else f"p{classes}"
 
 
 @dataclass
@@ -111,8 +95,6 @@ class ResponseCache:
     def __init__(self, store: ResponseStore, keys: dict[str, Keys]) -> None:
         self.redis_store = store
         self.keys = keys
-        self._lock = threading.Lock()
-        self._versions: dict[str, tuple[float, frozenset[str]]] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings, deployment: Deployment) -> ResponseCache | None:
@@ -198,13 +180,7 @@ class ResponseCache:
     def _live_version(self, model: ServedModel) -> str | None:
         """The one version the model's live workers serve; None when they
         serve several, or none is live."""
-        now = time.monotonic()
-        with self._lock:
-            read_at, versions = self._versions.get(model.name, (-VERSIONS_TTL_S, frozenset()))
-        if now - read_at >= VERSIONS_TTL_S:
-            versions = frozenset(w.version or model.spec.version for w in model.live_workers())
-            with self._lock:
-                self._versions[model.name] = (now, versions)
+        versions = {w.version or model.spec.version for w in model.live_workers()}
         return next(iter(versions)) if len(versions) == 1 else None
 
 
@@ -232,7 +208,7 @@ def _why(exc: BaseException, operation: str) -> str:
         return "down"
     if isinstance(exc, CacheFull):
         return "full"
-    kind = classify(exc)
+    kind = kind_of(exc)
     if kind is Kind.BUG:
         log.error("response cache %s failed; skipped", operation, exc_info=exc)
     elif time.monotonic() - _logged.get(kind.value, -LOG_EVERY_S) >= LOG_EVERY_S:

@@ -1,32 +1,24 @@
 """The Open Inference Protocol (KServe v2) without its transport: what the
-REST routes (v2.py) and the gRPC service (keras_server/rpc/) both call, so
+REST routes (web/v2.py) and the gRPC service (rpc/service.py) both call, so
 that a request takes the same path whichever way it came.
 
-- the server and model metadata, liveness and readiness, as plain values;
-- the model and version a request names (`find_model`, `check_version`,
-  `resolve`), 404 when unknown;
+- the server and model metadata, liveness and readiness, as plain values
+  (from the process's survey of the workers, serving/workers.py);
 - the tensors every model takes, checked: `image` (BYTES, encoded files,
-  each decoded within the process's decode memory budget as /predict's
-  uploads are) and `pixels` (UINT8 or FP32 `[N, H, W, 3]`); the one output,
-  `probabilities`, with the classification extension;
-- `infer`: the images as N queue entries through dispatch.submit (one shard,
-  all or none, batched with everyone else's) at the request's priority level
-  (Triton's `parameters.priority`, dispatch.Urgency), awaited until the
-  request's deadline (--result-timeout, or less when the caller says so:
-  `parameters.timeout`, or a gRPC client's deadline), and the answer
-  (`Result`) with the classification strings made here once; with the
-  response cache on for the model (web/response_cache.py), each image is
-  looked up before it is decoded, and only the misses are queued.
+  decoded by the pipeline within the process's decode memory budget as
+  /predict's uploads are) and `pixels` (UINT8 or FP32 `[N, H, W, 3]`); the
+  one output, `probabilities`, with the classification extension;
+- `infer`: the request's images through the one pipeline
+  (serving/pipeline.py: quota, response cache, decode, queue, await) at
+  the request's priority level and deadline, and the answer (`Result`) with
+  the classification strings made here once.
 
-Failures are errors.HttpError with their HTTP status (400, 404, 413, 500,
-503, 504); the REST routes answer them as they are, the gRPC service maps
-each status to a gRPC code. Neither Flask's request nor its app is used here.
-TensorFlow-free.
+Failures are serving/failures.py's; each transport answers them from its
+one table. TensorFlow-free.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import struct
@@ -36,17 +28,15 @@ from typing import Any
 
 import numpy as np
 
+from keras_server import __version__
 from keras_server.broker import messages
-from keras_server.broker.messages import WorkerInfo
-from keras_server.images import ImageError
+from keras_server.serving.admission import Urgency
+from keras_server.serving.failures import BadInput, Bug, Failure, NotFound, TooLarge, Unavailable
+from keras_server.serving.models import Deployment, ServedModel
+from keras_server.serving.pipeline import Form, Image, Pipeline, versions
+from keras_server.serving.quotas import Caller
+from keras_server.serving.traffic import Route
 from keras_server.settings import Settings
-from keras_server.web import errors
-from keras_server.web.deployment import Deployment, ServedModel
-from keras_server.web.dispatch import Decoder, Urgency, pinned, submit, timed_out, too_many
-from keras_server.web.errors import HttpError
-from keras_server.web.page import openapi_document
-from keras_server.web.response_cache import ResponseCache, probabilities_form
-from keras_server.web.routing import Route
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +47,14 @@ IMAGE, PIXELS, OUTPUT = "image", "pixels", "probabilities"
 PIXEL_TYPES = {"UINT8": np.dtype(np.uint8), "FP32": np.dtype(np.float32)}
 
 
-def bad(message: str) -> HttpError:
-    return HttpError(400, message)
+def bad(message: str) -> BadInput:
+    return BadInput(message)
+
+
+def too_many(count: int, settings: Settings) -> TooLarge:
+    return TooLarge(
+        f"{count} images in one request; the limit is {settings.max_images} (--max-images)"
+    )
 
 
 @dataclass
@@ -74,12 +70,9 @@ class Output:
 class Inference:
     """A parsed infer request: the images, as the worker takes them, and what to answer."""
 
-    images: list[np.ndarray]  # the pixels input's, or the files' once decoded
+    images: list[Image]  # the image input's files, or the pixels input's arrays
     outputs: list[Output]
     request_id: str | None = None
-    # The image input's encoded files, not yet decoded: `infer` decodes those
-    # the response cache does not answer (with `decode` and `size`).
-    files: list[bytes] = field(default_factory=list)
     pixels_dtype: str = ""  # the pixels input's: uint8 or float32
     # Its priority level and timeout (Triton's parameters); None: the defaults.
     urgency: Urgency | None = None
@@ -116,9 +109,8 @@ class Result:
 
 
 def server_version() -> str:
-    """The package's version, as the OpenAPI description states it (a test
-    keeps that equal to pyproject.toml's)."""
-    return str(json.loads(openapi_document())["info"]["version"])
+    """The package's version (a test keeps the OpenAPI description's equal to it)."""
+    return __version__
 
 
 def server_metadata() -> dict[str, Any]:
@@ -151,36 +143,21 @@ def repository_index(deployment: Deployment, ready_only: bool = False) -> list[d
     return index
 
 
-def find_model(deployment: Deployment, name: str) -> ServedModel:
-    model = deployment.get(name)
-    if model is None:
-        known = ", ".join(sorted(deployment.models))
-        raise HttpError(404, f"unknown model {name!r}; this server serves {known}")
-    return model
-
-
-def versions(model: ServedModel, workers: list[WorkerInfo]) -> list[str]:
-    return sorted({model.spec.version, *(w.version for w in workers if w.version)})
-
-
-def check_version(model: ServedModel, version: str | None, workers: list[WorkerInfo]) -> None:
+def resolve(
+    pipeline: Pipeline, name: str, version: str | None
+) -> tuple[ServedModel, list[messages.WorkerInfo]]:
+    """The model, its live workers (from the process's survey), the version
+    checked: NotFound for an unknown model or version."""
+    model = pipeline.model(name)
+    workers = model.live_workers()
     if version is not None and version not in versions(model, workers):
         served = ", ".join(versions(model, workers))
-        raise HttpError(404, f"model {model.name!r} has no version {version!r}; it serves {served}")
-
-
-def resolve(
-    deployment: Deployment, name: str, version: str | None
-) -> tuple[ServedModel, list[WorkerInfo]]:
-    """The model, its live workers (read from Redis now), the version checked."""
-    model = find_model(deployment, name)
-    workers = model.live_workers()
-    check_version(model, version, workers)
+        raise NotFound(f"model {model.name!r} has no version {version!r}; it serves {served}")
     return model, workers
 
 
-def model_metadata(deployment: Deployment, name: str, version: str | None) -> dict[str, Any]:
-    model, workers = resolve(deployment, name, version)
+def model_metadata(pipeline: Pipeline, name: str, version: str | None) -> dict[str, Any]:
+    model, workers = resolve(pipeline, name, version)
     size = model.input_size(workers)
     width, height = size or (-1, -1)
     classes = max((w.labels for w in workers), default=0) or -1
@@ -196,30 +173,18 @@ def model_metadata(deployment: Deployment, name: str, version: str | None) -> di
     }
 
 
-def model_ready(deployment: Deployment, name: str, version: str | None) -> bool:
-    _, workers = resolve(deployment, name, version)
+def model_ready(pipeline: Pipeline, name: str, version: str | None) -> bool:
+    _, workers = resolve(pipeline, name, version)
     if version is not None:
         workers = [w for w in workers if w.version == version]
     return bool(workers)
 
 
-def infer_target(
-    deployment: Deployment, name: str, version: str | None
-) -> tuple[ServedModel, tuple[int, int], Route]:
-    """The model an infer request names, its input size, and where the
-    request goes (web/routing.py: the version named, else the model's
-    traffic policy's); 404 for an unknown model or version, 503 while no
-    worker has said its size, or the version named has no live worker. The
-    live workers are read from Redis only to check a version the request
-    names; the size comes from the model's cache, as for /predict."""
-    model = find_model(deployment, name)
-    if version:
-        check_version(model, version, model.live_workers())
-    route = model.router.route(version or None)
-    size = model.input_size()
-    if size is None:
-        raise errors.no_live_worker(model.name)
-    return model, size, route
+def input_unknown() -> Unavailable:
+    """A pixels input while no worker has said the model's input size."""
+    return Unavailable(
+        f"input {PIXELS!r}: no worker has said the model's input size yet; retry shortly"
+    )
 
 
 # -- the tensors ----------------------------------------------------------------
@@ -242,7 +207,7 @@ def count_images(shape: list[int], settings: Settings) -> int:
     return shape[0]
 
 
-def unknown_input(name: object) -> HttpError:
+def unknown_input(name: object) -> BadInput:
     return bad(
         f"unknown input {name!r}: the model takes {IMAGE!r} (BYTES, encoded image files) "
         f"or {PIXELS!r} (UINT8 or FP32, [N, H, W, 3])"
@@ -266,39 +231,14 @@ def check_image_tensor(
     return checked, count_images(checked, settings)
 
 
-def decode_images(
-    files: Sequence[bytes], shape: list[int], count: int, size: tuple[int, int], decode: Decoder
-) -> list[np.ndarray]:
-    """The `image` input's files, decoded and resized as /predict does, each
-    within the decode memory budget."""
-    checked = check_files(files, shape, count)
-    return decode_files(list(enumerate(checked)), size, decode)
-
-
-def check_files(files: Sequence[bytes], shape: list[int], count: int) -> list[bytes]:
+def check_files(files: Sequence[bytes], shape: list[int], count: int) -> list[Image]:
     """The `image` input's files, as many as its shape says, none empty."""
     if len(files) != count:
         raise bad(f"input {IMAGE!r}: shape {shape} holds {count} images, the data {len(files)}")
     for index, file in enumerate(files):
         if not file:
             raise bad(f"input {IMAGE!r} element {index} is empty")
-    return list(files)
-
-
-def decode_files(
-    files: Sequence[tuple[int, bytes]], size: tuple[int, int], decode: Decoder
-) -> list[np.ndarray]:
-    """Files of the `image` input (each with its element index), decoded; an
-    HttpError names the element that failed."""
-    images = []
-    for index, file in files:
-        try:
-            images.append(decode(file, size))
-        except ImageError as exc:
-            refused = errors.from_image(exc)
-            refused.message = f"input {IMAGE!r} element {index}: {refused.message}"
-            raise refused from None
-    return images
+    return [Image(data=bytes(file)) for file in files]
 
 
 def bytes_elements(data: bytes) -> list[bytes]:
@@ -353,12 +293,12 @@ def pixels_from_bytes(data: bytes, dtype: np.dtype, shape: list[int], datatype: 
     return np.frombuffer(data, dtype=dtype.newbyteorder("<"))
 
 
-def split_pixels(array: np.ndarray, shape: list[int]) -> list[np.ndarray]:
+def split_pixels(array: np.ndarray, shape: list[int]) -> list[Image]:
     """A flat array of the pixels' values, checked, as one image per entry."""
     if array.dtype == np.float32 and not np.all(np.isfinite(array)):
         raise bad(f"input {PIXELS!r}: FP32 values must be finite")
     batch = array.reshape(shape)
-    return [batch[i] for i in range(shape[0])]
+    return [Image(pixels=batch[i]) for i in range(shape[0])]
 
 
 def requested_output(name: object, parameters: dict[str, Any], default_binary: bool) -> Output:
@@ -380,84 +320,35 @@ def requested_output(name: object, parameters: dict[str, Any], default_binary: b
 
 
 def infer(
+    pipeline: Pipeline,
     model: ServedModel,
+    route: Route,
     inference: Inference,
-    settings: Settings,
-    timeout: float | None = None,
     *,
-    cache: ResponseCache | None = None,
-    decode: Decoder | None = None,
-    size: tuple[int, int] | None = None,
-    route: Route | None = None,
+    timeout: float | None = None,
+    caller: Caller | None = None,
 ) -> Result:
-    """Queue the request's images and await their answers, for at most
-    --result-timeout or `timeout` seconds, whichever is shorter: that is each
-    image's deadline in the queue, too (a worker drops it past then), at the
-    request's priority level.
-
-    With the response `cache` on for the model, each image is looked up
-    first (the files as sent, the pixels' bytes) and only the misses are
-    decoded (`inference.files`, with `decode` and `size`) and queued, as
-    `route` says (None: on the model's own queue, any version)."""
-    urgency = inference.urgency or Urgency.default(settings)
-    # urgency.timeout is --result-timeout at most already.
-    limit = urgency.timeout if timeout is None else min(timeout, urgency.timeout)
-    count = len(inference.files or inference.images)
-    looked = None
-    if cache and cache.on_for(model):
-        form = probabilities_form(inference.classes, inference.pixels_dtype)
-        payloads = inference.files or [
-            memoryview(np.ascontiguousarray(image)) for image in inference.images
-        ]
-        looked = cache.lookup(model, form, payloads, route.answered_by if route else None)
-    raws: dict[int, bytes | None] = dict(looked.hits) if looked else {}
-    missed = [i for i in range(count) if i not in raws]
-    if missed:
-        if inference.files:
-            if decode is None or size is None:
-                raise ValueError("undecoded files need decode and size")
-            images = decode_files([(i, inference.files[i]) for i in missed], size, decode)
-        else:
-            images = [inference.images[i] for i in missed]
-        jobs = [
-            messages.ImageRequest.create(
-                image,
-                limit,
-                probabilities=True,
-                classes=inference.classes,
-                priority=urgency.priority,
-                version=pinned(route),
-            )
-            for image in images
-        ]
-        answers = submit(model, jobs, settings, route)
-        found = {i: answers[j.id] for i, j in zip(missed, jobs, strict=True) if j.id in answers}
-        if cache and looked:
-            cache.store(looked, found)
-        raws.update({i: found.get(i) for i in missed})
+    """The request's images through the pipeline and their answers, waiting
+    at most --result-timeout, the request's `parameters.timeout` or
+    `timeout` (a gRPC client's deadline), whichever is shortest. Any image
+    that fails fails the request: a bad file names its element."""
+    urgency = (inference.urgency or Urgency.default(pipeline.settings)).within(timeout)
+    form = Form(True, inference.classes, inference.pixels_dtype)
+    answered = pipeline.run(model, route, inference.images, form, urgency, caller=caller)
     rows, classes, made_by = [], [], None
-    for position in range(count):
-        raw = raws[position]
-        if raw is None:
-            raise HttpError(504, _timed_out(limit, settings))
-        header, vector = messages.decode_probabilities(raw)
-        if not header["success"]:
-            raise HttpError(500, header.get("error", "the model failed"))
+    for position, raw in enumerate(answered.answers):
+        if isinstance(raw, Failure):
+            if 400 <= raw.status < 500:
+                raw.message = f"input {IMAGE!r} element {position}: {raw.message}"
+            raise raw
+        try:
+            header, vector = messages.decode_probabilities(raw)
+        except messages.BadMessage as exc:
+            raise Bug(f"a worker's answer cannot be read ({exc})") from None
         if vector is None:
-            raise HttpError(
-                500, "a worker answered without the probabilities: is it older than this server?"
-            )
+            raise Bug("a worker answered without the probabilities: is it older than this server?")
         rows.append(vector)
         classes.append(header.get("classes", []))
         made_by = made_by or header.get("model")
     version = (made_by or {}).get("version") or model.spec.version
-    return Result(model.name, version, np.stack(rows), classes, looked.header if looked else None)
-
-
-def _timed_out(limit: float, settings: Settings) -> str:
-    if limit < settings.result_timeout:
-        return (
-            f"no prediction within the request's deadline ({limit:.3g} s): the model "
-            "workers are down or overloaded"
-        )
-    return timed_out(limit)
+    return Result(model.name, version, np.stack(rows), classes, answered.cache)

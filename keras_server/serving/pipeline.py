@@ -1,0 +1,369 @@
+"""The one way a request's images become answers, whichever transport they
+came by (`/predict`, several images, v2 REST, gRPC, jobs):
+
+    charge the caller's quota per image  (serving/quotas.py)
+    look each image up in the response cache  (serving/cache.py)
+    decode the misses within the process's decode memory budget  (Decoder)
+    queue them on one shard, all or none, at the request's level  (submit)
+    await their answers until the request's deadline
+    store the workers' successful answers in the cache
+
+`Pipeline.run` gives one answer per image, in order: the worker's (or the
+cache's) bytes, or the `Failure` of that image alone (a bad file, a timeout,
+an error the worker reported). What fails the whole request (the queue full,
+Redis down, no live worker, over quota) is raised. Each transport decides
+what a failed image means for it: an item of its own on `/predict` with
+several images, the whole request's failure on v2. Which model and version
+answer is `Pipeline.target`'s (serving/models.py, serving/traffic.py).
+
+Each image is its own queue entry, so it batches with everyone else's; all
+of one request's entries go to one Redis shard in one transaction, and
+their answers are awaited together on that shard.
+
+Decoding: `Decoder` turns an upload into the model's input within this
+process's decode memory budget (images.DecodeBudget), refusing with a 503
+(DecoderBusy) when the budget is spent, and counts its CPU time (written to
+the counter in steps of FLUSH_CPU_S, not per image). A job's images are
+decoded off the request thread, one at a time per process (`decode_for_job`),
+waiting for the budget rather than refusing, so a large job can neither
+starve `/predict` of CPU nor of decode memory. TensorFlow-free.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import redis
+
+from keras_server import logs, metrics, tracing
+from keras_server.broker import messages
+from keras_server.broker.failures import Kind, kind_of
+from keras_server.broker.request_queue import QueueFull
+from keras_server.images import DecodeBudget, DecoderBusy, ImageError, load_image
+from keras_server.serving.admission import Urgency
+from keras_server.serving.cache import ResponseCache
+from keras_server.serving.failures import (
+    BadInput,
+    Failure,
+    NotFound,
+    TimedOut,
+    from_image,
+    from_worker,
+    no_live_worker,
+    queue_full,
+    timed_out,
+)
+from keras_server.serving.models import Deployment, ServedModel
+from keras_server.serving.quotas import Caller, Limiter
+from keras_server.serving.traffic import Route
+from keras_server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Decode CPU is added up here and written to the Prometheus counter in steps of
+# at least this much: a write per image (a lock, and under multiprocess mode an
+# mmap write) was a measurable share of each request (issue 23). The counter
+# lags the truth by less than this, per web process.
+FLUSH_CPU_S = 0.05
+# How long a job's image waits for the decode budget, in steps, before it
+# counts as a failed item.
+BUSY_WAIT_S = 0.05
+BUSY_TRIES = 100
+EMPTY = "the uploaded image file is empty"
+
+
+class Decoder:
+    """Uploads to model inputs, for all the threads of one process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.max_pixels = settings.max_image_pixels
+        self.budget = DecodeBudget(settings.decode_memory_bytes)
+        self._cpu_lock = threading.Lock()
+        self._cpu_pending = 0.0  # decode CPU seconds not yet on the counter
+
+    def __call__(self, data: bytes, size: tuple[int, int]) -> np.ndarray:
+        """`data` as an RGB uint8 array of `size`; ImageError (DecoderBusy, a
+        503 with Retry-After, when the budget is spent) if not."""
+        started = time.thread_time()
+        try:
+            with tracing.span("decode"):
+                return load_image(data, size, self.max_pixels, self.budget)
+        except DecoderBusy:
+            metrics.DECODE_REFUSED.inc()
+            log.warning("decode memory spent (%d MB in use): refused", self.budget.used >> 20)
+            raise
+        finally:
+            self._count_cpu(time.thread_time() - started)
+
+    def _count_cpu(self, seconds: float) -> None:
+        with self._cpu_lock:
+            self._cpu_pending += seconds
+            if self._cpu_pending < FLUSH_CPU_S:
+                return
+            seconds, self._cpu_pending = self._cpu_pending, 0.0
+        metrics.DECODE_CPU_SECONDS.inc(seconds)
+
+
+@dataclass(frozen=True)
+class Form:
+    """The answer a request wants of the worker: `/predict`'s top-k JSON, or
+    v2's whole probability vector with its top `classes` named."""
+
+    probabilities: bool = False
+    classes: int = 0
+    pixels_dtype: str = ""  # v2's pixels input: its dtype (the cache keys on it)
+
+    def cache_form(self, model: ServedModel) -> str:
+        """How the response cache tells answers of different forms apart."""
+        if not self.probabilities:
+            return f"top{model.spec.top_k}"
+        return f"p{self.classes}-{self.pixels_dtype}" if self.pixels_dtype else f"p{self.classes}"
+
+
+@dataclass(frozen=True)
+class Image:
+    """One image of a request: an encoded file (`data`), or `pixels` already
+    at the model's input size (v2's pixels input)."""
+
+    data: bytes = b""
+    pixels: np.ndarray | None = None
+
+    def payload(self) -> bytes | memoryview:
+        """What the response cache hashes: the file as sent, or the pixels' bytes."""
+        if self.pixels is not None:
+            return memoryview(np.ascontiguousarray(self.pixels))
+        return self.data
+
+
+@dataclass
+class Answered:
+    """A request's images answered, in order: the raw answer, or the Failure
+    of that image; and what the cache did (X-Cache: hit, miss or partial;
+    None while the cache is off for the model)."""
+
+    answers: list[bytes | Failure]
+    cache: str | None = None
+    timeout: float = 0.0  # how long the request waited at most
+
+
+class Pipeline:
+    """The serving core of one process: its models, decoder, cache and quotas."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        deployment: Deployment,
+        decoder: Decoder,
+        cache: ResponseCache | None = None,
+        limiter: Limiter | None = None,
+    ) -> None:
+        self.settings = settings
+        self.deployment = deployment
+        self.decoder = decoder
+        self.cache = cache
+        self.limiter = limiter
+        # Jobs decode here, one image at a time per process (see the docstring).
+        self._job_lane = ThreadPoolExecutor(max_workers=1, thread_name_prefix="job-decode")
+
+    def close(self) -> None:
+        self._job_lane.shutdown(wait=False, cancel_futures=True)
+
+    # -- where a request goes -------------------------------------------------
+
+    def model(self, name: str | None) -> ServedModel:
+        """The model named `name` (None: the default); NotFound naming what is served."""
+        model = self.deployment.get(name)
+        if model is None:
+            known = ", ".join(sorted(self.deployment.models))
+            raise NotFound(f"unknown model {name!r}; this server serves {known} (GET /models)")
+        return model
+
+    def target(self, name: str | None, version: str | None = None) -> tuple[ServedModel, Route]:
+        """The model and the route of a request for `name` (None: the
+        default), pinned to `version` when it names one: NotFound for a
+        version the model neither declares nor serves; Unavailable while a
+        pinned version has no live worker."""
+        model = self.model(name)
+        if version:
+            served = versions(model, model.live_workers())
+            if version not in served:
+                served = versions(model, model.live_workers(fresh=True))
+            if version not in served:
+                raise NotFound(
+                    f"model {model.name!r} has no version {version!r}; it serves "
+                    + ", ".join(served)
+                )
+        return model, model.router.route(version or None)
+
+    # -- the pipeline -----------------------------------------------------------
+
+    def run(
+        self,
+        model: ServedModel,
+        route: Route,
+        images: Sequence[Image],
+        form: Form,
+        urgency: Urgency,
+        *,
+        caller: Caller | None = None,
+    ) -> Answered:
+        """Every image of one request answered (see the module's docstring)."""
+        if caller is not None and self.limiter is not None:
+            self.limiter.charge(caller, len(images))
+        cache = self.cache if self.cache and self.cache.on_for(model) else None
+        looked = None
+        if cache is not None:
+            payloads = [i.payload() for i in images]
+            looked = cache.lookup(model, form.cache_form(model), payloads, route.answered_by)
+        answers: list[bytes | Failure | None] = [None] * len(images)
+        for position, raw in (looked.hits if looked else {}).items():
+            answers[position] = raw
+        missed = [i for i, a in enumerate(answers) if a is None]
+        if missed:
+            found = self._queue(model, route, [(i, images[i]) for i in missed], form, urgency)
+            for position in missed:
+                answers[position] = found[position]
+            if cache is not None and looked is not None:
+                cache.store(looked, {i: a for i, a in found.items() if isinstance(a, bytes)})
+        done = [a if a is not None else TimedOut(timed_out(urgency.timeout)) for a in answers]
+        return Answered(done, looked.header if looked else None, urgency.timeout)
+
+    def _queue(
+        self,
+        model: ServedModel,
+        route: Route,
+        images: list[tuple[int, Image]],
+        form: Form,
+        urgency: Urgency,
+    ) -> dict[int, bytes | Failure]:
+        """Decode, queue and await `images` (by position); each position's
+        answer or Failure."""
+        found: dict[int, bytes | Failure] = {}
+        size: tuple[int, int] | None = None
+        if any(image.pixels is None for _, image in images):
+            size = model.input_size()
+            if size is None:
+                raise no_live_worker(model.name)
+        requests: dict[int, messages.ImageRequest] = {}
+        for position, image in images:
+            pixels = image.pixels
+            if pixels is None:
+                if not image.data:
+                    found[position] = BadInput(EMPTY)
+                    continue
+                try:
+                    pixels = self.decoder(image.data, size)  # type: ignore[arg-type]
+                except ImageError as exc:
+                    found[position] = from_image(exc)
+                    continue
+            requests[position] = messages.ImageRequest.create(
+                pixels,
+                urgency.timeout,
+                probabilities=form.probabilities,
+                classes=form.classes,
+                priority=urgency.priority,
+                version=pinned(route),
+            )
+        if requests:
+            answers = submit(model, list(requests.values()), self.settings, route)
+            for position, request in requests.items():
+                raw = answers.get(request.id)
+                if raw is None:
+                    found[position] = TimedOut(timed_out(urgency.timeout))
+                else:
+                    found[position] = failure_of(raw) or raw
+        return found
+
+    # -- jobs -----------------------------------------------------------------
+
+    def decode_for_job(self, data: bytes, size: tuple[int, int]) -> np.ndarray:
+        """A job's image, decoded on the process's job lane (one at a time),
+        waiting a while when the decode budget is spent by others;
+        ImageError if it cannot be decoded."""
+        return self._job_lane.submit(self._decode_waiting, data, size).result()
+
+    def _decode_waiting(self, data: bytes, size: tuple[int, int]) -> np.ndarray:
+        if not data:
+            raise ImageError(EMPTY)
+        for _ in range(BUSY_TRIES - 1):
+            try:
+                return self.decoder(data, size)
+            except DecoderBusy:
+                time.sleep(BUSY_WAIT_S)
+        return self.decoder(data, size)
+
+
+def versions(model: ServedModel, workers: list[messages.WorkerInfo]) -> list[str]:
+    """The versions of `model` a request may name: its spec's, and its live workers'."""
+    return sorted({model.spec.version, *(w.version for w in workers if w.version)})
+
+
+def failure_of(raw: bytes) -> Failure | None:
+    """The Failure a worker's answer reports; None for a success."""
+    try:
+        header = json.loads(raw.partition(b"\n")[0])
+    except ValueError:
+        return from_worker("the worker's answer cannot be read")
+    if not isinstance(header, dict) or header.get("success") is not False:
+        return None
+    return from_worker(str(header.get("error", "the model failed")), header.get("status"))
+
+
+def submit(
+    model: ServedModel,
+    requests: Sequence[messages.ImageRequest],
+    settings: Settings,
+    route: Route | None = None,
+) -> dict[str, bytes]:
+    """Queue `requests` for `model` on the queue `route` says (None: the
+    model's own, which every version's workers claim) and wait for their
+    answers until the earliest deadline; returns the answers that came, by
+    request id. A full queue is Unavailable, a failing Redis its redis-py
+    error (the transport's table answers it): then nothing was queued, or
+    nothing more will come."""
+    shards = model.shards if route is None else route.shards
+    logs.request_id.set(
+        requests[0].id if len(requests) == 1 else f"{requests[0].id}+{len(requests) - 1}"
+    )
+    traced = {tracing.MODEL: model.name, tracing.IMAGES: len(requests)}
+    try:
+        with tracing.producer_span("enqueue", traced) as span:
+            # The worker's batch span links to this one.
+            if trace := tracing.traceparent():
+                requests = [dataclasses.replace(r, trace=trace) for r in requests]
+            queue = shards.push_all(
+                [messages.encode_request(r) for r in requests],
+                max_depth=settings.max_queue,
+                level=requests[0].priority,
+            )
+            span.set_attribute(tracing.SHARD, shards.name(queue))
+    except QueueFull:
+        log.warning("queue full: %d images refused", len(requests))
+        raise queue_full() from None
+    metrics.QUEUED.labels(model.name, shards.name(queue)).inc(len(requests))
+    deadline = min(r.deadline for r in requests)
+    # The answers come back on the shard that took the requests.
+    try:
+        with tracing.span("wait", {**traced, tracing.SHARD: shards.name(queue)}) as span:
+            answers = queue.wait_results([r.id for r in requests], timeout=deadline - time.time())
+            span.set_attribute(tracing.ANSWERED, len(answers))
+            return answers
+    except redis.RedisError as exc:
+        # The queue marked an unreachable host down. Found silent past the
+        # deadline (the read outlasts it by --redis-timeout), these are 504s.
+        if kind_of(exc) is Kind.UNREACHABLE and time.time() >= deadline:
+            return {}
+        raise
+
+
+def pinned(route: Route | None) -> str:
+    """The version a request's entries name in their header ("": any)."""
+    return route.version or "" if route is not None and route.pinned else ""
