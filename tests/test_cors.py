@@ -134,16 +134,16 @@ def test_every_answer_carries_the_headers_errors_included(keyed: Settings) -> No
     assert_cors(post_images(client, CHELSEA, headers=page), 401)
     assert_cors(client.get("/v2", headers=page), 401)
     assert_cors(client.get("/no/such/path", headers=with_key), 404)
-    # The key's two requests (burst 2): that 404, and one too large...
     small = create_app(dataclasses.replace(keyed, max_upload_mb=0.001)).test_client()
     assert_cors(post_images(small, CHELSEA, headers=with_key), 413)
-    # ... then over the quota, in both shapes.
-    over = post_images(client, CHELSEA, headers=with_key)
+    # Over the quota (burst 2, three images), in both shapes.
+    over = post_images(client, CHELSEA, CHELSEA, CHELSEA, headers=with_key)
     assert_cors(over, 429)
     assert over.headers["Retry-After"]
     json_with_key = {**with_key, "Content-Type": "application/json"}
     infer = client.post(
-        "/v2/models/resnet50/infer", data=infer_json(CHELSEA), headers=json_with_key
+        "/v2/models/resnet50/infer", data=infer_json(CHELSEA, CHELSEA, CHELSEA),
+        headers=json_with_key,
     )
     assert_cors(infer, 429)
     # Redis unreachable: the quota is let go, the queue is a 503.

@@ -87,7 +87,7 @@ def test_a_refusing_host_is_a_503_with_its_reason_and_stays_up(
     if refuse is no_permission:
         url = url.replace("redis://", "redis://web:pw@")
     app = create_app(settings_for(server, redis_url=url))
-    model = app.extensions["keras_server"].deployment.get()
+    model = app.extensions["keras_server"].pipeline.deployment.get()
     client = app.test_client()
     for response, shape in ((post_images(client, CHELSEA), "success"), (infer(client), None)):
         body = response.get_json()
@@ -129,7 +129,7 @@ def test_the_worker_marks_a_silent_host_down_for_the_whole_process(server: Redis
 def test_a_host_lost_during_the_wait_is_marked_down(server: RedisServer) -> None:
     settings = settings_for(server, result_timeout=10)
     app = create_app(settings)
-    model = app.extensions["keras_server"].deployment.get()
+    model = app.extensions["keras_server"].pipeline.deployment.get()
     watcher = redis.Redis.from_url(server.url)
     with ThreadPoolExecutor(1) as pool:
         waiting = pool.submit(post_images, app.test_client(), CHELSEA)
@@ -151,7 +151,7 @@ def test_timeouts_under_overload_do_not_mark_a_healthy_host_down(server: RedisSe
     BLPOP that comes a little late is not a hung host."""
     settings = settings_for(server, result_timeout=1.0, batch_size=8)
     app = create_app(settings)
-    model = app.extensions["keras_server"].deployment.get()
+    model = app.extensions["keras_server"].pipeline.deployment.get()
     client = app.test_client()
     (worker,) = make_workers(settings, SimulatedModel(2000, 0))
     with WorkerThread(worker), ThreadPoolExecutor(8) as pool:

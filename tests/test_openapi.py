@@ -449,14 +449,16 @@ def test_jobs(openapi: OpenAPI, client: FlaskClient, settings: Settings) -> None
 def test_versions_admin_and_repository_index(
     openapi: OpenAPI, settings: Settings, tmp_path: Path
 ) -> None:
-    """The pinned predict route's 503, the repository index, and the admin
-    API's answers (issue 22) are what the description says."""
+    """The pinned predict route's 503 and 404, the repository index, and the
+    admin API's answers (issue 22) are what the description says."""
     keys = tmp_path / "admin-keys"
     keys.write_text("ops admin-key-0123456789\n")
     client = create_app(dataclasses.replace(settings, admin_keys=str(keys))).test_client()
     admin = {"X-Admin-Key": "admin-key-0123456789"}
-    done = upload(client, CHELSEA, path="/models/resnet50/versions/2/predict")
+    done = upload(client, CHELSEA, path="/models/resnet50/versions/1/predict")
     assert "no live worker" in conforms(openapi, done, 503)["error"]
+    done = upload(client, CHELSEA, path="/models/resnet50/versions/2/predict")
+    assert "has no version '2'" in conforms(openapi, done, 404)["error"]
     index = call(client, "POST", "/v2/repository/index", b"{}", "application/json")
     assert conforms(openapi, index, 200)[0]["state"] == "UNAVAILABLE"
     conforms(openapi, call(client, "GET", "/admin/models"), 401, request_valid=False)

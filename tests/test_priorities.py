@@ -234,7 +234,7 @@ def test_v2_timeout_in_microseconds_and_priority(
     started = time.time()
     response = client.post("/v2/models/resnet50/infer", json=body)
     assert response.status_code == 504
-    assert "(0.3 s)" in response.get_json()["error"]
+    assert "no prediction within 0.3 s" in response.get_json()["error"]
     [raw] = redis_client.lrange(queue.keys.queue_at(2), 0, -1)
     assert messages.decode_request(raw).deadline < started + 1
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import redis
 import requests
-from conftest import CHELSEA, WorkerThread, make_worker, post_images, start_web, stop
+from conftest import CHELSEA, COFFEE, WorkerThread, make_worker, post_images, start_web, stop
 from flask.testing import FlaskClient
 from hypothesis import given
 from hypothesis import settings as hypothesis_settings
@@ -294,16 +294,21 @@ def test_over_quota_is_429_in_each_apis_shape(
     assert first.headers["RateLimit-Limit"] == "2"
     assert first.headers["RateLimit-Remaining"] == "1"
     assert "Retry-After" not in first.headers
-    # A request the API refuses still counted, and says so.
+    # A request with no image counts nothing, and says what is left.
     empty = client.post("/predict", headers=alice)
-    assert (empty.status_code, empty.headers["RateLimit-Remaining"]) == (400, "0")
+    assert (empty.status_code, empty.headers["RateLimit-Remaining"]) == (400, "1")
+    # Two images with one left: refused whole, nothing counted.
+    both = post_images(client, CHELSEA, COFFEE, headers=alice)
+    assert both.status_code == 429
+    assert "(2 images sent, 1 left now)" in both.get_json()["error"]
+    assert post_images(client, CHELSEA, headers=alice).status_code == 200
 
     refused = post_images(client, CHELSEA, headers=alice)
     assert refused.status_code == 429
     body = refused.get_json()
     assert body["success"] is False
     assert body["error"].startswith(
-        "the API key 'alice' is over its quota of 1 request an hour, 2 at once; retry in"
+        "the API key 'alice' is over its quota of 1 image an hour, 2 at once; retry in"
     )
     assert ALICE not in body["error"]
     assert 3590 <= int(refused.headers["Retry-After"]) <= 3600
@@ -330,7 +335,7 @@ def test_over_quota_is_429_in_each_apis_shape(
     assert "RateLimit-Limit" not in free.headers
     assert client.get("/healthz").status_code == 200
     after = {c: metric(client, *c) - before[c] for c in counted}
-    assert after == {("alice", "within"): 2, ("alice", "over"): 4, ("line-2", "none"): 1}
+    assert after == {("alice", "within"): 2, ("alice", "over"): 5, ("line-2", "none"): 1}
     metrics_text = client.get("/metrics").get_data(as_text=True)
     assert ALICE not in metrics_text
     assert OPEN not in metrics_text
@@ -375,7 +380,7 @@ def test_a_refusing_redis_lets_requests_through_a_bug_is_500(
     def failing(*args: object, **kwargs: object) -> Decision:
         raise failure[0]
 
-    monkeypatch.setattr(Quotas, "take", failing)
+    monkeypatch.setattr(Quotas, "_run", failing)
     before = metric(client, "alice", "unenforced")
     with caplog.at_level(logging.INFO, logger=quotas.__name__):
         assert client.get("/models", headers={"X-API-Key": ALICE}).status_code == 200
@@ -387,7 +392,7 @@ def test_a_refusing_redis_lets_requests_through_a_bug_is_500(
     assert messages[1].startswith("API key quotas are enforced again")
 
     failure[0] = redis.RedisError("a reply we cannot parse")
-    monkeypatch.setattr(Quotas, "take", failing)
+    monkeypatch.setattr(Quotas, "_run", failing)
     bug = client.get("/models", headers={"X-API-Key": ALICE})
     assert bug.status_code == 500
     assert "parse" not in bug.get_json()["error"]
@@ -424,10 +429,21 @@ def test_two_web_processes_share_one_quota(keyed: Settings, keys_file: Path) -> 
 
     def one(path: str) -> None:
         # A connection of its own each time, so either process may take it.
+        # One image each, with a deadline of a millisecond: no worker serves
+        # this queue, so an admitted image is a 504 at once.
         with requests.Session() as session:
-            answer = session.get(base + path, headers={"X-API-Key": ALICE}, timeout=30)
+            if path == "/predict":
+                answer = session.post(
+                    base + path, files={"image": ("x.png", CHELSEA)}, timeout=30,
+                    headers={"X-API-Key": ALICE, "X-Request-Timeout": "0.001"},
+                )  # fmt: skip
+            else:
+                answer = session.post(
+                    base + path, data=infer_json(CHELSEA, parameters={"timeout": 1000}),
+                    headers={"X-API-Key": ALICE, "Content-Type": "application/json"}, timeout=30,
+                )  # fmt: skip
         statuses.append(answer.status_code)
-        if answer.status_code == 200:
+        if answer.status_code == 504:
             remaining.append(answer.headers["RateLimit-Remaining"])
         else:
             assert answer.status_code == 429, answer.text
@@ -437,7 +453,7 @@ def test_two_web_processes_share_one_quota(keyed: Settings, keys_file: Path) -> 
     try:
         with ThreadPoolExecutor(8) as pool:
             for _ in range(20):  # rounds, until both processes have answered
-                list(pool.map(one, ["/models", "/v2"] * 4))
+                list(pool.map(one, ["/predict", INFER] * 4))
                 if len(counting_processes(web.pid)) == 2:
                     break
             pids = counting_processes(web.pid)
@@ -445,7 +461,7 @@ def test_two_web_processes_share_one_quota(keyed: Settings, keys_file: Path) -> 
         log = stop(web)
     assert len(pids) == 2, "one process took every connection"
     # Each process alone would have let `burst` through.
-    assert statuses.count(200) == burst, log
+    assert statuses.count(504) == burst, log
     assert sorted(remaining) == [str(n) for n in range(burst)]
     assert statuses.count(429) == len(statuses) - burst
     assert ALICE not in log

@@ -192,11 +192,17 @@ def test_readyz_models_and_metrics_agree_model_by_shard(
 
     (late,) = make_workers(dataclasses.replace(settings, redis_url=urls[1]), model, "b", models)
     late.queue.beat(late.id, late.info(), ttl=60)
-    assert client.get("/readyz").get_json()["claim_loops"] == 4
+    # The process's survey is read again within REFRESH_S (serving/workers.py).
+    wait_until(
+        lambda: client.get("/readyz").get_json().get("claim_loops") == 4, what="the late worker"
+    )
     assert sum(live_in_models().values()) == sum(live_in_metrics().values()) == 4
 
     two_servers[1].stop()
-    ready = client.get("/readyz").get_json()
+    ready = wait_until(
+        lambda: (found := client.get("/readyz").get_json()).get("unreachable") and found,
+        what="the stopped shard in the survey",
+    )
     assert ready["ready"] is True
     assert ready["unreachable"] == [ready["unreachable"][0]]
     assert ready["unreachable"][0].startswith(f"Redis at {shard1} is unreachable")

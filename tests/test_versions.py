@@ -27,9 +27,10 @@ from PIL import Image
 from keras_server.broker import messages
 from keras_server.broker.request_queue import RequestQueue
 from keras_server.broker.shards import ShardSet
+from keras_server.catalog import ModelSpec
 from keras_server.engines.simulated import SimulatedModel
 from keras_server.processes import Child
-from keras_server.serving.models import DISCOVERY_INTERVAL_S
+from keras_server.serving.models import DISCOVERY_INTERVAL_S, ServedModel
 from keras_server.serving.traffic import ROUTING_TTL_S, Policy, PolicyError, Router, store_policy
 from keras_server.settings import Settings
 from keras_server.web.app import create_app
@@ -60,7 +61,8 @@ def router(settings: Settings) -> Router:
     """The default model's router, as a web process has it (for writing the
     policy the way the admin API does)."""
     keys = messages.Keys(settings.queue_name)
-    return Router("sim", ShardSet.connect([settings.redis_url], keys, timeout=2.0))
+    shards = ShardSet.connect([settings.redis_url], keys, timeout=2.0)
+    return ServedModel(ModelSpec(name="sim", source="sim"), shards).router
 
 
 def post(session: requests.Session, url: str) -> tuple[int, str | None]:
@@ -122,7 +124,7 @@ def cluster(settings: Settings, admin_keys: str) -> Iterator[str]:
 def test_pinned_versions_are_answered_by_their_own_workers(cluster: str) -> None:
     """2,000 requests pinned half to version 1, half to version 2 (REST and
     v2 paths): each answered, and only by the version it names. A version
-    with no worker is a 503."""
+    the model neither declares nor serves is a 404 naming those it serves."""
     paths = [f"/models/sim/versions/{1 + i % 2}/predict" for i in range(2000)]
     answers = many(cluster, paths)
     assert {status for _, status, _ in answers} == {200}
@@ -133,9 +135,8 @@ def test_pinned_versions_are_answered_by_their_own_workers(cluster: str) -> None
     none = requests.post(
         cluster + "/models/sim/versions/3/predict", files={"image": PNG}, timeout=10
     )
-    assert none.status_code == 503
-    assert "no live worker" in none.json()["error"]
-    assert none.headers["Retry-After"]
+    assert none.status_code == 404
+    assert "has no version '3'; it serves 1, 2" in none.json()["error"]
 
 
 def set_traffic(base: str, weights: dict[str, int] | None) -> None:
@@ -228,8 +229,9 @@ def test_a_leaving_version_hands_its_unpinned_queue_on(settings: Settings) -> No
 
 
 def test_pinned_route_through_the_app(settings: Settings) -> None:
-    """The app's pinned routes: a version with workers answers; one without
-    is a 503 on /predict's and v2's routes; unknown to v2, a 404."""
+    """The app's pinned routes, one rule on every transport: a version with
+    workers answers; the model's declared version without a live worker is
+    a 503 (retry); a version neither declared nor served, a 404."""
     client = create_app(dataclasses.replace(settings, model="sim")).test_client()
     with WorkerThread(worker_of(settings, "4")):
         wait_until(
@@ -240,8 +242,12 @@ def test_pinned_route_through_the_app(settings: Settings) -> None:
         assert ok.status_code == 200, ok.get_json()
         assert ok.get_json()["model"]["version"] == "4"
         data = {"image": (io.BytesIO(PNG), "x.png")}
-        assert client.post("/models/sim/versions/5/predict", data=data).status_code == 503
+        assert client.post("/models/sim/versions/5/predict", data=data).status_code == 404
         assert client.post("/v2/models/sim/versions/9/infer", json={}).status_code == 404
+        data = {"image": (io.BytesIO(PNG), "x.png")}
+        declared = client.post("/models/sim/versions/1/predict", data=data)
+        assert declared.status_code == 503, declared.get_json()
+        assert declared.headers["Retry-After"] == "1"
 
 
 @pytest.mark.parametrize(

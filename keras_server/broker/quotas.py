@@ -50,18 +50,18 @@ end
 local cost = tonumber(ARGV[4])
 local tat = tonumber(redis.call('GET', KEYS[1]) or now)
 if tat < now then tat = now end
+local room = now - (tat - burst * interval)
+local left = math.floor(room / interval)
 local new_tat = tat + cost * interval
-local allow_at = new_tat - burst * interval
-if now < allow_at then
-  return {0, math.floor(math.max(0, now - (tat - burst * interval)) / interval),
-          allow_at - now, tat - now}
+if room < cost * interval then
+  return {0, math.max(0, left), new_tat - burst * interval - now, tat - now}
 end
 if ARGV[5] == '1' then
-  return {1, math.floor((now - allow_at) / interval), 0, tat - now}
+  return {1, left, 0, tat - now}
 end
 redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX',
   math.max(1, math.ceil((new_tat - now) / 1000)))
-return {1, math.floor((now - allow_at) / interval), 0, new_tat - now}
+return {1, left - cost, 0, new_tat - now}
 """
 
 

@@ -55,6 +55,7 @@ from keras_server.serving.failures import (
     Failure,
     NotFound,
     TimedOut,
+    bug,
     from_image,
     from_worker,
     no_live_worker,
@@ -310,8 +311,8 @@ def failure_of(raw: bytes) -> Failure | None:
     """The Failure a worker's answer reports; None for a success."""
     try:
         header = json.loads(raw.partition(b"\n")[0])
-    except ValueError:
-        return from_worker("the worker's answer cannot be read")
+    except ValueError as exc:
+        return bug(messages.BadMessage(f"a worker's answer cannot be read ({exc})"))
     if not isinstance(header, dict) or header.get("success") is not False:
         return None
     return from_worker(str(header.get("error", "the model failed")), header.get("status"))

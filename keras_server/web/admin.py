@@ -7,7 +7,7 @@ serving (serving/traffic.py), guarded by admin keys (`--admin-keys FILE`).
     DELETE /admin/models/{name}/traffic    back to `latest`
 
 The admin keys are not the API keys: a file of `NAME KEY` lines (blank lines
-and `#` comments skipped; a key as auth.py's, 16 characters at least), shown
+and `#` comments skipped; a key as serving/keys.py's, 16 characters at least), shown
 as `Authorization: Bearer KEY` or `X-Admin-Key: KEY`, checked in constant
 time against every key. Without `--admin-keys` the routes are not there
 (404), and the API-key check (auth.py) never applies under /admin/: one
@@ -29,7 +29,7 @@ from typing import Any
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 
 from keras_server.serving.failures import BadInput, Conflict, Failure, NotFound
-from keras_server.serving.keys import KeysFileError, Rejected, key_from
+from keras_server.serving.keys import KEY, MIN_KEY_LENGTH, KeysFileError, Rejected, key_from
 from keras_server.serving.models import ServedModel
 from keras_server.serving.traffic import Policy, PolicyError, latest, store_policy
 from keras_server.web import auth, state
@@ -89,9 +89,9 @@ def load_admin_keys(path: str) -> AdminKeys:
             raise KeysFileError(
                 f"{where}: write NAME KEY (a name of letters, digits and . _ @ -, a space, the key)"
             )
-        if not auth.KEY.match(key) or len(key) < auth.MIN_KEY_LENGTH:
+        if not KEY.match(key) or len(key) < MIN_KEY_LENGTH:
             raise KeysFileError(
-                f"{where}: a key is at least {auth.MIN_KEY_LENGTH} letters, digits "
+                f"{where}: a key is at least {MIN_KEY_LENGTH} letters, digits "
                 "and . _ ~ + / - (then = padding)"
             )
         if name in keys:
