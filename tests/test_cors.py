@@ -142,7 +142,8 @@ def test_every_answer_carries_the_headers_errors_included(keyed: Settings) -> No
     assert over.headers["Retry-After"]
     json_with_key = {**with_key, "Content-Type": "application/json"}
     infer = client.post(
-        "/v2/models/resnet50/infer", data=infer_json(CHELSEA, CHELSEA, CHELSEA),
+        "/v2/models/resnet50/infer",
+        data=infer_json(CHELSEA, CHELSEA, CHELSEA),
         headers=json_with_key,
     )
     assert_cors(infer, 429)
