@@ -82,7 +82,7 @@ class ModelSpec:
     engine: str | None = None
     precision: str | None = None
     calibration_dir: str | None = None
-    # Seconds an answer stays in the response cache (web/response_cache.py);
+    # Seconds an answer stays in the response cache (serving/cache.py);
     # 0: not cached. None: --response-cache-ttl's (Settings.model_specs fills it in).
     response_cache_ttl: float | None = None
 

@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 
 from keras_server.broker import messages
 from keras_server.catalog import CatalogError, load_models_file
-from keras_server.serving.failures import Failure as HttpError
+from keras_server.serving.failures import Failure
 from keras_server.serving.inference import PIXEL_TYPES, bytes_elements
 from keras_server.serving.keys import KeysFileError, load_keys
 from keras_server.serving.pipeline import Decoder
@@ -219,7 +219,7 @@ def test_v2_parser_raises_only_http_error(request: tuple[bytes, dict[str, str]])
     status = 400
     try:
         v2.parse_request(body, headers, SIZE, V2_SETTINGS, DECODER)
-    except HttpError as exc:
+    except Failure as exc:
         status = exc.status
     assert 400 <= status < 500 or status == 503
     assert DECODER.budget.used == 0, "the JSON's reservation is given back"
@@ -246,7 +246,7 @@ def test_v2_binary_lengths_raise_only_http_error(request: tuple[bytes, dict[str,
     status = 400
     try:
         v2.parse_request(*request, SIZE, V2_SETTINGS, DECODER)
-    except HttpError as exc:
+    except Failure as exc:
         status = exc.status
     assert status == 400
 

@@ -33,7 +33,7 @@ from keras_server.broker.request_queue import WAKEUP_TOKENS, QueueFull, RequestQ
 from keras_server.catalog import SIM_SIZE
 from keras_server.engines.simulated import SimulatedModel
 from keras_server.serving.admission import Urgency
-from keras_server.serving.failures import Failure as HttpError
+from keras_server.serving.failures import Failure
 from keras_server.settings import Settings
 from keras_server.web.app import create_app
 
@@ -250,7 +250,7 @@ def test_header_parsing_answers_400_or_a_value_in_range(
     }
     try:
         urgency = Urgency.from_headers(headers, settings)
-    except HttpError as exc:
+    except Failure as exc:
         status = exc.status
     else:
         status = 200

@@ -14,8 +14,11 @@ pipeline, one table of failures, one view of the workers.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
+import json
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,16 +26,23 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import redis
 import tritonclient.grpc as grpcclient
-from conftest import CHELSEA, COFFEE, ROCKET, start_serving, stop, wait_until
+from conftest import CHELSEA, COFFEE, ROCKET, WorkerThread, start_serving, stop, wait_until
 from flask.testing import FlaskClient
 from test_response_cache import worker
 
-from keras_server.broker.redis_server import free_port
+from keras_server.broker import messages
+from keras_server.broker.redis_server import RedisServer, free_port
+from keras_server.broker.request_queue import RequestQueue
+from keras_server.engines.simulated import SimulatedModel
 from keras_server.serving import failures
 from keras_server.serving.failures import ANSWERS, Failure
+from keras_server.serving.models import Deployment
+from keras_server.serving.pipeline import failure_of
 from keras_server.settings import Settings
 from keras_server.web.app import create_app
+from keras_server.worker.loop import Worker
 
 
 def sim(settings: Settings, **changed: object) -> Settings:
@@ -137,9 +147,13 @@ def test_each_failure_is_answered_from_the_table_on_every_transport(settings: Se
                 assert predict.headers["Retry-After"] == rest.headers["Retry-After"] == "1"
 
 
-def upload(http: FlaskClient, path: str, files: list[bytes]) -> object:
+def upload(
+    http: FlaskClient, path: str, files: list[bytes], headers: dict[str, str] | None = None
+) -> object:
     images = [(io.BytesIO(f), f"{i}.png") for i, f in enumerate(files)]
-    return http.post(path, data={"image": images}, content_type="multipart/form-data")
+    return http.post(
+        path, data={"image": images}, content_type="multipart/form-data", headers=headers or {}
+    )
 
 
 # -- jobs through the core -----------------------------------------------------------
@@ -200,3 +214,95 @@ def test_a_jobs_images_are_decoded_on_the_job_lane_within_the_budget(
     status = tiny.get(done.headers["Location"]).get_json()
     assert status["failed"] == 1
     assert "the server's decode memory is 0 MB" in status["results"][0]["error"]
+
+
+# -- honest statuses (issue 29) -------------------------------------------------------
+
+
+def test_a_workers_no_live_worker_answer_is_a_503(settings: Settings) -> None:
+    """A request pinned to a version whose last worker left is refused by
+    the worker that claims it: a 503 with Retry-After, not a 500."""
+    keys = messages.Keys(settings.queue_name)
+    web_side = RequestQueue.open(settings.redis_url, keys, timeout=2.0)
+    image = SimulatedModel(0, 0).input_shape
+    pinned = messages.ImageRequest.create(np.zeros(image, "uint8"), 20, version="1")
+    web_side.push_all([messages.encode_request(pinned)], 100)
+    worker = Worker(web_side, SimulatedModel(0, 0), 8, result_ttl=20, name="sim", version="2")
+    with WorkerThread(worker):
+        answer = web_side.wait_results([pinned.id], timeout=15)[pinned.id]
+    refused = failure_of(answer)
+    assert isinstance(refused, failures.Unavailable)
+    assert (refused.status, refused.headers) == (503, {"Retry-After": "1"})
+    assert "version '1' of model 'sim' has no live worker" in refused.message
+    # The answer as each transport renders it.
+    assert ANSWERS[type(refused)].grpc == "UNAVAILABLE"
+
+
+def test_learned_models_survive_a_redis_blip(settings: Settings) -> None:
+    """A model learned from the workers' registry is not forgotten while the
+    registry cannot be read, only --model-grace after the last beat seen."""
+    with RedisServer() as own:
+        learning = Settings(
+            **{**settings.__dict__, "redis_url": own.url, "model": "sim", "model_grace": 30.0}
+        )
+        deployment = Deployment.from_settings(learning)
+        registry = redis.Redis.from_url(own.url)
+        beat = {"queue": f"{learning.queue_name}:extra", "version": "3", "at": time.time()}
+        registry.hset(messages.Keys(learning.queue_name).models, "extra", json.dumps(beat))
+        deployment.discover(now=100.0)
+        assert "extra" in deployment.models
+        own.stop()
+        deployment.discover(now=200.0)  # the registry cannot be read: nothing forgotten
+        assert "extra" in deployment.models
+        # Past the grace since the last beat seen, it goes.
+        deployment._seen["extra"] = dataclasses.replace(
+            deployment._seen["extra"], at=time.time() - 31
+        )
+        deployment.discover(now=300.0)
+        assert "extra" not in deployment.models
+
+
+def test_a_job_lookup_with_redis_down_is_a_503_not_a_404(settings: Settings) -> None:
+    with RedisServer() as own:
+        served = sim(settings, redis_url=own.url)
+        http = create_app(served).test_client()
+        done = post_job(http, [CHELSEA])
+        assert done.status_code == 202
+        own.stop()
+        lost = http.get(done.headers["Location"])
+        assert lost.status_code == 503, lost.get_json()
+        assert lost.headers["Retry-After"] == "1"
+        assert http.get("/jobs/" + "0" * 32).status_code == 503
+
+
+def test_probes_read_the_survey_not_redis(settings: Settings, redis_client: redis.Redis) -> None:
+    """However many probes and scrapes come, a process surveys Redis at most
+    once per REFRESH_S: a flood of /readyz, /v2/health/ready, /models and
+    /metrics costs Redis a handful of reads."""
+    http = create_app(sim(settings)).test_client()
+    http.get("/readyz")  # the first survey
+
+    def reads() -> int:
+        stats = redis_client.info("commandstats")
+        return sum(v["calls"] for k, v in stats.items() if k in ("cmdstat_hgetall", "cmdstat_llen"))
+
+    before = reads()
+    for _ in range(50):
+        for path in ("/readyz", "/v2/health/ready", "/models", "/metrics"):
+            http.get(path)
+    # 200 probes within a few REFRESH_S: a few surveys, each a few reads.
+    assert reads() - before < 50
+
+
+def test_x_cache_is_silent_with_api_keys(settings: Settings, tmp_path: Path) -> None:
+    """With --api-keys, X-Cache would tell one key whether another sent the
+    same image: the answer is the same, the header is not sent."""
+    keys = tmp_path / "keys"
+    keys.write_text("first-client-key-01234\nother-client-key-01234\n")
+    http = create_app(sim(settings, api_keys=str(keys), response_cache_ttl=60.0)).test_client()
+    with worker(settings):
+        first = upload(http, "/predict", [CHELSEA], {"X-API-Key": "first-client-key-01234"})
+        other = upload(http, "/predict", [CHELSEA], {"X-API-Key": "other-client-key-01234"})
+    assert first.status_code == other.status_code == 200
+    assert first.get_json() == other.get_json()
+    assert "X-Cache" not in first.headers and "X-Cache" not in other.headers

@@ -134,12 +134,12 @@ class Keys:
         """Hash, under the plain --queue-name only: model name -> JSON
         `{"queue", "version", "at"}`, written by each worker's heartbeat, from
         which web servers learn the models they were not told of
-        (web/deployment.py, --models-from workers)."""
+        (serving/models.py, --models-from workers)."""
         return f"{self.queue_name}:models"
 
     @property
     def traffic(self) -> str:
-        """The model's traffic policy (JSON; absent: `latest`), web/routing.py."""
+        """The model's traffic policy (JSON; absent: `latest`), serving/traffic.py."""
         return f"{self.queue_name}:traffic"
 
     def queues(self, levels: int) -> list[str]:
@@ -169,7 +169,7 @@ class Keys:
         return f"{self.queue_name}:workers"
 
     def cached(self, model: str, version: str, form: str, digest: str) -> str:
-        """A cached answer (web/response_cache.py): the answer `version` of
+        """A cached answer (serving/cache.py): the answer `version` of
         `model` gave, in `form` (top-k, or probabilities and how many
         classes), to the upload whose hash is `digest`. The model is named
         even though the queue name may say it: the default model's keys

@@ -1,7 +1,7 @@
 """The response cache's Redis: read and write cached answers, and never fill
 a Redis that the queue needs.
 
-The web tier (web/response_cache.py) decides what is cached and under which
+The serving core (serving/cache.py) decides what is cached and under which
 key (messages.Keys.cached); this module only talks to Redis. The store is
 one Redis (`--response-cache-url`, default the first --redis-url), reached
 through this process's `request_queue.Shard` for that URL: when it is the

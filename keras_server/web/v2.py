@@ -1,7 +1,6 @@
-"""The Open Inference Protocol (KServe v2, REST), over the same queues and
-workers as `/predict`: a module-level Flask blueprint under `/v2` that
-`web.create_app` registers; its routes read the app's settings, deployment and
-decoder with `api.state()`.
+"""The Open Inference Protocol (KServe v2, REST), over the same serving core
+as `/predict`: a Flask blueprint under `/v2` that `web.create_app` registers;
+its routes read the app's pipeline with `web.state()`.
 
     GET  /v2                                   server metadata
     GET  /v2/health/live, /v2/health/ready     200 when live / ready, else 400
