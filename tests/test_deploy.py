@@ -32,9 +32,9 @@ import pytest
 import yaml
 from conftest import apt_install
 
-from keras_server import metrics
 from keras_server.serving.models import Deployment
 from keras_server.settings import KNOBS, Settings, load_settings
+from keras_server.web.probes import RedisCollector
 from run_cluster import find_nginx, render_nginx_conf
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -172,7 +172,7 @@ def test_workers_scale_on_the_queue_depth_of_every_shard(settings: Settings) -> 
     expected = "sum(maxby(model,shard,level)(keras_server_queue_depth"
     assert query.replace(" ", "").startswith(expected)
     # The metric is ours, with those labels (read from a real Redis).
-    collector = metrics.RedisCollector(Deployment.from_settings(settings))
+    collector = RedisCollector(Deployment.from_settings(settings))
     (depth,) = [f for f in collector.collect() if f.name == "keras_server_queue_depth"]
     assert {frozenset(sample.labels) for sample in depth.samples} == {
         frozenset({"model", "shard", "level"})

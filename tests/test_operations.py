@@ -47,7 +47,8 @@ def test_readyz_needs_a_live_worker(settings: Settings, small_classifier: object
         assert ready.status_code == 200
         body = ready.get_json()
         assert body == {"ready": True, "workers": 1, "claim_loops": 1, "models": ["small model"]}
-    assert client.get("/readyz").status_code == 503, "a stopped worker deregisters"
+    # A stopped worker deregisters: the process's survey shows it within REFRESH_S.
+    wait_until(lambda: client.get("/readyz").status_code == 503, what="the worker gone")
 
 
 def test_readyz_without_redis(settings: Settings) -> None:
@@ -65,7 +66,15 @@ def test_metrics_count_requests_batches_queue_and_heartbeats(
     with WorkerThread(make_worker(settings, predictor)) as running:
         assert post_images(client, CHELSEA).status_code == 200
         client.post("/predict")  # a 400
-        response = client.get("/metrics")
+        live = {"model": "resnet50", "shard": label(settings.redis_url)}
+
+        def scraped() -> object:
+            # The queue gauges come from the process's survey, renewed within REFRESH_S.
+            found = client.get("/metrics")
+            text = found.get_data(as_text=True)
+            return found if value(text, "keras_server_workers_live", **live) == 1 else None
+
+        response = wait_until(scraped, what="the worker in the scraped survey")
     assert response.status_code == 200
     assert response.content_type.startswith("text/plain")
     after = response.get_data(as_text=True)
@@ -91,7 +100,12 @@ def test_metrics_count_requests_batches_queue_and_heartbeats(
     queue.push(b"waiting")
     queue.push(b"waiting")
     queue.push(b"waiting", level=2)
-    idle = client.get("/metrics").get_data(as_text=True)
+
+    def idle_scrape() -> str | None:
+        text = client.get("/metrics").get_data(as_text=True)
+        return text if value(text, "keras_server_workers_live", **model) == 0 else None
+
+    idle = wait_until(idle_scrape, what="a survey after the worker left")
     assert value(idle, "keras_server_queue_depth", **model, level="1") == 2
     assert value(idle, "keras_server_queue_depth", **model, level="2") == 1
     assert value(idle, "keras_server_workers_live", **model) == 0
