@@ -71,6 +71,17 @@ INFERENCE_SECONDS = Histogram(
     "keras_server_inference_seconds", "Seconds per forward pass", buckets=LATENCY_BUCKETS
 )
 FAILED_BATCHES = Counter("keras_server_failed_batches", "Forward passes that raised")
+HEARTBEAT_FAILURES = Counter(
+    "keras_server_heartbeat_failures",
+    "Worker heartbeats that failed, by reason: redis (Redis refused or was unreachable) "
+    "or error (any other exception: the heartbeat is restarted)",
+    ["reason"],
+)
+CLAIMS_PAUSED = Counter(
+    "keras_server_claims_paused",
+    "Times a claim loop stopped claiming because its heartbeat had not succeeded for "
+    "2/3 of --heartbeat-ttl (it resumes at the next successful beat)",
+)
 DECODE_CPU_SECONDS = Counter(
     "keras_server_decode_cpu_seconds",
     "CPU seconds the web tier spent decoding and resizing uploads",
