@@ -77,6 +77,11 @@ HEARTBEAT_FAILURES = Counter(
     "or error (any other exception: the heartbeat is restarted)",
     ["reason"],
 )
+SWEEP_FAILURES = Counter(
+    "keras_server_sweep_failures",
+    "Times moving the queue of a version left without workers onto its model's queue "
+    "failed in Redis (the worker log has the error)",
+)
 CLAIMS_PAUSED = Counter(
     "keras_server_claims_paused",
     "Times a claim loop stopped claiming because its heartbeat had not succeeded for "

@@ -42,6 +42,13 @@ MAX_BATCH_SIZE = 1024
 MAX_PRIORITY_LEVELS = 16
 # More would only split the cores into streams too small to be worth a batch each.
 MAX_PARALLEL_BATCHES = 8
+# Most requests waiting at one priority level on one shard (--max-queue). Each
+# holds its decoded pixels in Redis (150 KB at 224x224): 100,000 of them are
+# 15 GB, past what one Redis should hold, and 100 s of work even for a
+# deployment answering 1,000 images a second, longer than a request usually
+# waits (--result-timeout, 30 s by default) before its 504.
+# A bigger backlog belongs in jobs (--max-job-backlog), not the queue.
+MAX_QUEUE = 100_000
 # One request's images are queued by one Redis script call: keep its argument
 # list well inside Lua's stack.
 MAX_IMAGES = 1024
@@ -272,6 +279,13 @@ def split_redis_urls(text: str) -> tuple[str, ...]:
     redis+sentinel:// URL, whose sentinel addresses are comma-separated too: a
     new shard starts only where a scheme follows the comma."""
     return tuple(u.strip() for u in re.split(r",(?=\s*[a-z+]+://)", text))
+
+
+def _max_queue(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_QUEUE:
+        raise ValueError(f"must be at most {MAX_QUEUE}")
+    return value
 
 
 def _max_images(text: str) -> int:
@@ -558,9 +572,9 @@ KNOBS: tuple[Knob, ...] = (
     Knob("queue_name", _non_empty, "Redis list the requests go through", "NAME"),
     Knob(
         "max_queue",
-        _positive_int,
+        _max_queue,
         "most requests waiting in a shard's queue at each priority level; beyond it a "
-        "request is refused at once with 503 and Retry-After",
+        f"request is refused at once with 503 and Retry-After (at most {MAX_QUEUE})",
         "N",
     ),
     Knob(

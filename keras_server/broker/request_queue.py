@@ -55,6 +55,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
+from keras_server import metrics
 from keras_server.broker.failures import Kind, classify, reason
 from keras_server.broker.jobs import JobStore, completed
 from keras_server.broker.messages import BadMessage, Keys, WorkerInfo, job_item
@@ -107,18 +108,27 @@ result[1] = lowered
 return result
 """
 
+# Most items one Lua call hands to RPUSH: `unpack` puts each on Lua's C
+# stack, which holds about 8,000 (LUAI_MAXCSTACK), so a longer list is moved
+# in chunks of this many.
+SWEEP_CHUNK = 1000
+
 # KEYS: the wake-up list, then a version's queues, then the model's, each
-# highest level first (as many of each). Moves every request left on the
-# version's queues to the tail of the model's, level by level; returns how
-# many.
+# highest level first (as many of each). ARGV: token cap, SWEEP_CHUNK. Moves
+# every request left on the version's queues to the tail of the model's,
+# level by level, oldest first, a chunk at a time (one script: atomic at any
+# length); returns how many.
 _SWEEP = """
 local levels = (#KEYS - 1) / 2
+local chunk = tonumber(ARGV[2])
 local moved = 0
 for level = 1, levels do
-  local items = redis.call('LRANGE', KEYS[1 + level], 0, -1)
-  if #items > 0 then
-    redis.call('DEL', KEYS[1 + level])
-    redis.call('RPUSH', KEYS[1 + levels + level], unpack(items))
+  local source, target = KEYS[1 + level], KEYS[1 + levels + level]
+  while true do
+    local items = redis.call('LRANGE', source, 0, chunk - 1)
+    if #items == 0 then break end
+    redis.call('RPUSH', target, unpack(items))
+    redis.call('LTRIM', source, #items, -1)
     moved = moved + #items
   end
 end
@@ -682,8 +692,15 @@ class RequestQueue:
         for version in sorted(known - live):
             source = self.keys.for_version(version)
             keys = [self.keys.wakeup, *source.queues(self.levels), *self.keys.queues(self.levels)]
-            with self.shard.watch():
-                count = int(self._sweep(keys=keys, args=[WAKEUP_TOKENS]))
+            try:
+                with self.shard.watch():
+                    count = int(self._sweep(keys=keys, args=[WAKEUP_TOKENS, SWEEP_CHUNK]))
+            except redis.ResponseError as exc:
+                # The script failed in Redis (not an outage, which goes on to
+                # the caller): the other versions are still swept.
+                metrics.SWEEP_FAILURES.inc()
+                log.error("version %s: sweeping its queue failed: %s", version, exc)
+                continue
             if count:
                 log.info("version %s has no live worker: %d queued requests moved", version, count)
                 moved[version] = count
