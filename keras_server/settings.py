@@ -102,6 +102,7 @@ class Settings:
     heartbeat_ttl: float = 10.0
     metrics_port: int = 0
     grpc_port: int = 0
+    grpc_max_calls: int = 0
     sim_batch_ms: float = 50.0
     sim_image_ms: float = 5.0
     log_level: str = "INFO"
@@ -188,6 +189,12 @@ class Settings:
     @property
     def decode_memory_bytes(self) -> int:
         return int(self.decode_memory_mb * 1024 * 1024)
+
+    @property
+    def grpc_call_limit(self) -> int:
+        """Most gRPC calls held at once (--grpc-max-calls; 0: twice
+        --web-threads, a call for each thread and as many waiting for one)."""
+        return self.grpc_max_calls or 2 * self.web_threads
 
     @property
     def max_upload_bytes(self) -> int:
@@ -679,6 +686,14 @@ KNOBS: tuple[Knob, ...] = (
         "--role web and all: also speak the v2 inference protocol over gRPC on this port "
         "(0: off), from a process of its own beside the HTTP front",
         "PORT",
+    ),
+    Knob(
+        "grpc_max_calls",
+        _non_negative_int,
+        "most gRPC calls held at once, running or waiting for one of the --web-threads "
+        "threads (each may hold a message of --max-upload-mb); past it a call is answered "
+        "RESOURCE_EXHAUSTED at once (0: twice --web-threads)",
+        "N",
     ),
     Knob("sim_batch_ms", _non_negative_float, "--model sim: sleep per batch", "MS"),
     Knob("sim_image_ms", _non_negative_float, "--model sim: sleep per image", "MS"),

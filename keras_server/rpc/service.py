@@ -186,6 +186,12 @@ def parse_request(
             "one each, or none"
         )
     for tensor in inputs:
+        if raw and tensor.HasField("contents"):
+            # The protocol forbids both; Triton answers INVALID_ARGUMENT too.
+            raise bad(
+                f"input {tensor.name!r} sets contents while the request sets "
+                "raw_input_contents: send each tensor's data in one of them"
+            )
         if any(key.startswith("shared_memory") for key in tensor.parameters):
             raise bad("shared memory is not supported: send the data in the request")
     core.one_input([t.name for t in inputs])
