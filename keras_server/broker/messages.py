@@ -139,7 +139,8 @@ class Keys:
 
     @property
     def traffic(self) -> str:
-        """The model's traffic policy (JSON; absent: `latest`), web/routing.py."""
+        """The model's traffic policy (JSON, stamped: broker/traffic.py; absent:
+        `latest`), web/routing.py."""
         return f"{self.queue_name}:traffic"
 
     def queues(self, levels: int) -> list[str]:
