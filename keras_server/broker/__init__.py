@@ -5,6 +5,7 @@
     request_queue the queue: push / wait, crash-safe claims, heartbeats; one
                   Shard (connections + health) per Redis URL per process
     shards        several Redis instances: pick one per request, skip dead ones
+    traffic       a model's traffic policy on every shard: newest copy wins, stale ones updated
     jobs          asynchronous jobs: record, items fed onto the queue, results, cancel
     quotas        API keys' quotas: one atomic GCRA script, shared by every web server
     redis_server  a private redis-server when none is running
