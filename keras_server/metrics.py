@@ -77,6 +77,12 @@ HEARTBEAT_FAILURES = Counter(
     "or error (any other exception: the heartbeat is restarted)",
     ["reason"],
 )
+CALLBACKS = Counter(
+    "keras_server_callbacks",
+    "Tries of job callbacks, by outcome: delivered, retried (to be tried again), "
+    "given_up (failed every try) or dropped (its job gone, or its URL no longer allowed)",
+    ["outcome"],
+)
 SWEEP_FAILURES = Counter(
     "keras_server_sweep_failures",
     "Times moving the queue of a version left without workers onto its model's queue "

@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 from keras_server.broker.messages import Keys
 from keras_server.broker.request_queue import SENTINEL_SCHEME, parse_sentinel_url
+from keras_server.callbacks import allowed_hosts
 from keras_server.catalog import (
     ENGINES,
     PRECISIONS,
@@ -119,6 +120,7 @@ class Settings:
     job_ttl: float = 86400.0
     callback_hosts: str = ""
     callback_secret: str = ""
+    public_url: str = ""
     cors_origins: str = ""
 
     def model_specs(self) -> Models:
@@ -286,6 +288,25 @@ def split_redis_urls(text: str) -> tuple[str, ...]:
     redis+sentinel:// URL, whose sentinel addresses are comma-separated too: a
     new shard starts only where a scheme follows the comma."""
     return tuple(u.strip() for u in re.split(r",(?=\s*[a-z+]+://)", text))
+
+
+def _callback_hosts(text: str) -> str:
+    allowed_hosts(text)  # ValueError names a bad entry
+    return text
+
+
+def _public_url(text: str) -> str:
+    if not text:
+        return text
+    try:
+        parts = urlsplit(text)
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http or https URL, e.g. https://api.example.com")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise ValueError("must be scheme://host[:port][/path], without query or credentials")
+    return text.rstrip("/")
 
 
 def _max_queue(text: str) -> int:
@@ -784,16 +805,27 @@ KNOBS: tuple[Knob, ...] = (
     ),
     Knob(
         "callback_hosts",
-        _text,
-        "comma-separated hosts a job's callback_url may name; empty: no callbacks",
+        _callback_hosts,
+        "where a job's callback_url may point: comma-separated HOST, HOST:PORT or "
+        "HOST:PORT/PATH entries (no port: 443 for https, 80 for http; a path: that "
+        "prefix, on a segment boundary); empty: no callbacks",
         "HOSTS",
     ),
     Knob(
         "callback_secret",
         _text,
-        "the HMAC-SHA256 key that signs job callbacks (X-Signature-256); callbacks "
-        "need it (prefer the environment variable to the flag: ps shows flags)",
+        "the HMAC-SHA256 key that signs job callbacks, with their timestamp "
+        "(X-Signature-256, X-Keras-Server-Timestamp); callbacks need it (prefer the "
+        "environment variable to the flag: ps shows flags)",
         "SECRET",
+    ),
+    Knob(
+        "public_url",
+        _public_url,
+        "the server's address as clients reach it, e.g. https://api.example.com "
+        "(a path prefix too, if a proxy adds one): a job callback's status_url starts "
+        "with it; empty: status_url is a path",
+        "URL",
     ),
     Knob(
         "cors_origins",

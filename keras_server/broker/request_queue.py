@@ -59,6 +59,7 @@ from keras_server import metrics
 from keras_server.broker.failures import Kind, classify, reason
 from keras_server.broker.jobs import JobStore, completed
 from keras_server.broker.messages import BadMessage, Keys, WorkerInfo, job_item
+from keras_server.broker.pending_callbacks import PendingCallbacks
 
 log = logging.getLogger(__name__)
 
@@ -366,6 +367,7 @@ class RequestQueue:
         self._requeue = self.client.register_script(_REQUEUE)
         self._sweep = self.client.register_script(_SWEEP)
         self.jobs = JobStore(self.client, keys)
+        self.callbacks = PendingCallbacks(self.client, keys)
 
     @classmethod
     def open(

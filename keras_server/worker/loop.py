@@ -17,7 +17,8 @@ worker and run twice.
 Asynchronous jobs (broker/jobs.py) are driven from here: before each claim
 the loop moves a few of their items onto the queue (at most `job_feed` waiting),
 drops items of cancelled jobs before they reach the model, answers items into
-their job's record, and sends the completion callback of a job it finishes.
+their job's record, and sends job callbacks (keras_server/callbacks.py): at
+once for a job it finishes, and at each heartbeat those pending in Redis.
 """
 
 from __future__ import annotations
@@ -39,9 +40,8 @@ import redis
 from keras_server import metrics, tracing
 from keras_server.broker import messages
 from keras_server.broker.failures import Kind, classify, reason
-from keras_server.broker.jobs import Job
 from keras_server.broker.request_queue import PROBE_INTERVAL_S, RequestQueue
-from keras_server.callbacks import CallbackSender, status_of
+from keras_server.callbacks import CallbackSender
 from keras_server.engines.predictor import Predictor, top_indices, top_k
 
 log = logging.getLogger(__name__)
@@ -110,8 +110,8 @@ class Worker:
         seconds to wait for the next one before taking lower levels' work.
         Jobs: their items are fed onto the lowest level's queue while it holds
         fewer than `job_feed` (default: two batches), their results kept
-        `job_ttl` s once done, and `callbacks` sends a finished job's callback
-        (None: never)."""
+        `job_ttl` s once done, and `callbacks` (the process's one sender)
+        sends the callbacks pending on this queue's Redis (None: never)."""
         self.queue = queue
         self.predictor = predictor
         self.batch_size = batch_size
@@ -228,6 +228,10 @@ class Worker:
         self._last_beat = time.monotonic()
         for dead, moved in self.queue.reap_dead().items():
             log.warning("worker %s stopped beating: %d claimed requests requeued", dead, moved)
+        if self.callbacks is not None:
+            # Callbacks left pending by any process (a retry come due, one a
+            # worker that died had claimed): from the first beat on.
+            self.callbacks.poll(self.queue)
 
     def _heartbeat_thread(self, stop: threading.Event) -> None:
         """Beat every third of the TTL until `stop`. A failure of any kind is
@@ -345,15 +349,10 @@ class Worker:
 
     def _job_done(self, job_id: str) -> None:
         log.info("job %s done", job_id)
-        if self.callbacks is None:
-            return
-        try:
-            job: Job | None = self.queue.jobs.get(job_id)
-        except redis.RedisError as exc:
-            log.warning("job %s: no callback, its record is unreadable (%s)", job_id, exc)
-            return
-        if job is not None and job.callback_url:
-            self.callbacks.send(job.callback_url, status_of(job, f"/jobs/{job_id}"))
+        if self.callbacks is not None:
+            # Its callback is pending in Redis since the transaction that
+            # completed it: send it now rather than at the next beat.
+            self.callbacks.poll(self.queue)
 
     def _decode_and_infer(self, raws: list[bytes], results: dict[str, bytes]) -> None:
         """Fill `results` with the answers to `raws`: a bad entry is answered
