@@ -178,6 +178,7 @@ class CallbackSender:
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="job-callback")
         self._lock = threading.Lock()
         self._busy = 0
+        self._closed = False
 
     @property
     def on(self) -> bool:
@@ -190,9 +191,9 @@ class CallbackSender:
         """Claim the callbacks due on `queue`'s Redis, as many as there are
         idle threads, and send them; how many were claimed. A Redis failure
         is logged: what was not claimed waits for the next poll."""
-        if not self.on:
-            return 0
         with self._lock:
+            if not self.on or self._closed:
+                return 0
             free = self.threads - self._busy
             self._busy += max(free, 0)
         claimed: list[tuple[str, int]] = []
@@ -205,12 +206,19 @@ class CallbackSender:
             with self._lock:
                 self._busy -= max(free, 0) - len(claimed)
         for job_id, tries in claimed:
-            self._pool.submit(self._deliver, queue, job_id, tries)
+            try:
+                self._pool.submit(self._deliver, queue, job_id, tries)
+            except RuntimeError:  # closed meanwhile: its lease runs out, another sends it
+                with self._lock:
+                    self._busy -= 1
         return len(claimed)
 
     def close(self) -> None:
         """Wait for the tries under way (each at most TIMEOUT_S); what is
-        still pending stays in Redis for the next worker."""
+        still pending stays in Redis for the next worker. Later polls claim
+        nothing (a heartbeat may still beat meanwhile)."""
+        with self._lock:
+            self._closed = True
         self._pool.shutdown(wait=True)
 
     def _deliver(self, queue: RequestQueue, job_id: str, tries: int) -> None:
