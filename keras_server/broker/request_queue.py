@@ -109,28 +109,34 @@ result[1] = lowered
 return result
 """
 
-# Most items one Lua call hands to RPUSH: `unpack` puts each on Lua's C
-# stack, which holds about 8,000 (LUAI_MAXCSTACK), so a longer list is moved
-# in chunks of this many.
-SWEEP_CHUNK = 1000
+# Most requests one sweep call moves. One script call blocks every other
+# client of that Redis while it runs, and a queued request is its decoded
+# pixels (150 KB at 224x224): a queue of 10,000 moved by one call blocked
+# Redis for over 30 s, where 32 are 5 MB, tens of milliseconds. (One call also
+# could not take more than about 8,000: `unpack` puts each item on Lua's C
+# stack, LUAI_MAXCSTACK.)
+SWEEP_CHUNK = 32
 
 # KEYS: the wake-up list, then a version's queues, then the model's, each
-# highest level first (as many of each). ARGV: token cap, SWEEP_CHUNK. Moves
-# every request left on the version's queues to the tail of the model's,
-# level by level, oldest first, a chunk at a time (one script: atomic at any
-# length); returns how many.
+# highest level first (as many of each). ARGV: token cap, most to move.
+# Moves up to that many requests from the head of the version's queues to
+# the tail of the model's, highest level first, oldest first; returns how
+# many. `sweep` calls it until a call moves less than a full chunk: each call
+# is atomic, so two workers sweeping at once move each request once, in order.
 _SWEEP = """
 local levels = (#KEYS - 1) / 2
-local chunk = tonumber(ARGV[2])
+local left = tonumber(ARGV[2])
 local moved = 0
 for level = 1, levels do
-  local source, target = KEYS[1 + level], KEYS[1 + levels + level]
-  while true do
-    local items = redis.call('LRANGE', source, 0, chunk - 1)
-    if #items == 0 then break end
-    redis.call('RPUSH', target, unpack(items))
-    redis.call('LTRIM', source, #items, -1)
-    moved = moved + #items
+  if left > 0 then
+    local source, target = KEYS[1 + level], KEYS[1 + levels + level]
+    local items = redis.call('LRANGE', source, 0, left - 1)
+    if #items > 0 then
+      redis.call('RPUSH', target, unpack(items))
+      redis.call('LTRIM', source, #items, -1)
+      moved = moved + #items
+      left = left - #items
+    end
   end
 end
 local tokens = math.min(moved, tonumber(ARGV[1]) - redis.call('LLEN', KEYS[1]))
@@ -650,10 +656,10 @@ class RequestQueue:
                 found[worker_id] = None
         return found
 
-    def reap_dead(self) -> dict[str, int]:
+    def reap_dead(self, sweep_budget: float | None = None) -> dict[str, int]:
         """Requeue the claims of every worker whose heartbeat expired (onto
         its own version's queue), then sweep the queues of versions left
-        without a live worker (`sweep`).
+        without a live worker (`sweep`, for about `sweep_budget` seconds).
 
         Safe to run from any number of workers at once: each dead worker's
         list is moved by one atomic script, and a worker that beats again in
@@ -678,30 +684,45 @@ class RequestQueue:
             if moved >= 0:
                 reaped[worker_id] = moved
         live = {info.version for info in workers.values() if info is not None and info.versioned}
-        self.sweep(live)
+        self.sweep(live, sweep_budget)
         return reaped
 
-    def sweep(self, live: set[str]) -> dict[str, int]:
+    def sweep(self, live: set[str], budget: float | None = None) -> dict[str, int]:
         """Move what waits on the queue of each version with no live worker
         (not in `live`) onto the model's queue, where any version's worker
         takes it: an unpinned request routed there just before that
         version's last worker left is answered rather than timed out, and a
-        pinned one is refused by the worker that claims it. Returns
-        {version: requests moved}, those that moved any."""
+        pinned one is refused by the worker that claims it. A queue of any
+        length moves SWEEP_CHUNK requests per script call, so Redis serves
+        its other clients in between; after `budget` seconds (None: no
+        limit) no other call is made, and the next sweep goes on from there
+        (the heartbeat sweeps, and must not be held up). Returns {version:
+        requests moved}, those that moved any."""
         with self.shard.watch():
             known = {v.decode() for v in self.client.smembers(self.keys.known_versions)}
         moved = {}
+        deadline = None if budget is None else time.monotonic() + budget
         for version in sorted(known - live):
+            if moved and deadline is not None and time.monotonic() >= deadline:
+                break  # every sweep makes one call at least
             source = self.keys.for_version(version)
             keys = [self.keys.wakeup, *source.queues(self.levels), *self.keys.queues(self.levels)]
+            count = 0
             try:
-                with self.shard.watch():
-                    count = int(self._sweep(keys=keys, args=[WAKEUP_TOKENS, SWEEP_CHUNK]))
+                while True:
+                    with self.shard.watch():
+                        step = int(self._sweep(keys=keys, args=[WAKEUP_TOKENS, SWEEP_CHUNK]))
+                    count += step
+                    late = deadline is not None and time.monotonic() >= deadline
+                    if step < SWEEP_CHUNK or late:
+                        break
             except redis.ResponseError as exc:
                 # The script failed in Redis (not an outage, which goes on to
                 # the caller): the other versions are still swept.
                 metrics.SWEEP_FAILURES.inc()
-                log.error("version %s: sweeping its queue failed: %s", version, exc)
+                log.error(
+                    "version %s: sweeping its queue failed after %d moved: %s", version, count, exc
+                )
                 continue
             if count:
                 log.info("version %s has no live worker: %d queued requests moved", version, count)

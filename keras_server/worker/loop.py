@@ -213,6 +213,13 @@ class Worker:
         heartbeat.join(timeout=2 * CLAIM_WAIT_S)
         self._leave()
 
+    @property
+    def sweep_budget(self) -> float:
+        """Seconds a beat may spend moving a workerless version's queue: a
+        tenth of the TTL, well inside the third between beats (a long queue
+        moves over several beats)."""
+        return self.heartbeat_ttl / 10
+
     def beats_stale(self) -> bool:
         """Whether the last heartbeat that succeeded is too old to claim on.
 
@@ -226,7 +233,7 @@ class Worker:
         """One beat: say we are alive, then requeue the claims of dead workers."""
         self.queue.beat(self.id, self.info(), self.heartbeat_ttl)
         self._last_beat = time.monotonic()
-        for dead, moved in self.queue.reap_dead().items():
+        for dead, moved in self.queue.reap_dead(self.sweep_budget).items():
             log.warning("worker %s stopped beating: %d claimed requests requeued", dead, moved)
         if self.callbacks is not None:
             # Callbacks left pending by any process (a retry come due, one a
@@ -261,8 +268,9 @@ class Worker:
             returned = self.queue.requeue(self.id)
             self.queue.leave(self.id)
             # The last of its version: what waits on its version's queue
-            # goes to the model's, for the other versions' workers.
-            self.queue.reap_dead()
+            # goes to the model's, for the other versions' workers (what
+            # the budget leaves, the others' heartbeats move).
+            self.queue.reap_dead(self.sweep_budget)
         except redis.RedisError as exc:
             log.warning("could not deregister from Redis (%s); the heartbeat will expire", exc)
             return
