@@ -111,10 +111,10 @@ return result
 
 # Most requests one sweep call moves. One script call blocks every other
 # client of that Redis while it runs, and a queued request is its decoded
-# pixels (150 KB at 224x224): a queue of 10,000 moved by one call blocked
-# Redis for over 30 s, where 32 are 5 MB, tens of milliseconds. (One call also
-# could not take more than about 8,000: `unpack` puts each item on Lua's C
-# stack, LUAI_MAXCSTACK.)
+# pixels (150 KB at 224x224): 7,900 of them moved by one call blocked Redis
+# for 13.7 s on a loaded 2-core host, where calls of 32 (5 MB) took at most
+# about 100 ms. (One call also could not take more than about 8,000: `unpack`
+# puts each item on Lua's C stack, LUAI_MAXCSTACK.)
 SWEEP_CHUNK = 32
 
 # KEYS: the wake-up list, then a version's queues, then the model's, each
