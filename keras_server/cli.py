@@ -123,18 +123,20 @@ def make_workers(
     predictor: Predictor,
     model: str | None = None,
     models: Models | None = None,
+    callbacks: CallbackSender | None = None,
 ) -> list[Worker]:
     """The claim loops of one model (default: the default model): for each
     Redis shard `--parallel-batches` of them, all sharing the model, taking
     turns (that many at once). `models`: the entry point's, else read from
-    `settings`."""
+    `settings`; `callbacks`: the process's sender of job callbacks (default:
+    one of their own)."""
     specs = models or settings.model_specs()
     name = model or specs.default
     spec = specs.find(name)
     version = spec.version if spec else ""
     keys = messages.Keys.for_model(settings.queue_name, name, specs.default)
     turn = FairLock(settings.parallel_batches) if len(settings.redis_urls) > 1 else None
-    callbacks = CallbackSender(settings.callback_hosts, settings.callback_secret)
+    callbacks = callbacks or callback_sender(settings)
     workers = []
     for url in settings.redis_urls:
         # The process's one Shard for `url`: the web tier of --role all and
@@ -170,19 +172,32 @@ def make_workers(
     return workers
 
 
-def build_workers(settings: Settings, models: Models) -> list[Worker]:
-    """Load and warm up every model this process serves (`--serve`); their claim loops."""
+def callback_sender(settings: Settings) -> CallbackSender:
+    """The job callbacks' sender: one per worker process, its pool shared by
+    every claim loop."""
+    return CallbackSender(
+        settings.callback_hosts, settings.callback_secret, public_url=settings.public_url
+    )
+
+
+def build_workers(
+    settings: Settings, models: Models, callbacks: CallbackSender | None = None
+) -> list[Worker]:
+    """Load and warm up every model this process serves (`--serve`); their
+    claim loops, sharing `callbacks` (default: a sender of their own)."""
+    callbacks = callbacks or callback_sender(settings)
     workers = []
     for spec in models.serving(settings.serve):
         predictor = loader(settings, spec)()
         timed_warm_up(predictor, settings.batch_size)
         metrics.record_engine(spec.name, predictor)
-        workers += make_workers(settings, predictor, spec.name, models)
+        workers += make_workers(settings, predictor, spec.name, models, callbacks)
     return workers
 
 
 def run_worker(settings: Settings, models: Models) -> None:
-    workers = build_workers(settings, models)
+    callbacks = callback_sender(settings)
+    workers = build_workers(settings, models, callbacks)
     if settings.metrics_port:
         from prometheus_client import start_http_server
 
@@ -200,6 +215,7 @@ def run_worker(settings: Settings, models: Models) -> None:
     try:
         serve(workers, stop)
     finally:
+        callbacks.close()  # the tries under way end; the pending stay in Redis
         tracing.shutdown()  # the last batches' spans go out before we exit
 
 

@@ -67,6 +67,28 @@ INFERENCE_SECONDS = Histogram(
     "keras_server_inference_seconds", "Seconds per forward pass", buckets=LATENCY_BUCKETS
 )
 FAILED_BATCHES = Counter("keras_server_failed_batches", "Forward passes that raised")
+HEARTBEAT_FAILURES = Counter(
+    "keras_server_heartbeat_failures",
+    "Worker heartbeats that failed, by reason: redis (Redis refused or was unreachable) "
+    "or error (any other exception: the heartbeat is restarted)",
+    ["reason"],
+)
+CALLBACKS = Counter(
+    "keras_server_callbacks",
+    "Tries of job callbacks, by outcome: delivered, retried (to be tried again), "
+    "given_up (failed every try) or dropped (its job gone, or its URL no longer allowed)",
+    ["outcome"],
+)
+SWEEP_FAILURES = Counter(
+    "keras_server_sweep_failures",
+    "Times moving the queue of a version left without workers onto its model's queue "
+    "failed in Redis (the worker log has the error)",
+)
+CLAIMS_PAUSED = Counter(
+    "keras_server_claims_paused",
+    "Times a claim loop stopped claiming because its heartbeat had not succeeded for "
+    "2/3 of --heartbeat-ttl (it resumes at the next successful beat)",
+)
 DECODE_CPU_SECONDS = Counter(
     "keras_server_decode_cpu_seconds",
     "CPU seconds the web tier spent decoding and resizing uploads",

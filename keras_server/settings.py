@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 from keras_server.broker.messages import Keys
 from keras_server.broker.request_queue import SENTINEL_SCHEME, parse_sentinel_url
+from keras_server.callbacks import allowed_hosts
 from keras_server.catalog import (
     ENGINES,
     PRECISIONS,
@@ -42,6 +43,13 @@ MAX_BATCH_SIZE = 1024
 MAX_PRIORITY_LEVELS = 16
 # More would only split the cores into streams too small to be worth a batch each.
 MAX_PARALLEL_BATCHES = 8
+# Most requests waiting at one priority level on one shard (--max-queue). Each
+# holds its decoded pixels in Redis (150 KB at 224x224): 100,000 of them are
+# 15 GB, past what one Redis should hold, and 100 s of work even for a
+# deployment answering 1,000 images a second, longer than a request usually
+# waits (--result-timeout, 30 s by default) before its 504.
+# A bigger backlog belongs in jobs (--max-job-backlog), not the queue.
+MAX_QUEUE = 100_000
 # One request's images are queued by one Redis script call: keep its argument
 # list well inside Lua's stack.
 MAX_IMAGES = 1024
@@ -95,6 +103,7 @@ class Settings:
     heartbeat_ttl: float = 10.0
     metrics_port: int = 0
     grpc_port: int = 0
+    grpc_max_calls: int = 0
     sim_batch_ms: float = 50.0
     sim_image_ms: float = 5.0
     log_level: str = "INFO"
@@ -111,6 +120,7 @@ class Settings:
     job_ttl: float = 86400.0
     callback_hosts: str = ""
     callback_secret: str = ""
+    public_url: str = ""
     cors_origins: str = ""
 
     def model_specs(self) -> Models:
@@ -181,6 +191,12 @@ class Settings:
     @property
     def decode_memory_bytes(self) -> int:
         return int(self.decode_memory_mb * 1024 * 1024)
+
+    @property
+    def grpc_call_limit(self) -> int:
+        """Most gRPC calls held at once (--grpc-max-calls; 0: twice
+        --web-threads, a call for each thread and as many waiting for one)."""
+        return self.grpc_max_calls or 2 * self.web_threads
 
     @property
     def max_upload_bytes(self) -> int:
@@ -272,6 +288,32 @@ def split_redis_urls(text: str) -> tuple[str, ...]:
     redis+sentinel:// URL, whose sentinel addresses are comma-separated too: a
     new shard starts only where a scheme follows the comma."""
     return tuple(u.strip() for u in re.split(r",(?=\s*[a-z+]+://)", text))
+
+
+def _callback_hosts(text: str) -> str:
+    allowed_hosts(text)  # ValueError names a bad entry
+    return text
+
+
+def _public_url(text: str) -> str:
+    if not text:
+        return text
+    try:
+        parts = urlsplit(text)
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http or https URL, e.g. https://api.example.com")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise ValueError("must be scheme://host[:port][/path], without query or credentials")
+    return text.rstrip("/")
+
+
+def _max_queue(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_QUEUE:
+        raise ValueError(f"must be at most {MAX_QUEUE}")
+    return value
 
 
 def _max_images(text: str) -> int:
@@ -558,9 +600,9 @@ KNOBS: tuple[Knob, ...] = (
     Knob("queue_name", _non_empty, "Redis list the requests go through", "NAME"),
     Knob(
         "max_queue",
-        _positive_int,
+        _max_queue,
         "most requests waiting in a shard's queue at each priority level; beyond it a "
-        "request is refused at once with 503 and Retry-After",
+        f"request is refused at once with 503 and Retry-After (at most {MAX_QUEUE})",
         "N",
     ),
     Knob(
@@ -666,6 +708,14 @@ KNOBS: tuple[Knob, ...] = (
         "(0: off), from a process of its own beside the HTTP front",
         "PORT",
     ),
+    Knob(
+        "grpc_max_calls",
+        _non_negative_int,
+        "most gRPC calls held at once, running or waiting for one of the --web-threads "
+        "threads (each may hold a message of --max-upload-mb); past it a call is answered "
+        "RESOURCE_EXHAUSTED at once (0: twice --web-threads)",
+        "N",
+    ),
     Knob("sim_batch_ms", _non_negative_float, "--model sim: sleep per batch", "MS"),
     Knob("sim_image_ms", _non_negative_float, "--model sim: sleep per image", "MS"),
     Knob("log_level", _choice(LOG_LEVELS, upper=True), "logging level", "LEVEL"),
@@ -755,16 +805,27 @@ KNOBS: tuple[Knob, ...] = (
     ),
     Knob(
         "callback_hosts",
-        _text,
-        "comma-separated hosts a job's callback_url may name; empty: no callbacks",
+        _callback_hosts,
+        "where a job's callback_url may point: comma-separated HOST, HOST:PORT or "
+        "HOST:PORT/PATH entries (no port: 443 for https, 80 for http; a path: that "
+        "prefix, on a segment boundary); empty: no callbacks",
         "HOSTS",
     ),
     Knob(
         "callback_secret",
         _text,
-        "the HMAC-SHA256 key that signs job callbacks (X-Signature-256); callbacks "
-        "need it (prefer the environment variable to the flag: ps shows flags)",
+        "the HMAC-SHA256 key that signs job callbacks, with their timestamp "
+        "(X-Signature-256, X-Keras-Server-Timestamp); callbacks need it (prefer the "
+        "environment variable to the flag: ps shows flags)",
         "SECRET",
+    ),
+    Knob(
+        "public_url",
+        _public_url,
+        "the server's address as clients reach it, e.g. https://api.example.com "
+        "(a path prefix too, if a proxy adds one): a job callback's status_url starts "
+        "with it; empty: status_url is a path",
+        "URL",
     ),
     Knob(
         "cors_origins",

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -284,6 +285,20 @@ def test_infer_typed_contents(client: grpcclient.InferenceServerClient) -> None:
     assert refused.value.code().name == "INVALID_ARGUMENT"  # type: ignore[attr-defined]
 
 
+def test_contents_beside_raw_input_contents_is_invalid_argument(
+    client: grpcclient.InferenceServerClient,
+) -> None:
+    """The protocol forbids a tensor's data in both places, as Triton does."""
+    both = _typed_request("image", "BYTES", [1])
+    both.inputs[0].contents.bytes_contents.append(FILES[0])
+    both.raw_input_contents.append(len(FILES[0]).to_bytes(4, "little") + FILES[0])
+    with pytest.raises(grpc.RpcError) as refused:
+        client._client_stub.ModelInfer(both, timeout=30)
+    assert refused.value.code().name == "INVALID_ARGUMENT"  # type: ignore[attr-defined]
+    details = refused.value.details()  # type: ignore[attr-defined]
+    assert "contents" in details and "raw_input_contents" in details
+
+
 @pytest.mark.slow
 def test_classification_extension(client: grpcclient.InferenceServerClient) -> None:
     output = grpcclient.InferRequestedOutput("probabilities", class_count=3)
@@ -520,3 +535,42 @@ def test_a_key_over_its_quota_is_resource_exhausted(guarded: tuple[Child, int]) 
     finally:
         client.close()
     assert LIMITED not in process.output()
+
+
+@pytest.mark.slow
+def test_calls_past_grpc_max_calls_are_resource_exhausted(redis_server: RedisServer) -> None:
+    """--grpc-max-calls 2, no worker: two calls wait for their answer until
+    their deadline; the others, sent meanwhile, are refused at once."""
+    settings = Settings(redis_url=redis_server.url, queue_name=f"grpc-{uuid.uuid4().hex[:8]}")
+    port = free_port()
+    process, _ = start_serving(
+        settings,
+        "--role", "web", "--model", "sim", "--grpc-port", str(port), "--grpc-max-calls", "2",
+    )  # fmt: skip
+    try:
+        client = connect(port, process)
+        deadline = 8.0
+
+        def infer(_: int) -> str:
+            try:
+                client.infer(MODEL, [image_input(FILES[:1])], client_timeout=deadline)
+            except InferenceServerException as exc:
+                return str(exc.status()).removeprefix("StatusCode.")
+            return "OK"
+
+        with ThreadPoolExecutor(5) as pool:
+            codes = sorted(pool.map(infer, range(5)))
+        assert codes == ["DEADLINE_EXCEEDED"] * 2 + ["RESOURCE_EXHAUSTED"] * 3
+        # Once the server ended those two (at their deadline, a moment after
+        # the client gave up on them), calls are taken again.
+
+        def live() -> bool:
+            try:
+                return bool(client.is_server_live())
+            except InferenceServerException:
+                return False
+
+        wait_until(live, timeout=15, what="the two held calls to end")
+        client.close()
+    finally:
+        stop(process)

@@ -1,5 +1,5 @@
 """Asynchronous jobs (`POST /jobs`, `GET` and `DELETE /jobs/<id>`): the HTTP
-shape, archive refusals, paging, ownership, TTL and the signed callback with
+shape, archive refusals, paging, ownership and TTL with
 Flask's test client and a worker thread on real Redis; crash safety (the web
 server killed after the 202, a worker killed mid-job), cancel and the batch
 client's --job mode against real server processes."""
@@ -7,13 +7,9 @@ client's --job mode against real server processes."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import hmac
-import http.server
 import io
 import json
 import tarfile
-import threading
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,7 +36,6 @@ from PIL import Image
 
 from keras_server.broker import messages
 from keras_server.broker.jobs import JobStore
-from keras_server.callbacks import CallbackSender, sign
 from keras_server.classify import main as classify
 from keras_server.engines.simulated import SimulatedModel
 from keras_server.processes import Child
@@ -228,55 +223,6 @@ def test_results_are_kept_job_ttl_after_the_end(
     keys = messages.Keys(settings.queue_name)
     for key in (keys.job(job_id), keys.job_results(job_id), keys.job_names(job_id)):
         assert 0 < redis_client.pttl(key) <= 5000, key
-
-
-class Receiver(http.server.BaseHTTPRequestHandler):
-    """Records callbacks; fails the first one with a 500."""
-
-    received: list[tuple[bytes, str]] = []  # noqa: RUF012
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        self.received.append((body, self.headers.get("X-Signature-256", "")))
-        self.send_response(500 if len(self.received) == 1 else 200)
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-def test_the_callback_is_signed_retried_and_only_to_allowed_hosts(settings: Settings) -> None:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
-    Receiver.received = []
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/done"
-    secret = "s3cret"
-    allowed = dataclasses.replace(settings, callback_hosts="127.0.0.1", callback_secret=secret)
-    client = create_app(allowed).test_client()
-    try:
-        # Hosts not on the list, or no list at all: refused before anything runs.
-        other = post_job(client, [("a.png", CHELSEA)], callback_url="http://localhost:1/x")
-        assert other.status_code == 400
-        assert "not on --callback-hosts" in other.get_json()["error"]
-        off = post_job(create_app(settings).test_client(), [("a.png", CHELSEA)],
-                       callback_url=url)  # fmt: skip
-        assert off.status_code == 400
-        assert "callbacks are off" in off.get_json()["error"]
-        sender = CallbackSender("127.0.0.1", secret, sleep=lambda s: None)
-        with WorkerThread(make_worker(allowed, SimulatedModel(0, 0), callbacks=sender)):
-            answer = post_job(client, [("a.png", CHELSEA)], callback_url=url)
-            assert answer.status_code == 202
-            wait_until(lambda: len(Receiver.received) >= 2, 30, "the callback, tried twice")
-    finally:
-        server.shutdown()
-    body, signature = Receiver.received[-1]
-    assert Receiver.received[0] == Receiver.received[1]  # the same body, sent again
-    expected = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-    assert hmac.compare_digest(signature, expected)
-    assert signature == sign(body, secret)
-    status = json.loads(body)
-    assert status["id"] == answer.get_json()["id"]
-    assert (status["state"], status["total"], status["succeeded"]) == ("done", 1, 1)
 
 
 # -- real servers ------------------------------------------------------------

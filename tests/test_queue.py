@@ -1,13 +1,15 @@
 """The Redis queue, against a real redis-server."""
 
+import logging
 import threading
 import time
 
 import pytest
 import redis
+from prometheus_client import REGISTRY
 
 from keras_server.broker.messages import WorkerInfo
-from keras_server.broker.request_queue import QueueFull, RequestQueue
+from keras_server.broker.request_queue import SWEEP_CHUNK, QueueFull, RequestQueue
 from keras_server.settings import Settings
 
 
@@ -218,3 +220,35 @@ def test_a_push_claimed_before_it_was_taken_back_is_accepted(
     assert queue.push_all([b"x", b"y"], max_depth=2) >= 1
     monkeypatch.undo()
     assert redis_client.lrange(queue.keys.queue, 0, -1) == [b"y"], "y went back on the queue"
+
+
+def test_a_sweep_moves_a_queue_of_any_length(
+    queue: RequestQueue, redis_client: redis.Redis
+) -> None:
+    """Past Lua's `unpack` limit (about 8,000 items, what one script call
+    could move) the sweep still moves everything, in order, and leaves the
+    version's queue empty."""
+    count = 10_500
+    version = queue.of_version("1")
+    for start in range(0, count, 1000):
+        version.push_all([b"r%d" % i for i in range(start, min(start + 1000, count))], 2**40)
+    redis_client.sadd(queue.keys.known_versions, "1")
+    # Out of time at once (the heartbeat's budget): one chunk, the rest later.
+    assert queue.sweep(live=set(), budget=0.0) == {"1": SWEEP_CHUNK}
+    assert queue.sweep(live=set()) == {"1": count - SWEEP_CHUNK}
+    assert version.depth() == 0
+    assert redis_client.lrange(queue.keys.queue_at(1), 0, -1) == [b"r%d" % i for i in range(count)]
+
+
+def test_a_failed_sweep_is_logged_and_counted_and_the_others_go_on(
+    queue: RequestQueue, redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    redis_client.sadd(queue.keys.known_versions, "1", "2")
+    # Version 1's queue key holds a string: the script fails on it (WRONGTYPE).
+    redis_client.set(queue.keys.for_version("1").queue_at(1), b"not a list")
+    queue.of_version("2").push(b"waiting")
+    before = REGISTRY.get_sample_value("keras_server_sweep_failures_total") or 0.0
+    with caplog.at_level(logging.ERROR, logger="keras_server.broker.request_queue"):
+        assert queue.sweep(live=set()) == {"2": 1}
+    assert (REGISTRY.get_sample_value("keras_server_sweep_failures_total") or 0.0) == before + 1
+    assert any("version 1: sweeping its queue failed" in r.getMessage() for r in caplog.records)

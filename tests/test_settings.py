@@ -42,6 +42,7 @@ def test_redis_url_given_is_tracked() -> None:
         (["--result-timeout", "nan"], "greater than 0"),
         (["--role", "gpu"], "--role='gpu': must be one of all, web, worker"),
         (["--redis-url", "localhost:6379"], "must start with redis://"),
+        (["--max-queue", "100001"], "--max-queue='100001': must be at most 100000"),
     ],
 )
 def test_bad_values_name_the_flag(argv: list[str], message: str) -> None:

@@ -3,6 +3,7 @@ answers on the shard that took the request, one worker serving several."""
 
 import dataclasses
 import random
+import signal
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +20,7 @@ from keras_server.broker.request_queue import RequestQueue
 from keras_server.broker.shards import NoShardUp, ShardSet, label
 from keras_server.cli import make_workers
 from keras_server.engines.simulated import SimulatedModel
+from keras_server.serving.traffic import Policy, Router, store_policy
 from keras_server.settings import Settings
 from keras_server.web.app import create_app
 from keras_server.worker.loop import FairLock, serve
@@ -211,3 +213,44 @@ def test_readyz_models_and_metrics_agree_model_by_shard(
     assert live_in_metrics() == {("a", shard0): 1, ("b", shard0): 1}
     metrics = client.get("/metrics").get_data(as_text=True)
     assert f'keras_server_redis_up{{shard="{shard1}"}} 0.0' in metrics
+
+
+def test_every_web_process_routes_by_the_newest_traffic_policy(
+    two_servers: list[RedisServer],
+) -> None:
+    """A policy written while a shard was hung, then while it was down, is
+    the one every process reads afterwards, whichever shard it asks first;
+    the shard that missed it is brought up to date."""
+    keys = messages.Keys("traffic")
+    first, second = two_servers
+
+    def router(servers: list[RedisServer], timeout: float) -> Router:
+        # Each timeout is a Shard of its own: a web process's own view of
+        # which shards are down.
+        queues = [RequestQueue.open(s.url, keys, timeout=timeout) for s in servers]
+        return Router("m", ShardSet(queues), live_workers=lambda fresh=False: [])
+
+    def stored(server: RedisServer) -> bytes | None:
+        with redis.Redis.from_url(server.url) as client:
+            return client.get(keys.traffic)
+
+    writer = router([first, second], 0.3)
+    assert len(store_policy(writer, Policy.from_weights({"1": 1}))) == 2
+    second.process.send_signal(signal.SIGSTOP)  # hung: it keeps the old policy
+    try:
+        written = store_policy(writer, Policy.from_weights({"2": 1}))
+        assert written == [writer.shards.queues[0].shard.name]
+    finally:
+        second.process.send_signal(signal.SIGCONT)
+    # Another process, asking the shard that missed the write first.
+    reader = router([second, first], 0.31)
+    assert reader.read(0.0).policy.weights == {"2": 1.0}
+    assert stored(second) == stored(first)
+
+    second.stop()
+    assert store_policy(writer, Policy()) == [writer.shards.queues[0].shard.name]
+    second.start()  # empty: restarted without the policy
+    assert stored(second) is None
+    assert reader.read(0.0).policy.weights is None
+    assert stored(second) == stored(first)
+    assert Policy.decode(stored(second)).weights is None

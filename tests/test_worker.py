@@ -4,11 +4,14 @@ import dataclasses
 import json
 import logging
 import math
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import CountingPredictor, WorkerThread, make_worker, wait_until
+from prometheus_client import REGISTRY
 
 from keras_server.broker import messages
 from keras_server.broker.redis_server import RedisServer, free_port
@@ -148,6 +151,11 @@ def test_loop_survives_redis_being_unreachable_and_serves_once_it_answers(
             )
             assert running.worker.queue.shard.is_down()
             assert running.thread.is_alive()
+            # The heartbeat's failures are warnings, not debug lines.
+            wait_until(
+                lambda: any("heartbeat failed" in r.getMessage() for r in caplog.records),
+                what="the heartbeat's failure logged at WARNING",
+            )
             server.start()
             queue = RequestQueue.open(server.url, messages.Keys("image_queue"), timeout=1)
             assert answers(queue, enqueue(queue, 1))[0]["success"] is True
@@ -214,3 +222,54 @@ def test_a_failure_outside_predict_answers_the_batch_and_clears_the_claim(
         wait_until(lambda: queue.client.llen(queue.keys.processing(worker.id)) == 0)
         model.labels = predictor.labels  # the loop still runs and now serves
         assert answers(queue, enqueue(queue, 2))[0]["success"] is True
+
+
+def test_a_heartbeat_that_raises_is_restarted_counted_and_pauses_claiming(
+    settings: Settings,
+    queue: RequestQueue,
+    predictor: CountingPredictor,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A bug in the heartbeat (not a Redis error) neither ends it quietly nor
+    leaves the claim loop claiming requests that others would reap."""
+    ttl = 0.9
+    worker = make_worker(settings, predictor, heartbeat_ttl=ttl)
+    real = worker.heartbeat
+    failing = threading.Event()
+    calls: list[float] = []
+
+    def heartbeat() -> None:
+        calls.append(time.monotonic())
+        if failing.is_set():
+            raise RuntimeError("injected heartbeat bug")
+        real()
+
+    worker.heartbeat = heartbeat  # type: ignore[method-assign]
+    failed = "keras_server_heartbeat_failures_total"
+    failures_before = REGISTRY.get_sample_value(failed, {"reason": "error"}) or 0.0
+    paused_before = REGISTRY.get_sample_value("keras_server_claims_paused_total") or 0.0
+    with caplog.at_level(logging.WARNING, logger="keras_server.worker.loop"), WorkerThread(worker):
+        assert answers(queue, enqueue(queue, 1))[0]["success"] is True
+        failing.set()
+        # The claim loop is in its pause (not inside a claim) once it counted it.
+        wait_until(
+            lambda: (
+                (REGISTRY.get_sample_value("keras_server_claims_paused_total") or 0.0)
+                > paused_before
+            ),
+            what="the claim loop pausing",
+        )
+        raised = len(calls)
+        ids = enqueue(queue, 1)
+        # Past the heartbeat's expiry (1.5 TTLs): the request stays queued.
+        time.sleep(1.5 * ttl)
+        assert queue.depth() == 1
+        assert worker.beats_stale()
+        # The heartbeat went on after each bug: restarted and counted.
+        assert len(calls) >= raised + 2
+        failures = REGISTRY.get_sample_value(failed, {"reason": "error"}) or 0.0
+        assert failures - failures_before >= 3
+        failing.clear()
+        assert answers(queue, ids)[0]["success"] is True
+    logged = [r for r in caplog.records if r.exc_info and "injected" in str(r.exc_info[1])]
+    assert logged and all(r.levelno >= logging.WARNING for r in logged)

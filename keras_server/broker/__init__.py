@@ -5,7 +5,9 @@
     request_queue the queue: push / wait, crash-safe claims, heartbeats; one
                   Shard (connections + health) per Redis URL per process
     shards        several Redis instances: pick one per request, skip dead ones
+    traffic       a model's traffic policy on every shard: newest copy wins, stale ones updated
     jobs          asynchronous jobs: record, items fed onto the queue, results, cancel
+    pending_callbacks job callbacks not yet delivered: claimed with a lease, retried, cleared
     quotas        API keys' quotas: one atomic GCRA script, shared by every web server
     redis_server  a private redis-server when none is running
     response_store the response cache's Redis: get and set answers, never fill the queue's

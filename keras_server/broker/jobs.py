@@ -21,7 +21,10 @@ goes on whatever web server took it: killed after its 202, nothing is lost.
   messages.job_item) by `record`, inside the MULTI/EXEC that releases its
   claim: the result lands in the job's results hash once (HSETNX: a requeued
   item run twice counts once), the counts move, and the last one marks the
-  job done and renews its TTL (`--job-ttl` from completion).
+  job done and renews its TTL (`--job-ttl` from completion); a job with a
+  callback_url then has its callback pending (`Keys.callbacks`), in the same
+  script, so it is delivered even if the worker dies the next moment
+  (pending_callbacks.py; a job done at `create`, every item undecodable, too).
 - `cancel` marks the record cancelled and deletes the items not yet fed;
   items already on the queue are dropped by the worker before they reach
   the model (`cancelled`), so no item not yet run is ever run.
@@ -77,9 +80,10 @@ end
 return moved
 """
 
-# KEYS: the job's record, results, items, names. ARGV: index, result, "1" if it
-# failed, TTL in ms, now. Returns 0 (ignored: no such job, cancelled, or the
-# item answered already), 1 (recorded), 2 (recorded, and the job is done).
+# KEYS: the job's record, results, items, names, the pending callbacks. ARGV:
+# index, result, "1" if it failed, TTL in ms, now, job id. Returns 0 (ignored:
+# no such job, cancelled, or the item answered already), 1 (recorded), 2
+# (recorded, and the job is done: its callback, if it has one, is pending).
 _RECORD = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state or state == 'cancelled' or state == 'done' then return 0 end
@@ -88,7 +92,9 @@ redis.call('HINCRBY', KEYS[1], ARGV[3] == '1' and 'failed' or 'succeeded', 1)
 local counts = redis.call('HMGET', KEYS[1], 'succeeded', 'failed', 'total')
 if tonumber(counts[1]) + tonumber(counts[2]) >= tonumber(counts[3]) then
   redis.call('HSET', KEYS[1], 'state', 'done', 'finished', ARGV[5])
-  for _, key in ipairs(KEYS) do redis.call('PEXPIRE', key, ARGV[4]) end
+  for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], ARGV[4]) end
+  local url = redis.call('HGET', KEYS[1], 'callback_url')
+  if url and url ~= '' then redis.call('ZADD', KEYS[5], ARGV[5], ARGV[6]) end
   return 2
 end
 if state == 'queued' then redis.call('HSET', KEYS[1], 'state', 'running') end
@@ -213,6 +219,8 @@ class JobStore:
             pipe.pexpire(key, _ms(ttl))
         if not done:
             pipe.sadd(keys.jobs, job_id)
+        elif callback_url:
+            pipe.zadd(keys.callbacks, {job_id: now})  # due now, as _RECORD adds it
         pipe.execute()
         return done
 
@@ -270,8 +278,9 @@ class JobStore:
             self.keys.job_results(job_id),
             self.keys.job_items(job_id),
             self.keys.job_names(job_id),
+            self.keys.callbacks,
         ]
-        args = [index, result, "1" if failed else "0", _ms(ttl), repr(time.time())]
+        args = [index, result, "1" if failed else "0", _ms(ttl), repr(time.time()), job_id]
         self._record(keys=keys, args=args, client=pipe)
 
 

@@ -73,7 +73,7 @@ class BadMessage(ValueError):
 # the API keys' quotas (`Keys.quota`).
 KEY_PARTS = (
     "result", "processing", "worker", "workers", "cache", "level", "wakeup", "job", "jobs",
-    "quota", "version", "versions", "traffic", "models",
+    "quota", "version", "versions", "traffic", "models", "callbacks",
 )  # fmt: skip
 
 
@@ -139,7 +139,8 @@ class Keys:
 
     @property
     def traffic(self) -> str:
-        """The model's traffic policy (JSON; absent: `latest`), serving/traffic.py."""
+        """The model's traffic policy (JSON, stamped: broker/traffic.py; absent:
+        `latest`), serving/traffic.py."""
         return f"{self.queue_name}:traffic"
 
     def queues(self, levels: int) -> list[str]:
@@ -204,6 +205,20 @@ class Keys:
     def job_results(self, job_id: str) -> str:
         """Hash: item index -> its result (the /predict body)."""
         return f"{self.job(job_id)}:results"
+
+    @property
+    def callbacks(self) -> str:
+        """Sorted set: the ids of done jobs whose callback is not yet
+        delivered, each scored by when it is due (Unix seconds; a claimed
+        one: when its lease ends). Added by the transaction that completes
+        the job (broker/jobs.py), claimed and cleared by
+        broker/pending_callbacks.py."""
+        return f"{self.queue_name}:callbacks"
+
+    @property
+    def callback_tries(self) -> str:
+        """Hash: job id -> how many times its callback was claimed (tried)."""
+        return f"{self.queue_name}:callbacks:tries"
 
     def job_keys(self, job_id: str) -> list[str]:
         return [

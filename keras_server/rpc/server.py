@@ -11,6 +11,10 @@ reads and writes the connections meanwhile). It never imports an engine.
 
 - The port is bound on --host, without SO_REUSEPORT: a port in use is an
   error at start, not a second server sharing it.
+- At most --grpc-max-calls calls are held at once (grpcio's
+  `maximum_concurrent_rpcs`): past it grpcio answers RESOURCE_EXHAUSTED at
+  once, so the calls waiting for a thread, each up to --max-upload-mb, are
+  bounded.
 - Messages up to --max-upload-mb are received; a larger one is answered
   RESOURCE_EXHAUSTED by grpcio before any of it is parsed.
 - With --api-keys, every call but ServerLive and ServerReady (those too with
@@ -127,6 +131,7 @@ def build_server(settings: Settings, deployment: Deployment | None = None) -> gr
     server = grpc.server(
         ThreadPoolExecutor(max_workers=settings.web_threads, thread_name_prefix="grpc"),
         interceptors=interceptors,
+        maximum_concurrent_rpcs=settings.grpc_call_limit,
         options=[
             ("grpc.max_receive_message_length", settings.max_upload_bytes),
             ("grpc.so_reuseport", 0),
@@ -157,9 +162,10 @@ def main() -> int:
     signal.signal(signal.SIGINT, on_signal)
     server.start()
     log.info(
-        "gRPC (v2 inference protocol) listening on %s (%d threads)",
+        "gRPC (v2 inference protocol) listening on %s (%d threads, at most %d calls)",
         address(settings),
         settings.web_threads,
+        settings.grpc_call_limit,
     )
     stop.wait()
     log.info("gRPC: stopping once the calls in flight are answered")

@@ -183,10 +183,7 @@ def parse_request(
             f"raw_input_contents holds {len(raw)} tensors for {len(inputs)} inputs: "
             "one each, or none"
         )
-    for tensor in inputs:
-        if any(key.startswith("shared_memory") for key in tensor.parameters):
-            raise bad("shared memory is not supported: send the data in the request")
-    core.one_input([t.name for t in inputs])
+    _check_inputs(inputs, bool(raw))
     outputs = [
         core.requested_output(o.name, parameters(o.parameters), default_binary=False)
         for o in request.outputs
@@ -217,6 +214,20 @@ def parse_request(
             raise bad(f"parameters.{name} must be an int64_param (KServe's protocol has no uint64)")
     urgency = Urgency.from_parameters(given, settings)
     return Inference(images, outputs, request.id or None, urgency=urgency, pixels_dtype=dtype_name)
+
+
+def _check_inputs(inputs: list[Any], raw: bool) -> None:
+    """One input, its data in one place, no shared memory."""
+    for tensor in inputs:
+        if raw and tensor.HasField("contents"):
+            # The protocol forbids both; Triton answers INVALID_ARGUMENT too.
+            raise bad(
+                f"input {tensor.name!r} sets contents while the request sets "
+                "raw_input_contents: send each tensor's data in one of them"
+            )
+        if any(key.startswith("shared_memory") for key in tensor.parameters):
+            raise bad("shared memory is not supported: send the data in the request")
+    core.one_input([t.name for t in inputs])
 
 
 def _typed_pixels(

@@ -7,7 +7,8 @@ is pinned: it goes onto that version's queue, carries the version in its
 header (a worker of another version refuses it), and is a 503 "no live
 worker" while that version has none. An unversioned request follows the
 model's traffic policy, kept in Redis (`Keys.traffic`, JSON, written by the
-admin API; absent: `latest`):
+admin API on every shard and read as the newest copy, broker/traffic.py;
+absent: `latest`):
 
 - `latest`: the highest version with live workers (versions compare as
   numbers where they are numbers: "10" > "9");
@@ -38,8 +39,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis
-
+from keras_server.broker import traffic
 from keras_server.broker.messages import WorkerInfo
 from keras_server.broker.shards import ShardSet
 from keras_server.catalog import VERSION
@@ -188,20 +188,12 @@ class Router:
 
     def read(self, now: float, fresh: bool = False) -> View:
         """The live workers' versions (from the process's survey) and the
-        policy (the first shard that answers: the admin API writes it to all)."""
+        policy (the newest copy among the shards: broker/traffic.py)."""
         live: dict[str, bool] = {}
         for info in self.live_workers(fresh):
             if info.version:
                 live[info.version] = live.get(info.version, True) and info.versioned
-        policy: Policy | None = None
-        for queue in self.shards.up():
-            try:
-                with queue.shard.watch():
-                    policy = Policy.decode(queue.client.get(queue.keys.traffic))
-                break
-            except redis.RedisError as exc:
-                log.debug("routing: %s unreadable (%s)", queue.shard.name, exc)
-        return View(live, policy or Policy(), now)
+        return View(live, Policy.decode(traffic.read(self.shards)), now)
 
     def forget(self) -> None:
         """Read Redis again for the next request (the admin API, after a change)."""
@@ -252,16 +244,10 @@ class Router:
 
 
 def store_policy(router: Router, policy: Policy) -> list[str]:
-    """Write `policy` (`latest`: delete it) on every shard that is up, and
-    forget this process's cached view; returns the shards written. Other
-    web processes read it within ROUTING_TTL_S."""
-    written = []
-    for queue in router.shards.up():
-        with queue.shard.watch():
-            if policy.weights is None:
-                queue.client.delete(queue.keys.traffic)
-            else:
-                queue.client.set(queue.keys.traffic, policy.encode())
-        written.append(queue.shard.name)
+    """Write `policy` on every shard that is up (broker/traffic.py: a shard
+    that misses it is brought up to date when it is next read), and forget
+    this process's cached view; returns the shards written. Other web
+    processes read it within ROUTING_TTL_S."""
+    written = traffic.write(router.shards, policy.as_dict())
     router.forget()
     return written

@@ -86,11 +86,9 @@ def submit() -> tuple[Response, int, dict[str, str]]:
     except BaseException:
         queue.jobs.discard(job_id)
         raise
-    if done and callback_url:
-        job = queue.jobs.get(job_id)
-        if job is not None:
-            _sender(settings).send(callback_url, callbacks.status_of(job, _url(job_id)))
-    else:
+    if not done:
+        # Done already (no image decoded): its callback is pending in Redis,
+        # for a worker to send (keras_server/callbacks.py).
         queue.jobs.feed(2 * settings.batch_size)  # an idle worker starts at once
     location = _url(job_id)
     return jsonify(id=job_id, status_url=location), 202, {"Location": location}
@@ -284,13 +282,3 @@ def _too_many(settings: Settings) -> TooLarge:
 
 def _url(job_id: str) -> str:
     return f"{request.script_root}/jobs/{job_id}"
-
-
-_senders: dict[tuple[str, str], callbacks.CallbackSender] = {}
-
-
-def _sender(settings: Settings) -> callbacks.CallbackSender:
-    key = (settings.callback_hosts, settings.callback_secret)
-    if key not in _senders:
-        _senders[key] = callbacks.CallbackSender(*key)
-    return _senders[key]

@@ -8,12 +8,17 @@ told apart by broker/failures.py: an unreachable host is marked down for
 the whole process (by the queue) and the loop waits for the probe to hear
 from it again; a refusal is retried with backoff. Claims are crash-safe (see
 broker/request_queue.py): a worker killed mid-batch loses nothing, because
-live workers requeue its claims once its heartbeat expires.
+live workers requeue its claims once its heartbeat expires. The heartbeat
+thread survives any failure (logged at WARNING or above, counted in
+keras_server_heartbeat_failures, restarted after a bug), and while it cannot
+beat the claim loop claims nothing, so no request is reaped from a live
+worker and run twice.
 
 Asynchronous jobs (broker/jobs.py) are driven from here: before each claim
 the loop moves a few of their items onto the queue (at most `job_feed` waiting),
 drops items of cancelled jobs before they reach the model, answers items into
-their job's record, and sends the completion callback of a job it finishes.
+their job's record, and sends job callbacks (keras_server/callbacks.py): at
+once for a job it finishes, and at each heartbeat those pending in Redis.
 """
 
 from __future__ import annotations
@@ -35,9 +40,8 @@ import redis
 from keras_server import metrics, tracing
 from keras_server.broker import messages
 from keras_server.broker.failures import Kind, kind_of, reason
-from keras_server.broker.jobs import Job
 from keras_server.broker.request_queue import PROBE_INTERVAL_S, RequestQueue
-from keras_server.callbacks import CallbackSender, status_of
+from keras_server.callbacks import CallbackSender
 from keras_server.engines.predictor import Predictor, top_indices, top_k
 
 log = logging.getLogger(__name__)
@@ -106,8 +110,8 @@ class Worker:
         seconds to wait for the next one before taking lower levels' work.
         Jobs: their items are fed onto the lowest level's queue while it holds
         fewer than `job_feed` (default: two batches), their results kept
-        `job_ttl` s once done, and `callbacks` sends a finished job's callback
-        (None: never)."""
+        `job_ttl` s once done, and `callbacks` (the process's one sender)
+        sends the callbacks pending on this queue's Redis (None: never)."""
         self.queue = queue
         self.predictor = predictor
         self.batch_size = batch_size
@@ -126,6 +130,7 @@ class Worker:
         self.job_feed = job_feed if job_feed is not None else 2 * batch_size
         self.callbacks = callbacks
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self._last_beat = time.monotonic()  # of the last heartbeat that succeeded
 
     def info(self) -> messages.WorkerInfo:
         height, width, _ = self.predictor.input_shape
@@ -149,14 +154,33 @@ class Worker:
         """Serve batches until `stop` is set, then leave cleanly.
 
         A batch in progress when `stop` is set is finished and answered first.
+        While the heartbeat cannot beat (`beats_stale`), nothing is claimed.
         """
+        self._last_beat = time.monotonic()
         heartbeat = threading.Thread(
-            target=self._beat_until, args=(stop,), name="heartbeat", daemon=True
+            target=self._heartbeat_thread, args=(stop,), name="heartbeat", daemon=True
         )
         heartbeat.start()
         registered = False
+        paused = False
         backoff = 0.0
         while not stop.is_set():
+            if self.beats_stale():
+                # Other workers reap our claims once our heartbeat key expires:
+                # a request claimed now could run twice. Wait for a beat.
+                if not paused:
+                    log.warning(
+                        "worker %s: no heartbeat for %.1f s; not claiming until one succeeds",
+                        self.id,
+                        time.monotonic() - self._last_beat,
+                    )
+                    metrics.CLAIMS_PAUSED.inc()
+                paused, registered = True, False
+                stop.wait(min(CLAIM_WAIT_S, self.heartbeat_ttl / 3))
+                continue
+            if paused:
+                paused = False
+                log.info("worker %s: heartbeats succeed again; claiming", self.id)
             try:
                 if not registered:
                     # Be in the workers set before claiming anything, so that
@@ -164,6 +188,7 @@ class Worker:
                     # we had claimed before it goes back first.
                     self.queue.requeue(self.id)
                     self.queue.beat(self.id, self.info(), self.heartbeat_ttl)
+                    self._last_beat = time.monotonic()
                     registered = True
                 self.run_once(CLAIM_WAIT_S)
                 backoff = 0.0
@@ -188,17 +213,54 @@ class Worker:
         heartbeat.join(timeout=2 * CLAIM_WAIT_S)
         self._leave()
 
-    def _beat_until(self, stop: threading.Event) -> None:
+    @property
+    def sweep_budget(self) -> float:
+        """Seconds a beat may spend moving a workerless version's queue: a
+        tenth of the TTL, well inside the third between beats (a long queue
+        moves over several beats)."""
+        return self.heartbeat_ttl / 10
+
+    def beats_stale(self) -> bool:
+        """Whether the last heartbeat that succeeded is too old to claim on.
+
+        Two beats missed (2/3 of the TTL): the heartbeat key then outlives
+        the last beat by a third of its TTL, room for the claim under way to
+        end before other workers may reap it, so no request runs twice.
+        """
+        return time.monotonic() - self._last_beat > self.heartbeat_ttl * 2 / 3
+
+    def heartbeat(self) -> None:
+        """One beat: say we are alive, then requeue the claims of dead workers."""
+        self.queue.beat(self.id, self.info(), self.heartbeat_ttl)
+        self._last_beat = time.monotonic()
+        for dead, moved in self.queue.reap_dead(self.sweep_budget).items():
+            log.warning("worker %s stopped beating: %d claimed requests requeued", dead, moved)
+        if self.callbacks is not None:
+            # Callbacks left pending by any process (a retry come due, one a
+            # worker that died had claimed): from the first beat on.
+            self.callbacks.poll(self.queue)
+
+    def _heartbeat_thread(self, stop: threading.Event) -> None:
+        """Beat every third of the TTL until `stop`. A failure of any kind is
+        logged and counted, and the beating goes on (restarted after a bug):
+        a heartbeat that ended quietly would leave the claim loop claiming
+        requests that other workers then reap and run again."""
         interval = self.heartbeat_ttl / 3
         while not stop.is_set():
             try:
-                self.queue.beat(self.id, self.info(), self.heartbeat_ttl)
-                for dead, moved in self.queue.reap_dead().items():
-                    log.warning(
-                        "worker %s stopped beating: %d claimed requests requeued", dead, moved
-                    )
+                self._beat_until(stop, interval)
+            except Exception:
+                metrics.HEARTBEAT_FAILURES.labels("error").inc()
+                log.exception("heartbeat failed; restarting it in %.1f s", interval)
+                stop.wait(interval)
+
+    def _beat_until(self, stop: threading.Event, interval: float) -> None:
+        while not stop.is_set():
+            try:
+                self.heartbeat()
             except redis.RedisError as exc:
-                log.debug("heartbeat failed: %s", exc)
+                metrics.HEARTBEAT_FAILURES.labels("redis").inc()
+                log.warning("heartbeat failed: %s", exc)
             stop.wait(interval)
 
     def _leave(self) -> None:
@@ -206,8 +268,9 @@ class Worker:
             returned = self.queue.requeue(self.id)
             self.queue.leave(self.id)
             # The last of its version: what waits on its version's queue
-            # goes to the model's, for the other versions' workers.
-            self.queue.reap_dead()
+            # goes to the model's, for the other versions' workers (what
+            # the budget leaves, the others' heartbeats move).
+            self.queue.reap_dead(self.sweep_budget)
         except redis.RedisError as exc:
             log.warning("could not deregister from Redis (%s); the heartbeat will expire", exc)
             return
@@ -294,15 +357,10 @@ class Worker:
 
     def _job_done(self, job_id: str) -> None:
         log.info("job %s done", job_id)
-        if self.callbacks is None:
-            return
-        try:
-            job: Job | None = self.queue.jobs.get(job_id)
-        except redis.RedisError as exc:
-            log.warning("job %s: no callback, its record is unreadable (%s)", job_id, exc)
-            return
-        if job is not None and job.callback_url:
-            self.callbacks.send(job.callback_url, status_of(job, f"/jobs/{job_id}"))
+        if self.callbacks is not None:
+            # Its callback is pending in Redis since the transaction that
+            # completed it: send it now rather than at the next beat.
+            self.callbacks.poll(self.queue)
 
     def _decode_and_infer(self, raws: list[bytes], results: dict[str, bytes]) -> None:
         """Fill `results` with the answers to `raws`: a bad entry is answered
