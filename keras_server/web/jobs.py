@@ -3,7 +3,10 @@
 
 `POST /jobs` takes several `image` fields and/or one `archive` (zip or tar,
 read by archives.py), up to --max-job-images in all, plus the optional form
-fields `model` and `callback_url`. Every image is decoded here, as for
+fields `model` and `callback_url`. The body (up to --max-job-upload-mb) is
+streamed to spooled temporary files, never held whole (uploads.py
+read_job_body), and the images are read back one at a time, the archive's
+too. Every image is decoded here, as for
 `/predict`, and staged in Redis a chunk at a time; one that cannot be decoded
 is a failed item of the job, not a refusal. Only once all are staged is the
 job created (one transaction) and answered 202 with `Location`: from then
@@ -26,6 +29,7 @@ from typing import Any
 
 import redis
 from flask import Blueprint, Response, jsonify, request
+from werkzeug.wsgi import get_input_stream
 
 from keras_server import callbacks
 from keras_server.broker import messages
@@ -36,7 +40,7 @@ from keras_server.settings import Settings
 from keras_server.web import api, auth, errors
 from keras_server.web.archives import ArchiveRefused, files
 from keras_server.web.deployment import ServedModel
-from keras_server.web.uploads import Upload, request_files
+from keras_server.web.uploads import JobBody, UploadRefused, read_job_body
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +60,12 @@ BUSY_WAIT_S = 0.05
 @blueprint.post("/jobs")
 def submit() -> tuple[Response, int, dict[str, str]]:
     settings = api.state().settings
-    images, archive, model, callback_url = _read_submission(settings)
+    with _read_body(settings) as body:
+        return _submit(settings, body)
+
+
+def _submit(settings: Settings, body: JobBody) -> tuple[Response, int, dict[str, str]]:
+    model, callback_url = _check_submission(settings, body)
     size = model.input_size()
     if size is None:
         raise errors.no_live_worker(model.name)
@@ -65,10 +74,11 @@ def submit() -> tuple[Response, int, dict[str, str]]:
         raise errors.unavailable(
             "the server holds as many job images as it may (--max-job-backlog); retry later"
         )
-    entries: Iterator[tuple[str, bytes]] = ((u.filename, u.data) for u in images)
-    if archive is not None:
-        room = settings.max_job_images - len(images)
-        entries = _chain(entries, files(archive.data, room, settings.max_archive_bytes))
+    entries = body.image_files()
+    if body.archive is not None:
+        room = settings.max_job_images - len(body.images)
+        archived = files(body.archive, room, settings.max_archive_bytes, settings.max_upload_bytes)
+        entries = _chain(entries, archived)
     job_id = os.urandom(16).hex()
     try:
         done = _stage(queue, job_id, model.name, size, entries,
@@ -89,35 +99,38 @@ def submit() -> tuple[Response, int, dict[str, str]]:
     return jsonify(id=job_id, status_url=location), 202, {"Location": location}
 
 
-def _read_submission(settings: Settings) -> tuple[list[Upload], Upload | None, ServedModel, str]:
-    """(the image fields, the archive, the model, the callback URL) of a
-    POST /jobs, or the HttpError that refuses it before anything is decoded."""
-    length = request.content_length
-    if length is not None and length > settings.max_job_upload_bytes:
-        raise errors.HttpError(
-            413, f"the job is larger than the {settings.max_job_upload_mb:g} MB limit "
-            "(--max-job-upload-mb)",
+def _read_body(settings: Settings) -> JobBody:
+    """The POST /jobs body, streamed from the WSGI input (uploads.py):
+    its images and archive spooled, never held whole."""
+    # werkzeug's own limit would be --max-upload-mb's; read_job_body counts.
+    stream = get_input_stream(request.environ, max_content_length=None)
+    try:
+        return read_job_body(
+            stream, request.content_type, request.content_length,
+            max_body=settings.max_job_upload_bytes, max_image=settings.max_upload_bytes,
+            fields=("model", "callback_url"),
         )  # fmt: skip
-    request.max_content_length = settings.max_job_upload_bytes
-    form: dict[str, str] = {}  # the plain fields, read in the same pass as the files
-    uploads = request_files(form)
-    images, archives = uploads.get("image", []), uploads.get("archive", [])
-    if len(archives) > 1:
-        raise errors.HttpError(400, "one 'archive' field at most")
-    if not images and not archives:
+    except UploadRefused as exc:
+        raise errors.HttpError(exc.status, exc.message) from None
+
+
+def _check_submission(settings: Settings, body: JobBody) -> tuple[ServedModel, str]:
+    """(the model, the callback URL) of a POST /jobs, or the HttpError that
+    refuses it before anything is decoded."""
+    if not body.images and body.archive is None:
         raise errors.HttpError(
             400, "no files: send 'image' fields and/or one 'archive' (zip or tar)"
         )
-    if len(images) > settings.max_job_images:
+    if len(body.images) > settings.max_job_images:
         raise _too_many(settings)
-    model = _model(form.get("model") or None)
-    callback_url = form.get("callback_url", "")
+    model = _model(body.fields.get("model") or None)
+    callback_url = body.fields.get("callback_url", "")
     if callback_url:
         hosts = callbacks.allowed_hosts(settings.callback_hosts)
         why = callbacks.refusal(callback_url, hosts, settings.callback_secret)
         if why:
             raise errors.HttpError(400, why)
-    return images, archives[0] if archives else None, model, callback_url
+    return model, callback_url
 
 
 def _chain(*parts: Iterator[tuple[str, bytes]]) -> Iterator[tuple[str, bytes]]:
