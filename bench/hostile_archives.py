@@ -7,12 +7,15 @@ on a private redis-server, then POSTs --clients archives to /jobs at once,
 
 - `tar-gz-zeros`: a .tar.gz of one member of --member-mb zero bytes (about
   a thousandth of that on the wire: gzip members of a MiB of zeros each);
+- `tar-gz-hidden`: a .tar.gz of hidden members of 15 MB of zeros each (under
+  --max-upload-mb), --member-mb in all: skipped, but inflated;
 - `zip-zeros`: a zip of one deflated member of --member-mb zero bytes;
 - `zip-entries`: a zip of --entries empty hidden files.
 
 It samples the resident memory of every process of the server's tree
 (psutil, every 20 ms) and prints the peak of their sum against the sum
-before, the answers by status, and the CPU model. Sampling stops the server
+before, the sum of each process's own peak (VmHWM) before and after, the
+answers by status, and the CPU model. Sampling stops the server
 when the sum passes --ceiling-mb, so that a server that inflates what it is
 sent cannot take a shared machine down: the peak is then "over the ceiling".
 
@@ -46,21 +49,23 @@ ROOT = Path(__file__).resolve().parent.parent
 MIB = 1 << 20
 
 
-def zeros_tar_gz(name: str, size: int) -> bytes:
-    """A .tar.gz of one member `name` of `size` zero bytes. A gzip file may be
-    several gzip members (RFC 1952), and a tar's data, padding and end
-    blocks are all zeros: the header's member, then one member of a MiB of
-    zeros repeated, about 1 KB each."""
-    info = tarfile.TarInfo(name)
-    info.size = size
-    header = info.tobuf(tarfile.GNU_FORMAT)
-    zeros = -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE + 2 * tarfile.BLOCKSIZE
-    whole, rest = divmod(zeros, MIB)
-    return (
-        gzip.compress(header, mtime=0)
-        + gzip.compress(bytes(MIB), 9, mtime=0) * whole
-        + gzip.compress(bytes(rest), 9, mtime=0)
-    )
+def zeros_tar_gz(name: str, size: int, count: int = 1) -> bytes:
+    """A .tar.gz of `count` members of `size` zero bytes, named `name` (then
+    `name` and its number, from the second on). A gzip file may be several
+    gzip members (RFC 1952), and a tar's data, padding and end blocks are
+    all zeros: each header's gzip member, then one of a MiB of zeros
+    repeated, about 1 KB each."""
+    block = gzip.compress(bytes(MIB), 9, mtime=0)
+    padded = -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    parts = []
+    for index in range(count):
+        info = tarfile.TarInfo(f"{name}{index or ''}")
+        info.size = size
+        zeros = padded + (2 * tarfile.BLOCKSIZE if index == count - 1 else 0)
+        whole, rest = divmod(zeros, MIB)
+        parts += [gzip.compress(info.tobuf(tarfile.GNU_FORMAT), mtime=0), block * whole]
+        parts.append(gzip.compress(bytes(rest), 9, mtime=0))
+    return b"".join(parts)
 
 
 def zeros_zip(name: str, size: int) -> bytes:
@@ -92,6 +97,19 @@ def tree_rss(root: psutil.Process) -> int:
     for process in [root, *root.children(recursive=True)]:
         with contextlib.suppress(psutil.NoSuchProcess):
             total += process.memory_info().rss
+    return total
+
+
+def tree_hwm(root: psutil.Process) -> int:
+    """The sum of each process's own peak resident bytes (VmHWM): a bound on
+    the tree's peak that sampling cannot miss (each process's peak may come
+    at its own time)."""
+    total = 0
+    for process in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(OSError, psutil.NoSuchProcess):
+            for line in Path(f"/proc/{process.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1]) * 1024
     return total
 
 
@@ -171,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"CPU: {cpu.model()}")
     builders = {
         "tar-gz-zeros": lambda: zeros_tar_gz("zeros.png", args.member_mb * MIB),
+        "tar-gz-hidden": lambda: zeros_tar_gz(".hidden", 15 * MIB, args.member_mb // 15),
         "zip-zeros": lambda: zeros_zip("zeros.png", args.member_mb * MIB),
         "zip-entries": lambda: entries_zip(args.entries),
     }
@@ -194,13 +213,14 @@ def main(argv: list[str] | None = None) -> int:
                 print("the server did not start", file=sys.stderr)
                 return 1
             root = psutil.Process(process.pid)
-            before = tree_rss(root)
+            before, hwm_before = tree_rss(root), tree_hwm(root)
             sampler = Sampler(root, args.ceiling_mb * MIB)
             sampler.start()
             started = time.monotonic()
             sends = [kinds[i % len(kinds)] for i in range(args.clients)]
             answers = send_rounds(base, archives, sends, args.rounds, sampler)
             elapsed = time.monotonic() - started
+            hwm_after = 0 if sampler.over else tree_hwm(root)
             sampler.done.set()
             sampler.join()
             print(f"\n{args.clients} archives at once, {args.rounds} rounds, {elapsed:.1f} s:")
@@ -209,8 +229,13 @@ def main(argv: list[str] | None = None) -> int:
             peak = "over the ceiling" if sampler.over else f"{sampler.peak / MIB:.0f} MB"
             print(
                 f"server tree resident memory: {before / MIB:.0f} MB before, peak {peak} "
-                f"(+{(sampler.peak - before) / MIB:.0f} MB)"
+                f"(+{(sampler.peak - before) / MIB:.0f} MB, sampled every 20 ms)"
             )
+            if hwm_after:
+                print(
+                    f"sum of each process's peak (VmHWM): {hwm_before / MIB:.0f} MB before, "
+                    f"{hwm_after / MIB:.0f} MB after (+{(hwm_after - hwm_before) / MIB:.0f} MB)"
+                )
         finally:
             if process.poll() is None:
                 process.terminate()

@@ -6,12 +6,13 @@ werkzeug's form parser costs about 0.7 ms of CPU for a 235 KB upload and
 boundary and scans in Python); python-multipart, the parser Starlette uses,
 takes about a tenth of that. Only parts that carry a filename count as files
 (a plain form field named `image` is not an upload), exactly as
-`request.files` would say; everything stays in memory (the body is capped
-by MAX_CONTENT_LENGTH, and an upload must never land on disk).
+`request.files` would say. A /predict body stays in memory (it is capped
+by MAX_CONTENT_LENGTH, --max-upload-mb, and never lands on disk).
 
 python-multipart is strict where werkzeug is lenient (werkzeug's own test
 client writes an empty file part with no line break before the closing
-boundary): a body it cannot parse is left to werkzeug, which then decides.
+boundary): a /predict body it cannot parse is left to werkzeug, which then
+decides; a job's body, read once as it streams, is refused (400).
 
 A job's body may be up to --max-job-upload-mb (256 MB), so it is never held
 whole: `read_job_body` reads it from the WSGI input a chunk at a time, feeds
@@ -20,6 +21,7 @@ and the archive part to another (SPOOL_MEMORY in memory each, then on disk).
 Each image part may be up to --max-upload-mb, as on /predict; the plain
 fields it is asked for up to MAX_FIELD_BYTES; other parts are counted and
 dropped. Anything over is refused (`UploadRefused`) as soon as it is seen.
+Memory per job body: the two spools' SPOOL_MEMORY and one READ_CHUNK.
 """
 
 from __future__ import annotations
