@@ -198,6 +198,7 @@ def _zip_files(
             total += len(contents)
             _check_nested(info.filename, contents)
             yield info.filename, contents
+            del contents  # not held while the next file is read
 
 
 def _walk_directory(source: IO[bytes], directory: _Directory, limit: int) -> int:
@@ -360,6 +361,7 @@ def _tar_members(stream: _Inflated, limits: _Limits) -> Iterator[tuple[str, byte
                 contents = _read(extracted, member.name, limits) if extracted else b""
                 _check_nested(member.name, contents)
                 yield member.name, contents
+                del contents  # not held while the next file is read
     except READ_ERRORS as exc:
         raise _unreadable(exc, "the tar file cannot be read") from None
 

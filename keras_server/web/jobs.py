@@ -163,6 +163,8 @@ def _stage(
         except ImageError as exc:
             failures[index] = messages.error_result(str(exc))
             continue
+        finally:
+            del data  # one file's bytes at a time: not this one while the next is read
         request_id = messages.job_item_id(job_id, index)
         # The lowest level: a dead worker's claim of it goes back there, too.
         item = messages.ImageRequest(request_id, image, deadline, priority=settings.priority_levels)
