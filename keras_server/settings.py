@@ -778,14 +778,16 @@ KNOBS: tuple[Knob, ...] = (
     Knob(
         "max_job_upload_mb",
         _positive_float,
-        "largest POST /jobs body (--max-upload-mb is every other route's)",
+        "largest POST /jobs body, streamed to temporary files, never held whole "
+        "(--max-upload-mb is every other route's, and each image's in a job)",
         "MB",
     ),
     Knob(
         "max_archive_mb",
         _positive_float,
-        "most bytes a job's archive may hold once unpacked, read from its headers "
-        "before anything is inflated; beyond it a 413",
+        "most bytes a job's archive may inflate, hidden files and tar headers "
+        "included: a zip's declared sizes are checked first, and reading stops as "
+        "soon as it is over; beyond it a 413",
         "MB",
     ),
     Knob(

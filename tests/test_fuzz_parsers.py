@@ -5,7 +5,9 @@ where there is an encoder.
 The parsers: the multipart reader (web/uploads.py), the v2 JSON and binary
 request (web/v2.py parse_request), the queue message decoder
 (broker/messages.py), the models file (catalog.py), the API keys file
-(web/auth.py), a job's archive (web/archives.py) and every settings value
+(web/auth.py), a job's streamed body (web/uploads.py read_job_body) and its
+archive (web/archives.py: arbitrary bytes, plain or compressed, and
+well-formed zips and tars of hostile shapes), and every settings value
 (settings.py). The server-level fuzz,
 against a real process, is test_fuzz_server.py.
 
@@ -16,17 +18,23 @@ repository) and each test is tuned to a few seconds (max_examples).
 from __future__ import annotations
 
 import base64
+import bz2
 import dataclasses
+import gzip
+import io
 import json
+import lzma
 import math
+import stat
 import struct
+import tarfile
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from keras_server.broker import messages
@@ -490,51 +498,225 @@ def test_every_setting_raises_only_settings_error(knob: Any, value: str, as_flag
 UNSAFE_NAMES = ["../a.png", "/abs.png", "a/../../b.png", "C:\\x.png", "\\\\host\\x"]
 entry_names = st.one_of(
     st.text(min_size=1, max_size=12),
-    st.sampled_from(["a.png", "x.zip", ".hidden", "__MACOSX/._a", "d/", *UNSAFE_NAMES]),
-)
+    st.sampled_from(["a.png", "x.zip", ".hidden", "__MACOSX/._a", "d/", "d/e/f.png",
+                     "a" * 120 + "/long.png", *UNSAFE_NAMES]),
+)  # fmt: skip
+# An entry's contents: a few bytes, or zeros that inflate past the limits below.
+contents = st.binary(max_size=64) | st.integers(0, 6).map(lambda k: bytes(k * 20_000))
+ARCHIVE_LIMITS = (4, 64_000, 30_000)  # files, bytes inflated in all, bytes per file
+ZIP_MODES = [0, stat.S_IFREG, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFIFO]
+COMPRESSIONS = {"tar": "", "tar.gz": "gz", "tar.bz2": "bz2", "tar.xz": "xz"}
 
 
-def _zip_of(entries: list[tuple[str, bytes]]) -> bytes:
-    import io
+def _read_archive(data: bytes) -> list[tuple[str, bytes]] | int:
+    """What the reader makes of `data`, spooled as a job's upload is: the
+    files (checked against ARCHIVE_LIMITS), or the refusal's status."""
+    max_files, max_bytes, max_file = ARCHIVE_LIMITS
+    with tempfile.SpooledTemporaryFile(1024) as spool:
+        spool.write(data)
+        try:
+            found = list(archives.files(spool, max_files, max_bytes, max_file))
+        except archives.ArchiveRefused as exc:
+            refusal = exc
+        else:
+            refusal = None
+    if refusal is not None:
+        assert refusal.status in (400, 413), refusal.message
+        return refusal.status
+    assert len(found) <= max_files
+    assert sum(len(c) for _, c in found) <= max_bytes
+    for name, data_ in found:
+        assert len(data_) <= max_file
+        assert not name.startswith(("/", "\\"))
+        assert ".." not in name.replace("\\", "/").split("/")
+        assert not archives._skipped(name)
+    return found
+
+
+@st.composite
+def zips(draw: st.DrawFn) -> bytes:
+    """A well-formed zip of hostile shapes: any names, zeros that inflate,
+    symlinks and devices, many entries, any compression."""
     import zipfile
 
+    methods = [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA]
+    compression = draw(st.sampled_from(methods))
     buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        for name, data in entries:
-            archive.writestr(name, data)
+    with zipfile.ZipFile(buffer, "w", compression) as archive:
+        for name, data in draw(st.lists(st.tuples(entry_names, contents), max_size=6)):
+            info = zipfile.ZipInfo(name)
+            info.compress_type = compression
+            mode = draw(st.sampled_from(ZIP_MODES))
+            info.external_attr = (mode | 0o644) << 16
+            archive.writestr(info, data)
+        for index in range(draw(st.sampled_from([0, 0, 100]))):  # many entries
+            archive.writestr(f".many/{index}", b"")
     return buffer.getvalue()
 
 
-@settings(FUZZ, max_examples=150)
-@given(st.binary(max_size=2048))
-def test_archive_bytes_raise_only_archive_refused(data: bytes) -> None:
-    status = 0
-    try:
-        list(archives.files(data, 10, 1 << 20))
-    except archives.ArchiveRefused as exc:
-        status = exc.status
-    assert status in (0, 400, 413)
+@st.composite
+def tars(draw: st.DrawFn) -> bytes:
+    """A well-formed tar, plain or compressed, of hostile shapes: any names
+    (long ones as pax or GNU headers), zeros that inflate, links, devices,
+    folders, many members, and a header declaring a huge size."""
+    kinds = [tarfile.REGTYPE, tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE,
+             tarfile.LNKTYPE, tarfile.CHRTYPE, tarfile.FIFOTYPE]  # fmt: skip
+    raw = io.BytesIO()
+    tar_format = draw(st.sampled_from([tarfile.PAX_FORMAT, tarfile.GNU_FORMAT]))
+    with tarfile.open(fileobj=raw, mode="w", format=tar_format) as archive:
+        for name, data in draw(st.lists(st.tuples(entry_names, contents), max_size=6)):
+            info = tarfile.TarInfo(name)
+            info.type = draw(st.sampled_from(kinds))
+            if info.isreg():
+                info.size = len(data)
+                archive.addfile(info, io.BytesIO(data))
+            else:
+                info.linkname = "/etc/passwd"
+                archive.addfile(info)
+        for index in range(draw(st.sampled_from([0, 0, 100]))):  # many members
+            archive.addfile(tarfile.TarInfo(f".many/{index}"))
+        if draw(st.booleans()):  # a header declaring more than what follows
+            huge = tarfile.TarInfo(draw(entry_names))
+            huge.size = draw(st.sampled_from([10**6, 2**33 - 1, 10**12]))
+            archive.fileobj.write(huge.tobuf(tar_format))
+    compression = COMPRESSIONS[draw(st.sampled_from(sorted(COMPRESSIONS)))]
+    match compression:
+        case "gz":
+            return gzip.compress(raw.getvalue(), mtime=0)
+        case "bz2":
+            return bz2.compress(raw.getvalue())
+        case "xz":
+            return lzma.compress(raw.getvalue())
+    return raw.getvalue()
 
 
-@settings(FUZZ, max_examples=150)
+@settings(FUZZ, max_examples=100)
+@given(st.binary(max_size=2048), st.sampled_from(["", "gz", "bz2", "xz"]))
+def test_archive_bytes_raise_only_archive_refused(data: bytes, compression: str) -> None:
+    """Arbitrary bytes, as they are or compressed (a valid gzip, bzip2 or xz
+    stream of garbage): files within the limits, or a 400 or 413."""
+    match compression:
+        case "gz":
+            data = gzip.compress(data, mtime=0)
+        case "bz2":
+            data = bz2.compress(data)
+        case "xz":
+            data = lzma.compress(data)
+    _read_archive(data)
+
+
+@settings(FUZZ, max_examples=100)
 @pytest.mark.filterwarnings("ignore:Duplicate name")
-@given(st.lists(st.tuples(entry_names, st.binary(max_size=64)), max_size=6), st.data())
-def test_archives_never_yield_an_unsafe_path(
-    entries: list[tuple[str, bytes]], data: st.DataObject
+@given(zips() | tars(), st.data())
+def test_hostile_archives_give_files_within_limits_or_a_refusal(
+    archive: bytes, data: st.DataObject
 ) -> None:
-    """Whatever an archive holds (here a zip, mangled or not), what comes
-    out is a relative path with no `..`, or a refusal."""
-    try:
-        raw = bytearray(_zip_of(entries))
-    except (ValueError, IndexError, OSError):
-        assume(False)  # names zipfile itself cannot write
+    """Well-formed archives of hostile shapes, mangled or not: what comes out
+    is within the limits, safe names only, or a 400 or 413."""
+    if data.draw(st.booleans()):
+        archive = mutate(archive, data.draw)
+    _read_archive(archive)
 
-    if raw and data.draw(st.booleans()):
-        raw[data.draw(st.integers(0, len(raw) - 1))] ^= data.draw(st.integers(1, 255))
-    try:
-        found = list(archives.files(bytes(raw), 4, 4096))
-    except archives.ArchiveRefused:
+
+def test_the_fuzzed_shapes_are_refused_for_what_they_are() -> None:
+    """The shapes the fuzzers draw, one by one, get the refusal they call for."""
+    import zipfile
+
+    def tar(*members: tarfile.TarInfo, data: bytes = b"") -> bytes:
+        raw = io.BytesIO()
+        with tarfile.open(fileobj=raw, mode="w") as archive:
+            for member in members:
+                archive.addfile(member, io.BytesIO(data) if member.isreg() else None)
+        return gzip.compress(raw.getvalue(), mtime=0)
+
+    big = tarfile.TarInfo("big.png")
+    big.size = 10**12
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as archive:
+        archive.fileobj.write(big.tobuf())
+    assert _read_archive(raw.getvalue()) == 413
+    many = [tarfile.TarInfo(f".{i}") for i in range(ARCHIVE_LIMITS[0] * 4 + 65)]
+    assert _read_archive(tar(*many)) == 413
+    hidden = [tarfile.TarInfo(f".{i}") for i in range(3)]
+    for member in hidden:
+        member.size = 25_000
+    assert _read_archive(tar(*hidden, data=bytes(25_000))) == 413  # 75 KB inflated
+    link = tarfile.TarInfo("a.png")
+    link.type = tarfile.SYMTYPE
+    assert _read_archive(tar(link)) == 400
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        info = zipfile.ZipInfo("a.png")
+        info.external_attr = (stat.S_IFLNK | 0o777) << 16
+        archive.writestr(info, "/etc/passwd")
+    assert _read_archive(buffer.getvalue()) == 400
+    pax = tarfile.TarInfo("a" * (2 << 20) + ".png")
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        archive.addfile(pax, io.BytesIO())
+    assert _read_archive(raw.getvalue()) == 413  # a 2 MB pax header
+
+
+# -- a job's body (web/uploads.py read_job_body) -----------------------------------
+
+job_parts = st.lists(
+    st.tuples(st.sampled_from(["image", "archive", "model", "other"]), safe_text,
+              st.binary(max_size=64), st.booleans()),
+    max_size=5,
+)  # fmt: skip
+
+
+def job_body(parts: list[tuple[str, str, bytes, bool]]) -> bytes:
+    chunks = []
+    for name, filename, data, is_file in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if is_file else "")
+        chunks.append(f"--{BOUNDARY}\r\nContent-Disposition: {disposition}\r\n\r\n".encode()
+                      + data + b"\r\n")  # fmt: skip
+    return b"".join(chunks) + f"--{BOUNDARY}--\r\n".encode()
+
+
+def _read_job(body: bytes, content_type: str, max_body: int = 1 << 20) -> uploads.JobBody:
+    return uploads.read_job_body(io.BytesIO(body), content_type, len(body), max_body=max_body,
+                                 max_image=48, fields=("model",))  # fmt: skip
+
+
+@FUZZ
+@given(job_parts)
+def test_a_job_body_round_trips(parts: list[tuple[str, str, bytes, bool]]) -> None:
+    """Images, the archive and the plain field asked for come back as sent;
+    an image over its limit, or a second archive, is refused."""
+    kind = f"multipart/form-data; boundary={BOUNDARY}"
+    files = [(n, f, d) for n, f, d, is_file in parts if is_file]
+    if (
+        any(n == "image" and len(d) > 48 for n, _, d in files)
+        or [n for n, _, _ in files].count("archive") > 1
+    ):
+        with pytest.raises(uploads.UploadRefused):
+            _read_job(job_body(parts), kind)
         return
-    for name, _ in found:
-        assert not name.startswith(("/", "\\"))
-        assert ".." not in name.replace("\\", "/").split("/")
+    with _read_job(job_body(parts), kind) as body:
+        assert list(body.image_files()) == [(f, d) for n, f, d in files if n == "image"]
+        archived = [(f, d) for n, f, d in files if n == "archive"]
+        if archived:
+            assert body.archive is not None
+            body.archive.seek(0)
+            assert (body.archive_name, body.archive.read()) == archived[0]
+        else:
+            assert body.archive is None
+        fields = [d.decode("utf-8", "replace") for n, _, d, f in parts if n == "model" and not f]
+        assert body.fields == ({"model": fields[0]} if fields else {})
+
+
+@FUZZ
+@given(st.data(), job_parts, header_text)
+def test_a_job_body_raises_only_upload_refused(
+    data: st.DataObject, parts: list[tuple[str, str, bytes, bool]], content_type: str
+) -> None:
+    body = mutate(job_body(parts), data.draw)
+    for kind in (f"multipart/form-data; boundary={BOUNDARY}", content_type):
+        status = 0
+        try:
+            _read_job(body, kind, max_body=data.draw(st.sampled_from([1 << 20, 100]))).close()
+        except uploads.UploadRefused as exc:
+            status = exc.status
+        assert status in (0, 400, 413)

@@ -60,7 +60,14 @@ def grpc_front(settings: Settings, *flags: str) -> Iterator[grpcclient.Inference
     )
     client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
     try:
-        wait_until(client.is_server_live, what="the gRPC front")
+
+        def live() -> bool:
+            try:
+                return bool(client.is_server_live())
+            except grpcclient.InferenceServerException:
+                return False  # not listening yet: it starts beside the HTTP front
+
+        wait_until(live, timeout=60, what="the gRPC front")
         yield client
     finally:
         client.close()

@@ -3,14 +3,17 @@
 
 `POST /jobs` takes several `image` fields and/or one `archive` (zip or tar,
 read by archives.py), up to --max-job-images in all, plus the optional form
-fields `model` and `callback_url`. Every image is charged to the caller's
-quota (serving/quotas.py, a chunk at a time, before the chunk is decoded),
-decoded by the serving core off the request thread within the decode budget
-(serving/pipeline.py, `decode_for_job`), and staged in Redis a chunk at a
-time; one that cannot be decoded is a failed item of the job, not a refusal.
-Only once all are staged is the job created (one transaction) and answered
-202 with `Location`: from then on the workers drive it, whether or not this
-process lives.
+fields `model` and `callback_url`. The body (up to --max-job-upload-mb) is
+streamed to spooled temporary files, never held whole (uploads.py
+read_job_body), and the images are read back one at a time, the archive's
+too. Each image is charged to the caller's quota (serving/quotas.py; the
+image fields all at once, an archive's images one by one) before it is
+decoded, decoded by the serving core off the request thread within the
+decode budget (serving/pipeline.py, `decode_for_job`), and staged in Redis a
+chunk at a time; one that cannot be decoded is a failed item of the job, not
+a refusal. Only once all are staged is the job created (one transaction) and
+answered 202 with `Location`: from then on the workers drive it, whether or
+not this process lives.
 
 A job belongs to the API key that made it (its SHA-256 digest is kept, never
 the key): with --api-keys, another key gets 404, as for a job that does not
@@ -28,6 +31,7 @@ from typing import Any
 
 import redis
 from flask import Blueprint, Response, jsonify, request
+from werkzeug.wsgi import get_input_stream
 
 from keras_server import callbacks
 from keras_server.broker import messages
@@ -47,7 +51,7 @@ from keras_server.serving.models import ServedModel
 from keras_server.settings import Settings
 from keras_server.web import auth, state
 from keras_server.web.archives import ArchiveRefused, files
-from keras_server.web.uploads import Upload, request_files
+from keras_server.web.uploads import JobBody, UploadRefused, read_job_body
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +67,12 @@ MAX_PAGE = 1000
 @blueprint.post("/jobs")
 def submit() -> tuple[Response, int, dict[str, str]]:
     settings = state().settings
-    images, archive, model, callback_url = _read_submission(settings)
+    with _read_body(settings) as body:
+        return _submit(settings, body)
+
+
+def _submit(settings: Settings, body: JobBody) -> tuple[Response, int, dict[str, str]]:
+    model, callback_url = _check_submission(settings, body)
     size = model.input_size()
     if size is None:
         raise no_live_worker(model.name)
@@ -72,14 +81,18 @@ def submit() -> tuple[Response, int, dict[str, str]]:
         raise Unavailable(
             "the server holds as many job images as it may (--max-job-backlog); retry later"
         )
-    entries: Iterator[tuple[str, bytes]] = ((u.filename, u.data) for u in images)
-    if archive is not None:
-        room = settings.max_job_images - len(images)
-        entries = _chain(entries, files(archive.data, room, settings.max_archive_bytes))
+    entries = body.image_files()
+    if body.archive is not None:
+        room = settings.max_job_images - len(body.images)
+        archived = files(body.archive, room, settings.max_archive_bytes, settings.max_upload_bytes)
+        entries = _chain(entries, archived)
+    caller, limiter = auth.caller(), state().pipeline.limiter
+    if caller is not None and limiter is not None:
+        limiter.charge(caller, len(body.images))  # counted before any is decoded
     job_id = os.urandom(16).hex()
     try:
-        done = _stage(queue, job_id, model.name, size, entries,
-                      callback_url=callback_url, settings=settings)  # fmt: skip
+        done = _stage(queue, job_id, model.name, size, entries, callback_url=callback_url,
+                      settings=settings, prepaid=len(body.images))  # fmt: skip
     except ArchiveRefused as exc:
         queue.jobs.discard(job_id)
         raise (TooLarge if exc.status == 413 else BadInput)(exc.message) from None
@@ -94,33 +107,36 @@ def submit() -> tuple[Response, int, dict[str, str]]:
     return jsonify(id=job_id, status_url=location), 202, {"Location": location}
 
 
-def _read_submission(settings: Settings) -> tuple[list[Upload], Upload | None, ServedModel, str]:
-    """(the image fields, the archive, the model, the callback URL) of a
-    POST /jobs, or the Failure that refuses it before anything is decoded."""
-    length = request.content_length
-    if length is not None and length > settings.max_job_upload_bytes:
-        raise TooLarge(
-            f"the job is larger than the {settings.max_job_upload_mb:g} MB limit "
-            "(--max-job-upload-mb)"
-        )
-    request.max_content_length = settings.max_job_upload_bytes
-    form: dict[str, str] = {}  # the plain fields, read in the same pass as the files
-    uploads = request_files(form)
-    images, archives = uploads.get("image", []), uploads.get("archive", [])
-    if len(archives) > 1:
-        raise BadInput("one 'archive' field at most")
-    if not images and not archives:
+def _read_body(settings: Settings) -> JobBody:
+    """The POST /jobs body, streamed from the WSGI input (uploads.py):
+    its images and archive spooled, never held whole."""
+    # werkzeug's own limit would be --max-upload-mb's; read_job_body counts.
+    stream = get_input_stream(request.environ, max_content_length=None)
+    try:
+        return read_job_body(
+            stream, request.content_type, request.content_length,
+            max_body=settings.max_job_upload_bytes, max_image=settings.max_upload_bytes,
+            fields=("model", "callback_url"),
+        )  # fmt: skip
+    except UploadRefused as exc:
+        raise (TooLarge if exc.status == 413 else BadInput)(exc.message) from None
+
+
+def _check_submission(settings: Settings, body: JobBody) -> tuple[ServedModel, str]:
+    """(the model, the callback URL) of a POST /jobs, or the Failure that
+    refuses it before anything is decoded."""
+    if not body.images and body.archive is None:
         raise BadInput("no files: send 'image' fields and/or one 'archive' (zip or tar)")
-    if len(images) > settings.max_job_images:
+    if len(body.images) > settings.max_job_images:
         raise _too_many(settings)
-    model = _model(form.get("model") or None)
-    callback_url = form.get("callback_url", "")
+    model = _model(body.fields.get("model") or None)
+    callback_url = body.fields.get("callback_url", "")
     if callback_url:
         hosts = callbacks.allowed_hosts(settings.callback_hosts)
         why = callbacks.refusal(callback_url, hosts, settings.callback_secret)
         if why:
             raise BadInput(why)
-    return images, archives[0] if archives else None, model, callback_url
+    return model, callback_url
 
 
 def _chain(*parts: Iterator[tuple[str, bytes]]) -> Iterator[tuple[str, bytes]]:
@@ -137,44 +153,40 @@ def _stage(
     *,
     callback_url: str,
     settings: Settings,
+    prepaid: int = 0,
 ) -> bool:
-    """Charge, decode and stage every entry a chunk at a time, then create
-    the job; whether it is done already (nothing to run)."""
+    """Charge (past the first `prepaid` entries), decode and stage every
+    entry, one file's bytes at a time, then create the job; whether it is
+    done already (nothing to run). OverQuota when the caller runs out."""
     pipeline = state().pipeline
     caller = auth.caller()
+    limiter = pipeline.limiter if caller is not None else None
     store: JobStore = queue.jobs
     deadline = time.time() + settings.job_ttl
     names: list[str] = []
     failures: dict[int, bytes] = {}
-    pending: list[tuple[int, bytes]] = []
-
-    def stage_pending() -> None:
-        if caller is not None and pipeline.limiter is not None:
-            pipeline.limiter.charge(caller, len(pending))  # OverQuota: the job is refused
-        chunk = []
-        for index, data in pending:
-            try:
-                image = pipeline.decode_for_job(data, size)
-            except ImageError as exc:
-                failures[index] = messages.error_result(str(exc))
-                continue
-            request_id = messages.job_item_id(job_id, index)
-            # The lowest level: a dead worker's claim of it goes back there, too.
-            item = messages.ImageRequest(
-                request_id, image, deadline, priority=settings.priority_levels
-            )
-            chunk.append(messages.encode_request(item))
-        store.stage(job_id, chunk, settings.job_ttl)
-        pending.clear()
-
+    chunk: list[bytes] = []
     for index, (name, data) in enumerate(entries):
         names.append(name)
-        pending.append((index, data))
-        if len(pending) >= STAGE_CHUNK:
-            stage_pending()
+        if limiter is not None and caller is not None and index >= prepaid:
+            limiter.charge(caller, 1)
+        try:
+            image = pipeline.decode_for_job(data, size)
+        except ImageError as exc:
+            failures[index] = messages.error_result(str(exc))
+            continue
+        finally:
+            del data  # one file's bytes at a time: not this one while the next is read
+        request_id = messages.job_item_id(job_id, index)
+        # The lowest level: a dead worker's claim of it goes back there, too.
+        item = messages.ImageRequest(request_id, image, deadline, priority=settings.priority_levels)
+        chunk.append(messages.encode_request(item))
+        if len(chunk) >= STAGE_CHUNK:
+            store.stage(job_id, chunk, settings.job_ttl)
+            chunk = []
     if len(names) > settings.max_job_images:
         raise _too_many(settings)
-    stage_pending()
+    store.stage(job_id, chunk, settings.job_ttl)
     return store.create(
         job_id,
         model=model,
