@@ -12,7 +12,7 @@
   scaler's query on a metric we export;
 - the nginx template: every placeholder filled by both its renderers
   (run_cluster.py and compose.yaml's sed), and compose's script run
-  for real up to `nginx -t` (slow-marked: it may install nginx).
+  for real up to `nginx -t` (slow-marked).
 
 The container itself is built and run in tests/test_container.py.
 """
@@ -30,12 +30,12 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from conftest import apt_install
+from conftest import system_tool
 
 from keras_server import metrics
 from keras_server.settings import KNOBS, Settings, load_settings
 from keras_server.web.deployment import Deployment
-from run_cluster import find_nginx, render_nginx_conf
+from run_cluster import render_nginx_conf
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBERNETES = ROOT / "deploy" / "kubernetes"
@@ -347,7 +347,7 @@ def test_nginx_template_is_filled_by_both_renderers(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def nginx() -> str:
-    return find_nginx() or apt_install("nginx-light", "/usr/sbin/nginx", "--no-install-recommends")
+    return system_tool("/usr/sbin/nginx")
 
 
 @pytest.mark.slow
