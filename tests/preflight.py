@@ -40,6 +40,8 @@ TEST_TOOLS: dict[str, str] = {
     "/usr/bin/prometheus": "prometheus",
     "/usr/bin/promtool": "prometheus",
     "/usr/bin/wrk": "wrk",
+    # The README's quickstart runs its curl commands (tests/test_docs.py).
+    "/usr/bin/curl": "curl",
 }
 CONTAINER_TOOLS: dict[str, str] = {
     "/usr/bin/podman": "podman",

@@ -32,6 +32,19 @@ def test_a_user_without_root_gets_the_apt_get_line_and_a_failure(
     assert line.endswith(" keras-server-no-such-package")
 
 
+def test_the_troubleshooting_page_shows_what_it_prints(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """docs/troubleshooting.md quotes the message of a machine with none of
+    the programs, word for word."""
+    monkeypatch.setattr(preflight, "found", lambda binary: None)
+    monkeypatch.setattr(preflight.os, "geteuid", lambda: 1000)
+    assert preflight.main([]) == 1
+    printed = capsys.readouterr().err.split("\n\n")
+    page = (ROOT / "docs" / "troubleshooting.md").read_text()
+    assert "\n\n".join(printed[:2]) + "\n```" in page
+
+
 def test_nothing_missing_is_a_quiet_success(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
