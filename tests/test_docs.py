@@ -102,6 +102,10 @@ def test_the_operations_page_lists_every_metric(settings: Settings) -> None:
 def test_the_settings_page_is_the_generated_table() -> None:
     """Regenerate with `python -m keras_server.settings --markdown > docs/settings.md`."""
     assert (DOCS / "settings.md").read_text() == settings_module.markdown()
+    # An unset default is not "none", which --preprocessing takes as a value.
+    assert "| `--preprocessing` | `KERAS_SERVER_PREPROCESSING` | unset |" in (
+        settings_module.markdown()
+    )
 
 
 def test_settings_docstring_names_every_module_reading_the_environment() -> None:
@@ -129,6 +133,19 @@ def test_every_relative_link_leads_to_a_file_and_heading_that_exist(page: Path) 
         elif anchor and linked.suffix == ".md" and anchor not in _anchors(linked):
             broken.append(f"{target}: no such heading")
     assert not broken, broken
+
+
+@pytest.mark.parametrize("page", sorted(DOCS.glob("*.md")), ids=lambda p: p.name)
+def test_a_table_of_contents_lists_every_section_in_order(page: Path) -> None:
+    """A page that opens with links to its own sections links to every one
+    (its `##` headings), in the order they come."""
+    text = FENCE.sub("", page.read_text())
+    opening = text.split("\n## ", 1)[0]
+    items = "\n".join(line for line in opening.splitlines() if line.startswith("- ["))
+    listed = re.findall(r"\]\(#([^)]+)\)", items)
+    if not listed:
+        return
+    assert listed == [_slug(h) for h in re.findall(r"^## (.+)$", text, re.MULTILINE)]
 
 
 def test_the_link_check_sees_links() -> None:
