@@ -318,6 +318,19 @@ def test_the_peers_table_gives_medians_ratios_and_targets(tmp_path: Path) -> Non
     assert (tmp_path / "results" / "peers-mobilenet_v2.json").exists()
 
 
+def test_the_headline_tables_time_the_default_engine() -> None:
+    """bench.run's raw and served tables include openvino, what --engine
+    auto serves on a CPU, beside keras and onnx."""
+    from bench import run
+
+    full = run.parse_args([])
+    assert full.engines == ["keras", "onnx", "openvino"]
+    assert full.serve_engines == full.engines
+    assert run.parse_args(["--engines", "openvino"]).engines == ["openvino"]
+    with pytest.raises(SystemExit):
+        run.parse_args(["--engines", "tensorrt"])
+
+
 def test_the_peers_command_line() -> None:
     from bench.peers import run as peers
 

@@ -148,6 +148,26 @@ def test_a_table_of_contents_lists_every_section_in_order(page: Path) -> None:
     assert listed == [_slug(h) for h in re.findall(r"^## (.+)$", text, re.MULTILINE)]
 
 
+MACHINES = (
+    "**AMD EPYC, AVX2 only**",
+    "**AMD EPYC with AVX-512**",
+    "**Intel Xeon with AMX**",
+)
+
+
+def test_every_benchmark_section_names_its_machine() -> None:
+    """The CPU decides the engine's speed several times over: each section
+    of measurements says which of the project's machines it ran on."""
+    text = (ROOT / "BENCHMARKS.md").read_text()
+    other = text.split("\n## Other measurements\n", 1)[1]
+    sections = re.split(r"\n### ", other)[1:]
+    assert len(sections) > 20
+    for section in sections:
+        heading, body = section.split("\n", 1)
+        (line,) = [line for line in body.splitlines() if line.startswith("Machine: ")]
+        assert any(machine in line for machine in MACHINES), heading
+
+
 def test_the_link_check_sees_links() -> None:
     """The check above would pass on pages whose links it failed to parse."""
     readme = (ROOT / "README.md").read_text()
