@@ -148,6 +148,37 @@ def test_a_table_of_contents_lists_every_section_in_order(page: Path) -> None:
     assert listed == [_slug(h) for h in re.findall(r"^## (.+)$", text, re.MULTILINE)]
 
 
+# Pages of features, and their sections that describe no feature one turns on.
+FEATURE_PAGES = ("api.md", "operations.md", "engines.md", "models.md", "deployment.md")
+NOT_FEATURES = {"Errors", "When things go wrong", "Running Redis safely", "The container test"}
+THREE = ("- **Turn on:** ", "- **What it costs:** ", "- **How to see it works:** ")
+
+
+@pytest.mark.parametrize("name", FEATURE_PAGES)
+def test_every_feature_section_ends_with_how_to_turn_it_on_its_cost_and_its_sign(
+    name: str,
+) -> None:
+    text = (DOCS / name).read_text()
+    sections = re.split(r"\n## ", text)[1:]
+    assert sections
+    for section in sections:
+        heading = section.split("\n", 1)[0]
+        if heading in NOT_FEATURES:
+            continue
+        last = section.rstrip("\n").splitlines()[-3:]
+        assert [line[: len(start)] for line, start in zip(last, THREE, strict=True)] == list(
+            THREE
+        ), heading
+        cost = last[1]
+        # A measured cost names its CPU; "not measured" says so instead.
+        assert (
+            "not measured" in cost
+            or "nothing" in cost
+            or "AMD EPYC" in cost
+            or ("BENCHMARKS.md" in cost)
+        ), heading
+
+
 MACHINES = (
     "**AMD EPYC, AVX2 only**",
     "**AMD EPYC with AVX-512**",
