@@ -99,8 +99,8 @@ def classify(argv: Sequence[str], prog: str) -> int:
     try:
         from keras_server import classify as batch_client
     except ImportError as exc:
-        print(f"{prog}: error: {exc.name} is missing: pip install 'keras-server[client]'",
-              file=sys.stderr)  # fmt: skip
+        print(f"{prog}: error: {exc.name} is missing: pip install '.[client]' in the "
+              "keras-server checkout", file=sys.stderr)  # fmt: skip
         return 2
     return batch_client.main(argv, prog)
 

@@ -200,3 +200,21 @@ def test_convert_refuses_what_cannot_be_cached(tmp_path: Path) -> None:
     )  # fmt: skip
     assert nothing.returncode == 0, nothing.stderr
     assert "model 'sim': nothing to convert" in nothing.stderr
+
+
+def test_classify_without_the_client_extra_names_the_install_from_a_checkout() -> None:
+    """keras-server is not on PyPI: the missing extra is installed from the
+    checkout, `pip install '.[client]'`."""
+    code = (
+        "import sys; sys.modules['rich'] = None\n"  # as if the client extra were not installed
+        "from keras_server.cli import main; sys.exit(main(['classify', 'x'], prog='keras-server'))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True,
+        timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        "keras-server classify: error: rich.console is missing: pip install '.[client]' in the "
+        "keras-server checkout"
+    )
