@@ -49,7 +49,7 @@ RUN groupadd --system --gid 10001 keras \
 # layer: pyproject.toml with an empty package installs exactly its
 # dependencies (the empty package is replaced below). With the otel extra, so
 # that every role of both images can send traces when asked.
-COPY pyproject.toml /src/pyproject.toml
+COPY pyproject.toml LICENSE /src/
 RUN if [ -z "${PIP_CERT:-}" ]; then unset PIP_CERT; fi \
     && python3 -m venv /opt/venv \
     && mkdir /src/keras_server && touch /src/keras_server/__init__.py \

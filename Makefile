@@ -8,7 +8,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve test lint bench container-test grpc-code
+.PHONY: serve test lint bench container-test grpc-code preflight
 
 # The dependencies live in pyproject.toml; the requirements files name its extras.
 $(BIN)/.runtime: requirements.txt pyproject.toml
@@ -29,11 +29,19 @@ lint: $(BIN)/.dev
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
 
-test: lint
+# The programs the tests drive (chromium, nginx, prometheus, wrk), checked
+# before anything else: installed with apt-get as root, otherwise the
+# apt-get line to run is printed and make stops. The tests install nothing.
+preflight:
+	$(PYTHON) tests/preflight.py
+
+test: preflight lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The test installs podman, runc and debootstrap with apt-get when missing (as root).
-container-test: $(BIN)/.dev
+# The same for podman, runc, debootstrap and CNI's dnsname plugin.
+container-test:
+	$(PYTHON) tests/preflight.py --container
+	$(MAKE) $(BIN)/.dev
 	$(BIN)/python -m pytest -m container $(PYTEST_ARGS)
 
 bench: $(BIN)/.dev

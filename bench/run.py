@@ -68,9 +68,13 @@ def _csv_ints(text: str) -> list[int]:
     return values
 
 
+# The engines run from a conversion of the Keras model, openvino the default on a CPU.
+CONVERTED = ("onnx", "openvino")
+
+
 def _csv_engines(text: str) -> list[str]:
     values = [v.strip() for v in text.split(",") if v.strip()]
-    unknown = set(values) - {"keras", "onnx"}
+    unknown = set(values) - {"keras", *CONVERTED}
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown engine(s) {', '.join(sorted(unknown))}")
     return values
@@ -111,8 +115,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "client (full 8, quick 4)"
     )  # fmt: skip
     parser.add_argument(
-        "--engines", type=_csv_engines, default=["keras", "onnx"],
-        help="engines timed raw, in process (keras,onnx)",
+        "--engines", type=_csv_engines, default=["keras", *CONVERTED],
+        help="engines timed raw, in process (keras,onnx,openvino)",
     )  # fmt: skip
     parser.add_argument(
         "--serve-engines", type=_csv_engines,
@@ -222,14 +226,16 @@ def run_raw(args: argparse.Namespace, results: Results) -> None:
     classifier = load_classifier(ModelSpec(name="resnet50", source="resnet50", weights="none"))
     if "keras" in args.engines:
         results.raw.append(raw.measure("keras", classifier, batch, **runs))
-    if "onnx" in args.engines:
+    for name in CONVERTED:
+        if name not in args.engines:
+            continue
         from keras_server.engines.selection import EngineOptions, load_predictor
 
         started = time.perf_counter()
-        spec = ModelSpec(name="resnet50", source="resnet50", weights="none", engine="onnx")
+        spec = ModelSpec(name="resnet50", source="resnet50", weights="none", engine=name)
         engine = load_predictor(spec, EngineOptions("none", 0.0, 50_000_000))
         setup = time.perf_counter() - started
-        results.raw.append(raw.measure("onnx", engine, batch, **runs, setup_seconds=setup))
+        results.raw.append(raw.measure(name, engine, batch, **runs, setup_seconds=setup))
         del engine
     del classifier
     gc.collect()

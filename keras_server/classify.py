@@ -3,8 +3,8 @@ running server, with a progress bar, resumable, from the command line.
 
 Client side only: HTTP (requests), Pillow to recognise and shrink images, rich
 for the progress bar; never an engine, TensorFlow, Redis or the web tier (an
-import contract in pyproject.toml keeps it so). `pip install
-keras-server[client]` installs what it needs.
+import contract in pyproject.toml keeps it so). `pip install '.[client]'`
+in the project's checkout installs what it needs.
 
 What it does:
 - walks the folders given (hidden files and folders skipped), and skips what

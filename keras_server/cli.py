@@ -12,6 +12,11 @@
 `keras-server classify PATH... --url URL` is the batch client instead
 (classify.py): it talks HTTP to a running server and loads none of the above.
 
+`keras-server convert [FLAGS]` fills the conversion cache (--cache-dir) with
+every model a worker of the same flags would serve, and exits: a step of its
+own, run with the memory the conversion needs (Kubernetes' init container,
+deploy/kubernetes/worker.yaml), so that the worker then starts from the cache.
+
 SIGTERM is graceful everywhere: the front lets in-flight requests finish, and a
 worker finishes and answers the batch it holds before it deregisters.
 """
@@ -58,6 +63,8 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
     command = list(sys.argv[1:] if argv is None else argv)
     if command[:1] == ["classify"]:  # the batch client, not a server role
         return classify(command[1:], f"{prog} classify")
+    if command[:1] == ["convert"]:  # the cache filled, then exit: not a server role
+        return convert(command[1:], f"{prog} convert")
     try:
         settings = load_settings(argv, prog=prog)
         models = settings.model_specs()  # read once; a bad models file or spec stops us here
@@ -92,10 +99,49 @@ def classify(argv: Sequence[str], prog: str) -> int:
     try:
         from keras_server import classify as batch_client
     except ImportError as exc:
-        print(f"{prog}: error: {exc.name} is missing: pip install 'keras-server[client]'",
-              file=sys.stderr)  # fmt: skip
+        print(f"{prog}: error: {exc.name} is missing: pip install '.[client]' in the "
+              "keras-server checkout", file=sys.stderr)  # fmt: skip
         return 2
     return batch_client.main(argv, prog)
+
+
+def convert(argv: Sequence[str], prog: str) -> int:
+    """Convert every model a worker of these flags serves (`--serve`) into
+    the conversion cache, or find it there; 0 when each is served by a
+    converted engine from the cache, 1 when one is not (the log says why)."""
+    try:
+        settings = load_settings(argv, prog=prog)
+        models = settings.model_specs()
+    except (SettingsError, CatalogError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    if settings.cache_dir.lower() == "none":
+        log.error("--cache-dir none: there is no cache to fill")
+        return 1
+    failed = []
+    for spec in models.serving(settings.serve):
+        if spec.source == SIM or spec.engine == "keras":
+            log.info("model %r: nothing to convert (%s)", spec.name, spec.engine or "sim")
+            continue
+        if spec.builtin is not None and spec.weights.lower() == "none":
+            # New random weights at every start: what this run converts is never found again.
+            log.error("model %r: --weights none cannot be cached", spec.name)
+            failed.append(spec.name)
+            continue
+        try:
+            predictor = loader(settings, spec)()
+        except ModelLoadError as exc:
+            log.error("%s", exc)
+            failed.append(spec.name)
+            continue
+        if predictor.engine == "keras":  # --engine auto fell back: nothing was cached
+            log.error("model %r: not converted (the warning above says why)", spec.name)
+            failed.append(spec.name)
+    if failed:
+        return 1
+    log.info("conversion cache %s ready", settings.cache_dir)
+    return 0
 
 
 def loader(settings: Settings, spec: ModelSpec) -> Callable[[], Predictor]:

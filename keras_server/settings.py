@@ -870,7 +870,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
             dest=knob.field,
             metavar=knob.metavar,
             default=None,
-            help=f"{knob.help} (env {knob.env}; default: {defaults[knob.field]})",
+            help=f"{knob.help} (env {knob.env}; default: {_default_word(defaults[knob.field])})",
         )
     return parser
 
@@ -911,8 +911,15 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
+def _default_word(value: Any) -> str:
+    """A default as --help and docs/settings.md show it. "unset", not "none":
+    `none` is a value some settings take (--weights, --preprocessing), with a
+    meaning of its own."""
+    return "unset" if value == "" else str(value)
+
+
 def _default_text(value: Any) -> str:
-    return f"`{value}`" if value != "" else "none"
+    return "unset" if value == "" else f"`{value}`"
 
 
 def markdown() -> str:

@@ -8,7 +8,6 @@ import atexit
 import io
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -18,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
+import preflight
 import pytest
 import redis
 from flask.testing import FlaskClient
@@ -282,24 +282,11 @@ def png_bytes(image: Image.Image, fmt: str = "PNG", **params: object) -> bytes:
     return buffer.getvalue()
 
 
-def apt_install(package: str, binary: str, *options: str) -> str:
-    """`binary`, from Debian's `package`, installed when missing (as root);
-    apt-get update only when the first try fails (stale package lists)."""
-    if not Path(binary).exists() and os.geteuid() == 0 and shutil.which("apt-get"):
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-
-        def apt(*args: str) -> subprocess.CompletedProcess[str]:
-            command = ["apt-get", *args]
-            return subprocess.run(
-                command, env=env, capture_output=True, text=True, timeout=900, check=False
-            )
-
-        install = ("install", "-y", "-q", *options, package)
-        if apt(*install).returncode:
-            apt("update", "-q")
-            done = apt(*install)
-            if done.returncode:
-                pytest.fail(f"apt-get install {package} failed:\n{done.stderr[-2000:]}")
-    if not Path(binary).exists():
-        pytest.fail(f"{binary} is missing and cannot be installed (needs root and apt-get)")
-    return binary
+def system_tool(binary: str) -> str:
+    """`binary`, a program of tests/preflight.py's tables, as the tests run it.
+    Nothing is installed while the tests run: `make test` installs what is
+    missing before pytest starts (as root), or stops naming the apt-get line."""
+    try:
+        return preflight.require(binary)
+    except LookupError as exc:
+        pytest.fail(str(exc))

@@ -3,7 +3,6 @@ image, and the seed design served, driven and reported as `bench.run` does."""
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from conftest import IMAGES, apt_install, wait_until
+from conftest import IMAGES, system_tool, wait_until
 
 from bench import engines, raw, redis_memory, report, serve
 from bench.raw import sample_batch
@@ -103,9 +102,9 @@ def test_the_v2_benchmark_runs_and_reports(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def wrk() -> str:
-    """wrk, installed from Debian's package when missing (as root), as the
-    engine table's load generator."""
-    return shutil.which("wrk") or apt_install("wrk", "/usr/bin/wrk", "--no-install-recommends")
+    """wrk (Debian's package, installed before the tests by `make test`), as
+    the engine table's load generator."""
+    return system_tool("/usr/bin/wrk")
 
 
 @pytest.mark.slow
@@ -317,6 +316,19 @@ def test_the_peers_table_gives_medians_ratios_and_targets(tmp_path: Path) -> Non
     assert report.get_section(benchmarks.read_text(), "peers") == text.strip("\n")
     assert report.get_section(benchmarks.read_text(), "peers-mobilenet_v2") == small.strip("\n")
     assert (tmp_path / "results" / "peers-mobilenet_v2.json").exists()
+
+
+def test_the_headline_tables_time_the_default_engine() -> None:
+    """bench.run's raw and served tables include openvino, what --engine
+    auto serves on a CPU, beside keras and onnx."""
+    from bench import run
+
+    full = run.parse_args([])
+    assert full.engines == ["keras", "onnx", "openvino"]
+    assert full.serve_engines == full.engines
+    assert run.parse_args(["--engines", "openvino"]).engines == ["openvino"]
+    with pytest.raises(SystemExit):
+        run.parse_args(["--engines", "tensorrt"])
 
 
 def test_the_peers_command_line() -> None:

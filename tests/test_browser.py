@@ -1,5 +1,5 @@
 """The upload page in a real browser: headless Chromium (Debian's `chromium`,
-installed when missing) driven by Playwright, against real servers: granian
+installed before the tests by `make test`) driven by Playwright, against real servers: granian
 (`--role web`) with a simulated-model worker thread, directly and through
 nginx under a sub-path.
 
@@ -26,10 +26,10 @@ from conftest import (
     IMAGES,
     ROOT,
     WorkerThread,
-    apt_install,
     make_worker,
     start_web,
     stop,
+    system_tool,
     wait_for_http,
 )
 from PIL import Image
@@ -41,7 +41,6 @@ from keras_server.broker.request_queue import RequestQueue
 from keras_server.engines.simulated import SimulatedModel
 from keras_server.processes import Child
 from keras_server.settings import Settings
-from run_cluster import find_nginx
 
 pytestmark = pytest.mark.slow
 
@@ -99,12 +98,12 @@ SHOWN = """items => items.map((item) => ({
 
 @pytest.fixture(scope="session")
 def chromium() -> str:
-    return apt_install("chromium", CHROMIUM)
+    return system_tool(CHROMIUM)
 
 
 @pytest.fixture(scope="session")
 def nginx() -> str:
-    return find_nginx() or apt_install("nginx-light", "/usr/sbin/nginx", "--no-install-recommends")
+    return system_tool("/usr/sbin/nginx")
 
 
 @pytest.fixture

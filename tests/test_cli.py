@@ -153,3 +153,68 @@ def test_simple_request_downscales_a_large_photo(server: str, tmp_path: Path) ->
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert len(done.stdout.strip().splitlines()) == 5
+
+
+@pytest.mark.slow
+def test_convert_fills_the_cache_that_a_worker_then_starts_from(
+    small_model_path: Path, tmp_path: Path, settings: Settings
+) -> None:
+    """`keras-server convert` (Kubernetes' init container) converts every
+    model the same flags serve into --cache-dir and exits; a worker of those
+    flags then loads it from there, converting nothing."""
+    flags = ["--model", str(small_model_path), "--engine", "openvino",
+             "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    command = [sys.executable, "run_keras_server.py", "convert", *flags]
+    done = subprocess.run(
+        command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "conversion cache miss" in done.stderr
+    assert f"conversion cache {tmp_path / 'cache'} ready" in done.stderr
+    assert [p for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")]
+
+    worker = start("--role", "worker", *flags, "--redis-url", settings.redis_url,
+                   "--queue-name", settings.queue_name)  # fmt: skip
+    try:
+        worker.wait_until(lambda: "worker " in output(worker), 120, "loaded")
+    finally:
+        log = stop(worker)
+    assert "conversion cache hit" in log
+    assert "converted for" not in log
+
+
+def test_convert_refuses_what_cannot_be_cached(tmp_path: Path) -> None:
+    """Random weights are new at every start: a conversion of them would
+    never be found again, so convert says so and fails (an init container
+    that cannot fill the cache must not look done)."""
+    done = subprocess.run(
+        [sys.executable, "run_keras_server.py", "convert", "--weights", "none",
+         "--cache-dir", str(tmp_path)],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "model 'resnet50': --weights none cannot be cached" in done.stderr
+    nothing = subprocess.run(
+        [sys.executable, "run_keras_server.py", "convert", "--model", "sim"],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert nothing.returncode == 0, nothing.stderr
+    assert "model 'sim': nothing to convert" in nothing.stderr
+
+
+def test_classify_without_the_client_extra_names_the_install_from_a_checkout() -> None:
+    """keras-server is not on PyPI: the missing extra is installed from the
+    checkout, `pip install '.[client]'`."""
+    code = (
+        "import sys; sys.modules['rich'] = None\n"  # as if the client extra were not installed
+        "from keras_server.cli import main; sys.exit(main(['classify', 'x'], prog='keras-server'))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True,
+        timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        "keras-server classify: error: rich.console is missing: pip install '.[client]' in the "
+        "keras-server checkout"
+    )

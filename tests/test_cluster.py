@@ -1,9 +1,6 @@
 """The scaled-out topology with real parts: 2 Redis shards, 2 granian web
 servers, 2 workers (simulated model) and nginx round-robin in front."""
 
-import os
-import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -11,12 +8,13 @@ from pathlib import Path
 
 import pytest
 import requests
+from conftest import system_tool
 from prometheus_client.parser import text_string_to_metric_families
 
 from keras_server.broker.messages import Keys
 from keras_server.broker.request_queue import RequestQueue
 from keras_server.broker.shards import label
-from run_cluster import Cluster, Part, find_nginx
+from run_cluster import Cluster, Part
 from stress_test import Load
 from stress_test import run as load
 
@@ -28,22 +26,8 @@ SIM = ["--model", "sim", "--sim-batch-ms", "20", "--sim-image-ms", "1", "--batch
 
 @pytest.fixture(scope="module")
 def nginx() -> str:
-    """nginx, installed from Debian's nginx-light package when missing (as root)."""
-    found = find_nginx()
-    if found is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "nginx-light"]
-        if subprocess.run(
-            install, env=env, capture_output=True, timeout=600, check=False
-        ).returncode:
-            subprocess.run(
-                ["apt-get", "update", "-q"], env=env, capture_output=True, timeout=600, check=False
-            )
-            subprocess.run(install, env=env, capture_output=True, timeout=600, check=True)
-        found = find_nginx()
-    if found is None:
-        pytest.fail("nginx is missing and cannot be installed here (needs root and apt-get)")
-    return found
+    """nginx (Debian's nginx-light, installed before the tests by `make test`)."""
+    return system_tool("/usr/sbin/nginx")
 
 
 @pytest.fixture

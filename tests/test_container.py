@@ -9,10 +9,13 @@ answered, and the whole project torn down.
 No container registry is reachable here, so the base image is a local one:
 a Debian rootfs from `debootstrap`, loaded with `podman import` (built once,
 then reused). Podman runs with the settings this machine needs: a
-containers.conf with `default_ulimits = []` and `pids_limit = 0` (through
-CONTAINERS_CONF, so the system's own file is left alone), `--runtime runc`,
-and `--network host`. pip inside the build trusts the CA bundle that pip's
-`cert` setting names here, mounted into the build. compose.yaml's redis and
+containers.conf with `default_ulimits = []`, `pids_limit = 0` and runc as the
+OCI runtime (through CONTAINERS_CONF, so the system's own file is left
+alone; podman-compose's podman reads it too), and `--network host`. The
+programs (podman, runc, debootstrap, CNI's dnsname) are installed before the
+tests by `make container-test` (tests/preflight.py --container). pip inside
+the build trusts the CA bundle that pip's `cert` setting names here, mounted
+into the build. compose.yaml's redis and
 nginx images come from a registry too: the compose test puts in their place
 one image of Debian's redis-server and nginx on the same base, through an
 override file (its only change: the images), and its containers find each
@@ -38,10 +41,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
+import preflight
 import pytest
 import requests
 import yaml
-from conftest import IMAGES, ROOT, apt_install, wait_until
+from conftest import IMAGES, ROOT, system_tool, wait_until
 
 from keras_server.broker.redis_server import RedisServer, free_port
 from keras_server.images import load_image
@@ -56,17 +60,14 @@ FRAMEWORKS = (
     "import importlib.util as u; "
     "print(*(bool(u.find_spec(m)) for m in ('tensorflow', 'keras', 'openvino', 'onnxruntime')))"
 )
-CONTAINERS_CONF = "[containers]\ndefault_ulimits = []\npids_limit = 0\n"
+# runc for every podman command, podman-compose's included: crun refuses to
+# start containers on hosts with hybrid cgroups ("cgroups in hybrid mode not
+# supported, drop all controllers from cgroupv2"), runc runs them.
+CONTAINERS_CONF = (
+    '[containers]\ndefault_ulimits = []\npids_limit = 0\n\n[engine]\nruntime = "runc"\n'
+)
 KEY = "test-key-" + "k" * 24
 CHELSEA = IMAGES / "chelsea.png"
-# Debian's packages, installed when missing (as root).
-TOOLS = {
-    "podman": "/usr/bin/podman",
-    "runc": "/usr/sbin/runc",
-    "debootstrap": "/usr/sbin/debootstrap",
-    # Names for containers on a podman network (compose's service names).
-    "golang-github-containernetworking-plugin-dnsname": "/usr/lib/cni/dnsname",
-}
 # compose.yaml's redis and nginx, from Debian's packages (no registry here).
 INFRA_IMAGE = "localhost/keras-server-test-infra:bookworm"
 INFRA_CONTAINERFILE = """FROM {base}
@@ -116,7 +117,7 @@ class Podman:
         return done
 
     def run(self, name: str, *args: str) -> None:
-        self("run", "--detach", "--name", name, "--runtime", "runc", "--network", "host", *args)
+        self("run", "--detach", "--name", name, "--network", "host", *args)
 
     def logs(self, name: str) -> str:
         done = self("logs", name, check=False)
@@ -125,8 +126,8 @@ class Podman:
 
 @pytest.fixture(scope="module")
 def podman(tmp_path_factory: pytest.TempPathFactory) -> Podman:
-    for package, binary in TOOLS.items():
-        apt_install(package, binary, "--no-install-recommends")
+    for binary in preflight.CONTAINER_TOOLS:
+        system_tool(binary)
     conf = tmp_path_factory.mktemp("podman") / "containers.conf"
     conf.write_text(CONTAINERS_CONF)
     return Podman(conf)

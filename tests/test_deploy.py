@@ -12,7 +12,7 @@
   scaler's query on a metric we export;
 - the nginx template: every placeholder filled by both its renderers
   (run_cluster.py and compose.yaml's sed), and compose's script run
-  for real up to `nginx -t` (slow-marked: it may install nginx).
+  for real up to `nginx -t` (slow-marked).
 
 The container itself is built and run in tests/test_container.py.
 """
@@ -30,12 +30,12 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from conftest import apt_install
+from conftest import system_tool
 
 from keras_server.serving.models import Deployment
 from keras_server.settings import KNOBS, Settings, load_settings
 from keras_server.web.probes import RedisCollector
-from run_cluster import find_nginx, render_nginx_conf
+from run_cluster import render_nginx_conf
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBERNETES = ROOT / "deploy" / "kubernetes"
@@ -106,7 +106,9 @@ def test_core_kinds_are_valid_kubernetes() -> None:
         except kubernetes_validate.ValidationError as exc:
             pytest.fail(f"{doc['kind']} {doc['metadata']['name']}: {exc.message} at {exc.path}")
         checked.add(doc["kind"])
-    assert checked == {"ConfigMap", "Deployment", "Service", "StatefulSet"}
+    assert checked == {
+        "ConfigMap", "Deployment", "PersistentVolumeClaim", "Service", "StatefulSet",
+    }  # fmt: skip
 
 
 def test_a_wrong_field_is_caught() -> None:
@@ -218,6 +220,60 @@ def test_kubernetes_command_lines_use_real_flags() -> None:
         len(data["KERAS_SERVER_REDIS_URL"].split(","))
         == named("StatefulSet", "keras-redis")["spec"]["replicas"]
     )
+
+
+def mebibytes(quantity: str) -> float:
+    """A Kubernetes memory quantity (512Mi, 4Gi, 8G, 1000000) in MiB."""
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6,
+             "G": 10**9, "T": 10**12}  # fmt: skip
+    match = re.fullmatch(r"([\d.]+)([A-Za-z]*)", quantity)
+    assert match, quantity
+    number, unit = match.groups()
+    return float(number) * units.get(unit, 1) / 2**20
+
+
+def measured_cold_start() -> tuple[float, float]:
+    """BENCHMARKS.md's cold start of ResNet50 (its one statement): the
+    serving process's peak and the converter child's peak, in MiB."""
+    text = (ROOT / "BENCHMARKS.md").read_text()
+    section = text.split("\n### Memory after a cold start\n", 1)[1].split("\n### ", 1)[0]
+    (row,) = [line for line in section.splitlines() if line.startswith("| cold")]
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    serving, converter = (float(cell.removesuffix(" MiB")) for cell in cells[2:4])
+    return serving, converter
+
+
+def test_the_converting_container_has_room_for_the_measured_conversion_peak() -> None:
+    """The worker pod's init container converts (keras-server convert, the
+    worker's own settings) into the cache volume the worker mounts, with a
+    memory limit above the converter's measured peak plus the process around
+    it; the worker, starting from the cache, within its own limit."""
+    serving, converter = measured_cold_start()
+    assert converter > 7000  # ResNet50's 7.2 GiB: the table was read right
+    pod = named("Deployment", "keras-server-worker")["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    (worker,) = pod["containers"]
+    assert init["args"][0] == "convert"
+    assert init["image"] == worker["image"]
+    assert init["envFrom"] == worker["envFrom"]
+    data = configmap()
+    settings = check_command(init["args"][1:], data)
+    assert check_command(worker["args"], data).cache_dir == settings.cache_dir
+    for container in (init, worker):
+        (mount,) = container["volumeMounts"]
+        assert mount["mountPath"] == settings.cache_dir
+        assert mount["name"] == "conversion-cache"
+    (volume,) = pod["volumes"]
+    claim = named("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]  # every worker pod, any node
+    assert mebibytes(init["resources"]["limits"]["memory"]) >= converter + serving
+    assert mebibytes(worker["resources"]["limits"]["memory"]) >= serving
+
+
+def test_memory_quantities_are_read_right() -> None:
+    assert mebibytes("4Gi") == 4096
+    assert mebibytes("512Mi") == 512
+    assert mebibytes("8G") == pytest.approx(7629.39, abs=0.01)
 
 
 def compose() -> dict[str, Any]:
@@ -347,7 +403,7 @@ def test_nginx_template_is_filled_by_both_renderers(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def nginx() -> str:
-    return find_nginx() or apt_install("nginx-light", "/usr/sbin/nginx", "--no-install-recommends")
+    return system_tool("/usr/sbin/nginx")
 
 
 @pytest.mark.slow

@@ -1,14 +1,21 @@
 """The docs say what the code has: the package docstrings and docs/code-map.md
 list every module, docs/operations.md every metric, docs/settings.md is the
 settings table as generated, settings.py's docstring names every module that
-reads the environment, and every relative link in the Markdown pages leads
-somewhere."""
+reads the environment, every relative link in the Markdown pages leads
+somewhere, and the README's quickstart runs as written (its commands against
+a real server, answers shaped as it shows them)."""
 
 import importlib
+import json
 import re
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import requests
+from conftest import output, start_serving, stop, system_tool
 from flask.testing import FlaskClient
 
 import keras_server
@@ -95,6 +102,10 @@ def test_the_operations_page_lists_every_metric(settings: Settings) -> None:
 def test_the_settings_page_is_the_generated_table() -> None:
     """Regenerate with `python -m keras_server.settings --markdown > docs/settings.md`."""
     assert (DOCS / "settings.md").read_text() == settings_module.markdown()
+    # An unset default is not "none", which --preprocessing takes as a value.
+    assert "| `--preprocessing` | `KERAS_SERVER_PREPROCESSING` | unset |" in (
+        settings_module.markdown()
+    )
 
 
 def test_settings_docstring_names_every_module_reading_the_environment() -> None:
@@ -124,6 +135,70 @@ def test_every_relative_link_leads_to_a_file_and_heading_that_exist(page: Path) 
     assert not broken, broken
 
 
+@pytest.mark.parametrize("page", sorted(DOCS.glob("*.md")), ids=lambda p: p.name)
+def test_a_table_of_contents_lists_every_section_in_order(page: Path) -> None:
+    """A page that opens with links to its own sections links to every one
+    (its `##` headings), in the order they come."""
+    text = FENCE.sub("", page.read_text())
+    opening = text.split("\n## ", 1)[0]
+    items = "\n".join(line for line in opening.splitlines() if line.startswith("- ["))
+    listed = re.findall(r"\]\(#([^)]+)\)", items)
+    if not listed:
+        return
+    assert listed == [_slug(h) for h in re.findall(r"^## (.+)$", text, re.MULTILINE)]
+
+
+# Pages of features, and their sections that describe no feature one turns on.
+FEATURE_PAGES = ("api.md", "operations.md", "engines.md", "models.md", "deployment.md")
+NOT_FEATURES = {"Errors", "When things go wrong", "Running Redis safely", "The container test"}
+THREE = ("- **Turn on:** ", "- **What it costs:** ", "- **How to see it works:** ")
+
+
+@pytest.mark.parametrize("name", FEATURE_PAGES)
+def test_every_feature_section_ends_with_how_to_turn_it_on_its_cost_and_its_sign(
+    name: str,
+) -> None:
+    text = (DOCS / name).read_text()
+    sections = re.split(r"\n## ", text)[1:]
+    assert sections
+    for section in sections:
+        heading = section.split("\n", 1)[0]
+        if heading in NOT_FEATURES:
+            continue
+        last = section.rstrip("\n").splitlines()[-3:]
+        assert [line[: len(start)] for line, start in zip(last, THREE, strict=True)] == list(
+            THREE
+        ), heading
+        cost = last[1]
+        # A measured cost names its CPU; "not measured" says so instead.
+        assert (
+            "not measured" in cost
+            or "nothing" in cost
+            or "AMD EPYC" in cost
+            or ("BENCHMARKS.md" in cost)
+        ), heading
+
+
+MACHINES = (
+    "**AMD EPYC, AVX2 only**",
+    "**AMD EPYC with AVX-512**",
+    "**Intel Xeon with AMX**",
+)
+
+
+def test_every_benchmark_section_names_its_machine() -> None:
+    """The CPU decides the engine's speed several times over: each section
+    of measurements says which of the project's machines it ran on."""
+    text = (ROOT / "BENCHMARKS.md").read_text()
+    other = text.split("\n## Other measurements\n", 1)[1]
+    sections = re.split(r"\n### ", other)[1:]
+    assert len(sections) > 20
+    for section in sections:
+        heading, body = section.split("\n", 1)
+        (line,) = [line for line in body.splitlines() if line.startswith("Machine: ")]
+        assert any(machine in line for machine in MACHINES), heading
+
+
 def test_the_link_check_sees_links() -> None:
     """The check above would pass on pages whose links it failed to parse."""
     readme = (ROOT / "README.md").read_text()
@@ -131,3 +206,119 @@ def test_the_link_check_sees_links() -> None:
     assert _slug("## The `/v2` protocol: KServe's (REST)".lstrip("# ")) == (
         "the-v2-protocol-kserves-rest"
     )
+
+
+# The README's quickstart, run as written: its console blocks' commands, the
+# log line it says to wait for, and answers shaped like the ones it shows.
+FENCED = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
+LOCAL = "http://localhost:5000"
+
+
+def _quickstart() -> list[tuple[str, str]]:
+    """The README's quickstart code blocks, in order: (language, body)."""
+    return FENCED.findall(_section((ROOT / "README.md").read_text(), "## Quickstart"))
+
+
+def _session(body: str) -> list[tuple[str, list[str]]]:
+    """A console block's commands (after `$ `), each with the lines it printed."""
+    commands: list[tuple[str, list[str]]] = []
+    for line in body.splitlines():
+        if line.startswith("$ "):
+            commands.append((line[2:], []))
+        else:
+            commands[-1][1].append(line)
+    return commands
+
+
+def _shape(value: object) -> object:
+    """What a JSON answer looks like, whatever its values: keys, list lengths
+    and types."""
+    if isinstance(value, dict):
+        return {key: _shape(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_shape(item) for item in value]
+    return (
+        "number"
+        if isinstance(value, int | float) and not isinstance(value, bool)
+        else type(value).__name__
+    )
+
+
+def _line_shape(line: str) -> str:
+    """A printed line with its numbers and words blanked: "1. ibex: 0.2934"
+    is "N. W: N"."""
+    return re.sub(r"[A-Za-z][\w-]*", "W", re.sub(r"\d+(?:\.\d+)?", "N", line.strip()))
+
+
+def _output_shape(lines: list[str]) -> object:
+    text = "\n".join(lines).strip()
+    if text.startswith("{"):
+        return _shape(json.loads(text))
+    return [_line_shape(line) for line in lines if line.strip()]
+
+
+def test_the_readme_quickstart_has_the_commands_a_newcomer_needs() -> None:
+    """The test below runs what it finds: this says what it must find."""
+    blocks = _quickstart()
+    commands = [c for lang, body in blocks if lang == "console" for c, _ in _session(body)]
+    assert commands[0] == 'make serve ARGS="--model sim"'
+    assert "make serve" in commands
+    assert any(c.startswith("curl -F image=@images/chelsea.png") for c in commands)
+    request = ".venv/bin/python simple_request.py images/chelsea.png"
+    assert any(c.startswith(request) for c in commands)
+    assert any("listening on http://" in body for lang, body in blocks if lang == "text")
+    # `make serve ARGS=...` is run_keras_server.py with those flags, as the test starts it.
+    assert "serve: $(BIN)/.runtime\n\t$(BIN)/python run_keras_server.py $(ARGS)\n" in (
+        (ROOT / "Makefile").read_text()
+    )
+
+
+@pytest.mark.slow
+def test_the_readme_quickstart_runs_as_written(settings: Settings) -> None:
+    """Each command of the quickstart against a real server started as its
+    first `make serve ARGS="--model sim"` starts it (on a free port and the
+    test's Redis: the only changes), each answer shaped as the README shows
+    it, the log line it says to wait for, and the upload page."""
+    blocks = _quickstart()
+    (waited,) = {
+        line.split(" [-] ", 1)[1]
+        for lang, body in blocks
+        if lang == "text"
+        for line in body.splitlines()
+        if "listening on http://" in line
+    }
+    server = None
+    try:
+        for lang, body in blocks:
+            if lang != "console":
+                continue
+            for command, shown in _session(body):
+                words = shlex.split(command, comments=True)
+                if words[:2] == ["make", "serve"]:
+                    if server is None:  # the first: the simulated model
+                        args = shlex.split(words[2].removeprefix("ARGS="))
+                        server, base = start_serving(settings, *args)
+                    continue
+                assert server is not None, f"{command}: run before any server"
+                words = [w.replace(LOCAL, base) for w in words]
+                if words[0] == ".venv/bin/python":
+                    words[0] = sys.executable
+                if words[1:2] == ["simple_request.py"] and "--url" not in words:
+                    words += ["--url", base + "/predict"]
+                if words[0] == "curl":
+                    words[0] = system_tool("/usr/bin/curl")
+                done = subprocess.run(
+                    words, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
+                )
+                assert done.returncode == 0, f"{command}: {done.stderr}"
+                printed = done.stdout.splitlines()
+                assert _output_shape(printed) == _output_shape(shown), command
+        assert server is not None
+        port = base.rsplit(":", 1)[1]
+        assert waited.replace(":5000/", f":{port}/") in output(server)
+        page = requests.get(base + "/", timeout=10)
+        assert page.status_code == 200
+        assert page.headers["Content-Type"].startswith("text/html")
+    finally:
+        if server is not None:
+            stop(server)

@@ -1,6 +1,6 @@
 """deploy/'s monitoring against a real Prometheus (Debian's `prometheus`
-package: the server and `promtool`, installed with apt-get when missing, as
-root).
+package: the server and `promtool`, installed by `make test` before the
+tests when missing, as root: tests/preflight.py).
 
 - The alert rules (deploy/prometheus/keras-server-rules.yaml) pass `promtool
   check rules`, and their unit tests (keras-server-rules.test.yaml) pass
@@ -30,7 +30,7 @@ import pytest
 import requests
 import tritonclient.grpc as grpcclient
 import yaml
-from conftest import CHELSEA, ROOT, apt_install, start_serving, stop
+from conftest import CHELSEA, ROOT, start_serving, stop, system_tool
 from tritonclient.utils import InferenceServerException
 
 from keras_server.broker.redis_server import free_port
@@ -66,7 +66,7 @@ def alert_rules() -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def promtool() -> str:
-    return apt_install("prometheus", "/usr/bin/promtool", "--no-install-recommends")
+    return system_tool("/usr/bin/promtool")
 
 
 def test_the_rules_pass_promtool_check_and_their_unit_tests(promtool: str) -> None:
@@ -189,7 +189,7 @@ class Prometheus:
         self.child = Child(
             "prometheus",
             [
-                apt_install("prometheus", "/usr/bin/prometheus", "--no-install-recommends"),
+                system_tool("/usr/bin/prometheus"),
                 f"--config.file={config_path}",
                 f"--storage.tsdb.path={directory / 'data'}",
                 f"--web.listen-address=127.0.0.1:{port}",
