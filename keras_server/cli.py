@@ -10,7 +10,7 @@
 - worker: the model loop alone
 
 `keras-server classify PATH... --url URL` is the batch client instead
-(classify.py): it talks HTTP to a running server and loads none of the above.
+(client/batch.py): it talks HTTP to a running server and loads none of the above.
 
 SIGTERM is graceful everywhere: the front lets in-flight requests finish, and a
 worker finishes and answers the batch it holds before it deregisters.
@@ -57,7 +57,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
     prog = prog or os.path.basename(sys.argv[0])
     command = list(sys.argv[1:] if argv is None else argv)
     if command[:1] == ["classify"]:  # the batch client, not a server role
-        return classify(command[1:], f"{prog} classify")
+        return run_batch_client(command[1:], f"{prog} classify")
     try:
         settings = load_settings(argv, prog=prog)
         models = settings.model_specs()  # read once; a bad models file or spec stops us here
@@ -87,10 +87,10 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
     return 0
 
 
-def classify(argv: Sequence[str], prog: str) -> int:
+def run_batch_client(argv: Sequence[str], prog: str) -> int:
     """The batch client, whose requests and rich come with the `client` extra."""
     try:
-        from keras_server import classify as batch_client
+        from keras_server.client import batch as batch_client
     except ImportError as exc:
         print(f"{prog}: error: {exc.name} is missing: pip install 'keras-server[client]'",
               file=sys.stderr)  # fmt: skip

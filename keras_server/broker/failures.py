@@ -1,7 +1,7 @@
 """The Redis failure boundary: what each redis-py error means, decided once.
 
 Every caller of Redis (the web tier, the worker's claim loop, the surveys
-behind /readyz and /metrics) asks `classify`, and the shard a command went
+behind /readyz and /metrics) asks `kind_of`, and the shard a command went
 to is marked down in one place (`shards.Shard.watch`), so the three kinds of
 failure are told apart the same way everywhere:
 
@@ -57,13 +57,16 @@ _CODES: dict[type[redis.RedisError], str] = {
 MAX_REASON = 200
 
 
-def classify(exc: BaseException) -> Kind:
+def kind_of(exc: BaseException) -> Kind:
     """Which kind of failure `exc` is (see the module's docstring)."""
     if isinstance(exc, _ANSWERED):
         return Kind.REFUSED
     if isinstance(exc, _SILENT):
         return Kind.UNREACHABLE
     return Kind.BUG
+
+
+classify = kind_of  # TODO(lead): remove once web/ uses kind_of
 
 
 def out_of_memory(exc: BaseException) -> bool:

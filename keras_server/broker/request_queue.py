@@ -55,7 +55,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-from keras_server.broker.failures import Kind, classify, reason
+from keras_server.broker.failures import Kind, kind_of, reason
 from keras_server.broker.jobs import JobStore, completed
 from keras_server.broker.messages import BadMessage, Keys, WorkerInfo, job_item
 
@@ -287,7 +287,7 @@ class Shard:
         try:
             yield
         except redis.RedisError as exc:
-            if classify(exc) is Kind.UNREACHABLE:
+            if kind_of(exc) is Kind.UNREACHABLE:
                 self.mark_down(exc)
             raise
 

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import redis
 
-from keras_server.broker.failures import Kind, classify
+from keras_server.broker.failures import Kind, kind_of
 from keras_server.broker.messages import Keys
 from keras_server.broker.request_queue import RequestQueue, label
 
@@ -33,7 +33,7 @@ class NoShardUp(redis.ConnectionError):
 
 
 def unreachable(exc: BaseException) -> bool:
-    return classify(exc) is Kind.UNREACHABLE
+    return kind_of(exc) is Kind.UNREACHABLE
 
 
 class ShardSet:

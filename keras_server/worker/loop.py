@@ -34,7 +34,7 @@ import redis
 
 from keras_server import metrics, tracing
 from keras_server.broker import messages
-from keras_server.broker.failures import Kind, classify, reason
+from keras_server.broker.failures import Kind, kind_of, reason
 from keras_server.broker.jobs import Job
 from keras_server.broker.request_queue import PROBE_INTERVAL_S, RequestQueue
 from keras_server.callbacks import CallbackSender, status_of
@@ -170,7 +170,7 @@ class Worker:
             except Exception as exc:
                 registered = False
                 backoff = min(max(backoff * 2, 0.1), MAX_BACKOFF_S)
-                kind = classify(exc)
+                kind = kind_of(exc)
                 if kind is Kind.UNREACHABLE:
                     # The queue marked the host down; the shard's probe tells
                     # when it answers again.
