@@ -223,7 +223,7 @@ def run_raw(args: argparse.Namespace, results: Results) -> None:
     if "keras" in args.engines:
         results.raw.append(raw.measure("keras", classifier, batch, **runs))
     if "onnx" in args.engines:
-        from keras_server.engines.selection import EngineOptions, load_predictor
+        from keras_server.engines.choice import EngineOptions, load_predictor
 
         started = time.perf_counter()
         spec = ModelSpec(name="resnet50", source="resnet50", weights="none", engine="onnx")

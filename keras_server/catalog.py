@@ -77,7 +77,7 @@ class ModelSpec:
     # Said in every answer and heartbeat, so a rolling upgrade shows which
     # version served each request.
     version: str = "1"
-    # What runs it (engines/selection.py); None: the --engine / --precision /
+    # What runs it (engines/choice.py); None: the --engine / --precision /
     # --calibration-dir flags' (Settings.model_specs fills them in).
     engine: str | None = None
     precision: str | None = None

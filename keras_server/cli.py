@@ -107,7 +107,7 @@ def loader(settings: Settings, spec: ModelSpec) -> Callable[[], Predictor]:
 
         return lambda: SimulatedModel(settings.sim_batch_ms, settings.sim_image_ms, spec.top_k)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from keras_server.engines.selection import EngineOptions, load_predictor
+    from keras_server.engines.choice import EngineOptions, load_predictor
 
     options = EngineOptions(
         cache_dir=settings.cache_dir,

@@ -126,10 +126,10 @@ def test_openvino_compiles_for_its_requests(requests: int, tmp_path: Path) -> No
 
 def test_the_settings_reach_the_engine_options(monkeypatch: pytest.MonkeyPatch) -> None:
     from keras_server.cli import loader
-    from keras_server.engines import selection
+    from keras_server.engines import choice
 
-    seen: list[selection.EngineOptions] = []
-    monkeypatch.setattr(selection, "load_predictor", lambda spec, options: seen.append(options))
+    seen: list[choice.EngineOptions] = []
+    monkeypatch.setattr(choice, "load_predictor", lambda spec, options: seen.append(options))
     settings = dataclasses.replace(Settings(), parallel_batches=3)
     spec = settings.model_specs().find(settings.model_specs().default)
     assert spec is not None
