@@ -36,7 +36,7 @@ from keras_server.broker.redis_server import RedisUnavailable, ensure_redis
 from keras_server.broker.request_queue import RequestQueue
 from keras_server.broker.shards import label
 from keras_server.callbacks import CallbackSender
-from keras_server.catalog import SIM, CatalogError, Models, ModelSpec
+from keras_server.catalog import SIM, CatalogError, Models, ModelSpec, model_specs
 from keras_server.engines.predictor import ModelLoadError, Predictor, timed_warm_up
 from keras_server.logs import configure_logging
 from keras_server.metrics import MULTIPROCESS_DIR_ENV
@@ -60,7 +60,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
         return run_batch_client(command[1:], f"{prog} classify")
     try:
         settings = load_settings(argv, prog=prog)
-        models = settings.model_specs()  # read once; a bad models file or spec stops us here
+        models = read_models(settings)  # read once; a bad models file or spec stops us here
         tracing.check(settings)  # asked for traces without the otel extra: say so now
     except (SettingsError, CatalogError, tracing.TracingUnavailable) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
@@ -85,6 +85,18 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
     except KeyboardInterrupt:
         log.info("stopped")
     return 0
+
+
+def read_models(settings: Settings) -> Models:
+    """The models `settings` name (catalog.model_specs), each name checked
+    against the key layout, which decides which names are free."""
+    models = model_specs(settings)
+    for spec in models.specs:
+        try:
+            messages.Keys.for_model(settings.queue_name, spec.name, models.default)
+        except ValueError as exc:
+            raise CatalogError(f"models file {settings.models_file}: {exc}") from None
+    return models
 
 
 def run_batch_client(argv: Sequence[str], prog: str) -> int:
@@ -128,7 +140,7 @@ def make_workers(
     Redis shard `--parallel-batches` of them, all sharing the model, taking
     turns (that many at once). `models`: the entry point's, else read from
     `settings`."""
-    specs = models or settings.model_specs()
+    specs = models or model_specs(settings)
     name = model or specs.default
     spec = specs.find(name)
     version = spec.version if spec else ""

@@ -24,7 +24,7 @@ from PIL import Image
 import keras_server
 from examples.squares import squares, train
 from keras_server.broker.redis_server import free_port
-from keras_server.catalog import CatalogError, ModelSpec, load_models_file
+from keras_server.catalog import CatalogError, ModelSpec, load_models_file, model_specs
 from keras_server.engines import calibration, choice, opening, openvino_engine
 from keras_server.engines.choice import EngineOptions, load_predictor
 from keras_server.engines.conversion_cache import MANIFEST, ConversionCache, write_manifest
@@ -494,10 +494,10 @@ def test_engine_and_precision_knobs() -> None:
     with pytest.raises(SettingsError, match=r"--min-agreement='1\.5': must be a number from 0"):
         load_settings(["--min-agreement", "1.5"], environ={})
     with pytest.raises(CatalogError, match="precision int8 runs only on the openvino engine"):
-        load_settings(["--engine", "keras", "--precision", "int8"], environ={}).model_specs()
-    (spec,), _ = load_settings(
-        ["--precision", "bf16", "--calibration-dir", "/data/cal"], environ={}
-    ).model_specs()
+        model_specs(load_settings(["--engine", "keras", "--precision", "int8"], environ={}))
+    (spec,), _ = model_specs(
+        load_settings(["--precision", "bf16", "--calibration-dir", "/data/cal"], environ={})
+    )
     assert (spec.engine, spec.precision, spec.calibration_dir) == ("auto", "bf16", "/data/cal")
 
 
@@ -513,7 +513,7 @@ def test_models_file_sets_engine_and_precision_per_model(tmp_path: Path) -> None
     assert (specs[1].engine, specs[1].precision) == (None, None)
     # A model that names none gets the flags'.
     settings = Settings(models_file=str(models), engine="keras")
-    a, b = settings.model_specs()[0]
+    a, b = model_specs(settings)[0]
     assert (a.engine, b.engine, b.precision) == ("openvino", "keras", "fp32")
     models.write_text('[models.a]\nmodel = "resnet50"\nprecision = "fp16"\n')
     with pytest.raises(CatalogError, match="precision 'fp16' is not one of fp32, bf16, int8"):

@@ -15,7 +15,7 @@ from PIL import Image
 
 from examples.squares import squares, train
 from keras_server.broker.redis_server import free_port
-from keras_server.catalog import CatalogError, ModelSpec, load_models_file, read_labels
+from keras_server.catalog import CatalogError, ModelSpec, load_models_file, model_specs, read_labels
 from keras_server.engines.predictor import ModelLoadError
 from keras_server.settings import Settings, SettingsError, load_settings
 
@@ -260,14 +260,14 @@ def test_weight_names_are_not_taken_for_paths(tmp_path: Path, weights: str) -> N
     (spec,), _ = load_models_file(tmp_path / "m.toml")
     assert spec.weights == weights.lower()
     flags = load_settings(["--weights", weights], environ={})
-    assert flags.model_specs()[0][0].weights == weights.lower()
+    assert model_specs(flags)[0][0].weights == weights.lower()
 
 
 def test_one_model_from_flags() -> None:
     settings = load_settings(
         ["--model", "/x/My Model.keras", "--labels", "l.txt", "--top-k", "3"], environ={}
     )
-    (spec,), default = settings.model_specs()
+    (spec,), default = model_specs(settings)
     assert default == spec.name == "my-model"
     assert (spec.labels, spec.top_k, spec.preprocessing) == ("l.txt", 3, None)
 

@@ -13,6 +13,7 @@ import pytest
 from conftest import CHELSEA, post_images, wait_until
 
 from keras_server.broker.redis_server import RedisServer
+from keras_server.catalog import model_specs
 from keras_server.cli import make_workers
 from keras_server.engines import openvino_engine
 from keras_server.engines.simulated import SimulatedModel
@@ -131,7 +132,7 @@ def test_the_settings_reach_the_engine_options(monkeypatch: pytest.MonkeyPatch) 
     seen: list[choice.EngineOptions] = []
     monkeypatch.setattr(choice, "load_predictor", lambda spec, options: seen.append(options))
     settings = dataclasses.replace(Settings(), parallel_batches=3)
-    spec = settings.model_specs().find(settings.model_specs().default)
+    spec = model_specs(settings).find(model_specs(settings).default)
     assert spec is not None
     loader(settings, spec)()
     assert seen[0].parallel_batches == 3

@@ -17,6 +17,7 @@ from keras_server.broker import messages
 from keras_server.broker.redis_server import RedisServer
 from keras_server.broker.request_queue import RequestQueue
 from keras_server.broker.shards import NoShardUp, ShardSet, label
+from keras_server.catalog import model_specs
 from keras_server.cli import make_workers
 from keras_server.engines.simulated import SimulatedModel
 from keras_server.settings import Settings
@@ -153,7 +154,7 @@ def test_readyz_models_and_metrics_agree_model_by_shard(
         queue_name="survey",
         models_file=str(tmp_path / "m.toml"),
     )
-    models = settings.model_specs()
+    models = model_specs(settings)
     model = SimulatedModel(0, 0)
     only_shard0 = dataclasses.replace(settings, redis_url=urls[0])
     workers = [

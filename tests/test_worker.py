@@ -13,6 +13,7 @@ from conftest import CountingPredictor, WorkerThread, make_worker, wait_until
 from keras_server.broker import messages
 from keras_server.broker.redis_server import RedisServer, free_port
 from keras_server.broker.request_queue import RequestQueue
+from keras_server.catalog import model_specs
 from keras_server.cli import build_workers
 from keras_server.settings import Settings
 
@@ -124,7 +125,7 @@ def test_the_simulated_model_answers_with_its_top_k(
     else:
         (tmp_path / "m.toml").write_text('[models.sim]\nmodel = "sim"\ntop_k = 3\n')
         sim = dataclasses.replace(sim, models_file=str(tmp_path / "m.toml"))
-    (worker,) = build_workers(sim, sim.model_specs())
+    (worker,) = build_workers(sim, model_specs(sim))
     ids = enqueue(queue, 2)
     assert worker.run_once(wait=1) == 2
     assert [len(result["predictions"]) for result in answers(queue, ids)] == [3, 3]

@@ -69,8 +69,9 @@ class BadMessage(ValueError):
 # The words a queue's own keys add after its name. Another model's queue is
 # "<queue-name>:<model>", so a model named after one of them would share keys
 # with the default model (a model "workers" would queue into its workers set):
-# settings refuses these names for every model but the default. "quota" holds
-# the API keys' quotas (`Keys.quota`).
+# `for_model` refuses these names for every model but the default (the entry
+# point asks it first: cli.read_models). "quota" holds the API keys' quotas
+# (`Keys.quota`).
 KEY_PARTS = (
     "result", "processing", "worker", "workers", "cache", "level", "wakeup", "job", "jobs",
     "quota", "version", "versions", "traffic", "models",

@@ -48,7 +48,6 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
-from urllib.parse import unquote
 
 import redis
 from redis.backoff import NoBackoff
@@ -58,6 +57,7 @@ from redis.sentinel import Sentinel
 from keras_server.broker.failures import Kind, kind_of, reason
 from keras_server.broker.jobs import JobStore, completed
 from keras_server.broker.messages import BadMessage, Keys, WorkerInfo, job_item
+from keras_server.settings import SENTINEL_SCHEME, parse_sentinel_url
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,6 @@ Pipeline = redis.client.Pipeline
 
 # BLPOP and BLMOVE treat a timeout of 0 as "forever": never let rounding get us there.
 MIN_BLOCK_S = 0.01
-SENTINEL_SCHEME = "redis+sentinel://"
 # How often a host marked down is pinged to see whether it is back.
 PROBE_INTERVAL_S = 0.5
 
@@ -190,28 +189,6 @@ def connect(url: str, *, timeout: float) -> redis.Redis:
         )
         return sentinel.master_for(master, db=db, password=password)
     return redis.Redis.from_url(url, **options)
-
-
-def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, int, str | None]:
-    """(sentinel addresses, master name, db, password) of a redis+sentinel:// URL."""
-    rest = url.removeprefix(SENTINEL_SCHEME)
-    password = None
-    if "@" in rest:
-        credentials, rest = rest.rsplit("@", 1)
-        password = unquote(credentials.split(":", 1)[-1]) or None
-    hosts, _, path = rest.partition("/")
-    parts = [p for p in path.split("/") if p]
-    if not hosts or not parts or len(parts) > 2:
-        raise ValueError(f"expected {SENTINEL_SCHEME}HOST:PORT[,HOST:PORT...]/MASTER[/DB]")
-    sentinels = []
-    for host in hosts.split(","):
-        name, _, port = host.rpartition(":")
-        if not name or not port.isdigit():
-            raise ValueError(f"sentinel address {host!r}: expected HOST:PORT")
-        sentinels.append((name.strip("[]"), int(port)))
-    if len(parts) == 2 and not parts[1].isdigit():
-        raise ValueError(f"database {parts[1]!r}: expected a number")
-    return sentinels, parts[0], int(parts[1]) if len(parts) == 2 else 0, password
 
 
 def label(url: str) -> str:
