@@ -300,8 +300,7 @@ def test_flags_and_models_files_share_each_rule(
 def test_the_entry_point_reads_the_models_file_once(
     tmp_path: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from keras_server import cli
-    from keras_server import settings as settings_module
+    from keras_server import catalog, cli
 
     read: list[str] = []
     served: list[str] = []
@@ -310,7 +309,7 @@ def test_the_entry_point_reads_the_models_file_once(
         read.append(path)
         return load_models_file(path)
 
-    monkeypatch.setattr(settings_module, "load_models_file", counted)
+    monkeypatch.setattr(catalog, "load_models_file", counted)
     # Stop short of serving: no signal handlers or logging set-up in the test process.
     monkeypatch.setattr(cli, "serve", lambda workers, stop: served.extend(w.name for w in workers))
     monkeypatch.setattr(cli.signal, "signal", lambda *args: None)
