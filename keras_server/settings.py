@@ -4,7 +4,7 @@ The entry point calls `load_settings()` once and passes the frozen `Settings`
 down; only `load_settings` reads our KERAS_SERVER_* variables and `sys.argv`.
 Other modules touch `os.environ` only for other programs' switches:
 prometheus-client's multiprocess directory (metrics, web.front), TensorFlow's
-log level (cli), OpenTelemetry's OTEL_* variables (tracing, and the SDK
+log level (worker.main), OpenTelemetry's OTEL_* variables (tracing, and the SDK
 itself), and the environment handed to the child processes (cli).
 The batch client (client/batch.py) is no server: its `--api-key` defaults to
 `$KERAS_SERVER_API_KEY`, read by its own parser.

@@ -25,10 +25,11 @@ from keras_server.broker.redis_server import RedisServer, find_redis_server, fre
 from keras_server.broker.request_queue import RequestQueue
 from keras_server.broker.shards import ShardSet, label
 from keras_server.catalog import CatalogError, load_models_file
-from keras_server.cli import make_workers, read_models
+from keras_server.cli import read_models
 from keras_server.engines.simulated import SimulatedModel
 from keras_server.settings import Settings, load_settings
 from keras_server.web.app import create_app
+from keras_server.worker.main import make_workers
 
 RESULT_TIMEOUT = 5.0
 # How far past its deadline an answer may come: --redis-timeout (the default,

@@ -301,6 +301,7 @@ def test_the_entry_point_reads_the_models_file_once(
     tmp_path: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from keras_server import catalog, cli
+    from keras_server.worker import main as worker_main
 
     read: list[str] = []
     served: list[str] = []
@@ -311,8 +312,10 @@ def test_the_entry_point_reads_the_models_file_once(
 
     monkeypatch.setattr(catalog, "load_models_file", counted)
     # Stop short of serving: no signal handlers or logging set-up in the test process.
-    monkeypatch.setattr(cli, "serve", lambda workers, stop: served.extend(w.name for w in workers))
-    monkeypatch.setattr(cli.signal, "signal", lambda *args: None)
+    monkeypatch.setattr(
+        worker_main, "serve", lambda workers, stop: served.extend(w.name for w in workers)
+    )
+    monkeypatch.setattr(worker_main.signal, "signal", lambda *args: None)
     monkeypatch.setattr(cli, "configure_logging", lambda level: None)
     (tmp_path / "m.toml").write_text('[models.a]\nmodel = "sim"\n[models.b]\nmodel = "sim"\n')
     argv = ["--role", "worker", "--models-file", str(tmp_path / "m.toml"), "--sim-batch-ms", "0"]

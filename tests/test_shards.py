@@ -18,11 +18,11 @@ from keras_server.broker.redis_server import RedisServer
 from keras_server.broker.request_queue import RequestQueue
 from keras_server.broker.shards import NoShardUp, ShardSet, label
 from keras_server.catalog import model_specs
-from keras_server.cli import make_workers
 from keras_server.engines.simulated import SimulatedModel
 from keras_server.settings import Settings
 from keras_server.web.app import create_app
 from keras_server.worker.loop import FairLock, serve
+from keras_server.worker.main import make_workers
 
 KEYS = messages.Keys("sharded")
 

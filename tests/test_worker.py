@@ -14,8 +14,8 @@ from keras_server.broker import messages
 from keras_server.broker.redis_server import RedisServer, free_port
 from keras_server.broker.request_queue import RequestQueue
 from keras_server.catalog import model_specs
-from keras_server.cli import build_workers
 from keras_server.settings import Settings
+from keras_server.worker.main import build_workers
 
 
 def enqueue(queue: RequestQueue, n: int, timeout: float = 20) -> list[str]:
