@@ -142,7 +142,6 @@ class Worker:
             engine=self.predictor.engine,
             precision=self.predictor.precision,
             fidelity=fidelity.as_dict() if (fidelity := self.predictor.fidelity) else None,
-            versioned=bool(self.queue.version),
         )
 
     def run(self, stop: threading.Event) -> None:
@@ -316,7 +315,9 @@ class Worker:
                 log.error("dropping a bad queue entry: %s", exc)
                 request_id = messages.request_id_of(raw)
                 if request_id:
-                    results[request_id] = messages.error_result("the request was malformed")
+                    unknown = isinstance(exc, messages.UnknownFormat)
+                    error = str(exc) if unknown else "the request was malformed"
+                    results[request_id] = messages.error_result(error)
                 continue
             if request.expired(now):
                 log.warning("[%s] skipped: its deadline passed while queued", request.id)
