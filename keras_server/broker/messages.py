@@ -447,14 +447,9 @@ class WorkerInfo:
     # Measured against Keras fp32 at start-up (predictor.Fidelity.as_dict);
     # None for Keras itself.
     fidelity: dict[str, float] | None = None
-
-    @property
-    def versioned(self) -> bool:
-        """Whether it claims from its version's own queue (Keys.for_version),
-        not only the model's: every worker with a version does."""
-        # TODO(lead): web/routing.py's "workers from before versions had
-        # queues" paths go once it stops asking; then this goes too.
-        return bool(self.version)
+    # Claims from its version's own queue (Keys.for_version), not only the
+    # model's (a worker whose queue names no version claims the model's alone).
+    versioned: bool = False
 
     def encode(self) -> bytes:
         return json.dumps({"format": FORMAT, **self.__dict__}).encode()

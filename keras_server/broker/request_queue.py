@@ -311,8 +311,9 @@ class RequestQueue:
         """`levels`: --priority-levels, the queues a worker takes from.
         `version`: the model version this queue is for: pushes go onto its
         own queue (`Keys.for_version`), and a worker claims from it first,
-        then from the model's (requests swept off a version whose last worker
-        left, and a job's items). "": the model's queue alone. Results, claims,
+        then from the model's (requests queued while no worker was live, or
+        for workers whose queue names no version, those swept off a version
+        whose last worker left, and a job's items). "": the model's queue alone. Results, claims,
         heartbeats and jobs are the model's (`keys`) either way. `registry`:
         the deployment's models hash (`Keys.models`), where each heartbeat
         names the model and its queue; "": not written."""

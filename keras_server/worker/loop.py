@@ -142,6 +142,7 @@ class Worker:
             engine=self.predictor.engine,
             precision=self.predictor.precision,
             fidelity=fidelity.as_dict() if (fidelity := self.predictor.fidelity) else None,
+            versioned=bool(self.queue.version),
         )
 
     def run(self, stop: threading.Event) -> None:
