@@ -282,62 +282,57 @@ def _non_empty(text: str) -> str:
 
 
 @dataclass(frozen=True)
-class Bounds:
-    """A number's bounds: at least `low` (more than it with `above`), at most
-    `high`; a float must be finite. `says`: the bounds in words, for any value
-    outside them, where the generic words would say less (a port, granian's range)."""
+class Number:
+    """A number's parser, its bounds part of its row in the table: an int or
+    a finite float, at least `low` (more than it with `above`), at most
+    `high`. `says`: the bounds in words, for any value outside them, where
+    the generic words would say less (a port, granian's range)."""
 
+    whole: bool
     low: float
     high: float | None = None
     above: bool = False
     says: str = ""
 
-    def check(self, value: float) -> None:
-        """ValueError saying which bound `value` is outside."""
-        whole = isinstance(value, int)
-        low_ok = (whole or math.isfinite(value)) and (
+    def __call__(self, text: str) -> float:
+        value = _int(text) if self.whole else _float(text)
+        low_ok = (self.whole or math.isfinite(value)) and (
             value > self.low if self.above else value >= self.low
         )
         high_ok = self.high is None or value <= self.high
         if self.says and not (low_ok and high_ok):
             raise ValueError(f"must be {self.says}")
         if not low_ok:
-            raise ValueError(f"must be {self._at_least(whole)}")
+            raise ValueError(f"must be {self._at_least()}")
         if not high_ok:
             raise ValueError(f"must be at most {self.high:g}")
+        return value
 
-    def _at_least(self, whole: bool) -> str:
-        if whole and self.low == 0:
+    def _at_least(self) -> str:
+        if self.whole and self.low == 0:
             return "a whole number, 0 or more"
-        if whole:
+        if self.whole:
             return f"a whole number of at least {self.low:g}"
         if self.above:
             return f"a number greater than {self.low:g}"
         return f"a number, {self.low:g} or more"
 
 
-POSITIVE = Bounds(1)
-NON_NEGATIVE = Bounds(0)
-ABOVE_ZERO = Bounds(0, above=True)
-PORT = Bounds(0, 65535, says="a TCP port between 0 and 65535")
+POSITIVE_INT = Number(whole=True, low=1)
+NON_NEGATIVE_INT = Number(whole=True, low=0)
+POSITIVE = Number(whole=False, low=0, above=True)
+NON_NEGATIVE = Number(whole=False, low=0)
+PORT = Number(whole=True, low=0, high=65535, says="a TCP port between 0 and 65535")
 
 
 @dataclass(frozen=True)
 class Knob:
-    """One row of the settings table; a number's bounds are part of its row."""
+    """One row of the settings table."""
 
     field: str
-    parse: Callable[[str], Any]
+    parse: Callable[[str], Any]  # ValueError saying what is wrong with the text
     help: str
     metavar: str
-    bounds: Bounds | None = None
-
-    def read(self, text: str) -> Any:
-        """The value of `text`; ValueError saying what is wrong with it."""
-        value = self.parse(text)
-        if self.bounds is not None:
-            self.bounds.check(value)
-        return value
 
     @property
     def flag(self) -> str:
@@ -355,7 +350,7 @@ KNOBS: tuple[Knob, ...] = (
         "address the HTTP server binds (and a --role worker's --metrics-port)",
         "ADDR",
     ),
-    Knob("port", _int, "port the HTTP server listens on", "PORT", bounds=PORT),
+    Knob("port", PORT, "port the HTTP server listens on", "PORT"),
     Knob(
         "redis_url",
         _redis_urls,
@@ -367,12 +362,11 @@ KNOBS: tuple[Knob, ...] = (
     ),
     Knob(
         "redis_timeout",
-        _float,
+        POSITIVE,
         "seconds any Redis command may take (the waits for work and answers: past the end "
         "Redis sets for them); a shard that takes longer (a hung host) is skipped like one "
         "that refuses connections",
         "SECONDS",
-        bounds=ABOVE_ZERO,
     ),
     Knob(
         "model",
@@ -427,11 +421,10 @@ KNOBS: tuple[Knob, ...] = (
     ),
     Knob(
         "model_grace",
-        _float,
+        NON_NEGATIVE,
         "--models-from workers: seconds a learned model's requests get 503 (no live "
         "worker) after its last worker left, before it is forgotten (404)",
         "SECONDS",
-        bounds=NON_NEGATIVE,
     ),
     Knob(
         "serve",
@@ -442,20 +435,18 @@ KNOBS: tuple[Knob, ...] = (
     ),
     Knob(
         "batch_size",
-        _int,
+        Number(whole=True, low=1, high=MAX_BATCH_SIZE),
         f"most images in one forward pass (at most {MAX_BATCH_SIZE})",
         "N",
-        bounds=Bounds(1, MAX_BATCH_SIZE),
     ),
     Knob(
         "parallel_batches",
-        _int,
+        Number(whole=True, low=1, high=MAX_PARALLEL_BATCHES),
         "batches a worker runs at once, each claimed by its own claim loop per Redis "
         "shard; above 1, OpenVINO is compiled for that many requests with the THROUGHPUT "
         "hint (a CPU stream each). 1: one batch at a time, LATENCY hint (fastest at low "
         "load; BENCHMARKS.md, 'Parallel batches')",
         "N",
-        bounds=Bounds(1, MAX_PARALLEL_BATCHES),
     ),
     Knob(
         "engine",
@@ -488,90 +479,80 @@ KNOBS: tuple[Knob, ...] = (
     ),
     Knob(
         "min_agreement",
-        _float,
+        Number(whole=False, low=0, high=1, says="a number from 0 to 1"),
         "bf16/int8: refuse to start when the top-1 class agrees with Keras fp32 on less "
         "than this share of the held-out images",
         "SHARE",
-        bounds=Bounds(0, 1, says="a number from 0 to 1"),
     ),
     Knob(
         "max_batch_delay_ms",
-        _float,
+        NON_NEGATIVE,
         "after the first request of a batch, wait up to this long for more (0: take "
         "what is queued)",
         "MS",
-        bounds=NON_NEGATIVE,
     ),
     Knob("queue_name", _non_empty, "Redis list the requests go through", "NAME"),
     Knob(
         "max_queue",
-        _int,
+        POSITIVE_INT,
         "most requests waiting in a shard's queue at each priority level; beyond it a "
         "request is refused at once with 503 and Retry-After",
         "N",
-        bounds=POSITIVE,
     ),
     Knob(
         "priority_levels",
-        _int,
+        Number(whole=True, low=1, high=MAX_PRIORITY_LEVELS),
         "priority levels a request may ask for (X-Priority, v2 parameters.priority), "
         f"1 the highest; a request that names none is level 1 (at most {MAX_PRIORITY_LEVELS})",
         "N",
-        bounds=Bounds(1, MAX_PRIORITY_LEVELS),
     ),
     Knob(
         "low_priority_batch_size",
-        _int,
+        NON_NEGATIVE_INT,
         "while level-1 requests come (one in the last second), most requests from "
         "below level 1 in one forward pass (0: --batch-size): a level-1 request that "
         "comes while a batch runs waits for it, so a smaller batch bounds that wait, at "
         "a cost in the lower levels' throughput; without level-1 traffic they fill "
         "whole batches",
         "N",
-        bounds=NON_NEGATIVE,
     ),
     Knob(
         "priority_hold_ms",
-        _float,
+        NON_NEGATIVE,
         "after a batch that held a level-1 request, wait up to this long for the next "
         "level-1 request before taking lower levels' work (0: never wait): a client "
         "sending one request after another then finds the model free, at the cost of "
         "that idle time when none comes",
         "MS",
-        bounds=NON_NEGATIVE,
     ),
     Knob(
         "result_timeout",
-        _float,
+        POSITIVE,
         "seconds a request waits for its prediction before a 504; the most a "
         "request's own timeout (X-Request-Timeout, v2 parameters.timeout) may ask",
         "SECONDS",
-        bounds=ABOVE_ZERO,
     ),
-    Knob("max_upload_mb", _float, "largest accepted request body", "MB", bounds=ABOVE_ZERO),
+    Knob("max_upload_mb", POSITIVE, "largest accepted request body", "MB"),
     Knob(
         "max_image_pixels",
-        _int,
+        POSITIVE_INT,
         "largest accepted image (width x height) before a 413",
         "PIXELS",
-        bounds=POSITIVE,
     ),
     Knob(
         "max_images",
-        _int,
+        Number(whole=True, low=1, high=MAX_IMAGES),
         "most images in one request (repeated image fields on /predict, a v2 infer's "
         f"batch; at most {MAX_IMAGES}); beyond it a 413",
         "N",
-        bounds=Bounds(1, MAX_IMAGES),
     ),
     Knob(
         "decode_memory_mb",
-        _float,
+        POSITIVE,
         "memory each web process may hold for images being decoded, estimated from "
         "their headers; an upload that does not fit beside those in flight gets a 503 "
         "with Retry-After, one that could never fit a 413",
         "MB",
-        bounds=ABOVE_ZERO,
     ),
     Knob(
         "role",
@@ -582,53 +563,47 @@ KNOBS: tuple[Knob, ...] = (
     ),
     Knob(
         "web_workers",
-        _int,
+        POSITIVE_INT,
         "--role web and all: HTTP server (granian) processes; --role all runs the model "
         "in a process of its own beside them",
         "N",
-        bounds=POSITIVE,
     ),
     Knob(
         "web_threads",
-        _int,
+        POSITIVE_INT,
         "threads per web process, i.e. requests each can hold while they wait for "
         "their prediction (connections waiting for their headers hold none)",
         "N",
-        bounds=POSITIVE,
     ),
     Knob(
         "header_timeout",
-        _float,
+        Number(whole=False, low=0.001, high=60, says="from 0.001 to 60 seconds (granian's range)"),
         "seconds a client may take to send its request line and headers before the "
         "connection is closed (a slow client holds no thread meanwhile)",
         "SECONDS",
-        bounds=Bounds(0.001, 60, says="from 0.001 to 60 seconds (granian's range)"),
     ),
     Knob(
         "heartbeat_ttl",
-        _float,
+        POSITIVE,
         "seconds without a heartbeat after which a claim loop (a worker's, on one "
         "shard) counts as dead and its claimed requests go back on the queue",
         "SECONDS",
-        bounds=ABOVE_ZERO,
     ),
     Knob(
         "metrics_port",
-        _int,
+        PORT,
         "--role worker: serve Prometheus /metrics on this port (0: off)",
         "PORT",
-        bounds=PORT,
     ),
     Knob(
         "grpc_port",
-        _int,
+        PORT,
         "--role web and all: also speak the v2 inference protocol over gRPC on this port "
         "(0: off), from a process of its own beside the HTTP front",
         "PORT",
-        bounds=PORT,
     ),
-    Knob("sim_batch_ms", _float, "--model sim: sleep per batch", "MS", bounds=NON_NEGATIVE),
-    Knob("sim_image_ms", _float, "--model sim: sleep per image", "MS", bounds=NON_NEGATIVE),
+    Knob("sim_batch_ms", NON_NEGATIVE, "--model sim: sleep per batch", "MS"),
+    Knob("sim_image_ms", NON_NEGATIVE, "--model sim: sleep per image", "MS"),
     Knob("log_level", _choice(LOG_LEVELS, upper=True), "logging level", "LEVEL"),
     Knob(
         "api_keys",
@@ -657,12 +632,11 @@ KNOBS: tuple[Knob, ...] = (
     ),
     Knob(
         "response_cache_ttl",
-        _float,
+        NON_NEGATIVE,
         "seconds an answer stays in the shared response cache, so the same upload to the "
         "same model version is answered from Redis without queueing it (0: off; a model "
         "of --models-file may set its own response_cache_ttl)",
         "SECONDS",
-        bounds=NON_NEGATIVE,
     ),
     Knob(
         "response_cache_url",
@@ -683,42 +657,37 @@ KNOBS: tuple[Knob, ...] = (
     ),
     Knob(
         "max_job_images",
-        _int,
+        POSITIVE_INT,
         "most images in one job (POST /jobs: image fields and an archive's files); beyond it a 413",
         "N",
-        bounds=POSITIVE,
     ),
     Knob(
         "max_job_upload_mb",
-        _float,
+        POSITIVE,
         "largest POST /jobs body (--max-upload-mb is every other route's)",
         "MB",
-        bounds=ABOVE_ZERO,
     ),
     Knob(
         "max_archive_mb",
-        _float,
+        POSITIVE,
         "most bytes a job's archive may hold once unpacked, read from its headers "
         "before anything is inflated; beyond it a 413",
         "MB",
-        bounds=ABOVE_ZERO,
     ),
     Knob(
         "max_job_backlog",
-        _int,
+        POSITIVE_INT,
         "most job images waiting in a shard's Redis, not yet on the queue (each is "
         "its decoded pixels, 150 KB at 224x224); a job that would pass it gets a 503 "
         "with Retry-After",
         "N",
-        bounds=POSITIVE,
     ),
     Knob(
         "job_ttl",
-        _float,
+        POSITIVE,
         "seconds a job's record and results are kept (from its end; an unfinished "
         "job's from its start)",
         "SECONDS",
-        bounds=ABOVE_ZERO,
     ),
     Knob(
         "callback_hosts",
@@ -801,7 +770,7 @@ def load_settings(
         else:
             continue
         try:
-            values[knob.field] = knob.read(raw)
+            values[knob.field] = knob.parse(raw)
         except ValueError as exc:
             raise SettingsError(f"{source}={raw!r}: {exc}") from None
     values["redis_url_given"] = "redis_url" in values
