@@ -31,6 +31,7 @@ from types import FrameType
 import requests
 
 from keras_server.broker.redis_server import RedisServer, free_port
+from keras_server.catalog import model_specs
 from keras_server.processes import Child, ChildFailed, wait_for
 from keras_server.serving.models import Deployment
 from keras_server.settings import Settings, SettingsError, load_settings
@@ -227,7 +228,7 @@ class Cluster:
         read from Redis with the survey /readyz uses, per model and shard
         (/readyz adds them all up)."""
         settings = dataclasses.replace(self.settings, redis_url=self.redis_urls)
-        models = settings.model_specs()
+        models = model_specs(settings)
         served = {spec.name for spec in models.serving(settings.serve)}
         deployment = Deployment.from_settings(settings, models)
         # Each web server directly, then nginx in front of them, once they

@@ -15,7 +15,7 @@ import sys
 
 import requests
 
-from keras_server.client import downscale_for_upload
+from keras_server.client.downscale import downscale_for_upload
 
 
 def model_input_size(predict_url: str, timeout: float) -> tuple[int, int] | None:

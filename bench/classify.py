@@ -36,7 +36,7 @@ from PIL import Image
 from bench import cpu
 from keras_server.broker.redis_server import free_port
 from keras_server.catalog import SIM_SIZE
-from keras_server.client import downscale_for_upload
+from keras_server.client.downscale import downscale_for_upload
 from keras_server.images import load_image
 from keras_server.processes import Child
 from run_cluster import http_answers

@@ -317,7 +317,7 @@ def measure_raw(
 ) -> None:
     """The same predictor in this process, from the cache the server filled."""
     from keras_server.catalog import ModelSpec
-    from keras_server.engines.selection import EngineOptions, load_predictor
+    from keras_server.engines.choice import EngineOptions, load_predictor
 
     spec = ModelSpec(
         name=model, source=model, weights=str(weights), engine=row.engine,

@@ -29,9 +29,9 @@ import numpy as np
 from bench import engines, raw
 from keras_server.catalog import ModelSpec
 from keras_server.engines import openvino_engine
+from keras_server.engines.choice import EngineOptions, load_predictor
 from keras_server.engines.conversion_cache import MANIFEST
 from keras_server.engines.preprocess import batch_of, preprocessing
-from keras_server.engines.selection import EngineOptions, load_predictor
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -30,7 +30,7 @@ from typing import Any
 from bench import cpu, engines, raw, serve
 from keras_server.broker.redis_server import RedisServer, free_port
 from keras_server.catalog import ModelSpec
-from keras_server.engines.selection import EngineOptions, load_predictor
+from keras_server.engines.choice import EngineOptions, load_predictor
 
 ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger(__name__)

@@ -229,7 +229,7 @@ def run_raw(args: argparse.Namespace, results: Results) -> None:
     for name in CONVERTED:
         if name not in args.engines:
             continue
-        from keras_server.engines.selection import EngineOptions, load_predictor
+        from keras_server.engines.choice import EngineOptions, load_predictor
 
         started = time.perf_counter()
         spec = ModelSpec(name="resnet50", source="resnet50", weights="none", engine=name)

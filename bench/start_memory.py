@@ -3,7 +3,7 @@
 A cold start converts the model (an empty conversion cache, or `--weights
 none`, which is never cached); a warm start opens the entry the cold start
 left. Each start is a fresh `python` process that loads the model as a worker
-does (`selection.load_predictor`), warms it up at the batch size, and reports
+does (`choice.load_predictor`), warms it up at the batch size, and reports
 its resident memory then (VmRSS), its peak (VmHWM), the peak of the children
 it waited for (the converter: `ru_maxrss` of RUSAGE_CHILDREN) and whether
 TensorFlow is imported. `--code DIR` runs another checkout's keras_server
@@ -29,7 +29,7 @@ import json, resource, sys, time
 started = time.perf_counter()
 from keras_server.catalog import ModelSpec
 from keras_server.engines.predictor import warm_up
-from keras_server.engines.selection import EngineOptions, load_predictor
+from keras_server.engines.choice import EngineOptions, load_predictor
 spec = ModelSpec(name="m", source=sys.argv[1], weights=sys.argv[2], engine=sys.argv[3],
                  precision=sys.argv[4]).validate()
 predictor = load_predictor(spec, EngineOptions(sys.argv[5], 0.0, 50_000_000))

@@ -43,7 +43,7 @@ from PIL import Image
 
 from keras_server.broker.redis_server import RedisServer, free_port
 from keras_server.catalog import SIM_SIZE
-from keras_server.client import downscale_for_upload
+from keras_server.client.downscale import downscale_for_upload
 from keras_server.images import load_image
 
 ROOT = Path(__file__).resolve().parent.parent

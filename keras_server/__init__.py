@@ -9,6 +9,7 @@ Its kinds of process, a sub-package each, and what they share at the top:
     broker/     Redis between them: messages and key names, the queue, shards
     engines/    what runs a model: the interface, keras, onnx, openvino, sim
     worker/     the model worker: claim a batch, one forward pass, answer each
+    client/     `keras-server classify`, the batch client: HTTP only, no server part
 
     cli         the command line: `keras-server`, `python -m keras_server`, run_keras_server.py
     __main__    `python -m keras_server`
@@ -20,8 +21,6 @@ Its kinds of process, a sub-package each, and what they share at the top:
     labels      the ImageNet class names, shipped
     images      image file -> RGB uint8 array at the model's input size, memory-bounded
     processes   child processes: start with a log, wait until ready, stop, log tail
-    client      client side: shrink a large photo before upload
-    classify    `keras-server classify`: the batch client (HTTP only)
     callbacks   a job's completion callback: signed, retried, allowed hosts only
 
 Each sub-package's docstring lists its modules.

@@ -4,19 +4,20 @@ A spec names a model and where it comes from: a `keras.applications` network
 by name (each with its own input size and Keras's own preprocessing), `sim`
 (the load-testing stand-in), or a saved `.keras` file with a labels file.
 Several specs come from a TOML models file (`--models-file`); without one the
-deployment serves the single model the flags describe. TensorFlow-free: the
-web tier reads this too.
+deployment serves the single model the flags describe (`model_specs`).
+TensorFlow-free: the web tier reads this too.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from keras_server.labels import imagenet_labels
 
@@ -77,13 +78,13 @@ class ModelSpec:
     # Said in every answer and heartbeat, so a rolling upgrade shows which
     # version served each request.
     version: str = "1"
-    # What runs it (engines/selection.py); None: the --engine / --precision /
-    # --calibration-dir flags' (Settings.model_specs fills them in).
+    # What runs it (engines/choice.py); None: the --engine / --precision /
+    # --calibration-dir flags' (model_specs fills them in).
     engine: str | None = None
     precision: str | None = None
     calibration_dir: str | None = None
     # Seconds an answer stays in the response cache (serving/cache.py);
-    # 0: not cached. None: --response-cache-ttl's (Settings.model_specs fills it in).
+    # 0: not cached. None: --response-cache-ttl's (model_specs fills it in).
     response_cache_ttl: float | None = None
 
     def __post_init__(self) -> None:
@@ -182,7 +183,7 @@ def check_cache_ttl(value: object) -> float:
 
 class Models(NamedTuple):
     """The models a deployment serves and the default one's name: resolved once
-    by the entry point (`Settings.model_specs`) and passed down."""
+    by the entry point (`model_specs`) and passed down."""
 
     specs: tuple[ModelSpec, ...]
     default: str
@@ -202,6 +203,59 @@ class Models(NamedTuple):
                 raise CatalogError(f"--serve {name}: no such model (known: {known})")
             chosen.append(spec)
         return tuple(chosen)
+
+
+class ModelFlags(Protocol):
+    """The settings `model_specs` reads (settings.Settings has them)."""
+
+    models_file: str
+    model: str
+    weights: str
+    labels: str
+    preprocessing: str
+    top_k: int
+    model_version: str
+    engine: str
+    precision: str
+    calibration_dir: str
+    response_cache_ttl: float
+
+
+def model_specs(flags: ModelFlags) -> Models:
+    """The models a deployment serves, and the default one's name: those of
+    --models-file, else the one the flags describe. Read once by the entry
+    point, which passes them down.
+
+    Raises CatalogError when the models file or a spec is unusable.
+    """
+    if flags.models_file:
+        specs, default = load_models_file(flags.models_file)
+        # A model that names no engine, precision or calibration set gets the flags'.
+        return Models(tuple(_flag_defaults(s, flags) for s in specs), default)
+    source = flags.model
+    name = Path(source).stem.lower() if source.endswith(".keras") else source
+    name = re.sub(r"[^a-z0-9_-]+", "-", name).strip("-_") or "model"
+    spec = ModelSpec(
+        name=name,
+        source=source,
+        weights=flags.weights,
+        labels=flags.labels or None,
+        preprocessing=flags.preprocessing or None,
+        top_k=flags.top_k,
+        version=flags.model_version,
+    )
+    return Models((_flag_defaults(spec, flags),), name)
+
+
+def _flag_defaults(spec: ModelSpec, flags: ModelFlags) -> ModelSpec:
+    ttl = spec.response_cache_ttl
+    return dataclasses.replace(
+        spec,
+        engine=spec.engine or flags.engine,
+        precision=spec.precision or flags.precision,
+        calibration_dir=spec.calibration_dir or flags.calibration_dir or None,
+        response_cache_ttl=flags.response_cache_ttl if ttl is None else ttl,
+    ).validate()
 
 
 def read_labels(path: str | Path) -> tuple[str, ...]:

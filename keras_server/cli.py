@@ -7,10 +7,10 @@
 - web:    the HTTP front alone: granian serving the Flask app (web/front.py;
           never imports TensorFlow); with --grpc-port, the HTTP front and the
           gRPC front (rpc/server.py) as child processes of this one
-- worker: the model loop alone
+- worker: the model loop alone (worker/main.py)
 
 `keras-server classify PATH... --url URL` is the batch client instead
-(classify.py): it talks HTTP to a running server and loads none of the above.
+(client/batch.py): it talks HTTP to a running server and loads none of the above.
 
 `keras-server convert [FLAGS]` fills the conversion cache (--cache-dir) with
 every model a worker of the same flags would serve, and exits: a step of its
@@ -28,29 +28,26 @@ import logging
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from types import FrameType
 
-from keras_server import metrics, tracing
+from keras_server import tracing
 from keras_server.broker import messages
 from keras_server.broker.redis_server import RedisUnavailable, ensure_redis
-from keras_server.broker.request_queue import RequestQueue
-from keras_server.broker.shards import label
-from keras_server.callbacks import CallbackSender
-from keras_server.catalog import SIM, CatalogError, Models, ModelSpec
-from keras_server.engines.predictor import ModelLoadError, Predictor, timed_warm_up
+from keras_server.catalog import SIM, CatalogError, Models, model_specs
+from keras_server.engines.predictor import ModelLoadError
 from keras_server.logs import configure_logging
 from keras_server.metrics import MULTIPROCESS_DIR_ENV
-from keras_server.processes import die_with_parent
+from keras_server.processes import Child
 from keras_server.serving.keys import KeysFileError, load_keys
 from keras_server.serving.models import Deployment
 from keras_server.settings import Settings, SettingsError, load_settings, to_environment
 from keras_server.web.admin import load_admin_keys
-from keras_server.worker.loop import FairLock, Worker, serve
+from keras_server.worker.main import loader
+from keras_server.worker.main import run as run_worker
 
 log = logging.getLogger("keras_server")
 
@@ -62,12 +59,12 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
     prog = prog or os.path.basename(sys.argv[0])
     command = list(sys.argv[1:] if argv is None else argv)
     if command[:1] == ["classify"]:  # the batch client, not a server role
-        return classify(command[1:], f"{prog} classify")
+        return run_batch_client(command[1:], f"{prog} classify")
     if command[:1] == ["convert"]:  # the cache filled, then exit: not a server role
         return convert(command[1:], f"{prog} convert")
     try:
         settings = load_settings(argv, prog=prog)
-        models = settings.model_specs()  # read once; a bad models file or spec stops us here
+        models = read_models(settings)  # read once; a bad models file or spec stops us here
         tracing.check(settings)  # asked for traces without the otel extra: say so now
     except (SettingsError, CatalogError, tracing.TracingUnavailable) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
@@ -94,10 +91,22 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
     return 0
 
 
-def classify(argv: Sequence[str], prog: str) -> int:
+def read_models(settings: Settings) -> Models:
+    """The models `settings` name (catalog.model_specs), each name checked
+    against the key layout, which decides which names are free."""
+    models = model_specs(settings)
+    for spec in models.specs:
+        try:
+            messages.Keys.for_model(settings.queue_name, spec.name, models.default)
+        except ValueError as exc:
+            raise CatalogError(f"models file {settings.models_file}: {exc}") from None
+    return models
+
+
+def run_batch_client(argv: Sequence[str], prog: str) -> int:
     """The batch client, whose requests and rich come with the `client` extra."""
     try:
-        from keras_server import classify as batch_client
+        from keras_server.client import batch as batch_client
     except ImportError as exc:
         print(f"{prog}: error: {exc.name} is missing: pip install '.[client]' in the "
               "keras-server checkout", file=sys.stderr)  # fmt: skip
@@ -111,7 +120,7 @@ def convert(argv: Sequence[str], prog: str) -> int:
     converted engine from the cache, 1 when one is not (the log says why)."""
     try:
         settings = load_settings(argv, prog=prog)
-        models = settings.model_specs()
+        models = model_specs(settings)
     except (SettingsError, CatalogError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
@@ -144,127 +153,6 @@ def convert(argv: Sequence[str], prog: str) -> int:
     return 0
 
 
-def loader(settings: Settings, spec: ModelSpec) -> Callable[[], Predictor]:
-    """How to build a model: the engines are imported only for a real model, so
-    the web role and `--model sim` never load TensorFlow (nor does a model
-    served from the conversion cache)."""
-    if spec.source == SIM:
-        from keras_server.engines.simulated import SimulatedModel
-
-        return lambda: SimulatedModel(settings.sim_batch_ms, settings.sim_image_ms, spec.top_k)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from keras_server.engines.selection import EngineOptions, load_predictor
-
-    options = EngineOptions(
-        cache_dir=settings.cache_dir,
-        min_agreement=settings.min_agreement,
-        max_image_pixels=settings.max_image_pixels,
-        parallel_batches=settings.parallel_batches,
-    )
-    return lambda: load_predictor(spec, options)
-
-
-def make_workers(
-    settings: Settings,
-    predictor: Predictor,
-    model: str | None = None,
-    models: Models | None = None,
-    callbacks: CallbackSender | None = None,
-) -> list[Worker]:
-    """The claim loops of one model (default: the default model): for each
-    Redis shard `--parallel-batches` of them, all sharing the model, taking
-    turns (that many at once). `models`: the entry point's, else read from
-    `settings`; `callbacks`: the process's sender of job callbacks (default:
-    one of their own)."""
-    specs = models or settings.model_specs()
-    name = model or specs.default
-    spec = specs.find(name)
-    version = spec.version if spec else ""
-    keys = messages.Keys.for_model(settings.queue_name, name, specs.default)
-    turn = FairLock(settings.parallel_batches) if len(settings.redis_urls) > 1 else None
-    callbacks = callbacks or callback_sender(settings)
-    workers = []
-    for url in settings.redis_urls:
-        # The process's one Shard for `url`: the web tier of --role all and
-        # every model's worker share its connections and its health.
-        # Its version's own queue first, then the model's (RequestQueue).
-        queue = RequestQueue.open(
-            url,
-            keys,
-            timeout=settings.redis_timeout,
-            levels=settings.priority_levels,
-            version=version,
-            registry=messages.Keys(settings.queue_name).models,
-        )
-        for _ in range(settings.parallel_batches):
-            worker = Worker(
-                queue,
-                predictor,
-                settings.batch_size,
-                result_ttl=settings.result_timeout,
-                heartbeat_ttl=settings.heartbeat_ttl,
-                batch_delay=settings.max_batch_delay_ms / 1000,
-                max_lower=settings.lower_batch_limit,
-                hold=settings.priority_hold_ms / 1000,
-                description=predictor.description,
-                name=name,
-                version=version,
-                turn=turn,
-                job_ttl=settings.job_ttl,
-                callbacks=callbacks,
-            )
-            log.info("worker %s: model %r, queue %r at %s", worker.id, name, keys.queue, label(url))
-            workers.append(worker)
-    return workers
-
-
-def callback_sender(settings: Settings) -> CallbackSender:
-    """The job callbacks' sender: one per worker process, its pool shared by
-    every claim loop."""
-    return CallbackSender(
-        settings.callback_hosts, settings.callback_secret, public_url=settings.public_url
-    )
-
-
-def build_workers(
-    settings: Settings, models: Models, callbacks: CallbackSender | None = None
-) -> list[Worker]:
-    """Load and warm up every model this process serves (`--serve`); their
-    claim loops, sharing `callbacks` (default: a sender of their own)."""
-    callbacks = callbacks or callback_sender(settings)
-    workers = []
-    for spec in models.serving(settings.serve):
-        predictor = loader(settings, spec)()
-        timed_warm_up(predictor, settings.batch_size)
-        metrics.record_engine(spec.name, predictor)
-        workers += make_workers(settings, predictor, spec.name, models, callbacks)
-    return workers
-
-
-def run_worker(settings: Settings, models: Models) -> None:
-    callbacks = callback_sender(settings)
-    workers = build_workers(settings, models, callbacks)
-    if settings.metrics_port:
-        from prometheus_client import start_http_server
-
-        start_http_server(settings.metrics_port, addr=settings.host)
-        log.info("metrics on http://%s:%d/metrics", settings.host, settings.metrics_port)
-    stop = threading.Event()
-
-    def on_sigterm(signum: int, frame: FrameType | None) -> None:
-        log.info("SIGTERM: finishing the current batch, then stopping")
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-    signal.signal(signal.SIGINT, on_sigterm)  # Ctrl-C: as clean as SIGTERM
-    tracing.configure(settings, "worker")
-    try:
-        serve(workers, stop)
-    finally:
-        callbacks.close()  # the tries under way end; the pending stay in Redis
-        tracing.shutdown()  # the last batches' spans go out before we exit
-
-
 def run_all(settings: Settings, models: Models) -> int:
     """The one-command setup: a private Redis when none runs, the model worker
     and the HTTP front (and the gRPC front with --grpc-port), each a child
@@ -285,17 +173,16 @@ def run_all(settings: Settings, models: Models) -> int:
         # One prometheus-client multiprocess directory for every child, so the
         # front's /metrics shows the worker's batches beside its requests.
         env = child_environment(settings, metrics_directory(cleanup))
-        worker = spawn(WORKER_COMMAND, {**env, "KERAS_SERVER_ROLE": "worker"})
-        cleanup.callback(finish, worker, "model worker", settings.result_timeout + 30)
+        worker = child("model worker", WORKER_COMMAND, {**env, "KERAS_SERVER_ROLE": "worker"})
+        cleanup.callback(worker.stop, settings.result_timeout + 30)
         deployment = Deployment.from_settings(settings, models)
         served = [deployment.models[spec.name] for spec in models.serving(settings.serve)]
         while not all(model.live_workers() for model in served):
-            if worker.poll() is not None:
+            if not worker.alive():
                 return 1  # it logged why (a model that cannot load, ...)
             if stop.wait(0.1):
                 return 0
-        children = [(worker, "model worker"), *start_fronts(settings, env, cleanup)]
-        return watch(children, stop)
+        return watch([worker, *start_fronts(settings, env, cleanup)], stop)
     return 0
 
 
@@ -312,21 +199,20 @@ def run_web(settings: Settings) -> int:
 
 def start_fronts(
     settings: Settings, env: dict[str, str], cleanup: contextlib.ExitStack
-) -> list[tuple[subprocess.Popen[bytes], str]]:
+) -> list[Child]:
     """The HTTP front, and the gRPC front with --grpc-port, stopped together
     by `cleanup` (both get SIGTERM at once, and each its own time to finish)."""
     log.info("starting the HTTP front (granian) on %s:%d", settings.host, settings.port)
-    fronts = [(spawn(FRONT_COMMAND, env), "HTTP front")]
+    fronts = [child("HTTP front", FRONT_COMMAND, env)]
     if settings.grpc_port:
         log.info("starting the gRPC front on %s:%d", settings.host, settings.grpc_port)
-        fronts.append((spawn(GRPC_COMMAND, env), "gRPC front"))
+        fronts.append(child("gRPC front", GRPC_COMMAND, env))
 
     def stop_fronts() -> None:
-        for child, _ in fronts:
-            if child.poll() is None:
-                child.terminate()
-        for child, name in fronts:
-            finish(child, name, settings.result_timeout + 10)
+        for front in fronts:
+            front.terminate()
+        for front in fronts:
+            front.stop(settings.result_timeout + 10)
 
     cleanup.callback(stop_fronts)
     return fronts
@@ -353,12 +239,12 @@ def metrics_directory(cleanup: contextlib.ExitStack) -> str:
     return directory
 
 
-def watch(children: list[tuple[subprocess.Popen[bytes], str]], stop: threading.Event) -> int:
+def watch(children: list[Child], stop: threading.Event) -> int:
     """Until `stop` is set (0) or a child exits by itself (1, logged)."""
     while not stop.wait(0.2):
-        for child, name in children:
-            if child.poll() is not None:
-                log.error("the %s exited (status %s): stopping", name, child.returncode)
+        for running in children:
+            if not running.alive():
+                log.error("the %s exited (status %s): stopping", running.name, running.returncode)
                 return 1
     return 0
 
@@ -378,7 +264,8 @@ GRPC_COMMAND = ("-m", "keras_server.rpc.server")
 # faulted back in page by page, ~270 page faults per request in the web tier
 # (issue 23). Fixed at the ceiling glibc's own adjustment may reach (32 MB,
 # twice that for the trim), freed memory stays with the process for the next
-# request, bounded by what requests held at once (the decode budget).
+# request, bounded by what requests held at once (the decode budget). The one
+# malloc policy of the server: no process changes it with mallopt.
 MALLOC_ENVIRONMENT = {
     "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
     "MALLOC_TRIM_THRESHOLD_": str(64 << 20),
@@ -398,26 +285,13 @@ def child_environment(settings: Settings, metrics_dir: str) -> dict[str, str]:
     }
 
 
-def spawn(command: Sequence[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, *command],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,  # Ctrl-C is ours to pass on, in order
-        preexec_fn=die_with_parent,  # noqa: PLW1509 (only a prctl call runs in the child)
-    )
-
-
-def finish(child: subprocess.Popen[bytes], name: str, timeout: float) -> None:
-    """SIGTERM `child` and wait for it to exit gracefully; SIGKILL after `timeout` s."""
-    if child.poll() is None:
-        child.terminate()
-    try:
-        child.wait(timeout)
-    except subprocess.TimeoutExpired:
-        log.error("the %s did not stop within %.0f s of SIGTERM: killed", name, timeout)
-        child.kill()
-        child.wait()
+def child(name: str, command: Sequence[str], env: dict[str, str]) -> Child:
+    """`command` run by this Python as a child process, started: writing to
+    our stdout and stderr (one log), in a session of its own (Ctrl-C is ours
+    to pass on, in order), tied to us (SIGTERM if we die)."""
+    return Child(
+        name, [sys.executable, *command], env=env, new_session=True, tied=True, shared_output=True
+    ).start()
 
 
 def exec_front(settings: Settings) -> None:

@@ -26,7 +26,6 @@ to the same pixels.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import io
 import math
 import struct
@@ -70,11 +69,6 @@ _REDUCING_GAP = 1.5
 # Small working copies (the reduced image, its RGB and float versions) and the
 # decoder's row buffers: a few MB at most, counted once per decode.
 _WORKING_BYTES = 8 * MB
-
-# glibc's mallopt parameter, and the size from which a block gets its own
-# mmap (a JPEG drafted to 1/8 scale and every working copy stay below it).
-_M_MMAP_THRESHOLD = -3
-_MMAP_THRESHOLD_BYTES = 4 * MB
 
 # EXIF orientation -> the transpose that shows the image upright (what
 # ImageOps.exif_transpose does, applied here to the small copy instead).
@@ -145,24 +139,6 @@ class DecodeBudget:
         finally:
             with self._lock:
                 self._used -= cost
-
-
-def return_freed_pixels_to_the_system() -> None:
-    """Make glibc give a freed image back to the system at once (idempotent).
-
-    Left to itself, glibc raises its mmap threshold to the largest block ever
-    freed (Pillow allocates images in 16 MB blocks), and from then on serves
-    such blocks from per-thread arenas that keep freed memory: with many
-    request threads the process would keep one decode's worth per arena, far
-    beyond the decode budget. A fixed threshold keeps every large block
-    mmapped, so freeing it returns it. No-op where the C library has no
-    mallopt (musl, macOS).
-    """
-    # The symbols already loaded into this process, the C library's among them
-    # (find_library would run ldconfig: slow, and not needed).
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
-    if mallopt is not None:
-        mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
 
 
 def load_image(

@@ -1,10 +1,11 @@
 """A child process with its log: start it, wait until it is ready, stop it
 (SIGTERM, then SIGKILL), and read the tail of what it printed.
 
-Used for every process we start: the private redis-server, the parts of a
+Used for every process we start: the children of `--role all` and of
+`--role web --grpc-port` (cli.py), the private redis-server, the parts of a
 local cluster (run_cluster.py), the servers the benchmark drives, and the
-servers the tests run. Output goes to a file, never a pipe: a pipe nobody
-reads fills up and blocks the child.
+servers the tests run. Output goes to a file, or to our own stdout and
+stderr, never a pipe: a pipe nobody reads fills up and blocks the child.
 """
 
 from __future__ import annotations
@@ -63,7 +64,9 @@ class Child:
     in a terminal reaches only us, and `kill` takes the child's own children
     (granian's web processes) along. `tied` sends it SIGTERM if we die, even by
     kill -9 (Linux; start it from the main thread, as the signal follows the
-    thread that forked). Can be started again once stopped; the log grows.
+    thread that forked). `shared_output`: it writes to our stdout and stderr
+    (one log for a parent and its children) and has no log file of its own.
+    Can be started again once stopped; the log grows.
     """
 
     def __init__(
@@ -76,6 +79,7 @@ class Child:
         env: Mapping[str, str] | None = None,
         new_session: bool = False,
         tied: bool = False,
+        shared_output: bool = False,
     ) -> None:
         self.name = name
         self.command = list(command)
@@ -83,23 +87,25 @@ class Child:
         self.env = dict(env) if env is not None else None
         self.new_session = new_session
         self.tied = tied
+        self.shared_output = shared_output
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
-        if log_path is None:
+        if log_path is None and not shared_output:
             self._tmp = tempfile.TemporaryDirectory(prefix="keras-server-")
             log_path = Path(self._tmp.name) / f"{name}.log"
-        self.log_path = log_path
+        self.log_path = log_path or Path(os.devnull)  # shared output: nothing of its own to read
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Child:
         # Append mode: our reads never move the child's write position.
-        with self.log_path.open("ab") as out:
+        with contextlib.ExitStack() as closing:
+            out = None if self.shared_output else closing.enter_context(self.log_path.open("ab"))
             self.process = subprocess.Popen(
                 self.command,
                 cwd=self.cwd,
                 env=self.env,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
-                stderr=subprocess.STDOUT,
+                stderr=None if self.shared_output else subprocess.STDOUT,
                 start_new_session=self.new_session,
                 # Only tiny prctl code runs in the child.
                 preexec_fn=die_with_parent if self.tied and sys.platform == "linux" else None,  # noqa: PLW1509

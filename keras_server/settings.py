@@ -4,9 +4,9 @@ The entry point calls `load_settings()` once and passes the frozen `Settings`
 down; only `load_settings` reads our KERAS_SERVER_* variables and `sys.argv`.
 Other modules touch `os.environ` only for other programs' switches:
 prometheus-client's multiprocess directory (metrics, web.front), TensorFlow's
-log level (cli), OpenTelemetry's OTEL_* variables (tracing, and the SDK
+log level (worker.main), OpenTelemetry's OTEL_* variables (tracing, and the SDK
 itself), and the environment handed to the child processes (cli).
-The batch client (classify) is no server: its `--api-key` defaults to
+The batch client (client/batch.py) is no server: its `--api-key` defaults to
 `$KERAS_SERVER_API_KEY`, read by its own parser.
 """
 
@@ -14,28 +14,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
-from keras_server.broker.messages import Keys
-from keras_server.broker.request_queue import SENTINEL_SCHEME, parse_sentinel_url
 from keras_server.callbacks import allowed_hosts
-from keras_server.catalog import (
-    ENGINES,
-    PRECISIONS,
-    PREPROCESSING,
-    CatalogError,
-    Models,
-    ModelSpec,
-    check_source,
-    check_top_k,
-    load_models_file,
-)
+from keras_server.catalog import ENGINES, PRECISIONS, PREPROCESSING, check_source, check_top_k
 
 ENV_PREFIX = "KERAS_SERVER_"
 ROLES = ("all", "web", "worker")
@@ -123,48 +111,6 @@ class Settings:
     public_url: str = ""
     cors_origins: str = ""
 
-    def model_specs(self) -> Models:
-        """The models this deployment serves, and the default one's name: read
-        once by the entry point, which passes them down.
-
-        Raises catalog.CatalogError when the models file or a spec is unusable.
-        """
-        if self.models_file:
-            specs, default = load_models_file(self.models_file)
-            for spec in specs:
-                try:  # the key layout decides which names are free
-                    Keys.for_model(self.queue_name, spec.name, default)
-                except ValueError as exc:
-                    raise CatalogError(f"models file {self.models_file}: {exc}") from None
-            # A model that names no engine, precision or calibration set gets the flags'.
-            return Models(tuple(self._engine_defaults(s) for s in specs), default)
-        source = self.model
-        name = Path(source).stem.lower() if source.endswith(".keras") else source
-        name = re.sub(r"[^a-z0-9_-]+", "-", name).strip("-_") or "model"
-        spec = ModelSpec(
-            name=name,
-            source=source,
-            weights=self.weights,
-            labels=self.labels or None,
-            preprocessing=self.preprocessing or None,
-            top_k=self.top_k,
-            version=self.model_version,
-        )
-        return Models((self._engine_defaults(spec).validate(),), name)
-
-    def _engine_defaults(self, spec: ModelSpec) -> ModelSpec:
-        return dataclasses.replace(
-            spec,
-            engine=spec.engine or self.engine,
-            precision=spec.precision or self.precision,
-            calibration_dir=spec.calibration_dir or self.calibration_dir or None,
-            response_cache_ttl=(
-                self.response_cache_ttl
-                if spec.response_cache_ttl is None
-                else spec.response_cache_ttl
-            ),
-        ).validate()
-
     @property
     def redis_urls(self) -> tuple[str, ...]:
         """Each Redis of --redis-url: one per shard."""
@@ -210,20 +156,6 @@ def _int(text: str) -> int:
         raise ValueError("must be a whole number") from None
 
 
-def _positive_int(text: str) -> int:
-    value = _int(text)
-    if value < 1:
-        raise ValueError("must be a whole number of at least 1")
-    return value
-
-
-def _port(text: str) -> int:
-    value = _int(text)
-    if not 0 <= value <= 65535:
-        raise ValueError("must be a TCP port between 0 and 65535")
-    return value
-
-
 def _float(text: str) -> float:
     try:
         return float(text)
@@ -231,55 +163,7 @@ def _float(text: str) -> float:
         raise ValueError("must be a number") from None
 
 
-def _positive_float(text: str) -> float:
-    value = _float(text)
-    if not 0 < value < float("inf"):
-        raise ValueError("must be a number greater than 0")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = _float(text)
-    if not 0 <= value < float("inf"):
-        raise ValueError("must be a number, 0 or more")
-    return value
-
-
-def _header_timeout(text: str) -> float:
-    value = _positive_float(text)
-    if not 0.001 <= value <= 60:
-        raise ValueError("must be from 0.001 to 60 seconds (granian's range)")
-    return value
-
-
-def _batch_size(text: str) -> int:
-    value = _positive_int(text)
-    if value > MAX_BATCH_SIZE:
-        raise ValueError(f"must be at most {MAX_BATCH_SIZE}")
-    return value
-
-
-def _priority_levels(text: str) -> int:
-    value = _positive_int(text)
-    if value > MAX_PRIORITY_LEVELS:
-        raise ValueError(f"must be at most {MAX_PRIORITY_LEVELS}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = _int(text)
-    if value < 0:
-        raise ValueError("must be a whole number, 0 or more")
-    return value
-
-
-def _parallel_batches(text: str) -> int:
-    value = _positive_int(text)
-    if value > MAX_PARALLEL_BATCHES:
-        raise ValueError(f"must be at most {MAX_PARALLEL_BATCHES}")
-    return value
-
-
+SENTINEL_SCHEME = "redis+sentinel://"
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://", SENTINEL_SCHEME)
 
 
@@ -309,18 +193,26 @@ def _public_url(text: str) -> str:
     return text.rstrip("/")
 
 
-def _max_queue(text: str) -> int:
-    value = _positive_int(text)
-    if value > MAX_QUEUE:
-        raise ValueError(f"must be at most {MAX_QUEUE}")
-    return value
-
-
-def _max_images(text: str) -> int:
-    value = _positive_int(text)
-    if value > MAX_IMAGES:
-        raise ValueError(f"must be at most {MAX_IMAGES}")
-    return value
+def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, int, str | None]:
+    """(sentinel addresses, master name, db, password) of a redis+sentinel:// URL."""
+    rest = url.removeprefix(SENTINEL_SCHEME)
+    password = None
+    if "@" in rest:
+        credentials, rest = rest.rsplit("@", 1)
+        password = unquote(credentials.split(":", 1)[-1]) or None
+    hosts, _, path = rest.partition("/")
+    parts = [p for p in path.split("/") if p]
+    if not hosts or not parts or len(parts) > 2:
+        raise ValueError(f"expected {SENTINEL_SCHEME}HOST:PORT[,HOST:PORT...]/MASTER[/DB]")
+    sentinels = []
+    for host in hosts.split(","):
+        name, _, port = host.rpartition(":")
+        if not name or not port.isdigit():
+            raise ValueError(f"sentinel address {host!r}: expected HOST:PORT")
+        sentinels.append((name.strip("[]"), int(port)))
+    if len(parts) == 2 and not parts[1].isdigit():
+        raise ValueError(f"database {parts[1]!r}: expected a number")
+    return sentinels, parts[0], int(parts[1]) if len(parts) == 2 else 0, password
 
 
 def _redis_urls(text: str) -> str:
@@ -375,13 +267,6 @@ def _bool(text: str) -> bool:
     raise ValueError("must be true or false")
 
 
-def _share(text: str) -> float:
-    value = _float(text)
-    if not 0 <= value <= 1:
-        raise ValueError("must be a number from 0 to 1")
-    return value
-
-
 def _otlp_endpoint(text: str) -> str:
     value = text.strip()
     if value and not value.startswith(("http://", "https://")):
@@ -432,11 +317,55 @@ def _non_empty(text: str) -> str:
 
 
 @dataclass(frozen=True)
+class Number:
+    """A number's parser, its bounds part of its row in the table: an int or
+    a finite float, at least `low` (more than it with `above`), at most
+    `high`. `says`: the bounds in words, for any value outside them, where
+    the generic words would say less (a port, granian's range)."""
+
+    whole: bool
+    low: float
+    high: float | None = None
+    above: bool = False
+    says: str = ""
+
+    def __call__(self, text: str) -> float:
+        value = _int(text) if self.whole else _float(text)
+        low_ok = (self.whole or math.isfinite(value)) and (
+            value > self.low if self.above else value >= self.low
+        )
+        high_ok = self.high is None or value <= self.high
+        if self.says and not (low_ok and high_ok):
+            raise ValueError(f"must be {self.says}")
+        if not low_ok:
+            raise ValueError(f"must be {self._at_least()}")
+        if not high_ok:
+            raise ValueError(f"must be at most {self.high:g}")
+        return value
+
+    def _at_least(self) -> str:
+        if self.whole and self.low == 0:
+            return "a whole number, 0 or more"
+        if self.whole:
+            return f"a whole number of at least {self.low:g}"
+        if self.above:
+            return f"a number greater than {self.low:g}"
+        return f"a number, {self.low:g} or more"
+
+
+POSITIVE_INT = Number(whole=True, low=1)
+NON_NEGATIVE_INT = Number(whole=True, low=0)
+POSITIVE = Number(whole=False, low=0, above=True)
+NON_NEGATIVE = Number(whole=False, low=0)
+PORT = Number(whole=True, low=0, high=65535, says="a TCP port between 0 and 65535")
+
+
+@dataclass(frozen=True)
 class Knob:
     """One row of the settings table."""
 
     field: str
-    parse: Callable[[str], Any]
+    parse: Callable[[str], Any]  # ValueError saying what is wrong with the text
     help: str
     metavar: str
 
@@ -456,7 +385,7 @@ KNOBS: tuple[Knob, ...] = (
         "address the HTTP server binds (and a --role worker's --metrics-port)",
         "ADDR",
     ),
-    Knob("port", _port, "port the HTTP server listens on", "PORT"),
+    Knob("port", PORT, "port the HTTP server listens on", "PORT"),
     Knob(
         "redis_url",
         _redis_urls,
@@ -468,7 +397,7 @@ KNOBS: tuple[Knob, ...] = (
     ),
     Knob(
         "redis_timeout",
-        _positive_float,
+        POSITIVE,
         "seconds any Redis command may take (the waits for work and answers: past the end "
         "Redis sets for them); a shard that takes longer (a hung host) is skipped like one "
         "that refuses connections",
@@ -527,7 +456,7 @@ KNOBS: tuple[Knob, ...] = (
     ),
     Knob(
         "model_grace",
-        _non_negative_float,
+        NON_NEGATIVE,
         "--models-from workers: seconds a learned model's requests get 503 (no live "
         "worker) after its last worker left, before it is forgotten (404)",
         "SECONDS",
@@ -541,13 +470,13 @@ KNOBS: tuple[Knob, ...] = (
     ),
     Knob(
         "batch_size",
-        _batch_size,
+        Number(whole=True, low=1, high=MAX_BATCH_SIZE),
         f"most images in one forward pass (at most {MAX_BATCH_SIZE})",
         "N",
     ),
     Knob(
         "parallel_batches",
-        _parallel_batches,
+        Number(whole=True, low=1, high=MAX_PARALLEL_BATCHES),
         "batches a worker runs at once, each claimed by its own claim loop per Redis "
         "shard; above 1, OpenVINO is compiled for that many requests with the THROUGHPUT "
         "hint (a CPU stream each). 1: one batch at a time, LATENCY hint (fastest at low "
@@ -585,14 +514,14 @@ KNOBS: tuple[Knob, ...] = (
     ),
     Knob(
         "min_agreement",
-        _share,
+        Number(whole=False, low=0, high=1, says="a number from 0 to 1"),
         "bf16/int8: refuse to start when the top-1 class agrees with Keras fp32 on less "
         "than this share of the held-out images",
         "SHARE",
     ),
     Knob(
         "max_batch_delay_ms",
-        _non_negative_float,
+        NON_NEGATIVE,
         "after the first request of a batch, wait up to this long for more (0: take "
         "what is queued)",
         "MS",
@@ -600,21 +529,21 @@ KNOBS: tuple[Knob, ...] = (
     Knob("queue_name", _non_empty, "Redis list the requests go through", "NAME"),
     Knob(
         "max_queue",
-        _max_queue,
+        Number(whole=True, low=1, high=MAX_QUEUE),
         "most requests waiting in a shard's queue at each priority level; beyond it a "
         f"request is refused at once with 503 and Retry-After (at most {MAX_QUEUE})",
         "N",
     ),
     Knob(
         "priority_levels",
-        _priority_levels,
+        Number(whole=True, low=1, high=MAX_PRIORITY_LEVELS),
         "priority levels a request may ask for (X-Priority, v2 parameters.priority), "
         f"1 the highest; a request that names none is level 1 (at most {MAX_PRIORITY_LEVELS})",
         "N",
     ),
     Knob(
         "low_priority_batch_size",
-        _non_negative_int,
+        NON_NEGATIVE_INT,
         "while level-1 requests come (one in the last second), most requests from "
         "below level 1 in one forward pass (0: --batch-size): a level-1 request that "
         "comes while a batch runs waits for it, so a smaller batch bounds that wait, at "
@@ -624,7 +553,7 @@ KNOBS: tuple[Knob, ...] = (
     ),
     Knob(
         "priority_hold_ms",
-        _non_negative_float,
+        NON_NEGATIVE,
         "after a batch that held a level-1 request, wait up to this long for the next "
         "level-1 request before taking lower levels' work (0: never wait): a client "
         "sending one request after another then finds the model free, at the cost of "
@@ -633,28 +562,28 @@ KNOBS: tuple[Knob, ...] = (
     ),
     Knob(
         "result_timeout",
-        _positive_float,
+        POSITIVE,
         "seconds a request waits for its prediction before a 504; the most a "
         "request's own timeout (X-Request-Timeout, v2 parameters.timeout) may ask",
         "SECONDS",
     ),
-    Knob("max_upload_mb", _positive_float, "largest accepted request body", "MB"),
+    Knob("max_upload_mb", POSITIVE, "largest accepted request body", "MB"),
     Knob(
         "max_image_pixels",
-        _positive_int,
+        POSITIVE_INT,
         "largest accepted image (width x height) before a 413",
         "PIXELS",
     ),
     Knob(
         "max_images",
-        _max_images,
+        Number(whole=True, low=1, high=MAX_IMAGES),
         "most images in one request (repeated image fields on /predict, a v2 infer's "
         f"batch; at most {MAX_IMAGES}); beyond it a 413",
         "N",
     ),
     Knob(
         "decode_memory_mb",
-        _positive_float,
+        POSITIVE,
         "memory each web process may hold for images being decoded, estimated from "
         "their headers; an upload that does not fit beside those in flight gets a 503 "
         "with Retry-After, one that could never fit a 413",
@@ -669,55 +598,55 @@ KNOBS: tuple[Knob, ...] = (
     ),
     Knob(
         "web_workers",
-        _positive_int,
+        POSITIVE_INT,
         "--role web and all: HTTP server (granian) processes; --role all runs the model "
         "in a process of its own beside them",
         "N",
     ),
     Knob(
         "web_threads",
-        _positive_int,
+        POSITIVE_INT,
         "threads per web process, i.e. requests each can hold while they wait for "
         "their prediction (connections waiting for their headers hold none)",
         "N",
     ),
     Knob(
         "header_timeout",
-        _header_timeout,
+        Number(whole=False, low=0.001, high=60, says="from 0.001 to 60 seconds (granian's range)"),
         "seconds a client may take to send its request line and headers before the "
         "connection is closed (a slow client holds no thread meanwhile)",
         "SECONDS",
     ),
     Knob(
         "heartbeat_ttl",
-        _positive_float,
+        POSITIVE,
         "seconds without a heartbeat after which a claim loop (a worker's, on one "
         "shard) counts as dead and its claimed requests go back on the queue",
         "SECONDS",
     ),
     Knob(
         "metrics_port",
-        _port,
+        PORT,
         "--role worker: serve Prometheus /metrics on this port (0: off)",
         "PORT",
     ),
     Knob(
         "grpc_port",
-        _port,
+        PORT,
         "--role web and all: also speak the v2 inference protocol over gRPC on this port "
         "(0: off), from a process of its own beside the HTTP front",
         "PORT",
     ),
     Knob(
         "grpc_max_calls",
-        _non_negative_int,
+        NON_NEGATIVE_INT,
         "most gRPC calls held at once, running or waiting for one of the --web-threads "
         "threads (each may hold a message of --max-upload-mb); past it a call is answered "
         "RESOURCE_EXHAUSTED at once (0: twice --web-threads)",
         "N",
     ),
-    Knob("sim_batch_ms", _non_negative_float, "--model sim: sleep per batch", "MS"),
-    Knob("sim_image_ms", _non_negative_float, "--model sim: sleep per image", "MS"),
+    Knob("sim_batch_ms", NON_NEGATIVE, "--model sim: sleep per batch", "MS"),
+    Knob("sim_image_ms", NON_NEGATIVE, "--model sim: sleep per image", "MS"),
     Knob("log_level", _choice(LOG_LEVELS, upper=True), "logging level", "LEVEL"),
     Knob(
         "api_keys",
@@ -746,7 +675,7 @@ KNOBS: tuple[Knob, ...] = (
     ),
     Knob(
         "response_cache_ttl",
-        _non_negative_float,
+        NON_NEGATIVE,
         "seconds an answer stays in the shared response cache, so the same upload to the "
         "same model version is answered from Redis without queueing it (0: off; a model "
         "of --models-file may set its own response_cache_ttl)",
@@ -771,20 +700,20 @@ KNOBS: tuple[Knob, ...] = (
     ),
     Knob(
         "max_job_images",
-        _positive_int,
+        POSITIVE_INT,
         "most images in one job (POST /jobs: image fields and an archive's files); beyond it a 413",
         "N",
     ),
     Knob(
         "max_job_upload_mb",
-        _positive_float,
+        POSITIVE,
         "largest POST /jobs body, streamed to temporary files, never held whole "
         "(--max-upload-mb is every other route's, and each image's in a job)",
         "MB",
     ),
     Knob(
         "max_archive_mb",
-        _positive_float,
+        POSITIVE,
         "most bytes a job's archive may inflate, hidden files and tar headers "
         "included: a zip's declared sizes are checked first, and reading stops as "
         "soon as it is over; beyond it a 413",
@@ -792,7 +721,7 @@ KNOBS: tuple[Knob, ...] = (
     ),
     Knob(
         "max_job_backlog",
-        _positive_int,
+        POSITIVE_INT,
         "most job images waiting in a shard's Redis, not yet on the queue (each is "
         "its decoded pixels, 150 KB at 224x224); a job that would pass it gets a 503 "
         "with Retry-After",
@@ -800,7 +729,7 @@ KNOBS: tuple[Knob, ...] = (
     ),
     Knob(
         "job_ttl",
-        _positive_float,
+        POSITIVE,
         "seconds a job's record and results are kept (from its end; an unfinished "
         "job's from its start)",
         "SECONDS",

@@ -25,10 +25,11 @@ from keras_server.broker.redis_server import RedisServer, find_redis_server, fre
 from keras_server.broker.request_queue import RequestQueue
 from keras_server.broker.shards import ShardSet, label
 from keras_server.catalog import CatalogError, load_models_file
-from keras_server.cli import make_workers
+from keras_server.cli import read_models
 from keras_server.engines.simulated import SimulatedModel
 from keras_server.settings import Settings, load_settings
 from keras_server.web.app import create_app
+from keras_server.worker.main import make_workers
 
 RESULT_TIMEOUT = 5.0
 # How far past its deadline an answer may come: --redis-timeout (the default,
@@ -141,7 +142,7 @@ def test_a_model_named_after_a_key_part_is_refused(tmp_path: Path) -> None:
     models = tmp_path / "models.toml"
     models.write_text('[models.resnet50]\nmodel = "sim"\n[models.workers]\nmodel = "sim"\n')
     with pytest.raises(CatalogError, match="'workers' would collide"):
-        load_settings(["--models-file", str(models)]).model_specs()
+        read_models(load_settings(["--models-file", str(models)]))
     # The default model keeps the plain queue name, so it may have any name.
     models.write_text('default = "workers"\n[models.workers]\nmodel = "sim"\n')
     assert load_models_file(models)[1] == "workers"

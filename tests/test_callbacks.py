@@ -1,4 +1,4 @@
-"""Job callbacks (keras_server/callbacks.py) against a real HTTP receiver on
+"""Job callbacks (keras_server/callbacks.py, keras_server/worker/callbacks.py) against a real HTTP receiver on
 loopback and real Redis: the allow-list's hosts, ports and path prefixes;
 the timestamped signature, checked by the receiver code docs/api.md shows;
 delivery from Redis by any worker, once, from a bounded pool, surviving the
@@ -26,10 +26,11 @@ from prometheus_client import REGISTRY
 
 from keras_server.broker import messages
 from keras_server.broker.request_queue import RequestQueue
-from keras_server.callbacks import ATTEMPTS, CallbackSender, allowed_hosts, refusal, sign
+from keras_server.callbacks import allowed_hosts, refusal, sign
 from keras_server.engines.simulated import SimulatedModel
 from keras_server.settings import Settings, SettingsError, load_settings
 from keras_server.web.app import create_app
+from keras_server.worker.callbacks import ATTEMPTS, CallbackSender
 
 SECRET = "s3cret-for-callbacks"
 PUBLIC = "https://api.example.com/ml"

@@ -24,12 +24,12 @@ from PIL import Image
 import keras_server
 from examples.squares import squares, train
 from keras_server.broker.redis_server import free_port
-from keras_server.catalog import CatalogError, ModelSpec, load_models_file
-from keras_server.engines import calibration, openvino_engine, selection
+from keras_server.catalog import CatalogError, ModelSpec, load_models_file, model_specs
+from keras_server.engines import calibration, choice, opening, openvino_engine
+from keras_server.engines.choice import EngineOptions, load_predictor
 from keras_server.engines.conversion_cache import MANIFEST, ConversionCache, write_manifest
 from keras_server.engines.predictor import EngineError, ModelLoadError
 from keras_server.engines.preprocess import STEPS, batch_of, preprocessing
-from keras_server.engines.selection import EngineOptions, load_predictor
 from keras_server.settings import Settings, SettingsError, load_settings
 
 SQUARES_SIZE = (32, 32)
@@ -150,7 +150,7 @@ def test_each_engine_and_precision_follows_keras_on_the_trained_model(
     assert predictor.fidelity is not None
     if precision == "fp32":
         assert predictor.fidelity.max_difference <= 1e-4
-        assert predictor.fidelity.images == selection.CHECK_IMAGES + 20  # noise + held out
+        assert predictor.fidelity.images == opening.CHECK_IMAGES + 20  # noise + held out
     else:
         assert predictor.fidelity.images == 20  # every fifth of 100 held out
         assert predictor.fidelity.agreement >= 0.95
@@ -171,7 +171,7 @@ def test_a_second_load_is_a_cache_hit_and_needs_no_tensorflow(
     squares_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     spec = spec_of(squares_model, engine="openvino")
-    with caplog.at_level(logging.INFO, logger="keras_server.engines.selection"):
+    with caplog.at_level(logging.INFO, logger="keras_server.engines.choice"):
         load_predictor(spec, options(tmp_path))
     assert "conversion cache miss" in caplog.text
     entries = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
@@ -182,7 +182,7 @@ def test_a_second_load_is_a_cache_hit_and_needs_no_tensorflow(
 import sys, logging
 logging.basicConfig(level=logging.INFO)
 from keras_server.catalog import ModelSpec
-from keras_server.engines.selection import EngineOptions, load_predictor
+from keras_server.engines.choice import EngineOptions, load_predictor
 spec = ModelSpec(name="squares", source={str(squares_model)!r},
                  labels={str(squares_model.with_suffix(".txt"))!r}, preprocessing="scale",
                  engine="openvino", precision="fp32")
@@ -214,7 +214,7 @@ import sys, logging
 import numpy as np
 logging.basicConfig(level=logging.INFO, format="%(processName)s %(name)s %(message)s")
 from keras_server.catalog import ModelSpec
-from keras_server.engines.selection import EngineOptions, load_predictor
+from keras_server.engines.choice import EngineOptions, load_predictor
 spec = ModelSpec(name="squares", source={str(squares_model)!r},
                  labels={str(squares_model.with_suffix(".txt"))!r}, preprocessing="scale",
                  engine="openvino", precision="fp32")
@@ -231,7 +231,7 @@ sys.exit(f"imported {{heavy}}" if heavy else 0)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "conversion cache miss" in done.stderr
     # The child's records come out through the parent's handlers, named as the child.
-    assert "convert-squares keras_server.engines.selection model 'squares' converted for" in (
+    assert "convert-squares keras_server.engines.conversion model 'squares' converted for" in (
         done.stderr
     )
     reference = keras_reference(squares_model).predict(images)  # type: ignore[attr-defined]
@@ -254,7 +254,7 @@ def test_a_conversion_that_dies_is_an_engine_error_and_auto_takes_keras(
 
     with pytest.raises(EngineError, match=r"process was killed by SIGKILL \(out of memory\?\)"):
         load_and_kill_the_converter(spec_of(squares_model, engine="openvino"))
-    with caplog.at_level(logging.WARNING, logger="keras_server.engines.selection"):
+    with caplog.at_level(logging.WARNING, logger="keras_server.engines.choice"):
         chosen = load_and_kill_the_converter(spec_of(squares_model, engine="auto"))
     assert chosen.engine == "keras"  # type: ignore[attr-defined]
     assert "killed by SIGKILL (out of memory?); use --engine keras); falling back" in caplog.text
@@ -345,7 +345,7 @@ def test_fidelity_below_the_bar_is_refused(
     with pytest.raises(EngineError, match=r"differs from Keras by up to 0.001 \(allowed 0.0001\)"):
         load_predictor(fp32, options(tmp_path))
     # auto takes keras instead, and says why.
-    with caplog.at_level(logging.INFO, logger="keras_server.engines.selection"):
+    with caplog.at_level(logging.INFO, logger="keras_server.engines.choice"):
         chosen = load_predictor(spec_of(squares_model, engine="auto"), options(tmp_path))
     assert chosen.engine == "keras"
     assert "falling back to keras" in caplog.text and "differs from Keras" in caplog.text
@@ -377,7 +377,7 @@ def test_auto_picks_openvino_fp32_on_a_cpu(squares_model: Path, module_cache: Pa
 def test_auto_picks_keras_when_tensorflow_sees_a_gpu(
     squares_model: Path, module_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(selection, "gpu_visible", lambda: True)
+    monkeypatch.setattr(choice, "gpu_visible", lambda: True)
     assert load_predictor(spec_of(squares_model), options(module_cache)).engine == "keras"
 
 
@@ -392,7 +392,7 @@ def test_openvino_that_cannot_compile_falls_back_under_auto_and_stops_by_name(
         raise EngineError("OpenVINO cannot compile the model for this CPU (simulated)")
 
     monkeypatch.setattr(openvino_engine, "compile_model", broken)
-    with caplog.at_level(logging.WARNING, logger="keras_server.engines.selection"):
+    with caplog.at_level(logging.WARNING, logger="keras_server.engines.choice"):
         assert load_predictor(spec_of(squares_model), options(module_cache)).engine == "keras"
     assert "cannot compile the model for this CPU (simulated)); falling back to keras" in (
         caplog.text
@@ -494,10 +494,10 @@ def test_engine_and_precision_knobs() -> None:
     with pytest.raises(SettingsError, match=r"--min-agreement='1\.5': must be a number from 0"):
         load_settings(["--min-agreement", "1.5"], environ={})
     with pytest.raises(CatalogError, match="precision int8 runs only on the openvino engine"):
-        load_settings(["--engine", "keras", "--precision", "int8"], environ={}).model_specs()
-    (spec,), _ = load_settings(
-        ["--precision", "bf16", "--calibration-dir", "/data/cal"], environ={}
-    ).model_specs()
+        model_specs(load_settings(["--engine", "keras", "--precision", "int8"], environ={}))
+    (spec,), _ = model_specs(
+        load_settings(["--precision", "bf16", "--calibration-dir", "/data/cal"], environ={})
+    )
     assert (spec.engine, spec.precision, spec.calibration_dir) == ("auto", "bf16", "/data/cal")
 
 
@@ -513,7 +513,7 @@ def test_models_file_sets_engine_and_precision_per_model(tmp_path: Path) -> None
     assert (specs[1].engine, specs[1].precision) == (None, None)
     # A model that names none gets the flags'.
     settings = Settings(models_file=str(models), engine="keras")
-    a, b = settings.model_specs()[0]
+    a, b = model_specs(settings)[0]
     assert (a.engine, b.engine, b.precision) == ("openvino", "keras", "fp32")
     models.write_text('[models.a]\nmodel = "resnet50"\nprecision = "fp16"\n')
     with pytest.raises(CatalogError, match="precision 'fp16' is not one of fp32, bf16, int8"):

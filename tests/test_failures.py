@@ -22,12 +22,12 @@ from werkzeug.test import TestResponse
 
 from keras_server.broker import messages
 from keras_server.broker.redis_server import RedisServer, free_port
-from keras_server.cli import make_workers
 from keras_server.engines.simulated import SimulatedModel
 from keras_server.serving.models import Deployment
 from keras_server.settings import Settings
 from keras_server.web.app import create_app
 from keras_server.worker.loop import serve
+from keras_server.worker.main import make_workers
 
 INFER = "/v2/models/resnet50/infer"
 INTERNAL = "internal server error; the server log has the details"

@@ -334,8 +334,8 @@ def test_queue_messages_round_trip(
 
 @st.composite
 def queue_entries(draw: st.DrawFn) -> bytes:
-    """A valid entry (either form), a field or two replaced by something
-    hostile, its data maybe cut or emptied, then maybe bytes mutated."""
+    """A valid entry, a field or two replaced by something hostile, its data
+    maybe cut or emptied, then maybe bytes mutated."""
     image = draw(images)
     # Not ImageRequest.create: a fixed id and deadline keep the draws repeatable.
     request = messages.ImageRequest(
@@ -344,10 +344,8 @@ def queue_entries(draw: st.DrawFn) -> bytes:
     raw = messages.encode_request(request)
     text, _, data = raw.partition(b"\n")
     header = json.loads(text)
-    if draw(st.booleans()):  # the older all-JSON form
-        header["image"] = base64.b64encode(data).decode()
     for _ in range(draw(st.integers(0, 2))):
-        key = draw(st.sampled_from([*header, "classes", "image", "trace"]))
+        key = draw(st.sampled_from([*header, "classes", "trace"]))
         header[key] = draw(
             hostile | st.sampled_from(["uint8", "float32", "object", "<U1"]) | st.text(max_size=8)
         )
@@ -356,7 +354,7 @@ def queue_entries(draw: st.DrawFn) -> bytes:
         text = json.dumps(header).encode()
     except RecursionError:
         text = b'{"id": "x", "shape": ' + b"[" * 100_000
-    raw = text if "image" in header else text + b"\n" + data
+    raw = text + b"\n" + data
     return mutate(raw, draw) if draw(st.integers(0, 3)) == 0 else raw
 
 

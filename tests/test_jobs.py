@@ -36,7 +36,7 @@ from PIL import Image
 
 from keras_server.broker import messages
 from keras_server.broker.jobs import JobStore
-from keras_server.classify import main as classify
+from keras_server.client.batch import main as batch_client
 from keras_server.engines.simulated import SimulatedModel
 from keras_server.processes import Child
 from keras_server.settings import Settings
@@ -340,7 +340,7 @@ def test_the_batch_client_with_job(settings: Settings, tmp_path: Path) -> None:
     (folder / "broken.png").write_bytes(CHELSEA[: len(CHELSEA) // 2])
     out = tmp_path / "results.jsonl"
     try:
-        status = classify([str(folder), "--url", base, "--out", str(out), "--job",
+        status = batch_client([str(folder), "--url", base, "--out", str(out), "--job",
                            "--job-size", "3", "--concurrency", "2"])  # fmt: skip
     finally:
         stop(web)

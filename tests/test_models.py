@@ -15,7 +15,7 @@ from PIL import Image
 
 from examples.squares import squares, train
 from keras_server.broker.redis_server import free_port
-from keras_server.catalog import CatalogError, ModelSpec, load_models_file, read_labels
+from keras_server.catalog import CatalogError, ModelSpec, load_models_file, model_specs, read_labels
 from keras_server.engines.predictor import ModelLoadError
 from keras_server.settings import Settings, SettingsError, load_settings
 
@@ -260,14 +260,14 @@ def test_weight_names_are_not_taken_for_paths(tmp_path: Path, weights: str) -> N
     (spec,), _ = load_models_file(tmp_path / "m.toml")
     assert spec.weights == weights.lower()
     flags = load_settings(["--weights", weights], environ={})
-    assert flags.model_specs()[0][0].weights == weights.lower()
+    assert model_specs(flags)[0][0].weights == weights.lower()
 
 
 def test_one_model_from_flags() -> None:
     settings = load_settings(
         ["--model", "/x/My Model.keras", "--labels", "l.txt", "--top-k", "3"], environ={}
     )
-    (spec,), default = settings.model_specs()
+    (spec,), default = model_specs(settings)
     assert default == spec.name == "my-model"
     assert (spec.labels, spec.top_k, spec.preprocessing) == ("l.txt", 3, None)
 
@@ -300,8 +300,8 @@ def test_flags_and_models_files_share_each_rule(
 def test_the_entry_point_reads_the_models_file_once(
     tmp_path: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from keras_server import cli
-    from keras_server import settings as settings_module
+    from keras_server import catalog, cli
+    from keras_server.worker import main as worker_main
 
     read: list[str] = []
     served: list[str] = []
@@ -310,10 +310,12 @@ def test_the_entry_point_reads_the_models_file_once(
         read.append(path)
         return load_models_file(path)
 
-    monkeypatch.setattr(settings_module, "load_models_file", counted)
+    monkeypatch.setattr(catalog, "load_models_file", counted)
     # Stop short of serving: no signal handlers or logging set-up in the test process.
-    monkeypatch.setattr(cli, "serve", lambda workers, stop: served.extend(w.name for w in workers))
-    monkeypatch.setattr(cli.signal, "signal", lambda *args: None)
+    monkeypatch.setattr(
+        worker_main, "serve", lambda workers, stop: served.extend(w.name for w in workers)
+    )
+    monkeypatch.setattr(worker_main.signal, "signal", lambda *args: None)
     monkeypatch.setattr(cli, "configure_logging", lambda level: None)
     (tmp_path / "m.toml").write_text('[models.a]\nmodel = "sim"\n[models.b]\nmodel = "sim"\n')
     argv = ["--role", "worker", "--models-file", str(tmp_path / "m.toml"), "--sim-batch-ms", "0"]

@@ -10,8 +10,8 @@ import requests
 from conftest import IMAGES, start_serving, stop
 
 from keras_server.catalog import ModelSpec
+from keras_server.engines.choice import EngineOptions, load_predictor
 from keras_server.engines.keras_engine import Classifier, load_classifier
-from keras_server.engines.selection import EngineOptions, load_predictor
 from keras_server.images import load_image
 from keras_server.settings import Settings
 

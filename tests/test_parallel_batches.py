@@ -13,12 +13,13 @@ import pytest
 from conftest import CHELSEA, post_images, wait_until
 
 from keras_server.broker.redis_server import RedisServer
-from keras_server.cli import make_workers
+from keras_server.catalog import model_specs
 from keras_server.engines import openvino_engine
 from keras_server.engines.simulated import SimulatedModel
 from keras_server.settings import Settings, SettingsError, load_settings
 from keras_server.web.app import create_app
 from keras_server.worker.loop import FairLock, serve
+from keras_server.worker.main import make_workers
 
 
 def test_the_setting_is_bounded() -> None:
@@ -125,13 +126,13 @@ def test_openvino_compiles_for_its_requests(requests: int, tmp_path: Path) -> No
 
 
 def test_the_settings_reach_the_engine_options(monkeypatch: pytest.MonkeyPatch) -> None:
-    from keras_server.cli import loader
-    from keras_server.engines import selection
+    from keras_server.engines import choice
+    from keras_server.worker.main import loader
 
-    seen: list[selection.EngineOptions] = []
-    monkeypatch.setattr(selection, "load_predictor", lambda spec, options: seen.append(options))
+    seen: list[choice.EngineOptions] = []
+    monkeypatch.setattr(choice, "load_predictor", lambda spec, options: seen.append(options))
     settings = dataclasses.replace(Settings(), parallel_batches=3)
-    spec = settings.model_specs().find(settings.model_specs().default)
+    spec = model_specs(settings).find(model_specs(settings).default)
     assert spec is not None
     loader(settings, spec)()
     assert seen[0].parallel_batches == 3

@@ -116,14 +116,6 @@ def test_wake_up_tokens_never_pile_up(queue: RequestQueue, redis_client: redis.R
     assert not redis_client.exists(queue.keys.wakeup), "emptied queues leave no token"
 
 
-def test_an_entry_pushed_without_a_token_is_still_claimed(
-    queue: RequestQueue, redis_client: redis.Redis
-) -> None:
-    """A web server from before priorities RPUSHes the plain key, no token."""
-    redis_client.rpush(queue.keys.queue, b"old")
-    assert queue.claim_first("w", wait=0.3) == b"old"
-
-
 def test_a_dead_workers_claims_go_back_to_their_own_levels(
     queue: RequestQueue, redis_client: redis.Redis
 ) -> None:
@@ -142,24 +134,23 @@ def test_a_dead_workers_claims_go_back_to_their_own_levels(
     assert not redis_client.exists(queue.keys.processing("dead"))
 
 
-def test_the_worker_serves_level_one_first_and_old_entries(
+def test_the_worker_serves_level_one_first(
     settings: Settings, queue: RequestQueue, redis_client: redis.Redis
 ) -> None:
     predictor = CountingPredictor(SimulatedModel(0, 0))
     worker = make_worker(settings, predictor, batch_size=2, max_lower=1)
     image = np.zeros((SIM_SIZE, SIM_SIZE, 3), np.uint8)
-    # The all-JSON form of before the raw bytes, with no priority: level 1.
-    old = {"id": "old", "shape": list(image.shape), "dtype": "uint8", "deadline": time.time() + 20}
-    old["image"] = base64.b64encode(image.tobytes()).decode()
+    # Pushed after the level-2 requests, with no priority in its header: level 1.
+    first = messages.ImageRequest(id="first", image=image, deadline=time.time() + 20)
     lows = [request_at(2) for _ in range(3)]
     for raw in lows:
         queue.push(raw, level=2)
-    redis_client.rpush(queue.keys.queue, json.dumps(old).encode())
+    queue.push(messages.encode_request(first), level=1)
     assert worker.run_once(1) == 2
     answered = {
         k.decode().rsplit(":", 1)[1] for k in redis_client.keys(f"{queue.keys.result('*')}")
     }
-    assert answered == {"old", ids(lows)[0]}, "the old level-1 entry, and one level-2 (max_lower)"
+    assert answered == {"first", ids(lows)[0]}, "the level-1 request, and one level-2 (max_lower)"
     assert worker.run_once(1) == 1, "a batch from below level 1 holds max_lower"
     assert predictor.batches == [2, 1]
 

@@ -1,6 +1,5 @@
 """The wire format between web and worker, and the key names."""
 
-import base64
 import json
 import time
 
@@ -17,7 +16,8 @@ def test_request_round_trip_keeps_bytes_shape_and_dtype() -> None:
     raw = messages.encode_request(request)
     header, newline, data = raw.partition(b"\n")
     message = json.loads(header)
-    assert set(message) == {"id", "shape", "dtype", "deadline"}
+    assert set(message) == {"format", "id", "shape", "dtype", "deadline"}
+    assert message["format"] == messages.FORMAT
     assert message["shape"] == [224, 224, 3]
     assert message["dtype"] == "uint8"
     assert newline and data == image.tobytes(), "the pixels follow the header unencoded"
@@ -33,12 +33,15 @@ def test_uint8_message_is_small() -> None:
     assert len(raw) < 150_528 + 200  # the pixels themselves plus a short header
 
 
-def test_the_older_all_json_form_still_decodes() -> None:
-    """Requests queued by a web tier from before the raw-bytes format."""
-    image = np.arange(12, dtype=np.uint8).reshape(2, 2, 3)
-    raw = _message(image=base64.b64encode(image.tobytes()).decode())
-    np.testing.assert_array_equal(messages.decode_request(raw).image, image)
-    np.testing.assert_array_equal(messages.decode_request(raw.decode()).image, image)
+def test_a_request_of_another_format_is_refused_naming_it() -> None:
+    np.testing.assert_array_equal(messages.decode_request(_message()).image, np.zeros((2, 2, 3)))
+    with pytest.raises(messages.UnknownFormat, match="a request in message format 2; this server"):
+        messages.decode_request(_message(format=messages.FORMAT + 1))
+    with pytest.raises(messages.UnknownFormat, match="message format None"):
+        messages.decode_request(_message(format=None))
+    # All JSON, the image in base64: never a format of ours.
+    with pytest.raises(messages.UnknownFormat):
+        messages.decode_request(b'{"id": "abc", "shape": [1], "dtype": "uint8", "image": "AA=="}')
 
 
 def test_an_image_with_newline_bytes_round_trips() -> None:
@@ -55,16 +58,18 @@ def test_float32_round_trip() -> None:
     np.testing.assert_array_equal(decoded.image, image)
 
 
-def _message(**overrides: object) -> bytes:
+def _message(data: bytes | None = bytes(12), **overrides: object) -> bytes:
+    """A request's header (a field None: left out), then `data` (None: no newline)."""
     message = {
+        "format": messages.FORMAT,
         "id": "abc",
         "shape": [2, 2, 3],
         "dtype": "uint8",
-        "image": base64.b64encode(bytes(12)).decode(),
         "deadline": time.time() + 10,
     }
     message.update(overrides)
-    return json.dumps({k: v for k, v in message.items() if v is not None}).encode()
+    header = json.dumps({k: v for k, v in message.items() if v is not None}).encode()
+    return header if data is None else header + b"\n" + data
 
 
 @pytest.mark.parametrize(
@@ -72,14 +77,13 @@ def _message(**overrides: object) -> bytes:
     [
         b"not json",
         b"[1, 2]",
-        _message(image=None),
-        _message(image="***"),
+        _message(data=None),
+        _message(data=bytes(11)),
         _message(shape=[2, 2, 4]),
         _message(shape=[-2, -2, 3]),
         _message(dtype="object"),
         _message(dtype="float64"),
         _message(shape=[100000, 100000, 3]),
-        b'{"id": "abc", "shape": [2, 2, 3], "dtype": "uint8", "deadline": 1}\n' + bytes(11),
         b"not json\n" + bytes(12),
         b"[1, 2]\n" + bytes(12),
     ],
@@ -122,6 +126,21 @@ def test_results_are_the_response_bodies() -> None:
     }
 
 
+def test_an_answer_of_another_format_is_a_failure_naming_it() -> None:
+    newer = json.loads(messages.success_result([{"label": "tabby", "probability": 0.5}]))
+    newer["format"] = messages.FORMAT + 1
+    expected = {
+        "success": False,
+        "error": "a worker answered in message format 2; "
+        f"this server reads format {messages.FORMAT}",
+    }
+    assert messages.decode_result(json.dumps(newer)) == expected
+    raw = messages.probabilities_result(np.ones(3, np.float32), [], "m", "1")
+    header, _, vector = raw.partition(b"\n")
+    unknown = json.dumps({**json.loads(header), "format": 2}).encode() + b"\n" + vector
+    assert messages.decode_probabilities(unknown) == (expected, None)
+
+
 def test_top_k_highest_first() -> None:
     probabilities = np.array([0.1, 0.4, 0.05, 0.3, 0.15], dtype=np.float32)
     labels = ["a", "b", "c", "d", "e"]
@@ -133,7 +152,7 @@ def test_top_k_highest_first() -> None:
 
 
 def test_heartbeats_ignore_fields_they_do_not_know() -> None:
-    """A newer worker's heartbeat must not look dead to an older web server."""
+    """A field added within a format is for whoever reads it."""
     info = messages.WorkerInfo(description="m", batch_size=1, host="h", pid=1, at=1.0, version="7")
     newer = json.loads(info.encode()) | {"gpu": "H100", "accelerator": "npu"}
     assert messages.WorkerInfo.decode(json.dumps(newer)) == info
@@ -158,7 +177,7 @@ def test_probabilities_answer_round_trip() -> None:
     np.testing.assert_array_equal(decoded, vector)
     assert header["classes"] == classes
     assert header["model"] == {"name": "resnet50", "version": "2"}
-    # An error, and a top-k answer from a worker that ignored the field: no vector.
+    # An error, and a top-k answer (web/inference.py refuses it): no vector.
     error = messages.decode_probabilities(messages.error_result("the model failed"))
     assert error == ({"success": False, "error": "the model failed"}, None)
     assert messages.decode_probabilities(messages.success_result([]))[1] is None
@@ -166,18 +185,17 @@ def test_probabilities_answer_round_trip() -> None:
         messages.decode_probabilities(raw[:-1])
 
 
-def test_heartbeats_stay_readable_across_the_description_rename() -> None:
-    """WorkerInfo.description was once called `model`. During a rolling upgrade
-    an older web server, which requires `model`, reads a newer worker's beat,
-    and an older worker's beat, with `model` only, reads here."""
+def test_a_heartbeat_names_its_format_and_another_is_refused() -> None:
     info = messages.WorkerInfo(description="ResNet50", batch_size=1, host="h", pid=1, at=1.0)
     written = json.loads(info.encode())
-    assert written["model"] == written["description"] == "ResNet50"
-    assert {"model", "batch_size", "host", "pid", "at"} <= written.keys()  # what older ones need
-    older = {k: v for k, v in written.items() if k != "description"}
-    assert messages.WorkerInfo.decode(json.dumps(older)) == info
+    assert written["format"] == messages.FORMAT
+    assert messages.WorkerInfo.decode(json.dumps(written)) == info
+    with pytest.raises(messages.UnknownFormat, match="a heartbeat in message format 2"):
+        messages.WorkerInfo.decode(json.dumps({**written, "format": 2}))
+    with pytest.raises(messages.UnknownFormat, match="format None"):
+        messages.WorkerInfo.decode(json.dumps({k: v for k, v in written.items() if k != "format"}))
     with pytest.raises(messages.BadMessage):
-        messages.WorkerInfo.decode(json.dumps({"batch_size": 1, "host": "h", "pid": 1, "at": 1.0}))
+        messages.WorkerInfo.decode(json.dumps({"format": messages.FORMAT, "host": "h"}))
 
 
 def test_request_ids_are_128_random_bits_in_hex() -> None:

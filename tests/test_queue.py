@@ -1,5 +1,6 @@
 """The Redis queue, against a real redis-server."""
 
+import json
 import logging
 import threading
 import time
@@ -170,6 +171,22 @@ def test_only_dead_workers_are_reaped(queue: RequestQueue, redis_client: redis.R
     assert take(queue, "alive", 10) == [b"c", b"d"]
     assert set(queue.workers()) == {"alive"}
     assert queue.reap_dead() == {}, "reaping twice moves nothing twice"
+
+
+def test_a_worker_beating_in_another_format_is_neither_routed_to_nor_reaped(
+    queue: RequestQueue, redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    info = WorkerInfo(description="m", batch_size=4, host="h", pid=1, at=time.time())
+    queue.push(b"a")
+    queue.beat("newer", info, ttl=30)
+    take(queue, "newer", 1)
+    beat = json.loads(redis_client.get(queue.keys.heartbeat("newer")))
+    redis_client.set(queue.keys.heartbeat("newer"), json.dumps({**beat, "format": 2}), ex=30)
+    with caplog.at_level(logging.WARNING, logger="keras_server.broker.request_queue"):
+        assert queue.workers() == {}
+        assert queue.reap_dead() == {}
+    assert "worker newer left out: a heartbeat in message format 2" in caplog.text
+    assert redis_client.llen(queue.keys.processing("newer")) == 1, "its claim stays its own"
 
 
 def test_claim_fills_a_batch_until_the_delay_runs_out(queue: RequestQueue) -> None:

@@ -32,7 +32,7 @@ from keras_server.broker import messages
 from keras_server.broker.redis_server import RedisServer
 from keras_server.broker.request_queue import RequestQueue
 from keras_server.broker.response_store import ResponseStore
-from keras_server.catalog import CatalogError
+from keras_server.catalog import CatalogError, model_specs
 from keras_server.engines.simulated import SimulatedModel
 from keras_server.serving import cache as response_cache
 from keras_server.serving.workers import REFRESH_S
@@ -314,11 +314,11 @@ def test_entries_expire_after_the_models_ttl(
 def test_a_models_ttl_overrides_the_flags(settings: Settings, tmp_path: Path) -> None:
     app_for(settings, tmp_path, ttl="0")
     models = tmp_path / "models.toml"
-    specs, _ = Settings(models_file=str(models), response_cache_ttl=60).model_specs()
+    specs, _ = model_specs(Settings(models_file=str(models), response_cache_ttl=60))
     assert {s.name: s.response_cache_ttl for s in specs} == {"sim": 0, "other": 60}
     models.write_text('[models.sim]\nmodel = "sim"\nresponse_cache_ttl = "soon"\n')
     with pytest.raises(CatalogError, match="response_cache_ttl must be a number"):
-        Settings(models_file=str(models)).model_specs()
+        model_specs(Settings(models_file=str(models)))
 
 
 def test_a_model_with_ttl_0_is_not_cached(

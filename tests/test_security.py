@@ -120,7 +120,7 @@ def test_queue_entries_are_never_unpickled_or_evaluated(
     assert worker.run_once(wait=1) == 2
     assert not target.exists()
     answer = RequestQueue.open(settings.redis_url, queue.keys, timeout=1)
-    assert json.loads(answer.wait_result("evil", 1)) == {
+    assert messages.decode_result(answer.wait_result("evil", 1)) == {
         "success": False,
         "error": "the request was malformed",
     }

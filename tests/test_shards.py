@@ -18,12 +18,13 @@ from keras_server.broker import messages
 from keras_server.broker.redis_server import RedisServer
 from keras_server.broker.request_queue import RequestQueue
 from keras_server.broker.shards import NoShardUp, ShardSet, label
-from keras_server.cli import make_workers
+from keras_server.catalog import model_specs
 from keras_server.engines.simulated import SimulatedModel
 from keras_server.serving.traffic import Policy, Router, store_policy
 from keras_server.settings import Settings
 from keras_server.web.app import create_app
 from keras_server.worker.loop import FairLock, serve
+from keras_server.worker.main import make_workers
 
 KEYS = messages.Keys("sharded")
 
@@ -155,7 +156,7 @@ def test_readyz_models_and_metrics_agree_model_by_shard(
         queue_name="survey",
         models_file=str(tmp_path / "m.toml"),
     )
-    models = settings.model_specs()
+    models = model_specs(settings)
     model = SimulatedModel(0, 0)
     only_shard0 = dataclasses.replace(settings, redis_url=urls[0])
     workers = [

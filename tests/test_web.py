@@ -3,6 +3,7 @@ with a small Keras model; and every error the API promises."""
 
 import dataclasses
 import io
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -20,6 +21,7 @@ from flask.testing import FlaskClient
 from PIL import Image
 from test_images import _png_header_only
 
+from keras_server.broker import messages
 from keras_server.settings import Settings
 from keras_server.web.app import create_app
 
@@ -129,6 +131,24 @@ def test_a_model_failure_is_500_json(
 ) -> None:
     with WorkerThread(make_worker(settings, CountingPredictor(small_classifier, fail=True))):
         assert_error(post_images(client, CHELSEA), 500, "model failed")
+
+
+def test_an_answer_in_another_message_format_is_a_500_naming_it(
+    client: FlaskClient,
+    settings: Settings,
+    predictor: CountingPredictor,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker of a later format (its answers written by a stand-in here)."""
+
+    def newer(predictions: list[dict], model: str = "", version: str = "") -> bytes:
+        body = {"format": messages.FORMAT + 1, "success": True, "predictions": predictions}
+        return json.dumps(body).encode()
+
+    monkeypatch.setattr(messages, "success_result", newer)
+    with WorkerThread(make_worker(settings, predictor)):
+        response = post_images(client, CHELSEA)
+    assert_error(response, 500, f"a worker answered in message format {messages.FORMAT + 1}")
 
 
 def test_server_stays_up_after_errors(client: FlaskClient, served: CountingPredictor) -> None:

@@ -16,8 +16,9 @@ from prometheus_client import REGISTRY
 from keras_server.broker import messages
 from keras_server.broker.redis_server import RedisServer, free_port
 from keras_server.broker.request_queue import RequestQueue
-from keras_server.cli import build_workers
+from keras_server.catalog import model_specs
 from keras_server.settings import Settings
+from keras_server.worker.main import build_workers
 
 
 def enqueue(queue: RequestQueue, n: int, timeout: float = 20) -> list[str]:
@@ -36,7 +37,7 @@ def answers(queue: RequestQueue, ids: list[str], timeout: float = 10) -> list[di
     for request_id in ids:
         raw = queue.wait_result(request_id, timeout)
         assert raw is not None, f"no answer for {request_id}"
-        results.append(json.loads(raw))
+        results.append(messages.decode_result(raw))
     return results
 
 
@@ -109,12 +110,19 @@ def test_bad_entries_are_answered_or_dropped_without_hurting_the_batch(
     broken = json.loads(messages.encode_request(wrong_shape).partition(b"\n")[0])
     broken.update(id="broken", dtype="object")
     queue.push(json.dumps(broken).encode())
-    assert make_worker(settings, predictor).run_once(wait=1) == 4
+    newer = json.loads(messages.encode_request(wrong_shape).partition(b"\n")[0])
+    newer.update(id="newer", format=messages.FORMAT + 1)
+    queue.push(json.dumps(newer).encode() + b"\n" + bytes(300))
+    assert make_worker(settings, predictor).run_once(wait=1) == 5
     assert predictor.batches == [1]
     assert answers(queue, good)[0]["success"] is True
     shape_error = answers(queue, [wrong_shape.id])[0]
     assert shape_error["success"] is False and "does not fit" in shape_error["error"]
     assert answers(queue, ["broken"])[0] == {"success": False, "error": "the request was malformed"}
+    assert answers(queue, ["newer"])[0] == {
+        "success": False,
+        "error": f"a request in message format 2; this server reads format {messages.FORMAT}",
+    }
 
 
 @pytest.mark.parametrize("where", ["flag", "models file"])
@@ -127,7 +135,7 @@ def test_the_simulated_model_answers_with_its_top_k(
     else:
         (tmp_path / "m.toml").write_text('[models.sim]\nmodel = "sim"\ntop_k = 3\n')
         sim = dataclasses.replace(sim, models_file=str(tmp_path / "m.toml"))
-    (worker,) = build_workers(sim, sim.model_specs())
+    (worker,) = build_workers(sim, model_specs(sim))
     ids = enqueue(queue, 2)
     assert worker.run_once(wait=1) == 2
     assert [len(result["predictions"]) for result in answers(queue, ids)] == [3, 3]
@@ -177,7 +185,7 @@ def test_a_request_may_ask_for_the_whole_vector(
     assert predictor.batches == [2]
     results = queue.wait_results([plain.id, full.id], timeout=5)
 
-    assert set(json.loads(results[plain.id])) == {"success", "predictions", "model"}
+    assert set(messages.decode_result(results[plain.id])) == {"success", "predictions", "model"}
     header, vector = messages.decode_probabilities(results[full.id])
     want = predictor.inner.predict(images[1][None])[0]
     assert vector is not None and vector.dtype == np.float32 and vector.shape == (1000,)
@@ -193,6 +201,7 @@ def test_a_poison_entry_costs_only_itself(
     # Its shape multiplies past 2**64: np.prod wrapped it to 0, it passed the
     # size check with no data, and reshape failed the whole batch.
     header = {"id": "poison", "shape": [2**32, 2**32, 1], "dtype": "uint8", "deadline": 9e9}
+    header["format"] = messages.FORMAT
     queue.push(json.dumps(header).encode() + b"\n")
     good = enqueue(queue, 8)
     worker = make_worker(settings, predictor, batch_size=16)

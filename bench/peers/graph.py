@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from keras_server.catalog import BUILTINS, ModelSpec
+from keras_server.engines.choice import EngineOptions, load_predictor
 from keras_server.engines.predictor import Predictor, top_k, warm_up
-from keras_server.engines.selection import EngineOptions, load_predictor
 from keras_server.images import load_image
 from keras_server.settings import Settings
 

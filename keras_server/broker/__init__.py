@@ -1,6 +1,6 @@
 """Redis between the web tier and the workers: what both sides share.
 
-    messages      Redis key names and the messages between web and worker
+    messages      Redis key names and the messages between web and worker, with their format
     failures      what each redis-py error means: unreachable, refused, or a bug
     request_queue the queue: push / wait, crash-safe claims, heartbeats; one
                   Shard (connections + health) per Redis URL per process

@@ -1,47 +1,50 @@
 """The messages between the web tier and the model worker, and the Redis keys
 they travel under. Both sides import this file and nothing of each other.
 
+Every message names its format, `"format": FORMAT`, so that a change can be
+told apart: a request, a result and a heartbeat of another format are
+refused, naming it (a worker answers such a request with an error; a web
+server takes such a result for a failure; a heartbeat is neither routed to
+nor reaped).
+
 A request is a JSON header, a newline, then the image's raw array bytes (C
-order): `{"id", "shape", "dtype", "deadline"}\n<bytes>`, where `deadline` is
-the Unix time after which nobody waits for the answer any more. JSON never
+order): `{"format", "id", "shape", "dtype", "deadline"}\n<bytes>`, where
+`deadline` is the Unix time after which nobody waits for the answer any more. JSON never
 holds a raw newline, so the first one ends the header. The web tier sends the
 resized image as uint8 (150,528 bytes at 224x224x3, a quarter of float32) and
 unencoded, so a queued image costs Redis 160 KiB rather than the 224 KiB of
 base64 (bench/redis_memory.py measures it); the model's own preprocessing runs
-on the whole batch in the worker. `decode_request` still reads the older
-all-JSON form (base64 under "image"), so requests queued before an upgrade are
-served.
+on the whole batch in the worker.
 
-A result is JSON too: `{"success": true, "predictions": [...]}` or
-`{"success": false, "error": "..."}` — already the HTTP response body.
+A result is JSON too: `{"format", "success": true, "predictions": [...]}` or
+`{"format", "success": false, "error": "..."}` — the HTTP response body once
+`decode_result` has read its format.
 
 A request may also ask for the whole probability vector (the v2 inference
 protocol needs it; `/predict` never asks): `"probabilities": true` in its
 header, and optionally `"classes": k`, the most likely k classes' indices and
 labels. Its success answer then takes the request's own shape, a JSON header,
 a newline, the raw float32 vector:
-`{"success": true, "model", "shape": [classes], "dtype": "float32",
+`{"format", "success": true, "model", "shape": [classes], "dtype": "float32",
 "classes": [{"index", "label"}, ...]}\n<bytes>` (`decode_probabilities`).
-Errors stay plain JSON. A worker from before this ignores both fields and
-answers top-k JSON, which `decode_probabilities` reports as such.
+Errors stay plain JSON.
 
 A request below the highest priority says so in its header, `"priority": n`
-(2 .. --priority-levels); a level-1 request's header, like every entry queued
-before priorities existed, has none, and is level 1 (`priority_of`). The
+(2 .. --priority-levels); a level-1 request's header has none, and is level 1
+(`priority_of`). The
 worker does not need it to run the request: the queue's requeue script reads
 it (cjson, in Redis) to put a dead worker's claim back on its own level.
 A traced request (keras_server/tracing.py) also carries `"trace"`: the W3C
 traceparent of the span that queued it, which the worker's batch span links
-to. A worker ignores one that is not a short string (and one from before
-this, the field). A request pinned to a version (`/versions/{v}/` routes)
-says so, `"version": v`: it waits on that version's own queue
-(`Keys.for_version`), and a worker of another version refuses it.
+to. A worker ignores one that is not a short string. A request pinned to a
+version (`/versions/{v}/` routes) says so, `"version": v`: it waits on that
+version's own queue (`Keys.for_version`), and a worker of another version
+refuses it.
 Nothing read from Redis is ever unpickled or evaluated.
 """
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import json
 import math
@@ -51,6 +54,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+# The messages' format: in every request and result header and heartbeat.
+# Change it with any change to them that the other side cannot read.
+FORMAT = 1
 
 # Only these may cross the wire: a message can never make the worker build an
 # object dtype or an array of absurd size.
@@ -66,11 +73,20 @@ class BadMessage(ValueError):
     """A queue entry that is not a well-formed request."""
 
 
+class UnknownFormat(BadMessage):
+    """A message of a format this side does not read; the message names it."""
+
+
+def _format_error(what: str, found: object) -> str:
+    return f"{what} in message format {found!r}; this server reads format {FORMAT}"
+
+
 # The words a queue's own keys add after its name. Another model's queue is
 # "<queue-name>:<model>", so a model named after one of them would share keys
 # with the default model (a model "workers" would queue into its workers set):
-# settings refuses these names for every model but the default. "quota" holds
-# the API keys' quotas (`Keys.quota`).
+# `for_model` refuses these names for every model but the default (the entry
+# point asks it first: cli.read_models). "quota" holds the API keys' quotas
+# (`Keys.quota`).
 KEY_PARTS = (
     "result", "processing", "worker", "workers", "cache", "level", "wakeup", "job", "jobs",
     "quota", "version", "versions", "traffic", "models", "callbacks",
@@ -98,8 +114,7 @@ class Keys:
 
     @property
     def queue(self) -> str:
-        """The level-1 queue: the plain name, as before priorities existed, so
-        entries queued by an earlier version are served at the highest level."""
+        """The level-1 queue: the plain name."""
         return self.queue_name
 
     def queue_at(self, level: int) -> str:
@@ -292,12 +307,13 @@ def encode_request(request: ImageRequest) -> bytes:
     if array.dtype.name not in ALLOWED_DTYPES:
         raise ValueError(f"dtype {array.dtype} cannot be sent")
     message: dict[str, Any] = {
+        "format": FORMAT,
         "id": request.id,
         "shape": list(array.shape),
         "dtype": array.dtype.name,
         "deadline": request.deadline,
     }
-    # Only when asked for, so a plain request's header is what it always was.
+    # Only when asked for: a plain request's header stays short.
     if request.probabilities:
         message["probabilities"] = True
         if request.classes:
@@ -312,21 +328,33 @@ def encode_request(request: ImageRequest) -> bytes:
 
 
 def _parse(raw: bytes | str) -> tuple[Any, bytes | None]:
-    """(the JSON message or header, the image bytes if they follow it raw)."""
+    """(the JSON header, the bytes that follow it raw; None for JSON alone)."""
     if isinstance(raw, str):
         raw = raw.encode("utf-8", "surrogateescape")
     header, newline, data = raw.partition(b"\n")
-    if newline:
-        return json.loads(header), data
-    return json.loads(raw), None  # the older all-JSON form
+    return json.loads(header), data if newline else None
+
+
+def _request_header(raw: bytes | str) -> tuple[dict[str, Any], bytes]:
+    """(a request's header, its image bytes); BadMessage, or UnknownFormat."""
+    try:
+        message, data = _parse(raw)
+    except (ValueError, RecursionError) as exc:
+        raise BadMessage(f"malformed request: {exc!r}") from None
+    if not isinstance(message, dict):
+        raise BadMessage(f"malformed request: a {type(message).__name__}, not a JSON object")
+    if message.get("format") != FORMAT:
+        raise UnknownFormat(_format_error("a request", message.get("format")))
+    if data is None:
+        raise BadMessage("malformed request: no image bytes after its header")
+    return message, data
 
 
 def decode_request(raw: bytes | str) -> ImageRequest:
-    """Parse one queue entry; BadMessage (only) says what is wrong with it."""
+    """Parse one queue entry; BadMessage (only) says what is wrong with it,
+    UnknownFormat (a BadMessage) when it is of another format."""
+    message, data = _request_header(raw)
     try:
-        message, data = _parse(raw)
-        if not isinstance(message, dict):
-            raise TypeError(f"a JSON object was expected, not {type(message).__name__}")
         request_id = message["id"]
         if not isinstance(request_id, str):
             raise TypeError(f"the id {request_id!r} is not a string")
@@ -334,8 +362,6 @@ def decode_request(raw: bytes | str) -> ImageRequest:
         dtype = message["dtype"]
         if not isinstance(dtype, str):
             raise TypeError(f"the dtype {dtype!r} is not a string")
-        if data is None:
-            data = base64.b64decode(message["image"], validate=True)
         deadline = float(message["deadline"])
         probabilities = message.get("probabilities") is True
         classes = _whole(message.get("classes", 0))
@@ -345,7 +371,7 @@ def decode_request(raw: bytes | str) -> ImageRequest:
         if not isinstance(version, str):
             raise TypeError(f"the version {version!r} is not a string")
     except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
-        # binascii.Error is a ValueError; OverflowError: float() of a huge integer.
+        # OverflowError: float() of a huge integer.
         raise BadMessage(f"malformed request: {exc!r}") from None
     if dtype not in ALLOWED_DTYPES:
         raise BadMessage(f"request {request_id}: dtype {dtype!r} not allowed")
@@ -385,7 +411,7 @@ def _whole(value: object) -> int:
 
 def priority_of(raw: bytes) -> int:
     """The level a queue entry was pushed at: 1 when its header names none
-    (an older entry) or cannot be read (the worker answers it as malformed)."""
+    (a level-1 request) or cannot be read (the worker answers it as malformed)."""
     header = raw.partition(b"\n")[0] if raw[:1] == b"{" else b""
     if b'"priority"' not in header:
         return 1
@@ -437,23 +463,24 @@ class WorkerInfo:
     # None for Keras itself.
     fidelity: dict[str, float] | None = None
     # Claims from its version's own queue (Keys.for_version), not only the
-    # model's; False for a worker from before versions had queues.
+    # model's (a worker whose queue names no version claims the model's alone).
     versioned: bool = False
 
     def encode(self) -> bytes:
-        # The description is also written under its old key, "model": a web
-        # server of an earlier version, still running during a rolling
-        # upgrade, requires that key and would take this worker for dead.
-        return json.dumps({**self.__dict__, "model": self.description}).encode()
+        return json.dumps({"format": FORMAT, **self.__dict__}).encode()
 
     @classmethod
     def decode(cls, raw: bytes | str) -> WorkerInfo:
-        """Fields this version does not know are ignored, so a newer worker
-        never looks dead to an older web server during a rolling upgrade."""
+        """BadMessage for a malformed heartbeat, UnknownFormat for one of
+        another format. Fields this version does not know are ignored: a
+        field added within a format is for whoever reads it."""
         try:
             fields = json.loads(raw)
-            if isinstance(fields, dict) and "model" in fields:  # maybe an earlier version's
-                fields.setdefault("description", fields["model"])
+        except ValueError as exc:
+            raise BadMessage(f"malformed heartbeat: {exc!r}") from None
+        if isinstance(fields, dict) and fields.get("format") != FORMAT:
+            raise UnknownFormat(_format_error("a heartbeat", fields.get("format")))
+        try:
             known = {f.name for f in dataclasses.fields(cls)}
             fields = {k: v for k, v in fields.items() if k in known}
             if fields.get("input_size") is not None:
@@ -465,7 +492,7 @@ class WorkerInfo:
 
 def success_result(predictions: list[dict[str, Any]], model: str = "", version: str = "") -> bytes:
     """The answer, naming the model and version that made it when known."""
-    body: dict[str, Any] = {"success": True, "predictions": predictions}
+    body: dict[str, Any] = {"format": FORMAT, "success": True, "predictions": predictions}
     if model:
         body["model"] = {"name": model, "version": version}
     return json.dumps(body).encode()
@@ -480,6 +507,7 @@ def probabilities_result(
     """The answer to a request that asked for the whole vector (float32, raw)."""
     vector = np.ascontiguousarray(probabilities, dtype=np.float32)
     header: dict[str, Any] = {
+        "format": FORMAT,
         "success": True,
         "shape": list(vector.shape),
         "dtype": "float32",
@@ -492,14 +520,15 @@ def probabilities_result(
 
 def decode_probabilities(raw: bytes | str) -> tuple[dict[str, Any], np.ndarray | None]:
     """(the JSON header, the float32 vector) of an answer to a probabilities
-    request; the vector is None for an error, or for a top-k answer from a
-    worker that does not know the field."""
+    request; the vector is None for an error (an answer of another format is
+    one, naming it)."""
     try:
         header, data = _parse(raw)
     except ValueError as exc:
         raise BadMessage(f"malformed result: {exc!r}") from None
     if not isinstance(header, dict) or "success" not in header:
         raise BadMessage("malformed result")
+    header = _read_format(header)
     if data is None or not header["success"]:
         return header, None
     try:
@@ -514,14 +543,25 @@ def decode_probabilities(raw: bytes | str) -> tuple[dict[str, Any], np.ndarray |
 def error_result(message: str, status: int | None = None) -> bytes:
     """A failed answer; `status`, when given, is the HTTP-like status the web
     tier answers it with (a version with no live worker: 503), else 500."""
-    body: dict[str, Any] = {"success": False, "error": message}
+    body: dict[str, Any] = {"format": FORMAT, "success": False, "error": message}
     if status is not None:
         body["status"] = status
     return json.dumps(body).encode()
 
 
 def decode_result(raw: bytes | str) -> dict[str, Any]:
+    """The body of a top-k answer, the HTTP response's (an answer of another
+    format is a failure naming it)."""
     result = json.loads(raw)
     if not isinstance(result, dict) or "success" not in result:
         raise BadMessage("malformed result")
-    return result
+    return _read_format(result)
+
+
+def _read_format(header: dict[str, Any]) -> dict[str, Any]:
+    """An answer's header without its format; for one of another format, a
+    failure that names it."""
+    found = header.pop("format", None)
+    if found != FORMAT:
+        return {"success": False, "error": _format_error("a worker answered", found)}
+    return header

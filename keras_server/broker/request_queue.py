@@ -1,7 +1,7 @@
 """The Redis queue between web servers and model workers.
 
 Priorities: one list per level (`Keys.queue_at`; level 1, the highest, is the
-plain queue name, so entries queued before priorities existed are served).
+plain queue name).
 A web server pushes each request onto its level's list. Workers take from the
 highest level that holds anything.
 
@@ -23,9 +23,7 @@ that found nothing and the push are each atomic, so a push after the claim
 leaves a token the BLPOP takes at once. A stale token (its request claimed by
 a worker that was not blocked) costs one empty claim; the claim script
 deletes the list whenever it leaves every level empty, so tokens never pile
-up. A request pushed without a token (by a web server from before
-priorities, during a rolling upgrade) is found by the claim after each
-blocking wait's timeout. `claim_first` takes one request (with `top_only`,
+up. `claim_first` takes one request (with `top_only`,
 from level 1 alone: BLMOVE on that one list); `claim_more` fills the batch,
 at most `max_lower` of it from levels below 1.
 
@@ -48,7 +46,6 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
-from urllib.parse import unquote
 
 import redis
 from redis.backoff import NoBackoff
@@ -58,8 +55,9 @@ from redis.sentinel import Sentinel
 from keras_server import metrics
 from keras_server.broker.failures import Kind, kind_of, reason
 from keras_server.broker.jobs import JobStore, completed
-from keras_server.broker.messages import BadMessage, Keys, WorkerInfo, job_item
+from keras_server.broker.messages import BadMessage, Keys, UnknownFormat, WorkerInfo, job_item
 from keras_server.broker.pending_callbacks import PendingCallbacks
+from keras_server.settings import SENTINEL_SCHEME, parse_sentinel_url
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +65,6 @@ Pipeline = redis.client.Pipeline
 
 # BLPOP and BLMOVE treat a timeout of 0 as "forever": never let rounding get us there.
 MIN_BLOCK_S = 0.01
-SENTINEL_SCHEME = "redis+sentinel://"
 # How often a host marked down is pinged to see whether it is back.
 PROBE_INTERVAL_S = 0.5
 
@@ -209,28 +206,6 @@ def connect(url: str, *, timeout: float) -> redis.Redis:
     return redis.Redis.from_url(url, **options)
 
 
-def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, int, str | None]:
-    """(sentinel addresses, master name, db, password) of a redis+sentinel:// URL."""
-    rest = url.removeprefix(SENTINEL_SCHEME)
-    password = None
-    if "@" in rest:
-        credentials, rest = rest.rsplit("@", 1)
-        password = unquote(credentials.split(":", 1)[-1]) or None
-    hosts, _, path = rest.partition("/")
-    parts = [p for p in path.split("/") if p]
-    if not hosts or not parts or len(parts) > 2:
-        raise ValueError(f"expected {SENTINEL_SCHEME}HOST:PORT[,HOST:PORT...]/MASTER[/DB]")
-    sentinels = []
-    for host in hosts.split(","):
-        name, _, port = host.rpartition(":")
-        if not name or not port.isdigit():
-            raise ValueError(f"sentinel address {host!r}: expected HOST:PORT")
-        sentinels.append((name.strip("[]"), int(port)))
-    if len(parts) == 2 and not parts[1].isdigit():
-        raise ValueError(f"database {parts[1]!r}: expected a number")
-    return sentinels, parts[0], int(parts[1]) if len(parts) == 2 else 0, password
-
-
 def label(url: str) -> str:
     """host:port/db of a Redis URL, without any password: safe for logs and metrics."""
     if url.startswith(SENTINEL_SCHEME):
@@ -353,9 +328,9 @@ class RequestQueue:
         """`levels`: --priority-levels, the queues a worker takes from.
         `version`: the model version this queue is for: pushes go onto its
         own queue (`Keys.for_version`), and a worker claims from it first,
-        then from the model's (requests queued unversioned, by a web server
-        from before versions had queues, or swept off a version whose last
-        worker left). "": the model's queue alone. Results, claims,
+        then from the model's (requests queued while no worker was live, or
+        for workers whose queue names no version, those swept off a version
+        whose last worker left, and a job's items). "": the model's queue alone. Results, claims,
         heartbeats and jobs are the model's (`keys`) either way. `registry`:
         the deployment's models hash (`Keys.models`), where each heartbeat
         names the model and its queue; "": not written."""
@@ -367,6 +342,7 @@ class RequestQueue:
         self.levels = levels
         self.version = version
         self.registry = registry
+        self._unreadable: set[str] = set()  # workers of another format, logged once
         # Where pushes go and what `depths` counts.
         self.queue_keys = keys.for_version(version) if version else keys
         self._claim = self.client.register_script(_CLAIM)
@@ -543,9 +519,7 @@ class RequestQueue:
             if remaining <= 0:
                 return None
             if not self._wait_for_push(remaining):
-                # Timed out: one last look, for a push that left no token.
-                items, _ = self._take(worker_id, 1, 1)
-                return items[0] if items else None
+                return None
 
     def claim_more(
         self, worker_id: str, max_items: int, until: float, max_lower: int | None = None
@@ -652,6 +626,11 @@ class RequestQueue:
         for worker_id, raw in zip(ids, beats, strict=True):
             try:
                 found[worker_id] = None if raw is None else WorkerInfo.decode(raw)
+            except UnknownFormat as exc:
+                # Alive (it beats) but unreadable: neither routed to nor reaped.
+                if worker_id not in self._unreadable:
+                    self._unreadable.add(worker_id)
+                    log.warning("worker %s left out: %s", worker_id, exc)
             except BadMessage:
                 found[worker_id] = None
         return found

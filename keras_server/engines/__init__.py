@@ -1,7 +1,9 @@
 """What runs a model: the one interface, and every engine that implements it.
 
     predictor       the one engine interface (Predictor), top_k, warm_up, fidelity
-    selection       which engine and precision serve a model (--engine auto picks)
+    choice          which engine and precision serve a model (--engine auto picks)
+    conversion      a Keras model converted for onnx or openvino in a child process; its cache key
+    opening         a converted model opened and held to Keras's outputs (the fidelity check)
     keras_engine    the keras engine: loading and running Keras models
     onnx_engine     --engine onnx: the model exported to ONNX, run by ONNX Runtime
     openvino_engine --engine openvino: compiled for the CPU at fp32, bf16 or int8

@@ -4,7 +4,7 @@ loaded once from its spec (catalog.ModelSpec), checked, and run on batches.
 The only module that imports Keras (and so TensorFlow); the web tier never
 loads it, and neither does an engine served from the conversion cache. The
 other engines (`onnx_engine`, `openvino_engine`) convert the `Classifier`
-built here; `selection.py` picks one. `load_classifier` never falls back
+built here; `choice.py` picks one. `load_classifier` never falls back
 silently to random weights, and refuses
 a model it cannot serve (not an image model, or not as many outputs as
 labels) with a ModelLoadError saying why, before the server takes traffic.

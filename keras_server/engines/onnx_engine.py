@@ -2,9 +2,9 @@
 
 `export` writes the ONNX file from the Keras model already in memory
 (whatever `--weights` loaded), so there is no second file to keep in step
-with the weights; `selection.py` keeps it in the conversion cache and checks
-the engine's outputs against Keras's before it serves (and converts the same
-file for OpenVINO). Imported only by `selection.py`, so neither the web tier
+with the weights; `conversion.py` exports it (and converts the same file for
+OpenVINO) and `opening.py` checks the engine's outputs against Keras's before
+it serves. Imported only by those and `choice.py`, so neither the web tier
 nor `--engine keras` loads onnxruntime.
 """
 

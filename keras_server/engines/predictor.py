@@ -5,7 +5,7 @@ class probabilities; it names its `labels`, how many classes an answer lists
 (`top_k`), and says in `description` what it is (model, weights, engine).
 The engines live beside this module: Keras (`keras_engine.py`), ONNX Runtime
 (`onnx_engine.py`) and OpenVINO (`openvino_engine.py`), chosen by
-`selection.py`; the simulated model (`simulated.py`) implements it too. This
+`choice.py`; the simulated model (`simulated.py`) implements it too. This
 module imports neither the engines nor the worker loop, so nothing cycles.
 """
 

@@ -21,7 +21,7 @@ SHA extensions of current x86 and ARM CPUs make it the faster of the two
 
 Versions. Each version has its own queue (serving/traffic.py), so a lookup uses
 the version the request is routed to, when that is certain. When it is not
-(no live worker, or workers from before versions had queues, all claiming the
+(no live worker, or workers whose queue names no version, all claiming the
 model's one queue), the version is the one the model's live workers serve,
 from the process's survey of the workers (serving/workers.py): one
 live version is looked up under its own name; while versions are mixed or

@@ -346,7 +346,7 @@ def infer(
         except messages.BadMessage as exc:
             raise Bug(f"a worker's answer cannot be read ({exc})") from None
         if vector is None:
-            raise Bug("a worker answered without the probabilities: is it older than this server?")
+            raise Bug("a worker answered a probabilities request without the probabilities")
         rows.append(vector)
         classes.append(header.get("classes", []))
         made_by = made_by or header.get("model")

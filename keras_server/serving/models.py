@@ -33,7 +33,7 @@ import redis
 from keras_server.broker.failures import reason
 from keras_server.broker.messages import Keys, WorkerInfo
 from keras_server.broker.shards import ShardSet
-from keras_server.catalog import NAME, Models, ModelSpec
+from keras_server.catalog import NAME, Models, ModelSpec, model_specs
 from keras_server.serving.traffic import Router
 from keras_server.serving.workers import ShardState, Survey, WorkerView
 from keras_server.settings import Settings
@@ -131,7 +131,7 @@ class Deployment:
     def from_settings(cls, settings: Settings, models: Models | None = None) -> Deployment:
         """Every model of `models` (the entry point's, else read from `settings`)
         on every shard of `settings`."""
-        specs, default = models or settings.model_specs()
+        specs, default = models or model_specs(settings)
         served = {}
         for spec in specs:
             keys = Keys.for_model(settings.queue_name, spec.name, default)

@@ -20,12 +20,11 @@ The answer names the version that served it, as it always did. A web server
 reads the live workers' versions and the policy at most every ROUTING_TTL_S
 per model and process, so a change of policy, or a version's first or last
 worker, takes effect for requests begun within a second. The live versions
-come from the process's one survey of the workers (serving/workers.py). With no live
-worker at all, an unversioned request goes onto the model's own queue, as
-before versions had queues: every version's workers claim it (after their
-own), so it waits for whichever starts first; so does one routed to a version
-whose workers are from before versions had queues (`WorkerInfo.versioned`),
-so a rolling upgrade of the code itself needs no order. TensorFlow-free.
+come from the process's one survey of the workers (serving/workers.py).
+With no live worker at all, an unversioned request goes onto the model's own
+queue: every version's workers claim it (after their own), so it waits for
+whichever starts first; so does one routed to a version whose workers'
+queue names no version (`WorkerInfo.versioned` false). TensorFlow-free.
 """
 
 from __future__ import annotations
@@ -217,9 +216,9 @@ class Router:
                     "retry shortly"
                 )
             if not view.live[pinned]:
-                # Its workers are from before versions had queues: they claim
-                # the model's alone (a newer worker of another version that
-                # claims it there refuses it, by its header).
+                # Its workers' queue names no version: they claim the model's
+                # alone (a worker of another version that claims it there
+                # refuses it, by its header).
                 return Route(pinned, self.shards, pinned=True)
             return Route(pinned, self.shards_for(pinned), pinned=True, own_queue=True)
         if not view.live:
@@ -228,7 +227,7 @@ class Router:
             return Route(None, self.shards)
         version = self.choose(view)
         if not view.live[version]:
-            # Workers from before versions had queues claim the model's only.
+            # Workers whose queue names no version claim the model's only.
             return Route(version, self.shards)
         return Route(version, self.shards_for(version), own_queue=True)
 

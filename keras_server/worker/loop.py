@@ -41,8 +41,8 @@ from keras_server import metrics, tracing
 from keras_server.broker import messages
 from keras_server.broker.failures import Kind, kind_of, reason
 from keras_server.broker.request_queue import PROBE_INTERVAL_S, RequestQueue
-from keras_server.callbacks import CallbackSender
 from keras_server.engines.predictor import Predictor, top_indices, top_k
+from keras_server.worker.callbacks import CallbackSender
 
 log = logging.getLogger(__name__)
 
@@ -374,7 +374,9 @@ class Worker:
                 log.error("dropping a bad queue entry: %s", exc)
                 request_id = messages.request_id_of(raw)
                 if request_id:
-                    results[request_id] = messages.error_result("the request was malformed")
+                    unknown = isinstance(exc, messages.UnknownFormat)
+                    error = str(exc) if unknown else "the request was malformed"
+                    results[request_id] = messages.error_result(error)
                 continue
             if request.expired(now):
                 log.warning("[%s] skipped: its deadline passed while queued", request.id)

@@ -11,7 +11,7 @@ What it does:
   Pillow cannot open as an image, saying why;
 - shrinks a large photo before sending it, by a whole factor (a JPEG's DCT
   scale, a box reduction) to no less than twice the model's input each way
-  (client.downscale_for_upload, as `simple_request.py --downscale`), unless
+  (downscale.py, as `simple_request.py --downscale`), unless
   `--no-downscale`;
 - sends `--batch` images per request (repeated `image` fields on
   `/predict`), `--concurrency` requests in flight;
@@ -33,22 +33,15 @@ from __future__ import annotations
 
 import argparse
 import collections
-import csv
-import email.utils
-import json
 import logging
 import os
-import random
-import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
-import requests
 from PIL import Image
 from rich.console import Console
 from rich.progress import (
@@ -64,44 +57,16 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from keras_server.client import downscale_for_upload
+from keras_server.client.downscale import downscale_for_upload
+from keras_server.client.http import BACKOFF_FIRST_S, BACKOFF_MAX_S, ClientError, Server, error_of
+from keras_server.client.results import Outcome, Output
 
 log = logging.getLogger(__name__)
 
-# HTTP statuses of a whole request worth another try, after Retry-After.
-RETRYABLE = frozenset({429, 502, 503, 504})
 # An item of a several-image answer worth another try: the decoder's memory
 # budget was spent (503) or the model did not answer in time (504).
 RETRYABLE_ITEM = frozenset({503, 504})
-BACKOFF_FIRST_S = 0.5
-BACKOFF_MAX_S = 30.0
 JOB_POLL_S = 0.5
-
-
-class ClientError(Exception):
-    """The run cannot start or go on (the message says why); exit status 2."""
-
-
-@dataclass
-class Outcome:
-    """One image's line in the output file."""
-
-    path: str
-    success: bool
-    predictions: list[dict[str, Any]] | None = None
-    error: str | None = None
-
-    def record(self) -> dict[str, Any]:
-        line: dict[str, Any] = {"path": self.path, "success": self.success}
-        if self.success:
-            line["predictions"] = self.predictions
-        else:
-            line["error"] = self.error
-        return line
-
-    @property
-    def top_label(self) -> str | None:
-        return self.predictions[0]["label"] if self.success and self.predictions else None
 
 
 # -- finding images ------------------------------------------------------------
@@ -150,184 +115,7 @@ def not_an_image(path: str) -> str | None:
     return None
 
 
-# -- the output file -------------------------------------------------------------
-
-
-class Output:
-    """The results file: JSON lines, or CSV (top label and probability, and
-    every prediction as JSON) when its name ends .csv. Appended to, a line per
-    image, flushed as results come, so a killed run loses at most the line
-    being written."""
-
-    CSV_FIELDS = ("path", "success", "label", "probability", "error", "predictions")
-
-    def __init__(self, path: str | None) -> None:
-        self.path = path
-        self.csv = bool(path and path.lower().endswith(".csv"))
-        self._file: TextIO | None = None
-        self._writer: Any = None
-
-    def done(self) -> dict[str, Outcome]:
-        """What an earlier run recorded, by path (the last line for a path
-        wins); unreadable lines (a run killed mid-write) are ignored."""
-        recorded: dict[str, Outcome] = {}
-        if not self.path or not os.path.exists(self.path):
-            return recorded
-        with open(self.path, newline="", encoding="utf-8") as f:
-            rows: Iterable[dict[str, Any]] = csv.DictReader(f) if self.csv else _json_lines(f)
-            for row in rows:
-                outcome = _outcome(row, self.csv)
-                if outcome is not None:
-                    recorded[outcome.path] = outcome
-        return recorded
-
-    def __enter__(self) -> Output:
-        if not self.path:
-            return self
-        fresh = not os.path.exists(self.path) or os.path.getsize(self.path) == 0
-        if not fresh:
-            with open(self.path, "rb") as f:
-                f.seek(-1, os.SEEK_END)
-                torn = f.read(1) != b"\n"
-        self._file = open(self.path, "a", newline="", encoding="utf-8")
-        if not fresh and torn:
-            self._file.write("\n")  # a line cut short by a killed run stays unreadable alone
-        if self.csv:
-            self._writer = csv.DictWriter(self._file, self.CSV_FIELDS)
-            if fresh:
-                self._writer.writeheader()
-        return self
-
-    def write(self, outcome: Outcome) -> None:
-        if self._file is None:
-            return
-        if self.csv:
-            top = outcome.predictions[0] if outcome.success and outcome.predictions else {}
-            self._writer.writerow(
-                {
-                    "path": outcome.path,
-                    "success": "true" if outcome.success else "false",
-                    "label": top.get("label", ""),
-                    "probability": top.get("probability", ""),
-                    "error": outcome.error or "",
-                    "predictions": json.dumps(outcome.predictions) if outcome.success else "",
-                }
-            )
-        else:
-            self._file.write(json.dumps(outcome.record()) + "\n")
-        self._file.flush()
-
-    def __exit__(self, *exc: object) -> None:
-        if self._file is not None:
-            self._file.close()
-
-
-def _json_lines(f: TextIO) -> Iterator[dict[str, Any]]:
-    for line in f:
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict):
-            yield row
-
-
-def _outcome(row: dict[str, Any], from_csv: bool) -> Outcome | None:
-    path = row.get("path")
-    if not isinstance(path, str) or not path:
-        return None
-    success = row.get("success")
-    if from_csv:
-        success = {"true": True, "false": False}.get(str(success))
-    if not isinstance(success, bool):
-        return None
-    predictions = row.get("predictions")
-    if from_csv and success:
-        try:
-            predictions = json.loads(predictions or "null")
-        except ValueError:
-            return None
-    return Outcome(path, success, predictions, row.get("error") or None)
-
-
-# -- talking to the server ----------------------------------------------------------
-
-
-@dataclass
-class Server:
-    """The API at `base`, spoken to from several threads (a requests.Session
-    each), retrying what the server asks to be retried."""
-
-    base: str
-    api_key: str | None = None
-    timeout: float = 120.0
-    retries: int = 10
-    sleep: Callable[[float], None] = time.sleep
-    _local: threading.local = field(default_factory=threading.local)
-
-    def session(self) -> requests.Session:
-        session = getattr(self._local, "session", None)
-        if session is None:
-            session = requests.Session()
-            if self.api_key:
-                session.headers["Authorization"] = f"Bearer {self.api_key}"
-            self._local.session = session
-        return session
-
-    def call(self, method: str, path: str, **kwargs: Any) -> requests.Response:
-        """`method path`, retried on connection errors and RETRYABLE statuses
-        (after Retry-After, or an exponential backoff with jitter when that
-        is longer); the last answer, or ClientError when none came."""
-        url = path if path.startswith("http") else self.base + path
-        for attempt in range(self.retries + 1):
-            wait_s = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2**attempt) * random.uniform(0.5, 1)
-            try:
-                response = self.session().request(method, url, timeout=self.timeout, **kwargs)
-            except requests.RequestException as exc:
-                if attempt == self.retries:
-                    raise ClientError(f"{method} {url}: {exc}") from exc
-            else:
-                if response.status_code not in RETRYABLE or attempt == self.retries:
-                    return response
-                wait_s = max(wait_s, retry_after(response.headers.get("Retry-After")) or 0)
-            self.sleep(wait_s)
-        raise AssertionError("unreachable")
-
-    def model_input_size(self, model: str | None) -> tuple[int, int] | None:
-        response = self.call("GET", "/models")
-        if response.status_code != 200:
-            raise ClientError(f"GET /models: {response.status_code} {error_of(response)}")
-        listing = response.json()
-        wanted = model or listing.get("default")
-        for described in listing.get("models", []):
-            if described.get("name") == wanted:
-                size = described.get("input_size")
-                return (int(size[0]), int(size[1])) if size else None
-        names = ", ".join(m.get("name", "?") for m in listing.get("models", []))
-        raise ClientError(f"the server has no model named {wanted!r} (it serves: {names})")
-
-
-def retry_after(value: str | None) -> float | None:
-    """Seconds a Retry-After header asks for: delta-seconds or an HTTP date."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
-def error_of(response: requests.Response) -> str:
-    try:
-        body = response.json()
-        return str(body.get("error") or body)
-    except ValueError:
-        return response.text[:200] or response.reason
+# -- sending images ------------------------------------------------------------
 
 
 class Sender:
@@ -344,7 +132,7 @@ class Sender:
             data = f.read()
         return downscale_for_upload(data, self.size) if self.size else data
 
-    def classify(self, paths: Sequence[str]) -> list[Outcome]:
+    def send(self, paths: Sequence[str]) -> list[Outcome]:
         """`paths` in one request (repeated `image` fields), their outcomes in order."""
         outcomes: dict[str, Outcome] = {}
         files = []
@@ -395,7 +183,7 @@ class Sender:
         }
         return [failure] * len(files)
 
-    def classify_as_job(self, paths: Sequence[str]) -> list[Outcome]:
+    def send_as_job(self, paths: Sequence[str]) -> list[Outcome]:
         """`paths` as one asynchronous job: submitted, polled until done,
         its results read back page by page."""
         files = []
@@ -492,9 +280,7 @@ def run(args: argparse.Namespace, console: Console, sleep: Callable[[float], Non
         raise ClientError("no images to classify")
     size = server.model_input_size(args.model) if args.downscale else None
     sender = Sender(server, args.model, size)
-    work, per_call = (
-        (sender.classify_as_job, args.job_size) if args.job else (sender.classify, args.batch)
-    )
+    work, per_call = (sender.send_as_job, args.job_size) if args.job else (sender.send, args.batch)
     if already:
         say(console, f"{len(already)} images already classified in {args.out}: skipped")
     outcomes: list[Outcome] = [recorded[p] for p in sorted(already)]

@@ -18,7 +18,8 @@ from conftest import CHELSEA, COFFEE, ENV, ROCKET, ROOT, png_bytes, start_servin
 from PIL import Image
 
 from keras_server.broker.redis_server import RedisServer, free_port
-from keras_server.classify import main, retry_after
+from keras_server.client.batch import main
+from keras_server.client.http import retry_after
 from keras_server.processes import Child
 from keras_server.settings import Settings
 

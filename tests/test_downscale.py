@@ -8,7 +8,7 @@ import numpy as np
 from conftest import png_bytes
 from PIL import Image
 
-from keras_server.client import downscale_for_upload
+from keras_server.client.downscale import downscale_for_upload
 from keras_server.images import load_image
 
 SIZE = (224, 224)
