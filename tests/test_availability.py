@@ -21,9 +21,10 @@ import requests
 from conftest import CHELSEA, WorkerThread, start, start_web, stop, wait_until
 
 from keras_server.broker import messages
+from keras_server.broker.placement import ShardSet
 from keras_server.broker.redis_server import RedisServer, find_redis_server, free_port
 from keras_server.broker.request_queue import RequestQueue
-from keras_server.broker.shards import ShardSet, label
+from keras_server.broker.shards import label
 from keras_server.catalog import CatalogError, load_models_file
 from keras_server.cli import read_models
 from keras_server.engines.simulated import SimulatedModel

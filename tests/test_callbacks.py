@@ -1,5 +1,5 @@
-"""Job callbacks (keras_server/callbacks.py, keras_server/worker/callbacks.py) against a real HTTP receiver on
-loopback and real Redis: the allow-list's hosts, ports and path prefixes;
+"""Job callbacks (keras_server/callbacks.py, worker/callbacks.py) against a
+real HTTP receiver on loopback and real Redis: the allow-list's hosts, ports and path prefixes;
 the timestamped signature, checked by the receiver code docs/api.md shows;
 delivery from Redis by any worker, once, from a bounded pool, surviving the
 worker that completed the job; retries given up and counted; the absolute

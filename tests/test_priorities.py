@@ -29,7 +29,8 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from keras_server.broker import messages
-from keras_server.broker.request_queue import WAKEUP_TOKENS, QueueFull, RequestQueue
+from keras_server.broker.request_queue import QueueFull, RequestQueue
+from keras_server.broker.scripts import WAKEUP_TOKENS
 from keras_server.catalog import SIM_SIZE
 from keras_server.engines.simulated import SimulatedModel
 from keras_server.serving.admission import Urgency

@@ -10,7 +10,8 @@ import redis
 from prometheus_client import REGISTRY
 
 from keras_server.broker.messages import WorkerInfo
-from keras_server.broker.request_queue import SWEEP_CHUNK, QueueFull, RequestQueue
+from keras_server.broker.request_queue import QueueFull, RequestQueue
+from keras_server.broker.scripts import SWEEP_CHUNK
 from keras_server.settings import Settings
 
 

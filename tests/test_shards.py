@@ -15,9 +15,10 @@ from conftest import CHELSEA, post_images, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 from keras_server.broker import messages
+from keras_server.broker.placement import NoShardUp, ShardSet
 from keras_server.broker.redis_server import RedisServer
 from keras_server.broker.request_queue import RequestQueue
-from keras_server.broker.shards import NoShardUp, ShardSet, label
+from keras_server.broker.shards import label
 from keras_server.catalog import model_specs
 from keras_server.engines.simulated import SimulatedModel
 from keras_server.serving.traffic import Policy, Router, store_policy

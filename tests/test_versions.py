@@ -25,8 +25,8 @@ from conftest import WorkerThread, start, start_web, stop, wait_until
 from PIL import Image
 
 from keras_server.broker import messages
+from keras_server.broker.placement import ShardSet
 from keras_server.broker.request_queue import RequestQueue
-from keras_server.broker.shards import ShardSet
 from keras_server.catalog import ModelSpec
 from keras_server.engines.simulated import SimulatedModel
 from keras_server.processes import Child

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import redis
 
 from keras_server.broker.messages import Keys
-from keras_server.broker.request_queue import Shard
+from keras_server.broker.shards import Shard
 
 MICROS = 1_000_000
 

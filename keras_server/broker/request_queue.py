@@ -13,7 +13,7 @@ Redis (BLPOP) on their own result keys (`push` and `wait_result` are the
 one-request forms).
 
 Worker side, crash-safe: a claim moves requests from the queues into the
-worker's own processing list in one Lua script (`_CLAIM`: highest level first,
+worker's own processing list in one Lua script (scripts.CLAIM: highest level first,
 LRANGE + LTRIM + RPUSH per level), so a claimed request is always in exactly
 one place. BLMOVE, which blocked on one list, cannot watch several levels, so
 a worker that finds every level empty blocks (BLPOP) on the wake-up list
@@ -39,25 +39,18 @@ writes one transaction.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
-from redis.sentinel import Sentinel
 
-from keras_server import metrics
-from keras_server.broker.failures import Kind, kind_of, reason
 from keras_server.broker.jobs import JobStore, completed
-from keras_server.broker.messages import BadMessage, Keys, UnknownFormat, WorkerInfo, job_item
+from keras_server.broker.liveness import Liveness
+from keras_server.broker.messages import Keys, job_item
 from keras_server.broker.pending_callbacks import PendingCallbacks
-from keras_server.settings import SENTINEL_SCHEME, parse_sentinel_url
+from keras_server.broker.scripts import CLAIM, REQUEUE, SWEEP, WAKEUP_TOKENS
+from keras_server.broker.shards import Shard
 
 log = logging.getLogger(__name__)
 
@@ -65,256 +58,13 @@ Pipeline = redis.client.Pipeline
 
 # BLPOP and BLMOVE treat a timeout of 0 as "forever": never let rounding get us there.
 MIN_BLOCK_S = 0.01
-# How often a host marked down is pinged to see whether it is back.
-PROBE_INTERVAL_S = 0.5
-
-# Most wake-up tokens the list holds: enough to wake that many blocked
-# workers (claim loops) on one shard at once; the others find the work when
-# they next look, which they do before blocking again.
-WAKEUP_TOKENS = 64
-
-# KEYS: processing list, the wake-up lists (ARGV[4] of them), then the
-# queues, highest level first (the first ARGV[3] of them are level 1: a
-# version's queue and the model's). ARGV: how many, how many of them at most
-# from below level 1, level-1 queues, wake-up lists. Returns {how many came
-# from below level 1, the items moved...}, highest level first, oldest first
-# within a level.
-_CLAIM = """
-local want, lower = tonumber(ARGV[1]), tonumber(ARGV[2])
-local top, wakes = tonumber(ARGV[3]), tonumber(ARGV[4])
-local first = 2 + wakes
-local result, lowered, waiting = {0}, 0, 0
-for i = first, #KEYS do
-  local take = want - (#result - 1)
-  local below = i >= first + top
-  if below and take > lower - lowered then take = lower - lowered end
-  if take > 0 then
-    local items = redis.call('LRANGE', KEYS[i], 0, take - 1)
-    if #items > 0 then
-      redis.call('LTRIM', KEYS[i], #items, -1)
-      redis.call('RPUSH', KEYS[1], unpack(items))
-      for _, item in ipairs(items) do result[#result + 1] = item end
-      if below then lowered = lowered + #items end
-    end
-  end
-  waiting = waiting + redis.call('LLEN', KEYS[i])
-end
-if waiting == 0 then
-  for i = 2, first - 1 do redis.call('DEL', KEYS[i]) end
-end
-result[1] = lowered
-return result
-"""
-
-# Most requests one sweep call moves. One script call blocks every other
-# client of that Redis while it runs, and a queued request is its decoded
-# pixels (150 KB at 224x224): 7,900 of them moved by one call blocked Redis
-# for 13.7 s on a loaded 2-core host, where calls of 32 (5 MB) took at most
-# about 100 ms. (One call also could not take more than about 8,000: `unpack`
-# puts each item on Lua's C stack, LUAI_MAXCSTACK.)
-SWEEP_CHUNK = 32
-
-# KEYS: the wake-up list, then a version's queues, then the model's, each
-# highest level first (as many of each). ARGV: token cap, most to move.
-# Moves up to that many requests from the head of the version's queues to
-# the tail of the model's, highest level first, oldest first; returns how
-# many. `sweep` calls it until a call moves less than a full chunk: each call
-# is atomic, so two workers sweeping at once move each request once, in order.
-_SWEEP = """
-local levels = (#KEYS - 1) / 2
-local left = tonumber(ARGV[2])
-local moved = 0
-for level = 1, levels do
-  if left > 0 then
-    local source, target = KEYS[1 + level], KEYS[1 + levels + level]
-    local items = redis.call('LRANGE', source, 0, left - 1)
-    if #items > 0 then
-      redis.call('RPUSH', target, unpack(items))
-      redis.call('LTRIM', source, #items, -1)
-      moved = moved + #items
-      left = left - #items
-    end
-  end
-end
-local tokens = math.min(moved, tonumber(ARGV[1]) - redis.call('LLEN', KEYS[1]))
-for i = 1, tokens do redis.call('RPUSH', KEYS[1], '1') end
-return moved
-"""
-
-# KEYS: processing list, workers set, heartbeat, wake-up list, then the
-# queues, highest level first. ARGV: worker id, "1" to act only if the
-# heartbeat is gone, token cap. Puts each item back at the head of its own
-# level's queue (its header's "priority"; none, or past the last level: the
-# nearest level there is), oldest first; returns how many, or -1 if the
-# worker is alive.
-_REQUEUE = """
-if ARGV[2] == '1' and redis.call('EXISTS', KEYS[3]) == 1 then return -1 end
-local levels = #KEYS - 4
-local items = redis.call('LRANGE', KEYS[1], 0, -1)
-for i = #items, 1, -1 do
-  local item = items[i]
-  local level = 1
-  local newline = string.find(item, '\\n', 1, true)
-  local header = newline and string.sub(item, 1, newline - 1) or item
-  if string.find(header, '"priority"', 1, true) then
-    local ok, message = pcall(cjson.decode, header)
-    if ok and type(message) == 'table' and type(message.priority) == 'number' then
-      level = math.max(1, math.min(levels, math.floor(message.priority)))
-    end
-  end
-  redis.call('LPUSH', KEYS[4 + level], item)
-end
-redis.call('DEL', KEYS[1])
-if ARGV[2] == '1' then redis.call('SREM', KEYS[2], ARGV[1]) end
-local tokens = math.min(#items, tonumber(ARGV[3]) - redis.call('LLEN', KEYS[4]))
-for i = 1, tokens do redis.call('RPUSH', KEYS[4], '1') end
-return #items
-"""
 
 
 class QueueFull(Exception):
     """The queue holds --max-queue requests already: come back later."""
 
 
-def connect(url: str, *, timeout: float) -> redis.Redis:
-    """A client for `url` that gives up on a silent server after `timeout` s.
-
-    A hung host (stopped process, network partition) keeps its connections
-    open and never answers; without a read timeout each command would wait
-    for it indefinitely. Blocking calls (BLPOP, BLMOVE) go through
-    `Shard.block`, which reads their reply with a longer timeout. Nothing is retried
-    behind our back: the web tier answers 503 at once while Redis is down,
-    and the worker loop has its own backoff.
-
-    `redis+sentinel://host:port[,host:port...]/MASTER[/DB]` asks those Redis
-    Sentinels for the current master of MASTER, and again after a failover.
-    """
-    options: dict[str, Any] = {
-        "socket_connect_timeout": timeout,
-        "socket_timeout": timeout,
-        "retry": Retry(NoBackoff(), 0),
-        "health_check_interval": 30,
-    }
-    if url.startswith(SENTINEL_SCHEME):
-        sentinels, master, db, password = parse_sentinel_url(url)
-        sentinel = Sentinel(
-            sentinels,
-            sentinel_kwargs={"socket_connect_timeout": timeout, "socket_timeout": timeout},
-            **options,
-        )
-        return sentinel.master_for(master, db=db, password=password)
-    return redis.Redis.from_url(url, **options)
-
-
-def label(url: str) -> str:
-    """host:port/db of a Redis URL, without any password: safe for logs and metrics."""
-    if url.startswith(SENTINEL_SCHEME):
-        _, master, db, _ = parse_sentinel_url(url)
-        return f"sentinel:{master}/{db}"
-    kwargs = redis.connection.parse_url(url)
-    if "path" in kwargs:
-        return str(kwargs["path"])
-    return f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"
-
-
-class Shard:
-    """One Redis, as this process sees it: one connection pool and one health
-    record, shared by every model's queue on it, in the web tier and in the
-    worker alike (`Shard.of`).
-
-    A host that cannot be reached — refuses connections, or stays silent past
-    `timeout` like a hung host — is marked down by whichever caller meets it
-    first (`watch`, see failures.py): every queue on it is skipped without
-    asking it anything, and one probe thread pings it until it answers.
-    """
-
-    _registry: dict[tuple[str, float], Shard] = {}  # noqa: RUF012 (the process's own)
-    _registry_lock = threading.Lock()
-
-    def __init__(self, url: str, timeout: float) -> None:
-        self.url = url
-        self.name = label(url)
-        self.timeout = timeout
-        self.client = connect(url, timeout=timeout)
-        self._lock = threading.Lock()
-        self._down: str | None = None  # why, while marked down
-        self._probing = False
-
-    @classmethod
-    def of(cls, url: str, timeout: float) -> Shard:
-        """This process's Shard for `url`. One settings table per process
-        means one --redis-timeout, so one Shard per URL."""
-        with cls._registry_lock:
-            found = cls._registry.get((url, timeout))
-            if found is None:
-                found = cls._registry[(url, timeout)] = cls(url, timeout)
-            return found
-
-    def is_down(self) -> bool:
-        return self.down_reason() is not None
-
-    def down_reason(self) -> str | None:
-        """Why the host is marked down (what it failed with); None while up."""
-        with self._lock:
-            return self._down
-
-    def mark_down(self, error: BaseException) -> None:
-        """Skip this host until the probe hears from it again."""
-        with self._lock:
-            newly = self._down is None
-            if newly:
-                self._down = reason(error)
-            start_probe, self._probing = not self._probing, True
-        if newly:
-            log.warning(
-                "Redis shard %s failed (%s); skipping it until it answers", self.name, error
-            )
-        if start_probe:
-            threading.Thread(target=self._probe, name="shard-probe", daemon=True).start()
-
-    @contextlib.contextmanager
-    def watch(self) -> Iterator[None]:
-        """Mark the host down when what runs inside finds it unreachable; every
-        error goes on to the caller."""
-        try:
-            yield
-        except redis.RedisError as exc:
-            if kind_of(exc) is Kind.UNREACHABLE:
-                self.mark_down(exc)
-            raise
-
-    def block(self, *command: Any, seconds: float) -> Any:
-        """Run a blocking command (BLPOP, BLMOVE) that Redis ends after
-        `seconds`, reading its reply for `seconds` plus --redis-timeout: a nil
-        reply that comes a little late is not a hung host."""
-        pool = self.client.connection_pool
-        connection = pool.get_connection()
-        try:
-            connection.send_command(*command)
-            return connection.read_response(timeout=seconds + self.timeout)
-        except BaseException:
-            # Its reply may still come: this connection is never reused.
-            connection.disconnect()
-            raise
-        finally:
-            pool.release(connection)
-
-    def _probe(self) -> None:
-        """Ping the host every PROBE_INTERVAL_S until it answers."""
-        event = threading.Event()
-        while True:
-            try:
-                self.client.ping()
-            except redis.RedisError:
-                event.wait(PROBE_INTERVAL_S)
-                continue
-            with self._lock:
-                self._down, self._probing = None, False
-            log.info("Redis shard %s answers again", self.name)
-            return
-
-
-class RequestQueue:
+class RequestQueue(Liveness):
     """One model's queue on one Redis (`shard`): its connections and health
     are the shard's, shared with every other queue on the same Redis.
 
@@ -345,9 +95,9 @@ class RequestQueue:
         self._unreadable: set[str] = set()  # workers of another format, logged once
         # Where pushes go and what `depths` counts.
         self.queue_keys = keys.for_version(version) if version else keys
-        self._claim = self.client.register_script(_CLAIM)
-        self._requeue = self.client.register_script(_REQUEUE)
-        self._sweep = self.client.register_script(_SWEEP)
+        self._claim = self.client.register_script(CLAIM)
+        self._requeue = self.client.register_script(REQUEUE)
+        self._sweep = self.client.register_script(SWEEP)
         self.jobs = JobStore(self.client, keys)
         self.callbacks = PendingCallbacks(self.client, keys)
 
@@ -584,139 +334,3 @@ class RequestQueue:
                     keys=self._requeue_keys(worker_id), args=[worker_id, "0", WAKEUP_TOKENS]
                 )
             )
-
-    # -- liveness ---------------------------------------------------------
-
-    def beat(
-        self, worker_id: str, info: WorkerInfo, ttl: float, pipe: Pipeline | None = None
-    ) -> None:
-        """Say `worker_id` is alive for the next `ttl` seconds."""
-        own = pipe is None
-        p = self.client.pipeline(transaction=True) if own else pipe
-        p.set(self.keys.heartbeat(worker_id), info.encode(), px=max(int(ttl * 1000), 1))
-        p.sadd(self.keys.workers, worker_id)
-        if self.version:
-            p.hset(self.keys.worker_versions, worker_id, self.version)
-            p.sadd(self.keys.known_versions, self.version)
-        if self.registry and info.name:
-            entry = {"queue": self.keys.queue_name, "version": info.version, "at": info.at}
-            p.hset(self.registry, info.name, json.dumps(entry))
-        if own:
-            with self.shard.watch():
-                p.execute()
-
-    def leave(self, worker_id: str, pipe: Pipeline | None = None) -> None:
-        own = pipe is None
-        p = self.client.pipeline(transaction=True) if own else pipe
-        p.delete(self.keys.heartbeat(worker_id))
-        p.srem(self.keys.workers, worker_id)
-        p.hdel(self.keys.worker_versions, worker_id)
-        if own:
-            with self.shard.watch():
-                p.execute()
-
-    def workers(self) -> dict[str, WorkerInfo | None]:
-        """Every registered worker id, with its heartbeat (None: it stopped beating)."""
-        with self.shard.watch():
-            ids = sorted(m.decode() for m in self.client.smembers(self.keys.workers))
-            if not ids:
-                return {}
-            beats = self.client.mget([self.keys.heartbeat(i) for i in ids])
-        found: dict[str, WorkerInfo | None] = {}
-        for worker_id, raw in zip(ids, beats, strict=True):
-            try:
-                found[worker_id] = None if raw is None else WorkerInfo.decode(raw)
-            except UnknownFormat as exc:
-                # Alive (it beats) but unreadable: neither routed to nor reaped.
-                if worker_id not in self._unreadable:
-                    self._unreadable.add(worker_id)
-                    log.warning("worker %s left out: %s", worker_id, exc)
-            except BadMessage:
-                found[worker_id] = None
-        return found
-
-    def reap_dead(self, sweep_budget: float | None = None) -> dict[str, int]:
-        """Requeue the claims of every worker whose heartbeat expired (onto
-        its own version's queue), then sweep the queues of versions left
-        without a live worker (`sweep`, for about `sweep_budget` seconds).
-
-        Safe to run from any number of workers at once: each dead worker's
-        list is moved by one atomic script, and a worker that beats again in
-        the meantime is left alone. Returns {dead worker id: requests requeued}.
-        """
-        reaped = {}
-        workers = self.workers()
-        dead = [worker_id for worker_id, info in workers.items() if info is None]
-        if dead:
-            with self.shard.watch():
-                versions = self.client.hmget(self.keys.worker_versions, dead)
-        for worker_id, version in zip(dead, versions if dead else [], strict=True):
-            with self.shard.watch():
-                moved = int(
-                    self._requeue(
-                        keys=self._requeue_keys(worker_id, version.decode() if version else ""),
-                        args=[worker_id, "1", WAKEUP_TOKENS],
-                    )
-                )
-                if moved >= 0:
-                    self.client.hdel(self.keys.worker_versions, worker_id)
-            if moved >= 0:
-                reaped[worker_id] = moved
-        live = {info.version for info in workers.values() if info is not None and info.versioned}
-        self.sweep(live, sweep_budget)
-        return reaped
-
-    def sweep(self, live: set[str], budget: float | None = None) -> dict[str, int]:
-        """Move what waits on the queue of each version with no live worker
-        (not in `live`) onto the model's queue, where any version's worker
-        takes it: an unpinned request routed there just before that
-        version's last worker left is answered rather than timed out, and a
-        pinned one is refused by the worker that claims it. A queue of any
-        length moves SWEEP_CHUNK requests per script call, so Redis serves
-        its other clients in between; after `budget` seconds (None: no
-        limit) no other call is made, and the next sweep goes on from there
-        (the heartbeat sweeps, and must not be held up). Returns {version:
-        requests moved}, those that moved any."""
-        with self.shard.watch():
-            known = {v.decode() for v in self.client.smembers(self.keys.known_versions)}
-        moved = {}
-        deadline = None if budget is None else time.monotonic() + budget
-        for version in sorted(known - live):
-            if moved and deadline is not None and time.monotonic() >= deadline:
-                break  # every sweep makes one call at least
-            source = self.keys.for_version(version)
-            keys = [self.keys.wakeup, *source.queues(self.levels), *self.keys.queues(self.levels)]
-            count = 0
-            try:
-                while True:
-                    with self.shard.watch():
-                        step = int(self._sweep(keys=keys, args=[WAKEUP_TOKENS, SWEEP_CHUNK]))
-                    count += step
-                    late = deadline is not None and time.monotonic() >= deadline
-                    if step < SWEEP_CHUNK or late:
-                        break
-            except redis.ResponseError as exc:
-                # The script failed in Redis (not an outage, which goes on to
-                # the caller): the other versions are still swept.
-                metrics.SWEEP_FAILURES.inc()
-                log.error(
-                    "version %s: sweeping its queue failed after %d moved: %s", version, count, exc
-                )
-                continue
-            if count:
-                log.info("version %s has no live worker: %d queued requests moved", version, count)
-                moved[version] = count
-        return moved
-
-    def _requeue_keys(self, worker_id: str, version: str | None = None) -> list[str]:
-        """The requeue script's keys: claims go back onto `version`'s queue
-        (default: this queue's; "": the model's)."""
-        k = self.keys
-        target = self.queue_keys if version is None else (k.for_version(version) if version else k)
-        return [
-            k.processing(worker_id),
-            k.workers,
-            k.heartbeat(worker_id),
-            target.wakeup,
-            *target.queues(self.levels),
-        ]

@@ -4,7 +4,7 @@ a Redis that the queue needs.
 The serving core (serving/cache.py) decides what is cached and under which
 key (messages.Keys.cached); this module only talks to Redis. The store is
 one Redis (`--response-cache-url`, default the first --redis-url), reached
-through this process's `request_queue.Shard` for that URL: when it is the
+through this process's `shards.Shard` for that URL: when it is the
 queue's Redis, the cache shares its connections and its health record, so a
 host found unreachable is skipped by both until its probe hears it again.
 Every command goes through `Shard.watch`; errors reach the caller, who
@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 import redis
 
 from keras_server.broker.failures import reason
-from keras_server.broker.request_queue import Shard
+from keras_server.broker.shards import Shard
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ ROOM_CHECK_S = 1.0
 
 
 class CacheDown(Exception):
-    """The cache's Redis is marked down (see request_queue.Shard): nothing was asked."""
+    """The cache's Redis is marked down (see shards.Shard): nothing was asked."""
 
 
 class CacheFull(Exception):

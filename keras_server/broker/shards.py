@@ -1,110 +1,164 @@
-"""Several Redis instances ("shards"), each holding its own copy of the queue.
-
-A web server knows every shard. Each request goes to one: the shorter queue
-of two random shards that are up (power of two choices; what counts is the
-requests at the request's priority level and above, those it would wait
-behind), and its result is
-awaited on that same shard. A shard that fails — refuses connections, or
-stays silent past --redis-timeout like a hung host — is marked down for the
-whole process (request_queue.Shard, one per Redis URL): requests skip it
-without asking it anything, and a background probe pings it until it
-answers again. A worker serves one shard or several (one claim loop per
-shard, sharing the model: see worker.FairLock).
-
-With one shard all of this reduces to that shard.
+"""One Redis, as this process sees it (`Shard`): its connection pool (plain,
+or through Sentinel), its health record and the probe that brings it back.
+Every model's queue on that Redis shares it, in the web tier and in the
+worker alike.
 """
 
 from __future__ import annotations
 
-import random
-from collections.abc import Sequence
+import contextlib
+import logging
+import threading
+from collections.abc import Iterator
+from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from redis.sentinel import Sentinel
 
-from keras_server.broker.failures import Kind, kind_of
-from keras_server.broker.messages import Keys
-from keras_server.broker.request_queue import RequestQueue, label
+from keras_server.broker.failures import Kind, kind_of, reason
+from keras_server.settings import SENTINEL_SCHEME, parse_sentinel_url
 
-__all__ = ["NoShardUp", "ShardSet", "label"]
+log = logging.getLogger(__name__)
 
-
-class NoShardUp(redis.ConnectionError):
-    """Every shard is marked down; nothing was asked of any of them."""
-
-
-def unreachable(exc: BaseException) -> bool:
-    return kind_of(exc) is Kind.UNREACHABLE
+# How often a host marked down is pinged to see whether it is back.
+PROBE_INTERVAL_S = 0.5
 
 
-class ShardSet:
-    """One model's queues, one on each shard. Which shards are down is the
-    shards' own record (request_queue.Shard), shared by every model."""
+def connect(url: str, *, timeout: float) -> redis.Redis:
+    """A client for `url` that gives up on a silent server after `timeout` s.
 
-    def __init__(self, queues: Sequence[RequestQueue], rng: random.Random | None = None) -> None:
-        if not queues:
-            raise ValueError("at least one shard")
-        self.queues = list(queues)
-        self._rng = rng or random.Random()
+    A hung host (stopped process, network partition) keeps its connections
+    open and never answers; without a read timeout each command would wait
+    for it indefinitely. Blocking calls (BLPOP, BLMOVE) go through
+    `Shard.block`, which reads their reply with a longer timeout. Nothing is retried
+    behind our back: the web tier answers 503 at once while Redis is down,
+    and the worker loop has its own backoff.
+
+    `redis+sentinel://host:port[,host:port...]/MASTER[/DB]` asks those Redis
+    Sentinels for the current master of MASTER, and again after a failover.
+    """
+    options: dict[str, Any] = {
+        "socket_connect_timeout": timeout,
+        "socket_timeout": timeout,
+        "retry": Retry(NoBackoff(), 0),
+        "health_check_interval": 30,
+    }
+    if url.startswith(SENTINEL_SCHEME):
+        sentinels, master, db, password = parse_sentinel_url(url)
+        sentinel = Sentinel(
+            sentinels,
+            sentinel_kwargs={"socket_connect_timeout": timeout, "socket_timeout": timeout},
+            **options,
+        )
+        return sentinel.master_for(master, db=db, password=password)
+    return redis.Redis.from_url(url, **options)
+
+
+def label(url: str) -> str:
+    """host:port/db of a Redis URL, without any password: safe for logs and metrics."""
+    if url.startswith(SENTINEL_SCHEME):
+        _, master, db, _ = parse_sentinel_url(url)
+        return f"sentinel:{master}/{db}"
+    kwargs = redis.connection.parse_url(url)
+    if "path" in kwargs:
+        return str(kwargs["path"])
+    return f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"
+
+
+class Shard:
+    """One Redis, as this process sees it: one connection pool and one health
+    record, shared by every model's queue on it, in the web tier and in the
+    worker alike (`Shard.of`).
+
+    A host that cannot be reached — refuses connections, or stays silent past
+    `timeout` like a hung host — is marked down by whichever caller meets it
+    first (`watch`, see failures.py): every queue on it is skipped without
+    asking it anything, and one probe thread pings it until it answers.
+    """
+
+    _registry: dict[tuple[str, float], Shard] = {}  # noqa: RUF012 (the process's own)
+    _registry_lock = threading.Lock()
+
+    def __init__(self, url: str, timeout: float) -> None:
+        self.url = url
+        self.name = label(url)
+        self.timeout = timeout
+        self.client = connect(url, timeout=timeout)
+        self._lock = threading.Lock()
+        self._down: str | None = None  # why, while marked down
+        self._probing = False
 
     @classmethod
-    def connect(
-        cls, urls: Sequence[str], keys: Keys, *, timeout: float, levels: int = 1
-    ) -> ShardSet:
-        return cls([RequestQueue.open(url, keys, timeout=timeout, levels=levels) for url in urls])
+    def of(cls, url: str, timeout: float) -> Shard:
+        """This process's Shard for `url`. One settings table per process
+        means one --redis-timeout, so one Shard per URL."""
+        with cls._registry_lock:
+            found = cls._registry.get((url, timeout))
+            if found is None:
+                found = cls._registry[(url, timeout)] = cls(url, timeout)
+            return found
 
-    def name(self, queue: RequestQueue) -> str:
-        return queue.shard.name
+    def is_down(self) -> bool:
+        return self.down_reason() is not None
 
-    def is_down(self, queue: RequestQueue) -> bool:
-        return queue.shard.is_down()
+    def down_reason(self) -> str | None:
+        """Why the host is marked down (what it failed with); None while up."""
+        with self._lock:
+            return self._down
 
-    def up(self) -> list[RequestQueue]:
-        """The shards not marked down, without asking any of them."""
-        return [q for q in self.queues if not q.shard.is_down()]
+    def mark_down(self, error: BaseException) -> None:
+        """Skip this host until the probe hears from it again."""
+        with self._lock:
+            newly = self._down is None
+            if newly:
+                self._down = reason(error)
+            start_probe, self._probing = not self._probing, True
+        if newly:
+            log.warning(
+                "Redis shard %s failed (%s); skipping it until it answers", self.name, error
+            )
+        if start_probe:
+            threading.Thread(target=self._probe, name="shard-probe", daemon=True).start()
 
-    def pick(self, level: int = 1) -> RequestQueue:
-        """The shorter queue of two random shards that are up, counting the
-        requests a request at `level` would wait behind (levels 1 .. `level`)."""
-        candidates = self.up()
-        if not candidates:
-            raise NoShardUp("no Redis shard is reachable")
-        if len(candidates) == 1:
-            return candidates[0]
-        first, second = self._rng.sample(candidates, 2)
-        depths = {}
-        for queue in (first, second):
-            try:
-                depths[id(queue)] = queue.depth(up_to=level)
-            except redis.RedisError as exc:
-                if not unreachable(exc):
-                    raise  # marked down by the queue: the other one is asked
-        if not depths:
-            return first  # both failed just now: let the caller's push report it
-        return min((first, second), key=lambda q: depths.get(id(q), float("inf")))
-
-    def push(self, payload: bytes, max_depth: int, level: int = 1) -> RequestQueue:
-        """Queue `payload` on a picked shard; returns the shard that took it."""
-        return self.push_all([payload], max_depth, level)
-
-    def push_all(self, payloads: Sequence[bytes], max_depth: int, level: int = 1) -> RequestQueue:
-        """Queue several requests on one picked shard, all or none (see
-        `RequestQueue.push_all`); returns the shard that took them, where
-        they will be answered.
-
-        A shard that cannot be reached (marked down by the queue) is skipped
-        and one other is tried.
-        A timed-out push may still have landed on the silent shard; if it wakes
-        up, its worker skips the copies once their deadline has passed, and
-        nobody collects an answer to them. QueueFull and other errors propagate.
-        """
-        queue = self.pick(level)
+    @contextlib.contextmanager
+    def watch(self) -> Iterator[None]:
+        """Mark the host down when what runs inside finds it unreachable; every
+        error goes on to the caller."""
         try:
-            queue.push_all(payloads, max_depth=max_depth, level=level)
-            return queue
+            yield
         except redis.RedisError as exc:
-            others = [q for q in self.up() if q is not queue]
-            if not unreachable(exc) or not others:
-                raise
-        retry = self._rng.choice(others)
-        retry.push_all(payloads, max_depth=max_depth, level=level)
-        return retry
+            if kind_of(exc) is Kind.UNREACHABLE:
+                self.mark_down(exc)
+            raise
+
+    def block(self, *command: Any, seconds: float) -> Any:
+        """Run a blocking command (BLPOP, BLMOVE) that Redis ends after
+        `seconds`, reading its reply for `seconds` plus --redis-timeout: a nil
+        reply that comes a little late is not a hung host."""
+        pool = self.client.connection_pool
+        connection = pool.get_connection()
+        try:
+            connection.send_command(*command)
+            return connection.read_response(timeout=seconds + self.timeout)
+        except BaseException:
+            # Its reply may still come: this connection is never reused.
+            connection.disconnect()
+            raise
+        finally:
+            pool.release(connection)
+
+    def _probe(self) -> None:
+        """Ping the host every PROBE_INTERVAL_S until it answers."""
+        event = threading.Event()
+        while True:
+            try:
+                self.client.ping()
+            except redis.RedisError:
+                event.wait(PROBE_INTERVAL_S)
+                continue
+            with self._lock:
+                self._down, self._probing = None, False
+            log.info("Redis shard %s answers again", self.name)
+            return

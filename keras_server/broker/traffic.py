@@ -30,8 +30,8 @@ from typing import Any
 
 import redis
 
+from keras_server.broker.placement import NoShardUp, ShardSet
 from keras_server.broker.request_queue import RequestQueue
-from keras_server.broker.shards import NoShardUp, ShardSet
 
 log = logging.getLogger(__name__)
 

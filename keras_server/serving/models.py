@@ -32,7 +32,7 @@ import redis
 
 from keras_server.broker.failures import reason
 from keras_server.broker.messages import Keys, WorkerInfo
-from keras_server.broker.shards import ShardSet
+from keras_server.broker.placement import ShardSet
 from keras_server.catalog import NAME, Models, ModelSpec, model_specs
 from keras_server.serving.traffic import Router
 from keras_server.serving.workers import ShardState, Survey, WorkerView
@@ -141,7 +141,7 @@ class Deployment:
     @staticmethod
     def _connect(settings: Settings, keys: Keys) -> ShardSet:
         # Every model's queue on a shard shares that shard's connections
-        # and health record (request_queue.Shard).
+        # and health record (shards.Shard).
         return ShardSet.connect(
             settings.redis_urls,
             keys,

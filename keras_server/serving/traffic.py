@@ -40,7 +40,7 @@ from typing import Any
 
 from keras_server.broker import traffic
 from keras_server.broker.messages import WorkerInfo
-from keras_server.broker.shards import ShardSet
+from keras_server.broker.placement import ShardSet
 from keras_server.catalog import VERSION
 from keras_server.serving.failures import Unavailable, no_live_worker
 

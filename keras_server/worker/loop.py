@@ -40,7 +40,8 @@ import redis
 from keras_server import metrics, tracing
 from keras_server.broker import messages
 from keras_server.broker.failures import Kind, kind_of, reason
-from keras_server.broker.request_queue import PROBE_INTERVAL_S, RequestQueue
+from keras_server.broker.request_queue import RequestQueue
+from keras_server.broker.shards import PROBE_INTERVAL_S
 from keras_server.engines.predictor import Predictor, top_indices, top_k
 from keras_server.worker.callbacks import CallbackSender
 
