@@ -24,7 +24,6 @@ import redis
 from keras_server.broker.failures import Kind, kind_of
 from keras_server.broker.messages import Keys
 from keras_server.broker.request_queue import RequestQueue
-from keras_server.broker.shards import label
 
 __all__ = ["NoShardUp", "ShardSet"]
 
