@@ -125,9 +125,10 @@ RESPONSE_CACHE_SKIPPED = Counter(
 )
 API_KEY_REQUESTS = Counter(
     "keras_server_api_key_requests",
-    "Requests with a valid API key, by the key's name in the keys file (never the key) "
-    "and quota: none (the key has no quota), within, over (answered 429), unenforced "
-    "(the quota's Redis could not be asked: let through)",
+    "Requests with a valid API key, by the key's name in the keys file (never the key; "
+    "'-' for every key unless --metrics-key-names) and quota: none (the key has no "
+    "quota), within, over (answered 429), unenforced (the quota's Redis could not be "
+    "asked: let through)",
     ["key_name", "quota"],
 )
 

@@ -98,6 +98,7 @@ class Settings:
     api_keys: str = ""
     admin_keys: str = ""
     auth_probes: bool = False
+    metrics_key_names: bool = False
     response_cache_ttl: float = 0.0
     response_cache_url: str = ""
     otlp_endpoint: str = ""
@@ -671,6 +672,14 @@ KNOBS: tuple[Knob, ...] = (
         _bool,
         "with --api-keys: the probes /readyz, /metrics, /v2/health/live and "
         "/v2/health/ready need a key too (true or false)",
+        "BOOL",
+    ),
+    Knob(
+        "metrics_key_names",
+        _bool,
+        "with --api-keys: /metrics counts requests by API key name (the keys file's "
+        "name=, never the key); off, every key's are counted under one name, '-', so "
+        "a scrape does not list the server's clients (true or false)",
         "BOOL",
     ),
     Knob(

@@ -258,7 +258,7 @@ def keys_file(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def keyed(settings: Settings, keys_file: Path) -> Settings:
-    return dataclasses.replace(settings, api_keys=str(keys_file))
+    return dataclasses.replace(settings, api_keys=str(keys_file), metrics_key_names=True)
 
 
 @pytest.fixture
@@ -465,3 +465,14 @@ def test_two_web_processes_share_one_quota(keyed: Settings, keys_file: Path) -> 
     assert sorted(remaining) == [str(n) for n in range(burst)]
     assert statuses.count(429) == len(statuses) - burst
     assert ALICE not in log
+
+
+def test_key_names_stay_out_of_metrics_unless_asked(keyed: Settings, model: None) -> None:
+    """A scrape lists the server's clients only with --metrics-key-names:
+    without it, every key is counted under one name, '-'."""
+    quiet = create_app(dataclasses.replace(keyed, metrics_key_names=False)).test_client()
+    before = metric(quiet, "alice", "within"), metric(quiet, "-", "within")
+    assert post_images(quiet, CHELSEA, headers={"X-API-Key": ALICE}).status_code == 200
+    after = metric(quiet, "alice", "within"), metric(quiet, "-", "within")
+    # (Counters are the process's: other tests' counts are in them, unchanged.)
+    assert (after[0] - before[0], after[1] - before[1]) == (0, 1)

@@ -76,15 +76,22 @@ class Caller:
 class Limiter:
     """One process's gate to the shared quotas."""
 
-    def __init__(self, quotas: Quotas) -> None:
+    def __init__(self, quotas: Quotas, key_names: bool = False) -> None:
         self.quotas = quotas
+        # --metrics-key-names: the key's name as a metric label, else "-".
+        self.key_names = key_names
         self._lock = threading.Lock()
         self._unenforced = False  # since the last failure, until Redis answers again
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Limiter:
         keys = Keys(settings.queue_name)
-        return cls(Quotas.open(settings.redis_urls[0], keys, timeout=settings.redis_timeout))
+        quotas = Quotas.open(settings.redis_urls[0], keys, timeout=settings.redis_timeout)
+        return cls(quotas, settings.metrics_key_names)
+
+    def _count(self, caller: Caller, verdict: str) -> None:
+        name = caller.name if self.key_names else "-"
+        metrics.API_KEY_REQUESTS.labels(name, verdict).inc()
 
     def gate(self, caller: Caller) -> None:
         """Refuse (OverQuota) a caller with nothing left, counting nothing."""
@@ -97,7 +104,7 @@ class Limiter:
     def _ask(self, caller: Caller, images: int) -> None:
         if caller.quota is None:
             if images:
-                metrics.API_KEY_REQUESTS.labels(caller.name, "none").inc()
+                self._count(caller, "none")
             return
         try:
             if images:
@@ -108,14 +115,14 @@ class Limiter:
             kind = kind_of(exc)
             if kind is Kind.BUG:
                 raise
-            metrics.API_KEY_REQUESTS.labels(caller.name, "unenforced").inc()
+            self._count(caller, "unenforced")
             self._note(failed=exc, kind=kind)
             return
         self._note()
         caller.decision = decision
         if images or not decision.allowed:
             verdict = "within" if decision.allowed else "over"
-            metrics.API_KEY_REQUESTS.labels(caller.name, verdict).inc()
+            self._count(caller, verdict)
         if not decision.allowed:
             log.warning("API key %r is over its quota (%s)", caller.name, describe(caller.quota))
             message = refusal(caller.name, caller.quota, decision, max(images, 1))
