@@ -144,6 +144,18 @@ class Job:
             callback_url=text.get("callback_url", ""),
         )
 
+    def summary(self) -> dict[str, Any]:
+        """Its state and counts, as `GET /jobs/<id>` and the callback say them."""
+        return {
+            "id": self.id,
+            "state": self.state,
+            "model": self.model,
+            "total": self.total,
+            "done": self.succeeded + self.failed,
+            "succeeded": self.succeeded,
+            "failed": self.failed,
+        }
+
 
 class JobStore:
     """The jobs of one model's queue on one Redis (`client`, `keys`)."""

@@ -215,13 +215,7 @@ def status(id: str) -> Response:
             item["success"] = None  # not run yet
         results.append(item)
     body: dict[str, Any] = {
-        "id": job.id,
-        "state": job.state,
-        "model": job.model,
-        "total": job.total,
-        "done": job.succeeded + job.failed,
-        "succeeded": job.succeeded,
-        "failed": job.failed,
+        **job.summary(),
         "created": job.created,
         "finished": job.finished,
         "offset": offset,

@@ -181,13 +181,4 @@ class CallbackSender:
 
 def status_of(job: Any, status_url: str) -> dict[str, Any]:
     """The callback's body: a job's status without its results."""
-    return {
-        "id": job.id,
-        "state": job.state,
-        "model": job.model,
-        "total": job.total,
-        "done": job.succeeded + job.failed,
-        "succeeded": job.succeeded,
-        "failed": job.failed,
-        "status_url": status_url,
-    }
+    return {**job.summary(), "status_url": status_url}
