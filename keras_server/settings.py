@@ -46,6 +46,10 @@ MAX_PARALLEL_BATCHES = 8
 # list well inside Lua's stack.
 MAX_IMAGES = 1024
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# An occlusion grid's sides (serving/explain.py): 2 x 2 says little; 16 x 16
+# is 256 images per explanation, queued in one transaction, well within the
+# queue's default depth (--max-queue).
+MIN_EXPLAIN_GRID, MAX_EXPLAIN_GRID = 2, 16
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,7 @@ class Settings:
     max_upload_mb: float = 16.0
     max_image_pixels: int = 50_000_000
     max_images: int = 64
+    explain_grid: int = 8
     decode_memory_mb: float = 512.0
     role: str = "all"
     web_workers: int = 2
@@ -278,6 +283,13 @@ def _max_images(text: str) -> int:
     value = _positive_int(text)
     if value > MAX_IMAGES:
         raise ValueError(f"must be at most {MAX_IMAGES}")
+    return value
+
+
+def _explain_grid(text: str) -> int:
+    value = int(text) if text.strip().isdigit() and len(text) < 10 else 0
+    if not MIN_EXPLAIN_GRID <= value <= MAX_EXPLAIN_GRID:
+        raise ValueError(f"must be a whole number from {MIN_EXPLAIN_GRID} to {MAX_EXPLAIN_GRID}")
     return value
 
 
@@ -608,6 +620,14 @@ KNOBS: tuple[Knob, ...] = (
         _max_images,
         "most images in one request (repeated image fields on /predict, a v2 infer's "
         f"batch; at most {MAX_IMAGES}); beyond it a 413",
+        "N",
+    ),
+    Knob(
+        "explain_grid",
+        _explain_grid,
+        "/explain's occlusion grid: the image is shown to the model again with each of "
+        "N x N cells masked, one at a time, at the lowest priority level (a request's "
+        f"grid= may ask another, {MIN_EXPLAIN_GRID} to {MAX_EXPLAIN_GRID})",
         "N",
     ),
     Knob(
