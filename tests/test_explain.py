@@ -6,8 +6,10 @@ level and skip the response cache, the PNG overlay, and hostile inputs."""
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import io
+import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -311,3 +313,66 @@ def test_importance_and_the_overlay() -> None:
     rgb = np.asarray(overlay)
     np.testing.assert_allclose(rgb[-1, -1], explain.RAMP[-1] * explain.OPACITY, atol=1)
     np.testing.assert_allclose(rgb[0, -1], explain.RAMP[0] * explain.OPACITY, atol=1)
+
+
+def v2_infer(client: FlaskClient, parameters: dict, outputs: list | None = None) -> TestResponse:
+    body: dict = {
+        "parameters": parameters,
+        "inputs": [
+            {
+                "name": "image",
+                "datatype": "BYTES",
+                "shape": [1],
+                "data": [base64.b64encode(photo()).decode()],
+            }
+        ],
+    }
+    if outputs is not None:
+        body["outputs"] = outputs
+    return client.post("/v2/models/resnet50/infer", json=body)
+
+
+def test_v2_parameters_explain_adds_the_heatmap_output(
+    client: FlaskClient, keras_served: WorkerThread
+) -> None:
+    for method, side in (("occlusion", 4), ("gradcam", SIZE)):
+        response = v2_infer(client, {"explain": method, "explain_grid": 4})
+        assert response.status_code == 200, response.get_json()
+        outputs = {o["name"]: o for o in response.get_json()["outputs"]}
+        assert outputs["heatmap"]["datatype"] == "FP32"
+        assert outputs["heatmap"]["shape"] == [1, side, side]
+        assert_top_left(np.array(outputs["heatmap"]["data"]).reshape(side, side))
+        assert outputs["probabilities"]["shape"] == [1, 2]
+    binary = v2_infer(
+        client,
+        {"explain": "occlusion", "explain_class": 0, "binary_data_output": True},
+        [{"name": "probabilities"}, {"name": "heatmap"}],
+    )
+    assert binary.status_code == 200
+    length = int(binary.headers["Inference-Header-Content-Length"])
+    header = json.loads(binary.data[:length])
+    assert [o["name"] for o in header["outputs"]] == ["probabilities", "heatmap"]
+    assert len(binary.data) - length == 4 * (2 + 8 * 8)
+
+
+@pytest.mark.parametrize(
+    ("parameters", "outputs", "words"),
+    [
+        ({}, [{"name": "heatmap"}], "output 'heatmap' needs parameters.explain"),
+        ({"explain_class": 1}, None, "parameters.explain_class needs parameters.explain"),
+        ({"explain": "shap"}, None, "unknown explanation method 'shap'"),
+        ({"explain": "occlusion", "explain_class": 2}, None, "class 2 is out of range"),
+        ({"explain": "occlusion", "explain_class": "dark"}, None, "must be a class index"),
+        ({"explain": "occlusion", "explain_grid": 1000}, None, "grid must be a whole number"),
+    ],
+)
+def test_v2_hostile_explain_parameters_are_400s(
+    client: FlaskClient,
+    keras_served: WorkerThread,
+    parameters: dict,
+    outputs: list | None,
+    words: str,
+) -> None:
+    response = v2_infer(client, parameters, outputs)
+    assert response.status_code == 400, response.get_json()
+    assert words in response.get_json()["error"]
