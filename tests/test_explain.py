@@ -17,7 +17,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
-from conftest import WorkerThread, make_worker, png_bytes, post_images, wait_until
+from conftest import (
+    REGION_SIZE,
+    WorkerThread,
+    make_worker,
+    png_bytes,
+    post_images,
+    region_spec,
+    wait_until,
+)
 from flask.testing import FlaskClient
 from hypothesis import given
 from hypothesis import strategies as st
@@ -26,52 +34,12 @@ from werkzeug.test import TestResponse
 
 from keras_server.broker import messages
 from keras_server.broker.request_queue import RequestQueue
-from keras_server.catalog import ModelSpec
 from keras_server.serving import explain
 from keras_server.serving.failures import BadInput
 from keras_server.settings import Settings, SettingsError, load_settings
 from keras_server.web.app import create_app
 
-SIZE = 32
-HALF = SIZE // 2
-LABELS = ["bright", "dark"]
-
-
-@pytest.fixture(scope="module")
-def region_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """32x32 RGB -> bright/dark, from the mean grey of the top-left quadrant
-    alone: the rest is cropped away before the one convolution (`focus`)."""
-    import keras
-
-    inputs = keras.Input((SIZE, SIZE, 3))
-    kept = keras.layers.Cropping2D(((0, HALF), (0, HALF)))(inputs)
-    padded = keras.layers.ZeroPadding2D(((0, HALF), (0, HALF)))(kept)
-    focus = keras.layers.Conv2D(1, 1, activation="relu", name="focus")(padded)
-    pooled = keras.layers.GlobalAveragePooling2D()(focus)
-    outputs = keras.layers.Dense(2, activation="softmax")(pooled)
-    model = keras.Model(inputs, outputs)
-    # grey in 0..1; the pool averages it over the whole image (a quarter).
-    model.get_layer("focus").set_weights([np.full((1, 1, 3, 1), 1 / (3 * 255)), np.zeros(1)])
-    steep, threshold = 40.0, 0.17
-    dense = model.layers[-1]
-    dense.set_weights(
-        [np.array([[steep, -steep]]), np.array([-steep * threshold, steep * threshold])]
-    )
-    directory = tmp_path_factory.mktemp("region")
-    path = directory / "region.keras"
-    model.save(path)
-    (directory / "region.txt").write_text("\n".join(LABELS) + "\n")
-    return path
-
-
-def region_spec(path: Path, **fields: object) -> ModelSpec:
-    return ModelSpec(
-        name="region",
-        source=str(path),
-        labels=str(path.with_suffix(".txt")),
-        preprocessing="none",
-        **fields,  # type: ignore[arg-type]
-    ).validate()
+SIZE = REGION_SIZE
 
 
 @pytest.fixture(scope="module")
