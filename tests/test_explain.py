@@ -344,3 +344,25 @@ def test_v2_hostile_explain_parameters_are_400s(
     response = v2_infer(client, parameters, outputs)
     assert response.status_code == 400, response.get_json()
     assert words in response.get_json()["error"]
+
+
+def test_gradcam_layer_from_the_models_file(region_model: Path, tmp_path: Path) -> None:
+    from keras_server.catalog import load_models_file
+    from keras_server.engines.keras_engine import load_classifier
+    from keras_server.engines.predictor import ModelLoadError
+
+    models = tmp_path / "models.toml"
+    labels = region_model.with_suffix(".txt")
+    models.write_text(
+        f'[models.region]\nmodel = "{region_model}"\nlabels = "{labels}"\n'
+        'preprocessing = "none"\ngradcam_layer = "focus"\n'
+    )
+    (spec,) = load_models_file(models).specs
+    assert spec.gradcam_layer == "focus"
+    named = load_classifier(spec)
+    assert named.gradcam_layer == "focus"
+    heat = named.gradcam(np.full((SIZE, SIZE, 3), 200, dtype=np.uint8), 0)
+    assert_top_left(heat)
+    for layer, words in (("nope", "gradcam_layer 'nope'"), ("dense", "not a 4-D")):
+        with pytest.raises(ModelLoadError, match=words):
+            load_classifier(region_spec(region_model, gradcam_layer=layer))
