@@ -366,3 +366,45 @@ def test_gradcam_layer_from_the_models_file(region_model: Path, tmp_path: Path) 
     for layer, words in (("nope", "gradcam_layer 'nope'"), ("dense", "not a 4-D")):
         with pytest.raises(ModelLoadError, match=words):
             load_classifier(region_spec(region_model, gradcam_layer=layer))
+
+
+def test_an_explanation_is_charged_as_its_images_refused_whole(
+    settings: Settings, keras_region: object, tmp_path: Path
+) -> None:
+    key = "explain-key-0123456789abcdef"
+    keys = tmp_path / "keys.txt"
+    keys.write_text(f"{key} name=alice rate=10/h burst=10\n")
+    client = create_app(dataclasses.replace(settings, api_keys=str(keys))).test_client()
+    alice = {"X-API-Key": key}
+    with WorkerThread(make_worker(settings, keras_region)):
+        done = post_images(client, photo(), path="/explain?grid=2", headers=alice)
+        assert done.status_code == 200, done.get_json()
+        assert done.get_json()["explanation"]["images"] == 5
+        assert done.headers["RateLimit-Remaining"] == "5"
+        # 1 + 3 x 3 = 10 images with 5 left: refused whole, nothing counted.
+        refused = post_images(client, photo(), path="/explain?grid=3", headers=alice)
+        assert refused.status_code == 429
+        assert refused.headers["RateLimit-Remaining"] == "5"
+
+
+def test_the_worker_reads_the_explain_fields_or_refuses_the_entry() -> None:
+    pixels = np.zeros((2, 2, 3), dtype=np.uint8)
+    asked = messages.ImageRequest.create(
+        pixels, 5, probabilities=True, explain="gradcam", explain_class=3
+    )
+    read = messages.decode_request(messages.encode_request(asked))
+    assert (read.explain, read.explain_class) == ("gradcam", 3)
+    plain_request = messages.ImageRequest.create(pixels, 5)
+    plain = messages.decode_request(messages.encode_request(plain_request))
+    assert (plain.explain, plain.explain_class) == ("", -1)
+    for bad in (
+        {"explain": "lime"},
+        {"explain": "gradcam", "probabilities": False},
+        {"explain": "gradcam", "explain_class": -2},
+        {"explain": ["gradcam"]},
+    ):
+        raw = messages.encode_request(asked)
+        header, _, data = raw.partition(b"\n")
+        fields = {**json.loads(header), **bad}
+        with pytest.raises(messages.BadMessage):
+            messages.decode_request(json.dumps(fields).encode() + b"\n" + data)
