@@ -408,3 +408,21 @@ def test_the_worker_reads_the_explain_fields_or_refuses_the_entry() -> None:
         fields = {**json.loads(header), **bad}
         with pytest.raises(messages.BadMessage):
             messages.decode_request(json.dumps(fields).encode() + b"\n" + data)
+
+
+def test_a_worker_whose_engine_cannot_explain_answers_400() -> None:
+    """Reached when a request meets such a worker all the same (a model whose
+    workers run several engines): the web tier's check is the first line."""
+    from keras_server.engines.simulated import SimulatedModel
+    from keras_server.worker.loop import explained
+
+    model = SimulatedModel(0, 0)
+    request = messages.ImageRequest.create(
+        np.zeros(model.input_shape, np.uint8), 5, probabilities=True, explain="gradcam"
+    )
+    answer = json.loads(explained(request, np.full(1000, 1e-3, np.float32), model))
+    assert answer == {
+        "success": False,
+        "error": "the sim engine cannot compute gradcam; only the keras engine can",
+        "status": 400,
+    }

@@ -487,3 +487,18 @@ def test_explain(openapi: OpenAPI, client: FlaskClient, settings: Settings) -> N
         assert "out of range" in conforms(openapi, wide, 400, request_valid=True)["error"]
     body = conforms(openapi, upload(client, CHELSEA, path="/explain?grid=1"), 400, False)
     assert "grid must be" in body["error"]
+
+
+def test_v2_explain(openapi: OpenAPI, client: FlaskClient, settings: Settings) -> None:
+    asked = {"explain": "occlusion", "explain_grid": 2, "explain_class": 281}
+    with WorkerThread(make_worker(settings, SimulatedModel(0, 0))):
+        request = infer_json(CHELSEA, parameters=asked)
+        done = call(client, "POST", INFER, request, "application/json")
+        body = conforms(openapi, done, 200)
+    assert [(o["name"], o["shape"]) for o in body["outputs"]] == [
+        ("probabilities", [1, 1000]),
+        ("heatmap", [1, 2, 2]),
+    ]
+    wrong = infer_json(CHELSEA, outputs=[{"name": "heatmap"}])
+    body = conforms(openapi, call(client, "POST", INFER, wrong, "application/json"), 400)
+    assert "needs parameters.explain" in body["error"]
