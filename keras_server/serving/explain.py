@@ -220,8 +220,10 @@ def explain(
     if isinstance(ask.target, str):
         named = max(named, known or messages.MAX_CLASSES)
     cells = ask.grid * ask.grid if ask.method == OCCLUSION else 0
+    # Grad-CAM of a label: the baseline finds its index, a second image explains it.
+    images = 1 + cells + (ask.method == GRADCAM and isinstance(ask.target, str))
     if caller is not None and pipeline.limiter is not None:
-        pipeline.limiter.charge(caller, 1 + cells)
+        pipeline.limiter.charge(caller, images)
     if ask.method == GRADCAM and not isinstance(ask.target, str):
         index = -1 if ask.target is None else ask.target
         form = Form(True, named, explain=GRADCAM, explain_class=index)
@@ -229,10 +231,10 @@ def explain(
     header, vector = run.one(pixels, Form(True, named))
     index = _index(ask.target, header, vector)
     if ask.method == GRADCAM:
-        # A label, now an index: the worker explains it (a second image).
+        # A label, now an index: the worker explains it.
         form = Form(True, named, explain=GRADCAM, explain_class=index)
         found = _from_worker(*run.one(pixels, form), pixels, named)
-        found.images = 2
+        found.images = images
         return found
     answers = run.answers(masked(pixels, ask.grid), Form(True, 0))
     drops = [vector[index] - _vector(raw)[1][index] for raw in answers]
@@ -244,7 +246,7 @@ def explain(
         index,
         _label(header, index),
         heatmap,
-        1 + cells,
+        images,
         pixels,
         header.get("model") or {},
         drop,
