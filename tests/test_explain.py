@@ -79,8 +79,12 @@ def post(
 
 
 @pytest.fixture
-def keras_served(settings: Settings, keras_region: object) -> Iterator[WorkerThread]:
+def keras_served(
+    settings: Settings, keras_region: object, client: FlaskClient
+) -> Iterator[WorkerThread]:
+    """A keras worker of the region model, beating (its engine is known)."""
     with WorkerThread(make_worker(settings, keras_region)) as running:
+        wait_until(lambda: client.get("/models").get_json()["models"][0]["live_workers"])
         yield running
 
 
@@ -150,7 +154,12 @@ def test_gradcam_points_at_the_region_on_the_keras_engine(
 def test_gradcam_on_another_engine_is_a_400_naming_keras(
     client: FlaskClient, settings: Settings, openvino_region: object
 ) -> None:
+    # No worker yet: which engine will answer is not known.
+    early = post(client, photo(), method="gradcam")
+    assert early.status_code == 503
+    assert "has no live worker yet" in early.get_json()["error"]
     with WorkerThread(make_worker(settings, openvino_region)):
+        wait_until(lambda: client.get("/models").get_json()["models"][0]["live_workers"])
         response = post(client, photo(), method="gradcam")
     assert response.status_code == 400
     error = response.get_json()["error"]

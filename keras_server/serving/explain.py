@@ -205,11 +205,13 @@ def explain(
         raise no_live_worker(model.name)
     if ask.method == GRADCAM:
         engines = sorted({w.engine for w in workers if w.engine})
+        if not engines:
+            # Which engine will answer is not known until a worker beats.
+            raise no_live_worker(model.name)
         if not any(e in GRADCAM_ENGINES for e in engines):
             raise BadInput(
                 f"method=gradcam needs the {' or '.join(GRADCAM_ENGINES)} engine; model "
-                f"{model.name!r} runs on {', '.join(engines) or 'an unknown engine'}: use "
-                "method=occlusion (any engine)"
+                f"{model.name!r} runs on {', '.join(engines)}: use method=occlusion (any engine)"
             )
     known = max((w.labels for w in workers), default=0)
     if isinstance(ask.target, int) and known and ask.target >= known:
