@@ -86,6 +86,9 @@ class ModelSpec:
     # Seconds an answer stays in the response cache (serving/cache.py);
     # 0: not cached. None: --response-cache-ttl's (model_specs fills it in).
     response_cache_ttl: float | None = None
+    # The layer Grad-CAM explains from (method=gradcam, keras engine); None:
+    # the last layer with a 4-D (image-like) output.
+    gradcam_layer: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "weights", weights_name(self.weights))
@@ -312,6 +315,7 @@ def load_models_file(path: str | Path) -> Models:
         precision = "int8"            # --calibration-dir
         calibration_dir = "calibration/shapes"
         response_cache_ttl = 300      # optional: else --response-cache-ttl; 0: off
+        gradcam_layer = "conv_last"   # optional: else the last layer with a 4-D output
 
     Relative paths are relative to the models file.
     """
@@ -326,7 +330,7 @@ def load_models_file(path: str | Path) -> Models:
     if not isinstance(tables, dict) or not tables:
         raise CatalogError(f"models file {path}: no [models.NAME] tables")
     known = {"model", "weights", "labels", "preprocessing", "top_k", "version"}
-    known |= {"engine", "precision", "calibration_dir", "response_cache_ttl"}
+    known |= {"engine", "precision", "calibration_dir", "response_cache_ttl", "gradcam_layer"}
     specs = []
     for name, table in tables.items():
         if not isinstance(table, dict):
@@ -362,6 +366,7 @@ def load_models_file(path: str | Path) -> Models:
                     else None
                 ),
                 response_cache_ttl=table.get("response_cache_ttl"),
+                gradcam_layer=table.get("gradcam_layer"),
             )
             specs.append(spec.validate())
         except CatalogError as exc:

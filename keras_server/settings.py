@@ -42,6 +42,10 @@ MAX_QUEUE = 100_000
 # list well inside Lua's stack.
 MAX_IMAGES = 1024
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# An occlusion grid's sides (serving/explain.py): 2 x 2 says little; 16 x 16
+# is 256 images per explanation, queued in one transaction, well within the
+# queue's default depth (--max-queue).
+MIN_EXPLAIN_GRID, MAX_EXPLAIN_GRID = 2, 16
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,7 @@ class Settings:
     max_upload_mb: float = 16.0
     max_image_pixels: int = 50_000_000
     max_images: int = 64
+    explain_grid: int = 8
     decode_memory_mb: float = 512.0
     role: str = "all"
     web_workers: int = 2
@@ -214,6 +219,13 @@ def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, int, str |
     if len(parts) == 2 and not parts[1].isdigit():
         raise ValueError(f"database {parts[1]!r}: expected a number")
     return sentinels, parts[0], int(parts[1]) if len(parts) == 2 else 0, password
+
+
+def _explain_grid(text: str) -> int:
+    value = int(text) if text.strip().isdigit() and len(text) < 10 else 0
+    if not MIN_EXPLAIN_GRID <= value <= MAX_EXPLAIN_GRID:
+        raise ValueError(f"must be a whole number from {MIN_EXPLAIN_GRID} to {MAX_EXPLAIN_GRID}")
+    return value
 
 
 def _redis_urls(text: str) -> str:
@@ -580,6 +592,14 @@ KNOBS: tuple[Knob, ...] = (
         Number(whole=True, low=1, high=MAX_IMAGES),
         "most images in one request (repeated image fields on /predict, a v2 infer's "
         f"batch; at most {MAX_IMAGES}); beyond it a 413",
+        "N",
+    ),
+    Knob(
+        "explain_grid",
+        _explain_grid,
+        "/explain's occlusion grid: the image is shown to the model again with each of "
+        "N x N cells masked, one at a time, at the lowest priority level (a request's "
+        f"grid= may ask another, {MIN_EXPLAIN_GRID} to {MAX_EXPLAIN_GRID})",
         "N",
     ),
     Knob(

@@ -219,6 +219,50 @@ def small_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+REGION_SIZE = 32
+
+
+@pytest.fixture(scope="session")
+def region_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """32x32 RGB -> bright/dark, from the mean grey of the top-left quadrant
+    alone: the rest is cropped away before the one convolution (`focus`).
+    What an explanation of it must point at is known (tests/test_explain.py)."""
+    import keras
+
+    half = REGION_SIZE // 2
+    inputs = keras.Input((REGION_SIZE, REGION_SIZE, 3))
+    kept = keras.layers.Cropping2D(((0, half), (0, half)))(inputs)
+    padded = keras.layers.ZeroPadding2D(((0, half), (0, half)))(kept)
+    focus = keras.layers.Conv2D(1, 1, activation="relu", name="focus")(padded)
+    pooled = keras.layers.GlobalAveragePooling2D()(focus)
+    outputs = keras.layers.Dense(2, activation="softmax")(pooled)
+    model = keras.Model(inputs, outputs)
+    # grey in 0..1; the pool averages it over the whole image (a quarter).
+    model.get_layer("focus").set_weights([np.full((1, 1, 3, 1), 1 / (3 * 255)), np.zeros(1)])
+    steep, threshold = 40.0, 0.17
+    model.layers[-1].set_weights(
+        [np.array([[steep, -steep]]), np.array([-steep * threshold, steep * threshold])]
+    )
+    directory = tmp_path_factory.mktemp("region")
+    path = directory / "region.keras"
+    model.save(path)
+    (directory / "region.txt").write_text("bright\ndark\n")
+    return path
+
+
+def region_spec(path: Path, **fields: object) -> object:
+    """The ModelSpec of `region_model` (`fields`: engine, gradcam_layer...)."""
+    from keras_server.catalog import ModelSpec
+
+    return ModelSpec(
+        name="region",
+        source=str(path),
+        labels=str(path.with_suffix(".txt")),
+        preprocessing="none",
+        **fields,  # type: ignore[arg-type]
+    ).validate()
+
+
 @pytest.fixture(scope="session")
 def resnet_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """ResNet50 with random initial weights, saved the way a user saves theirs."""

@@ -203,3 +203,16 @@ def test_retry_after_forms() -> None:
     assert retry_after(None) is None
     assert retry_after("soon") is None
     assert retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # in the past
+
+
+def test_explain_saves_an_overlay_next_to_each_result(
+    server: str, photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, overlays = tmp_path / "results.jsonl", tmp_path / "why"
+    status = main([str(photos), "--url", server, "--out", str(out), "--explain", str(overlays)])
+    assert status == 0, capsys.readouterr().err
+    saved = sorted(p.name for p in overlays.iterdir())
+    assert saved == [name.replace("/", "__") + ".explain.png" for name in IMAGES]
+    for overlay in overlays.iterdir():
+        with Image.open(overlay) as image:
+            assert image.format == "PNG" and image.size == (224, 224)

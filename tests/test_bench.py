@@ -435,3 +435,20 @@ def test_the_cpu_probe_counts_a_servers_processes_orphans_included() -> None:
         assert probe.window.others(client_cpu=0.0) >= 0.0
     finally:
         os.killpg(leader.pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_the_explain_benchmark_measures_engine_time_and_level2_latency(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """bench.explain against a real server (the simulated model): both tables."""
+    from bench import explain
+
+    argv = ["--grid", "2", "--repeats", "1", "--clients", "1", "--explainers", "1"]
+    assert explain.main([*argv, "--seconds", "1", "--settle", "0.3"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| engine | images per explanation")
+    assert rows[1].startswith("| sim fp32 | 5 | 16 |")
+    assert rows[1].endswith("| n/a |")
+    assert rows[2].startswith("| level-2 p50 alone (ms)")
+    assert "x |" in rows[3] and "errors" not in rows[3]

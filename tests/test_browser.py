@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 from conftest import (
@@ -27,6 +28,7 @@ from conftest import (
     ROOT,
     WorkerThread,
     make_worker,
+    region_spec,
     start_web,
     stop,
     system_tool,
@@ -617,3 +619,75 @@ def test_another_origin_calls_the_api(
     # never reached a route: the key's quota was not touched by them.
     assert "OPTIONS /predict 200" in log
     assert CORS_KEY not in log
+
+
+# Each cell's colour on the canvas, row by row.
+CANVAS_CELLS = """canvas => {
+  const data = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+  const cells = [];
+  for (let i = 0; i < data.length; i += 4) cells.push([data[i], data[i + 1], data[i + 2]]);
+  return cells;
+}"""
+
+
+@pytest.fixture
+def region_worker(settings: Settings, region_model: Path) -> Iterator[WorkerThread]:
+    """A keras worker serving conftest's model that reads the top-left quadrant alone."""
+    from keras_server.engines.keras_engine import load_classifier
+
+    classifier = load_classifier(region_spec(region_model))  # type: ignore[arg-type]
+    with WorkerThread(make_worker(settings, classifier)) as running:
+        yield running
+
+
+def test_explain_draws_the_heat_map_over_the_photo(
+    watched: Watched, web: Server, region_worker: WorkerThread
+) -> None:
+    from keras_server.serving.explain import colours
+
+    page = watched.page
+    page.goto(web.url)
+    page.evaluate(CAPTURE_UPLOADS)
+    expect(page.locator("#explain-panel")).to_be_hidden()
+    page.locator("#image").set_input_files(CHELSEA)
+    expect(page.locator(".prediction")).to_have_count(2)
+    expect(page.locator("#explain")).to_be_visible()
+    page.locator("#explain").click()
+    expect(page.locator("#explanation")).to_be_visible()
+    # What the API answers for the upload the page sent (shrunk: a JPEG).
+    sent = base64.b64decode(page.evaluate(LAST_UPLOAD))
+    answer = requests.post(web.url + "explain", files={"image": sent}, timeout=60).json()
+    explanation = answer["explanation"]
+    heat = np.array(explanation["heatmap"])
+    # The model reads the top-left quadrant alone: the map says so.
+    assert heat[:4, :4].max() == 1 and heat[4:, :].max() == heat[:, 4:].max() == 0
+    canvas = page.locator("#heatmap")
+    expect(canvas).to_be_visible()
+    assert canvas.evaluate("c => [c.width, c.height]") == [8, 8]
+    # The page draws the API's map in the server's colours, row by row.
+    drawn = canvas.evaluate(CANVAS_CELLS)
+    np.testing.assert_allclose(np.array(drawn), colours(heat).round().reshape(-1, 3), atol=1)
+    # Stretched over the photo exactly.
+    box = canvas.bounding_box()
+    photo = page.locator("#preview").bounding_box()
+    assert box and photo
+    assert [round(box[k]) for k in ("x", "y", "width", "height")] == [
+        round(photo[k]) for k in ("x", "y", "width", "height")
+    ]
+    legend = page.locator("#explain-legend")
+    expect(legend).to_contain_text(f"Where the model looked for “{explanation['class']['label']}”")
+    expect(legend).to_contain_text("8 \u00d7 8")  # "8 x 8" with a multiplication sign
+    page.locator("#explain-opacity").fill("25")
+    expect(canvas).to_have_css("opacity", "0.25")
+    page.locator("#explain-opacity").fill("60")
+    expect(canvas).to_have_css("opacity", "0.6")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    # The one in docs/api.md (docs/explain.png): the whole page, legend included.
+    page.screenshot(path=str(ARTIFACTS / "explain.png"), full_page=True)
+
+    # A new image clears the explanation until it is asked for again.
+    page.locator("#image").set_input_files(COFFEE)
+    expect(page.locator("#explanation")).to_be_hidden()
+    expect(canvas).to_be_hidden()
+    expect(page.locator("#explain")).to_be_visible()
+    assert watched.unexpected_errors() == []

@@ -574,3 +574,18 @@ def test_calls_past_grpc_max_calls_are_resource_exhausted(redis_server: RedisSer
         client.close()
     finally:
         stop(process)
+
+
+def test_an_explanation_adds_the_heatmap_output(client: grpcclient.InferenceServerClient) -> None:
+    """parameters.explain over gRPC: the core's occlusion, translated."""
+    answer = client.infer(
+        MODEL, [image_input(FILES[:1])], parameters={"explain": "occlusion", "explain_grid": 3}
+    )
+    heatmap = answer.as_numpy("heatmap")
+    assert heatmap.shape == (1, 3, 3) and heatmap.dtype == np.float32
+    assert np.all((heatmap >= 0) & (heatmap <= 1))
+    np.testing.assert_allclose(answer.as_numpy("probabilities"), expected(decoded(FILES[:1])))
+    with pytest.raises(InferenceServerException) as gradcam:
+        client.infer(MODEL, [image_input(FILES[:1])], parameters={"explain": "gradcam"})
+    assert code(gradcam) == "INVALID_ARGUMENT"
+    assert "needs the keras engine" in gradcam.value.message()

@@ -473,3 +473,34 @@ def test_versions_admin_and_repository_index(
     conforms(openapi, call(client, "PUT", traffic, zero, "application/json", headers=admin), 400)
     conforms(openapi, call(client, "DELETE", traffic, headers=admin), 200)
     conforms(openapi, call(client, "DELETE", "/admin/models/x/traffic", headers=admin), 404)
+
+
+def test_explain(openapi: OpenAPI, client: FlaskClient, settings: Settings) -> None:
+    with WorkerThread(make_worker(settings, SimulatedModel(0, 0))):
+        body = conforms(openapi, upload(client, CHELSEA, path="/explain?grid=2"), 200)
+        assert body["explanation"]["images"] == 5
+        named = upload(client, CHELSEA, path="/models/resnet50/explain?class=tabby&grid=2")
+        assert conforms(openapi, named, 200)["explanation"]["class"]["index"] == 281
+        png = upload(client, CHELSEA, path="/explain?grid=2", headers={"Accept": "image/png"})
+        assert conforms(openapi, png, 200)[:8] == b"\x89PNG\r\n\x1a\n"
+        gradcam = upload(client, CHELSEA, path="/explain?method=gradcam")
+        assert "runs on sim" in conforms(openapi, gradcam, 400)["error"]
+        wide = upload(client, CHELSEA, path="/explain?class=1000")
+        assert "out of range" in conforms(openapi, wide, 400, request_valid=True)["error"]
+    body = conforms(openapi, upload(client, CHELSEA, path="/explain?grid=1"), 400, False)
+    assert "grid must be" in body["error"]
+
+
+def test_v2_explain(openapi: OpenAPI, client: FlaskClient, settings: Settings) -> None:
+    asked = {"explain": "occlusion", "explain_grid": 2, "explain_class": 281}
+    with WorkerThread(make_worker(settings, SimulatedModel(0, 0))):
+        request = infer_json(CHELSEA, parameters=asked)
+        done = call(client, "POST", INFER, request, "application/json")
+        body = conforms(openapi, done, 200)
+    assert [(o["name"], o["shape"]) for o in body["outputs"]] == [
+        ("probabilities", [1, 1000]),
+        ("heatmap", [1, 2, 2]),
+    ]
+    wrong = infer_json(CHELSEA, outputs=[{"name": "heatmap"}])
+    body = conforms(openapi, call(client, "POST", INFER, wrong, "application/json"), 400)
+    assert "needs parameters.explain" in body["error"]

@@ -40,6 +40,15 @@ to. A worker ignores one that is not a short string. A request pinned to a
 version (`/versions/{v}/` routes) says so, `"version": v`: it waits on that
 version's own queue (`Keys.for_version`), and a worker of another version
 refuses it.
+
+A probabilities request may also ask the worker to explain its answer,
+`"explain": "gradcam"` (the only method a worker computes: EXPLAIN_METHODS)
+with `"explain_class": k`, the class to explain (absent: the most likely).
+The answer's header then carries `"heatmap"`, a grid of importances in
+[0, 1] (rows of columns), and `"explained": {"index", "label"}`. A worker
+whose engine cannot compute it answers an error with status 400. Occlusion
+needs nothing of the worker: the serving core queues masked copies
+(serving/explain.py).
 Nothing read from Redis is ever unpickled or evaluated.
 """
 
@@ -67,6 +76,8 @@ MAX_ELEMENTS = 4096 * 4096 * 4
 MAX_CLASSES = 100_000
 # A W3C traceparent is 55 characters; a longer "trace" is not one.
 MAX_TRACE = 256
+# What a worker may be asked to explain itself with (see the docstring).
+EXPLAIN_METHODS = ("gradcam",)
 
 
 class BadMessage(ValueError):
@@ -275,6 +286,8 @@ class ImageRequest:
     # The version the client pinned ("": any); a worker of another version
     # that meets it (swept off a version with no worker left) refuses it.
     version: str = ""
+    explain: str = ""  # "" or one of EXPLAIN_METHODS (with probabilities)
+    explain_class: int = -1  # the class to explain; -1: the most likely
 
     @classmethod
     def create(
@@ -286,6 +299,8 @@ class ImageRequest:
         classes: int = 0,
         priority: int = 1,
         version: str = "",
+        explain: str = "",
+        explain_class: int = -1,
     ) -> ImageRequest:
         return cls(
             # 128 random bits, as uuid4 has, at a fifth of its cost (issue 23).
@@ -296,6 +311,8 @@ class ImageRequest:
             classes=classes,
             priority=priority,
             version=version,
+            explain=explain,
+            explain_class=explain_class,
         )
 
     def expired(self, now: float | None = None) -> bool:
@@ -318,6 +335,10 @@ def encode_request(request: ImageRequest) -> bytes:
         message["probabilities"] = True
         if request.classes:
             message["classes"] = request.classes
+        if request.explain:
+            message["explain"] = request.explain
+            if request.explain_class >= 0:
+                message["explain_class"] = request.explain_class
     if request.priority != 1:
         message["priority"] = request.priority
     if request.trace:
@@ -370,6 +391,8 @@ def decode_request(raw: bytes | str) -> ImageRequest:
         version = message.get("version", "")
         if not isinstance(version, str):
             raise TypeError(f"the version {version!r} is not a string")
+        explain = message.get("explain", "")
+        explain_class = _whole(message.get("explain_class", -1))
     except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
         # OverflowError: float() of a huge integer.
         raise BadMessage(f"malformed request: {exc!r}") from None
@@ -387,6 +410,7 @@ def decode_request(raw: bytes | str) -> ImageRequest:
         raise BadMessage(f"request {request_id}: classes {classes} out of range")
     if priority < 1:
         raise BadMessage(f"request {request_id}: priority {priority} out of range")
+    _check_explain(request_id, explain, explain_class, probabilities)
     image = np.frombuffer(data, dtype=dtype).reshape(shape)
     return ImageRequest(
         id=request_id,
@@ -398,7 +422,19 @@ def decode_request(raw: bytes | str) -> ImageRequest:
         # Only a link to a trace rides on it: a bad one loses that, not the request.
         trace=trace if isinstance(trace, str) and len(trace) <= MAX_TRACE else "",
         version=version,
+        explain=explain,
+        explain_class=explain_class,
     )
+
+
+def _check_explain(request_id: str, explain: object, index: int, probabilities: bool) -> None:
+    if explain and (explain not in EXPLAIN_METHODS or not probabilities):
+        raise BadMessage(
+            f"request {request_id}: explain {explain!r} is not one of "
+            f"{', '.join(EXPLAIN_METHODS)} on a probabilities request"
+        )
+    if not -1 <= index <= MAX_CLASSES:
+        raise BadMessage(f"request {request_id}: explain_class {index} out of range")
 
 
 def _whole(value: object) -> int:
@@ -503,8 +539,12 @@ def probabilities_result(
     classes: list[dict[str, Any]],
     model: str = "",
     version: str = "",
+    *,
+    heatmap: np.ndarray | None = None,
+    explained: dict[str, Any] | None = None,
 ) -> bytes:
-    """The answer to a request that asked for the whole vector (float32, raw)."""
+    """The answer to a request that asked for the whole vector (float32,
+    raw); with the heat map that explains the class `explained`, when asked."""
     vector = np.ascontiguousarray(probabilities, dtype=np.float32)
     header: dict[str, Any] = {
         "format": FORMAT,
@@ -515,6 +555,9 @@ def probabilities_result(
     }
     if model:
         header["model"] = {"name": model, "version": version}
+    if heatmap is not None:
+        header["heatmap"] = np.round(np.asarray(heatmap, dtype=np.float64), 5).tolist()
+        header["explained"] = explained or {}
     return json.dumps(header).encode() + b"\n" + vector.tobytes()
 
 

@@ -20,6 +20,9 @@ What it does:
   item is a 503 or 504 (the decoder busy, the model late) is retried alone;
 - with `--job`, submits the images as asynchronous jobs (`POST /jobs`) of up
   to `--job-size` images and polls them instead;
+- with `--explain DIR`, also asks `/explain` (occlusion, as PNG) for each
+  image classified and saves the heat map over it in DIR, named after the
+  image's path below the folders given (`sub__cat.jpg.explain.png`);
 - writes one line per image to `--out` (JSON lines, or CSV when the name ends
   .csv), flushed as results come; run again with the same `--out`, it skips
   the images that file already records as classified (failures are tried
@@ -124,6 +127,7 @@ class Sender:
     def __init__(self, server: Server, model: str | None, size: tuple[int, int] | None) -> None:
         self.server = server
         self.predict_path = f"/models/{model}/predict" if model else "/predict"
+        self.explain_path = f"/models/{model}/explain" if model else "/explain"
         self.model = model
         self.size = size
 
@@ -182,6 +186,21 @@ class Sender:
             "error": f"{response.status_code}: {body.get('error') or error_of(response)}",
         }
         return [failure] * len(files)
+
+    def explain(self, path: str, overlay: Path) -> str | None:
+        """The heat map of `path`'s answer over it, saved as `overlay`; what
+        went wrong, or None."""
+        try:
+            files = [("image", (os.path.basename(path), self.payload(path)))]
+            response = self.server.call(
+                "POST", self.explain_path, files=files, data={"format": "png"}
+            )
+        except (OSError, ClientError) as exc:
+            return str(exc)
+        if response.status_code != 200:
+            return f"{response.status_code}: {error_of(response)}"
+        overlay.write_bytes(response.content)
+        return None
 
     def send_as_job(self, paths: Sequence[str]) -> list[Outcome]:
         """`paths` as one asynchronous job: submitted, polled until done,
@@ -281,6 +300,8 @@ def run(args: argparse.Namespace, console: Console, sleep: Callable[[float], Non
     size = server.model_input_size(args.model) if args.downscale else None
     sender = Sender(server, args.model, size)
     work, per_call = (sender.send_as_job, args.job_size) if args.job else (sender.send, args.batch)
+    if args.explain and todo:
+        work = explained(work, sender, Path(args.explain), os.path.commonpath(todo), console)
     if already:
         say(console, f"{len(already)} images already classified in {args.out}: skipped")
     outcomes: list[Outcome] = [recorded[p] for p in sorted(already)]
@@ -315,6 +336,33 @@ def run(args: argparse.Namespace, console: Console, sleep: Callable[[float], Non
                 if len(pending) >= 2 * args.concurrency:
                     break
     return summarize(outcomes, skipped, console)
+
+
+def explained(
+    work: Callable[[Sequence[str]], list[Outcome]],
+    sender: Sender,
+    directory: Path,
+    root: str,
+    console: Console,
+) -> Callable[[Sequence[str]], list[Outcome]]:
+    """`work`, then each image classified explained into `directory`
+    (`--explain`): its overlay named after its path below `root`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if os.path.isfile(root):  # one image: named after itself
+        root = os.path.dirname(root)
+
+    def classify_and_explain(paths: Sequence[str]) -> list[Outcome]:
+        outcomes = work(paths)
+        for outcome in outcomes:
+            if not outcome.success:
+                continue
+            name = "__".join(Path(os.path.relpath(outcome.path, root)).parts) + ".explain.png"
+            error = sender.explain(outcome.path, directory / name)
+            if error:
+                say(console, f"could not explain {outcome.path}: {error}")
+        return outcomes
+
+    return classify_and_explain
 
 
 def summarize(outcomes: Sequence[Outcome], skipped: int, console: Console) -> int:
@@ -362,6 +410,11 @@ def parser(prog: str) -> argparse.ArgumentParser:
     )
     p.add_argument("--model", help="the model to ask (default: the server's default)")
     p.add_argument("--job", action="store_true", help="use the asynchronous job API (POST /jobs)")
+    p.add_argument(
+        "--explain",
+        metavar="DIR",
+        help="also save each image's heat map (POST /explain) over it in DIR, as PNG",
+    )
     p.add_argument("--job-size", type=_positive, default=100, help="images per job with --job")
     p.add_argument(
         "--no-downscale",

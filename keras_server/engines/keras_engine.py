@@ -8,6 +8,15 @@ built here; `choice.py` picks one. `load_classifier` never falls back
 silently to random weights, and refuses
 a model it cannot serve (not an image model, or not as many outputs as
 labels) with a ModelLoadError saying why, before the server takes traffic.
+
+Grad-CAM (`Classifier.gradcam`, asked for by a request's `"explain":
+"gradcam"`, broker/messages.py) is computed here, with TensorFlow's
+GradientTape: the gradient of the class's log-probability with respect to a
+convolutional layer's output, averaged over the image per channel, weighs
+that layer's channels; their weighted sum, clipped at 0 and divided by its
+largest value, is the heat map, one cell per position of the layer's output.
+The layer is the models file's `gradcam_layer`, or else the last one whose
+output is 4-D (batch, rows, columns, channels), checked at load.
 """
 
 from __future__ import annotations
@@ -15,11 +24,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from keras_server.catalog import ModelSpec, labels_for
 from keras_server.engines.predictor import TOP_K, Fidelity, ModelLoadError
@@ -41,6 +51,8 @@ class Classifier:
     engine: str = "keras"
     precision: str = "fp32"
     fidelity: Fidelity | None = None  # Keras is the reference
+    gradcam_layer: str = ""  # the layer Grad-CAM explains from ("": found at load)
+    _gradcam_model: keras.Model | None = field(default=None, init=False, repr=False)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -67,6 +79,33 @@ class Classifier:
         # predict(), no recompilation for each new batch size once warmed up).
         return np.asarray(self.model.predict_on_batch(self.batch(images)))
 
+    def gradcam(self, image: np.ndarray, index: int) -> np.ndarray:
+        """The Grad-CAM heat map of class `index` for one uint8 RGB image
+        (h, w, 3): float32 (rows, columns) in [0, 1], the layer's grid."""
+        if self._gradcam_model is None:
+            layer = self.model.get_layer(self.gradcam_layer or last_spatial_layer(self.model))
+            self._gradcam_model = keras.Model(self.model.inputs, [layer.output, self.model.output])
+        batch = tf.convert_to_tensor(self.batch(image[np.newaxis]))
+        with tf.GradientTape() as tape:
+            features, probabilities = self._gradcam_model(batch, training=False)
+            # The log keeps the gradient alive where the softmax saturates.
+            score = tf.math.log(probabilities[:, index] + 1e-12)
+        gradients = tape.gradient(score, features)
+        weights = tf.reduce_mean(gradients, axis=(1, 2), keepdims=True)
+        cam = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1))[0].numpy()
+        top = float(cam.max())
+        return (cam / top if top > 0 else np.zeros_like(cam)).astype(np.float32)
+
+
+def last_spatial_layer(model: keras.Model) -> str:
+    """The name of the last layer whose output is 4-D (batch, rows, columns,
+    channels): the last convolutional stage, where Grad-CAM looks."""
+    for layer in reversed(model.layers):
+        shape = getattr(layer, "output", None) is not None and layer.output.shape
+        if shape and len(shape) == 4:
+            return layer.name
+    raise ModelLoadError("the model has no layer with a 4-D output for Grad-CAM")
+
 
 def load_classifier(spec: ModelSpec) -> Classifier:
     """Build, load and check the Keras model `spec` describes; the other
@@ -80,8 +119,35 @@ def load_classifier(spec: ModelSpec) -> Classifier:
         description = f"{spec.name} from {Path(spec.source).name}"
     labels = _labels(spec, model)
     _check(spec, model, labels)
+    layer = _gradcam_layer(spec, model)
     log.info("model %r loaded in %.1f s: %s", spec.name, time.perf_counter() - started, description)
-    return Classifier(model, labels, description, preprocessing(mode_of(spec)), spec.top_k)
+    return Classifier(
+        model, labels, description, preprocessing(mode_of(spec)), spec.top_k, gradcam_layer=layer
+    )
+
+
+def _gradcam_layer(spec: ModelSpec, model: keras.Model) -> str:
+    """The layer Grad-CAM explains from: the one the models file names,
+    checked, else the last 4-D one ("" when there is none: Grad-CAM then
+    fails alone, the model still serves)."""
+    if spec.gradcam_layer is None:
+        try:
+            return last_spatial_layer(model)
+        except ModelLoadError:
+            log.warning("model %r: no layer with a 4-D output, so no Grad-CAM", spec.name)
+            return ""
+    try:
+        shape = model.get_layer(spec.gradcam_layer).output.shape
+    except (ValueError, AttributeError) as exc:
+        raise ModelLoadError(
+            f"model {spec.name!r}: gradcam_layer {spec.gradcam_layer!r}: {exc}"
+        ) from None
+    if len(shape) != 4:
+        raise ModelLoadError(
+            f"model {spec.name!r}: gradcam_layer {spec.gradcam_layer!r} gives {tuple(shape)}, "
+            "not a 4-D (batch, rows, columns, channels) output"
+        )
+    return spec.gradcam_layer
 
 
 def _builtin(spec: ModelSpec) -> tuple[keras.Model, str]:

@@ -14,7 +14,10 @@ as the REST routes under /v2 (serving/inference.py), in protobuf.
   `raw_output_contents`. The client's deadline is the request's (capped by
   --result-timeout, and by the request's `timeout` parameter): its images are
   dropped from the queue past it. The `priority` parameter is its level
-  (serving/admission.py), as on REST.
+  (serving/admission.py), as on REST. The `explain` parameter (a
+  string_param: occlusion or gradcam; `explain_class`, `explain_grid` as
+  int64_param) adds the output `heatmap`, FP32 `[N, rows, columns]`, as on
+  REST.
 
 Failures are the core's (serving/failures.py), answered with the gRPC code
 its one table names and the same message as REST; a Retry-After (503) or
@@ -39,7 +42,16 @@ from keras_server.rpc import grpc_predict_v2_pb2_grpc as pb_grpc
 from keras_server.serving import inference as core
 from keras_server.serving.admission import Urgency
 from keras_server.serving.failures import Failure, from_exception
-from keras_server.serving.inference import IMAGE, OUTPUT, PIXELS, Inference, Output, Result, bad
+from keras_server.serving.inference import (
+    HEATMAP,
+    IMAGE,
+    OUTPUT,
+    PIXELS,
+    Inference,
+    Output,
+    Result,
+    bad,
+)
 from keras_server.serving.keys import ApiKeys, Rejected, key_from
 from keras_server.serving.pipeline import Decoder, Pipeline
 from keras_server.serving.quotas import Caller
@@ -208,12 +220,15 @@ def parse_request(
     else:
         raise core.unknown_input(tensor.name)
     given = parameters(request.parameters)
-    for name in ("priority", "timeout"):
+    for name in ("priority", "timeout", "explain_class", "explain_grid"):
         if name in given and given[name] is None:
             # A choice this proto lacks: tritonclient's priority= is a uint64_param.
             raise bad(f"parameters.{name} must be an int64_param (KServe's protocol has no uint64)")
     urgency = Urgency.from_parameters(given, settings)
-    return Inference(images, outputs, request.id or None, urgency=urgency, pixels_dtype=dtype_name)
+    ask = core.explain_of(given, settings)
+    return Inference(
+        images, outputs, request.id or None, urgency=urgency, pixels_dtype=dtype_name, explain=ask
+    )
 
 
 def _check_inputs(inputs: list[Any], raw: bool) -> None:
@@ -260,7 +275,11 @@ def answer(inference: Inference, result: Result) -> pb.ModelInferResponse:
     if inference.request_id is not None:
         response.id = inference.request_id
     for output in inference.outputs:
-        if output.classification:
+        if output.name == HEATMAP and result.heatmaps is not None:
+            heatmaps = result.heatmaps
+            response.outputs.add(name=HEATMAP, datatype="FP32", shape=list(heatmaps.shape))
+            response.raw_output_contents.append(np.ascontiguousarray(heatmaps, "<f4").tobytes())
+        elif output.classification:
             strings, shape = result.classification(output.classification)
             response.outputs.add(name=OUTPUT, datatype="BYTES", shape=shape)
             response.raw_output_contents.append(core.serialize_bytes(strings))

@@ -12,5 +12,6 @@ neither Flask nor grpc (import-linter checks it in `make test`).
     workers      the one view of the live workers per process (routing, sizes, probes)
     cache        the shared response cache: look uploads up by hash, store answers
     inference    the v2 protocol's tensor codecs, metadata and `infer`
+    explain      why: occlusion through the pipeline, Grad-CAM asked of the worker
     failures     the core's typed failures and the one table of their answers
 """

@@ -11,7 +11,12 @@ that a request takes the same path whichever way it came.
 - `infer`: the request's images through the one pipeline
   (serving/pipeline.py: quota, response cache, decode, queue, await) at
   the request's priority level and deadline, and the answer (`Result`) with
-  the classification strings made here once.
+  the classification strings made here once;
+- explanations: `parameters.explain` ("occlusion" or "gradcam", with
+  `explain_class` k, default the most likely, and occlusion's
+  `explain_grid`) explains each image with serving/explain.py, at the
+  lowest priority level, and adds the output `heatmap`, FP32
+  `[N, rows, columns]`.
 
 Failures are serving/failures.py's; each transport answers them from its
 one table. TensorFlow-free.
@@ -22,6 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import struct
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +36,7 @@ import numpy as np
 
 from keras_server import __version__
 from keras_server.broker import messages
+from keras_server.serving import explain as explaining
 from keras_server.serving.admission import Urgency
 from keras_server.serving.failures import BadInput, Bug, Failure, NotFound, TooLarge, Unavailable
 from keras_server.serving.models import Deployment, ServedModel
@@ -44,6 +51,7 @@ SERVER_NAME = "keras-server"
 EXTENSIONS = ["classification", "binary_tensor_data"]
 PLATFORM = "keras"
 IMAGE, PIXELS, OUTPUT = "image", "pixels", "probabilities"
+HEATMAP = "heatmap"  # with parameters.explain
 PIXEL_TYPES = {"UINT8": np.dtype(np.uint8), "FP32": np.dtype(np.float32)}
 
 
@@ -64,6 +72,7 @@ class Output:
 
     binary: bool = False
     classification: int = 0  # 0: the probabilities themselves
+    name: str = OUTPUT  # or HEATMAP
 
 
 @dataclass
@@ -76,10 +85,17 @@ class Inference:
     pixels_dtype: str = ""  # the pixels input's: uint8 or float32
     # Its priority level and timeout (Triton's parameters); None: the defaults.
     urgency: Urgency | None = None
+    explain: explaining.Ask | None = None  # parameters.explain; None: not asked
     classes: int = field(init=False)
 
     def __post_init__(self) -> None:
         self.classes = max((o.classification for o in self.outputs), default=0)
+        asked = any(o.name == HEATMAP for o in self.outputs)
+        if asked and self.explain is None:
+            raise bad(f"output {HEATMAP!r} needs parameters.explain (occlusion or gradcam)")
+        if self.explain is not None and not asked:
+            binary = any(o.binary for o in self.outputs)
+            self.outputs.append(Output(binary, name=HEATMAP))
 
 
 @dataclass
@@ -92,6 +108,7 @@ class Result:
     probabilities: np.ndarray
     classes: list[list[dict[str, Any]]]
     cache: str | None = None  # X-Cache (hit, miss, partial); None: the cache is off
+    heatmaps: np.ndarray | None = None  # [N, rows, columns] with parameters.explain
 
     def classification(self, k: int) -> tuple[list[str], list[int]]:
         """Triton's classification extension: `"score:index:label"` for each
@@ -303,8 +320,11 @@ def split_pixels(array: np.ndarray, shape: list[int]) -> list[Image]:
 
 def requested_output(name: object, parameters: dict[str, Any], default_binary: bool) -> Output:
     """An output the request asks for, from its name and parameters."""
-    if name != OUTPUT:
-        raise bad(f"unknown output {name!r}: the model has one, {OUTPUT!r}")
+    if name not in (OUTPUT, HEATMAP):
+        raise bad(
+            f"unknown output {name!r}: the model has {OUTPUT!r}, and {HEATMAP!r} with "
+            "parameters.explain"
+        )
     if any(key.startswith("shared_memory") for key in parameters):
         raise bad("shared memory is not supported")
     binary = parameters.get("binary_data", default_binary)
@@ -313,7 +333,31 @@ def requested_output(name: object, parameters: dict[str, Any], default_binary: b
     k = parameters.get("classification", 0)
     if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= messages.MAX_CLASSES:
         raise bad(f"classification must be a whole number of classes, 1..{messages.MAX_CLASSES}")
-    return Output(binary, k)
+    if name == HEATMAP and k:
+        raise bad(f"output {HEATMAP!r} takes no classification")
+    return Output(binary, k, str(name))
+
+
+def explain_of(parameters: dict[str, Any], settings: Settings) -> explaining.Ask | None:
+    """The request's `parameters.explain`, `explain_class` and
+    `explain_grid`; None when it asks for no explanation."""
+    method = parameters.get("explain")
+    if method is None:
+        for name in ("explain_class", "explain_grid"):
+            if name in parameters:
+                raise bad(f"parameters.{name} needs parameters.explain (occlusion or gradcam)")
+        return None
+    if not isinstance(method, str):
+        raise bad(f"parameters.explain must be one of {', '.join(explaining.METHODS)}")
+    index = parameters.get("explain_class")
+    if index is not None and (not isinstance(index, int) or isinstance(index, bool) or index < 0):
+        raise bad("parameters.explain_class must be a class index, 0 or more")
+    grid = parameters.get("explain_grid")
+    if grid is not None and (not isinstance(grid, int) or isinstance(grid, bool)):
+        raise bad("parameters.explain_grid must be a whole number")
+    return explaining.Ask(
+        explaining.method_of(method), index, explaining.grid_of(grid, settings.explain_grid)
+    )
 
 
 # -- the answer -----------------------------------------------------------------
@@ -333,6 +377,8 @@ def infer(
     `timeout` (a gRPC client's deadline), whichever is shortest. Any image
     that fails fails the request: a bad file names its element."""
     urgency = (inference.urgency or Urgency.default(pipeline.settings)).within(timeout)
+    if inference.explain is not None:
+        return _explained(pipeline, model, route, inference, urgency.timeout, caller=caller)
     form = Form(True, inference.classes, inference.pixels_dtype)
     answered = pipeline.run(model, route, inference.images, form, urgency, caller=caller)
     rows, classes, made_by = [], [], None
@@ -352,3 +398,44 @@ def infer(
         made_by = made_by or header.get("model")
     version = (made_by or {}).get("version") or model.spec.version
     return Result(model.name, version, np.stack(rows), classes, answered.cache)
+
+
+def _explained(
+    pipeline: Pipeline,
+    model: ServedModel,
+    route: Route,
+    inference: Inference,
+    timeout: float,
+    *,
+    caller: Caller | None,
+) -> Result:
+    """Each image explained (serving/explain.py, at the lowest level, within
+    `timeout` in all): the probabilities and the heat maps, of one shape."""
+    assert inference.explain is not None
+    deadline = time.monotonic() + timeout
+    found = []
+    for position, image in enumerate(inference.images):
+        try:
+            found.append(
+                explaining.explain(
+                    pipeline,
+                    (model, route),
+                    image,
+                    inference.explain,
+                    max(deadline - time.monotonic(), 0.0),
+                    classes=inference.classes,
+                    caller=caller,
+                )
+            )
+        except Failure as failure:
+            if 400 <= failure.status < 500:
+                failure.message = f"input {IMAGE!r} element {position}: {failure.message}"
+            raise
+    version = found[0].model.get("version") or model.spec.version
+    return Result(
+        model.name,
+        version,
+        np.stack([f.probabilities for f in found]),
+        [f.classes for f in found],
+        heatmaps=np.stack([f.heatmap for f in found]),
+    )

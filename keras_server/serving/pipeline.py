@@ -116,11 +116,14 @@ class Decoder:
 @dataclass(frozen=True)
 class Form:
     """The answer a request wants of the worker: `/predict`'s top-k JSON, or
-    v2's whole probability vector with its top `classes` named."""
+    v2's whole probability vector with its top `classes` named; with it, a
+    heat map the worker computes (`explain`: gradcam, serving/explain.py)."""
 
     probabilities: bool = False
     classes: int = 0
     pixels_dtype: str = ""  # v2's pixels input: its dtype (the cache keys on it)
+    explain: str = ""  # a method the worker computes (messages.EXPLAIN_METHODS)
+    explain_class: int = -1  # the class it explains; -1: the most likely
 
     def cache_form(self, model: ServedModel) -> str:
         """How the response cache tells answers of different forms apart."""
@@ -215,11 +218,15 @@ class Pipeline:
         urgency: Urgency,
         *,
         caller: Caller | None = None,
+        cached: bool = True,
     ) -> Answered:
-        """Every image of one request answered (see the module's docstring)."""
+        """Every image of one request answered (see the module's docstring);
+        `cached=False` neither looks them up nor stores them (an
+        explanation's images, serving/explain.py)."""
         if caller is not None and self.limiter is not None:
             self.limiter.charge(caller, len(images))
-        cache = self.cache if self.cache and self.cache.on_for(model) else None
+        on = cached and self.cache is not None and self.cache.on_for(model)
+        cache = self.cache if on else None
         looked = None
         if cache is not None:
             payloads = [i.payload() for i in images]
@@ -272,6 +279,8 @@ class Pipeline:
                 classes=form.classes,
                 priority=urgency.priority,
                 version=pinned(route),
+                explain=form.explain,
+                explain_class=form.explain_class,
             )
         if requests:
             answers = submit(model, list(requests.values()), self.settings, route)

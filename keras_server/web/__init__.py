@@ -4,6 +4,7 @@ failure; none decides anything the gRPC front would decide differently.
 
     app          the Flask app factory and the app's state (AppState)
     predict      the JSON API: /predict, /models/<name>[/versions/<v>]/predict, GET /models
+    explain      why: /explain, /models/<name>[/versions/<v>]/explain (a heat map)
     probes       /healthz, /readyz and /metrics (the queue gauges: RedisCollector)
     v2           the Open Inference Protocol (KServe v2) over REST, under /v2
     jobs         asynchronous jobs: POST /jobs, GET and DELETE /jobs/<id>

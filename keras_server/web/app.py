@@ -2,8 +2,8 @@
 its state (`AppState`: the settings and the serving core, serving/pipeline.py,
 that every route reads with `web.state()`), the request's span when tracing
 is on (tracing.server_span), the request log, CORS (cors.py), the API-key
-check (auth.py), the blueprints (predict.py, probes.py, page.py, v2.py,
-jobs.py, admin.py) and errors.py's handlers, each failure in the shape of the
+check (auth.py), the blueprints (predict.py, explain.py, probes.py, page.py,
+v2.py, jobs.py, admin.py) and errors.py's handlers, each failure in the shape of the
 API its path belongs to.
 
 Every answer, errors included, is JSON; no traceback ever reaches a client.
@@ -27,7 +27,19 @@ from keras_server.serving.models import Deployment
 from keras_server.serving.pipeline import Decoder, Pipeline
 from keras_server.serving.quotas import Limiter
 from keras_server.settings import Settings, load_settings
-from keras_server.web import EXTENSION, admin, auth, cors, errors, jobs, page, predict, probes, v2
+from keras_server.web import (
+    EXTENSION,
+    admin,
+    auth,
+    cors,
+    errors,
+    explain,
+    jobs,
+    page,
+    predict,
+    probes,
+    v2,
+)
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +104,7 @@ def create_app(settings: Settings, deployment: Deployment | None = None) -> Flas
     _add_request_log(app)
     cors.install(app, settings)  # on every answer, errors included
     auth.install(app, settings, limiter)  # before every route, those of blueprints too
-    for blueprint in (predict, probes, page, v2, jobs):
+    for blueprint in (predict, explain, probes, page, v2, jobs):
         app.register_blueprint(blueprint.blueprint)
     admin.install(app, settings.admin_keys)  # 404 without --admin-keys
     errors.install(app, settings, _render)

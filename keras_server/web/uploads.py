@@ -44,10 +44,13 @@ class Upload(NamedTuple):
     data: bytes
 
 
-def read_files(body: bytes, content_type: str | None) -> dict[str, list[Upload]] | None:
+def read_files(
+    body: bytes, content_type: str | None, fields: dict[str, str] | None = None
+) -> dict[str, list[Upload]] | None:
     """Each file field's contents, by field name, in body order: an empty dict
     when the body is not multipart/form-data, None when it claims to be but
-    python-multipart cannot parse it."""
+    python-multipart cannot parse it. `fields`, when given, also gets the
+    first value of each plain (non-file) field, as text, in the same pass."""
     kind, options = parse_options_header(content_type or "")
     boundary = options.get(b"boundary")
     if kind != b"multipart/form-data":
@@ -57,7 +60,7 @@ def read_files(body: bytes, content_type: str | None) -> dict[str, list[Upload]]
     files: dict[str, list[Upload]] = {}
     part = _Part()
     try:
-        parser = MultipartParser(boundary, part.callbacks(files))
+        parser = MultipartParser(boundary, part.callbacks(files, fields))
         parser.write(body)
         parser.finalize()
     except (MultipartParseError, ValueError):
@@ -75,7 +78,9 @@ class _Part:
         self.chunks: list[bytes] = []
         self.complete = False
 
-    def callbacks(self, files: dict[str, list[Upload]]) -> dict[str, Callable[..., None]]:
+    def callbacks(
+        self, files: dict[str, list[Upload]], fields: dict[str, str] | None = None
+    ) -> dict[str, Callable[..., None]]:
         def on_part_begin() -> None:
             self.disposition, self.chunks = b"", []
 
@@ -101,6 +106,9 @@ class _Part:
                     options[b"filename"].decode("utf-8", "replace"), b"".join(self.chunks)
                 )
                 files.setdefault(name.decode("utf-8", "replace"), []).append(upload)
+            elif kind == b"form-data" and name is not None and fields is not None:
+                text = b"".join(self.chunks).decode("utf-8", "replace")
+                fields.setdefault(name.decode("utf-8", "replace"), text)
             self.chunks = []
 
         def on_end() -> None:
@@ -117,11 +125,14 @@ class _Part:
         }
 
 
-def request_files() -> dict[str, list[Upload]]:
-    """The current Flask request's uploaded files by field name."""
+def request_files(fields: dict[str, str] | None = None) -> dict[str, list[Upload]]:
+    """The current Flask request's uploaded files by field name; `fields`,
+    when given, gets its plain fields too (read_files)."""
     # Cached, so that werkzeug can parse what python-multipart cannot.
-    files = read_files(request.get_data(cache=True), request.content_type)
+    files = read_files(request.get_data(cache=True), request.content_type, fields)
     if files is None:
+        if fields is not None:
+            fields.update({name: request.form[name] for name in request.form})
         files = {
             name: [Upload(f.filename or "", f.read()) for f in request.files.getlist(name)]
             for name in request.files

@@ -20,6 +20,9 @@ and answers one output, `probabilities`: FP32 `[N, classes]`, JSON or binary
 (`"binary_data": true` on the output, or `"binary_data_output": true` on the
 request); with `"classification": k` on the output it is instead BYTES
 `[N, k]` of `"score:index:label"`, as Triton's classification extension.
+With `parameters.explain` ("occlusion" or "gradcam"; `explain_class`,
+`explain_grid`) a second output, `heatmap`, FP32 `[N, rows, columns]`,
+explains each image (serving/explain.py).
 
 The N images go through the serving core's one pipeline (serving/pipeline.py:
 quota, response cache, decode, queue, await), so they batch with everyone
@@ -59,7 +62,16 @@ from keras_server.images import ImageError
 from keras_server.serving import inference as core
 from keras_server.serving.admission import Urgency
 from keras_server.serving.failures import BadInput, Failure, from_image
-from keras_server.serving.inference import IMAGE, OUTPUT, PIXELS, Inference, Output, Result, bad
+from keras_server.serving.inference import (
+    HEATMAP,
+    IMAGE,
+    OUTPUT,
+    PIXELS,
+    Inference,
+    Output,
+    Result,
+    bad,
+)
 from keras_server.serving.pipeline import Decoder, Image
 from keras_server.settings import Settings
 from keras_server.web import auth, state
@@ -207,6 +219,7 @@ def _parse_json(
         raise bad("'id' must be a string")
     parameters = _object(message.get("parameters", {}), "the request's 'parameters'")
     urgency = Urgency.from_parameters(parameters, settings)
+    ask = core.explain_of(parameters, settings)
     inputs = message.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise bad("'inputs' must be a non-empty list of tensors")
@@ -225,11 +238,14 @@ def _parse_json(
     tensor, data = inputs[0], parts[0]
     name = tensor.get("name")
     if name == IMAGE:
-        return Inference(_image_files(tensor, data, settings), outputs, request_id, urgency=urgency)
+        images = _image_files(tensor, data, settings)
+        return Inference(images, outputs, request_id, urgency=urgency, explain=ask)
     if name == PIXELS:
         images = _pixels(tensor, data, size, settings)
         dtype = images[0].pixels.dtype.name  # type: ignore[union-attr]
-        return Inference(images, outputs, request_id, urgency=urgency, pixels_dtype=dtype)
+        return Inference(
+            images, outputs, request_id, urgency=urgency, pixels_dtype=dtype, explain=ask
+        )
     raise core.unknown_input(name)
 
 
@@ -385,12 +401,19 @@ def answer(inference: Inference, result: Result) -> Response:
     """The infer response: JSON, or JSON then the binary outputs when any
     output asked for binary data."""
     tensors, blobs = [], []
+    tensor: dict[str, Any]
+    data: list[Any]
     for output in inference.outputs:
-        if output.classification:
+        if output.name == HEATMAP and result.heatmaps is not None:
+            heatmaps = result.heatmaps
+            tensor = {"name": HEATMAP, "datatype": "FP32", "shape": list(heatmaps.shape)}
+            raw = np.ascontiguousarray(heatmaps, dtype="<f4").tobytes()
+            data = heatmaps.ravel().tolist()
+        elif output.classification:
             strings, shape = result.classification(output.classification)
-            tensor: dict[str, Any] = {"name": OUTPUT, "datatype": "BYTES", "shape": shape}
+            tensor = {"name": OUTPUT, "datatype": "BYTES", "shape": shape}
             raw = core.serialize_bytes(strings)
-            data: list[Any] = strings
+            data = strings
         else:
             probabilities = result.probabilities
             tensor = {"name": OUTPUT, "datatype": "FP32", "shape": list(probabilities.shape)}

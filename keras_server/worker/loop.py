@@ -68,12 +68,64 @@ def answer(
     """One request's answer: its top k, or the whole vector when it asked."""
     if not request.probabilities:
         return messages.success_result(top_k(probabilities, labels, k), name, version)
-    classes = (
-        [{"index": int(i), "label": labels[i]} for i in top_indices(probabilities, request.classes)]
-        if request.classes
-        else []
+    return messages.probabilities_result(
+        probabilities, named_classes(request, probabilities, labels), name, version
     )
-    return messages.probabilities_result(probabilities, classes, name, version)
+
+
+def named_classes(
+    request: messages.ImageRequest, probabilities: np.ndarray, labels: Sequence[str]
+) -> list[dict[str, object]]:
+    """The indices and labels of the `classes` most likely the request asked for."""
+    if not request.classes:
+        return []
+    return [
+        {"index": int(i), "label": labels[i]} for i in top_indices(probabilities, request.classes)
+    ]
+
+
+def explained(
+    request: messages.ImageRequest,
+    probabilities: np.ndarray,
+    predictor: Predictor,
+    *,
+    name: str = "",
+    version: str = "",
+) -> bytes:
+    """The answer to a request that asked the worker to explain it: the
+    probabilities answer with the heat map of its class (the most likely
+    unless it named one), or a 400 when this engine cannot compute it."""
+    labels = predictor.labels
+    gradcam = getattr(predictor, "gradcam", None)
+    if gradcam is None:
+        return messages.error_result(
+            f"the {predictor.engine} engine cannot compute {request.explain}; "
+            "only the keras engine can",
+            status=400,
+        )
+    index = request.explain_class if request.explain_class >= 0 else int(np.argmax(probabilities))
+    if index >= len(probabilities):
+        return messages.error_result(
+            f"class {index} is out of range: the model has {len(probabilities)} classes "
+            f"(0..{len(probabilities) - 1})",
+            status=400,
+        )
+    try:
+        with tracing.span("explain"):
+            heatmap = gradcam(request.image, index)
+    except Exception:
+        log.exception("[%s] %s failed", request.id, request.explain)
+        return messages.error_result(
+            f"the model failed to compute {request.explain}; the worker log has the details"
+        )
+    return messages.probabilities_result(
+        probabilities,
+        named_classes(request, probabilities, labels),
+        name,
+        version,
+        heatmap=heatmap,
+        explained={"index": index, "label": labels[index]},
+    )
 
 
 class Worker:
@@ -446,8 +498,14 @@ class Worker:
             ", ".join(ids),
         )
         labels, k = self.predictor.labels, self.predictor.top_k
+        # An explanation (Grad-CAM) runs after the batch's forward pass, for
+        # its one image: a backward pass that the batch cannot share.
         return {
-            r.id: answer(r, p, labels, k, name=self.name, version=self.version)
+            r.id: (
+                explained(r, p, self.predictor, name=self.name, version=self.version)
+                if r.explain
+                else answer(r, p, labels, k, name=self.name, version=self.version)
+            )
             for r, p in zip(batch, probabilities, strict=True)
         }
 

@@ -4,6 +4,8 @@
 // serves several models (GET `models`), a menu picks one: its image goes to
 // `models/<name>/predict`. A large photo is shrunk here first (see `shrink`):
 // the server then decodes a small JPEG instead of megabytes of pixels.
+// Under an answer, "Explain" sends the same upload to `explain` and draws
+// the heat map it answers over the photo (see `showExplanation`).
 "use strict";
 /* global apiKey */
 
@@ -19,11 +21,26 @@
   const list = document.getElementById("predictions");
   const choice = document.getElementById("model-choice");
   const menu = document.getElementById("model");
+  const explainPanel = document.getElementById("explain-panel");
+  const explainButton = document.getElementById("explain");
+  const explanationBox = document.getElementById("explanation");
+  const opacity = document.getElementById("explain-opacity");
+  const legend = document.getElementById("explain-legend");
+  const heatmap = document.getElementById("heatmap");
+  // The heat map's colours, low to high: serving/explain.py's RAMP.
+  const RAMP = [
+    [48, 18, 59],
+    [70, 134, 251],
+    [27, 229, 181],
+    [250, 186, 57],
+    [122, 4, 3],
+  ];
 
   // A later pick supersedes a request still in flight: its answer is dropped.
   let ticket = 0;
   let previewUrl = null;
   let listing = null; // GET models' answer, once it has succeeded
+  let answered = null; // the upload last classified: { upload, name, url }, for Explain
 
   // GET models, asked until it answers (it needs the API key, if any).
   async function listModels() {
@@ -102,6 +119,10 @@
   }
 
   function clearAnswer() {
+    answered = null;
+    explainPanel.hidden = true;
+    explanationBox.hidden = true;
+    heatmap.hidden = true;
     document.getElementById("job-results").replaceChildren();
     error.replaceChildren();
     list.replaceChildren();
@@ -173,11 +194,94 @@
     choice.hidden = false;
   }
 
-  function predictUrl() {
-    if (choice.hidden || !menu.value) return form.action;
+  function predictUrl(route = "predict") {
+    if (choice.hidden || !menu.value) return new URL(route, document.baseURI).href;
     // Relative to the page, like every other URL here.
-    return new URL(`models/${encodeURIComponent(menu.value)}/predict`, document.baseURI).href;
+    return new URL(`models/${encodeURIComponent(menu.value)}/${route}`, document.baseURI).href;
   }
+
+  // The colour of an importance (0..1) on RAMP.
+  function colour(value) {
+    const position = Math.min(1, Math.max(0, value)) * (RAMP.length - 1);
+    const low = Math.min(Math.floor(position), RAMP.length - 2);
+    const share = position - low;
+    return RAMP[low].map((c, i) => Math.round(c * (1 - share) + RAMP[low + 1][i] * share));
+  }
+
+  // The grid drawn one pixel per cell; the canvas is stretched over the
+  // photo (CSS), and the browser smooths it as it scales.
+  function showExplanation(explanation, name) {
+    const { rows, columns } = explanation;
+    heatmap.width = columns;
+    heatmap.height = rows;
+    const context = heatmap.getContext("2d");
+    const image = context.createImageData(columns, rows);
+    explanation.heatmap.forEach((row, r) =>
+      row.forEach((value, c) => {
+        const [red, green, blue] = colour(value);
+        image.data.set([red, green, blue, 255], (r * columns + c) * 4);
+      }),
+    );
+    context.putImageData(image, 0, 0);
+    heatmap.style.opacity = String(opacity.value / 100);
+    heatmap.hidden = false;
+    const label = explanation.class.label.replaceAll("_", " ");
+    const sure = percent(explanation.probability);
+    if (explanation.method === "gradcam") {
+      legend.textContent =
+        `Grad-CAM for “${label}” (${sure}): how strongly each part of ${name} ` +
+        `(${rows} × ${columns}, the grid of the model's last convolutional layer) ` +
+        "drives that answer. Red: the most; dark blue: not at all.";
+    } else if (!explanation.max_drop) {
+      legend.textContent =
+        `Hiding any one of ${rows} × ${columns} parts of ${name} did not lower the ` +
+        `model's confidence in “${label}” (${sure}): no part stands out.`;
+    } else {
+      const drop = (explanation.max_drop * 100).toFixed(1);
+      legend.textContent =
+        `Where the model looked for “${label}” (${sure}): it was shown ${name} again ` +
+        `${explanation.images - 1} times, with one of ${rows} × ${columns} parts hidden ` +
+        `each time. Red parts lowered its confidence the most (by up to ${drop} points); ` +
+        "dark blue ones not at all.";
+    }
+    explanationBox.hidden = false;
+  }
+
+  async function explain() {
+    const mine = ticket; // an answer to another image drops this one
+    const asked = answered;
+    if (!asked) return;
+    explainButton.disabled = true;
+    form.setAttribute("aria-busy", "true");
+    status.textContent = `Explaining ${asked.name}: the model looks at it again, part by part…`;
+    const body = new FormData();
+    body.append("image", asked.upload, asked.name);
+    let response = null;
+    let answer = null;
+    try {
+      response = await fetch(asked.url, { method: "POST", body, headers: apiKey.headers() });
+      answer = await response.json();
+    } catch {
+      answer = null;
+    }
+    if (mine !== ticket) return;
+    explainButton.disabled = false;
+    form.removeAttribute("aria-busy");
+    if (answer && answer.success === true && answer.explanation) {
+      status.textContent = "";
+      showExplanation(answer.explanation, asked.name);
+    } else if (answer && typeof answer.error === "string") {
+      showError(`Could not explain ${asked.name} (HTTP ${response.status}).`, answer.error);
+    } else {
+      const reason = response ? `${response.status} ${response.statusText}`.trim() : "no answer";
+      showError(`Could not explain ${asked.name}.`, `The server answered ${reason}.`);
+    }
+  }
+
+  explainButton.addEventListener("click", explain);
+  opacity.addEventListener("input", () => {
+    heatmap.style.opacity = String(opacity.value / 100);
+  });
 
   async function classify(file) {
     const mine = ++ticket;
@@ -192,7 +296,7 @@
     body.append("image", upload, file.name);
     let response;
     try {
-      // form.action is the "predict" attribute resolved against the page's URL.
+      // "predict" (or models/<name>/predict) resolved against the page's URL.
       response = await fetch(predictUrl(), { method: "POST", body, headers: apiKey.headers() });
     } catch (failure) {
       if (mine !== ticket) return;
@@ -216,6 +320,8 @@
 
     if (answer && answer.success === true && Array.isArray(answer.predictions)) {
       showPredictions(answer.predictions);
+      answered = { upload, name: file.name, url: predictUrl("explain") };
+      explainPanel.hidden = false;
     } else if (response.status === 401 && answer && typeof answer.error === "string") {
       // --api-keys: ask for a key, then send this file again with it.
       showError(`Could not classify ${file.name} (HTTP 401).`, answer.error);
