@@ -30,6 +30,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
+from keras_server import metrics
+
 log = logging.getLogger(__name__)
 
 SIGNATURE_HEADER = "X-Signature-256"
@@ -103,6 +105,7 @@ class CallbackSender:
             try:
                 with _OPENER.open(request, timeout=TIMEOUT_S) as response:
                     if 200 <= response.status < 300:
+                        metrics.JOB_CALLBACKS.labels("delivered").inc()
                         return True
                     problem = f"HTTP {response.status}"
             except urllib.error.HTTPError as exc:
@@ -115,6 +118,7 @@ class CallbackSender:
                 self.sleep(wait)
             else:
                 log.error("callback to %s failed (%s) %d times: given up", url, problem, ATTEMPTS)
+                metrics.JOB_CALLBACKS.labels("failed").inc()
         return False
 
 

@@ -47,6 +47,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
 
@@ -56,7 +57,7 @@ from redis.retry import Retry
 from redis.sentinel import Sentinel
 
 from keras_server.broker.failures import Kind, kind_of, reason
-from keras_server.broker.jobs import JobStore, completed
+from keras_server.broker.jobs import JobStore, completed, recorded
 from keras_server.broker.messages import BadMessage, Keys, WorkerInfo, job_item
 
 log = logging.getLogger(__name__)
@@ -156,6 +157,16 @@ local tokens = math.min(#items, tonumber(ARGV[3]) - redis.call('LLEN', KEYS[4]))
 for i = 1, tokens do redis.call('RPUSH', KEYS[4], '1') end
 return #items
 """
+
+
+@dataclass
+class Finished:
+    """What one `finish` did to jobs: the jobs it completed, and the items
+    it recorded in their jobs (a requeued item answered twice counts once)."""
+
+    jobs_done: list[str] = field(default_factory=list)
+    items_succeeded: int = 0
+    items_failed: int = 0
 
 
 class QueueFull(Exception):
@@ -558,31 +569,42 @@ class RequestQueue:
         pipe: Pipeline | None = None,
         *,
         job_ttl: float = 86400.0,
-    ) -> list[str]:
+    ) -> Finished:
         """Answer each request and release the worker's claims, atomically.
 
         Answers nobody collects expire after `ttl` seconds. A job's item is
         answered into its job's record instead (jobs.JobStore.record), kept
-        `job_ttl` once the job is done. Returns the jobs this completed
-        (none when the caller's `pipe` runs the transaction)."""
+        `job_ttl` once the job is done. Returns what this did to jobs
+        (nothing when the caller's `pipe` runs the transaction)."""
         own = pipe is None
         p = self.client.pipeline(transaction=True) if own else pipe
-        recorded: list[tuple[int, str]] = []  # (reply position, job id)
+        items: list[tuple[int, str, bool]] = []  # (reply position, job id, failed)
         for request_id, payload in results.items():
             item = job_item(request_id)
             if item is not None:
-                recorded.append((len(p.command_stack), item[0]))
-                self.jobs.record(p, item[0], item[1], payload, job_ttl)
+                position = len(p.command_stack)
+                failed = self.jobs.record(p, item[0], item[1], payload, job_ttl)
+                items.append((position, item[0], failed))
                 continue
             key = self.keys.result(request_id)
             p.rpush(key, payload)
             p.pexpire(key, max(int(ttl * 1000), 1))
         p.delete(self.keys.processing(worker_id))
+        finished = Finished()
         if not own:
-            return []
+            return finished
         with self.shard.watch():
             replies = p.execute()
-        return [job_id for position, job_id in recorded if completed(replies[position])]
+        for position, job_id, failed in items:
+            if not recorded(replies[position]):
+                continue
+            if failed:
+                finished.items_failed += 1
+            else:
+                finished.items_succeeded += 1
+            if completed(replies[position]):
+                finished.jobs_done.append(job_id)
+        return finished
 
     def requeue(self, worker_id: str) -> int:
         """Put the worker's unanswered claims back at the head of their levels' queues."""

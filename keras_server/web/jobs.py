@@ -29,7 +29,7 @@ from typing import Any
 import redis
 from flask import Blueprint, Response, jsonify, request
 
-from keras_server import callbacks
+from keras_server import callbacks, metrics
 from keras_server.broker import messages
 from keras_server.broker.jobs import Job, JobStore
 from keras_server.broker.request_queue import RequestQueue
@@ -177,7 +177,7 @@ def _stage(
     if len(names) > settings.max_job_images:
         raise _too_many(settings)
     stage_pending()
-    return store.create(
+    done = store.create(
         job_id,
         model=model,
         owner=auth.owner(),
@@ -186,6 +186,9 @@ def _stage(
         ttl=settings.job_ttl,
         callback_url=callback_url,
     )
+    if failures:  # recorded in the job by `create`: the workers never see them
+        metrics.JOB_ITEMS.labels(model, "failed").inc(len(failures))
+    return done
 
 
 @blueprint.get("/jobs/<id>")
