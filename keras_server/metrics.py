@@ -132,6 +132,11 @@ JOB_CALLBACKS = Counter(
     ["result"],
 )
 
+# Both results exported from the start: an alert on the first failure needs
+# the 0 before it (a series born at 1 shows no increase).
+for _result in ("delivered", "failed"):
+    JOB_CALLBACKS.labels(_result)
+
 # Set once by the worker that loads each model (never by the web tier).
 ENGINE_LABELS = ["model", "engine", "precision"]
 ENGINE = Gauge(
