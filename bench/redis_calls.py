@@ -10,7 +10,7 @@ shows them as a small share.
 
 Then, on the same Redis, the cost of moving one payload (a 224x224 RGB image,
 150 KB) through a Lua script against plain commands: the push script
-`push_all` ran before (`LUA_PUSH`) against RPUSH, the claim script (`_CLAIM_MORE`, one item)
+`push_all` ran before (`LUA_PUSH`) against RPUSH, the claim script (`scripts.CLAIM`, one item)
 against MULTI + LMOVE + EXEC; Redis microseconds per call, the median of
 `--rounds` rounds of 32 calls.
 
@@ -36,7 +36,7 @@ import requests
 from bench import cpu
 from bench.webcpu import wait_ready
 from keras_server.broker.redis_server import RedisServer, free_port
-from keras_server.broker.request_queue import _CLAIM_MORE
+from keras_server.broker.scripts import CLAIM
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,7 +63,7 @@ def script_costs(client: redis.Redis, payload: bytes, rounds: int) -> dict[str, 
     """Redis microseconds per call: the payload through each script, and
     through the plain commands that would move it without Lua."""
     push = client.register_script(LUA_PUSH)
-    claim = client.register_script(_CLAIM_MORE)
+    claim = client.register_script(CLAIM)
 
     def lmove() -> None:
         pipe = client.pipeline(transaction=True)
@@ -75,7 +75,10 @@ def script_costs(client: redis.Redis, payload: bytes, rounds: int) -> dict[str, 
             keys=["bench:in"], args=[10**9, payload]
         ),
         "push: RPUSH": lambda: client.rpush("bench:in", payload),
-        "claim one: the _CLAIM_MORE script": lambda: claim(keys=["bench:q", "bench:p"], args=[1]),
+        # The claim script's KEYS: processing list, one wake-up list, one level.
+        "claim one: the claim script": lambda: claim(
+            keys=["bench:p", "bench:w", "bench:q"], args=[1, 0, 1, 1]
+        ),
         "claim one: MULTI, LMOVE, EXEC": lmove,
     }
     samples: dict[str, list[float]] = {name: [] for name in ways}

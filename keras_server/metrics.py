@@ -1,13 +1,16 @@
 """Prometheus metrics (prometheus-client), served at GET /metrics.
 
 Counters and histograms live in the process that observes them: the web tier
-counts requests, the worker counts batches (`--role all` shows both; a
+counts requests (labelled with the model and version that answered), the
+worker counts batches and the job items it records, whoever sends a job's
+callback counts it (`--role all` shows both; a
 `--role worker` process serves its own with `--metrics-port`). The HTTP
 front's processes (and, under `--role all`, the model worker's) share them
 through prometheus-client's multiprocess mode: the launcher sets
 PROMETHEUS_MULTIPROC_DIR before anything imports this.
-What lives in Redis (queue depth, worker heartbeats) is read at scrape time,
-so every web server reports the same truth.
+What lives in Redis (queue depth, job backlog, worker heartbeats) is read
+from the web process's survey of the shards (serving/workers.py), so every
+web server reports the same truth.
 """
 
 from __future__ import annotations
@@ -36,26 +39,34 @@ MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
+# The model and version that answered a predict or infer request ("" for a
+# request no model answered: refused before its model and version were known,
+# probes, metadata, jobs), as the serving core names them (serving/pipeline.py,
+# `Served`). Both are bounded: the model by the deployment's registry, the
+# version by the versions its workers serve (a version a client names but
+# no worker serves is a 404 before it is known).
+ANSWERED_BY = ["model", "version"]
 REQUESTS = Counter(
     "keras_server_http_requests",
-    "HTTP requests answered, by endpoint and status",
-    ["endpoint", "status"],
+    "HTTP requests answered, by endpoint, status and the model and version that answered",
+    ["endpoint", "status", *ANSWERED_BY],
 )
 REQUEST_SECONDS = Histogram(
     "keras_server_http_request_seconds",
-    "Seconds from request to response, by endpoint",
-    ["endpoint"],
+    "Seconds from request to response, by endpoint and the model and version that answered",
+    ["endpoint", *ANSWERED_BY],
     buckets=LATENCY_BUCKETS,
 )
 GRPC_REQUESTS = Counter(
     "keras_server_grpc_requests",
-    "gRPC calls answered (the v2 protocol, --grpc-port), by method and status code",
-    ["method", "code"],
+    "gRPC calls answered (the v2 protocol, --grpc-port), by method, status code and the "
+    "model and version that answered",
+    ["method", "code", *ANSWERED_BY],
 )
 GRPC_REQUEST_SECONDS = Histogram(
     "keras_server_grpc_request_seconds",
-    "Seconds from gRPC call to answer, by method",
-    ["method"],
+    "Seconds from gRPC call to answer, by method and the model and version that answered",
+    ["method", *ANSWERED_BY],
     buckets=LATENCY_BUCKETS,
 )
 BATCH_SIZE = Histogram(
@@ -131,6 +142,17 @@ API_KEY_REQUESTS = Counter(
     "asked: let through)",
     ["key_name", "quota"],
 )
+
+JOB_ITEMS = Counter(
+    "keras_server_job_items",
+    "Job images recorded in their job, by model and result: succeeded, failed (the "
+    "model failed on it; or, counted by the web tier, it could not be decoded)",
+    ["model", "result"],
+)
+# Both final outcomes exported from the start: an alert on the first failure
+# needs the 0 before it (a series born at 1 shows no increase).
+for _outcome in ("delivered", "given_up"):
+    CALLBACKS.labels(_outcome)
 
 # Set once by the worker that loads each model (never by the web tier).
 ENGINE_LABELS = ["model", "engine", "precision"]

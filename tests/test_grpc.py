@@ -352,14 +352,20 @@ def test_grpc_calls_are_counted_on_the_http_front(
     served: tuple[Child, str, int], client: grpcclient.InferenceServerClient
 ) -> None:
     client.infer(MODEL, [image_input(FILES[:1])])
+    with pytest.raises(InferenceServerException):
+        client.get_model_metadata("no-such-model")
     text = requests.get(served[1] + "/metrics", timeout=10).text
-    counted = re.search(
-        r'^keras_server_grpc_requests_total\{code="OK",method="ModelInfer"\} (\S+)$',
-        text,
-        re.MULTILINE,
-    )
-    assert counted, text[-2000:]
-    assert float(counted.group(1)) >= 1
+
+    def counted(labels: str) -> float:
+        found = re.search(rf"^keras_server_grpc_requests_total\{{{labels}\}} (\S+)$", text, re.M)
+        assert found, text[-2000:]
+        return float(found.group(1))
+
+    # Labelled with the model and version that answered; "" for a call no model answered.
+    assert counted('code="OK",method="ModelInfer",model="sim",version="1"') >= 1
+    assert counted('code="NOT_FOUND",method="ModelMetadata",model="",version=""') >= 1
+    seconds = 'method="ModelInfer",model="sim",version="1"'
+    assert re.search(rf"^keras_server_grpc_request_seconds_count\{{{seconds}\}} ", text, re.M)
 
 
 # Codes a request of any shape may get; never INTERNAL or UNKNOWN (a bug).

@@ -39,7 +39,7 @@ from keras_server.engines.simulated import SimulatedModel
 from keras_server.serving import failures
 from keras_server.serving.failures import ANSWERS, Failure
 from keras_server.serving.models import Deployment
-from keras_server.serving.pipeline import failure_of
+from keras_server.serving.pipeline import read_answer
 from keras_server.settings import Settings
 from keras_server.web.app import create_app
 from keras_server.worker.loop import Worker
@@ -237,7 +237,8 @@ def test_a_workers_no_live_worker_answer_is_a_503(settings: Settings) -> None:
     worker = Worker(web_side, SimulatedModel(0, 0), 8, result_ttl=20, name="sim", version="2")
     with WorkerThread(worker):
         answer = web_side.wait_results([pinned.id], timeout=15)[pinned.id]
-    refused = failure_of(answer)
+    refused, version = read_answer(answer)
+    assert version == ""  # a failed answer names no version
     assert isinstance(refused, failures.Unavailable)
     assert (refused.status, refused.headers) == (503, {"Retry-After": "1"})
     assert "version '1' of model 'sim' has no live worker" in refused.message

@@ -281,9 +281,10 @@ class JobStore:
         states = pipe.execute()
         return {i for i, s in zip(ids, states, strict=True) if s in (None, b"cancelled")}
 
-    def record(self, pipe: Pipeline, job_id: str, index: int, result: bytes, ttl: float) -> None:
+    def record(self, pipe: Pipeline, job_id: str, index: int, result: bytes, ttl: float) -> bool:
         """Queue in `pipe` the recording of one item's result; its reply in the
-        transaction is 2 when this completes the job (see `completed`)."""
+        transaction is 0 when it was ignored, 2 when this completes the job
+        (see `recorded`, `completed`). Returns whether the result is a failure."""
         failed = not json.loads(result).get("success", False)
         keys = [
             self.keys.job(job_id),
@@ -294,6 +295,13 @@ class JobStore:
         ]
         args = [index, result, "1" if failed else "0", _ms(ttl), repr(time.time()), job_id]
         self._record(keys=keys, args=args, client=pipe)
+        return failed
+
+
+def recorded(reply: object) -> bool:
+    """Whether a `record` reply says the item's result was recorded (not
+    ignored: no such job, cancelled, or the item answered already)."""
+    return reply in (1, 2)
 
 
 def completed(reply: object) -> bool:

@@ -42,10 +42,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import redis
 
-from keras_server.broker.jobs import JobStore, completed
+from keras_server.broker.jobs import JobStore, completed, recorded
 from keras_server.broker.liveness import Liveness
 from keras_server.broker.messages import Keys, job_item
 from keras_server.broker.pending_callbacks import PendingCallbacks
@@ -58,6 +59,16 @@ Pipeline = redis.client.Pipeline
 
 # BLPOP and BLMOVE treat a timeout of 0 as "forever": never let rounding get us there.
 MIN_BLOCK_S = 0.01
+
+
+@dataclass
+class Finished:
+    """What one `finish` did to jobs: the jobs it completed, and the items
+    it recorded in their jobs (a requeued item answered twice counts once)."""
+
+    jobs_done: list[str] = field(default_factory=list)
+    items_succeeded: int = 0
+    items_failed: int = 0
 
 
 class QueueFull(Exception):
@@ -300,31 +311,42 @@ class RequestQueue(Liveness):
         pipe: Pipeline | None = None,
         *,
         job_ttl: float = 86400.0,
-    ) -> list[str]:
+    ) -> Finished:
         """Answer each request and release the worker's claims, atomically.
 
         Answers nobody collects expire after `ttl` seconds. A job's item is
         answered into its job's record instead (jobs.JobStore.record), kept
-        `job_ttl` once the job is done. Returns the jobs this completed
-        (none when the caller's `pipe` runs the transaction)."""
+        `job_ttl` once the job is done. Returns what this did to jobs
+        (nothing when the caller's `pipe` runs the transaction)."""
         own = pipe is None
         p = self.client.pipeline(transaction=True) if own else pipe
-        recorded: list[tuple[int, str]] = []  # (reply position, job id)
+        items: list[tuple[int, str, bool]] = []  # (reply position, job id, failed)
         for request_id, payload in results.items():
             item = job_item(request_id)
             if item is not None:
-                recorded.append((len(p.command_stack), item[0]))
-                self.jobs.record(p, item[0], item[1], payload, job_ttl)
+                position = len(p.command_stack)
+                failed = self.jobs.record(p, item[0], item[1], payload, job_ttl)
+                items.append((position, item[0], failed))
                 continue
             key = self.keys.result(request_id)
             p.rpush(key, payload)
             p.pexpire(key, max(int(ttl * 1000), 1))
         p.delete(self.keys.processing(worker_id))
+        finished = Finished()
         if not own:
-            return []
+            return finished
         with self.shard.watch():
             replies = p.execute()
-        return [job_id for position, job_id in recorded if completed(replies[position])]
+        for position, job_id, failed in items:
+            if not recorded(replies[position]):
+                continue
+            if failed:
+                finished.items_failed += 1
+            else:
+                finished.items_succeeded += 1
+            if completed(replies[position]):
+                finished.jobs_done.append(job_id)
+        return finished
 
     def requeue(self, worker_id: str) -> int:
         """Put the worker's unanswered claims back at the head of their levels' queues."""

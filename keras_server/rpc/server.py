@@ -104,7 +104,7 @@ def _refuse(
     trailers: tuple[tuple[str, str], ...] = (),
 ) -> grpc.RpcMethodHandler:
     def abort(request: Any, context: grpc.ServicerContext) -> None:
-        metrics.GRPC_REQUESTS.labels(method, status.name).inc()
+        metrics.GRPC_REQUESTS.labels(method, status.name, "", "").inc()  # refused before routing
         if trailers:
             context.set_trailing_metadata(trailers)
         context.abort(status, message)

@@ -53,7 +53,7 @@ from keras_server.serving.inference import (
     bad,
 )
 from keras_server.serving.keys import ApiKeys, Rejected, key_from
-from keras_server.serving.pipeline import Decoder, Pipeline
+from keras_server.serving.pipeline import UNKNOWN, Decoder, Pipeline, who_answered
 from keras_server.serving.quotas import Caller
 from keras_server.settings import Settings
 
@@ -67,13 +67,15 @@ Method = Callable[[Any, Request, grpc.ServicerContext], Reply]
 
 
 def answered(method: Method[Request, Reply]) -> Method[Request, Reply]:
-    """Every failure of `method` answered with its gRPC code, counted and logged."""
+    """Every failure of `method` answered with its gRPC code, counted (with
+    the model and version that answered, as the pipeline names them) and logged."""
     name = method.__name__
 
     @functools.wraps(method)
     def call(self: Any, request: Request, context: grpc.ServicerContext) -> Reply:
         started = time.perf_counter()
         logs.request_id.set("-")
+        who_answered.set(UNKNOWN)  # the pipeline names who answered (metrics.ANSWERED_BY)
         error: Failure | None = None
         try:
             reply = method(self, request, context)
@@ -81,8 +83,9 @@ def answered(method: Method[Request, Reply]) -> Method[Request, Reply]:
             error = from_exception(exc)
         code = grpc.StatusCode.OK if error is None else grpc.StatusCode[error.answer.grpc]
         elapsed = time.perf_counter() - started
-        metrics.GRPC_REQUESTS.labels(name, code.name).inc()
-        metrics.GRPC_REQUEST_SECONDS.labels(name).observe(elapsed)
+        by = who_answered.get()
+        metrics.GRPC_REQUESTS.labels(name, code.name, by.model, by.version).inc()
+        metrics.GRPC_REQUEST_SECONDS.labels(name, by.model, by.version).observe(elapsed)
         if name not in QUIET or error is not None:
             log.info("gRPC %s %s in %.0f ms", name, code.name, elapsed * 1000)
         if error is None:

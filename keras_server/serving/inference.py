@@ -381,7 +381,7 @@ def infer(
         return _explained(pipeline, model, route, inference, urgency.timeout, caller=caller)
     form = Form(True, inference.classes, inference.pixels_dtype)
     answered = pipeline.run(model, route, inference.images, form, urgency, caller=caller)
-    rows, classes, made_by = [], [], None
+    rows, classes = [], []
     for position, raw in enumerate(answered.answers):
         if isinstance(raw, Failure):
             if 400 <= raw.status < 500:
@@ -395,8 +395,7 @@ def infer(
             raise Bug("a worker answered a probabilities request without the probabilities")
         rows.append(vector)
         classes.append(header.get("classes", []))
-        made_by = made_by or header.get("model")
-    version = (made_by or {}).get("version") or model.spec.version
+    version = answered.version or model.spec.version
     return Result(model.name, version, np.stack(rows), classes, answered.cache)
 
 

@@ -63,7 +63,7 @@ class ServedModel:
 
     def survey(self) -> list[ShardState]:
         """This model's queue on each shard, read now: reachable, depth, live
-        workers. A shard marked down is not asked (see shards.ShardSet).
+        workers, the jobs' backlog. A shard marked down is not asked (see shards.ShardSet).
         Only the WorkerView calls this; everyone else reads the view."""
         found = []
         for queue in self.shards.queues:
@@ -74,13 +74,15 @@ class ServedModel:
                 continue
             try:
                 depths, workers = tuple(queue.depths()), queue.workers()
+                with queue.shard.watch():
+                    backlog = queue.jobs.backlog()
             except redis.RedisError as exc:
                 # An unreachable host was marked down by the queue; one that
                 # refuses is up but cannot be read now: either way, says why.
                 found.append(ShardState(self.name, where, reachable=False, error=reason(exc)))
                 continue
             live = {wid: info for wid, info in workers.items() if info is not None}
-            found.append(ShardState(self.name, where, True, depths, live))
+            found.append(ShardState(self.name, where, True, depths, live, backlog))
         return found
 
     def live_workers(self, fresh: bool = False) -> list[WorkerInfo]:

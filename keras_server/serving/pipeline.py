@@ -16,6 +16,13 @@ what a failed image means for it: an item of its own on `/predict` with
 several images, the whole request's failure on v2. Which model and version
 answer is `Pipeline.target`'s (serving/models.py, serving/traffic.py).
 
+Who answered: `Answered.version` is the version that answered (named by the
+answers; for failed answers, which name none, the version the request was
+routed to when only that version could answer it: its own queue). The core
+also keeps it, with the model, in `who_answered` for the request metrics: set by
+`target` and `run` as they learn them, cleared by each adapter when a request
+starts and read when it has answered (web/app.py, rpc/service.py).
+
 Each image is its own queue entry, so it batches with everyone else's; all
 of one request's entries go to one Redis shard in one transaction, and
 their answers are awaited together on that shard.
@@ -38,6 +45,7 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import numpy as np
@@ -150,12 +158,28 @@ class Image:
 @dataclass
 class Answered:
     """A request's images answered, in order: the raw answer, or the Failure
-    of that image; and what the cache did (X-Cache: hit, miss or partial;
-    None while the cache is off for the model)."""
+    of that image; what the cache did (X-Cache: hit, miss or partial; None
+    while the cache is off for the model); the version that answered ("":
+    unknown, see the module's docstring)."""
 
     answers: list[bytes | Failure]
     cache: str | None = None
     timeout: float = 0.0  # how long the request waited at most
+    version: str = ""
+
+
+@dataclass(frozen=True)
+class Served:
+    """The model and version that answered a request ("" while unknown)."""
+
+    model: str = ""
+    version: str = ""
+
+
+# The request this thread (or gRPC call) serves: set by the pipeline, cleared
+# and read by the adapters for the request metrics' labels (metrics.ANSWERED_BY).
+UNKNOWN = Served()
+who_answered: ContextVar[Served] = ContextVar("who_answered", default=UNKNOWN)
 
 
 class Pipeline:
@@ -196,6 +220,7 @@ class Pipeline:
         version the model neither declares nor serves; Unavailable while a
         pinned version has no live worker."""
         model = self.model(name)
+        who_answered.set(Served(model.name))
         if version:
             served = versions(model, model.live_workers())
             if version not in served:
@@ -205,7 +230,9 @@ class Pipeline:
                     f"model {model.name!r} has no version {version!r}; it serves "
                     + ", ".join(served)
                 )
-        return model, model.router.route(version or None)
+        route = model.router.route(version or None)
+        who_answered.set(Served(model.name, route.answered_by or ""))
+        return model, route
 
     # -- the pipeline -----------------------------------------------------------
 
@@ -235,14 +262,21 @@ class Pipeline:
         for position, raw in (looked.hits if looked else {}).items():
             answers[position] = raw
         missed = [i for i, a in enumerate(answers) if a is None]
+        version = ""
         if missed:
-            found = self._queue(model, route, [(i, images[i]) for i in missed], form, urgency)
+            found, version = self._queue(
+                model, route, [(i, images[i]) for i in missed], form, urgency
+            )
             for position in missed:
                 answers[position] = found[position]
             if cache is not None and looked is not None:
                 cache.store(looked, {i: a for i, a in found.items() if isinstance(a, bytes)})
+        if not version and looked is not None and looked.hits:
+            version = read_answer(next(iter(looked.hits.values())))[1]
+        version = version or route.answered_by or ""
+        who_answered.set(Served(model.name, version))
         done = [a if a is not None else TimedOut(timed_out(urgency.timeout)) for a in answers]
-        return Answered(done, looked.header if looked else None, urgency.timeout)
+        return Answered(done, looked.header if looked else None, urgency.timeout, version)
 
     def _queue(
         self,
@@ -251,10 +285,11 @@ class Pipeline:
         images: list[tuple[int, Image]],
         form: Form,
         urgency: Urgency,
-    ) -> dict[int, bytes | Failure]:
-        """Decode, queue and await `images` (by position); each position's
-        answer or Failure."""
+    ) -> tuple[dict[int, bytes | Failure], str]:
+        """Decode, queue and await `images` (by position): each position's
+        answer or Failure, and the version the answers name ("": none)."""
         found: dict[int, bytes | Failure] = {}
+        named = ""
         size: tuple[int, int] | None = None
         if any(image.pixels is None for _, image in images):
             size = model.input_size()
@@ -288,9 +323,11 @@ class Pipeline:
                 raw = answers.get(request.id)
                 if raw is None:
                     found[position] = TimedOut(timed_out(urgency.timeout))
-                else:
-                    found[position] = failure_of(raw) or raw
-        return found
+                    continue
+                failure, version = read_answer(raw)
+                found[position] = failure or raw
+                named = named or version
+        return found, named
 
     # -- jobs -----------------------------------------------------------------
 
@@ -316,15 +353,20 @@ def versions(model: ServedModel, workers: list[messages.WorkerInfo]) -> list[str
     return sorted({model.spec.version, *(w.version for w in workers if w.version)})
 
 
-def failure_of(raw: bytes) -> Failure | None:
-    """The Failure a worker's answer reports; None for a success."""
+def read_answer(raw: bytes) -> tuple[Failure | None, str]:
+    """The Failure a worker's (or the cache's) answer reports (None for a
+    success), and the version it names ("": none; failed answers name none)."""
     try:
         header = json.loads(raw.partition(b"\n")[0])
     except ValueError as exc:
-        return bug(messages.BadMessage(f"a worker's answer cannot be read ({exc})"))
-    if not isinstance(header, dict) or header.get("success") is not False:
-        return None
-    return from_worker(str(header.get("error", "the model failed")), header.get("status"))
+        return bug(messages.BadMessage(f"a worker's answer cannot be read ({exc})")), ""
+    if not isinstance(header, dict):
+        return None, ""
+    if header.get("success") is False:
+        failure = from_worker(str(header.get("error", "the model failed")), header.get("status"))
+        return failure, ""
+    made_by = header.get("model")
+    return None, str(made_by.get("version") or "") if isinstance(made_by, dict) else ""
 
 
 def submit(

@@ -1,11 +1,11 @@
 """One view of the live workers per process: every model's queue on every
-Redis shard (reachable, depth at each priority level, live workers), read at
-most every REFRESH_S by one thread at a time.
+Redis shard (reachable, depth at each priority level, live workers, the jobs'
+backlog), read at most every REFRESH_S by one thread at a time.
 
 Everything that asks "who serves what" reads this view: routing (the live
 versions, serving/traffic.py), the input size uploads are resized to, model
 discovery (--models-from workers), the response cache's versions, /readyz,
-/models, the v2 readiness and metadata calls and the queue metrics. So they
+/models, the v2 readiness and metadata calls and the queue and job metrics. So they
 all agree, and no request, probe or scrape surveys the shards on its own:
 a flood of probes costs Redis one survey per REFRESH_S per process.
 
@@ -48,6 +48,7 @@ class ShardState:
     reachable: bool
     depths: tuple[int, ...] = ()  # requests waiting at each priority level, 1 first
     workers: dict[str, WorkerInfo] = field(default_factory=dict)  # live ones, by id
+    job_backlog: int = 0  # job images staged, not yet fed onto the queue (JobStore.backlog)
     error: str = ""  # why it was unreachable
 
     @property

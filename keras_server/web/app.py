@@ -1,9 +1,11 @@
 """The HTTP tier: the Flask app factory. `create_app` only assembles the app:
 its state (`AppState`: the settings and the serving core, serving/pipeline.py,
 that every route reads with `web.state()`), the request's span when tracing
-is on (tracing.server_span), the request log, CORS (cors.py), the API-key
-check (auth.py), the blueprints (predict.py, explain.py, probes.py, page.py,
-v2.py, jobs.py, admin.py) and errors.py's handlers, each failure in the shape of the
+is on (tracing.server_span), the request log and metrics (labelled with the
+model and version that answered, as the pipeline names them), CORS
+(cors.py), the API-key check (auth.py), the blueprints (predict.py,
+explain.py, probes.py, page.py, v2.py, jobs.py, admin.py) and errors.py's
+handlers, each failure in the shape of the
 API its path belongs to.
 
 Every answer, errors included, is JSON; no traceback ever reaches a client.
@@ -24,7 +26,7 @@ from keras_server import logs, metrics, tracing
 from keras_server.serving.cache import ResponseCache
 from keras_server.serving.failures import Failure
 from keras_server.serving.models import Deployment
-from keras_server.serving.pipeline import Decoder, Pipeline
+from keras_server.serving.pipeline import UNKNOWN, Decoder, Pipeline, who_answered
 from keras_server.serving.quotas import Limiter
 from keras_server.settings import Settings, load_settings
 from keras_server.web import (
@@ -149,14 +151,16 @@ def _add_request_log(app: Flask) -> None:
     def start() -> None:
         g.started = time.perf_counter()
         logs.request_id.set("-")
+        who_answered.set(UNKNOWN)  # the pipeline names who answered (metrics.ANSWERED_BY)
 
     @app.after_request
     def finish(response: Response) -> Response:
         elapsed = time.perf_counter() - g.get("started", time.perf_counter())
         # Label by route, not raw path, so scanners cannot blow up the series.
         endpoint = request.url_rule.rule if request.url_rule else "unmatched"
-        metrics.REQUESTS.labels(endpoint, str(response.status_code)).inc()
-        metrics.REQUEST_SECONDS.labels(endpoint).observe(elapsed)
+        by = who_answered.get()
+        metrics.REQUESTS.labels(endpoint, str(response.status_code), by.model, by.version).inc()
+        metrics.REQUEST_SECONDS.labels(endpoint, by.model, by.version).observe(elapsed)
         if endpoint not in QUIET_ENDPOINTS:
             log.info(
                 "%s %s %d in %.0f ms",

@@ -33,7 +33,7 @@ import redis
 from flask import Blueprint, Response, jsonify, request
 from werkzeug.wsgi import get_input_stream
 
-from keras_server import callbacks
+from keras_server import callbacks, metrics
 from keras_server.broker import messages
 from keras_server.broker.jobs import Job, JobStore
 from keras_server.broker.request_queue import RequestQueue
@@ -187,7 +187,7 @@ def _stage(
     if len(names) > settings.max_job_images:
         raise _too_many(settings)
     store.stage(job_id, chunk, settings.job_ttl)
-    return store.create(
+    done = store.create(
         job_id,
         model=model,
         owner=auth.owner(),
@@ -196,6 +196,9 @@ def _stage(
         ttl=settings.job_ttl,
         callback_url=callback_url,
     )
+    if failures:  # recorded in the job by `create`: the workers never see them
+        metrics.JOB_ITEMS.labels(model, "failed").inc(len(failures))
+    return done
 
 
 @blueprint.get("/jobs/<id>")

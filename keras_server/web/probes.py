@@ -1,6 +1,6 @@
 """The operations routes: `/healthz` (liveness), `/readyz` (readiness) and
-`/metrics` (Prometheus), with the queue gauges read from the process's one
-survey of the workers (serving/workers.py): a probe or a scrape never makes
+`/metrics` (Prometheus), with the queue and job backlog gauges read from the
+process's one survey of the workers (serving/workers.py): a probe or a scrape never makes
 Redis calls of its own, however often it comes. TensorFlow-free.
 """
 
@@ -59,8 +59,8 @@ def metrics_endpoint() -> Response:
 
 
 class RedisCollector(Collector):
-    """Queue depth and worker heartbeats of every model on every shard, from
-    the process's survey."""
+    """Queue depth, job backlog and worker heartbeats of every model on every
+    shard, from the process's survey."""
 
     def __init__(self, deployment: Deployment) -> None:
         self.deployment = deployment
@@ -72,6 +72,12 @@ class RedisCollector(Collector):
             "keras_server_queue_depth",
             "Requests waiting in the queue, by priority level (1 the highest)",
             labels=[*labels, "level"],
+        )
+        backlog = GaugeMetricFamily(
+            "keras_server_job_backlog",
+            "Job images staged and not yet fed onto the queue (those fed are in "
+            "keras_server_queue_depth's lowest level)",
+            labels=labels,
         )
         live = GaugeMetricFamily(
             "keras_server_workers_live", "Workers with a current heartbeat", labels=labels
@@ -92,9 +98,10 @@ class RedisCollector(Collector):
             where = [shard_state.model_name, shard]
             for level, waiting in enumerate(shard_state.depths, start=1):
                 depth.add_metric([*where, str(level)], waiting)
+            backlog.add_metric(where, shard_state.job_backlog)
             live.add_metric(where, len(shard_state.workers))
             for worker_id, info in shard_state.workers.items():
                 age.add_metric([*where, worker_id], max(0.0, now - info.at))
         for shard, answered in reachable.items():
             up.add_metric([shard], answered)
-        yield from (up, depth, live, age)
+        yield from (up, depth, backlog, live, age)

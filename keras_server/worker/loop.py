@@ -387,7 +387,11 @@ class Worker:
                 finished = self.queue.finish(
                     self.id, results, self.result_ttl, job_ttl=self.job_ttl
                 )
-            for job_id in finished:
+            if finished.items_succeeded:
+                metrics.JOB_ITEMS.labels(self.name, "succeeded").inc(finished.items_succeeded)
+            if finished.items_failed:
+                metrics.JOB_ITEMS.labels(self.name, "failed").inc(finished.items_failed)
+            for job_id in finished.jobs_done:
                 self._job_done(job_id)
             return len(raws)
 
