@@ -20,7 +20,7 @@ from typing import IO
 from flask import Flask, Request, Response, g, request
 
 from keras_server import logs, metrics, tracing
-from keras_server.images import return_freed_pixels_to_the_system
+from keras_server.images import return_freed_pixels_to_the_system, single_threaded_resize
 from keras_server.settings import Settings, load_settings
 from keras_server.web import admin, api, auth, cors, dispatch, errors, jobs, page, v2
 from keras_server.web.deployment import Deployment
@@ -72,6 +72,7 @@ def create_app(settings: Settings, deployment: Deployment | None = None) -> Flas
     cache = ResponseCache.from_settings(settings, deployment)
     api.AppState(settings, deployment, dispatch.Decoder(settings), cache).install(app)
     return_freed_pixels_to_the_system()
+    single_threaded_resize()
     _add_request_log(app)
     cors.install(app, settings)  # on every answer, errors included
     auth.install(app, settings)  # before every route, those of blueprints too
