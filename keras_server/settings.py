@@ -42,6 +42,7 @@ MAX_BATCH_SIZE = 1024
 MAX_PRIORITY_LEVELS = 16
 # More would only split the cores into streams too small to be worth a batch each.
 MAX_PARALLEL_BATCHES = 8
+MAX_OPENVINO_STREAMS = 8
 # One request's images are queued by one Redis script call: keep its argument
 # list well inside Lua's stack.
 MAX_IMAGES = 1024
@@ -73,6 +74,7 @@ class Settings:
     batch_size: int = 32
     max_batch_delay_ms: float = 0.0
     parallel_batches: int = 1
+    openvino_streams: int = 1
     engine: str = "auto"
     precision: str = "fp32"
     cache_dir: str = "~/.cache/keras-server"
@@ -261,6 +263,13 @@ def _parallel_batches(text: str) -> int:
     value = _positive_int(text)
     if value > MAX_PARALLEL_BATCHES:
         raise ValueError(f"must be at most {MAX_PARALLEL_BATCHES}")
+    return value
+
+
+def _openvino_streams(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_OPENVINO_STREAMS:
+        raise ValueError(f"must be at most {MAX_OPENVINO_STREAMS}")
     return value
 
 
@@ -510,6 +519,14 @@ KNOBS: tuple[Knob, ...] = (
         "shard; above 1, OpenVINO is compiled for that many requests with the THROUGHPUT "
         "hint (a CPU stream each). 1: one batch at a time, LATENCY hint (fastest at low "
         "load; BENCHMARKS.md, 'Parallel batches')",
+        "N",
+    ),
+    Knob(
+        "openvino_streams",
+        _openvino_streams,
+        "OpenVINO: each batch split over this many infer requests run at once, a CPU "
+        "stream each with its share of the cores (THROUGHPUT hint); 1: the whole batch "
+        "on one stream with every core (LATENCY hint)",
         "N",
     ),
     Knob(

@@ -90,6 +90,9 @@ class EngineOptions:
     # openvino: infer requests compiled (--parallel-batches); above 1 with the
     # THROUGHPUT hint, so that that many batches run at once
     parallel_batches: int = 1
+    # openvino: infer requests (a CPU stream each) each batch is split over
+    # (--openvino-streams)
+    openvino_streams: int = 1
 
 
 def load_predictor(spec: ModelSpec, options: EngineOptions) -> Predictor:
@@ -447,7 +450,13 @@ def _labels(spec: ModelSpec, outputs: int) -> tuple[str, ...]:
 
 
 def _open(
-    spec: ModelSpec, engine: str, precision: str, entry: Entry, parallel_batches: int = 1
+    spec: ModelSpec,
+    engine: str,
+    precision: str,
+    entry: Entry,
+    *,
+    parallel_batches: int = 1,
+    streams: int = 1,
 ) -> Predictor:
     meta = entry.meta
     height, width, channels = meta["input_shape"]
@@ -471,11 +480,18 @@ def _open(
 
     return openvino_engine.OpenVinoClassifier(
         openvino_engine.compile_model(
-            entry.file("model.xml"), precision, mode, int(meta["channels"]), parallel_batches
+            entry.file("model.xml"),
+            precision,
+            mode,
+            int(meta["channels"]),
+            requests=parallel_batches,
+            streams=streams,
         ),
-        description=f"{meta['description']}, OpenVINO {openvino_engine.version()} {precision}",
+        description=f"{meta['description']}, OpenVINO {openvino_engine.version()} {precision}"
+        + (f", {streams} streams a batch" if streams > 1 else ""),
         precision=precision,
         requests=parallel_batches,
+        streams=streams,
         **common,
     )
 
@@ -484,7 +500,10 @@ def _open_and_check(
     spec: ModelSpec, engine: str, precision: str, entry: Entry, options: EngineOptions
 ) -> Predictor:
     """Open the converted model and hold it to Keras's outputs on the reference set."""
-    predictor = _open(spec, engine, precision, entry, options.parallel_batches)
+    predictor = _open(
+        spec, engine, precision, entry,
+        parallel_batches=options.parallel_batches, streams=options.openvino_streams,
+    )  # fmt: skip
     with np.load(entry.file("reference.npz")) as reference:
         images, expected = reference["images"], reference["keras"]
     got = _predict_all(predictor, images)
