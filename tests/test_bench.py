@@ -457,6 +457,32 @@ def test_the_decode_and_the_graph_are_timed_in_cpu_seconds() -> None:
     assert all(0 <= cpu < 0.04 for cpu in per_batch.values()), per_batch
 
 
+def test_the_streams_benchmark_times_cpu_and_wall_and_tables_the_medians() -> None:
+    """bench.streams's timing and table, on the simulated model (it sleeps:
+    wall time passes, next to no CPU time is spent)."""
+    from bench import streams
+    from keras_server.engines.simulated import SimulatedModel
+
+    model = SimulatedModel(20, 0)
+    batch = np.zeros((4, *model.input_shape), dtype=np.uint8)
+    cpu_s, rate = streams.timed(model, batch, 0.05)
+    assert 0 <= cpu_s < 0.004 and 0 < rate <= 4 / 0.02
+    args = streams.parse_args(["--streams", "1", "2", "--batch-sizes", "1", "8", "--rounds", "2"])
+    rows = [
+        {"round": r, "streams": s, "batch": b, "cpu_ms_per_image": cpu, "images_per_s": rate}
+        for r, s, b, cpu, rate in [
+            (1, 1, 1, 10.0, 90.0), (2, 1, 1, 12.0, 80.0), (1, 2, 1, 11.0, 60.0),
+            (2, 2, 1, 13.0, 50.0), (1, 1, 8, 9.0, 100.0), (1, 2, 8, 7.0, 120.0),
+        ]
+    ]  # fmt: skip
+    text = streams.markdown(rows, args)
+    assert "medians of 2 rounds (of 2;" in text
+    assert "| 1 | 11.00 | 85.0 | 12.00 | 55.0 |" in text
+    assert "| 8 | 9.00 | 100.0 | 7.00 | 120.0 |" in text
+    with pytest.raises(SystemExit):
+        streams.parse_args(["--streams", "0"])
+
+
 def test_the_peers_command_line() -> None:
     from bench.peers import run as peers
 
