@@ -497,6 +497,10 @@ def test_the_peers_command_line() -> None:
     assert (full.peer_decodes, full.streams) == (["pillow", "load_image"], 1)
     chosen = peers.parse_args(["--peer-decodes", "pillow", "--streams", "2"])
     assert (chosen.peer_decodes, chosen.streams) == (["pillow"], 2)
+    assert peers.run_order(full.systems, full.peer_decodes) == [
+        ("keras-server", "load_image"), ("mosec", "pillow"), ("litserve", "pillow"),
+        ("mosec", "load_image"), ("litserve", "load_image"),
+    ]  # fmt: skip
     for bad in (["--systems", "triton"], ["--peer-decodes", "cv2"], ["--streams", "0"]):
         with pytest.raises(SystemExit):
             peers.parse_args(bad)

@@ -10,9 +10,9 @@ environment first (`pip install` of `PEER_PACKAGES`). The run saves ResNet50
 (or `--model`) with random weights, converts it once into a conversion cache (timing the
 engine alone in this process: `bench.engines.measure_raw`), then, for each
 round, starts each system in turn on that cache and drives it with wrk at 1
-and 32 connections (`bench.engines.wrk_levels`): keras-server, then each peer
-with each of `--peer-decodes` (plain Pillow as the peers' users would write
-it, and keras-server's `load_image`). After each round it measures the limit
+and 32 connections (`bench.engines.wrk_levels`): keras-server, then the peers
+with each of `--peer-decodes` in turn (plain Pillow as the peers' users
+would write it, then keras-server's `load_image`). After each round it measures the limit
 (`bench.limit`): the graph's CPU per image in this process at the batch sizes
 keras-server's worker logged over its measured run, the decodes' CPU per
 image on the sample photos, and wrk's CPU per image from the round's runs. A
@@ -167,6 +167,15 @@ def start_command(system: str, config: PeerConfig, redis_url: str, port: int) ->
     if system == "mosec":  # its default, 3 s, is not keras-server's
         command += ["--timeout", str(round(TIMEOUT_S * 1000))]
     return command
+
+
+def run_order(systems: Sequence[str], decodes: Sequence[str]) -> list[tuple[str, str]]:
+    """(system, decode) in the order a round runs them: keras-server (with
+    load_image), then the peers with the first decode, then with the next, so
+    that the comparison the targets name (plain Pillow) runs closest."""
+    order = [(table.OURS, limit.LOAD_IMAGE)] if table.OURS in systems else []
+    order += [(s, d) for d in decodes for s in systems if s != table.OURS]
+    return order
 
 
 def route(system: str) -> str:
@@ -345,11 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{config.engine} {config.precision}", predictor, batch, batch_runs=5,
             single_runs=30, setup_seconds=setup,
         )  # fmt: skip
-        order = [
-            (system, decode)
-            for system in args.systems
-            for decode in ([limit.LOAD_IMAGE] if system == table.OURS else args.peer_decodes)
-        ]
+        order = run_order(args.systems, args.peer_decodes)
         for round_ in range(1, args.rounds + 1):
             served: dict[int, int] = {}
             for system, decode in order:
