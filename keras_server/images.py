@@ -236,8 +236,9 @@ def _resized(rgb: Image.Image, size: tuple[int, int]) -> np.ndarray:
 
     Shrinking both ways (every photo larger than the model's input), OpenCV's
     area resize runs with the CPU's SIMD: 1.3-2.2x faster than Pillow's
-    bicubic on the sample photos, within 0.9/255 of it on average per image
-    (tests/test_images.py holds it to 1/255). An image enlarged on either
+    bicubic on the sample photos (timeit ratios on the AMX Xeon, shared with
+    other work), within 0.9/255 of it on average per image (tests/test_images.py
+    holds it to 1/255). An image enlarged on either
     axis keeps Pillow's bicubic, whose pixels the tests hold exactly: the
     area filter only averages when it shrinks.
     """
