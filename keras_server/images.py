@@ -16,7 +16,9 @@ image is box-reduced (Pillow's reduce()) right after decoding, and colour
 conversion, EXIF rotation and the final resize all work on that small copy,
 so only the decoded image itself is ever full size. The final resize is
 OpenCV's area filter (SIMD) where the image shrinks, Pillow's bicubic where
-it grows (`_resized`).
+it grows (`_resized`); an upright RGB PNG that shrinks, under four times the
+input's size (`_reduced` leaves it whole), goes from libspng's array to
+OpenCV's resize directly, without the copies into Pillow and back.
 
 Pillow reads every header (the checks above, EXIF) and decodes every format
 but one: a plain 8-bit PNG (grey, RGB or RGBA; no palette, colour key or
@@ -205,7 +207,14 @@ def load_image(
                         # Its EXIF, if any, came before the pixels and was read
                         # at open (a PNG's getexif() would decode the image).
                         orientation = _orientation(image) if "exif" in image.info else 1
-                        decoded = Image.fromarray(_spng_load(data, spng))
+                        pixels = _spng_load(data, spng)
+                        if spng == "RGB" and orientation == 1 and _directly(image.size, size):
+                            # The plain photo: resized straight from libspng's
+                            # array, no copy into Pillow and back (about a
+                            # tenth of the decode's CPU on the sample PNGs),
+                            # to the pixels the path below gives.
+                            return _area(pixels, size)
+                        decoded = Image.fromarray(pixels)
                     else:
                         image.load()
                         # Only now: a PNG's getexif() decodes the whole image.
@@ -235,19 +244,36 @@ def _resized(rgb: Image.Image, size: tuple[int, int]) -> np.ndarray:
     """`rgb` at `size` (w, h) as a uint8 array.
 
     Shrinking both ways (every photo larger than the model's input), OpenCV's
-    area resize runs with the CPU's SIMD: 1.3-2.2x faster than Pillow's
-    bicubic on the sample photos (timeit ratios on the AMX Xeon, shared with
-    other work), within 0.9/255 of it on average per image (tests/test_images.py
-    holds it to 1/255). An image enlarged on either
-    axis keeps Pillow's bicubic, whose pixels the tests hold exactly: the
-    area filter only averages when it shrinks.
+    area resize (`_area`); an image enlarged on either axis keeps Pillow's
+    bicubic, whose pixels the tests hold exactly: the area filter only
+    averages when it shrinks.
     """
-    if rgb.size[0] < size[0] or rgb.size[1] < size[1]:
-        # reducing_gap: an axis still shrinking is box-reduced first down
-        # to at least 1.5x the target (what _reduced left is up to 4x).
-        resized = rgb.resize(size, Image.Resampling.BICUBIC, reducing_gap=_REDUCING_GAP)
-        return np.asarray(resized, dtype=np.uint8)
-    return cv2.resize(np.asarray(rgb, dtype=np.uint8), size, interpolation=cv2.INTER_AREA)
+    if _shrinks(rgb.size, size):
+        return _area(np.asarray(rgb, dtype=np.uint8), size)
+    # reducing_gap: an axis still shrinking is box-reduced first down to at
+    # least 1.5x the target (what _reduced left is up to 4x).
+    resized = rgb.resize(size, Image.Resampling.BICUBIC, reducing_gap=_REDUCING_GAP)
+    return np.asarray(resized, dtype=np.uint8)
+
+
+def _shrinks(have: tuple[int, int], size: tuple[int, int]) -> bool:
+    """Whether an image of `have` (w, h) is at least `size` both ways."""
+    return have[0] >= size[0] and have[1] >= size[1]
+
+
+def _directly(have: tuple[int, int], size: tuple[int, int]) -> bool:
+    """Whether an RGB image of `have` (w, h) goes from its pixels to `size`
+    in one area resize: it shrinks, and `_reduced` would leave it as it is
+    (under four times `size` both ways: no whole factor keeps it at twice)."""
+    return _shrinks(have, size) and have[0] < 4 * size[0] and have[1] < 4 * size[1]
+
+
+def _area(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """OpenCV's area resize of RGB `pixels` down to `size` (w, h), with the
+    CPU's SIMD: 1.3-2.2x faster than Pillow's bicubic on the sample photos
+    (timeit ratios on the AMX Xeon, shared with other work), within 0.9/255
+    of it on average per image (tests/test_images.py holds it to 1/255)."""
+    return cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
 
 
 def single_threaded_resize() -> None:

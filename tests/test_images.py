@@ -47,6 +47,24 @@ def test_sample_photos_stay_within_one_level_of_pillows_upright_bicubic(path: Pa
     assert np.abs(load(path.read_bytes()) - expected).mean() <= 1.0
 
 
+@pytest.mark.parametrize("name", ["chelsea.png", "coffee.png", "astronaut.png"])
+def test_a_plain_rgb_png_goes_from_libspng_to_the_resize_without_pillows_copy(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Upright, RGB, under four times the input's size: the same pixels as
+    through a Pillow image, without one."""
+    data = (IMAGES / name).read_bytes()
+    with Image.open(IMAGES / name) as image:
+        assert image.mode == "RGB"
+        expected = images._resized(image.convert("RGB"), SIZE)
+
+    def no_copy(*args: object, **kwargs: object) -> Image.Image:
+        raise AssertionError("copied into a Pillow image")
+
+    monkeypatch.setattr(images.Image, "fromarray", no_copy)
+    np.testing.assert_array_equal(load(data), expected)
+
+
 def test_an_enlarged_image_is_pillows_bicubic_exactly() -> None:
     """Smaller than the model's input on an axis: Pillow's bicubic, as before."""
     pixels = np.random.default_rng(3).integers(0, 256, (300, 100, 3), dtype=np.uint8)
