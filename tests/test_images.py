@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from PIL import Image, ImageOps
 
 from keras_server import images
+from keras_server.broker.redis_server import RedisServer
 from keras_server.images import ImageError, ImageTooLarge, load_image
 
 SIZE = (224, 224)
@@ -356,3 +357,16 @@ def test_a_damaged_plain_png_decodes_or_raises_image_error(
     except ImageError:
         return
     assert out.shape == (224, 224, 3)
+
+
+def test_a_web_process_resizes_with_one_opencv_thread(redis_server: RedisServer) -> None:
+    """Its request threads resize at once already; OpenCV's own pool would
+    only hand work between threads."""
+    import cv2
+
+    from keras_server.settings import Settings
+    from keras_server.web.app import create_app
+
+    cv2.setNumThreads(4)
+    create_app(Settings(redis_url=redis_server.url, redis_url_given=True))
+    assert cv2.getNumThreads() == 1
