@@ -73,8 +73,9 @@ class PeerConfig:
         return size, size
 
     def spec(self) -> ModelSpec:
-        """The spec `bench.engines.measure_raw` and the server's flags build: the
-        same conversion-cache key, so every system loads the same converted graph."""
+        """The spec the server's flags and `bench.engines.measure_raw` build:
+        the same conversion-cache key, so every system (and the harness's own
+        `load`) loads the same converted graph."""
         return ModelSpec(
             name=self.model, source=self.model, weights=self.weights, engine=self.engine,
             precision=self.precision, calibration_dir=self.calibration_dir,

@@ -7,8 +7,9 @@
 Run from the repository root; needs Debian's `wrk`. mosec and LitServe are
 not project dependencies: when missing, they are installed into this Python's
 environment first (`pip install` of `PEER_PACKAGES`). The run saves ResNet50
-(or `--model`) with random weights, converts it once into a conversion cache (timing the
-engine alone in this process: `bench.engines.measure_raw`), then, for each
+(or `--model`) with random weights, converts it once into a conversion cache
+and loads it in this process (`graph.load`, as the peers load it), times the
+engine alone (`bench.raw.measure`), then, for each
 round, starts each system in turn on that cache and drives it with wrk at 1
 and 32 connections (`bench.engines.wrk_levels`): keras-server, then the peers
 with each of `--peer-decodes` in turn (plain Pillow as the peers' users
