@@ -61,10 +61,11 @@ SIM = ["--model", "sim", "--sim-batch-ms", "50", "--sim-image-ms", "5", "--batch
 def engine_time(server_args: list[str], grid: int, repeats: int) -> dict[str, float]:
     """Seconds of forward passes for one occlusion explanation (the median of
     `repeats`), and of one Grad-CAM where the engine computes it."""
-    from keras_server.cli import loader
+    from keras_server.catalog import model_specs
+    from keras_server.worker.main import loader
 
     settings = load_settings(server_args, environ={})
-    models = settings.model_specs()
+    models = model_specs(settings)
     spec = next(s for s in models.specs if s.name == models.default)
     predictor = loader(settings, spec)()
     warm_up(predictor, settings.batch_size)

@@ -13,14 +13,19 @@ process) has room for it; otherwise `DecoderBusy` (503, retry shortly), or
 itself stays lean: JPEGs are decoded at the smallest DCT scale that still
 covers twice the model's input (libjpeg-turbo, Pillow's draft()), every other
 image is box-reduced (Pillow's reduce()) right after decoding, and colour
-conversion, EXIF rotation and the final bicubic resize all work on that small
-copy, so only the decoded image itself is ever full size.
+conversion, EXIF rotation and the final resize all work on that small copy,
+so only the decoded image itself is ever full size. The final resize is
+OpenCV's area filter (SIMD) where the image shrinks, Pillow's bicubic where
+it grows (`_resized`); an upright RGB PNG that shrinks, under four times the
+input's size (`_reduced` leaves it whole), goes from libspng's array to
+OpenCV's resize directly, without the copies into Pillow and back.
 
 Pillow reads every header (the checks above, EXIF) and decodes every format
 but one: a plain 8-bit PNG (grey, RGB or RGBA; no palette, colour key or
 animation) is decoded by libspng (pyspng), measured 2-4x faster than
 Pillow's PNG decode on the same CPU (BENCHMARKS.md, "Decoding per format"),
-to the same pixels.
+to the same pixels; OpenCV's imdecode was slower than both here (pyspng on
+the sample PNGs, Pillow's drafted JPEG decode), so it decodes nothing.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from collections.abc import Iterator
 from contextlib import nullcontext
 from typing import ClassVar
 
+import cv2
 import numpy as np
 import pyspng
 from PIL import ExifTags, Image, UnidentifiedImageError
@@ -63,7 +69,7 @@ _JPEG = frozenset({"JPEG", "MPO"})
 # The PNG modes libspng decodes to the same pixels as Pillow (see _spng_format).
 _SPNG_MODES = frozenset({"L", "RGB", "RGBA"})
 
-# Pillow's resize reducing_gap (see load_image).
+# Pillow's resize reducing_gap (see _resized).
 _REDUCING_GAP = 1.5
 
 # Small working copies (the reduced image, its RGB and float versions) and the
@@ -177,7 +183,14 @@ def load_image(
                         # Its EXIF, if any, came before the pixels and was read
                         # at open (a PNG's getexif() would decode the image).
                         orientation = _orientation(image) if "exif" in image.info else 1
-                        decoded = Image.fromarray(_spng_load(data, spng))
+                        pixels = _spng_load(data, spng)
+                        if spng == "RGB" and orientation == 1 and _directly(image.size, size):
+                            # The plain photo: resized straight from libspng's
+                            # array, no copy into Pillow and back (about a
+                            # tenth of the decode's CPU on the sample PNGs),
+                            # to the pixels the path below gives.
+                            return _area(pixels, size)
+                        decoded = Image.fromarray(pixels)
                     else:
                         image.load()
                         # Only now: a PNG's getexif() decodes the whole image.
@@ -187,14 +200,7 @@ def load_image(
                     del decoded
                 if orientation in _UPRIGHT:
                     small = small.transpose(_UPRIGHT[orientation])
-                rgb = _to_rgb(small, white)
-                # reducing_gap: what is left after _reduced (up to 4x the
-                # target each way) is box-reduced further down to at least 1.5x
-                # before the bicubic pass: 30-45 % less resize CPU on a large
-                # upload, pixels within 0.7/255 on average of a bicubic from
-                # 2-4x; the sample photos (under 3x) come out unchanged.
-                resized = rgb.resize(size, Image.Resampling.BICUBIC, reducing_gap=_REDUCING_GAP)
-                return np.asarray(resized, dtype=np.uint8)
+                return _resized(_to_rgb(small, white), size)
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(f"the image has too many pixels ({exc})") from None
     except UnidentifiedImageError:
@@ -208,6 +214,49 @@ def load_image(
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as exc:
         # Pillow reports truncated and corrupt data through all of these.
         raise ImageError(f"the image is truncated or corrupt ({exc})") from None
+
+
+def _resized(rgb: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """`rgb` at `size` (w, h) as a uint8 array.
+
+    Shrinking both ways (every photo larger than the model's input), OpenCV's
+    area resize (`_area`); an image enlarged on either axis keeps Pillow's
+    bicubic, whose pixels the tests hold exactly: the area filter only
+    averages when it shrinks.
+    """
+    if _shrinks(rgb.size, size):
+        return _area(np.asarray(rgb, dtype=np.uint8), size)
+    # reducing_gap: an axis still shrinking is box-reduced first down to at
+    # least 1.5x the target (what _reduced left is up to 4x).
+    resized = rgb.resize(size, Image.Resampling.BICUBIC, reducing_gap=_REDUCING_GAP)
+    return np.asarray(resized, dtype=np.uint8)
+
+
+def _shrinks(have: tuple[int, int], size: tuple[int, int]) -> bool:
+    """Whether an image of `have` (w, h) is at least `size` both ways."""
+    return have[0] >= size[0] and have[1] >= size[1]
+
+
+def _directly(have: tuple[int, int], size: tuple[int, int]) -> bool:
+    """Whether an RGB image of `have` (w, h) goes from its pixels to `size`
+    in one area resize: it shrinks, and `_reduced` would leave it as it is
+    (under four times `size` both ways: no whole factor keeps it at twice)."""
+    return _shrinks(have, size) and have[0] < 4 * size[0] and have[1] < 4 * size[1]
+
+
+def _area(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """OpenCV's area resize of RGB `pixels` down to `size` (w, h), with the
+    CPU's SIMD: 1.3-2.2x faster than Pillow's bicubic on the sample photos
+    (timeit ratios on the AMX Xeon, shared with other work), within 0.9/255
+    of it on average per image (tests/test_images.py holds it to 1/255)."""
+    return cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
+
+
+def single_threaded_resize() -> None:
+    """One OpenCV thread per process: a web process runs a resize per request
+    thread already, and there are several per core; OpenCV's own pool would
+    only add hand-offs (idempotent)."""
+    cv2.setNumThreads(1)
 
 
 def decode_cost(image: Image.Image, declared: tuple[int, int], *, spng: bool = False) -> int:

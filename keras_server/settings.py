@@ -38,6 +38,8 @@ MAX_PARALLEL_BATCHES = 8
 # waits (--result-timeout, 30 s by default) before its 504.
 # A bigger backlog belongs in jobs (--max-job-backlog), not the queue.
 MAX_QUEUE = 100_000
+
+MAX_OPENVINO_STREAMS = 8
 # One request's images are queued by one Redis script call: keep its argument
 # list well inside Lua's stack.
 MAX_IMAGES = 1024
@@ -73,6 +75,7 @@ class Settings:
     batch_size: int = 32
     max_batch_delay_ms: float = 0.0
     parallel_batches: int = 1
+    openvino_streams: int = 1
     engine: str = "auto"
     precision: str = "fp32"
     cache_dir: str = "~/.cache/keras-server"
@@ -494,6 +497,14 @@ KNOBS: tuple[Knob, ...] = (
         "shard; above 1, OpenVINO is compiled for that many requests with the THROUGHPUT "
         "hint (a CPU stream each). 1: one batch at a time, LATENCY hint (fastest at low "
         "load; BENCHMARKS.md, 'Parallel batches')",
+        "N",
+    ),
+    Knob(
+        "openvino_streams",
+        Number(whole=True, low=1, high=MAX_OPENVINO_STREAMS),
+        "OpenVINO: each batch split over this many infer requests run at once, a CPU "
+        "stream each with its share of the cores (THROUGHPUT hint); 1: the whole batch "
+        "on one stream with every core (LATENCY hint)",
         "N",
     ),
     Knob(

@@ -167,6 +167,89 @@ def test_each_engine_and_precision_follows_keras_on_the_trained_model(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_two_openvino_streams_give_the_default_configurations_answers(
+    squares_model: Path, calibration_dir: Path, module_cache: Path, precision: str
+) -> None:
+    """--openvino-streams 2 splits each batch over two infer requests (two
+    CPU streams, THROUGHPUT hint): the answers of one stream, image by image,
+    at batch sizes that split evenly, unevenly and not at all."""
+    spec = spec_of(
+        squares_model, engine="openvino", precision=precision, calibration_dir=str(calibration_dir)
+    )
+    default = load_predictor(spec, options(module_cache))
+    streams = load_predictor(spec, dataclasses.replace(options(module_cache), openvino_streams=2))
+    assert "2 streams a batch" in streams.description
+    assert "streams" not in default.description
+    images, _ = held_out_squares(67)
+    for n in (1, 2, 7, 32, 67):
+        got, expected = streams.predict(images[:n]), default.predict(images[:n])
+        assert got.shape == expected.shape == (n, 2)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+
+
+def _doubling_model(directory: Path) -> Path:
+    """An IR whose output is its input times two: every image's answer is its own."""
+    import openvino as ov
+    from openvino import opset13 as ops
+
+    pixels = ops.parameter(ov.PartialShape([-1, 5, 4, 3]), ov.Type.f32)
+    model = ov.Model([ops.multiply(pixels, ops.constant(np.float32(2.0)))], [pixels])
+    path = directory / "model.xml"
+    ov.save_model(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize(("requests", "streams"), [(1, 1), (1, 2), (2, 2)])
+def test_openvino_compiles_a_stream_per_part_of_a_batch(
+    requests: int, streams: int, tmp_path: Path
+) -> None:
+    """Each batch's parts come back in order, whichever request ran them, with
+    calls running at once (`requests` groups)."""
+    import openvino.properties as props
+    import openvino.properties.hint as hints
+
+    compiled = openvino_engine.compile_model(
+        _doubling_model(tmp_path), "fp32", "none", 3, requests=requests, streams=streams
+    )
+    hint = "LATENCY" if requests * streams == 1 else "THROUGHPUT"
+    assert str(compiled.get_property(hints.performance_mode)).endswith(hint)
+    # OpenVINO gives no more streams than the CPU has cores.
+    assert compiled.get_property(props.num_streams) == min(requests * streams, os.cpu_count() or 1)
+    classifier = openvino_engine.OpenVinoClassifier(
+        compiled, labels=[str(i) for i in range(60)], description="x2", input_shape=(5, 4, 3),
+        top_k=1, precision="fp32", requests=requests, streams=streams,
+    )  # fmt: skip
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(0, 128, (n, 5, 4, 3), dtype=np.uint8) for n in (1, 3, 2, 5) * 4]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        outputs = list(pool.map(classifier.predict, batches))
+    for batch, doubled in zip(batches, outputs, strict=True):
+        np.testing.assert_array_equal(doubled, batch.astype(np.float32) * 2)
+
+
+def test_the_openvino_streams_setting_is_bounded_and_reaches_the_engine(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from keras_server.worker.main import loader
+
+    assert load_settings(["--openvino-streams", "2"], environ={}).openvino_streams == 2
+    environ = {"KERAS_SERVER_OPENVINO_STREAMS": "3"}
+    assert load_settings([], environ=environ).openvino_streams == 3
+    for bad in ("0", "9", "two"):
+        with pytest.raises(SettingsError, match="openvino-streams"):
+            load_settings(["--openvino-streams", bad], environ={})
+    seen: list[EngineOptions] = []
+    monkeypatch.setattr(choice, "load_predictor", lambda spec, options: seen.append(options))
+    settings = dataclasses.replace(Settings(), openvino_streams=2)
+    specs = model_specs(settings)
+    spec = specs.find(specs.default)
+    assert spec is not None
+    loader(settings, spec)()
+    assert seen[0].openvino_streams == 2
+
+
+@pytest.mark.slow
 def test_a_second_load_is_a_cache_hit_and_needs_no_tensorflow(
     squares_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

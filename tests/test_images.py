@@ -1,17 +1,20 @@
 """Upload decoding: every mode to RGB, EXIF rotation, first frame, clear errors."""
 
+import hashlib
 import io
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import IMAGES, png_bytes
+from conftest import IMAGES, ROOT, png_bytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageOps
 
 from keras_server import images
+from keras_server.broker.redis_server import RedisServer
 from keras_server.images import ImageError, ImageTooLarge, load_image
 
 SIZE = (224, 224)
@@ -25,13 +28,50 @@ def load(data: bytes) -> np.ndarray:
     return array
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in IMAGES.glob("*.*g")))
-def test_sample_photos_match_pillows_own_upright_rgb_resize(name: str) -> None:
+def _sample_photos() -> list[Path]:
+    """The repository's sample photos and the workplace's shared ones
+    (../shared/images beside the checkout, where there is one), each file once."""
+    found: dict[bytes, Path] = {}
+    for folder in (IMAGES, ROOT.parent / "shared" / "images"):
+        for path in sorted(folder.glob("*.*g")):
+            found.setdefault(hashlib.sha256(path.read_bytes()).digest(), path)
+    return list(found.values())
+
+
+@pytest.mark.parametrize("path", _sample_photos(), ids=lambda p: f"{p.parent.parent.name}/{p.name}")
+def test_sample_photos_stay_within_one_level_of_pillows_upright_bicubic(path: Path) -> None:
+    """OpenCV's area resize (the photos all shrink) against Pillow's bicubic
+    of the upright RGB photo: at most 1/255 apart on average."""
+    with Image.open(path) as image:
+        upright = ImageOps.exif_transpose(image).convert("RGB")
+        expected = np.asarray(upright.resize(SIZE, Image.Resampling.BICUBIC), dtype=np.int16)
+    assert np.abs(load(path.read_bytes()) - expected).mean() <= 1.0
+
+
+@pytest.mark.parametrize("name", ["chelsea.png", "coffee.png", "astronaut.png"])
+def test_a_plain_rgb_png_goes_from_libspng_to_the_resize_without_pillows_copy(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Upright, RGB, under four times the input's size: the same pixels as
+    through a Pillow image, without one."""
     data = (IMAGES / name).read_bytes()
     with Image.open(IMAGES / name) as image:
-        upright = ImageOps.exif_transpose(image).convert("RGB")
-        expected = np.asarray(upright.resize(SIZE, Image.Resampling.BICUBIC))
+        assert image.mode == "RGB"
+        expected = images._resized(image.convert("RGB"), SIZE)
+
+    def no_copy(*args: object, **kwargs: object) -> Image.Image:
+        raise AssertionError("copied into a Pillow image")
+
+    monkeypatch.setattr(images.Image, "fromarray", no_copy)
     np.testing.assert_array_equal(load(data), expected)
+
+
+def test_an_enlarged_image_is_pillows_bicubic_exactly() -> None:
+    """Smaller than the model's input on an axis: Pillow's bicubic, as before."""
+    pixels = np.random.default_rng(3).integers(0, 256, (300, 100, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    expected = np.asarray(image.resize(SIZE, Image.Resampling.BICUBIC))
+    np.testing.assert_array_equal(load(png_bytes(image)), expected)
 
 
 @pytest.mark.parametrize(
@@ -317,3 +357,16 @@ def test_a_damaged_plain_png_decodes_or_raises_image_error(
     except ImageError:
         return
     assert out.shape == (224, 224, 3)
+
+
+def test_a_web_process_resizes_with_one_opencv_thread(redis_server: RedisServer) -> None:
+    """Its request threads resize at once already; OpenCV's own pool would
+    only hand work between threads."""
+    import cv2
+
+    from keras_server.settings import Settings
+    from keras_server.web.app import create_app
+
+    cv2.setNumThreads(4)
+    create_app(Settings(redis_url=redis_server.url, redis_url_given=True))
+    assert cv2.getNumThreads() == 1

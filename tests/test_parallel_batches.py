@@ -105,7 +105,9 @@ def _scaling_model(directory: Path) -> Path:
 def test_openvino_compiles_for_its_requests(requests: int, tmp_path: Path) -> None:
     import openvino.properties.hint as hints
 
-    compiled = openvino_engine.compile_model(_scaling_model(tmp_path), "fp32", "none", 3, requests)
+    compiled = openvino_engine.compile_model(
+        _scaling_model(tmp_path), "fp32", "none", 3, requests=requests
+    )
     expected = "THROUGHPUT" if requests > 1 else "LATENCY"
     assert str(compiled.get_property(hints.performance_mode)).endswith(expected)
     classifier = openvino_engine.OpenVinoClassifier(

@@ -2,7 +2,9 @@
 
 The peers are configured through the environment (`PeerConfig.to_env`): mosec
 parses the command line itself and spawns its workers, and a LitServe worker
-is a fresh process too, so each process reads the same variables.
+is a fresh process too, so each process reads the same variables. Their
+decode is `PeerConfig.decode`: plain Pillow as their users would write it
+(`bench.limit.plain_pillow`), or keras-server's `load_image`.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
+from bench.limit import LOAD_IMAGE, PILLOW, plain_pillow
 from keras_server.catalog import BUILTINS, ModelSpec
 from keras_server.engines.choice import EngineOptions, load_predictor
 from keras_server.engines.predictor import Predictor, top_k, warm_up
-from keras_server.images import load_image
+from keras_server.images import ImageError, load_image
 from keras_server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -42,6 +46,8 @@ class PeerConfig:
     precision: str
     batch_size: int
     wait_ms: float  # the longest a batch waits to fill
+    decode: str = PILLOW  # one of bench.limit.DECODES
+    streams: int = 1  # --openvino-streams: infer requests a batch is split over
 
     def to_env(self) -> dict[str, str]:
         return {
@@ -56,6 +62,7 @@ class PeerConfig:
         }
         values["batch_size"] = int(str(values["batch_size"]))
         values["wait_ms"] = float(str(values["wait_ms"]))
+        values["streams"] = int(str(values["streams"]))
         return cls(**values)  # type: ignore[arg-type]
 
     @property
@@ -66,8 +73,9 @@ class PeerConfig:
         return size, size
 
     def spec(self) -> ModelSpec:
-        """The spec `bench.engines.measure_raw` and the server's flags build: the
-        same conversion-cache key, so every system loads the same converted graph."""
+        """The spec the server's flags and `bench.engines.measure_raw` build:
+        the same conversion-cache key, so every system (and the harness's own
+        `load`) loads the same converted graph."""
         return ModelSpec(
             name=self.model, source=self.model, weights=self.weights, engine=self.engine,
             precision=self.precision, calibration_dir=self.calibration_dir,
@@ -80,16 +88,24 @@ def load(config: PeerConfig) -> Predictor:
     Random weights give int8 calibration nothing to go on, so the agreement
     floor is 0, as the benchmark's keras-server runs with `--min-agreement 0`.
     """
-    predictor = load_predictor(
-        config.spec(), EngineOptions(config.cache_dir, 0.0, MAX_IMAGE_PIXELS)
+    options = EngineOptions(
+        config.cache_dir, 0.0, MAX_IMAGE_PIXELS, openvino_streams=config.streams
     )
+    predictor = load_predictor(config.spec(), options)
     warm_up(predictor, config.batch_size)
     return predictor
 
 
-def decode(data: bytes, size: tuple[int, int]) -> np.ndarray:
-    """An upload as the web tier decodes it: uint8 RGB at the model's `size`."""
-    return load_image(data, size, MAX_IMAGE_PIXELS)
+def decode(data: bytes, config: PeerConfig) -> np.ndarray:
+    """An upload decoded as `config.decode` says: uint8 RGB at the model's size."""
+    if config.decode == LOAD_IMAGE:
+        return load_image(data, config.input_size, MAX_IMAGE_PIXELS)
+    try:
+        return plain_pillow(data, config.input_size)
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        # Pillow's own errors (not an image, truncated, too many pixels): the
+        # peers answer ImageError as a bad request.
+        raise ImageError(str(exc)) from None
 
 
 def answers(predictor: Predictor, images: Sequence[np.ndarray]) -> list[dict[str, object]]:

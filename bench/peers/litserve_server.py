@@ -4,10 +4,11 @@
 
 One uvicorn API server (FastAPI) parses the multipart upload and queues it;
 one inference worker process decodes each request (`decode_request`, with
-keras-server's `load_image`), gathers up to `batch_size` of them within
-`wait_ms` (LitServe's `max_batch_size` / `batch_timeout`), runs the OpenVINO
-predictor and answers each with /predict's JSON body at /predict. The model
-comes from the environment (`PeerConfig`).
+`graph.decode`: plain Pillow, or keras-server's `load_image`), gathers up to
+`batch_size` of them within `wait_ms` (LitServe's `max_batch_size` /
+`batch_timeout`), runs the OpenVINO predictor and answers each with
+/predict's JSON body at /predict. The model and the decode come from the
+environment (`PeerConfig`).
 """
 
 # No `from __future__ import annotations`: LitServe reads decode_request's
@@ -29,15 +30,14 @@ log = logging.getLogger(__name__)
 
 class Classifier(ls.LitAPI):
     def setup(self, device: str) -> None:
-        config = PeerConfig.from_env()
-        self.size = config.input_size
-        self.predictor = load(config)
+        self.config = PeerConfig.from_env()
+        self.predictor = load(self.config)
 
     def decode_request(self, request: Request) -> np.ndarray:
         # With a multipart body, LitServe hands over the parsed form.
         upload = request["image"]  # type: ignore[index]
         try:
-            return decode(upload.file.read(), self.size)
+            return decode(upload.file.read(), self.config)
         except ImageError as exc:
             raise HTTPException(status_code=exc.status, detail=str(exc)) from None
 

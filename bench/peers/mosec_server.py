@@ -4,10 +4,11 @@
 
 Two stages, each its own process: `Decode` takes the request body (the
 multipart upload wrk sends; mosec hands a worker the raw bytes, without
-headers) and decodes it with keras-server's `load_image`; `Infer` takes up to
-`batch_size` decoded images, waiting at most `wait_ms` for them to gather, runs
-the OpenVINO predictor and answers each with /predict's JSON body. The route is
-mosec's own, /inference. The model comes from the environment (`PeerConfig`).
+headers) and decodes it (`graph.decode`: plain Pillow, or keras-server's
+`load_image`); `Infer` takes up to `batch_size` decoded images, waiting at
+most `wait_ms` for them to gather, runs the OpenVINO predictor and answers
+each with /predict's JSON body. The route is mosec's own, /inference. The
+model and the decode come from the environment (`PeerConfig`).
 """
 
 from __future__ import annotations
@@ -46,14 +47,14 @@ class Decode(Worker):
 
     def __init__(self) -> None:
         super().__init__()
-        self.size = PeerConfig.from_env().input_size
+        self.config = PeerConfig.from_env()
 
     def deserialize(self, data: bytes) -> bytes:
         return image_field(data)
 
     def forward(self, data: bytes) -> np.ndarray:
         try:
-            return decode(data, self.size)
+            return decode(data, self.config)
         except ImageError as exc:
             raise ValidationError(str(exc)) from None
 

@@ -51,6 +51,9 @@ class EngineOptions:
     # openvino: infer requests compiled (--parallel-batches); above 1 with the
     # THROUGHPUT hint, so that that many batches run at once
     parallel_batches: int = 1
+    # openvino: infer requests (a CPU stream each) each batch is split over
+    # (--openvino-streams)
+    openvino_streams: int = 1
 
 
 def load_predictor(spec: ModelSpec, options: EngineOptions) -> Predictor:
@@ -157,6 +160,7 @@ def _converted(
             entry,
             min_agreement=options.min_agreement,
             parallel_batches=options.parallel_batches,
+            streams=options.openvino_streams,
         )
 
     inputs = key_inputs(spec, engine, version, precision, files)

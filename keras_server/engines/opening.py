@@ -57,7 +57,13 @@ def _labels(spec: ModelSpec, outputs: int) -> tuple[str, ...]:
 
 
 def _open(
-    spec: ModelSpec, engine: str, precision: str, entry: Entry, parallel_batches: int = 1
+    spec: ModelSpec,
+    engine: str,
+    precision: str,
+    entry: Entry,
+    *,
+    parallel_batches: int = 1,
+    streams: int = 1,
 ) -> Predictor:
     meta = entry.meta
     height, width, channels = meta["input_shape"]
@@ -81,11 +87,18 @@ def _open(
 
     return openvino_engine.OpenVinoClassifier(
         openvino_engine.compile_model(
-            entry.file("model.xml"), precision, mode, int(meta["channels"]), parallel_batches
+            entry.file("model.xml"),
+            precision,
+            mode,
+            int(meta["channels"]),
+            requests=parallel_batches,
+            streams=streams,
         ),
-        description=f"{meta['description']}, OpenVINO {openvino_engine.version()} {precision}",
+        description=f"{meta['description']}, OpenVINO {openvino_engine.version()} {precision}"
+        + (f", {streams} streams a batch" if streams > 1 else ""),
         precision=precision,
         requests=parallel_batches,
+        streams=streams,
         **common,
     )
 
@@ -98,9 +111,12 @@ def open_and_check(
     *,
     min_agreement: float,
     parallel_batches: int = 1,
+    streams: int = 1,
 ) -> Predictor:
     """Open the converted model and hold it to Keras's outputs on the reference set."""
-    predictor = _open(spec, engine, precision, entry, parallel_batches)
+    predictor = _open(
+        spec, engine, precision, entry, parallel_batches=parallel_batches, streams=streams
+    )
     with np.load(entry.file("reference.npz")) as reference:
         images, expected = reference["images"], reference["keras"]
     got = predict_all(predictor, images)

@@ -16,6 +16,13 @@ here. With `--parallel-batches N` above 1 the worker runs N batches at once
 (a claim loop each), so it is compiled with the THROUGHPUT hint for N
 requests (OpenVINO splits the cores into streams) and keeps N infer
 requests, each used by one batch at a time.
+With `--openvino-streams S` above 1, each batch is itself split into S
+parts run at once, each on an infer request of its own: the model is
+compiled with the THROUGHPUT hint for S (times N) CPU streams, the cores
+shared out among them (on 2 cores, S=2: two single-threaded streams instead
+of one two-threaded one), which can spend less CPU per image than one stream
+whose threads meet at every layer; a batch of one image still runs on one
+stream, with its share of the cores.
 `precision` picks the CPU's inference precision: fp32 exact, bf16 (needs
 AVX512_BF16 or AMX), or int8 (the quantized graph).
 
@@ -34,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import openvino as ov
+import openvino.properties as props
 import openvino.properties.hint as hints
 from openvino import opset13 as ops
 from openvino.preprocess import PrePostProcessor
@@ -131,18 +139,28 @@ def with_preprocessing(model: ov.Model, mode: str, channels: int) -> ov.Model:
 
 
 def compile_model(
-    xml_path: Path, precision: str, mode: str, channels: int, requests: int = 1
+    xml_path: Path,
+    precision: str,
+    mode: str,
+    channels: int,
+    *,
+    requests: int = 1,
+    streams: int = 1,
 ) -> ov.CompiledModel:
     """The IR at `xml_path`, taking uint8 RGB with preprocessing `mode` inside,
-    for `requests` infer requests running at once."""
+    for `requests` batches running at once, each split over `streams` infer
+    requests (a CPU stream each)."""
     config: dict[str, object] = {
         hints.performance_mode: hints.PerformanceMode.LATENCY,
         # Explicit: on a CPU with AMX, OpenVINO would otherwise pick bf16 itself.
         hints.inference_precision: ov.Type.bf16 if precision == "bf16" else ov.Type.f32,
     }
-    if requests > 1:
+    if requests * streams > 1:
         config[hints.performance_mode] = hints.PerformanceMode.THROUGHPUT
-        config[hints.num_requests] = requests
+        config[hints.num_requests] = requests * streams
+    if streams > 1:
+        # Exactly one stream per infer request: the hint alone may pick fewer.
+        config[props.num_streams] = requests * streams
     try:
         model = with_preprocessing(core().read_model(str(xml_path)), mode, channels)
         return core().compile_model(model, "CPU", config)
@@ -154,9 +172,10 @@ def compile_model(
 
 
 class OpenVinoClassifier:
-    """The `predictor.Predictor` of the openvino engine: `requests` synchronous
-    infer requests, each used by one batch at a time (a call waits for a free
-    one), so that many `predict` calls run at once."""
+    """The `predictor.Predictor` of the openvino engine: `requests` groups of
+    `streams` infer requests; a `predict` call takes a free group (waiting for
+    one), so that many calls run at once, and splits its batch over the group's
+    requests."""
 
     engine = "openvino"
 
@@ -170,6 +189,7 @@ class OpenVinoClassifier:
         top_k: int,
         precision: str,
         requests: int = 1,
+        streams: int = 1,
     ) -> None:
         self.labels = labels
         self.description = description
@@ -177,19 +197,37 @@ class OpenVinoClassifier:
         self.top_k = top_k
         self.precision = precision
         self.fidelity: Fidelity | None = None
-        # The claim loops take turns already; the pool keeps each request to
+        # The claim loops take turns already; the pool keeps each group to
         # one caller at a time for any other caller too (warm-up, the fidelity check).
-        self._idle: queue.SimpleQueue[ov.InferRequest] = queue.SimpleQueue()
+        self._idle: queue.SimpleQueue[list[ov.InferRequest]] = queue.SimpleQueue()
         for _ in range(requests):
-            self._idle.put(compiled.create_infer_request())
+            self._idle.put([compiled.create_infer_request() for _ in range(streams)])
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Class probabilities, shape (n, classes), for uint8 RGB images (n, h, w, 3)."""
         # The graph preprocesses (see the module's docstring): the pixels go in as they are.
         batch = np.ascontiguousarray(images, dtype=np.uint8)
-        request = self._idle.get()
+        group = self._idle.get()
         try:
-            request.infer({0: batch})
-            return np.array(request.get_output_tensor(0).data, copy=True)
+            if len(group) == 1 or len(batch) == 1:
+                group[0].infer({0: batch})
+                return np.array(group[0].get_output_tensor(0).data, copy=True)
+            return _split_over(group, batch)
         finally:
-            self._idle.put(request)
+            self._idle.put(group)
+
+
+def _split_over(group: list[ov.InferRequest], batch: np.ndarray) -> np.ndarray:
+    """`batch` in near-equal parts, one per request of `group` (as many as
+    there are images, at most), run at once; the outputs in order."""
+    parts = np.array_split(batch, min(len(group), len(batch)))
+    started: list[ov.InferRequest] = []
+    try:
+        for request, part in zip(group, parts, strict=False):
+            request.start_async({0: part})
+            started.append(request)
+    finally:
+        # Every started request finishes before its buffers are reused.
+        for request in started:
+            request.wait()
+    return np.concatenate([np.array(r.get_output_tensor(0).data, copy=True) for r in started])

@@ -23,6 +23,7 @@ from typing import IO
 from flask import Flask, Request, Response, g, request
 
 from keras_server import logs, metrics, tracing
+from keras_server.images import single_threaded_resize
 from keras_server.serving.cache import ResponseCache
 from keras_server.serving.failures import Failure
 from keras_server.serving.models import Deployment
@@ -103,6 +104,7 @@ def create_app(settings: Settings, deployment: Deployment | None = None) -> Flas
         limiter,
     )
     app.extensions[EXTENSION] = AppState(settings, pipeline)
+    single_threaded_resize()  # several web processes share the cores already
     _add_request_log(app)
     cors.install(app, settings)  # on every answer, errors included
     auth.install(app, settings, limiter)  # before every route, those of blueprints too

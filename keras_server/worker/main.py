@@ -44,6 +44,7 @@ def loader(settings: Settings, spec: ModelSpec) -> Callable[[], Predictor]:
         min_agreement=settings.min_agreement,
         max_image_pixels=settings.max_image_pixels,
         parallel_batches=settings.parallel_batches,
+        openvino_streams=settings.openvino_streams,
     )
     return lambda: load_predictor(spec, options)
 
