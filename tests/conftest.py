@@ -1,11 +1,18 @@
 """Shared fixtures: a real redis-server per test session, a small Keras model,
 a worker thread serving it, the sample images, a test client of the app and a
-multipart upload to it."""
+multipart upload to it.
+
+Also the run's hygiene: Hypothesis profiles (`ci`, the default, and `deep`
+for `make fuzz`), every process a test started stopped with its children
+when the test ends (passed or not), and a check at the end of the session
+that fails the run if any process we started is still alive."""
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import io
+import logging
 import os
 import shutil
 import subprocess
@@ -18,13 +25,20 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import redis
 from flask.testing import FlaskClient
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
 from PIL import Image
 from werkzeug.test import TestResponse
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Every process this run starts inherits this mark (unless a test hands it a
+# whole new environment), so the end-of-session check finds the ones that
+# outlived their parent as well as our children.
+os.environ["KERAS_SERVER_TEST_RUN"] = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 from keras_server.broker import messages
 from keras_server.broker.redis_server import RedisServer, free_port
@@ -35,6 +49,22 @@ from keras_server.settings import Settings
 from keras_server.web.app import create_app
 from keras_server.worker.loop import Worker
 from run_cluster import http_answers
+
+RUN_MARK = "KERAS_SERVER_TEST_RUN"
+
+# Hypothesis: deterministic runs (derandomize, no example database) at two
+# depths. `ci`, the default, keeps `make test` short; `deep` is `make fuzz`
+# (pytest --hypothesis-profile deep). A test sets no max_examples of its own;
+# one that needs fewer scales the profile's (test_fuzz_parsers.py).
+_FUZZ_DEFAULTS = {
+    "derandomize": True,
+    "database": None,
+    "deadline": None,
+    "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large],
+}
+hypothesis_settings.register_profile("ci", max_examples=60, **_FUZZ_DEFAULTS)
+hypothesis_settings.register_profile("deep", max_examples=2000, **_FUZZ_DEFAULTS)
+hypothesis_settings.load_profile("ci")
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGES = ROOT / "images"
@@ -303,3 +333,99 @@ def apt_install(package: str, binary: str, *options: str) -> str:
     if not Path(binary).exists():
         pytest.fail(f"{binary} is missing and cannot be installed (needs root and apt-get)")
     return binary
+
+
+# -- no process outlives its test ---------------------------------------------------
+
+
+GONE = (psutil.NoSuchProcess, psutil.AccessDenied)
+
+
+def _descendants() -> dict[int, psutil.Process]:
+    try:
+        return {p.pid: p for p in psutil.Process().children(recursive=True)}
+    except psutil.Error:
+        return {}
+
+
+def _stop_trees(tops: list[psutil.Process], timeout: float = 10) -> None:
+    """SIGTERM each of `tops` (a server stops its own children on it), then
+    SIGKILL whatever of them or their descendants is left after `timeout` s."""
+    everything: dict[int, psutil.Process] = {}
+    for top in tops:
+        everything[top.pid] = top
+        with contextlib.suppress(*GONE):
+            everything.update({p.pid: p for p in top.children(recursive=True)})
+    for top in tops:
+        with contextlib.suppress(*GONE):
+            top.terminate()
+    _, alive = psutil.wait_procs(list(everything.values()), timeout=timeout)
+    for process in alive:
+        with contextlib.suppress(*GONE):
+            process.kill()
+    psutil.wait_procs(alive, timeout=5)
+
+
+@pytest.fixture(autouse=True)
+def _no_process_outlives_its_test(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Stop, with their children, the processes a test (or its function-
+    scoped fixtures) started and left running, whether it passed or failed.
+
+    Higher-scoped fixtures are set up before this one, so the processes they
+    start (a module's server) are in the snapshot and stay; so do the
+    children such a server starts during the test (a conversion, a respawned
+    worker): only new processes with no older ancestor below us are ours."""
+    before = set(_descendants())
+    yield
+    me = os.getpid()
+    left = []
+    for pid, process in _descendants().items():
+        if pid in before:
+            continue
+        with contextlib.suppress(*GONE):
+            if process.status() == psutil.STATUS_ZOMBIE:
+                continue
+            top, parent = process, process.parent()
+            while parent is not None and parent.pid != me and parent.pid not in before:
+                top, parent = parent, parent.parent()
+            if parent is not None and parent.pid == me and top not in left:
+                left.append(top)
+    if left:
+        names = [" ".join(p.cmdline()[:4]) for p in left if p.is_running()]
+        logging.getLogger(__name__).warning("%s left running by %s", names, request.node.nodeid)
+        _stop_trees(left)
+
+
+def _marked(process: psutil.Process) -> bool:
+    with contextlib.suppress(*GONE):
+        return process.environ().get(RUN_MARK) == os.environ[RUN_MARK]
+    return False
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if a process it started is still alive: a child of ours,
+    or one that carries this run's mark and outlived its parent (an orphan)."""
+    if hasattr(session.config, "workerinput"):
+        return  # an xdist worker: the controller checks the whole run
+    me = os.getpid()
+    left = [p for p in _descendants().values() if p.status() != psutil.STATUS_ZOMBIE]
+    left += [
+        p
+        for p in psutil.process_iter()
+        if p.pid != me and p.pid not in {q.pid for q in left} and _marked(p)
+    ]
+    # A server stopped a moment ago may still be reaping its children.
+    _, left = psutil.wait_procs(left, timeout=5)
+    left = [p for p in left if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    if not left:
+        return
+    lines = []
+    for process in left:
+        with contextlib.suppress(*GONE):
+            lines.append(f"  {process.pid}: {' '.join(process.cmdline())[:200]}")
+    _stop_trees(left)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_sep("=", "processes left running at the end of the run", red=True)
+        reporter.write_line("\n".join(lines))
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
