@@ -404,11 +404,7 @@ def infer_requests(draw: st.DrawFn) -> service_pb2.ModelInferRequest:
 
 
 @pytest.mark.slow
-@settings(
-    max_examples=80,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
+@settings(suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(request=infer_requests())
 def test_any_infer_request_is_answered_or_refused_never_a_bug(
     client: grpcclient.InferenceServerClient, request: service_pb2.ModelInferRequest

@@ -21,7 +21,6 @@ import requests
 from conftest import CHELSEA, WorkerThread, make_worker, post_images, start_web, stop
 from flask.testing import FlaskClient
 from hypothesis import given
-from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from openapi_core import OpenAPI
 from openapi_core.contrib.werkzeug import WerkzeugOpenAPIRequest
@@ -150,7 +149,6 @@ def keys_files(draw: st.DrawFn) -> tuple[str, list[tuple[str, str | None, tuple 
     return "\n".join(lines), expected
 
 
-@hypothesis_settings(max_examples=200, deadline=None)
 @given(keys_files())
 def test_any_valid_file_reads_back(case: tuple[str, list]) -> None:
     text, expected = case
@@ -167,7 +165,6 @@ def test_any_valid_file_reads_back(case: tuple[str, list]) -> None:
             assert entry.quota == Quota(rate, auth.PERIODS[unit], burst or rate)
 
 
-@hypothesis_settings(max_examples=300, deadline=None)
 @given(st.text(max_size=300) | st.lists(st.text(max_size=30), max_size=8).map(" ".join))
 def test_any_text_is_read_or_refused_by_line_never_echoing_a_key(text: str) -> None:
     try:
