@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import io
+import itertools
 import logging
 import os
 import shutil
@@ -175,6 +176,30 @@ def settings(redis_server: RedisServer, redis_client: redis.Redis) -> Settings:
         redis_url=redis_server.url,
         redis_url_given=True,
         queue_name=f"test-{uuid.uuid4().hex[:8]}",
+        result_timeout=20.0,
+        batch_size=8,
+    )
+
+
+# Databases 1-15 of the session's Redis, in turn, for the modules' shared
+# servers: database 0 is flushed before every test (redis_client).
+_module_databases = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def module_settings(redis_server: RedisServer) -> Settings:
+    """Like `settings`, for servers a whole module shares (started once, by a
+    module-scoped fixture): a Redis database of the module's own, emptied
+    now, which no test's flush touches; tests keep apart by what they send
+    (a queue name, a key, a version), not by a fresh server each."""
+    database = 1 + next(_module_databases) % 15
+    url = f"{redis_server.url.rsplit('/', 1)[0]}/{database}"
+    with redis.Redis.from_url(url) as client:
+        client.flushdb()
+    return Settings(
+        redis_url=url,
+        redis_url_given=True,
+        queue_name=f"module-{uuid.uuid4().hex[:8]}",
         result_timeout=20.0,
         batch_size=8,
     )
