@@ -298,7 +298,7 @@ def test_prometheus_scrapes_a_server_and_every_dashboard_query_returns_data(
             empty = [f"{title}: {expr}" for title, expr in queries if not prometheus.query(expr)]
             if not empty or time.monotonic() > deadline:
                 break
-            time.sleep(0.5)
+            time.sleep(0.2)
         assert not empty, "no data for:\n" + "\n".join(empty)
 
         # The data is what the traffic made: /predict answered 200 at a
@@ -323,7 +323,7 @@ def test_prometheus_scrapes_a_server_and_every_dashboard_query_returns_data(
             evaluated = all(not r["lastEvaluation"].startswith("0001") for r in rules)
             if evaluated or time.monotonic() > deadline:
                 break
-            time.sleep(0.5)
+            time.sleep(0.2)
         assert evaluated, rules
         assert {r["name"] for r in rules} == {r["alert"] for r in alert_rules()}
         for rule in rules:
