@@ -13,7 +13,6 @@ import atexit
 import contextlib
 import io
 import itertools
-import logging
 import os
 import shutil
 import subprocess
@@ -275,14 +274,32 @@ def small_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def resnet_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """ResNet50 with random initial weights, saved the way a user saves theirs."""
+def resnet_model() -> object:
+    """Keras' own ResNet50 with random initial weights (seeded), built once for
+    the session: the reference the tests compare our engines with."""
     import keras
 
     keras.utils.set_random_seed(42)
+    return keras.applications.ResNet50(weights=None)
+
+
+@pytest.fixture(scope="session")
+def resnet_weights(resnet_model: object, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """resnet_model's weights, saved the way a user saves theirs."""
     path = tmp_path_factory.mktemp("resnet") / "resnet50.weights.h5"
-    keras.applications.ResNet50(weights=None).save_weights(path)
+    resnet_model.save_weights(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def resnet_classifier(resnet_weights: Path) -> object:
+    """Our Keras engine's ResNet50 on resnet_weights (as --weights loads it),
+    loaded once for the session's tests that compare with it."""
+    from keras_server.catalog import ModelSpec
+    from keras_server.engines.keras_engine import load_classifier
+
+    spec = ModelSpec(name="resnet50", source="resnet50", weights=str(resnet_weights))
+    return load_classifier(spec)
 
 
 @pytest.fixture(scope="session")
@@ -366,11 +383,22 @@ def apt_install(package: str, binary: str, *options: str) -> str:
 GONE = (psutil.NoSuchProcess, psutil.AccessDenied)
 
 
+# The interpreter's own helpers, started by the first test that uses
+# multiprocessing and kept for the session (they ignore SIGTERM, and leave
+# when pytest does): never a test's.
+HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
+
+
 def _descendants() -> dict[int, psutil.Process]:
-    try:
-        return {p.pid: p for p in psutil.Process().children(recursive=True)}
-    except psutil.Error:
-        return {}
+    """Our living descendants, but for the interpreter's helpers."""
+    found = {}
+    with contextlib.suppress(psutil.Error):
+        for process in psutil.Process().children(recursive=True):
+            with contextlib.suppress(*GONE):
+                command = " ".join(process.cmdline())
+                if not any(helper in command for helper in HELPERS):
+                    found[process.pid] = process
+    return found
 
 
 def _stop_trees(tops: list[psutil.Process], timeout: float = 10) -> None:
@@ -391,20 +419,27 @@ def _stop_trees(tops: list[psutil.Process], timeout: float = 10) -> None:
     psutil.wait_procs(alive, timeout=5)
 
 
+# What tests left running, stopped at their end: listed after the run.
+_LEFT_BY_TESTS: list[str] = []
+
+
 @pytest.fixture(autouse=True)
 def _no_process_outlives_its_test(request: pytest.FixtureRequest) -> Iterator[None]:
     """Stop, with their children, the processes a test (or its function-
-    scoped fixtures) started and left running, whether it passed or failed.
+    scoped fixtures) started and left running, whether it passed or failed;
+    and those of this run that it orphaned (their parent gone).
 
     Higher-scoped fixtures are set up before this one, so the processes they
     start (a module's server) are in the snapshot and stay; so do the
     children such a server starts during the test (a conversion, a respawned
     worker): only new processes with no older ancestor below us are ours."""
     before = set(_descendants())
+    started = time.time()
     yield
     me = os.getpid()
+    now = _descendants()
     left = []
-    for pid, process in _descendants().items():
+    for pid, process in now.items():
         if pid in before:
             continue
         with contextlib.suppress(*GONE):
@@ -415,15 +450,31 @@ def _no_process_outlives_its_test(request: pytest.FixtureRequest) -> Iterator[No
                 top, parent = parent, parent.parent()
             if parent is not None and parent.pid == me and top not in left:
                 left.append(top)
+    for process in psutil.process_iter(["create_time"]):
+        # psutil's create_time counts from a boot time in whole seconds.
+        new = process.info["create_time"] >= started - 2 and process.pid not in now
+        if new and process.pid != me and _marked(process):
+            left.append(process)
     if left:
-        names = [" ".join(p.cmdline()[:4]) for p in left if p.is_running()]
-        logging.getLogger(__name__).warning("%s left running by %s", names, request.node.nodeid)
+        for process in left:
+            with contextlib.suppress(*GONE):
+                command = " ".join(process.cmdline())[:160]
+                _LEFT_BY_TESTS.append(f"{request.node.nodeid}: {process.pid} {command}")
         _stop_trees(left)
 
 
-def _marked(process: psutil.Process) -> bool:
+def _running(process: psutil.Process) -> bool:
     with contextlib.suppress(*GONE):
-        return process.environ().get(RUN_MARK) == os.environ[RUN_MARK]
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    return False
+
+
+def _marked(process: psutil.Process) -> bool:
+    """Started by this run (it carries the mark), and not an interpreter helper."""
+    with contextlib.suppress(*GONE):
+        if process.environ().get(RUN_MARK) != os.environ[RUN_MARK]:
+            return False
+        return not any(helper in " ".join(process.cmdline()) for helper in HELPERS)
     return False
 
 
@@ -432,8 +483,13 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     or one that carries this run's mark and outlived its parent (an orphan)."""
     if hasattr(session.config, "workerinput"):
         return  # an xdist worker: the controller checks the whole run
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if _LEFT_BY_TESTS and reporter is not None:
+        reporter.write_line("")
+        reporter.write_sep("-", "processes tests left running (stopped at their end)", yellow=True)
+        reporter.write_line("\n".join(_LEFT_BY_TESTS))
     me = os.getpid()
-    left = [p for p in _descendants().values() if p.status() != psutil.STATUS_ZOMBIE]
+    left = [p for p in _descendants().values() if _running(p)]
     left += [
         p
         for p in psutil.process_iter()
@@ -441,7 +497,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     ]
     # A server stopped a moment ago may still be reaping its children.
     _, left = psutil.wait_procs(left, timeout=5)
-    left = [p for p in left if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    left = [p for p in left if _running(p)]
     if not left:
         return
     lines = []
@@ -449,8 +505,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         with contextlib.suppress(*GONE):
             lines.append(f"  {process.pid}: {' '.join(process.cmdline())[:200]}")
     _stop_trees(left)
-    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
+        reporter.write_line("")
         reporter.write_sep("=", "processes left running at the end of the run", red=True)
         reporter.write_line("\n".join(lines))
     session.exitstatus = pytest.ExitCode.TESTS_FAILED

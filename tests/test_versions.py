@@ -127,10 +127,11 @@ def cluster(module_settings: Settings, tmp_path_factory: pytest.TempPathFactory)
         )
         yield base
     finally:
-        if server is not None:
-            stop(server)
-        for worker in workers:
-            stop(worker)
+        everything = [*workers, *([server] if server is not None else [])]
+        for process in everything:
+            process.terminate()  # side by side: each stop below then waits less
+        for process in everything:
+            stop(process)
 
 
 @pytest.mark.slow
@@ -332,7 +333,7 @@ def test_admin_api_sets_and_clears_a_split(
             done = client.put(traffic, json={"weights": {"1": 100}}, headers=ADMIN)
             assert done.status_code == 200
             assert done.get_json()["traffic"] == {"policy": "weights", "weights": {"1": 100.0}}
-            time.sleep(ROUTING_TTL_S)
+            time.sleep(ROUTING_TTL_S)  # any process's cached view is renewed by now
             data = {"image": (io.BytesIO(PNG), "x.png")}
             assert client.post("/predict", data=data).get_json()["model"]["version"] == "1"
             cleared = client.delete(traffic, headers=ADMIN)
