@@ -74,9 +74,20 @@ COFFEE = (IMAGES / "coffee.png").read_bytes()
 ROCKET = (IMAGES / "rocket.jpg").read_bytes()
 
 
+# A test that uses one of these (directly or through another fixture) loads
+# a model: it is slow, whether or not it says so.
+MODEL_FIXTURES = frozenset({"small_model_path", "resnet_model", "squares_model"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects by marker
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Container tests take minutes: they run only when the -m expression names
-    their marker (`make container-test`), never in a plain `make test`."""
+    """Mark `slow` every test that loads a model (MODEL_FIXTURES), so that
+    `make test-quick` (-m "not slow") starts none. Container tests take
+    minutes: they run only when the -m expression names their marker (`make
+    container-test`), never in a plain `make test`."""
+    for item in items:
+        if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
     if "container" in (config.getoption("markexpr") or ""):
         return
     kept = [item for item in items if item.get_closest_marker("container") is None]

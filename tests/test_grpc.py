@@ -194,6 +194,7 @@ def test_unknown_model_and_version_are_not_found(client: grpcclient.InferenceSer
     assert code(ready) == "NOT_FOUND"
 
 
+@pytest.mark.slow
 def test_a_pinned_version_is_answered_on_its_own_queue(
     client: grpcclient.InferenceServerClient,
 ) -> None:
@@ -215,6 +216,7 @@ def test_infer_encoded_images(client: grpcclient.InferenceServerClient) -> None:
     assert (response.model_name, response.model_version, response.id) == (MODEL, "1", "r1")
 
 
+@pytest.mark.slow
 def test_priority_and_timeout_parameters(client: grpcclient.InferenceServerClient) -> None:
     """Triton's `priority` and `timeout` parameters, as int64 (KServe's proto
     has no uint64_param: tritonclient's `priority=`, a uint64, is refused)."""

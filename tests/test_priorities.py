@@ -264,6 +264,7 @@ def test_header_parsing_answers_400_or_a_value_in_range(
     assert 0 < urgency.timeout <= 10
 
 
+@pytest.mark.slow
 def test_a_real_server_serves_each_level(settings: Settings) -> None:
     """A real web server (granian) and worker thread: level 2 and v2's
     priority are served; a bad header is its 400."""
