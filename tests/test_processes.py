@@ -62,7 +62,7 @@ def test_never_ready_gives_up_with_the_log(tmp_path: Path) -> None:
     child = python(  # never ready: it sleeps until stopped
         "slow", "import time\nprint('booting')\ntime.sleep(60)\n", log_path=tmp_path / "l"
     )
-    with child.start():
+    with child:  # started once, by the with (child.start() here would start a second)
         with pytest.raises(ChildFailed, match=r"slow ready: gave up after 0.3 s:\n"):
             child.wait_until(lambda: False, timeout=0.3)
         assert child.alive(), "left running: the caller decides"
