@@ -1,6 +1,10 @@
 # Two commands on a fresh machine:
 #   make serve   set up .venv with every engine, then start the server (pass flags with ARGS="...")
 #   make test    set up .venv with the test tools, then lint and run the tests
+#                (every test; prints the 20 slowest)
+#   make test-quick  the tests that need no server and no model (about a minute)
+#   make fuzz    the Hypothesis tests at depth (profile `deep`; minutes)
+#   make soak    the 20-minute soak of bench/soak.py (the tests run a short one)
 #   make container-test  build the Dockerfile and run it with podman (minutes; see README)
 #   make bench   the benchmark behind BENCHMARKS.md (ARGS=--quick: a ~5 minute smoke run)
 #   make grpc-code  regenerate keras_server/rpc/'s protobuf modules from its .proto (checked in)
@@ -8,7 +12,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve test lint bench container-test grpc-code preflight
+.PHONY: serve test test-quick fuzz soak test-wheels lint bench container-test grpc-code preflight
 
 # The dependencies live in pyproject.toml; the requirements files name its extras.
 $(BIN)/.runtime: requirements.txt pyproject.toml
@@ -35,8 +39,32 @@ lint: $(BIN)/.dev
 preflight:
 	$(PYTHON) tests/preflight.py
 
-test: preflight lint
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+test: preflight lint test-wheels
+	$(BIN)/python -m pytest --durations=20 $(PYTEST_ARGS)
+
+# Not slow: no server process, no ResNet50 (tests/conftest.py says what slow means).
+test-quick: $(BIN)/.dev
+	$(BIN)/python -m pytest -m "not slow" --durations=10 $(PYTEST_ARGS)
+
+fuzz: $(BIN)/.dev
+	$(BIN)/python -m pytest --hypothesis-profile deep tests/test_fuzz_parsers.py tests/test_fuzz_server.py $(PYTEST_ARGS)
+
+soak: $(BIN)/.dev
+	$(BIN)/python -m bench.soak $(ARGS)
+
+# tests/test_packaging.py installs the base package into a fresh venv with
+# pip --no-index from here: the wheels of the package (built from what the
+# Dockerfile copies) and of its dependencies, fetched now, never during the tests.
+WHEELS := build/test-wheels
+$(WHEELS)/.done: pyproject.toml $(shell find keras_server -type f -not -name '*.pyc' 2>/dev/null) | $(BIN)/.dev
+	rm -rf $(WHEELS) && mkdir -p $(WHEELS)/source
+	cp pyproject.toml $(WHEELS)/source/ && cp -r keras_server $(WHEELS)/source/
+	find $(WHEELS)/source -name __pycache__ -prune -exec rm -rf {} +
+	$(BIN)/python -m pip wheel --quiet --disable-pip-version-check --wheel-dir $(WHEELS) $(WHEELS)/source
+	rm -rf $(WHEELS)/source
+	touch $@
+
+test-wheels: $(WHEELS)/.done
 
 # The same for podman, runc, debootstrap and CNI's dnsname plugin.
 container-test:

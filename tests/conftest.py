@@ -1,11 +1,18 @@
 """Shared fixtures: a real redis-server per test session, a small Keras model,
 a worker thread serving it, the sample images, a test client of the app and a
-multipart upload to it."""
+multipart upload to it.
+
+Also the run's hygiene: Hypothesis profiles (`ci`, the default, and `deep`
+for `make fuzz`), every process a test started stopped with its children
+when the test ends (passed or not), and a check at the end of the session
+that fails the run if any process we started is still alive."""
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import io
+import itertools
 import os
 import shutil
 import sys
@@ -18,13 +25,20 @@ from pathlib import Path
 
 import numpy as np
 import preflight
+import psutil
 import pytest
 import redis
 from flask.testing import FlaskClient
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
 from PIL import Image
 from werkzeug.test import TestResponse
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Every process this run starts inherits this mark (unless a test hands it a
+# whole new environment), so the end-of-session check finds the ones that
+# outlived their parent as well as our children.
+os.environ["KERAS_SERVER_TEST_RUN"] = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 from keras_server.broker import messages
 from keras_server.broker.redis_server import RedisServer, free_port
@@ -36,6 +50,22 @@ from keras_server.web.app import create_app
 from keras_server.worker.loop import Worker
 from run_cluster import http_answers
 
+RUN_MARK = "KERAS_SERVER_TEST_RUN"
+
+# Hypothesis: deterministic runs (derandomize, no example database) at two
+# depths. `ci`, the default, keeps `make test` short; `deep` is `make fuzz`
+# (pytest --hypothesis-profile deep). A test sets no max_examples of its own;
+# one that needs fewer scales the profile's (test_fuzz_parsers.py).
+_FUZZ_DEFAULTS = {
+    "derandomize": True,
+    "database": None,
+    "deadline": None,
+    "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large],
+}
+hypothesis_settings.register_profile("ci", max_examples=60, **_FUZZ_DEFAULTS)
+hypothesis_settings.register_profile("deep", max_examples=2000, **_FUZZ_DEFAULTS)
+hypothesis_settings.load_profile("ci")
+
 ROOT = Path(__file__).resolve().parent.parent
 IMAGES = ROOT / "images"
 # The sample images, as uploaded.
@@ -44,9 +74,20 @@ COFFEE = (IMAGES / "coffee.png").read_bytes()
 ROCKET = (IMAGES / "rocket.jpg").read_bytes()
 
 
+# A test that uses one of these (directly or through another fixture) loads
+# a model: it is slow, whether or not it says so.
+MODEL_FIXTURES = frozenset({"small_model_path", "resnet_model", "squares_model"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects by marker
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Container tests take minutes: they run only when the -m expression names
-    their marker (`make container-test`), never in a plain `make test`."""
+    """Mark `slow` every test that loads a model (MODEL_FIXTURES), so that
+    `make test-quick` (-m "not slow") starts none. Container tests take
+    minutes: they run only when the -m expression names their marker (`make
+    container-test`), never in a plain `make test`."""
+    for item in items:
+        if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
     if "container" in (config.getoption("markexpr") or ""):
         return
     kept = [item for item in items if item.get_closest_marker("container") is None]
@@ -145,6 +186,30 @@ def settings(redis_server: RedisServer, redis_client: redis.Redis) -> Settings:
         redis_url=redis_server.url,
         redis_url_given=True,
         queue_name=f"test-{uuid.uuid4().hex[:8]}",
+        result_timeout=20.0,
+        batch_size=8,
+    )
+
+
+# Databases 1-15 of the session's Redis, in turn, for the modules' shared
+# servers: database 0 is flushed before every test (redis_client).
+_module_databases = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def module_settings(redis_server: RedisServer) -> Settings:
+    """Like `settings`, for servers a whole module shares (started once, by a
+    module-scoped fixture): a Redis database of the module's own, emptied
+    now, which no test's flush touches; tests keep apart by what they send
+    (a queue name, a key, a version), not by a fresh server each."""
+    database = 1 + next(_module_databases) % 15
+    url = f"{redis_server.url.rsplit('/', 1)[0]}/{database}"
+    with redis.Redis.from_url(url) as client:
+        client.flushdb()
+    return Settings(
+        redis_url=url,
+        redis_url_given=True,
+        queue_name=f"module-{uuid.uuid4().hex[:8]}",
         result_timeout=20.0,
         batch_size=8,
     )
@@ -264,14 +329,32 @@ def region_spec(path: Path, **fields: object) -> object:
 
 
 @pytest.fixture(scope="session")
-def resnet_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """ResNet50 with random initial weights, saved the way a user saves theirs."""
+def resnet_model() -> object:
+    """Keras' own ResNet50 with random initial weights (seeded), built once for
+    the session: the reference the tests compare our engines with."""
     import keras
 
     keras.utils.set_random_seed(42)
+    return keras.applications.ResNet50(weights=None)
+
+
+@pytest.fixture(scope="session")
+def resnet_weights(resnet_model: object, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """resnet_model's weights, saved the way a user saves theirs."""
     path = tmp_path_factory.mktemp("resnet") / "resnet50.weights.h5"
-    keras.applications.ResNet50(weights=None).save_weights(path)
+    resnet_model.save_weights(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def resnet_classifier(resnet_weights: Path) -> object:
+    """Our Keras engine's ResNet50 on resnet_weights (as --weights loads it),
+    loaded once for the session's tests that compare with it."""
+    from keras_server.catalog import ModelSpec
+    from keras_server.engines.keras_engine import load_classifier
+
+    spec = ModelSpec(name="resnet50", source="resnet50", weights=str(resnet_weights))
+    return load_classifier(spec)
 
 
 @pytest.fixture(scope="session")
@@ -334,3 +417,138 @@ def system_tool(binary: str) -> str:
         return preflight.require(binary)
     except LookupError as exc:
         pytest.fail(str(exc))
+
+
+# -- no process outlives its test ---------------------------------------------------
+
+
+GONE = (psutil.NoSuchProcess, psutil.AccessDenied)
+
+
+# The interpreter's own helpers, started by the first test that uses
+# multiprocessing and kept for the session (they ignore SIGTERM, and leave
+# when pytest does): never a test's.
+HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
+
+
+def _descendants() -> dict[int, psutil.Process]:
+    """Our living descendants, but for the interpreter's helpers."""
+    found = {}
+    with contextlib.suppress(psutil.Error):
+        for process in psutil.Process().children(recursive=True):
+            with contextlib.suppress(*GONE):
+                command = " ".join(process.cmdline())
+                if not any(helper in command for helper in HELPERS):
+                    found[process.pid] = process
+    return found
+
+
+def _stop_trees(tops: list[psutil.Process], timeout: float = 10) -> None:
+    """SIGTERM each of `tops` (a server stops its own children on it), then
+    SIGKILL whatever of them or their descendants is left after `timeout` s."""
+    everything: dict[int, psutil.Process] = {}
+    for top in tops:
+        everything[top.pid] = top
+        with contextlib.suppress(*GONE):
+            everything.update({p.pid: p for p in top.children(recursive=True)})
+    for top in tops:
+        with contextlib.suppress(*GONE):
+            top.terminate()
+    _, alive = psutil.wait_procs(list(everything.values()), timeout=timeout)
+    for process in alive:
+        with contextlib.suppress(*GONE):
+            process.kill()
+    psutil.wait_procs(alive, timeout=5)
+
+
+# What tests left running, stopped at their end: listed after the run.
+_LEFT_BY_TESTS: list[str] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_process_outlives_its_test(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Stop, with their children, the processes a test (or its function-
+    scoped fixtures) started and left running, whether it passed or failed;
+    and those of this run that it orphaned (their parent gone).
+
+    Higher-scoped fixtures are set up before this one, so the processes they
+    start (a module's server) are in the snapshot and stay; so do the
+    children such a server starts during the test (a conversion, a respawned
+    worker): only new processes with no older ancestor below us are ours."""
+    before = set(_descendants())
+    started = time.time()
+    yield
+    me = os.getpid()
+    now = _descendants()
+    left = []
+    for pid, process in now.items():
+        if pid in before:
+            continue
+        with contextlib.suppress(*GONE):
+            if process.status() == psutil.STATUS_ZOMBIE:
+                continue
+            top, parent = process, process.parent()
+            while parent is not None and parent.pid != me and parent.pid not in before:
+                top, parent = parent, parent.parent()
+            if parent is not None and parent.pid == me and top not in left:
+                left.append(top)
+    for process in psutil.process_iter(["create_time"]):
+        # psutil's create_time counts from a boot time in whole seconds.
+        new = process.info["create_time"] >= started - 2 and process.pid not in now
+        if new and process.pid != me and _marked(process):
+            left.append(process)
+    if left:
+        for process in left:
+            with contextlib.suppress(*GONE):
+                command = " ".join(process.cmdline())[:160]
+                _LEFT_BY_TESTS.append(f"{request.node.nodeid}: {process.pid} {command}")
+        _stop_trees(left)
+
+
+def _running(process: psutil.Process) -> bool:
+    with contextlib.suppress(*GONE):
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    return False
+
+
+def _marked(process: psutil.Process) -> bool:
+    """Started by this run (it carries the mark), and not an interpreter helper."""
+    with contextlib.suppress(*GONE):
+        if process.environ().get(RUN_MARK) != os.environ[RUN_MARK]:
+            return False
+        return not any(helper in " ".join(process.cmdline()) for helper in HELPERS)
+    return False
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if a process it started is still alive: a child of ours,
+    or one that carries this run's mark and outlived its parent (an orphan)."""
+    if hasattr(session.config, "workerinput"):
+        return  # an xdist worker: the controller checks the whole run
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if _LEFT_BY_TESTS and reporter is not None:
+        reporter.write_line("")
+        reporter.write_sep("-", "processes tests left running (stopped at their end)", yellow=True)
+        reporter.write_line("\n".join(_LEFT_BY_TESTS))
+    me = os.getpid()
+    left = [p for p in _descendants().values() if _running(p)]
+    left += [
+        p
+        for p in psutil.process_iter()
+        if p.pid != me and p.pid not in {q.pid for q in left} and _marked(p)
+    ]
+    # A server stopped a moment ago may still be reaping its children.
+    _, left = psutil.wait_procs(left, timeout=5)
+    left = [p for p in left if _running(p)]
+    if not left:
+        return
+    lines = []
+    for process in left:
+        with contextlib.suppress(*GONE):
+            lines.append(f"  {process.pid}: {' '.join(process.cmdline())[:200]}")
+    _stop_trees(left)
+    if reporter is not None:
+        reporter.write_line("")
+        reporter.write_sep("=", "processes left running at the end of the run", red=True)
+        reporter.write_line("\n".join(lines))
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED

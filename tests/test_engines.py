@@ -662,9 +662,10 @@ def test_int8_server_answers_and_shows_its_engine_and_fidelity(int8_server: str)
 
 
 @pytest.mark.slow
-def test_resnet50_in_openvino_equals_keras(resnet_weights: Path, tmp_path: Path) -> None:
+def test_resnet50_in_openvino_equals_keras(
+    resnet_weights: Path, resnet_classifier: object, tmp_path: Path
+) -> None:
     """The one ResNet50 conversion: fp32 matches Keras within 1e-4 on the photos."""
-    from keras_server.engines.keras_engine import load_classifier
     from keras_server.images import load_image
 
     spec = ModelSpec(name="resnet50", source="resnet50", weights=str(resnet_weights))
@@ -675,6 +676,6 @@ def test_resnet50_in_openvino_equals_keras(resnet_weights: Path, tmp_path: Path)
         ]
     )
     predictor = load_predictor(dataclasses.replace(spec, engine="openvino"), options(tmp_path))
-    expected = load_classifier(spec).predict(photos)
+    expected = resnet_classifier.predict(photos)
     np.testing.assert_allclose(predictor.predict(photos), expected, rtol=0, atol=1e-4)
     np.testing.assert_allclose(predictor.predict(photos[:1]), expected[:1], rtol=0, atol=1e-4)

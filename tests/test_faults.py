@@ -244,7 +244,7 @@ def run_scenario(
     then AFTER_S more of load; then check every property."""
     problems: list[str] = []
     with Load(cluster.base) as load:
-        time.sleep(BEFORE_S)
+        time.sleep(BEFORE_S)  # the scenario's schedule (docstring): load, then the fault
         if start_when is not None:
             waited = time.monotonic() + 5
             while not (began := start_when()) and time.monotonic() < waited:
@@ -254,11 +254,11 @@ def run_scenario(
         fault_at = time.monotonic()
         try:
             fault()
-            time.sleep(duration)
+            time.sleep(duration)  # the fault lasts this long under load
         finally:
             heal()
         healed_at = time.monotonic()
-        time.sleep(AFTER_S)
+        time.sleep(AFTER_S)  # load after healing, to see the recovery
     outcomes = sorted(load.outcomes, key=lambda o: o.started)
     problems += violations(outcomes, load.t0, fault_at, healed_at)
     # A batch being answered right now is claimed for a moment: wait that out.

@@ -107,6 +107,7 @@ def test_slow_clients_do_not_starve_the_others(small_server: str) -> None:
     assert answer.status_code == 200, answer.text
 
 
+@pytest.mark.slow
 def test_every_child_starts_with_the_malloc_settings_a_user_value_winning(
     settings: Settings,
 ) -> None:

@@ -12,7 +12,8 @@ well-formed zips and tars of hostile shapes), and every settings value
 against a real process, is test_fuzz_server.py.
 
 Runs are deterministic (derandomize, no example database in the
-repository) and each test is tuned to a few seconds (max_examples).
+repository); how many examples each test takes is the Hypothesis profile's
+(conftest.py: `ci` in `make test`, `deep` in `make fuzz`).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from keras_server.broker import messages
@@ -46,13 +47,9 @@ from keras_server.serving.pipeline import Decoder
 from keras_server.settings import KNOBS, Settings, SettingsError, load_settings
 from keras_server.web import archives, uploads, v2
 
-FUZZ = settings(
-    derandomize=True,
-    database=None,
-    deadline=None,
-    max_examples=300,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+# The archive tests build a zip per example: half the profile's examples
+# (conftest's `ci`, or `deep` under `make fuzz`).
+HALF = settings(max_examples=max(10, settings.default.max_examples // 2))
 
 # Any JSON value, nested a little.
 json_values = st.recursive(
@@ -128,7 +125,6 @@ safe_text = st.text(
 upload_files = st.lists(st.tuples(safe_text, safe_text, st.binary(max_size=64)), max_size=4)
 
 
-@FUZZ
 @given(upload_files)
 def test_multipart_round_trips(files: list[tuple[str, str, bytes]]) -> None:
     parsed = uploads.read_files(multipart_body(files), f"multipart/form-data; boundary={BOUNDARY}")
@@ -142,7 +138,6 @@ def test_multipart_round_trips(files: list[tuple[str, str, bytes]]) -> None:
 header_text = st.text(st.characters(codec="latin-1"), max_size=60)
 
 
-@FUZZ
 @given(st.data(), upload_files, header_text)
 def test_multipart_reader_never_raises(
     data: st.DataObject, files: list[tuple[str, str, bytes]], content_type: str
@@ -220,7 +215,6 @@ def v2_requests(draw: st.DrawFn) -> tuple[bytes, dict[str, str]]:
     return body, headers
 
 
-@FUZZ
 @given(v2_requests())
 def test_v2_parser_raises_only_http_error(request: tuple[bytes, dict[str, str]]) -> None:
     body, headers = request
@@ -248,7 +242,6 @@ def bytes_tensors(draw: st.DrawFn) -> tuple[bytes, dict[str, str]]:
     return header + data, {v2.HEADER_LENGTH: str(len(header))}
 
 
-@FUZZ
 @given(bytes_tensors())
 def test_v2_binary_lengths_raise_only_http_error(request: tuple[bytes, dict[str, str]]) -> None:
     status = 400
@@ -266,7 +259,6 @@ pixel_batches = st.integers(1, V2_SETTINGS.max_images).flatmap(
 )
 
 
-@FUZZ
 @given(pixel_batches, st.sampled_from(["UINT8", "FP32"]), st.booleans(), st.booleans())
 def test_v2_pixels_round_trip(batch: np.ndarray, datatype: str, binary: bool, nested: bool) -> None:
     tensor: dict[str, Any] = {"name": "pixels", "datatype": datatype, "shape": list(batch.shape)}
@@ -289,7 +281,6 @@ def test_v2_pixels_round_trip(batch: np.ndarray, datatype: str, binary: bool, ne
         np.testing.assert_array_equal(image.pixels, expected)
 
 
-@FUZZ
 @given(st.lists(st.binary(max_size=12), min_size=1, max_size=4))
 def test_v2_bytes_elements_round_trip(elements: list[bytes]) -> None:
     data = b"".join(struct.pack("<I", len(e)) + e for e in elements)
@@ -307,7 +298,6 @@ images = st.tuples(st.integers(1, 4), st.integers(1, 4), st.sampled_from([1, 3])
 )
 
 
-@FUZZ
 @given(
     images,
     st.floats(0, 1e6),
@@ -358,7 +348,6 @@ def queue_entries(draw: st.DrawFn) -> bytes:
     return mutate(raw, draw) if draw(st.integers(0, 3)) == 0 else raw
 
 
-@FUZZ
 @given(queue_entries() | st.binary(max_size=64))
 def test_queue_decoder_raises_only_bad_message(raw: bytes) -> None:
     trace = messages.trace_of(raw)  # never raises: a bad one is ""
@@ -418,7 +407,6 @@ def models_files(draw: st.DrawFn) -> str:
     return text
 
 
-@FUZZ
 @given(models_files())
 def test_models_file_raises_only_catalog_error(text: str) -> None:
     with tempfile.TemporaryDirectory() as directory:
@@ -435,7 +423,6 @@ keys = st.text(st.sampled_from("abcXYZ0129._~+/-"), min_size=16, max_size=40)
 
 
 # Unique: a key given twice is refused (which line's name and quota would count?).
-@FUZZ
 @given(st.lists(keys, min_size=1, max_size=4, unique=True), st.binary(max_size=80), st.booleans())
 def test_keys_file_round_trips_and_raises_only_keys_file_error(
     good: list[str], junk: bytes, spoil: bool
@@ -475,7 +462,6 @@ setting_values = (
 )
 
 
-@FUZZ
 @given(st.sampled_from(KNOBS), setting_values, st.booleans())
 def test_every_setting_raises_only_settings_error(knob: Any, value: str, as_flag: bool) -> None:
     argv, environ = ([f"{knob.flag}={value}"], {}) if as_flag else ([], {knob.env: value})
@@ -588,7 +574,7 @@ def tars(draw: st.DrawFn) -> bytes:
     return raw.getvalue()
 
 
-@settings(FUZZ, max_examples=100)
+@HALF
 @given(st.binary(max_size=2048), st.sampled_from(["", "gz", "bz2", "xz"]))
 def test_archive_bytes_raise_only_archive_refused(data: bytes, compression: str) -> None:
     """Arbitrary bytes, as they are or compressed (a valid gzip, bzip2 or xz
@@ -603,7 +589,7 @@ def test_archive_bytes_raise_only_archive_refused(data: bytes, compression: str)
     _read_archive(data)
 
 
-@settings(FUZZ, max_examples=100)
+@HALF
 @pytest.mark.filterwarnings("ignore:Duplicate name")
 @given(zips() | tars(), st.data())
 def test_hostile_archives_give_files_within_limits_or_a_refusal(
@@ -678,7 +664,6 @@ def _read_job(body: bytes, content_type: str, max_body: int = 1 << 20) -> upload
                                  max_image=48, fields=("model",))  # fmt: skip
 
 
-@FUZZ
 @given(job_parts)
 def test_a_job_body_round_trips(parts: list[tuple[str, str, bytes, bool]]) -> None:
     """Images, the archive and the plain field asked for come back as sent;
@@ -705,7 +690,6 @@ def test_a_job_body_round_trips(parts: list[tuple[str, str, bytes, bool]]) -> No
         assert body.fields == ({"model": fields[0]} if fields else {})
 
 
-@FUZZ
 @given(st.data(), job_parts, header_text)
 def test_a_job_body_raises_only_upload_refused(
     data: st.DataObject, parts: list[tuple[str, str, bytes, bool]], content_type: str

@@ -195,6 +195,7 @@ def test_unknown_model_and_version_are_not_found(client: grpcclient.InferenceSer
     assert code(ready) == "NOT_FOUND"
 
 
+@pytest.mark.slow
 def test_a_pinned_version_is_answered_on_its_own_queue(
     client: grpcclient.InferenceServerClient,
 ) -> None:
@@ -216,6 +217,7 @@ def test_infer_encoded_images(client: grpcclient.InferenceServerClient) -> None:
     assert (response.model_name, response.model_version, response.id) == (MODEL, "1", "r1")
 
 
+@pytest.mark.slow
 def test_priority_and_timeout_parameters(client: grpcclient.InferenceServerClient) -> None:
     """Triton's `priority` and `timeout` parameters, as int64 (KServe's proto
     has no uint64_param: tritonclient's `priority=`, a uint64, is refused)."""
@@ -425,11 +427,7 @@ def infer_requests(draw: st.DrawFn) -> service_pb2.ModelInferRequest:
 
 
 @pytest.mark.slow
-@settings(
-    max_examples=80,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
+@settings(suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(request=infer_requests())
 def test_any_infer_request_is_answered_or_refused_never_a_bug(
     client: grpcclient.InferenceServerClient, request: service_pb2.ModelInferRequest

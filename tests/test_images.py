@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import IMAGES, ROOT, png_bytes
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image, ImageOps
 
@@ -281,7 +281,6 @@ def test_png_exif_orientation_is_applied_wherever_the_chunk_is(where: str) -> No
     assert bottom[2] > 200 and bottom[0] < 60, f"bottom should be blue, got {bottom}"
 
 
-@settings(derandomize=True, database=None, max_examples=200)
 @given(
     st.lists(
         st.tuples(st.sampled_from([b"IDAT", b"tEXt", b"eXIf", b"zTXt", b"IEND"]), st.binary()),
@@ -331,13 +330,6 @@ def _plain_png(mode: str) -> bytes:
 PLAIN_PNGS = [_plain_png(mode) for mode in ("L", "RGB", "RGBA")]
 
 
-@settings(
-    derandomize=True,
-    database=None,
-    deadline=None,
-    max_examples=300,
-    suppress_health_check=[HealthCheck.too_slow],
-)
 @given(
     st.sampled_from(PLAIN_PNGS),
     st.lists(st.tuples(st.integers(8, 4000), st.integers(0, 255)), min_size=1, max_size=6),

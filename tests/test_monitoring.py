@@ -349,23 +349,29 @@ def test_prometheus_scrapes_a_server_and_every_dashboard_query_returns_data(
         # Rates need two scrapes inside their window, and the model process's
         # metrics appear with its first batch.
         queries = dashboard_queries()
-        deadline = time.monotonic() + 45
-        while True:
-            empty = [f"{title}: {expr}" for title, expr in queries if not prometheus.query(expr)]
-            if not empty or time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
-        assert not empty, "no data for:\n" + "\n".join(empty)
-
         # The data is what the traffic made: /predict answered 200 at a
-        # positive rate, and the worker's batches were seen.
-        rate = prometheus.query(
+        # positive rate, and the worker's batches were seen. A scrape can
+        # come between a request's answer and its batch's count: wait for
+        # both, as for the rest.
+        rate_of_200 = (
             'sum by (endpoint, status) (rate(keras_server_http_requests_total{endpoint="/predict",'
             ' status="200"}[$__rate_interval]))'
         )
-        assert float(rate[0]["value"][1]) > 0
-        (batches,) = prometheus.query("sum(keras_server_batch_size_count)")
-        assert float(batches["value"][1]) > 0
+
+        def positive(expr: str) -> bool:
+            found = prometheus.query(expr)
+            return bool(found) and float(found[0]["value"][1]) > 0
+
+        deadline = time.monotonic() + 45
+        while True:
+            empty = [f"{title}: {expr}" for title, expr in queries if not prometheus.query(expr)]
+            counts = (rate_of_200, "sum(keras_server_batch_size_count)")
+            zero = [expr for expr in counts if not positive(expr)]
+            if not (empty or zero) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert not empty, "no data for:\n" + "\n".join(empty)
+        assert not zero, f"zero: {zero}"
         (target_state,) = prometheus.api("targets")["activeTargets"]
         assert target_state["health"] == "up", target_state
 
@@ -379,7 +385,7 @@ def test_prometheus_scrapes_a_server_and_every_dashboard_query_returns_data(
             evaluated = all(not r["lastEvaluation"].startswith("0001") for r in rules)
             if evaluated or time.monotonic() > deadline:
                 break
-            time.sleep(0.5)
+            time.sleep(0.2)
         assert evaluated, rules
         assert {r["name"] for r in rules} == {r["alert"] for r in alert_rules()}
         for rule in rules:

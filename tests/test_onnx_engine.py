@@ -30,10 +30,10 @@ def sample_batch() -> np.ndarray:
 
 
 def test_onnx_predictions_equal_keras_on_the_same_weights(
-    resnet_weights: Path, tmp_path: Path
+    resnet_weights: Path, resnet_classifier: Classifier, tmp_path: Path
 ) -> None:
     spec = ModelSpec(name="resnet50", source="resnet50", weights=str(resnet_weights))
-    keras_engine = load_classifier(spec)
+    keras_engine = resnet_classifier
     onnx_engine = load_predictor(
         dataclasses.replace(spec, engine="onnx"), EngineOptions(str(tmp_path), 0.95, 50_000_000)
     )

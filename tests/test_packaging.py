@@ -1,10 +1,11 @@
 """The package people install: `pip install .` with no extras is the web
 tier's install, with no deep-learning framework, and it serves.
 
-The slow tests build the project from a copy of what the package is made of
-(pyproject.toml and keras_server/, as the Dockerfile copies them) into a fresh
-virtual environment, with pip from PyPI (its cache makes a rerun quick), then
-run what was installed there: the `keras-server` command, `python -m
+The slow tests install the package into a fresh virtual environment, with
+pip from the wheels `make test-wheels` built before the tests (the package,
+from a copy of what it is made of: pyproject.toml and keras_server/, as the
+Dockerfile copies them; and its dependencies): no network while they run.
+Then they run what was installed there: the `keras-server` command, `python -m
 keras_server`, and a web server (granian) with a simulated worker, answering
 a prediction, the page and the OpenAPI document (package data, all three).
 Nothing runs from the repository there: the commands run in another directory,
@@ -37,11 +38,16 @@ FRAMEWORKS = ("tensorflow", "keras", "openvino", "onnxruntime", "onnx", "tf2onnx
 TOOLS = ("requests", "pytest", "grpcio-tools")
 
 
+# The installed package alone: no checkout on the path (a PYTHONPATH naming
+# one would make pip take the checkout's metadata for an installed package).
+INSTALLED_ENV = {k: v for k, v in ENV.items() if k != "PYTHONPATH"}
+
+
 def run(*command: str | Path, cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(part) for part in command],
         cwd=cwd,
-        env=ENV,
+        env=INSTALLED_ENV,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -88,25 +94,27 @@ def test_make_reinstalls_when_pyproject_changes(tmp_path: Path, stamp: str) -> N
     assert run("make", "--question", target, cwd=tmp_path).returncode == 1
 
 
+# Built by `make test-wheels` (a step of `make test`), before pytest starts:
+# the package, from a copy of what the Dockerfile copies, and its dependencies.
+WHEELS = Path(os.environ.get("KERAS_SERVER_TEST_WHEELS", ROOT / "build" / "test-wheels"))
+
+
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fresh venv with `pip install <copy of the project>` (no extras); its
-    directory. Not editable: the package data must be in the wheel."""
+    """A fresh venv with `pip install keras-server` (no extras) from the
+    wheels `make test-wheels` built, never from the network; its directory.
+    Not editable: the package data must be in the wheel."""
+    built = WHEELS / ".done"
+    sources = [ROOT / "pyproject.toml", *(ROOT / "keras_server").rglob("*.py")]
+    if not built.exists() or built.stat().st_mtime < max(p.stat().st_mtime for p in sources):
+        pytest.fail(f"no wheels of this code in {WHEELS}: run `make test-wheels` (make test does)")
     work = tmp_path_factory.mktemp("packaging")
-    source = work / "source"
-    source.mkdir()
-    shutil.copy(ROOT / "pyproject.toml", source)
-    shutil.copytree(
-        ROOT / "keras_server",
-        source / "keras_server",
-        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
-    )
     venv = work / "venv"
     made = run(sys.executable, "-m", "venv", venv, cwd=work, timeout=120)
     assert made.returncode == 0, made.stderr
     done = run(
         venv / "bin" / "python", "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-        source,
+        "--no-index", "--find-links", WHEELS, "keras-server",
         cwd=work,
         timeout=240,
     )  # fmt: skip
@@ -167,12 +175,14 @@ def test_the_base_install_serves_the_web_role(
     command = str(installed / "bin" / "keras-server")
     port = free_port()
     common = ["--redis-url", redis_for_install.url, "--model", "sim"]
-    worker = Child("worker", [command, "--role", "worker", *common], cwd=elsewhere, env=ENV).start()
+    worker = Child(
+        "worker", [command, "--role", "worker", *common], cwd=elsewhere, env=INSTALLED_ENV
+    ).start()
     web = Child(
         "web",
         [command, "--role", "web", "--web-workers", "1", "--port", str(port), *common],
         cwd=elsewhere,
-        env=ENV,
+        env=INSTALLED_ENV,
     ).start()
     base = f"http://127.0.0.1:{port}"
     with worker, web:

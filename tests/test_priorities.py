@@ -23,9 +23,9 @@ from conftest import (
     post_images,
     start_web,
     stop,
+    wait_until,
 )
 from hypothesis import given
-from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from keras_server.broker import messages
@@ -97,13 +97,14 @@ def test_the_cap_is_per_level(queue: RequestQueue) -> None:
         queue.push(b"x", level=3)
 
 
+@pytest.mark.timeout(60)
 def test_a_push_at_any_level_wakes_a_blocked_claim(queue: RequestQueue) -> None:
+    """Woken by the push, not by the wait running out: the wait is an hour,
+    and the test's timeout (60 s) fails it if the push does not wake it."""
     raw = request_at(2)
     timer = threading.Timer(0.3, queue.push, args=(raw,), kwargs={"level": 2})
     timer.start()
-    started = time.monotonic()
-    assert queue.claim_first("w", wait=5) == raw
-    assert time.monotonic() - started < 4, "woken by the push, not by the wait running out"
+    assert queue.claim_first("w", wait=3600) == raw
     timer.join()
 
 
@@ -225,13 +226,15 @@ def test_v2_timeout_in_microseconds_and_priority(
     body = {"inputs": [tensor], "parameters": {"priority": 2, "timeout": 300_000}}
     started = time.time()
     response = client.post("/v2/models/resnet50/infer", json=body)
+    ended = time.time()
     assert response.status_code == 504
     assert "no prediction within 0.3 s" in response.get_json()["error"]
     [raw] = redis_client.lrange(queue.keys.queue_at(2), 0, -1)
-    assert messages.decode_request(raw).deadline < started + 1
+    # 0.3 s from when the request came in, which is between started and ended.
+    deadline = messages.decode_request(raw).deadline
+    assert started + 0.3 - 0.01 <= deadline <= ended + 0.3 + 0.01
 
 
-@hypothesis_settings(max_examples=200, deadline=None)
 @given(priority=st.one_of(st.none(), st.text()), seconds=st.one_of(st.none(), st.text()))
 def test_header_parsing_answers_400_or_a_value_in_range(
     priority: str | None, seconds: str | None
@@ -253,6 +256,7 @@ def test_header_parsing_answers_400_or_a_value_in_range(
     assert 0 < urgency.timeout <= 10
 
 
+@pytest.mark.slow
 def test_a_real_server_serves_each_level(settings: Settings) -> None:
     """A real web server (granian) and worker thread: level 2 and v2's
     priority are served; a bad header is its 400."""
@@ -307,16 +311,22 @@ def test_after_a_level_one_batch_the_worker_holds_for_the_next(
     assert worker.run_once(1) == 1, "the hold is over: level 2 is taken"
 
 
-def test_one_push_of_two_wakes_two_blocked_workers(queue: RequestQueue) -> None:
+def test_one_push_of_two_wakes_two_blocked_workers(
+    queue: RequestQueue, redis_client: redis.Redis
+) -> None:
     got: dict[str, bytes | None] = {}
 
     def claim(worker_id: str) -> None:
         got[worker_id] = queue.claim_first(worker_id, wait=20)
 
+    def blocked() -> int:
+        return redis_client.info("clients")["blocked_clients"]
+
+    already = blocked()
     threads = [threading.Thread(target=claim, args=(w,)) for w in ("a", "b")]
     for thread in threads:
         thread.start()
-    time.sleep(0.3)  # both blocked on the wake-up list
+    wait_until(lambda: blocked() >= already + 2, what="both claims blocked on the wake-up list")
     queue.push_all([b"x", b"y"], max_depth=10, level=2)
     for thread in threads:
         thread.join(10)

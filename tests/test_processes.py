@@ -27,6 +27,7 @@ def gone(pid: int) -> bool:
 
 
 def test_ready_then_stopped_by_sigterm_with_its_log() -> None:
+    # The children below sleep a minute: they wait to be stopped or killed.
     child = python("sleeper", "import time\nprint('up', flush=True)\ntime.sleep(60)\n")
     child.start()
     child.wait_until(lambda: "up" in child.output(), timeout=30, what="printing")
@@ -43,7 +44,7 @@ def test_a_child_that_ignores_sigterm_is_killed() -> None:
         import signal, time
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         print("ignoring", flush=True)
-        time.sleep(60)
+        time.sleep(60)  # the child's: it waits to be killed
         """,
     ).start()
     child.wait_until(lambda: "ignoring" in child.output(), timeout=30)
@@ -58,10 +59,10 @@ def test_exiting_before_ready_fails_with_the_log() -> None:
 
 
 def test_never_ready_gives_up_with_the_log(tmp_path: Path) -> None:
-    child = python(
+    child = python(  # never ready: it sleeps until stopped
         "slow", "import time\nprint('booting')\ntime.sleep(60)\n", log_path=tmp_path / "l"
     )
-    with child.start():
+    with child:  # started once, by the with (child.start() here would start a second)
         with pytest.raises(ChildFailed, match=r"slow ready: gave up after 0.3 s:\n"):
             child.wait_until(lambda: False, timeout=0.3)
         assert child.alive(), "left running: the caller decides"
@@ -74,6 +75,7 @@ def test_kill_takes_a_new_sessions_own_children() -> None:
         "parent",
         """
         import subprocess, sys, time
+        # Both sleep until killed.
         grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
         print(grandchild.pid, flush=True)
         time.sleep(60)
@@ -94,7 +96,7 @@ def test_a_tied_child_gets_sigterm_when_its_parent_is_killed() -> None:
         from keras_server.processes import Child
         tied = Child("tied", ["sleep", "60"], tied=True).start()
         print(tied.pid, flush=True)
-        time.sleep(60)
+        time.sleep(60)  # the child's: it waits to be killed
         """,
         cwd=Path(__file__).resolve().parent.parent,
     ).start()

@@ -11,6 +11,7 @@ import io
 import logging
 import re
 import string
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,10 +19,18 @@ from pathlib import Path
 import pytest
 import redis
 import requests
-from conftest import CHELSEA, COFFEE, WorkerThread, make_worker, post_images, start_web, stop
+from conftest import (
+    CHELSEA,
+    COFFEE,
+    WorkerThread,
+    make_worker,
+    post_images,
+    start_web,
+    stop,
+    wait_until,
+)
 from flask.testing import FlaskClient
 from hypothesis import given
-from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from openapi_core import OpenAPI
 from openapi_core.contrib.werkzeug import WerkzeugOpenAPIRequest
@@ -151,7 +160,6 @@ def keys_files(draw: st.DrawFn) -> tuple[str, list[tuple[str, str | None, tuple 
     return "\n".join(lines), expected
 
 
-@hypothesis_settings(max_examples=200, deadline=None)
 @given(keys_files())
 def test_any_valid_file_reads_back(case: tuple[str, list]) -> None:
     text, expected = case
@@ -168,7 +176,6 @@ def test_any_valid_file_reads_back(case: tuple[str, list]) -> None:
             assert entry.quota == Quota(rate, auth.PERIODS[unit], burst or rate)
 
 
-@hypothesis_settings(max_examples=300, deadline=None)
 @given(st.text(max_size=300) | st.lists(st.text(max_size=30), max_size=8).map(" ".join))
 def test_any_text_is_read_or_refused_by_line_never_echoing_a_key(text: str) -> None:
     try:
@@ -239,11 +246,15 @@ def test_gcra_sustained_rate_and_burst_one(store: Quotas) -> None:
 
 def test_gcra_on_redis_time(store: Quotas) -> None:
     quota = Quota(rate=1, period=3600, burst=4)
+    started = time.monotonic()
     answers = [store.take("clocked", quota) for _ in range(5)]
+    took = time.monotonic() - started
     assert [a.allowed for a in answers] == [True] * 4 + [False]
     assert [a.remaining for a in answers] == [3, 2, 1, 0, 0]
-    assert 3590 < answers[-1].retry_after_s <= 3600
-    assert answers[-1].headers["Retry-After"] in {"3599", "3600"}
+    # An hour after the first take, less the time the takes took (however
+    # slow the machine was), rounded up to whole seconds in the header.
+    assert 3600 - took - 0.01 < answers[-1].retry_after_s <= 3600
+    assert 3600 - took - 1 <= int(answers[-1].headers["Retry-After"]) <= 3600
 
 
 # -- in the app ---------------------------------------------------------------
@@ -289,6 +300,7 @@ def test_over_quota_is_429_in_each_apis_shape(
     counted = ("alice", "within"), ("alice", "over"), ("line-2", "none")
     before = {c: metric(client, *c) for c in counted}
     alice = {"X-API-Key": ALICE}
+    started = time.monotonic()
     first = post_images(client, CHELSEA, headers=alice)
     assert first.status_code == 200
     assert first.headers["RateLimit-Limit"] == "2"
@@ -304,6 +316,7 @@ def test_over_quota_is_429_in_each_apis_shape(
     assert post_images(client, CHELSEA, headers=alice).status_code == 200
 
     refused = post_images(client, CHELSEA, headers=alice)
+    took = int(time.monotonic() - started) + 1  # the hour counts from the first request
     assert refused.status_code == 429
     body = refused.get_json()
     assert body["success"] is False
@@ -311,9 +324,9 @@ def test_over_quota_is_429_in_each_apis_shape(
         "the API key 'alice' is over its quota of 1 image an hour, 2 at once; retry in"
     )
     assert ALICE not in body["error"]
-    assert 3590 <= int(refused.headers["Retry-After"]) <= 3600
+    assert 3600 - took <= int(refused.headers["Retry-After"]) <= 3600
     assert refused.headers["RateLimit-Remaining"] == "0"
-    assert 7190 <= int(refused.headers["RateLimit-Reset"]) <= 7200
+    assert 7200 - took <= int(refused.headers["RateLimit-Reset"]) <= 7200
 
     v2 = client.get("/v2/models/resnet50", headers={"Authorization": f"Bearer {ALICE}"})
     assert v2.status_code == 429
@@ -450,16 +463,17 @@ def test_two_web_processes_share_one_quota(keyed: Settings, keys_file: Path) -> 
             shape = {"error"} if path.startswith("/v2") else {"success", "error"}
             assert set(answer.json()) == shape
 
+    def both_answered() -> bool:
+        list(pool.map(one, ["/predict", INFER] * 4))
+        return len(counting_processes(web.pid)) == 2
+
     try:
+        # Rounds of requests until both processes have counted one: how the
+        # kernel spreads connections over them is not ours to rely on.
         with ThreadPoolExecutor(8) as pool:
-            for _ in range(20):  # rounds, until both processes have answered
-                list(pool.map(one, ["/predict", INFER] * 4))
-                if len(counting_processes(web.pid)) == 2:
-                    break
-            pids = counting_processes(web.pid)
+            wait_until(both_answered, timeout=240, what="both web processes answering")
     finally:
         log = stop(web)
-    assert len(pids) == 2, "one process took every connection"
     # Each process alone would have let `burst` through.
     assert statuses.count(504) == burst, log
     assert sorted(remaining) == [str(n) for n in range(burst)]

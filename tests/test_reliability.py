@@ -6,7 +6,6 @@ import dataclasses
 import os
 import signal
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -82,19 +81,21 @@ def test_a_worker_killed_mid_batch_loses_no_request(
     assert doomed_id not in queue.workers()
 
 
+@pytest.mark.timeout(120)
 def test_redis_outage_is_503_then_recovers_without_restarts(small_classifier: object) -> None:
+    """Redis down: a 503 naming Redis at once, not after the result timeout
+    (an hour here: a request that waited it out would fail the test by its
+    timeout); then served again, with no restart."""
     server = RedisServer().start()
-    settings = Settings(redis_url=server.url, redis_url_given=True, result_timeout=10)
+    settings = Settings(redis_url=server.url, redis_url_given=True, result_timeout=3600)
     client = create_app(settings).test_client()
     try:
         with WorkerThread(make_worker(settings, small_classifier, heartbeat_ttl=1.5)) as running:
             assert post_images(client, CHELSEA).status_code == 200
             server.stop()
 
-            started = time.monotonic()
             down = post_images(client, CHELSEA)
             assert down.status_code == 503
-            assert time.monotonic() - started < 5, "503 at once, not after the result timeout"
             assert "Redis" in down.get_json()["error"]
             assert client.get("/readyz").status_code == 503
             assert client.get("/healthz").status_code == 200

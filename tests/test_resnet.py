@@ -22,13 +22,11 @@ def resnet50(weights: str) -> ModelSpec:
     return ModelSpec(name="resnet50", source="resnet50", weights=weights)
 
 
-def keras_top5(weights: Path, image_path: Path) -> list[tuple[str, float]]:
+def keras_top5(model: object, image_path: Path) -> list[tuple[str, float]]:
     """The textbook way, without our code: PIL, resize, preprocess, predict."""
     import keras
     from PIL import Image
 
-    model = keras.applications.ResNet50(weights=None)
-    model.load_weights(weights)
     with Image.open(image_path) as image:
         pixels = np.asarray(image.convert("RGB").resize((224, 224), Image.Resampling.BICUBIC))
     batch = keras.applications.resnet50.preprocess_input(pixels[None].astype("float32"))
@@ -38,24 +36,27 @@ def keras_top5(weights: Path, image_path: Path) -> list[tuple[str, float]]:
     return [(labels[i], float(probabilities[i])) for i in best]
 
 
-def test_predict_equals_keras_on_the_same_weights(resnet_weights: Path, settings: Settings) -> None:
-    classifier = load_classifier(resnet50(str(resnet_weights)))
+def test_predict_equals_keras_on_the_same_weights(
+    resnet_model: object, resnet_classifier: object, settings: Settings
+) -> None:
+    """Our engine, loaded through --weights (the session's resnet_classifier),
+    served through /predict, against Keras' own model."""
+    classifier = resnet_classifier
     warm_up(classifier, 2)
     client = create_app(settings).test_client()
     with WorkerThread(make_worker(settings, CountingPredictor(classifier))):
         response = post_images(client, ("chelsea.png", CHELSEA))
     assert response.status_code == 200
     served = [(p["label"], p["probability"]) for p in response.get_json()["predictions"]]
-    expected = keras_top5(resnet_weights, IMAGES / "chelsea.png")
+    expected = keras_top5(resnet_model, IMAGES / "chelsea.png")
     assert [label for label, _ in served] == [label for label, _ in expected]
     np.testing.assert_allclose([p for _, p in served], [p for _, p in expected], rtol=1e-4)
 
 
-def test_whole_saved_model_loads_too(tmp_path: Path, resnet_weights: Path) -> None:
+def test_whole_saved_model_loads_too(tmp_path: Path, resnet_model: object) -> None:
     import keras
 
-    model = keras.applications.ResNet50(weights=None)
-    model.load_weights(resnet_weights)
+    model = resnet_model
     path = tmp_path / "resnet50.keras"
     model.save(path)
     classifier = load_classifier(resnet50(str(path)))

@@ -227,7 +227,7 @@ def test_a_new_version_never_reads_an_older_versions_entries(
                 assert skipped == 4
         # Version 1 has left; only 2 is live.
         with worker(sim, "2") as model:
-            time.sleep(REFRESH_S + 0.2)
+            time.sleep(REFRESH_S + 0.2)  # as above: the view is renewed
             newer = predict(base, CHELSEA)
             assert newer.headers["X-Cache"] in ("miss", "hit")
             assert newer.json()["model"]["version"] == "2"
@@ -360,7 +360,7 @@ def test_a_refusing_or_full_cache_is_skipped_and_counted(
             # Under allkeys-lru, Redis makes room itself (evicting what it
             # likes, perhaps this very entry): writes go.
             cache.config_set("maxmemory-policy", "allkeys-lru")
-            time.sleep(1.1)
+            time.sleep(1.1)  # as above: the store reads the memory once a second
             stored = sample("keras_server_response_cache_stored_bytes")
             assert post_images(client, CHELSEA).headers["X-Cache"] == "miss"
             assert sample("keras_server_response_cache_stored_bytes") > stored

@@ -171,7 +171,7 @@ def predict(base: str, headers: dict[str, str] | None = None) -> None:
         )
         if response.status_code != 503:
             break
-        time.sleep(0.5)
+        time.sleep(0.2)
     assert response.status_code == 200, response.text
 
 

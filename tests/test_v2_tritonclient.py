@@ -21,6 +21,8 @@ from keras_server.images import load_image
 from keras_server.labels import imagenet_labels
 from keras_server.settings import Settings
 
+pytestmark = pytest.mark.slow  # every test talks to the module's server
+
 FILES = [(IMAGES / name).read_bytes() for name in ("chelsea.png", "coffee.png", "rocket.jpg")]
 MODEL = "sim"
 MAX_IMAGES = 4

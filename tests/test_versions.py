@@ -2,9 +2,11 @@
 requests answered by that version alone, and the traffic policy in Redis
 (`latest`, or weights such as 90/10) followed by unrestarted web servers.
 
-The HTTP tests run real workers (the simulated model, tiny sim times), a
-real web server (`--role web --web-workers 2`) and real Redis; the images
-are tiny PNGs, so 2,000 requests take seconds."""
+The HTTP tests share one cluster per module: real workers (the simulated
+model, tiny sim times), a real web server (`--role web --web-workers 2`) and
+real Redis; the images are tiny PNGs. The weighted draw itself is checked
+in-process with a seeded generator (`Router.rng`), the HTTP path by a short
+end-to-end run."""
 
 from __future__ import annotations
 
@@ -31,7 +33,14 @@ from keras_server.catalog import ModelSpec
 from keras_server.engines.simulated import SimulatedModel
 from keras_server.processes import Child
 from keras_server.serving.models import DISCOVERY_INTERVAL_S, ServedModel
-from keras_server.serving.traffic import ROUTING_TTL_S, Policy, PolicyError, Router, store_policy
+from keras_server.serving.traffic import (
+    ROUTING_TTL_S,
+    Policy,
+    PolicyError,
+    Router,
+    View,
+    store_policy,
+)
 from keras_server.settings import Settings
 from keras_server.web.app import create_app
 from keras_server.worker.loop import Worker
@@ -88,18 +97,24 @@ ADMIN_KEY = "admin-key-0123456789"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 
-@pytest.fixture
-def admin_keys(tmp_path: Path) -> str:
-    path = tmp_path / "admin-keys"
+def write_admin_keys(directory: Path) -> str:
+    path = directory / "admin-keys"
     path.write_text(f"# who may change traffic\nalice {ADMIN_KEY}\n")
     return str(path)
 
 
 @pytest.fixture
-def cluster(settings: Settings, admin_keys: str) -> Iterator[str]:
+def admin_keys(tmp_path: Path) -> str:
+    return write_admin_keys(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def cluster(module_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Two workers of version 1, two of version 2, and one web server with
-    two processes and the admin API; yields its base URL once both versions
-    are live."""
+    two processes and the admin API, shared by the module's HTTP tests;
+    yields its base URL once both versions are live."""
+    settings = module_settings
+    admin_keys = write_admin_keys(tmp_path_factory.mktemp("admin"))
     workers = [sim_worker(settings, v) for v in ("1", "1", "2", "2")]
     server = None
     try:
@@ -114,23 +129,24 @@ def cluster(settings: Settings, admin_keys: str) -> Iterator[str]:
         )
         yield base
     finally:
-        if server is not None:
-            stop(server)
-        for worker in workers:
-            stop(worker)
+        everything = [*workers, *([server] if server is not None else [])]
+        for process in everything:
+            process.terminate()  # side by side: each stop below then waits less
+        for process in everything:
+            stop(process)
 
 
 @pytest.mark.slow
 def test_pinned_versions_are_answered_by_their_own_workers(cluster: str) -> None:
-    """2,000 requests pinned half to version 1, half to version 2 (REST and
+    """400 requests pinned half to version 1, half to version 2 (REST and
     v2 paths): each answered, and only by the version it names. A version
     the model neither declares nor serves is a 404 naming those it serves."""
-    paths = [f"/models/sim/versions/{1 + i % 2}/predict" for i in range(2000)]
+    paths = [f"/models/sim/versions/{1 + i % 2}/predict" for i in range(400)]
     answers = many(cluster, paths)
     assert {status for _, status, _ in answers} == {200}
     wrong = [(p, v) for p, _, v in answers if p.split("/")[4] != v]
     assert not wrong, wrong[:5]
-    assert Counter(v for _, _, v in answers) == {"1": 1000, "2": 1000}
+    assert Counter(v for _, _, v in answers) == {"1": 200, "2": 200}
 
     none = requests.post(
         cluster + "/models/sim/versions/3/predict", files={"image": PNG}, timeout=10
@@ -152,22 +168,24 @@ def set_traffic(base: str, weights: dict[str, int] | None) -> None:
 def test_traffic_split_switch_and_rollback(cluster: str) -> None:
     """Unversioned requests follow the policy the admin API sets in Redis,
     through both processes of an unrestarted web server: `latest` (version
-    2); 90/10 over 2,000 requests lands within ±3 points; after a switch to
-    100 % of version 1, every request begun 1 s later is answered by version
-    1; the rollback (DELETE: `latest`) likewise."""
+    2); a 50/50 split answers from both versions (the proportions are
+    test_choose_draws_in_proportion's); after a switch to 100 % of version 1,
+    every request begun ROUTING_TTL_S later is answered by version 1; the
+    rollback (DELETE: `latest`) likewise."""
     assert {v for _, _, v in many(cluster, ["/predict"] * 40)} == {"2"}
 
-    set_traffic(cluster, {"1": 90, "2": 10})
-    time.sleep(1.0)
-    answers = many(cluster, ["/predict"] * 2000)
+    set_traffic(cluster, {"1": 50, "2": 50})
+    # What is tested: each web process reads the policy again within
+    # ROUTING_TTL_S (0.5 s), so requests begun that much later follow it.
+    time.sleep(ROUTING_TTL_S)
+    answers = many(cluster, ["/predict"] * 100)  # both drawn: all but 2**-99 sure
     assert {status for _, status, _ in answers} == {200}
-    share = Counter(v for _, _, v in answers)["1"] / len(answers)
-    assert 0.87 <= share <= 0.93, share
+    assert set(Counter(v for _, _, v in answers)) == {"1", "2"}
 
     for weights, expected in (({"1": 100}, "1"), (None, "2")):
         set_traffic(cluster, weights)
-        time.sleep(1.0)  # requests begun 1 s after the change
-        answers = many(cluster, ["/predict"] * 200)
+        time.sleep(ROUTING_TTL_S)  # as above: requests begun after it follow the change
+        answers = many(cluster, ["/predict"] * 100)
         assert {(status, v) for _, status, v in answers} == {(200, expected)}
 
 
@@ -205,6 +223,21 @@ def test_routing_counts_a_split_at_the_web_tier(settings: Settings) -> None:
         assert model.route().version == "2"
         store_policy(model, Policy())
         assert model.route().version == "2"
+
+
+def test_choose_draws_in_proportion(settings: Settings) -> None:
+    """The weighted draw, with a seeded generator: 90/10 over 10,000 draws
+    within a point; weights of versions with no live worker, or of 0, draw
+    nothing; no weights, or none live: the latest."""
+    model = router(settings)
+    model.rng = random.Random(7)
+    live = {"1": True, "2": True, "10": True}
+    split = View(live, Policy.from_weights({"1": 90, "2": 10, "3": 50, "10": 0}))
+    counts = Counter(model.choose(split) for _ in range(10_000))
+    assert set(counts) == {"1", "2"}
+    assert 0.89 <= counts["1"] / 10_000 <= 0.91, counts
+    assert model.choose(View(live, Policy.from_weights({"3": 1}))) == "10"
+    assert model.choose(View(live, Policy())) == "10"
 
 
 def test_a_leaving_version_hands_its_unpinned_queue_on(settings: Settings) -> None:
@@ -306,7 +339,7 @@ def test_admin_api_sets_and_clears_a_split(
             done = client.put(traffic, json={"weights": {"1": 100}}, headers=ADMIN)
             assert done.status_code == 200
             assert done.get_json()["traffic"] == {"policy": "weights", "weights": {"1": 100.0}}
-            time.sleep(ROUTING_TTL_S)
+            time.sleep(ROUTING_TTL_S)  # any process's cached view is renewed by now
             data = {"image": (io.BytesIO(PNG), "x.png")}
             assert client.post("/predict", data=data).get_json()["model"]["version"] == "1"
             cleared = client.delete(traffic, headers=ADMIN)
@@ -332,7 +365,11 @@ def test_a_new_model_serves_through_an_unrestarted_web_server(
         'default = "base"\n[models.base]\nmodel = "sim"\n[models.extra]\nmodel = "sim"\n'
         'version = "7"\n'
     )
-    server, base = start_web(settings, "--model", "sim", "--web-workers", "2", "--model-grace", "3")
+    # A grace long enough that the 503 is seen however slowly the worker
+    # stops on a loaded machine (3 s was not always).
+    server, base = start_web(
+        settings, "--model", "sim", "--web-workers", "2", "--model-grace", "15"
+    )
     worker = None
     try:
         url = base + "/models/extra/predict"
@@ -369,7 +406,7 @@ def test_a_new_model_serves_through_an_unrestarted_web_server(
         assert "no live worker" in gone.json()["error"]
         wait_until(
             lambda: requests.post(url, files={"image": PNG}, timeout=10).status_code == 404,
-            timeout=30,
+            timeout=60,
             what="the model forgotten after the grace period",
         )
     finally:
