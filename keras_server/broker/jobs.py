@@ -288,7 +288,7 @@ class JobStore:
             # node lacks (a replica just promoted, say): NOSCRIPT would fail
             # this command alone and the rest of the transaction run. The
             # script's text costs a few hundred bytes per item.
-            pipe.eval(_RECORD, len(keys), *keys, *args)
+            pipe.execute_command("EVAL", _RECORD, len(keys), *keys, *args)
             return
         self._record(keys=keys, args=args, client=pipe)
 
