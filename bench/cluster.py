@@ -16,6 +16,7 @@ broker and the serving layer, not a model. Prints a Markdown table.
 from __future__ import annotations
 
 import argparse
+import itertools
 import signal
 import statistics
 import sys
@@ -78,7 +79,7 @@ def failover_gap(workers: int, clients: int, seconds: float, image: str) -> dict
         thread.join()
     done = sorted(t for t in found["load"].finished_at if t >= killed)  # type: ignore[attr-defined]
     marks = [killed, *done]
-    gap = max((b - a for a, b in zip(marks, marks[1:], strict=False)), default=float("inf"))
+    gap = max((b - a for a, b in itertools.pairwise(marks)), default=float("inf"))
     return {"gap_s": gap, "statuses": dict(found["load"].statuses)}  # type: ignore[attr-defined]
 
 
