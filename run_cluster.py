@@ -3,9 +3,12 @@ shards, web servers (granian), model workers, and nginx round-robin in front.
 Not part of the server package: it runs the server's entry point
 (run_keras_server.py) and nginx with deploy/nginx.conf.template.
 
-    python run_cluster.py [--redis 2] [--web 2] [--workers 2] [--port 8080]
+    python run_cluster.py [--redis 2 | --redis-cluster 3] [--web 2] [--workers 2] [--port 8080]
                           [--rate-limit RATE [--rate-burst N]] [-- SERVER FLAGS]
 
+`--redis-cluster N` runs a Redis Cluster instead of the shards: N masters
+and N replicas (broker/redis_server.LocalCluster), one redis+cluster:// URL,
+and `--queue-partitions N` for every server unless given after `--`.
 Everything after `--` goes to every web server and worker, e.g.
 `-- --model sim --sim-batch-ms 200` or `-- --weights none`. Each part is
 printed as it comes up; Ctrl-C (or SIGTERM) tears it all down, in reverse.
@@ -30,7 +33,7 @@ from types import FrameType
 
 import requests
 
-from keras_server.broker.redis_server import RedisServer, free_port
+from keras_server.broker.redis_server import LocalCluster, RedisServer, free_port
 from keras_server.catalog import model_specs
 from keras_server.processes import Child, ChildFailed, wait_for
 from keras_server.serving.models import Deployment
@@ -131,8 +134,15 @@ class Cluster:
         say: Callable[[str], None] = print,
         rate_limit: str = "",
         rate_burst: int = 0,
+        redis_cluster: int = 0,
     ) -> None:
+        """`redis_cluster`: masters of a Redis Cluster to run instead of
+        `redis_count` shards (0: shards)."""
         self.counts = (redis_count, web_count, worker_count)
+        self.redis_cluster = redis_cluster
+        self.local_cluster: LocalCluster | None = None
+        if redis_cluster and "--queue-partitions" not in server_args:
+            server_args = [*server_args, "--queue-partitions", str(redis_cluster)]
         if rate_limit and not RATE.match(rate_limit):
             raise SettingsError(f"rate limit {rate_limit!r}: expected e.g. 10r/s or 30r/m")
         self.rate_limit = rate_limit
@@ -153,12 +163,18 @@ class Cluster:
 
     @property
     def redis_urls(self) -> str:
+        if self.local_cluster is not None:
+            return self.local_cluster.url
         return ",".join(server.url for server in self.redis)
 
     def start(self, timeout: float = 180) -> Cluster:
         redis_count, web_count, worker_count = self.counts
         try:
-            for i in range(redis_count):
+            if self.redis_cluster:
+                self.local_cluster = LocalCluster(self.redis_cluster)
+                self.local_cluster.start()
+                self.say(f"redis cluster {self.local_cluster.url}")
+            for i in range(0 if self.redis_cluster else redis_count):
                 self.redis.append(RedisServer().start())
                 self.say(f"redis {i}   {self.redis[-1].url}")
             for i in range(worker_count):
@@ -269,6 +285,9 @@ class Cluster:
             part.stop(timeout=40)
         for server in self.redis:
             server.close()
+        if self.local_cluster is not None:
+            self.local_cluster.stop()
+            self.local_cluster = None
         self.nginx, self.webs, self.workers, self.redis = None, [], [], []
         if not keep_logs:
             shutil.rmtree(self.dir, ignore_errors=True)
@@ -290,6 +309,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         epilog="Flags after -- go to every web server and worker (see run_keras_server.py --help).",
     )
     parser.add_argument("--redis", type=int, default=2, help="Redis shards (default 2)")
+    parser.add_argument(
+        "--redis-cluster",
+        type=int,
+        default=0,
+        metavar="N",
+        help="a Redis Cluster of N masters and N replicas instead of shards (N >= 3), "
+        "each model's queue on N partitions",
+    )
     parser.add_argument("--web", type=int, default=2, help="web servers, --role web (default 2)")
     parser.add_argument("--workers", type=int, default=2, help="model workers (default 2)")
     parser.add_argument("--port", type=int, default=8080, help="nginx port (default 8080)")
@@ -306,6 +333,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(own)
     if min(args.redis, args.web, args.workers) < 1:
         parser.error("each count must be at least 1")
+    if args.redis_cluster and args.redis_cluster < 3:
+        parser.error("--redis-cluster needs 3 masters at least")
     if args.rate_burst < 0:
         parser.error("--rate-burst must be 0 or more")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -323,6 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             port=args.port,
             rate_limit=args.rate_limit,
             rate_burst=args.rate_burst,
+            redis_cluster=args.redis_cluster,
         )
     except SettingsError as exc:
         parser.error(str(exc))

@@ -43,6 +43,8 @@ MAX_OPENVINO_STREAMS = 8
 # One request's images are queued by one Redis script call: keep its argument
 # list well inside Lua's stack.
 MAX_IMAGES = 1024
+# Most hash tags one model's queue is spread over (--queue-partitions).
+MAX_QUEUE_PARTITIONS = 64
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # An occlusion grid's sides (serving/explain.py): 2 x 2 says little; 16 x 16
 # is 256 images per explanation, queued in one transaction, well within the
@@ -82,6 +84,7 @@ class Settings:
     calibration_dir: str = ""
     min_agreement: float = 0.95
     queue_name: str = "image_queue"
+    queue_partitions: int = 1
     max_queue: int = 512
     priority_levels: int = 2
     low_priority_batch_size: int = 2
@@ -173,13 +176,14 @@ def _float(text: str) -> float:
 
 
 SENTINEL_SCHEME = "redis+sentinel://"
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://", SENTINEL_SCHEME)
+CLUSTER_SCHEME = "redis+cluster://"
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://", SENTINEL_SCHEME, CLUSTER_SCHEME)
 
 
 def split_redis_urls(text: str) -> tuple[str, ...]:
     """The shards' URLs. Commas separate shards, except inside a
-    redis+sentinel:// URL, whose sentinel addresses are comma-separated too: a
-    new shard starts only where a scheme follows the comma."""
+    redis+sentinel:// or redis+cluster:// URL, whose addresses are
+    comma-separated too: a new shard starts only where a scheme follows the comma."""
     return tuple(u.strip() for u in re.split(r",(?=\s*[a-z+]+://)", text))
 
 
@@ -231,6 +235,27 @@ def _explain_grid(text: str) -> int:
     return value
 
 
+def parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], str | None]:
+    """(seed nodes, password) of a redis+cluster://[:PASSWORD@]HOST:PORT[,HOST:PORT...]
+    URL: any of the cluster's nodes, from which the client learns the rest."""
+    rest = url.removeprefix(CLUSTER_SCHEME)
+    password = None
+    if "@" in rest:
+        credentials, rest = rest.rsplit("@", 1)
+        password = unquote(credentials.split(":", 1)[-1]) or None
+    hosts = rest.rstrip("/")
+    if not hosts or "/" in hosts:
+        # A cluster has database 0 alone: no path.
+        raise ValueError(f"expected {CLUSTER_SCHEME}HOST:PORT[,HOST:PORT...]")
+    nodes = []
+    for host in hosts.split(","):
+        name, _, port = host.strip().rpartition(":")
+        if not name.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"cluster node {host!r}: expected HOST:PORT")
+        nodes.append((name.strip("[]"), int(port)))
+    return nodes, password
+
+
 def _redis_urls(text: str) -> str:
     """One Redis URL, or several (shards) separated by commas."""
     urls = split_redis_urls(text)
@@ -239,6 +264,8 @@ def _redis_urls(text: str) -> str:
             raise ValueError(f"each URL must start with {', '.join(REDIS_SCHEMES)}")
         if url.startswith(SENTINEL_SCHEME):
             parse_sentinel_url(url)
+        if url.startswith(CLUSTER_SCHEME):
+            parse_cluster_url(url)
     if len(set(urls)) != len(urls):
         raise ValueError("a Redis URL is listed twice")
     return ",".join(urls)
@@ -326,6 +353,14 @@ def _cors_origins(text: str) -> str:
     return ",".join(dict.fromkeys(found))
 
 
+def _queue_name(text: str) -> str:
+    text = _non_empty(text)
+    if any(c in text for c in "{}#"):
+        # Keys puts the name in braces (a hash tag) and marks partitions with '#'.
+        raise ValueError("must not contain '{', '}' or '#'")
+    return text
+
+
 def _non_empty(text: str) -> str:
     if not text.strip():
         raise ValueError("must not be empty")
@@ -406,7 +441,8 @@ KNOBS: tuple[Knob, ...] = (
         "redis_url",
         _redis_urls,
         "Redis holding the queue (redis://, rediss:// for TLS, unix://, or "
-        "redis+sentinel://HOST:PORT,HOST:PORT/MASTER through Sentinel), or several "
+        "redis+sentinel://HOST:PORT,HOST:PORT/MASTER through Sentinel, or "
+        "redis+cluster://HOST:PORT[,HOST:PORT...], seed nodes of a Redis Cluster), or several "
         "separated by commas (shards); if not given and nothing answers at the default, "
         "--role all starts a private redis-server",
         "URL[,URL...]",
@@ -550,7 +586,21 @@ KNOBS: tuple[Knob, ...] = (
         "what is queued)",
         "MS",
     ),
-    Knob("queue_name", _non_empty, "Redis list the requests go through", "NAME"),
+    Knob(
+        "queue_name",
+        _queue_name,
+        "Redis list the requests go through; every key name starts with it, in braces "
+        "(a Redis Cluster hash tag)",
+        "NAME",
+    ),
+    Knob(
+        "queue_partitions",
+        Number(whole=True, low=1, high=MAX_QUEUE_PARTITIONS),
+        "hash tags each model's queue is spread over, on every Redis (its own keys each: "
+        "web processes push to one, workers claim from all); on a Redis Cluster, one per "
+        f"master spreads a busy model over them all (at most {MAX_QUEUE_PARTITIONS})",
+        "N",
+    ),
     Knob(
         "max_queue",
         Number(whole=True, low=1, high=MAX_QUEUE),

@@ -26,6 +26,7 @@ from conftest import CHELSEA, start_web, stop
 from flask.testing import FlaskClient
 
 from bench.hostile_archives import entries_zip, zeros_tar_gz
+from keras_server.broker.messages import Keys
 from keras_server.settings import Settings
 from keras_server.web import archives
 from keras_server.web.app import create_app
@@ -73,7 +74,7 @@ def test_a_member_larger_than_an_image_is_refused_from_its_header(
     assert "'zeros.png'" in error
     assert "16 MB, --max-upload-mb" in error
     assert peak < 64 * MIB
-    assert not redis_client.keys(f"{settings.queue_name}:job*")
+    assert not redis_client.keys(Keys(settings.queue_name).tag + ":job*")
 
 
 @pytest.mark.parametrize("mode", ["w:gz", "w:bz2", "w:xz", "w"])

@@ -41,6 +41,7 @@ import requests
 from conftest import ENV, ROOT
 from PIL import Image
 
+from keras_server.broker.messages import Keys
 from keras_server.catalog import SIM_SIZE
 from keras_server.engines.predictor import top_k
 from keras_server.engines.simulated import SimulatedModel
@@ -84,7 +85,7 @@ class Cluster:
 
     def claimed(self) -> int:
         """Requests in any worker's processing list."""
-        keys = list(self.observer.scan_iter(f"{QUEUE}:processing:*"))
+        keys = list(self.observer.scan_iter(Keys(QUEUE).processing("*")))
         return sum(int(self.observer.llen(k)) for k in keys)
 
 

@@ -17,6 +17,7 @@ from flask.testing import FlaskClient
 from PIL import Image
 from test_images import _png_header_only
 
+from keras_server.broker.messages import Keys
 from keras_server.engines.simulated import SimulatedModel
 from keras_server.settings import Settings
 from keras_server.web.app import create_app
@@ -75,7 +76,7 @@ def test_each_bad_request_gets_the_right_4xx(
     body = json.loads(response.get_data())
     assert body["success"] is False
     assert text in body["error"]
-    assert redis_client.llen(settings.queue_name) == 0, "nothing bad reaches the queue"
+    assert redis_client.llen(Keys(settings.queue_name).queue) == 0, "nothing bad reaches the queue"
 
 
 def test_a_polyglot_is_classified_as_the_image_it_is(

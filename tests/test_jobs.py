@@ -180,7 +180,7 @@ def test_archives_are_refused_naming_the_problem(
     assert answer.status_code == status, answer.get_json()
     assert words in answer.get_json()["error"]
     assert answer.get_json()["success"] is False
-    assert not redis_client.keys(f"{settings.queue_name}:job*")
+    assert not redis_client.keys(messages.Keys(settings.queue_name).tag + ":job*")
 
 
 def test_too_many_image_fields_or_none(settings: Settings) -> None:
@@ -316,7 +316,8 @@ def test_a_cancelled_job_runs_nothing_more(settings: Settings) -> None:
         assert requests.delete(location, timeout=10).json()["cancelled"] is False
         worker = start_worker(settings, "--sim-batch-ms", "5", "--batch-size", "4")
         client = redis.Redis.from_url(settings.redis_url)
-        wait_until(lambda: client.llen(settings.queue_name) == 0, 30, "the queue drained")
+        queue = messages.Keys(settings.queue_name).queue
+        wait_until(lambda: client.llen(queue) == 0, 30, "the queue drained")
         body = requests.get(location, timeout=10).json()
     finally:
         stop(web)

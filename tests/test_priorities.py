@@ -57,8 +57,9 @@ def take(queue: RequestQueue, n: int, max_lower: int | None = None) -> list[byte
 
 def test_keys_keep_level_one_on_the_plain_name() -> None:
     keys = messages.Keys("q")
-    assert keys.queue_at(1) == keys.queue == "q"
-    assert keys.queues(3) == ["q", "q:level:2", "q:level:3"]
+    # The name in braces: a Redis Cluster hash tag (Keys.tag).
+    assert keys.queue_at(1) == keys.queue == "{q}"
+    assert keys.queues(3) == ["{q}", "{q}:level:2", "{q}:level:3"]
     with pytest.raises(ValueError, match="collide"):
         messages.Keys.for_model("q", "level", "default")
 

@@ -197,8 +197,8 @@ def test_a_hit_answers_the_same_body_without_queueing(
         assert metric(base, "keras_server_response_cache_stored_bytes", model="sim") == stored
         # The key names the model, the version, the form and the upload's hash.
         digest = response_cache.digest(CHELSEA)
-        assert redis_client.exists(f"{sim.queue_name}:cache:sim:1:top5:{digest}")
-        assert redis_client.exists(f"{sim.queue_name}:cache:sim:1:p0:{digest}")
+        assert redis_client.exists(f"{{{sim.queue_name}}}:cache:sim:1:top5:{digest}")
+        assert redis_client.exists(f"{{{sim.queue_name}}}:cache:sim:1:p0:{digest}")
     finally:
         stop(process)
 
@@ -234,8 +234,8 @@ def test_a_new_version_never_reads_an_older_versions_entries(
             assert predict(base, CHELSEA).json()["model"]["version"] == "2"
             # A 2 answer is stored under 2; 1's entry is still there, never read.
             digest = response_cache.digest(CHELSEA)
-            assert redis_client.exists(f"{sim.queue_name}:cache:sim:1:top5:{digest}")
-            assert redis_client.exists(f"{sim.queue_name}:cache:sim:2:top5:{digest}")
+            assert redis_client.exists(f"{{{sim.queue_name}}}:cache:sim:1:top5:{digest}")
+            assert redis_client.exists(f"{{{sim.queue_name}}}:cache:sim:2:top5:{digest}")
             before = model.images
             assert predict(base, CHELSEA).headers["X-Cache"] == "hit"
             assert model.images == before

@@ -49,7 +49,7 @@ def test_acl_user_limited_to_the_queue_keys(redis_server: RedisServer) -> None:
         "keras",
         enabled=True,
         passwords=["+app-pass"],
-        keys=["kq*"],
+        keys=["{kq*"],  # the queue name in braces: its hash tag (messages.Keys)
         commands=["+@all", "-@dangerous"],
     )
     try:

@@ -18,6 +18,7 @@ from conftest import (
 from flask.testing import FlaskClient
 from test_images import _png_header_only
 
+from keras_server.broker.messages import Keys
 from keras_server.settings import Settings
 from keras_server.web.app import create_app
 
@@ -101,7 +102,7 @@ def test_too_many_images_is_a_413_and_nothing_is_queued(
         "success": False,
         "error": "5 images in one request; the limit is 4 (--max-images)",
     }
-    assert redis_client.llen(settings.queue_name) == 0
+    assert redis_client.llen(Keys(settings.queue_name).queue) == 0
 
 
 def test_a_full_queue_refuses_the_whole_request(
@@ -111,7 +112,7 @@ def test_a_full_queue_refuses_the_whole_request(
     response = post_images(client, *[("x.png", CHELSEA)] * 3)
     assert response.status_code == 503
     assert "queue is full" in response.get_json()["error"]
-    assert redis_client.llen(settings.queue_name) == 0, "all or none"
+    assert redis_client.llen(Keys(settings.queue_name).queue) == 0, "all or none"
 
 
 def test_no_worker_makes_each_image_a_504(settings: Settings) -> None:

@@ -14,6 +14,7 @@ from conftest import CHELSEA, CountingPredictor, WorkerThread, make_worker, wait
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
+from keras_server.broker.messages import Keys
 from keras_server.engines.simulated import SimulatedModel
 from keras_server.settings import Settings
 from keras_server.web.app import create_app
@@ -147,7 +148,7 @@ def test_n_images_are_n_queue_entries_batched_together(
 
 
 def _depth(settings: Settings) -> int:
-    return redis.Redis.from_url(settings.redis_url).llen(settings.queue_name)
+    return redis.Redis.from_url(settings.redis_url).llen(Keys(settings.queue_name).queue)
 
 
 def test_a_body_over_the_upload_limit_is_a_413(small: Settings, nothing_queued: None) -> None:

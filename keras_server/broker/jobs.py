@@ -30,8 +30,9 @@ goes on whatever web server took it: killed after its 202, nothing is lost.
   the model (`cancelled`), so no item not yet run is ever run.
 
 Every key name comes from messages.Keys. The feed script reads the items
-lists of the jobs named in the set, keys it builds from the queue name it is
-given (one Redis, never a cluster: as everywhere here).
+lists of the jobs named in the set, keys it builds from the prefix it is
+given: they share the queue's hash tag (messages.Keys), so on a Redis
+Cluster they are on the script's own slot.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+from redis.cluster import ClusterPipeline
 
 from keras_server.broker.messages import Keys
 
@@ -294,6 +296,13 @@ class JobStore:
             self.keys.callbacks,
         ]
         args = [index, result, "1" if failed else "0", _ms(ttl), repr(time.time()), job_id]
+        if isinstance(pipe, ClusterPipeline):
+            # EVALSHA in a cluster's transaction cannot load a script the
+            # node lacks (a replica just promoted, say): NOSCRIPT would fail
+            # this command alone and the rest of the transaction run. The
+            # script's text costs a few hundred bytes per item.
+            pipe.execute_command("EVAL", _RECORD, len(keys), *keys, *args)
+            return None
         self._record(keys=keys, args=args, client=pipe)
         return failed
 

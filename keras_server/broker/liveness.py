@@ -55,12 +55,17 @@ class Liveness:
         if self.version:
             p.hset(self.keys.worker_versions, worker_id, self.version)
             p.sadd(self.keys.known_versions, self.version)
-        if self.registry and info.name:
-            entry = {"queue": self.keys.queue_name, "version": info.version, "at": info.at}
-            p.hset(self.registry, info.name, json.dumps(entry))
         if own:
             with self.shard.watch():
                 p.execute()
+        if self.registry and info.name:
+            # The deployment's registry is under the plain queue name's hash
+            # tag, another slot on a cluster: never in the heartbeat's
+            # transaction. A beat whose registry write fails is seen by the
+            # web tier at the next one (it forgets a model after --model-grace).
+            entry = {"queue": self.keys.queue_name, "version": info.version, "at": info.at}
+            with self.shard.watch():
+                self.client.hset(self.registry, info.name, json.dumps(entry))
 
     def leave(self, worker_id: str, pipe: Pipeline | None = None) -> None:
         own = pipe is None

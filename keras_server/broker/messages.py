@@ -55,6 +55,7 @@ Nothing read from Redis is ever unpickled or evaluated.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -63,6 +64,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from redis.crc import key_slot
 
 # The messages' format: in every request and result header and heartbeat.
 # Change it with any change to them that the other side cannot read.
@@ -104,11 +106,57 @@ KEY_PARTS = (
 )  # fmt: skip
 
 
+# Redis Cluster's slots: a key's slot is CRC16 of its hash tag, mod SLOTS.
+SLOTS = 16384
+
+
+@functools.cache
+def partition_tags(queue_name: str, partitions: int) -> tuple[str, ...]:
+    """The hash tags of a queue spread over `partitions` (--queue-partitions):
+    the plain name alone for one; else, for partition i, "<name>#i.k" with
+    the smallest k whose slot lies in the i-th of `partitions` equal ranges
+    of the slot space. `redis-cli --cluster create` gives its masters equal
+    ranges in that order, so a cluster of as many masters as partitions has
+    one partition on each; on other layouts they still spread by slot.
+    Every process computes the same tags from the same two settings."""
+    if partitions < 1:
+        raise ValueError(f"{partitions} queue partitions")
+    if partitions == 1:
+        return (queue_name,)
+    tags = []
+    for i in range(partitions):
+        low, high = i * SLOTS // partitions, (i + 1) * SLOTS // partitions
+        k = 0
+        while not low <= key_slot(f"{queue_name}#{i}.{k}".encode()) < high:
+            k += 1
+        tags.append(f"{queue_name}#{i}.{k}")
+    return tuple(tags)
+
+
 @dataclass(frozen=True)
 class Keys:
-    """Every Redis key name the service uses is built here and only here."""
+    """Every Redis key name the service uses is built here and only here.
 
-    queue_name: str
+    Every name starts with one hash tag, `{<tag>}` (`tag`): the model's
+    queue name, or a partition's (`partitions`). Redis Cluster puts the keys
+    of one tag on one slot, so every script and transaction here, each of
+    which touches one tag's keys, runs on one node; on a plain Redis the
+    braces are only part of the names."""
+
+    queue_name: str  # the model's queue name (the plain --queue-name: the default model)
+    partition: str = ""  # this partition's tag ("": the model's queue_name)
+    version: str = ""  # a version's own queue (for_version); "": the model's
+
+    @property
+    def tag(self) -> str:
+        """The hash tag every name starts with, braces and all."""
+        return "{" + (self.partition or self.queue_name) + "}"
+
+    @property
+    def _name(self) -> str:
+        """What every key of this queue starts with: the tag, then the
+        version's part for a version's own queue."""
+        return f"{self.tag}:version:{self.version}" if self.version else self.tag
 
     @classmethod
     def for_model(cls, queue_name: str, model: str, default: str) -> Keys:
@@ -123,37 +171,47 @@ class Keys:
             )
         return cls(f"{queue_name}:{model}")
 
+    def partitions(self, count: int) -> list[Keys]:
+        """The model's queue on `count` hash tags (partition_tags), each with
+        keys of its own: its levels, wake-up list, claims, results,
+        heartbeats, jobs and traffic copy, so that each is like a shard."""
+        if count == 1:
+            return [self]
+        return [
+            dataclasses.replace(self, partition=tag)
+            for tag in partition_tags(self.queue_name, count)
+        ]
+
     @property
     def queue(self) -> str:
-        """The level-1 queue: the plain name."""
-        return self.queue_name
+        """The level-1 queue: the queue's name itself, no level suffix."""
+        return self._name
 
     def queue_at(self, level: int) -> str:
         """The queue of priority `level` (1 is the highest). Every name of a
-        queue's lists is built from `queue_name` here, so a finer queue (one
-        per model version: `for_version`) is a longer `queue_name`, levels
-        and all."""
+        queue's lists is built here, so a finer queue (one per model version:
+        `for_version`) has its own levels and wake-up list."""
         if level < 1:
             raise ValueError(f"priority level {level} < 1")
-        return self.queue_name if level == 1 else f"{self.queue_name}:level:{level}"
+        return self._name if level == 1 else f"{self._name}:level:{level}"
 
     def for_version(self, version: str) -> Keys:
-        """Version `version`'s own queue (its levels and wake-up list): only
-        that version's workers claim from it. Results, claims, heartbeats and
-        jobs stay under the model's keys."""
-        return Keys(f"{self.queue_name}:version:{version}")
+        """Version `version`'s own queue (its levels and wake-up list), on
+        the same tag: only that version's workers claim from it. Results,
+        claims, heartbeats and jobs stay under the model's keys."""
+        return dataclasses.replace(self, version=version)
 
     @property
     def worker_versions(self) -> str:
         """Hash: worker id -> the version it serves, so any worker can put a
         dead one's claims back on that version's queue."""
-        return f"{self.queue_name}:versions"
+        return f"{self._name}:versions"
 
     @property
     def known_versions(self) -> str:
         """Set of every version that has had workers: the queues a worker
         sweeps for requests left behind when a version's last worker leaves."""
-        return f"{self.queue_name}:versions:known"
+        return f"{self._name}:versions:known"
 
     @property
     def models(self) -> str:
@@ -161,13 +219,13 @@ class Keys:
         `{"queue", "version", "at"}`, written by each worker's heartbeat, from
         which web servers learn the models they were not told of
         (serving/models.py, --models-from workers)."""
-        return f"{self.queue_name}:models"
+        return f"{self._name}:models"
 
     @property
     def traffic(self) -> str:
         """The model's traffic policy (JSON, stamped: broker/traffic.py; absent:
         `latest`), serving/traffic.py."""
-        return f"{self.queue_name}:traffic"
+        return f"{self._name}:traffic"
 
     def queues(self, levels: int) -> list[str]:
         """The queues of levels 1 .. `levels`, highest first."""
@@ -177,23 +235,23 @@ class Keys:
     def wakeup(self) -> str:
         """Tokens, one per push (a few at most), that a worker blocks on while
         every level is empty: BLMOVE watches one list, the levels are several."""
-        return f"{self.queue_name}:wakeup"
+        return f"{self._name}:wakeup"
 
     def result(self, request_id: str) -> str:
-        return f"{self.queue_name}:result:{request_id}"
+        return f"{self._name}:result:{request_id}"
 
     def processing(self, worker_id: str) -> str:
         """The requests a worker has claimed and not yet answered."""
-        return f"{self.queue_name}:processing:{worker_id}"
+        return f"{self._name}:processing:{worker_id}"
 
     def heartbeat(self, worker_id: str) -> str:
         """Exists (with a TTL) while the worker is alive; holds its WorkerInfo."""
-        return f"{self.queue_name}:worker:{worker_id}"
+        return f"{self._name}:worker:{worker_id}"
 
     @property
     def workers(self) -> str:
         """Set of worker ids that may hold claims, live or dead."""
-        return f"{self.queue_name}:workers"
+        return f"{self._name}:workers"
 
     def cached(self, model: str, version: str, form: str, digest: str) -> str:
         """A cached answer (serving/cache.py): the answer `version` of
@@ -201,24 +259,24 @@ class Keys:
         classes), to the upload whose hash is `digest`. The model is named
         even though the queue name may say it: the default model's keys
         carry no model name, and the default can change."""
-        return f"{self.queue_name}:cache:{model}:{version}:{form}:{digest}"
+        return f"{self._name}:cache:{model}:{version}:{form}:{digest}"
 
     def quota(self, key_name: str) -> str:
         """An API key's quota state (broker/quotas.py), by the key's name from
         the keys file, never by the key itself. Under the default model's
         queue name, on the first shard: one per deployment."""
-        return f"{self.queue_name}:quota:{key_name}"
+        return f"{self._name}:quota:{key_name}"
 
     # -- asynchronous jobs (broker/jobs.py) --------------------------------
 
     @property
     def jobs(self) -> str:
         """Set of the ids of jobs with items not yet moved onto the queue."""
-        return f"{self.queue_name}:jobs"
+        return f"{self._name}:jobs"
 
     def job(self, job_id: str) -> str:
         """Hash: the job's record (state, owner, counts, times, callback)."""
-        return f"{self.queue_name}:job:{job_id}"
+        return f"{self._name}:job:{job_id}"
 
     def job_items(self, job_id: str) -> str:
         """List: the job's encoded requests not yet on the queue, in order."""
@@ -239,12 +297,12 @@ class Keys:
         one: when its lease ends). Added by the transaction that completes
         the job (broker/jobs.py), claimed and cleared by
         broker/pending_callbacks.py."""
-        return f"{self.queue_name}:callbacks"
+        return f"{self._name}:callbacks"
 
     @property
     def callback_tries(self) -> str:
         """Hash: job id -> how many times its callback was claimed (tried)."""
-        return f"{self.queue_name}:callbacks:tries"
+        return f"{self._name}:callbacks:tries"
 
     def job_keys(self, job_id: str) -> list[str]:
         return [

@@ -11,6 +11,10 @@ without asking it anything, and a background probe pings it until it
 answers again. A worker serves one shard or several (one claim loop per
 shard, sharing the model: see worker.FairLock).
 
+A model's queue spread over several hash tags (--queue-partitions, e.g.
+over a Redis Cluster's masters) is one queue per partition here, each
+picked like a shard; their Redis is one Shard, up or down as a whole.
+
 With one shard all of this reduces to that shard.
 """
 
@@ -48,9 +52,24 @@ class ShardSet:
 
     @classmethod
     def connect(
-        cls, urls: Sequence[str], keys: Keys, *, timeout: float, levels: int = 1
+        cls,
+        urls: Sequence[str],
+        keys: Keys,
+        *,
+        timeout: float,
+        levels: int = 1,
+        partitions: int = 1,
     ) -> ShardSet:
-        return cls([RequestQueue.open(url, keys, timeout=timeout, levels=levels) for url in urls])
+        """The model's queue on each of `urls`, on each of its `partitions`
+        hash tags there (Keys.partitions): a partition is picked, pushed to
+        and awaited on like a shard of its own."""
+        return cls(
+            [
+                RequestQueue.open(url, part, timeout=timeout, levels=levels)
+                for url in urls
+                for part in keys.partitions(partitions)
+            ]
+        )
 
     def name(self, queue: RequestQueue) -> str:
         return queue.shard.name

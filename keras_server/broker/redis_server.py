@@ -168,3 +168,117 @@ def ensure_redis(settings: Settings) -> tuple[Settings, RedisServer | None]:
         server.url,
     )
     return dataclasses.replace(settings, redis_url=server.url), server
+
+
+def free_cluster_port(taken: Sequence[int] = ()) -> int:
+    """A loopback port free with the one 10000 above it (a cluster node's
+    bus), both below the kernel's ephemeral range and below 55000."""
+    high = min(_ephemeral_low(), 55000) - 10000
+    for _ in range(500):
+        port = random.randrange(20000, max(high, 20001))
+        if port in taken or port + 10000 in taken:
+            continue
+        if all(_free(p) for p in (port, port + 10000)):
+            return port
+    raise OSError("no free loopback port pair for a cluster node")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+class LocalCluster:
+    """A Redis Cluster on loopback: `masters` masters with one replica each
+    (`redis-server --cluster-enabled yes`, joined by `redis-cli --cluster
+    create`), keeping nothing on disk. For run_cluster.py, the tests and the
+    benchmarks; `url` is its redis+cluster:// URL (every node a seed)."""
+
+    def __init__(self, masters: int = 3, node_timeout_ms: int = 2000) -> None:
+        if masters < 3:
+            raise ValueError("a Redis Cluster needs 3 masters at least")
+        self.cli = shutil.which("redis-cli")
+        if self.cli is None:
+            raise RedisUnavailable(f"no redis-cli found: {INSTALL_HINT}")
+        ports: list[int] = []
+        for _ in range(2 * masters):
+            ports.append(free_cluster_port(ports))
+        options = [
+            "--cluster-enabled", "yes",
+            "--cluster-config-file", "nodes.conf",
+            # How long a master may be silent before its replica takes
+            # over: the failover's gap is about this.
+            "--cluster-node-timeout", str(node_timeout_ms),
+        ]  # fmt: skip
+        self.nodes = [RedisServer(port=port, extra_args=options) for port in ports]
+        self.masters = masters
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def start(self, timeout: float = 60.0) -> LocalCluster:
+        for node in self.nodes:
+            node.start()
+        # The first `masters` addresses become the masters, in order, with
+        # equal slot ranges: partition i of messages.partition_tags is on
+        # master i. Each replica syncs with its master in the background.
+        subprocess.run(
+            [
+                self.cli, "--cluster", "create",
+                *[f"127.0.0.1:{n.port}" for n in self.nodes],
+                "--cluster-replicas", "1", "--cluster-yes",
+            ],
+            check=True, capture_output=True, timeout=timeout,
+        )  # fmt: skip
+        self.nodes[0].child.wait_until(self.ready, timeout, "a cluster with every slot served")
+        return self
+
+    def ready(self) -> bool:
+        """Every live node says the cluster is ok and knows its role."""
+        for node in self.nodes:
+            if node.process is None or node.process.poll() is not None:
+                continue
+            client = redis.Redis(port=node.port, socket_timeout=1)
+            try:
+                # redis-py reads CLUSTER INFO into a dict.
+                if client.execute_command("CLUSTER INFO").get("cluster_state") != "ok":
+                    return False
+            except redis.RedisError:
+                return False
+            finally:
+                client.close()
+        return True
+
+    def role(self, node: RedisServer) -> str:
+        """'master' or 'slave', as the node says (a dead one: 'down')."""
+        if node.process is None or node.process.poll() is not None:
+            return "down"
+        client = redis.Redis(port=node.port, socket_timeout=1)
+        try:
+            return str(client.execute_command("ROLE")[0].decode())
+        except redis.RedisError:
+            return "down"
+        finally:
+            client.close()
+
+    def live_masters(self) -> list[RedisServer]:
+        return [n for n in self.nodes if self.role(n) == "master"]
+
+    def stop(self) -> None:
+        for node in reversed(self.nodes):
+            node.close()
+
+    def __enter__(self) -> LocalCluster:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

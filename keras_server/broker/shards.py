@@ -13,17 +13,39 @@ from collections.abc import Iterator
 from typing import Any
 
 import redis
-from redis.backoff import NoBackoff
+from redis import exceptions
+from redis.backoff import ConstantBackoff, NoBackoff
+from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
 from keras_server.broker.failures import Kind, kind_of, reason
-from keras_server.settings import SENTINEL_SCHEME, parse_sentinel_url
+from keras_server.settings import (
+    CLUSTER_SCHEME,
+    SENTINEL_SCHEME,
+    parse_cluster_url,
+    parse_sentinel_url,
+)
 
 log = logging.getLogger(__name__)
 
 # How often a host marked down is pinged to see whether it is back.
 PROBE_INTERVAL_S = 0.5
+
+# A Redis Cluster client's retries of a command that met a connection error,
+# a timeout or CLUSTERDOWN, each after CLUSTER_RETRY_S, with the topology
+# read again first: enough to follow a failover that has just ended (the
+# command's slot now on the promoted replica) without a 503; too few to hide
+# a master that is still down, which the shard's health record and probe
+# handle (the web tier answers 503 at once). MOVED and ASK are followed
+# whatever this says.
+CLUSTER_RETRIES = 2
+CLUSTER_RETRY_S = 0.1
+
+# What a Redis Cluster client raises that is not a redis.RedisError: no node
+# reachable, or a slot no node serves (a master gone, no replica promoted
+# yet). `Shard.watch` raises them as the redis.ConnectionError they are.
+CLUSTER_UNREACHABLE = (exceptions.RedisClusterUnreachableError, exceptions.SlotNotCoveredError)
 
 
 def connect(url: str, *, timeout: float) -> redis.Redis:
@@ -38,6 +60,11 @@ def connect(url: str, *, timeout: float) -> redis.Redis:
 
     `redis+sentinel://host:port[,host:port...]/MASTER[/DB]` asks those Redis
     Sentinels for the current master of MASTER, and again after a failover.
+
+    `redis+cluster://host:port[,host:port...]` is a Redis Cluster, through
+    redis-py's RedisCluster: the seed nodes tell it the others and which
+    owns each slot; it follows MOVED and ASK itself, and reads the topology
+    again after a connection error (see CLUSTER_RETRIES).
     """
     options: dict[str, Any] = {
         "socket_connect_timeout": timeout,
@@ -53,7 +80,20 @@ def connect(url: str, *, timeout: float) -> redis.Redis:
             **options,
         )
         return sentinel.master_for(master, db=db, password=password)
+    if url.startswith(CLUSTER_SCHEME):
+        nodes, password = parse_cluster_url(url)
+        options["retry"] = Retry(ConstantBackoff(CLUSTER_RETRY_S), CLUSTER_RETRIES)
+        client: redis.Redis = RedisCluster(  # type: ignore[assignment]
+            startup_nodes=[ClusterNode(host, port) for host, port in nodes],
+            password=password,
+            **options,
+        )
+        return client
     return redis.Redis.from_url(url, **options)
+
+
+def is_cluster(client: object) -> bool:
+    return isinstance(client, RedisCluster)
 
 
 def label(url: str) -> str:
@@ -61,6 +101,9 @@ def label(url: str) -> str:
     if url.startswith(SENTINEL_SCHEME):
         _, master, db, _ = parse_sentinel_url(url)
         return f"sentinel:{master}/{db}"
+    if url.startswith(CLUSTER_SCHEME):
+        (host, port), *_ = parse_cluster_url(url)[0]
+        return f"cluster:{host}:{port}"
     kwargs = redis.connection.parse_url(url)
     if "path" in kwargs:
         return str(kwargs["path"])
@@ -127,7 +170,10 @@ class Shard:
         """Mark the host down when what runs inside finds it unreachable; every
         error goes on to the caller."""
         try:
-            yield
+            try:
+                yield
+            except CLUSTER_UNREACHABLE as exc:
+                raise redis.ConnectionError(f"Redis Cluster: {exc}") from exc
         except redis.RedisError as exc:
             if kind_of(exc) is Kind.UNREACHABLE:
                 self.mark_down(exc)
@@ -136,8 +182,15 @@ class Shard:
     def block(self, *command: Any, seconds: float) -> Any:
         """Run a blocking command (BLPOP, BLMOVE) that Redis ends after
         `seconds`, reading its reply for `seconds` plus --redis-timeout: a nil
-        reply that comes a little late is not a hung host."""
-        pool = self.client.connection_pool
+        reply that comes a little late is not a hung host. On a cluster it
+        goes to the node that owns its first key's slot (every key of one
+        command shares a hash tag: messages.Keys)."""
+        if is_cluster(self.client):
+            cluster: Any = self.client
+            node = cluster.get_node_from_key(command[1])
+            pool = cluster.get_redis_connection(node).connection_pool
+        else:
+            pool = self.client.connection_pool
         connection = pool.get_connection()
         try:
             connection.send_command(*command)
@@ -149,13 +202,24 @@ class Shard:
         finally:
             pool.release(connection)
 
+    def _ping(self) -> None:
+        """Whether the host answers; a cluster's every master, after the
+        topology is read again (a replica promoted since is a master now,
+        and the dead one is no longer asked)."""
+        if is_cluster(self.client):
+            cluster: Any = self.client
+            cluster.nodes_manager.initialize()
+            cluster.ping(target_nodes=RedisCluster.PRIMARIES)
+        else:
+            self.client.ping()
+
     def _probe(self) -> None:
         """Ping the host every PROBE_INTERVAL_S until it answers."""
         event = threading.Event()
         while True:
             try:
-                self.client.ping()
-            except redis.RedisError:
+                self._ping()
+            except (redis.RedisError, exceptions.RedisClusterException):
                 event.wait(PROBE_INTERVAL_S)
                 continue
             with self._lock:

@@ -149,6 +149,7 @@ class Deployment:
             keys,
             timeout=settings.redis_timeout,
             levels=settings.priority_levels,
+            partitions=settings.queue_partitions,
         )
 
     @property

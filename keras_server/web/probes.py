@@ -89,19 +89,30 @@ class RedisCollector(Collector):
         )
         now = time.time()
         reachable: dict[str, int] = {}
+        # A model's queue partitions (--queue-partitions) on one shard are
+        # summed into that shard's series.
+        depths: dict[tuple[str, str, str], int] = {}
+        lives: dict[tuple[str, str], int] = {}
+        backlogs: dict[tuple[str, str], int] = {}
         for shard_state in self.deployment.survey():
             # A shard is up if it answered for any model.
             shard = shard_state.shard
             reachable[shard] = max(reachable.get(shard, 0), int(shard_state.reachable))
             if not shard_state.reachable:
                 continue
-            where = [shard_state.model_name, shard]
+            where = (shard_state.model_name, shard)
             for level, waiting in enumerate(shard_state.depths, start=1):
-                depth.add_metric([*where, str(level)], waiting)
-            backlog.add_metric(where, shard_state.job_backlog)
-            live.add_metric(where, len(shard_state.workers))
+                depths[(*where, str(level))] = depths.get((*where, str(level)), 0) + waiting
+            lives[where] = lives.get(where, 0) + len(shard_state.workers)
+            backlogs[where] = backlogs.get(where, 0) + shard_state.job_backlog
             for worker_id, info in shard_state.workers.items():
                 age.add_metric([*where, worker_id], max(0.0, now - info.at))
+        for series, waiting in depths.items():
+            depth.add_metric(list(series), waiting)
+        for series, count in lives.items():
+            live.add_metric(list(series), count)
+        for series, staged in backlogs.items():
+            backlog.add_metric(list(series), staged)
         for shard, answered in reachable.items():
             up.add_metric([shard], answered)
         yield from (up, depth, backlog, live, age)

@@ -57,25 +57,29 @@ def make_workers(
     callbacks: CallbackSender | None = None,
 ) -> list[Worker]:
     """The claim loops of one model (default: the default model): for each
-    Redis shard `--parallel-batches` of them, all sharing the model, taking
-    turns (that many at once). `models`: the entry point's, else read from
-    `settings`; `callbacks`: the process's sender of job callbacks (default:
-    one of their own)."""
+    Redis shard, and each queue partition there, `--parallel-batches` of
+    them, all sharing the model, taking turns (that many at once). `models`:
+    the entry point's, else read from `settings`; `callbacks`: the process's
+    sender of job callbacks (default: one of their own)."""
     specs = models or model_specs(settings)
     name = model or specs.default
     spec = specs.find(name)
     version = spec.version if spec else ""
     keys = messages.Keys.for_model(settings.queue_name, name, specs.default)
-    turn = FairLock(settings.parallel_batches) if len(settings.redis_urls) > 1 else None
+    parts = keys.partitions(settings.queue_partitions)
+    # Several queues (shards, partitions): their claim loops take turns
+    # with the model, so each queue is served in turn.
+    loops = len(settings.redis_urls) * len(parts)
+    turn = FairLock(settings.parallel_batches) if loops > 1 else None
     callbacks = callbacks or callback_sender(settings)
     workers = []
-    for url in settings.redis_urls:
+    for url, part in [(u, p) for u in settings.redis_urls for p in parts]:
         # The process's one Shard for `url`: the web tier of --role all and
         # every model's worker share its connections and its health.
         # Its version's own queue first, then the model's (RequestQueue).
         queue = RequestQueue.open(
             url,
-            keys,
+            part,
             timeout=settings.redis_timeout,
             levels=settings.priority_levels,
             version=version,
@@ -98,7 +102,7 @@ def make_workers(
                 job_ttl=settings.job_ttl,
                 callbacks=callbacks,
             )
-            log.info("worker %s: model %r, queue %r at %s", worker.id, name, keys.queue, label(url))
+            log.info("worker %s: model %r, queue %r at %s", worker.id, name, part.queue, label(url))
             workers.append(worker)
     return workers
 
