@@ -471,7 +471,7 @@ def test_openvino_that_cannot_compile_falls_back_under_auto_and_stops_by_name(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    def broken(path: Path, precision: str, mode: str, channels: int, requests: int) -> None:
+    def broken(path: Path, precision: str, mode: str, channels: int, **counts: int) -> None:
         raise EngineError("OpenVINO cannot compile the model for this CPU (simulated)")
 
     monkeypatch.setattr(openvino_engine, "compile_model", broken)

@@ -65,7 +65,7 @@ def read_only(server: RedisServer) -> str:
 
 
 def wrong_type(server: RedisServer) -> str:
-    redis.Redis.from_url(server.url).set("failing", "not a list")
+    redis.Redis.from_url(server.url).set(messages.Keys("failing").queue, "not a list")
     return "WRONGTYPE"
 
 
@@ -133,7 +133,8 @@ def test_a_host_lost_during_the_wait_is_marked_down(server: RedisServer) -> None
     watcher = redis.Redis.from_url(server.url)
     with ThreadPoolExecutor(1) as pool:
         waiting = pool.submit(post_images, app.test_client(), CHELSEA)
-        wait_until(lambda: watcher.llen("failing") == 1, timeout=10, what="the request queued")
+        queued = messages.Keys("failing").queue
+        wait_until(lambda: watcher.llen(queued) == 1, timeout=10, what="the request queued")
         server.stop()
         response = waiting.result(timeout=15)
     assert response.status_code == 503, response.get_json()

@@ -76,7 +76,13 @@ def test_make_checks_the_programs_before_lint_and_pytest(
     for name in ("Makefile", "pyproject.toml", "requirements.txt", "requirements-dev.txt"):
         shutil.copy(ROOT / name, tmp_path)
     planned = subprocess.run(
-        ["make", "--dry-run", target], cwd=tmp_path, capture_output=True, text=True, check=True
+        # No "Entering directory" lines (under `make test` this is a sub-make):
+        # their path, in pytest's tmp_path, would match the pattern below.
+        ["make", "--dry-run", "--no-print-directory", target],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.splitlines()
     first = next(i for i, line in enumerate(planned) if "preflight.py" in line)
     assert planned[first].endswith(f"tests/preflight.py{option}")

@@ -110,8 +110,9 @@ def test_expiry() -> None:
 
 def test_keys_are_namespaced_by_queue() -> None:
     keys = messages.Keys("q")
-    assert keys.queue == "q"
-    assert keys.result("id1") == "q:result:id1"
+    # One hash tag for every key of the queue (Redis Cluster: one slot).
+    assert keys.queue == "{q}"
+    assert keys.result("id1") == "{q}:result:id1"
 
 
 def test_results_are_the_response_bodies() -> None:

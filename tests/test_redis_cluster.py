@@ -199,7 +199,7 @@ def test_queue_operations_on_a_cluster(cluster: LocalCluster, name: str) -> None
         queue.jobs.create("j", model="sim", owner="", names=["x.png"], failures={}, ttl=60,
                           callback_url="http://hook")  # fmt: skip
         assert queue.jobs.feed(10) == 1
-        assert queue.finish("w2", {"job.j.0": b'{"success": true}'}, ttl=5) == ["j"]
+        assert queue.finish("w2", {"job.j.0": b'{"success": true}'}, ttl=5).jobs_done == ["j"]
         assert queue.callbacks.claim(time.time() + 1, 30, 5) == [("j", 1)]
         assert queue.jobs.get("j").state == "done"
         assert not queue.jobs.cancel("j")

@@ -97,7 +97,8 @@ def test_redis_outage_is_503_then_recovers_without_restarts(small_classifier: ob
             down = post_images(client, CHELSEA)
             assert down.status_code == 503
             assert "Redis" in down.get_json()["error"]
-            assert client.get("/readyz").status_code == 503
+            # /readyz reads the process's survey, renewed within REFRESH_S.
+            wait_until(lambda: client.get("/readyz").status_code == 503, what="unready")
             assert client.get("/healthz").status_code == 200
 
             server.start()

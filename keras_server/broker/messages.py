@@ -90,7 +90,7 @@ class UnknownFormat(BadMessage):
     """A message of a format this side does not read; the message names it."""
 
 
-def _format_error(what: str, found: object) -> str:
+def format_error(what: str, found: object) -> str:
     return f"{what} in message format {found!r}; this server reads format {FORMAT}"
 
 
@@ -423,7 +423,7 @@ def _request_header(raw: bytes | str) -> tuple[dict[str, Any], bytes]:
     if not isinstance(message, dict):
         raise BadMessage(f"malformed request: a {type(message).__name__}, not a JSON object")
     if message.get("format") != FORMAT:
-        raise UnknownFormat(_format_error("a request", message.get("format")))
+        raise UnknownFormat(format_error("a request", message.get("format")))
     if data is None:
         raise BadMessage("malformed request: no image bytes after its header")
     return message, data
@@ -573,7 +573,7 @@ class WorkerInfo:
         except ValueError as exc:
             raise BadMessage(f"malformed heartbeat: {exc!r}") from None
         if isinstance(fields, dict) and fields.get("format") != FORMAT:
-            raise UnknownFormat(_format_error("a heartbeat", fields.get("format")))
+            raise UnknownFormat(format_error("a heartbeat", fields.get("format")))
         try:
             known = {f.name for f in dataclasses.fields(cls)}
             fields = {k: v for k, v in fields.items() if k in known}
@@ -664,5 +664,5 @@ def _read_format(header: dict[str, Any]) -> dict[str, Any]:
     failure that names it."""
     found = header.pop("format", None)
     if found != FORMAT:
-        return {"success": False, "error": _format_error("a worker answered", found)}
+        return {"success": False, "error": format_error("a worker answered", found)}
     return header

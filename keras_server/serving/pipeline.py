@@ -60,6 +60,7 @@ from keras_server.serving.admission import Urgency
 from keras_server.serving.cache import ResponseCache
 from keras_server.serving.failures import (
     BadInput,
+    Bug,
     Failure,
     NotFound,
     TimedOut,
@@ -362,6 +363,8 @@ def read_answer(raw: bytes) -> tuple[Failure | None, str]:
         return bug(messages.BadMessage(f"a worker's answer cannot be read ({exc})")), ""
     if not isinstance(header, dict):
         return None, ""
+    if header.get("format") != messages.FORMAT:
+        return Bug(messages.format_error("a worker answered", header.get("format"))), ""
     if header.get("success") is False:
         failure = from_worker(str(header.get("error", "the model failed")), header.get("status"))
         return failure, ""
