@@ -113,7 +113,11 @@ def test_end_to_end_over_two_shards_with_one_worker_serving_both(
         two_servers[0].stop()
         with ThreadPoolExecutor(8) as pool:
             assert list(pool.map(post, range(16))) == [200] * 16
-        degraded = client.get("/readyz").get_json()
+        # The process's survey shows the stopped shard within REFRESH_S.
+        degraded = wait_until(
+            lambda: (found := client.get("/readyz").get_json()).get("unreachable") and found,
+            what="the stopped shard in the survey",
+        )
         assert degraded["ready"] is True
         assert "is unreachable" in degraded["unreachable"][0]
     finally:
