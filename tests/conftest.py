@@ -112,7 +112,9 @@ def start(*args: str, env: dict[str, str] | None = None) -> Child:
     """run_keras_server.py with `args`; its output goes to a log file, read
     back by `output`."""
     command = [sys.executable, "run_keras_server.py", *args]
-    return Child("run_keras_server.py", command, cwd=ROOT, env=env or ENV).start()
+    # Tied: SIGTERM if pytest itself dies (killed by a timeout, say), so no
+    # server outlives the run even when the tests' own clean-up cannot run.
+    return Child("run_keras_server.py", command, cwd=ROOT, env=env or ENV, tied=True).start()
 
 
 def output(process: Child) -> str:

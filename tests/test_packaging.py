@@ -176,13 +176,18 @@ def test_the_base_install_serves_the_web_role(
     port = free_port()
     common = ["--redis-url", redis_for_install.url, "--model", "sim"]
     worker = Child(
-        "worker", [command, "--role", "worker", *common], cwd=elsewhere, env=INSTALLED_ENV
+        "worker",
+        [command, "--role", "worker", *common],
+        cwd=elsewhere,
+        env=INSTALLED_ENV,
+        tied=True,  # SIGTERM if pytest dies: never an orphan
     ).start()
     web = Child(
         "web",
         [command, "--role", "web", "--web-workers", "1", "--port", str(port), *common],
         cwd=elsewhere,
         env=INSTALLED_ENV,
+        tied=True,
     ).start()
     base = f"http://127.0.0.1:{port}"
     with worker, web:

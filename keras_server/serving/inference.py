@@ -38,9 +38,9 @@ from keras_server import __version__
 from keras_server.broker import messages
 from keras_server.serving import explain as explaining
 from keras_server.serving.admission import Urgency
-from keras_server.serving.failures import BadInput, Bug, Failure, NotFound, TooLarge, Unavailable
+from keras_server.serving.failures import BadInput, Bug, Failure, TooLarge, Unavailable
 from keras_server.serving.models import Deployment, ServedModel
-from keras_server.serving.pipeline import Form, Image, Pipeline, versions
+from keras_server.serving.pipeline import Form, Image, Pipeline, check_version, versions
 from keras_server.serving.quotas import Caller
 from keras_server.serving.traffic import Route
 from keras_server.settings import Settings
@@ -166,11 +166,9 @@ def resolve(
     """The model, its live workers (from the process's survey), the version
     checked: NotFound for an unknown model or version."""
     model = pipeline.model(name)
-    workers = model.live_workers()
-    if version is not None and version not in versions(model, workers):
-        served = ", ".join(versions(model, workers))
-        raise NotFound(f"model {model.name!r} has no version {version!r}; it serves {served}")
-    return model, workers
+    if version is None:
+        return model, model.live_workers()
+    return model, check_version(model, version)
 
 
 def model_metadata(pipeline: Pipeline, name: str, version: str | None) -> dict[str, Any]:

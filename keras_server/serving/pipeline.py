@@ -202,9 +202,6 @@ class Pipeline:
         # Jobs decode here, one image at a time per process (see the docstring).
         self._job_lane = ThreadPoolExecutor(max_workers=1, thread_name_prefix="job-decode")
 
-    def close(self) -> None:
-        self._job_lane.shutdown(wait=False, cancel_futures=True)
-
     # -- where a request goes -------------------------------------------------
 
     def model(self, name: str | None) -> ServedModel:
@@ -223,14 +220,7 @@ class Pipeline:
         model = self.model(name)
         who_answered.set(Served(model.name))
         if version:
-            served = versions(model, model.live_workers())
-            if version not in served:
-                served = versions(model, model.live_workers(fresh=True))
-            if version not in served:
-                raise NotFound(
-                    f"model {model.name!r} has no version {version!r}; it serves "
-                    + ", ".join(served)
-                )
+            check_version(model, version)
         route = model.router.route(version or None)
         who_answered.set(Served(model.name, route.answered_by or ""))
         return model, route
@@ -352,6 +342,21 @@ class Pipeline:
 def versions(model: ServedModel, workers: list[messages.WorkerInfo]) -> list[str]:
     """The versions of `model` a request may name: its spec's, and its live workers'."""
     return sorted({model.spec.version, *(w.version for w in workers if w.version)})
+
+
+def check_version(model: ServedModel, version: str) -> list[messages.WorkerInfo]:
+    """NotFound unless `model` declares `version` or a live worker serves it
+    (a survey read again before refusing: a worker that has just come is
+    not turned away); the live workers it was checked against."""
+    workers = model.live_workers()
+    if version not in versions(model, workers):
+        workers = model.live_workers(fresh=True)
+    served = versions(model, workers)
+    if version not in served:
+        raise NotFound(
+            f"model {model.name!r} has no version {version!r}; it serves " + ", ".join(served)
+        )
+    return workers
 
 
 def read_answer(raw: bytes) -> tuple[Failure | None, str]:

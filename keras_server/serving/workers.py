@@ -120,10 +120,6 @@ class WorkerView:
     def live_workers(self, model_name: str, fresh: bool = False) -> list[WorkerInfo]:
         return self.survey(fresh).live_workers(model_name)
 
-    def forget(self) -> None:
-        """Survey again for the next caller (after a change we made ourselves)."""
-        self._survey = None
-
     def _read(self, now: float) -> Survey:
         if self._before is not None:
             self._before()
