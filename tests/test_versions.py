@@ -133,7 +133,9 @@ def cluster(module_settings: Settings, tmp_path_factory: pytest.TempPathFactory)
         for process in everything:
             process.terminate()  # side by side: each stop below then waits less
         for process in everything:
-            stop(process)
+            # Five processes stopping at once on 2 cores: each finishes its
+            # batch and deregisters; 20 s was once too short for the last.
+            stop(process, timeout=60)
 
 
 @pytest.mark.slow
