@@ -130,7 +130,7 @@ class Settings:
 
     @property
     def lower_batch_limit(self) -> int:
-        """Most requests from below level 1 in one batch."""
+        """Most requests from below the worker's protected level in one batch."""
         return min(self.low_priority_batch_size or self.batch_size, self.batch_size)
 
     @property
@@ -618,20 +618,22 @@ KNOBS: tuple[Knob, ...] = (
     Knob(
         "low_priority_batch_size",
         NON_NEGATIVE_INT,
-        "while level-1 requests come (one in the last second), most requests from "
-        "below level 1 in one forward pass (0: --batch-size): a level-1 request that "
+        "while requests above the lowest priority level come (a batch held one in the last "
+        "second; the highest such level is the protected one), most requests from below the "
+        "protected level in one forward pass (0: --batch-size): a protected request that "
         "comes while a batch runs waits for it, so a smaller batch bounds that wait, at "
-        "a cost in the lower levels' throughput; without level-1 traffic they fill "
-        "whole batches",
+        "a cost in the lower levels' throughput; without traffic above the lowest level "
+        "batches are whole",
         "N",
     ),
     Knob(
         "priority_hold_ms",
         NON_NEGATIVE,
-        "after a batch that held a level-1 request, wait up to this long for the next "
-        "level-1 request before taking lower levels' work (0: never wait): a client "
-        "sending one request after another then finds the model free, at the cost of "
-        "that idle time when none comes",
+        "after a batch that held a request at the protected level (see "
+        "--low-priority-batch-size), wait up to this long for the next request at that "
+        "level before taking lower levels' work (0: never wait): a client sending one "
+        "request after another then finds the model free, at the cost of that idle time "
+        "when none comes",
         "MS",
     ),
     Knob(

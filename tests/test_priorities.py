@@ -312,6 +312,72 @@ def test_after_a_level_one_batch_the_worker_holds_for_the_next(
     assert worker.run_once(1) == 1, "the hold is over: level 2 is taken"
 
 
+def test_the_claim_limits_the_levels_below_the_protected_one(settings: Settings) -> None:
+    queue = RequestQueue.open(
+        settings.redis_url, messages.Keys(settings.queue_name), timeout=1, levels=3
+    )
+    for level in (3, 3, 3, 2, 2, 1):
+        queue.push(request_at(level), level=level)
+    batch = queue.claim_more("w", 8, 0, max_lower=1, protected=2)
+    assert [messages.priority_of(r) for r in batch] == [1, 2, 2, 3], "levels 1-2 are the top"
+    assert queue.claim_more("w", 8, 0, max_lower=0, protected=2) == []
+    assert len(queue.claim_more("w", 8, 0, max_lower=0, protected=3)) == 2, "nothing below 3"
+
+
+def test_the_worker_protects_level_two_from_level_three(settings: Settings) -> None:
+    three = dataclasses.replace(settings, priority_levels=3)
+    predictor = CountingPredictor(SimulatedModel(0, 0))
+    worker = make_worker(three, predictor, batch_size=4, max_lower=1)
+    queue = worker.queue
+    for _ in range(3):
+        queue.push(request_at(3), level=3)
+    assert worker.run_once(1) == 3, "level 3 alone: whole batches"
+    for _ in range(3):
+        queue.push(request_at(3), level=3)
+    assert worker.run_once(1) == 3, "level 3 seen lately protects nothing: it is the lowest"
+    queue.push(request_at(2), level=2)
+    assert worker.run_once(1) == 1
+    assert worker.protected() == 2
+    for _ in range(4):
+        queue.push(request_at(3), level=3)
+    queue.push(request_at(2), level=2)
+    assert worker.run_once(1) == 2, "the level-2 request and max_lower level-3 ones"
+    assert worker.run_once(1) == 1, "a batch from below level 2 holds max_lower"
+    queue.push(request_at(1), level=1)
+    queue.push(request_at(2), level=2)
+    assert worker.run_once(1) == 3, "levels 1 and 2, and max_lower level-3 ones"
+    assert worker.protected() == 1, "level 1 seen"
+    queue.push(request_at(2), level=2)
+    queue.push(request_at(2), level=2)
+    assert worker.run_once(1) == 1, "level 2 is below the protected level now"
+    assert queue.depths() == [0, 1, 1]
+
+
+def test_after_a_level_two_batch_the_worker_holds_for_the_next(settings: Settings) -> None:
+    """With three levels and no level-1 traffic, level 2 is protected: the
+    hold waits for a level-2 request while level-3 ones wait."""
+    three = dataclasses.replace(settings, priority_levels=3)
+    predictor = CountingPredictor(SimulatedModel(0, 0))
+    worker = make_worker(three, predictor, batch_size=4, hold=30.0)
+    queue = worker.queue
+    queue.push(request_at(2), level=2)
+    assert worker.run_once(1) == 1
+    queue.push(request_at(3), level=3)
+    assert worker.run_once(0.3) == 0, "held for level 2: the level-3 request waits"
+    assert queue.depths() == [0, 0, 1]
+    assert worker.run_once(1) == 1, "the hold is over: level 3 is taken"
+    queue.push(request_at(2), level=2)
+    assert worker.run_once(1) == 1  # each level-2 batch holds again
+    queue.push(request_at(3), level=3)
+    # The held claim waits for the level-2 push: one that took any level
+    # would take the level-3 request at once, alone.
+    timer = threading.Timer(0.3, queue.push, args=(request_at(2),), kwargs={"level": 2})
+    timer.start()
+    assert worker.run_once(30) == 2, "the level-2 request first, the level-3 one rides along"
+    timer.join()
+    assert predictor.batches == [1, 1, 1, 2]
+
+
 def test_one_push_of_two_wakes_two_blocked_workers(
     queue: RequestQueue, redis_client: redis.Redis
 ) -> None:

@@ -23,9 +23,10 @@ that found nothing and the push are each atomic, so a push after the claim
 leaves a token the BLPOP takes at once. A stale token (its request claimed by
 a worker that was not blocked) costs one empty claim; the claim script
 deletes the list whenever it leaves every level empty, so tokens never pile
-up. `claim_first` takes one request (with `top_only`,
-from level 1 alone: BLMOVE on that one list); `claim_more` fills the batch,
-at most `max_lower` of it from levels below 1.
+up. `claim_first` takes one request (with `protected`, a level, from that
+level's list alone: BLMOVE on that one list); `claim_more` fills the batch,
+at most `max_lower` of it from the levels below `protected` (the worker's
+protected level: worker/loop.py).
 
 `finish` writes the answers and empties the processing list in one
 MULTI/EXEC. A worker keeps a heartbeat key with a TTL; when it stops beating
@@ -230,10 +231,12 @@ class RequestQueue(Liveness):
 
     # -- worker side ------------------------------------------------------
 
-    def _take(self, worker_id: str, count: int, max_lower: int) -> tuple[list[bytes], int]:
+    def _take(
+        self, worker_id: str, count: int, max_lower: int, protected: int = 1
+    ) -> tuple[list[bytes], int]:
         """(up to `count` requests moved to the worker's processing list,
-        highest level first, at most `max_lower` from below level 1; how many
-        of them came from below level 1)."""
+        highest level first, at most `max_lower` from below level `protected`;
+        how many of them came from below it)."""
         # A version's worker takes its own queue's level first, then the
         # model's, level by level.
         sources = [self.queue_keys, self.keys] if self.version else [self.keys]
@@ -243,7 +246,7 @@ class RequestQueue(Liveness):
             *self._wakeups(),
             *queues,
         ]
-        args = [count, max(max_lower, 0), len(sources), len(sources)]
+        args = [count, max(max_lower, 0), len(sources) * protected, len(sources)]
         with self.shard.watch():
             reply = self._claim(keys=keys, args=args)
         return list(reply[1:]), int(reply[0])
@@ -257,18 +260,26 @@ class RequestQueue(Liveness):
         with self.shard.watch():
             return self.shard.block("BLPOP", *self._wakeups(), block, seconds=block) is not None
 
-    def claim_first(self, worker_id: str, wait: float, top_only: bool = False) -> bytes | None:
+    def claim_first(
+        self, worker_id: str, wait: float, protected: int | None = None
+    ) -> bytes | None:
         """Block up to `wait` s for one request, from the highest level that
-        holds any (`top_only`: from level 1 alone), and move it to the
-        processing list."""
-        if top_only:
-            # One list: BLMOVE blocks on it, atomically, without tokens.
+        holds any (with `protected`, a level: from that level's list alone),
+        and move it to the processing list."""
+        if protected is not None:
+            # The worker's hold for its protected level L, whose requests
+            # (and those above it) should go before lower work. One list:
+            # BLMOVE blocks on it, atomically, without tokens. Not a loop on
+            # the wake-up list: its tokens stay while lower levels hold
+            # anything, so that loop would spin for the whole hold. A request
+            # above L (no batch held one for a second, or L would be its
+            # level) waits out the hold at most, then goes first.
             block = max(wait, MIN_BLOCK_S)
             processing = self.keys.processing(worker_id)
             with self.shard.watch():
                 found: bytes | None = self.shard.block(
-                    "BLMOVE", self.queue_keys.queue_at(1), processing, "LEFT", "RIGHT", block,
-                    seconds=block,
+                    "BLMOVE", self.queue_keys.queue_at(protected), processing, "LEFT", "RIGHT",
+                    block, seconds=block,
                 )  # fmt: skip
             return found
         until = time.monotonic() + max(wait, MIN_BLOCK_S)
@@ -283,23 +294,28 @@ class RequestQueue(Liveness):
                 return None
 
     def claim_more(
-        self, worker_id: str, max_items: int, until: float, max_lower: int | None = None
+        self,
+        worker_id: str,
+        max_items: int,
+        until: float,
+        max_lower: int | None = None,
+        protected: int = 1,
     ) -> list[bytes]:
         """Take up to `max_items` more, at most `max_lower` of them from below
-        level 1 (default: no limit): whatever is queued, highest level first,
-        and then, until the monotonic time `until`, whatever arrives
-        (mosec-style batch filling)."""
+        level `protected` (default: no limit): whatever is queued, highest
+        level first, and then, until the monotonic time `until`, whatever
+        arrives (mosec-style batch filling)."""
         lower_left = max_items if max_lower is None else max_lower
         items: list[bytes] = []
         while len(items) < max_items:
-            taken, lowered = self._take(worker_id, max_items - len(items), lower_left)
+            taken, lowered = self._take(worker_id, max_items - len(items), lower_left, protected)
             items += taken
             lower_left -= lowered
             remaining = until - time.monotonic()
             if len(items) >= max_items or remaining < MIN_BLOCK_S:
                 break
             if not self._wait_for_push(remaining):
-                items += self._take(worker_id, max_items - len(items), lower_left)[0]
+                items += self._take(worker_id, max_items - len(items), lower_left, protected)[0]
                 break
         return items
 

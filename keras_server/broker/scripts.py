@@ -11,10 +11,11 @@ described above each. Only Redis 6.2 commands.
 WAKEUP_TOKENS = 64
 
 # KEYS: processing list, the wake-up lists (ARGV[4] of them), then the
-# queues, highest level first (the first ARGV[3] of them are level 1: a
-# version's queue and the model's). ARGV: how many, how many of them at most
-# from below level 1, level-1 queues, wake-up lists. Returns {how many came
-# from below level 1, the items moved...}, highest level first, oldest first
+# queues, highest level first, a version's queue and the model's at each
+# level (the first ARGV[3] of them are "top": those of the worker's protected
+# level and the levels above it). ARGV: how many, how many of them at most
+# from below the top, top queues, wake-up lists. Returns {how many came from
+# below the top, the items moved...}, highest level first, oldest first
 # within a level.
 CLAIM = """
 local want, lower = tonumber(ARGV[1]), tonumber(ARGV[2])

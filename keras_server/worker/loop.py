@@ -49,10 +49,11 @@ log = logging.getLogger(__name__)
 
 # How long one claim blocks in Redis: also how fast the loop notices `stop`.
 CLAIM_WAIT_S = 0.5
-# Lower levels' batches are held to `max_lower` only while level-1 traffic
-# comes: for this long after the last batch that held a level-1 request.
-# Without it, they run full batches (batch work alone loses nothing).
-LEVEL1_RECENT_S = 1.0
+# A level is protected from the levels below it (their share of a batch held
+# to `max_lower`, the hold) while its traffic comes: for this long after the
+# last batch that held a request at it. Without traffic above the lowest
+# level, batches run full (batch work alone loses nothing).
+RECENT_S = 1.0
 MAX_BACKOFF_S = 5.0
 
 
@@ -157,10 +158,12 @@ class Worker:
         """`turn`, shared by workers that share one model (`--parallel-batches`
         per shard), is held from filling a batch to answering it, so only the
         workers about to run the model hold more than one claimed request.
-        `max_lower`: most requests from below priority level 1 in one batch
-        while level-1 traffic comes (LEVEL1_RECENT_S; default: no limit but
-        `batch_size`). `hold`: after a batch that held a level-1 request,
-        seconds to wait for the next one before taking lower levels' work.
+        The protected level (`protected`) is the highest level (smallest
+        number) above the lowest that a batch held in the last RECENT_S.
+        `max_lower`: most requests from below the protected level in one
+        batch (default: no limit but `batch_size`). `hold`: after a batch
+        that held a request at the protected level, seconds to wait for the
+        next one before taking lower levels' work.
         Jobs: their items are fed onto the lowest level's queue while it holds
         fewer than `job_feed` (default: two batches), their results kept
         `job_ttl` s once done, and `callbacks` (the process's one sender)
@@ -173,8 +176,8 @@ class Worker:
         self.batch_delay = batch_delay
         self.max_lower = batch_size if max_lower is None else max_lower
         self.hold = hold
-        self._held_until = 0.0  # monotonic; until then, only level 1 is claimed
-        self._level1_at = -LEVEL1_RECENT_S  # monotonic; the last batch with level 1
+        self._held_until = 0.0  # monotonic; until then, only the protected level is claimed
+        self._seen_at: dict[int, float] = {}  # level: monotonic time of the last batch with it
         self.description = description or predictor.description
         self.name = name
         self.version = version
@@ -337,32 +340,50 @@ class Worker:
         # Job items wait at the lowest level, so interactive requests go first.
         self.queue.jobs.feed(self.job_feed, self.queue.keys.queue_at(self.queue.levels))
         held = self._held_until - time.monotonic()
-        if held > 0:
-            # A client that just had its level-1 answer may send the next one
-            # at once: a batch of lower levels started now would make it wait
-            # that batch out (--priority-hold-ms).
+        protected = self.protected()
+        if held > 0 and protected is not None:
+            # A client that just had its answer at the protected level may
+            # send the next one at once: a batch of lower levels started now
+            # would make it wait that batch out (--priority-hold-ms).
             self._held_until = 0.0
-            first = self.queue.claim_first(self.id, min(wait, held), top_only=True)
+            first = self.queue.claim_first(self.id, min(wait, held), protected=protected)
         else:
             first = self.queue.claim_first(self.id, wait)
         if first is None:
             return 0
         # The batch's delay counts from its first request (mosec-style).
         until = time.monotonic() + self.batch_delay
-        # A level-1 request that comes while this batch runs waits for all of
-        # it: past max_lower, lower levels wait for the next batch instead.
-        recent = time.monotonic() - self._level1_at < LEVEL1_RECENT_S
-        limit = self.max_lower if recent else self.batch_size
-        lower = limit - (messages.priority_of(first) > 1)
+        # A protected request that comes while this batch runs waits for all
+        # of it: past max_lower, lower levels wait for the next batch instead.
+        protected = self.protected()
+        lower = None
+        if protected is not None:
+            lower = self.max_lower - (messages.priority_of(first) > protected)
         with self.turn:
-            more = self.queue.claim_more(self.id, self.batch_size - 1, until, max_lower=lower)
+            more = self.queue.claim_more(
+                self.id, self.batch_size - 1, until, max_lower=lower, protected=protected or 1
+            )
             raws = [first, *more]
             answered = self._answer(raws)
-        if any(messages.priority_of(raw) == 1 for raw in raws):
-            self._level1_at = time.monotonic()
-            if self.hold:
-                self._held_until = self._level1_at + self.hold
+        now = time.monotonic()
+        levels = {messages.priority_of(raw) for raw in raws}
+        for level in levels:
+            self._seen_at[level] = now
+        if self.hold and min(levels) == self.protected():
+            self._held_until = now + self.hold
         return answered
+
+    def protected(self) -> int | None:
+        """The level protected from the levels below it: the highest (the
+        smallest number) that a batch held in the last RECENT_S, unless that
+        is the lowest level (nothing is below it); None when there is none."""
+        now = time.monotonic()
+        recent = [
+            level
+            for level, at in self._seen_at.items()
+            if now - at < RECENT_S and level < self.queue.levels
+        ]
+        return min(recent, default=None)
 
     def _answer(self, raws: list[bytes]) -> int:
         """Decode, infer and answer one claimed batch. Whatever fails, every
