@@ -42,6 +42,13 @@ from keras_server.web.app import create_app
 SIZE = REGION_SIZE
 
 
+def seen_by(client: FlaskClient, headers: dict[str, str] | None = None) -> None:
+    """Until the app's view of the workers holds the one a test started: the
+    region model's input size (32 x 32) is known from then on."""
+    models = lambda: client.get("/models", headers=headers).get_json()["models"]  # noqa: E731
+    wait_until(lambda: models()[0]["live_workers"], what="the worker in GET /models")
+
+
 @pytest.fixture(scope="module")
 def keras_region(region_model: Path) -> object:
     from keras_server.engines.keras_engine import load_classifier
@@ -84,7 +91,7 @@ def keras_served(
 ) -> Iterator[WorkerThread]:
     """A keras worker of the region model, beating (its engine is known)."""
     with WorkerThread(make_worker(settings, keras_region)) as running:
-        wait_until(lambda: client.get("/models").get_json()["models"][0]["live_workers"])
+        seen_by(client)
         yield running
 
 
@@ -129,6 +136,7 @@ def test_the_same_region_through_openvino(
     client: FlaskClient, settings: Settings, openvino_region: object
 ) -> None:
     with WorkerThread(make_worker(settings, openvino_region)):
+        seen_by(client)
         body = occlusion_of(client)
     assert_top_left(np.array(body["explanation"]["heatmap"]))
     assert body["explanation"]["class"]["label"] == "bright"
@@ -159,7 +167,7 @@ def test_gradcam_on_another_engine_is_a_400_naming_keras(
     assert early.status_code == 503
     assert "has no live worker yet" in early.get_json()["error"]
     with WorkerThread(make_worker(settings, openvino_region)):
-        wait_until(lambda: client.get("/models").get_json()["models"][0]["live_workers"])
+        seen_by(client)
         response = post(client, photo(), method="gradcam")
     assert response.status_code == 400
     error = response.get_json()["error"]
@@ -373,7 +381,7 @@ def test_gradcam_layer_from_the_models_file(region_model: Path, tmp_path: Path) 
     assert named.gradcam_layer == "focus"
     heat = named.gradcam(np.full((SIZE, SIZE, 3), 200, dtype=np.uint8), 0)
     assert_top_left(heat)
-    for layer, words in (("nope", "gradcam_layer 'nope'"), ("dense", "not a 4-D")):
+    for layer, words in (("nope", "gradcam_layer 'nope'"), ("decide", "not a 4-D")):
         with pytest.raises(ModelLoadError, match=words):
             load_classifier(region_spec(region_model, gradcam_layer=layer))
 
@@ -387,6 +395,8 @@ def test_an_explanation_is_charged_as_its_images_refused_whole(
     client = create_app(dataclasses.replace(settings, api_keys=str(keys))).test_client()
     alice = {"X-API-Key": key}
     with WorkerThread(make_worker(settings, keras_region)):
+        # Its input size is the worker's (32 x 32), known once the view sees it.
+        seen_by(client, alice)
         done = post_images(client, photo(), path="/explain?grid=2", headers=alice)
         assert done.status_code == 200, done.get_json()
         assert done.get_json()["explanation"]["images"] == 5
