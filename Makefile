@@ -39,8 +39,11 @@ lint: $(BIN)/.dev
 preflight:
 	$(PYTHON) tests/preflight.py
 
+# Three pytest processes (xdist) on 2 cores: most tests wait on a server
+# more than they compute. A module whose tests share a server runs in one.
+TEST_PROCESSES ?= 3
 test: preflight lint test-wheels
-	$(BIN)/python -m pytest --durations=20 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadgroup --durations=20 $(PYTEST_ARGS)
 
 # Not slow: no server process, no ResNet50 (tests/conftest.py says what slow means).
 test-quick: $(BIN)/.dev

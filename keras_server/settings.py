@@ -7,7 +7,9 @@ prometheus-client's multiprocess directory (metrics, web.front), TensorFlow's
 log level (worker.main), OpenTelemetry's OTEL_* variables (tracing, and the SDK
 itself), and the environment handed to the child processes (cli).
 The batch client (client/batch.py) is no server: its `--api-key` defaults to
-`$KERAS_SERVER_API_KEY`, read by its own parser.
+`$KERAS_SERVER_API_KEY`, read by its own parser. No knob either:
+KERAS_SERVER_PORTS, the class of ports redis_server.free_port picks from,
+which parallel test processes set to keep apart.
 """
 
 from __future__ import annotations

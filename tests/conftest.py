@@ -20,6 +20,7 @@ import tempfile
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -35,10 +36,18 @@ from PIL import Image
 from werkzeug.test import TestResponse
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# Every process this run starts inherits this mark (unless a test hands it a
-# whole new environment), so the end-of-session check finds the ones that
-# outlived their parent as well as our children.
-os.environ["KERAS_SERVER_TEST_RUN"] = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+# Every process this run starts inherits a mark (unless a test hands it a
+# whole new environment), so the checks below find the ones that outlived
+# their parent as well as our children. The run's mark is made once, by
+# pytest (or by xdist's controller, whose workers inherit it); each worker
+# adds its own name, so that a test stops only what its own worker started.
+os.environ.setdefault("KERAS_SERVER_TEST_RUN_BASE", f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
+# Each xdist worker (gw0, gw1...) picks free ports of its own class, it and
+# the servers it starts (keras_server.broker.redis_server.PORTS_ENV).
+os.environ["KERAS_SERVER_PORTS"] = f"{int(os.environ.get('PYTEST_XDIST_WORKER', 'gw0')[2:]) % 8}/8"
+os.environ["KERAS_SERVER_TEST_RUN"] = (
+    f"{os.environ['KERAS_SERVER_TEST_RUN_BASE']}/{os.environ.get('PYTEST_XDIST_WORKER', 'main')}"
+)
 
 from keras_server.broker import messages
 from keras_server.broker.redis_server import RedisServer, free_port
@@ -50,7 +59,7 @@ from keras_server.web.app import create_app
 from keras_server.worker.loop import Worker
 from run_cluster import http_answers
 
-RUN_MARK = "KERAS_SERVER_TEST_RUN"
+RUN_MARK, RUN_BASE = "KERAS_SERVER_TEST_RUN", "KERAS_SERVER_TEST_RUN_BASE"
 
 # Hypothesis: deterministic runs (derandomize, no example database) at two
 # depths. `ci`, the default, keeps `make test` short; `deep` is `make fuzz`
@@ -88,6 +97,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+        if _shares_module_fixtures(item):
+            # xdist (`make test`: --dist loadgroup) runs a group in one
+            # worker, so the module's server starts once; other tests go to
+            # whichever worker is free.
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
     if "container" in (config.getoption("markexpr") or ""):
         return
     kept = [item for item in items if item.get_closest_marker("container") is None]
@@ -96,10 +110,28 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items[:] = kept
 
 
-# One conversion cache for the session's servers (never the user's own): a
-# model converted by one test's server is a cache hit for the next.
-CACHE_DIR = tempfile.mkdtemp(prefix="keras-server-test-cache-")
-atexit.register(shutil.rmtree, CACHE_DIR, ignore_errors=True)
+def _shares_module_fixtures(item: pytest.Item) -> bool:
+    """Whether `item` uses a module-scoped fixture (directly or through
+    another): one its module's other tests share."""
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return False
+    return any(
+        definition.scope in ("module", "package", "class")
+        for definitions in info.name2fixturedefs.values()
+        for definition in definitions
+    )
+
+
+# One conversion cache for the run's servers (never the user's own): a model
+# converted by one test's server is a cache hit for the next, in any xdist
+# worker (the cache takes turns on a lock). Made and removed by the process
+# that started the run; workers inherit its path.
+CACHE_ENV = "KERAS_SERVER_TEST_CACHE"
+if CACHE_ENV not in os.environ:
+    os.environ[CACHE_ENV] = tempfile.mkdtemp(prefix="keras-server-test-cache-")
+    atexit.register(shutil.rmtree, os.environ[CACHE_ENV], ignore_errors=True)
+CACHE_DIR = os.environ[CACHE_ENV]
 ENV = {
     **os.environ,
     "PYTHONUNBUFFERED": "1",
@@ -302,7 +334,8 @@ def region_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     padded = keras.layers.ZeroPadding2D(((0, half), (0, half)))(kept)
     focus = keras.layers.Conv2D(1, 1, activation="relu", name="focus")(padded)
     pooled = keras.layers.GlobalAveragePooling2D()(focus)
-    outputs = keras.layers.Dense(2, activation="softmax")(pooled)
+    # Named: Keras numbers unnamed layers per process (dense_2 after two).
+    outputs = keras.layers.Dense(2, activation="softmax", name="decide")(pooled)
     model = keras.Model(inputs, outputs)
     # grey in 0..1; the pool averages it over the whole image (a quarter).
     model.get_layer("focus").set_weights([np.full((1, 1, 3, 1), 1 / (3 * 255)), np.zeros(1)])
@@ -463,10 +496,6 @@ def _stop_trees(tops: list[psutil.Process], timeout: float = 10) -> None:
     psutil.wait_procs(alive, timeout=5)
 
 
-# What tests left running, stopped at their end: listed after the run.
-_LEFT_BY_TESTS: list[str] = []
-
-
 @pytest.fixture(autouse=True)
 def _no_process_outlives_its_test(request: pytest.FixtureRequest) -> Iterator[None]:
     """Stop, with their children, the processes a test (or its function-
@@ -500,11 +529,14 @@ def _no_process_outlives_its_test(request: pytest.FixtureRequest) -> Iterator[No
         if new and process.pid != me and _marked(process):
             left.append(process)
     if left:
+        lines = []
         for process in left:
             with contextlib.suppress(*GONE):
-                command = " ".join(process.cmdline())[:160]
-                _LEFT_BY_TESTS.append(f"{request.node.nodeid}: {process.pid} {command}")
+                lines.append(f"{process.pid} {' '.join(process.cmdline())[:160]}")
         _stop_trees(left)
+        # A warning, so that the summary lists it (from xdist's workers too).
+        message = f"left running, stopped: {'; '.join(lines)}"
+        warnings.warn(message, pytest.PytestWarning, stacklevel=1)
 
 
 def _running(process: psutil.Process) -> bool:
@@ -513,31 +545,34 @@ def _running(process: psutil.Process) -> bool:
     return False
 
 
-def _marked(process: psutil.Process) -> bool:
-    """Started by this run (it carries the mark), and not an interpreter helper."""
+def _marked(process: psutil.Process, worker_only: bool = True) -> bool:
+    """Started by this process's tests (it carries the mark; with not
+    `worker_only`, by any xdist worker of the run), and not an interpreter
+    helper."""
     with contextlib.suppress(*GONE):
-        if process.environ().get(RUN_MARK) != os.environ[RUN_MARK]:
+        mark = process.environ().get(RUN_MARK, "")
+        if worker_only and mark != os.environ[RUN_MARK]:
+            return False
+        if not mark.startswith(os.environ[RUN_BASE] + "/"):
             return False
         return not any(helper in " ".join(process.cmdline()) for helper in HELPERS)
     return False
 
 
+@pytest.hookimpl(trylast=True)  # after xdist has stopped its workers
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Fail the run if a process it started is still alive: a child of ours,
-    or one that carries this run's mark and outlived its parent (an orphan)."""
+    or one that carries this run's mark and outlived its parent (an orphan),
+    whichever xdist worker started it."""
     if hasattr(session.config, "workerinput"):
         return  # an xdist worker: the controller checks the whole run
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-    if _LEFT_BY_TESTS and reporter is not None:
-        reporter.write_line("")
-        reporter.write_sep("-", "processes tests left running (stopped at their end)", yellow=True)
-        reporter.write_line("\n".join(_LEFT_BY_TESTS))
     me = os.getpid()
     left = [p for p in _descendants().values() if _running(p)]
     left += [
         p
         for p in psutil.process_iter()
-        if p.pid != me and p.pid not in {q.pid for q in left} and _marked(p)
+        if p.pid != me and p.pid not in {q.pid for q in left} and _marked(p, worker_only=False)
     ]
     # A server stopped a moment ago may still be reaping its children.
     _, left = psutil.wait_procs(left, timeout=5)

@@ -65,7 +65,9 @@ def _message(data: bytes | None = bytes(12), **overrides: object) -> bytes:
         "id": "abc",
         "shape": [2, 2, 3],
         "dtype": "uint8",
-        "deadline": time.time() + 10,
+        # Fixed, not time-based: the ids of the parameters below must be the
+        # same in every xdist worker that collects them.
+        "deadline": 4_000_000_000.0,
     }
     message.update(overrides)
     header = json.dumps({k: v for k, v in message.items() if v is not None}).encode()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import logging
+import os
 import random
 import shutil
 import socket
@@ -58,8 +59,7 @@ def free_port() -> int:
     connections (Redis clients, say) take their local ports from that range,
     so a port picked there could be taken before the server binds it (seen:
     a worker's --metrics-port, bound seconds later, once its model loaded)."""
-    low = _ephemeral_low()
-    candidates = [random.randrange(20000, low) for _ in range(200)] if low > 21000 else []
+    candidates = _candidates(_ephemeral_low(), 200)
     for port in [*candidates, 0]:  # 0: the kernel's pick, the last resort
         with socket.socket() as sock:
             try:
@@ -68,6 +68,23 @@ def free_port() -> int:
                 continue
             return int(sock.getsockname()[1])
     raise OSError("no free loopback port")
+
+
+# "I/N": pick only ports equal to I modulo N. Processes that pick ports at
+# once (parallel test workers: tests/conftest.py) each take a class of their
+# own, so that two never pick one port in the seconds before its server binds
+# it. N divides 10000, so a cluster node's bus port stays in its class too.
+PORTS_ENV = "KERAS_SERVER_PORTS"
+
+
+def _candidates(high: int, count: int) -> list[int]:
+    """`count` random ports from 20000 to `high` (exclusive), of this
+    process's class (PORTS_ENV); none when that range is too small."""
+    index, _, classes = (os.environ.get(PORTS_ENV) or "0/1").partition("/")
+    first, step = 20000 + int(index), int(classes)
+    if (high - first) // step < 100:
+        return []
+    return [random.randrange(first, high, step) for _ in range(count)]
 
 
 def _ephemeral_low() -> int:
@@ -173,9 +190,7 @@ def ensure_redis(settings: Settings) -> tuple[Settings, RedisServer | None]:
 def free_cluster_port(taken: Sequence[int] = ()) -> int:
     """A loopback port free with the one 10000 above it (a cluster node's
     bus), both below the kernel's ephemeral range and below 55000."""
-    high = min(_ephemeral_low(), 55000) - 10000
-    for _ in range(500):
-        port = random.randrange(20000, max(high, 20001))
+    for port in _candidates(min(_ephemeral_low(), 55000) - 10000, 500):
         if port in taken or port + 10000 in taken:
             continue
         if all(_free(p) for p in (port, port + 10000)):
