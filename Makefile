@@ -47,7 +47,7 @@ test: preflight lint test-wheels
 
 # Not slow: no server process, no ResNet50 (tests/conftest.py says what slow means).
 test-quick: $(BIN)/.dev
-	$(BIN)/python -m pytest -m "not slow" --durations=10 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadgroup -m "not slow" --durations=10 $(PYTEST_ARGS)
 
 fuzz: $(BIN)/.dev
 	$(BIN)/python -m pytest --hypothesis-profile deep tests/test_fuzz_parsers.py tests/test_fuzz_server.py $(PYTEST_ARGS)

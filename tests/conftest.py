@@ -85,7 +85,7 @@ ROCKET = (IMAGES / "rocket.jpg").read_bytes()
 
 # A test that uses one of these (directly or through another fixture) loads
 # a model: it is slow, whether or not it says so.
-MODEL_FIXTURES = frozenset({"small_model_path", "resnet_model", "squares_model"})
+MODEL_FIXTURES = frozenset({"small_model_path", "resnet_model", "squares_model", "region_model"})
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m selects by marker

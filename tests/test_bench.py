@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import redis
 from conftest import IMAGES, system_tool, wait_until
@@ -624,6 +625,7 @@ def test_the_cpu_probe_counts_a_servers_processes_orphans_included() -> None:
     )
     leader = subprocess.Popen([sys.executable, "-c", leave_behind], start_new_session=True)
     leader.wait(10)  # gone: its spinning child is init's now
+    processes = []
     try:
         processes = wait_until(lambda: process_cpu.server_processes(leader.pid), 5)
         assert all(p.pid != leader.pid for p in processes)
@@ -635,6 +637,7 @@ def test_the_cpu_probe_counts_a_servers_processes_orphans_included() -> None:
         assert probe.window.others(client_cpu=0.0) >= 0.0
     finally:
         os.killpg(leader.pid, signal.SIGKILL)
+        psutil.wait_procs(processes, timeout=5)  # gone before the test ends
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -52,8 +53,45 @@ def calibration_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def module_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("cache")
+def module_cache(
+    tmp_path_factory: pytest.TempPathFactory, squares_entries: dict[str, Path]
+) -> Path:
+    """A conversion cache the module's tests share, holding the squares
+    model's OpenVINO fp32 and int8 entries from the start."""
+    cache = tmp_path_factory.mktemp("cache")
+    for entry in squares_entries.values():
+        seed(cache, entry)
+    return cache
+
+
+@pytest.fixture(scope="module")
+def squares_entries(
+    squares_model: Path, calibration_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
+    """The squares model converted once for the module's cache tests, to
+    OpenVINO fp32 and int8: each precision's entry. A test copies the one it
+    starts from into a cache of its own (`seed`) rather than converting it
+    again (a child process importing TensorFlow, seconds of CPU each)."""
+    entries = {}
+    for precision in ("fp32", "int8"):
+        cache = tmp_path_factory.mktemp(f"squares-{precision}")
+        load_predictor(squares_spec(squares_model, calibration_dir, precision), options(cache))
+        (entries[precision],) = [p for p in cache.iterdir() if not p.name.startswith(".")]
+    return entries
+
+
+def squares_spec(model: Path, calibration_dir: Path, precision: str) -> ModelSpec:
+    """The squares model on OpenVINO at `precision` (int8: calibrated on `calibration_dir`)."""
+    if precision == "int8":
+        return spec_of(
+            model, engine="openvino", precision="int8", calibration_dir=str(calibration_dir)
+        )
+    return spec_of(model, engine="openvino", precision=precision)
+
+
+def seed(cache: Path, entry: Path) -> Path:
+    """A copy of a converted `entry` in `cache`; the copy."""
+    return Path(shutil.copytree(entry, cache / entry.name))
 
 
 def spec_of(model: Path, **fields: object) -> ModelSpec:
@@ -361,11 +399,14 @@ def converter_children() -> list[int]:
 @pytest.mark.slow
 @pytest.mark.parametrize("damage", ["flip a byte", "truncate", "drop the manifest"])
 def test_a_corrupt_entry_is_rebuilt_never_served(
-    squares_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: str
+    squares_model: Path,
+    squares_entries: dict[str, Path],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    damage: str,
 ) -> None:
     spec = spec_of(squares_model, engine="openvino")
-    load_predictor(spec, options(tmp_path))
-    (entry,) = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
+    entry = seed(tmp_path, squares_entries["fp32"])
     weights = entry / "model.bin"
     data = bytearray(weights.read_bytes())
     if damage == "flip a byte":
@@ -386,14 +427,13 @@ def test_a_corrupt_entry_is_rebuilt_never_served(
 
 @pytest.mark.slow
 def test_a_new_input_is_a_new_entry(
-    squares_model: Path, calibration_dir: Path, tmp_path: Path
+    squares_model: Path, calibration_dir: Path, squares_entries: dict[str, Path], tmp_path: Path
 ) -> None:
     """Stale entries are never found: precision and preprocessing are in the key."""
-    load_predictor(spec_of(squares_model, engine="openvino"), options(tmp_path))
-    int8 = spec_of(
-        squares_model, engine="openvino", precision="int8", calibration_dir=str(calibration_dir)
-    )
-    load_predictor(int8, options(tmp_path))
+    for precision, entry in squares_entries.items():
+        seed(tmp_path, entry)
+        load_predictor(squares_spec(squares_model, calibration_dir, precision), options(tmp_path))
+    assert len([p for p in tmp_path.iterdir() if not p.name.startswith(".")]) == 2, "two hits"
     other = ModelSpec(
         name="squares", source=str(squares_model), labels=str(squares_model.with_suffix(".txt")),
         preprocessing="none", engine="openvino",
@@ -419,12 +459,14 @@ def _tamper_reference(entry: Path, change: str) -> None:
 
 @pytest.mark.slow
 def test_fidelity_below_the_bar_is_refused(
-    squares_model: Path, calibration_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    squares_model: Path,
+    calibration_dir: Path,
+    squares_entries: dict[str, Path],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     fp32 = spec_of(squares_model, engine="openvino")
-    load_predictor(fp32, options(tmp_path))
-    (entry,) = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
-    _tamper_reference(entry, "shift")
+    _tamper_reference(seed(tmp_path, squares_entries["fp32"]), "shift")
     with pytest.raises(EngineError, match=r"differs from Keras by up to 0.001 \(allowed 0.0001\)"):
         load_predictor(fp32, options(tmp_path))
     # auto takes keras instead, and says why.
@@ -433,12 +475,8 @@ def test_fidelity_below_the_bar_is_refused(
     assert chosen.engine == "keras"
     assert "falling back to keras" in caplog.text and "differs from Keras" in caplog.text
 
-    int8 = spec_of(
-        squares_model, engine="openvino", precision="int8", calibration_dir=str(calibration_dir)
-    )
-    load_predictor(int8, options(tmp_path))
-    (entry,) = [p for p in tmp_path.iterdir() if p != entry and not p.name.startswith(".")]
-    _tamper_reference(entry, "swap")
+    int8 = squares_spec(squares_model, calibration_dir, "int8")
+    _tamper_reference(seed(tmp_path, squares_entries["int8"]), "swap")
     with pytest.raises(EngineError, match=r"top-1 agreement .* is 0.0% .* --min-agreement 0.95"):
         load_predictor(int8, options(tmp_path))
     with pytest.raises(EngineError, match="--min-agreement"):

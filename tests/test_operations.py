@@ -303,7 +303,10 @@ def test_job_metrics_backlog_items_and_callbacks(settings: Settings, receiver: s
     assert delta(waiting, items, model="sim", result="failed") == 1  # counted by the web tier
     assert delta(waiting, items, model="sim", result="succeeded") == 0
     sender = CallbackSender(jobs.callback_hosts, jobs.callback_secret, first_backoff=0.01)
-    with WorkerThread(make_worker(jobs, SimulatedModel(0, 0), callbacks=sender)):
+    # Pending callbacks are polled at each beat (a third of the TTL): 3 s
+    # rather than 10 s, so the five tries are given up in seconds.
+    worker = make_worker(jobs, SimulatedModel(0, 0), callbacks=sender, heartbeat_ttl=3.0)
+    with WorkerThread(worker):
         wait_until(lambda: client.get(first).get_json()["state"] == "done", what="the job done")
         given_up = scrape_until(
             lambda t: delta(t, callbacks, outcome="given_up") == 1, "the callback given up"
