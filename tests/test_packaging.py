@@ -181,16 +181,16 @@ def test_the_base_install_serves_the_web_role(
         cwd=elsewhere,
         env=INSTALLED_ENV,
         tied=True,  # SIGTERM if pytest dies: never an orphan
-    ).start()
+    )
     web = Child(
         "web",
         [command, "--role", "web", "--web-workers", "1", "--port", str(port), *common],
         cwd=elsewhere,
         env=INSTALLED_ENV,
         tied=True,
-    ).start()
+    )
     base = f"http://127.0.0.1:{port}"
-    with worker, web:
+    with worker, web:  # started here, stopped at the end
         web.wait_until(http_answers(base + "/readyz", success=True), 90, "ready")
         with (IMAGES / "chelsea.png").open("rb") as image:
             answer = requests.post(base + "/predict", files={"image": image}, timeout=30)
