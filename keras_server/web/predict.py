@@ -43,23 +43,11 @@ def render(failure: Failure) -> Response:
 
 
 @blueprint.post("/predict")
-def predict() -> Response:
-    """The default model."""
-    return _predict(None)
-
-
 @blueprint.post("/models/<name>/predict")
-def predict_with(name: str) -> Response:
-    return _predict(name)
-
-
 @blueprint.post("/models/<name>/versions/<version>/predict")
-def predict_with_version(name: str, version: str) -> Response:
-    """Pinned: answered by that version's workers alone (serving/traffic.py)."""
-    return _predict(name, version)
-
-
-def _predict(name: str | None, version: str | None = None) -> Response:
+def predict(name: str | None = None, version: str | None = None) -> Response:
+    """The default model, or `name`; pinned to `version`: answered by that
+    version's workers alone (serving/traffic.py)."""
     pipeline = state().pipeline
     settings = pipeline.settings
     # Checked before the upload is read: a bad header costs no decoding.

@@ -52,7 +52,7 @@ import itertools
 import json
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -124,34 +124,21 @@ def repository_index() -> Response:
     return jsonify(core.repository_index(deployment, ready_only=body.get("ready", False)))
 
 
-def routes(rule: str, method: str) -> Callable[[Callable[..., Response]], Any]:
-    """Register a view under the model's path and under its /versions/{v} path."""
-
-    def register(view: Callable[..., Response]) -> Any:
-        blueprint.add_url_rule(f"/models/<name>{rule}", view_func=view, methods=[method])
-        blueprint.add_url_rule(
-            f"/models/<name>/versions/<version>{rule}",
-            endpoint=f"{view.__name__}_version",
-            view_func=view,
-            methods=[method],
-        )
-        return view
-
-    return register
-
-
-@routes("", "GET")
+@blueprint.get("/models/<name>")
+@blueprint.get("/models/<name>/versions/<version>")
 def model_metadata(name: str, version: str | None = None) -> Response:
     return jsonify(core.model_metadata(state().pipeline, name, version))
 
 
-@routes("/ready", "GET")
+@blueprint.get("/models/<name>/ready")
+@blueprint.get("/models/<name>/versions/<version>/ready")
 def model_ready(name: str, version: str | None = None) -> Response | tuple[Response, int]:
     ok = core.model_ready(state().pipeline, name, version)
     return jsonify(name=name, ready=ok), 200 if ok else 400
 
 
-@routes("/infer", "POST")
+@blueprint.post("/models/<name>/infer")
+@blueprint.post("/models/<name>/versions/<version>/infer")
 def infer(name: str, version: str | None = None) -> Response:
     pipeline = state().pipeline
     model, route = pipeline.target(name, version)
