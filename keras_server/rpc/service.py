@@ -209,12 +209,10 @@ def parse_request(
         checked, count = core.check_image_tensor(tensor.datatype, shape, settings)
         files = core.bytes_elements(data) if data is not None else tensor.contents.bytes_contents
         images = core.check_files(list(files), checked, count)
-        dtype_name = ""
     elif tensor.name == PIXELS:
         if size is None:
             raise core.input_unknown()
         dtype, checked, _ = core.check_pixel_tensor(tensor.datatype, shape, size, settings)
-        dtype_name = dtype.name
         if data is not None:
             array = core.pixels_from_bytes(data, dtype, checked, tensor.datatype)
         else:
@@ -229,9 +227,7 @@ def parse_request(
             raise bad(f"parameters.{name} must be an int64_param (KServe's protocol has no uint64)")
     urgency = Urgency.from_parameters(given, settings)
     ask = core.explain_of(given, settings)
-    return Inference(
-        images, outputs, request.id or None, urgency=urgency, pixels_dtype=dtype_name, explain=ask
-    )
+    return Inference(images, outputs, request.id or None, urgency=urgency, explain=ask)
 
 
 def _check_inputs(inputs: list[Any], raw: bool) -> None:

@@ -38,9 +38,16 @@ from keras_server import __version__
 from keras_server.broker import messages
 from keras_server.serving import explain as explaining
 from keras_server.serving.admission import Urgency
-from keras_server.serving.failures import BadInput, Bug, Failure, TooLarge, Unavailable
+from keras_server.serving.failures import BadInput, Failure, Unavailable, too_many
 from keras_server.serving.models import Deployment, ServedModel
-from keras_server.serving.pipeline import Form, Image, Pipeline, check_version, versions
+from keras_server.serving.pipeline import (
+    Form,
+    Image,
+    Pipeline,
+    check_version,
+    read_probabilities,
+    versions,
+)
 from keras_server.serving.quotas import Caller
 from keras_server.serving.traffic import Route
 from keras_server.settings import Settings
@@ -57,12 +64,6 @@ PIXEL_TYPES = {"UINT8": np.dtype(np.uint8), "FP32": np.dtype(np.float32)}
 
 def bad(message: str) -> BadInput:
     return BadInput(message)
-
-
-def too_many(count: int, settings: Settings) -> TooLarge:
-    return TooLarge(
-        f"{count} images in one request; the limit is {settings.max_images} (--max-images)"
-    )
 
 
 @dataclass
@@ -82,7 +83,6 @@ class Inference:
     images: list[Image]  # the image input's files, or the pixels input's arrays
     outputs: list[Output]
     request_id: str | None = None
-    pixels_dtype: str = ""  # the pixels input's: uint8 or float32
     # Its priority level and timeout (Triton's parameters); None: the defaults.
     urgency: Urgency | None = None
     explain: explaining.Ask | None = None  # parameters.explain; None: not asked
@@ -96,6 +96,12 @@ class Inference:
         if self.explain is not None and not asked:
             binary = any(o.binary for o in self.outputs)
             self.outputs.append(Output(binary, name=HEATMAP))
+
+    @property
+    def pixels_dtype(self) -> str:
+        """The pixels input's dtype, uint8 or float32; "" for image files."""
+        pixels = self.images[0].pixels if self.images else None
+        return "" if pixels is None else pixels.dtype.name
 
 
 @dataclass
@@ -125,13 +131,8 @@ class Result:
 # -- metadata, health ---------------------------------------------------------
 
 
-def server_version() -> str:
-    """The package's version (a test keeps the OpenAPI description's equal to it)."""
-    return __version__
-
-
 def server_metadata() -> dict[str, Any]:
-    return {"name": SERVER_NAME, "version": server_version(), "extensions": EXTENSIONS}
+    return {"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS}
 
 
 def server_ready(deployment: Deployment) -> bool:
@@ -218,7 +219,7 @@ def count_images(shape: list[int], settings: Settings) -> int:
     if not shape or shape[0] < 1:
         raise bad(f"shape {shape}: at least one image")
     if shape[0] > settings.max_images:
-        raise too_many(shape[0], settings)
+        raise too_many(shape[0], settings.max_images)
     return shape[0]
 
 
@@ -385,12 +386,7 @@ def infer(
             if 400 <= raw.status < 500:
                 raw.message = f"input {IMAGE!r} element {position}: {raw.message}"
             raise raw
-        try:
-            header, vector = messages.decode_probabilities(raw)
-        except messages.BadMessage as exc:
-            raise Bug(f"a worker's answer cannot be read ({exc})") from None
-        if vector is None:
-            raise Bug("a worker answered a probabilities request without the probabilities")
+        header, vector = read_probabilities(raw)
         rows.append(vector)
         classes.append(header.get("classes", []))
     version = answered.version or model.spec.version

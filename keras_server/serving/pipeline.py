@@ -47,6 +47,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import redis
@@ -288,16 +289,11 @@ class Pipeline:
                 raise no_live_worker(model.name)
         requests: dict[int, messages.ImageRequest] = {}
         for position, image in images:
-            pixels = image.pixels
-            if pixels is None:
-                if not image.data:
-                    found[position] = BadInput(EMPTY)
-                    continue
-                try:
-                    pixels = self.decoder(image.data, size)  # type: ignore[arg-type]
-                except ImageError as exc:
-                    found[position] = from_image(exc)
-                    continue
+            try:
+                pixels = self.pixels(image, size)  # type: ignore[arg-type]
+            except Failure as failure:
+                found[position] = failure
+                continue
             requests[position] = messages.ImageRequest.create(
                 pixels,
                 urgency.timeout,
@@ -319,6 +315,18 @@ class Pipeline:
                 found[position] = failure or raw
                 named = named or version
         return found, named
+
+    def pixels(self, image: Image, size: tuple[int, int]) -> np.ndarray:
+        """The image at the model's input `size`, decoded (within the budget)
+        unless it came as pixels; the Failure (BadInput, ...) if it cannot be."""
+        if image.pixels is not None:
+            return image.pixels
+        if not image.data:
+            raise BadInput(EMPTY)
+        try:
+            return self.decoder(image.data, size)
+        except ImageError as exc:
+            raise from_image(exc) from None
 
     # -- jobs -----------------------------------------------------------------
 
@@ -375,6 +383,17 @@ def read_answer(raw: bytes) -> tuple[Failure | None, str]:
         return failure, ""
     made_by = header.get("model")
     return None, str(made_by.get("version") or "") if isinstance(made_by, dict) else ""
+
+
+def read_probabilities(raw: bytes) -> tuple[dict[str, Any], np.ndarray]:
+    """A probabilities answer's header and vector; Bug when it is not one."""
+    try:
+        header, vector = messages.decode_probabilities(raw)
+    except messages.BadMessage as exc:
+        raise Bug(f"a worker's answer cannot be read ({exc})") from None
+    if vector is None:
+        raise Bug("a worker answered a probabilities request without the probabilities")
+    return header, vector
 
 
 def submit(

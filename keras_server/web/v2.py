@@ -226,14 +226,11 @@ def _parse_json(
     name = tensor.get("name")
     if name == IMAGE:
         images = _image_files(tensor, data, settings)
-        return Inference(images, outputs, request_id, urgency=urgency, explain=ask)
-    if name == PIXELS:
+    elif name == PIXELS:
         images = _pixels(tensor, data, size, settings)
-        dtype = images[0].pixels.dtype.name  # type: ignore[union-attr]
-        return Inference(
-            images, outputs, request_id, urgency=urgency, pixels_dtype=dtype, explain=ask
-        )
-    raise core.unknown_input(name)
+    else:
+        raise core.unknown_input(name)
+    return Inference(images, outputs, request_id, urgency=urgency, explain=ask)
 
 
 def _split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
