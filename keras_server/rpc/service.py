@@ -1,23 +1,17 @@
 """KServe's `GRPCInferenceService` over the serving core: the same models,
-checks, pipeline (quota, response cache, decode, queue, await) and answers
-as the REST routes under /v2 (serving/inference.py), in protobuf.
+tensors, checks, pipeline and answers as the REST routes under /v2
+(serving/inference.py), in protobuf.
 
 - ServerLive, ServerReady, ModelReady: `live` / `ready` (false is an
   answer, not an error; an unknown model or version is NOT_FOUND);
 - ServerMetadata, ModelMetadata: as `GET /v2` and `GET /v2/models/{name}`;
-- ModelInfer: one input, `image` (BYTES: one encoded file per element, in
-  `raw_input_contents` as tritonclient sends them, or in
-  `contents.bytes_contents`) or `pixels` (UINT8 or FP32 `[N, H, W, 3]`, raw
-  little-endian or in `contents.uint_contents` / `fp32_contents`); the answer
-  is `probabilities`, FP32 `[N, classes]`, or with the `classification`
-  parameter on the output BYTES `[N, k]` of `"score:index:label"`, always in
+- ModelInfer: the input's data in `raw_input_contents` (as tritonclient
+  sends it; little-endian) or in `contents` (`bytes_contents`, or for
+  pixels `uint_contents` / `fp32_contents`); every output answers in
   `raw_output_contents`. The client's deadline is the request's (capped by
-  --result-timeout, and by the request's `timeout` parameter): its images are
-  dropped from the queue past it. The `priority` parameter is its level
-  (serving/admission.py), as on REST. The `explain` parameter (a
-  string_param: occlusion or gradcam; `explain_class`, `explain_grid` as
-  int64_param) adds the output `heatmap`, FP32 `[N, rows, columns]`, as on
-  REST.
+  --result-timeout and the `timeout` parameter): its images are dropped
+  from the queue past it. `priority`, `timeout`, `explain_class` and
+  `explain_grid` are int64_params, `explain` a string_param.
 
 Failures are the core's (serving/failures.py), answered with the gRPC code
 its one table names and the same message as REST; a Retry-After (503) or

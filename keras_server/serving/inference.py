@@ -4,14 +4,18 @@ that a request takes the same path whichever way it came.
 
 - the server and model metadata, liveness and readiness, as plain values
   (from the process's survey of the workers, serving/workers.py);
-- the tensors every model takes, checked: `image` (BYTES, encoded files,
-  decoded by the pipeline within the process's decode memory budget as
-  /predict's uploads are) and `pixels` (UINT8 or FP32 `[N, H, W, 3]`); the
-  one output, `probabilities`, with the classification extension;
+- one input per request, checked: `image`, BYTES `[N]` or `[N, 1]`, each
+  element an encoded image file (decoded by the pipeline within the
+  process's decode memory budget, as /predict's uploads are), or `pixels`,
+  UINT8 or FP32 `[N, H, W, 3]`, RGB 0..255 at the model's input size;
+- the one output, `probabilities`, FP32 `[N, classes]`, or with
+  `"classification": k` on it BYTES `[N, k]` of `"score:index:label"`
+  (Triton's classification extension);
 - `infer`: the request's images through the one pipeline
-  (serving/pipeline.py: quota, response cache, decode, queue, await) at
-  the request's priority level and deadline, and the answer (`Result`) with
-  the classification strings made here once;
+  (serving/pipeline.py: quota, response cache, decode, queue, await) at the
+  level and deadline of `parameters.priority` and `parameters.timeout`
+  (serving/admission.py), all answered together; a rejected request queues
+  nothing. A version the request names is pinned (serving/traffic.py);
 - explanations: `parameters.explain` ("occlusion" or "gradcam", with
   `explain_class` k, default the most likely, and occlusion's
   `explain_grid`) explains each image with serving/explain.py, at the

@@ -1,6 +1,6 @@
-"""The Open Inference Protocol (KServe v2, REST), over the same serving core
-as `/predict`: a Flask blueprint under `/v2` that `web.create_app` registers;
-its routes read the app's pipeline with `web.state()`.
+"""The Open Inference Protocol (KServe v2) over REST: a Flask blueprint under
+`/v2` that `web.create_app` registers; its routes read the app's pipeline
+with `web.state()`.
 
     GET  /v2                                   server metadata
     GET  /v2/health/live, /v2/health/ready     200 when live / ready, else 400
@@ -10,38 +10,17 @@ its routes read the app's pipeline with `web.state()`.
     POST /v2/repository/index                  Triton's model repository index
                                                (read-only: models, versions, state)
 
-A model takes exactly one input per request, either
-- `image`: BYTES `[N]` (or `[N, 1]`), each element an encoded image file:
-  base64 text in the JSON form, the file itself with the binary tensor data
-  extension (what tritonclient sends by default), or
-- `pixels`: UINT8 or FP32 `[N, H, W, 3]`, RGB 0..255 already at the model's
-  input size, JSON or binary,
-and answers one output, `probabilities`: FP32 `[N, classes]`, JSON or binary
-(`"binary_data": true` on the output, or `"binary_data_output": true` on the
-request); with `"classification": k` on the output it is instead BYTES
-`[N, k]` of `"score:index:label"`, as Triton's classification extension.
-With `parameters.explain` ("occlusion" or "gradcam"; `explain_class`,
-`explain_grid`) a second output, `heatmap`, FP32 `[N, rows, columns]`,
-explains each image (serving/explain.py).
-
-The N images go through the serving core's one pipeline (serving/pipeline.py:
-quota, response cache, decode, queue, await), so they batch with everyone
-else's, answered together (`X-Cache` says hit, miss or partial while the
-cache is on for the model, without --api-keys). What does not depend on HTTP
-(metadata, readiness, the tensors' checks) is serving/inference.py, which the
-gRPC service (keras_server/rpc/) calls too; this module is the REST form:
-routes, JSON and the binary tensor data extension. A rejected request
-queues nothing. Every error is `{"error": "..."}`: 400 for a request the
-protocol or the model does not take, 404 for an unknown model or version, 413
-past --max-images, 503/504 as `/predict`. Triton's `parameters.priority`
-(1 .. --priority-levels) and `parameters.timeout` (microseconds, capped by
---result-timeout) set the request's level and deadline (serving/admission.py).
-A version in the path must be one
-the model serves (its spec's, or a live worker's), else 404; the request is
-then pinned to it: answered by that version's workers alone, 503 while it
-has none. Without a version the model's traffic policy picks one
-(serving/traffic.py); `model_version` says which answered.
-TensorFlow-free.
+The tensors (one input, `image` or `pixels`; the outputs `probabilities`
+and, with `parameters.explain`, `heatmap`), their checks, the parameters and
+`infer` are the serving core's (serving/inference.py), which the gRPC front
+shares. This module is the REST form: routes, JSON (a BYTES element is
+base64 text) and the binary tensor data extension (what tritonclient sends
+by default; an output answers binary with `"binary_data": true` on it, or
+`"binary_data_output": true` on the request). `X-Cache` says hit, miss or
+partial while the cache is on for the model, without --api-keys. Every
+error is `{"error": "..."}`, with the core's status: 400 for a request the
+protocol or the model does not take, 404 for an unknown model or version,
+413 past --max-images, 503/504 as `/predict`. TensorFlow-free.
 """
 
 from __future__ import annotations
