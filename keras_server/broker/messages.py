@@ -1,5 +1,6 @@
 """The messages between the web tier and the model worker, and the Redis keys
 they travel under. Both sides import this file and nothing of each other.
+Nothing read from Redis is ever unpickled or evaluated.
 
 Every message names its format, `"format": FORMAT`, so that a change can be
 told apart: a request, a result and a heartbeat of another format are
@@ -7,49 +8,36 @@ refused, naming it (a worker answers such a request with an error; a web
 server takes such a result for a failure; a heartbeat is neither routed to
 nor reaped).
 
-A request is a JSON header, a newline, then the image's raw array bytes (C
-order): `{"format", "id", "shape", "dtype", "deadline"}\n<bytes>`, where
-`deadline` is the Unix time after which nobody waits for the answer any more. JSON never
-holds a raw newline, so the first one ends the header. The web tier sends the
-resized image as uint8 (150,528 bytes at 224x224x3, a quarter of float32) and
-unencoded, so a queued image costs Redis 160 KiB rather than the 224 KiB of
-base64 (bench/redis_memory.py measures it); the model's own preprocessing runs
-on the whole batch in the worker.
+A request is a JSON header, a newline (JSON never holds a raw one), then the
+image's raw array bytes (C order): `{"format", "id", "shape", "dtype",
+"deadline"}\n<bytes>`, `deadline` the Unix time after which nobody waits for
+the answer. The web tier sends the resized image as uint8 (150,528 bytes at
+224x224x3, a quarter of float32) and unencoded, so a queued image costs
+Redis 160 KiB rather than the 224 KiB of base64 (bench/redis_memory.py); the
+model's own preprocessing runs on the whole batch in the worker. Optional
+fields, each absent when it has its default:
+- `"priority": n`, 2 .. --priority-levels (absent: level 1, `priority_of`):
+  the queue's requeue script reads it (cjson) to put a dead worker's claim
+  back on its own level;
+- `"trace"`: the W3C traceparent of the span that queued it (tracing.py),
+  which the worker's batch span links to; one that is not a short string
+  is ignored;
+- `"version": v`, a request pinned to a version (`Keys.for_version`): a
+  worker of another version refuses it;
+- `"probabilities": true` (the v2 protocol; `/predict` never asks), with
+  `"classes": k`, the most likely k classes' indices and labels to name, and
+  `"explain": "gradcam"` (EXPLAIN_METHODS) with `"explain_class": k` (absent:
+  the most likely).
 
 A result is JSON too: `{"format", "success": true, "predictions": [...]}` or
-`{"format", "success": false, "error": "..."}` — the HTTP response body once
-`decode_result` has read its format.
-
-A request may also ask for the whole probability vector (the v2 inference
-protocol needs it; `/predict` never asks): `"probabilities": true` in its
-header, and optionally `"classes": k`, the most likely k classes' indices and
-labels. Its success answer then takes the request's own shape, a JSON header,
-a newline, the raw float32 vector:
-`{"format", "success": true, "model", "shape": [classes], "dtype": "float32",
-"classes": [{"index", "label"}, ...]}\n<bytes>` (`decode_probabilities`).
-Errors stay plain JSON.
-
-A request below the highest priority says so in its header, `"priority": n`
-(2 .. --priority-levels); a level-1 request's header has none, and is level 1
-(`priority_of`). The
-worker does not need it to run the request: the queue's requeue script reads
-it (cjson, in Redis) to put a dead worker's claim back on its own level.
-A traced request (keras_server/tracing.py) also carries `"trace"`: the W3C
-traceparent of the span that queued it, which the worker's batch span links
-to. A worker ignores one that is not a short string. A request pinned to a
-version (`/versions/{v}/` routes) says so, `"version": v`: it waits on that
-version's own queue (`Keys.for_version`), and a worker of another version
-refuses it.
-
-A probabilities request may also ask the worker to explain its answer,
-`"explain": "gradcam"` (the only method a worker computes: EXPLAIN_METHODS)
-with `"explain_class": k`, the class to explain (absent: the most likely).
-The answer's header then carries `"heatmap"`, a grid of importances in
-[0, 1] (rows of columns), and `"explained": {"index", "label"}`. A worker
-whose engine cannot compute it answers an error with status 400. Occlusion
-needs nothing of the worker: the serving core queues masked copies
-(serving/explain.py).
-Nothing read from Redis is ever unpickled or evaluated.
+`{"format", "success": false, "error": "..."}`, the HTTP response body once
+`decode_result` has read its format. A probabilities request's success answer
+is a JSON header, a newline, the raw float32 vector: `{"format", "success":
+true, "model", "shape": [classes], "dtype": "float32", "classes": [{"index",
+"label"}, ...]}\n<bytes>` (`decode_probabilities`), with `"heatmap"` (rows of
+importances in [0, 1]) and `"explained": {"index", "label"}` when it asked
+for an explanation; a worker whose engine cannot compute it answers an error
+with status 400. Errors stay plain JSON.
 """
 
 from __future__ import annotations

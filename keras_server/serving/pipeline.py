@@ -10,30 +10,24 @@ came by (`/predict`, several images, v2 REST, gRPC, jobs):
 
 `Pipeline.run` gives one answer per image, in order: the worker's (or the
 cache's) bytes, or the `Failure` of that image alone (a bad file, a timeout,
-an error the worker reported). What fails the whole request (the queue full,
+an error the worker reported); what fails the whole request (the queue full,
 Redis down, no live worker, over quota) is raised. Each transport decides
-what a failed image means for it: an item of its own on `/predict` with
-several images, the whole request's failure on v2. Which model and version
-answer is `Pipeline.target`'s (serving/models.py, serving/traffic.py).
-
-Who answered: `Answered.version` is the version that answered (named by the
-answers; for failed answers, which name none, the version the request was
-routed to when only that version could answer it: its own queue). The core
-also keeps it, with the model, in `who_answered` for the request metrics: set by
-`target` and `run` as they learn them, cleared by each adapter when a request
-starts and read when it has answered (web/app.py, rpc/service.py).
+what a failed image means: an item of its own on `/predict`, the whole
+request's failure on v2. Which model and version answer is
+`Pipeline.target`'s (serving/models.py, serving/traffic.py); who did is
+`Answered.version`, and `who_answered` for the request metrics.
 
 Each image is its own queue entry, so it batches with everyone else's; all
 of one request's entries go to one Redis shard in one transaction, and
 their answers are awaited together on that shard.
 
-Decoding: `Decoder` turns an upload into the model's input within this
-process's decode memory budget (images.DecodeBudget), refusing with a 503
-(DecoderBusy) when the budget is spent, and counts its CPU time (written to
-the counter in steps of FLUSH_CPU_S, not per image). A job's images are
-decoded off the request thread, one at a time per process (`decode_for_job`),
-waiting for the budget rather than refusing, so a large job can neither
-starve `/predict` of CPU nor of decode memory. TensorFlow-free.
+`Decoder` decodes within the process's decode memory budget
+(images.DecodeBudget), refusing with a 503 (DecoderBusy) when it is spent,
+and counts its CPU time (in steps of FLUSH_CPU_S, not per image). A job's
+images are decoded off the request thread, one at a time per process
+(`decode_for_job`), waiting for the budget rather than refusing, so a large
+job can neither starve `/predict` of CPU nor of decode memory.
+TensorFlow-free.
 """
 
 from __future__ import annotations
@@ -161,12 +155,13 @@ class Image:
 class Answered:
     """A request's images answered, in order: the raw answer, or the Failure
     of that image; what the cache did (X-Cache: hit, miss or partial; None
-    while the cache is off for the model); the version that answered ("":
-    unknown, see the module's docstring)."""
+    while the cache is off for the model); the version that answered, named
+    by the answers, or for failed answers (which name none) the version the
+    request was routed to when only it could answer (its own queue); "":
+    unknown."""
 
     answers: list[bytes | Failure]
     cache: str | None = None
-    timeout: float = 0.0  # how long the request waited at most
     version: str = ""
 
 
@@ -178,8 +173,9 @@ class Served:
     version: str = ""
 
 
-# The request this thread (or gRPC call) serves: set by the pipeline, cleared
-# and read by the adapters for the request metrics' labels (metrics.ANSWERED_BY).
+# Who answers the request this thread (or gRPC call) serves: set by `target`
+# and `run` as they learn it, cleared by each adapter when a request starts
+# and read once answered, for the request metrics' labels (metrics.ANSWERED_BY).
 UNKNOWN = Served()
 who_answered: ContextVar[Served] = ContextVar("who_answered", default=UNKNOWN)
 
@@ -268,7 +264,7 @@ class Pipeline:
         version = version or route.answered_by or ""
         who_answered.set(Served(model.name, version))
         done = [a if a is not None else TimedOut(timed_out(urgency.timeout)) for a in answers]
-        return Answered(done, looked.header if looked else None, urgency.timeout, version)
+        return Answered(done, looked.header if looked else None, version)
 
     def _queue(
         self,
