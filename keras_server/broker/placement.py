@@ -71,12 +71,6 @@ class ShardSet:
             ]
         )
 
-    def name(self, queue: RequestQueue) -> str:
-        return queue.shard.name
-
-    def is_down(self, queue: RequestQueue) -> bool:
-        return queue.shard.is_down()
-
     def up(self) -> list[RequestQueue]:
         """The shards not marked down, without asking any of them."""
         return [q for q in self.queues if not q.shard.is_down()]

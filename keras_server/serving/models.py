@@ -67,7 +67,7 @@ class ServedModel:
         Only the WorkerView calls this; everyone else reads the view."""
         found = []
         for queue in self.shards.queues:
-            where = self.shards.name(queue)
+            where = queue.shard.name
             down = queue.shard.down_reason()
             if down is not None:
                 found.append(ShardState(self.name, where, reachable=False, error=down))

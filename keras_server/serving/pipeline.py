@@ -410,7 +410,7 @@ def submit(
     )
     traced = {tracing.MODEL: model.name, tracing.IMAGES: len(requests)}
     try:
-        with tracing.producer_span("enqueue", traced) as span:
+        with tracing.span("enqueue", traced, producer=True) as span:
             # The worker's batch span links to this one.
             if trace := tracing.traceparent():
                 requests = [dataclasses.replace(r, trace=trace) for r in requests]
@@ -419,15 +419,15 @@ def submit(
                 max_depth=settings.max_queue,
                 level=requests[0].priority,
             )
-            span.set_attribute(tracing.SHARD, shards.name(queue))
+            span.set_attribute(tracing.SHARD, queue.shard.name)
     except QueueFull:
         log.warning("queue full: %d images refused", len(requests))
         raise queue_full() from None
-    metrics.QUEUED.labels(model.name, shards.name(queue)).inc(len(requests))
+    metrics.QUEUED.labels(model.name, queue.shard.name).inc(len(requests))
     deadline = min(r.deadline for r in requests)
     # The answers come back on the shard that took the requests.
     try:
-        with tracing.span("wait", {**traced, tracing.SHARD: shards.name(queue)}) as span:
+        with tracing.span("wait", {**traced, tracing.SHARD: queue.shard.name}) as span:
             answers = queue.wait_results([r.id for r in requests], timeout=deadline - time.time())
             span.set_attribute(tracing.ANSWERED, len(answers))
             return answers

@@ -63,10 +63,6 @@ class Policy:
 
     weights: Mapping[str, float] | None = None
 
-    @property
-    def name(self) -> str:
-        return LATEST if self.weights is None else "weights"
-
     def as_dict(self) -> dict[str, Any]:
         if self.weights is None:
             return {"policy": LATEST}

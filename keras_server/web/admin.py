@@ -25,7 +25,7 @@ from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 
-from keras_server.serving.failures import BadInput, Conflict, Failure, NotFound
+from keras_server.serving.failures import BadInput, Conflict, NotFound
 from keras_server.serving.keys import (
     KEY,
     MIN_KEY_LENGTH,
@@ -76,10 +76,6 @@ def load_admin_keys(path: str) -> ApiKeys:
     if not keys:
         raise KeysFileError(f"--admin-keys {path}: no keys in it (NAME KEY per line)")
     return ApiKeys([(key, KeyEntry(name, None, line)) for name, (key, line) in keys.items()])
-
-
-def render(failure: Failure) -> Response:
-    return jsonify(error=failure.message)
 
 
 def owns(path: str) -> bool:

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import IO
 
-from flask import Flask, Request, Response, g, request
+from flask import Flask, Request, Response, g, jsonify, request
 
 from keras_server import logs, metrics, tracing
 from keras_server.images import single_threaded_resize
@@ -141,10 +141,8 @@ def _add_request_span(app: Flask) -> None:
 
 def _render(failure: Failure) -> Response:
     """A failure in the shape of the API the path belongs to."""
-    if v2.owns(request.path):
-        return v2.render(failure)
-    if admin.owns(request.path):
-        return admin.render(failure)
+    if v2.owns(request.path) or admin.owns(request.path):
+        return jsonify(error=failure.message)  # their shape: {"error"}
     return predict.render(failure)
 
 

@@ -40,7 +40,7 @@ from flask import Blueprint, Response, jsonify, request
 from keras_server.images import ImageError
 from keras_server.serving import inference as core
 from keras_server.serving.admission import Urgency
-from keras_server.serving.failures import BadInput, Failure, from_image
+from keras_server.serving.failures import BadInput, from_image
 from keras_server.serving.inference import (
     HEATMAP,
     IMAGE,
@@ -61,11 +61,6 @@ log = logging.getLogger(__name__)
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
 blueprint = Blueprint("v2", __name__, url_prefix="/v2")
-
-
-def render(failure: Failure) -> Response:
-    """The protocol's error shape."""
-    return jsonify(error=failure.message)
 
 
 def owns(path: str) -> bool:

@@ -29,7 +29,6 @@ from typing import Any
 import redis
 
 from keras_server import metrics
-from keras_server.broker.pending_callbacks import PendingCallbacks
 from keras_server.broker.request_queue import RequestQueue
 from keras_server.callbacks import SIGNATURE_HEADER, TIMESTAMP_HEADER, allowed_hosts, refusal, sign
 
@@ -120,7 +119,7 @@ class CallbackSender:
 
     def _deliver(self, queue: RequestQueue, job_id: str, tries: int) -> None:
         try:
-            self._try(queue, queue.callbacks, job_id, tries)
+            self._try(queue, job_id, tries)
         except redis.RedisError as exc:
             # Its lease runs out and it is tried again, by us or another.
             log.warning("job %s: callback bookkeeping failed (%s)", job_id, exc)
@@ -130,7 +129,8 @@ class CallbackSender:
             with self._lock:
                 self._busy -= 1
 
-    def _try(self, queue: RequestQueue, store: PendingCallbacks, job_id: str, tries: int) -> None:
+    def _try(self, queue: RequestQueue, job_id: str, tries: int) -> None:
+        store = queue.callbacks
         with queue.shard.watch():
             job = queue.jobs.get(job_id)
         why = (
