@@ -321,8 +321,12 @@ class Knob:
         return ENV_PREFIX + self.field.upper()
 
 
-def knob(default: Any, parse: Callable[[str], Any], help: str, metavar: str) -> Any:
-    """A field of Settings that is a knob: its row of the table (Knob)."""
+def knob(default: Any, parse: Callable[[str], Any], says: str) -> Any:
+    """A field of Settings that is a knob, its row of the table (Knob): `says`
+    is "METAVAR: help", as --help shows them (--port PORT  port the ...)."""
+    metavar, _, help = says.partition(": ")
+    if not help or " " in metavar:
+        raise ValueError(f"a knob says 'METAVAR: help', not {says!r}")
     return dataclasses.field(
         default=default, metadata={"parse": parse, "help": help, "metavar": metavar}
     )
@@ -335,22 +339,20 @@ class Settings:
     host: str = knob(
         "127.0.0.1",
         _non_empty,
-        "address the HTTP server binds (and a --role worker's --metrics-port)",
-        "ADDR",
+        "ADDR: address the HTTP server binds (and a --role worker's --metrics-port)",
     )
-    port: int = knob(5000, PORT, "port the HTTP server listens on", "PORT")
+    port: int = knob(5000, PORT, "PORT: port the HTTP server listens on")
     # The --redis-url text: one URL, or several separated by commas (shards);
     # `redis_urls` is the list. The field keeps the knob's name, which the
     # flag and the environment variable are derived from.
     redis_url: str = knob(
         "redis://localhost:6379/0",
         _redis_urls,
-        "Redis holding the queue (redis://, rediss:// for TLS, unix://, or "
+        "URL[,URL...]: Redis holding the queue (redis://, rediss:// for TLS, unix://, or "
         "redis+sentinel://HOST:PORT,HOST:PORT/MASTER through Sentinel, or "
         "redis+cluster://HOST:PORT[,HOST:PORT...], seed nodes of a Redis Cluster), or several "
-        "separated by commas (shards); if not given and nothing answers at the default, "
-        "--role all starts a private redis-server",
-        "URL[,URL...]",
+        "separated by commas (shards); if not given and nothing answers at the default, --role "
+        "all starts a private redis-server",
     )
     # False when redis_url is the default: only then may we start a private
     # redis-server if nothing answers there (see broker/redis_server.py).
@@ -358,399 +360,349 @@ class Settings:
     redis_timeout: float = knob(
         1.0,
         POSITIVE,
-        "seconds any Redis command may take (the waits for work and answers: past the end "
-        "Redis sets for them); a shard that takes longer (a hung host) is skipped like one "
+        "SECONDS: seconds any Redis command may take (the waits for work and answers: past the "
+        "end Redis sets for them); a shard that takes longer (a hung host) is skipped like one "
         "that refuses connections",
-        "SECONDS",
     )
     model: str = knob(
         "resnet50",
         _model_source,
-        "a keras.applications model (resnet50, mobilenet_v2, efficientnet_b0, ...), a "
+        "MODEL: a keras.applications model (resnet50, mobilenet_v2, efficientnet_b0, ...), a "
         ".keras file, or sim: a simulated model that only sleeps, for load tests",
-        "MODEL",
     )
     weights: str = knob(
         "imagenet",
         _non_empty,
-        "for a built-in --model: 'imagenet' (Keras downloads it once into ~/.keras/models/), "
-        "'none' (new random weights at every start: demos and tests only, converted again at "
-        "every start), or the path of an .h5 weights file or a .keras file",
-        "WEIGHTS",
+        "WEIGHTS: for a built-in --model: 'imagenet' (Keras downloads it once into "
+        "~/.keras/models/), 'none' (new random weights at every start: demos and tests only, "
+        "converted again at every start), or the path of an .h5 weights file or a .keras file",
     )
     labels: str = knob(
         "",
         _text,
-        "class names for a .keras --model: one per line, or JSON (default: ImageNet's)",
-        "FILE",
+        "FILE: class names for a .keras --model: one per line, or JSON (default: ImageNet's)",
     )
     preprocessing: str = knob(
         "",
         _choice(("", *PREPROCESSING)),
-        "caffe, tf, torch (Keras's preprocess_input modes), scale (to 0..1) or none; "
+        "MODE: caffe, tf, torch (Keras's preprocess_input modes), scale (to 0..1) or none; "
         "default: a built-in model's own, none for a .keras file",
-        "MODE",
     )
-    top_k: int = knob(5, _top_k, "classes in each answer", "K")
+    top_k: int = knob(5, _top_k, "K: classes in each answer")
     model_version: str = knob(
         "1",
         _non_empty,
-        "the model's version, named in every answer (a rolling upgrade starts workers "
+        "VERSION: the model's version, named in every answer (a rolling upgrade starts workers "
         "with a new one)",
-        "VERSION",
     )
     models_file: str = knob(
         "",
         _text,
-        "a TOML file of several models to serve side by side (replaces --model, "
-        "--weights, --labels, --preprocessing, --top-k)",
-        "FILE",
+        "FILE: a TOML file of several models to serve side by side (replaces --model, --weights, "
+        "--labels, --preprocessing, --top-k)",
     )
     models_from: str = knob(
         "workers",
         _choice(("workers", "file")),
-        "web servers route the models of --models-file (or --model) and, with workers, "
-        "also every model a live worker serves, learned from Redis while serving",
-        "workers|file",
+        "workers|file: web servers route the models of --models-file (or --model) and, with "
+        "workers, also every model a live worker serves, learned from Redis while serving",
     )
     model_grace: float = knob(
         60.0,
         NON_NEGATIVE,
-        "--models-from workers: seconds a learned model's requests get 503 (no live "
+        "SECONDS: --models-from workers: seconds a learned model's requests get 503 (no live "
         "worker) after its last worker left, before it is forgotten (404)",
-        "SECONDS",
     )
     serve: str = knob(
         "all",
         _non_empty,
-        "--role worker/all: the models of --models-file this process loads, comma-"
-        "separated, or all",
-        "NAMES",
+        "NAMES: --role worker/all: the models of --models-file this process loads, "
+        "comma-separated, or all",
     )
     batch_size: int = knob(
         32,
         Number(whole=True, low=1, high=MAX_BATCH_SIZE),
-        f"most images in one forward pass (at most {MAX_BATCH_SIZE})",
-        "N",
+        f"N: most images in one forward pass (at most {MAX_BATCH_SIZE})",
     )
     parallel_batches: int = knob(
         1,
         Number(whole=True, low=1, high=MAX_PARALLEL_BATCHES),
-        "batches a worker runs at once, each claimed by its own claim loop per Redis "
-        "shard; above 1, OpenVINO is compiled for that many requests with the THROUGHPUT "
-        "hint (a CPU stream each). 1: one batch at a time, LATENCY hint (fastest at low "
-        "load; BENCHMARKS.md, 'Parallel batches')",
-        "N",
+        "N: batches a worker runs at once, each claimed by its own claim loop per Redis shard; "
+        "above 1, OpenVINO is compiled for that many requests with the THROUGHPUT hint (a CPU "
+        "stream each). 1: one batch at a time, LATENCY hint (fastest at low load; BENCHMARKS.md, "
+        "'Parallel batches')",
     )
     openvino_streams: int = knob(
         1,
         Number(whole=True, low=1, high=MAX_OPENVINO_STREAMS),
-        "OpenVINO: each batch split over this many infer requests run at once, a CPU "
-        "stream each with its share of the cores (THROUGHPUT hint); 1: the whole batch "
-        "on one stream with every core (LATENCY hint)",
-        "N",
+        "N: OpenVINO: each batch split over this many infer requests run at once, a CPU stream "
+        "each with its share of the cores (THROUGHPUT hint); 1: the whole batch on one stream "
+        "with every core (LATENCY hint)",
     )
     engine: str = knob(
         "auto",
         _choice(ENGINES),
-        "what runs the forward pass: auto (OpenVINO fp32 on a CPU; keras on a GPU or "
-        "when OpenVINO cannot serve the model), keras, onnx (ONNX Runtime) or openvino; "
-        "converted engines are checked against Keras at start-up",
-        "ENGINE",
+        "ENGINE: what runs the forward pass: auto (OpenVINO fp32 on a CPU; keras on a GPU or when "
+        "OpenVINO cannot serve the model), keras, onnx (ONNX Runtime) or openvino; converted "
+        "engines are checked against Keras at start-up",
     )
     precision: str = knob(
         "fp32",
         _choice(PRECISIONS),
-        "fp32, or with OpenVINO bf16 (CPUs with AVX512_BF16/AMX) or int8 (needs "
+        "PRECISION: fp32, or with OpenVINO bf16 (CPUs with AVX512_BF16/AMX) or int8 (needs "
         "--calibration-dir); a lossy precision is never picked automatically",
-        "PRECISION",
     )
     cache_dir: str = knob(
         "~/.cache/keras-server",
         _non_empty,
-        "where converted models are kept between starts, keyed by model, weights, "
-        "precision and versions ('none': convert at every start)",
-        "DIR",
+        "DIR: where converted models are kept between starts, keyed by model, weights, precision "
+        "and versions ('none': convert at every start)",
     )
     calibration_dir: str = knob(
         "",
         _text,
-        "images like the traffic, decoded like uploads: int8 calibrates on them, and every "
+        "DIR: images like the traffic, decoded like uploads: int8 calibrates on them, and every "
         "fifth is held out to measure bf16/int8 fidelity against Keras",
-        "DIR",
     )
     min_agreement: float = knob(
         0.95,
         Number(whole=False, low=0, high=1, says="a number from 0 to 1"),
-        "bf16/int8: refuse to start when the top-1 class agrees with Keras fp32 on less "
+        "SHARE: bf16/int8: refuse to start when the top-1 class agrees with Keras fp32 on less "
         "than this share of the held-out images",
-        "SHARE",
     )
     max_batch_delay_ms: float = knob(
         0.0,
         NON_NEGATIVE,
-        "after the first request of a batch, wait up to this long for more (0: take "
-        "what is queued)",
-        "MS",
+        "MS: after the first request of a batch, wait up to this long for more (0: take what is "
+        "queued)",
     )
     queue_name: str = knob(
         "image_queue",
         _queue_name,
-        "Redis list the requests go through; every key name starts with it, in braces "
-        "(a Redis Cluster hash tag)",
-        "NAME",
+        "NAME: Redis list the requests go through; every key name starts with it, in braces (a "
+        "Redis Cluster hash tag)",
     )
     queue_partitions: int = knob(
         1,
         Number(whole=True, low=1, high=MAX_QUEUE_PARTITIONS),
-        "hash tags each model's queue is spread over, on every Redis (its own keys each: "
+        "N: hash tags each model's queue is spread over, on every Redis (its own keys each: "
         "web processes push to one, workers claim from all); on a Redis Cluster, one per "
         f"master spreads a busy model over them all (at most {MAX_QUEUE_PARTITIONS})",
-        "N",
     )
     max_queue: int = knob(
         512,
         Number(whole=True, low=1, high=MAX_QUEUE),
-        "most requests waiting in a shard's queue at each priority level; beyond it a "
+        "N: most requests waiting in a shard's queue at each priority level; beyond it a "
         f"request is refused at once with 503 and Retry-After (at most {MAX_QUEUE})",
-        "N",
     )
     priority_levels: int = knob(
         2,
         Number(whole=True, low=1, high=MAX_PRIORITY_LEVELS),
-        "priority levels a request may ask for (X-Priority, v2 parameters.priority), "
+        "N: priority levels a request may ask for (X-Priority, v2 parameters.priority), "
         f"1 the highest; a request that names none is level 1 (at most {MAX_PRIORITY_LEVELS})",
-        "N",
     )
     low_priority_batch_size: int = knob(
         2,
         NON_NEGATIVE_INT,
-        "while level-1 requests come (one in the last second), most requests from below level 1 "
-        "in one forward pass (0: --batch-size): a level-1 request that comes while a batch runs "
+        "N: while level-1 requests come (one in the last second), most requests from below level "
+        "1 in one forward pass (0: --batch-size): a level-1 request that comes while a batch runs "
         "waits for it, so a smaller batch bounds that wait, at a cost in the lower levels' "
         "throughput; without level-1 traffic they fill whole batches",
-        "N",
     )
     priority_hold_ms: float = knob(
         30.0,
         NON_NEGATIVE,
-        "after a batch that held a level-1 request, wait up to this long for the next level-1 "
+        "MS: after a batch that held a level-1 request, wait up to this long for the next level-1 "
         "request before taking lower levels' work (0: never wait): a client sending one request "
         "after another then finds the model free, at the cost of that idle time when none comes",
-        "MS",
     )
     result_timeout: float = knob(
         30.0,
         POSITIVE,
-        "seconds a request waits for its prediction before a 504; the most a "
-        "request's own timeout (X-Request-Timeout, v2 parameters.timeout) may ask",
-        "SECONDS",
+        "SECONDS: seconds a request waits for its prediction before a 504; the most a request's "
+        "own timeout (X-Request-Timeout, v2 parameters.timeout) may ask",
     )
-    max_upload_mb: float = knob(16.0, POSITIVE, "largest accepted request body", "MB")
+    max_upload_mb: float = knob(16.0, POSITIVE, "MB: largest accepted request body")
     max_image_pixels: int = knob(
-        50_000_000, POSITIVE_INT, "largest accepted image (width x height) before a 413", "PIXELS"
+        50_000_000, POSITIVE_INT, "PIXELS: largest accepted image (width x height) before a 413"
     )
     max_images: int = knob(
         64,
         Number(whole=True, low=1, high=MAX_IMAGES),
-        "most images in one request (repeated image fields on /predict, a v2 infer's "
+        "N: most images in one request (repeated image fields on /predict, a v2 infer's "
         f"batch; at most {MAX_IMAGES}); beyond it a 413",
-        "N",
     )
     explain_grid: int = knob(
         8,
         _explain_grid,
-        "/explain's occlusion grid: the image is shown to the model again with each of "
+        "N: /explain's occlusion grid: the image is shown to the model again with each of "
         "N x N cells masked, one at a time, at the lowest priority level (a request's "
         f"grid= may ask another, {MIN_EXPLAIN_GRID} to {MAX_EXPLAIN_GRID})",
-        "N",
     )
     decode_memory_mb: float = knob(
         512.0,
         POSITIVE,
-        "memory each web process may hold for images being decoded, estimated from "
-        "their headers; an upload that does not fit beside those in flight gets a 503 "
-        "with Retry-After, one that could never fit a 413",
-        "MB",
+        "MB: memory each web process may hold for images being decoded, estimated from their "
+        "headers; an upload that does not fit beside those in flight gets a 503 with Retry-After, "
+        "one that could never fit a 413",
     )
     role: str = knob(
         "all",
         _choice(ROLES),
-        "all: the HTTP front and a model worker, as child processes of one command; "
-        "web or worker alone",
-        "ROLE",
+        "ROLE: all: the HTTP front and a model worker, as child processes of one command; web or "
+        "worker alone",
     )
     web_workers: int = knob(
         2,
         POSITIVE_INT,
-        "--role web and all: HTTP server (granian) processes; --role all runs the model "
-        "in a process of its own beside them",
-        "N",
+        "N: --role web and all: HTTP server (granian) processes; --role all runs the model in a "
+        "process of its own beside them",
     )
     web_threads: int = knob(
         32,
         POSITIVE_INT,
-        "threads per web process, i.e. requests each can hold while they wait for "
-        "their prediction (connections waiting for their headers hold none)",
-        "N",
+        "N: threads per web process, i.e. requests each can hold while they wait for their "
+        "prediction (connections waiting for their headers hold none)",
     )
     header_timeout: float = knob(
         10.0,
         Number(whole=False, low=0.001, high=60, says="from 0.001 to 60 seconds (granian's range)"),
-        "seconds a client may take to send its request line and headers before the "
+        "SECONDS: seconds a client may take to send its request line and headers before the "
         "connection is closed (a slow client holds no thread meanwhile)",
-        "SECONDS",
     )
     heartbeat_ttl: float = knob(
         10.0,
         POSITIVE,
-        "seconds without a heartbeat after which a claim loop (a worker's, on one "
-        "shard) counts as dead and its claimed requests go back on the queue",
-        "SECONDS",
+        "SECONDS: seconds without a heartbeat after which a claim loop (a worker's, on one shard) "
+        "counts as dead and its claimed requests go back on the queue",
     )
     metrics_port: int = knob(
-        0, PORT, "--role worker: serve Prometheus /metrics on this port (0: off)", "PORT"
+        0, PORT, "PORT: --role worker: serve Prometheus /metrics on this port (0: off)"
     )
     grpc_port: int = knob(
         0,
         PORT,
-        "--role web and all: also speak the v2 inference protocol over gRPC on this port "
+        "PORT: --role web and all: also speak the v2 inference protocol over gRPC on this port "
         "(0: off), from a process of its own beside the HTTP front",
-        "PORT",
     )
     grpc_max_calls: int = knob(
         0,
         NON_NEGATIVE_INT,
-        "most gRPC calls held at once, running or waiting for one of the --web-threads "
-        "threads (each may hold a message of --max-upload-mb); past it a call is answered "
+        "N: most gRPC calls held at once, running or waiting for one of the --web-threads threads "
+        "(each may hold a message of --max-upload-mb); past it a call is answered "
         "RESOURCE_EXHAUSTED at once (0: twice --web-threads)",
-        "N",
     )
-    sim_batch_ms: float = knob(50.0, NON_NEGATIVE, "--model sim: sleep per batch", "MS")
-    sim_image_ms: float = knob(5.0, NON_NEGATIVE, "--model sim: sleep per image", "MS")
-    log_level: str = knob("INFO", _choice(LOG_LEVELS, upper=True), "logging level", "LEVEL")
+    sim_batch_ms: float = knob(50.0, NON_NEGATIVE, "MS: --model sim: sleep per batch")
+    sim_image_ms: float = knob(5.0, NON_NEGATIVE, "MS: --model sim: sleep per image")
+    log_level: str = knob("INFO", _choice(LOG_LEVELS, upper=True), "LEVEL: logging level")
     api_keys: str = knob(
         "",
         _text,
-        "a file of API keys, one per line: every request but /healthz, the upload page (/ and "
-        "/assets/), /openapi.json and the probes (see --auth-probes) must then show one "
+        "FILE: a file of API keys, one per line: every request but /healthz, the upload page (/ "
+        "and /assets/), /openapi.json and the probes (see --auth-probes) must then show one "
         "(Authorization: Bearer KEY or X-API-Key: KEY); after a key, optional name=NAME "
         "rate=N/UNIT burst=N give it a name and a quota shared through Redis (over it: 429)",
-        "FILE",
     )
     admin_keys: str = knob(
         "",
         _text,
-        "a file of admin keys, NAME KEY per line, separate from --api-keys: turns on the "
-        "admin API under /admin/ (models, versions, traffic policy; 404 without it), which "
-        "takes these keys alone (Authorization: Bearer KEY or X-Admin-Key: KEY)",
-        "FILE",
+        "FILE: a file of admin keys, NAME KEY per line, separate from --api-keys: turns on the "
+        "admin API under /admin/ (models, versions, traffic policy; 404 without it), which takes "
+        "these keys alone (Authorization: Bearer KEY or X-Admin-Key: KEY)",
     )
     auth_probes: bool = knob(
         False,
         _bool,
-        "with --api-keys: the probes /readyz, /metrics, /v2/health/live and "
+        "BOOL: with --api-keys: the probes /readyz, /metrics, /v2/health/live and "
         "/v2/health/ready need a key too (true or false)",
-        "BOOL",
     )
     metrics_key_names: bool = knob(
         False,
         _bool,
-        "with --api-keys: /metrics counts requests by API key name (the keys file's "
-        "name=, never the key); off, every key's are counted under one name, '-', so "
-        "a scrape does not list the server's clients (true or false)",
-        "BOOL",
+        "BOOL: with --api-keys: /metrics counts requests by API key name (the keys file's name=, "
+        "never the key); off, every key's are counted under one name, '-', so a scrape does not "
+        "list the server's clients (true or false)",
     )
     response_cache_ttl: float = knob(
         0.0,
         NON_NEGATIVE,
-        "seconds an answer stays in the shared response cache, so the same upload to the "
-        "same model version is answered from Redis without queueing it (0: off; a model "
-        "of --models-file may set its own response_cache_ttl)",
-        "SECONDS",
+        "SECONDS: seconds an answer stays in the shared response cache, so the same upload to the "
+        "same model version is answered from Redis without queueing it (0: off; a model of "
+        "--models-file may set its own response_cache_ttl)",
     )
     response_cache_url: str = knob(
         "",
         _redis_url,
-        "the Redis holding the response cache (default: the first --redis-url, the queue's); in "
-        "production a Redis of its own with maxmemory and maxmemory-policy allkeys-lru",
-        "URL",
+        "URL: the Redis holding the response cache (default: the first --redis-url, the queue's); "
+        "in production a Redis of its own with maxmemory and maxmemory-policy allkeys-lru",
     )
     otlp_endpoint: str = knob(
         "",
         _otlp_endpoint,
-        "send OpenTelemetry traces over OTLP/HTTP to this collector, e.g. http://localhost:4318 "
-        "(/v1/traces is appended, as to OTEL_EXPORTER_OTLP_ENDPOINT); empty: traces only when the "
-        "standard OTEL_* variables ask for them (needs the otel extra; docs/operations.md#tracing)",
-        "URL",
+        "URL: send OpenTelemetry traces over OTLP/HTTP to this collector, e.g. "
+        "http://localhost:4318 (/v1/traces is appended, as to OTEL_EXPORTER_OTLP_ENDPOINT); "
+        "empty: traces only when the standard OTEL_* variables ask for them (needs the otel "
+        "extra; docs/operations.md#tracing)",
     )
     max_job_images: int = knob(
         1000,
         POSITIVE_INT,
-        "most images in one job (POST /jobs: image fields and an archive's files); beyond it a 413",
-        "N",
+        "N: most images in one job (POST /jobs: image fields and an archive's files); beyond it a "
+        "413",
     )
     max_job_upload_mb: float = knob(
         256.0,
         POSITIVE,
-        "largest POST /jobs body, streamed to temporary files, never held whole "
+        "MB: largest POST /jobs body, streamed to temporary files, never held whole "
         "(--max-upload-mb is every other route's, and each image's in a job)",
-        "MB",
     )
     max_archive_mb: float = knob(
         1024.0,
         POSITIVE,
-        "most bytes a job's archive may inflate, hidden files and tar headers "
-        "included: a zip's declared sizes are checked first, and reading stops as "
-        "soon as it is over; beyond it a 413",
-        "MB",
+        "MB: most bytes a job's archive may inflate, hidden files and tar headers included: a "
+        "zip's declared sizes are checked first, and reading stops as soon as it is over; beyond "
+        "it a 413",
     )
     max_job_backlog: int = knob(
         4000,
         POSITIVE_INT,
-        "most job images waiting in a shard's Redis, not yet on the queue (each is its decoded "
+        "N: most job images waiting in a shard's Redis, not yet on the queue (each is its decoded "
         "pixels, 150 KB at 224x224); a job that would pass it gets a 503 with Retry-After",
-        "N",
     )
     job_ttl: float = knob(
         86400.0,
         POSITIVE,
-        "seconds a job's record and results are kept (from its end; an unfinished "
-        "job's from its start)",
-        "SECONDS",
+        "SECONDS: seconds a job's record and results are kept (from its end; an unfinished job's "
+        "from its start)",
     )
     callback_hosts: str = knob(
         "",
         _callback_hosts,
-        "where a job's callback_url may point: comma-separated HOST, HOST:PORT or "
-        "HOST:PORT/PATH entries (no port: 443 for https, 80 for http; a path: that "
-        "prefix, on a segment boundary); empty: no callbacks",
-        "HOSTS",
+        "HOSTS: where a job's callback_url may point: comma-separated HOST, HOST:PORT or "
+        "HOST:PORT/PATH entries (no port: 443 for https, 80 for http; a path: that prefix, on a "
+        "segment boundary); empty: no callbacks",
     )
     callback_secret: str = knob(
         "",
         _text,
-        "the HMAC-SHA256 key that signs job callbacks, with their timestamp "
-        "(X-Signature-256, X-Keras-Server-Timestamp); callbacks need it (prefer the "
-        "environment variable to the flag: ps shows flags)",
-        "SECRET",
+        "SECRET: the HMAC-SHA256 key that signs job callbacks, with their timestamp "
+        "(X-Signature-256, X-Keras-Server-Timestamp); callbacks need it (prefer the environment "
+        "variable to the flag: ps shows flags)",
     )
     public_url: str = knob(
         "",
         _public_url,
-        "the server's address as clients reach it, e.g. https://api.example.com "
-        "(a path prefix too, if a proxy adds one): a job callback's status_url starts "
-        "with it; empty: status_url is a path",
-        "URL",
+        "URL: the server's address as clients reach it, e.g. https://api.example.com (a path "
+        "prefix too, if a proxy adds one): a job callback's status_url starts with it; empty: "
+        "status_url is a path",
     )
     cors_origins: str = knob(
         "",
         _cors_origins,
-        "web pages of these origins (scheme://host[:port], comma-separated, or * for any) "
-        "may call the API from a browser (CORS): preflights are answered and every answer, "
-        "errors included, carries the CORS headers; credentials are never allowed (keys "
+        "ORIGIN[,ORIGIN...]: web pages of these origins (scheme://host[:port], comma-separated, "
+        "or * for any) may call the API from a browser (CORS): preflights are answered and every "
+        "answer, errors included, carries the CORS headers; credentials are never allowed (keys "
         "travel in headers). Empty: off",
-        "ORIGIN[,ORIGIN...]",
     )
 
     @property
