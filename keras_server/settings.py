@@ -180,18 +180,6 @@ def _choice(options: Sequence[str], upper: bool = False) -> Callable[[str], str]
     return parse
 
 
-def _text(text: str) -> str:
-    return text.strip()
-
-
-def _top_k(text: str) -> int:
-    return check_top_k(_int(text))
-
-
-def _model_source(text: str) -> str:
-    return check_source(text.strip())
-
-
 def _bool(text: str) -> bool:
     value = text.strip().lower()
     if value in ("1", "true", "yes", "on"):
@@ -366,7 +354,7 @@ class Settings:
     )
     model: str = knob(
         "resnet50",
-        _model_source,
+        lambda text: check_source(text.strip()),
         "MODEL: a keras.applications model (resnet50, mobilenet_v2, efficientnet_b0, ...), a "
         ".keras file, or sim: a simulated model that only sleeps, for load tests",
     )
@@ -379,7 +367,7 @@ class Settings:
     )
     labels: str = knob(
         "",
-        _text,
+        str.strip,
         "FILE: class names for a .keras --model: one per line, or JSON (default: ImageNet's)",
     )
     preprocessing: str = knob(
@@ -388,7 +376,7 @@ class Settings:
         "MODE: caffe, tf, torch (Keras's preprocess_input modes), scale (to 0..1) or none; "
         "default: a built-in model's own, none for a .keras file",
     )
-    top_k: int = knob(5, _top_k, "K: classes in each answer")
+    top_k: int = knob(5, lambda text: check_top_k(_int(text)), "K: classes in each answer")
     model_version: str = knob(
         "1",
         _non_empty,
@@ -397,7 +385,7 @@ class Settings:
     )
     models_file: str = knob(
         "",
-        _text,
+        str.strip,
         "FILE: a TOML file of several models to serve side by side (replaces --model, --weights, "
         "--labels, --preprocessing, --top-k)",
     )
@@ -460,7 +448,7 @@ class Settings:
     )
     calibration_dir: str = knob(
         "",
-        _text,
+        str.strip,
         "DIR: images like the traffic, decoded like uploads: int8 calibrates on them, and every "
         "fifth is held out to measure bf16/int8 fidelity against Keras",
     )
@@ -597,7 +585,7 @@ class Settings:
     log_level: str = knob("INFO", _choice(LOG_LEVELS, upper=True), "LEVEL: logging level")
     api_keys: str = knob(
         "",
-        _text,
+        str.strip,
         "FILE: a file of API keys, one per line: every request but /healthz, the upload page (/ "
         "and /assets/), /openapi.json and the probes (see --auth-probes) must then show one "
         "(Authorization: Bearer KEY or X-API-Key: KEY); after a key, optional name=NAME "
@@ -605,7 +593,7 @@ class Settings:
     )
     admin_keys: str = knob(
         "",
-        _text,
+        str.strip,
         "FILE: a file of admin keys, NAME KEY per line, separate from --api-keys: turns on the "
         "admin API under /admin/ (models, versions, traffic policy; 404 without it), which takes "
         "these keys alone (Authorization: Bearer KEY or X-Admin-Key: KEY)",
@@ -684,7 +672,7 @@ class Settings:
     )
     callback_secret: str = knob(
         "",
-        _text,
+        str.strip,
         "SECRET: the HMAC-SHA256 key that signs job callbacks, with their timestamp "
         "(X-Signature-256, X-Keras-Server-Timestamp); callbacks need it (prefer the environment "
         "variable to the flag: ps shows flags)",
