@@ -238,11 +238,7 @@ class RequestQueue(Liveness):
         # model's, level by level.
         sources = [self.queue_keys, self.keys] if self.version else [self.keys]
         queues = [q.queue_at(level) for level in range(1, self.levels + 1) for q in sources]
-        keys = [
-            self.keys.processing(worker_id),
-            *self._wakeups(),
-            *queues,
-        ]
+        keys = [self.keys.processing(worker_id), *self._wakeups(), *queues]
         args = [count, max(max_lower, 0), len(sources), len(sources)]
         with self.shard.watch():
             reply = self._claim(keys=keys, args=args)

@@ -129,11 +129,7 @@ def _engine_version(engine: str) -> str:
 
 
 def _converted(
-    spec: ModelSpec,
-    engine: str,
-    precision: str,
-    options: EngineOptions,
-    files: list[Path] | None,
+    spec: ModelSpec, engine: str, precision: str, options: EngineOptions, files: list[Path] | None
 ) -> Predictor:
     """An onnx or openvino predictor: from the cache, or converted now."""
     version = _engine_version(engine)

@@ -139,13 +139,7 @@ def with_preprocessing(model: ov.Model, mode: str, channels: int) -> ov.Model:
 
 
 def compile_model(
-    xml_path: Path,
-    precision: str,
-    mode: str,
-    channels: int,
-    *,
-    requests: int = 1,
-    streams: int = 1,
+    xml_path: Path, precision: str, mode: str, channels: int, *, requests: int = 1, streams: int = 1
 ) -> ov.CompiledModel:
     """The IR at `xml_path`, taking uint8 RGB with preprocessing `mode` inside,
     for `requests` batches running at once, each split over `streams` infer

@@ -176,10 +176,7 @@ def parameters(entries: Any) -> dict[str, Any]:
 
 
 def parse_request(
-    request: pb.ModelInferRequest,
-    size: tuple[int, int] | None,
-    settings: Settings,
-    decode: Decoder,
+    request: pb.ModelInferRequest, size: tuple[int, int] | None, settings: Settings, decode: Decoder
 ) -> Inference:
     """A ModelInferRequest -> the images to queue (the files not yet decoded);
     BadInput says what is wrong."""

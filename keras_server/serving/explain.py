@@ -72,8 +72,7 @@ GREY = 127
 # The heat map's colours, low to high (a short turbo-like ramp); the upload
 # page's legend and canvas use the same (web/assets/app.js).
 RAMP = np.array(
-    [(48, 18, 59), (70, 134, 251), (27, 229, 181), (250, 186, 57), (122, 4, 3)],
-    dtype=np.float32,
+    [(48, 18, 59), (70, 134, 251), (27, 229, 181), (250, 186, 57), (122, 4, 3)], dtype=np.float32
 )
 OPACITY = 0.5
 

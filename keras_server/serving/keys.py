@@ -205,7 +205,6 @@ def key_from(authorization: str | None, api_key: str | None) -> str:
     key = (api_key or "").strip()
     if not key:
         raise Rejected(
-            "an API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
-            "",
+            "an API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'", ""
         )
     return key

@@ -160,7 +160,7 @@ def put_traffic(name: str) -> Response:
     if missing:
         raise Conflict(
             f"model {name!r}: no live worker for version(s) {', '.join(missing)}; "
-            f"live: {', '.join(sorted(live)) or 'none'}",
+            f"live: {', '.join(sorted(live)) or 'none'}"
         )
     store_policy(model.router, policy)
     log.warning("admin %s: model %r traffic set to %s", g.admin, name, policy.as_dict())
