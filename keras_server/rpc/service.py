@@ -37,9 +37,7 @@ from keras_server.serving import inference as core
 from keras_server.serving.admission import Urgency
 from keras_server.serving.failures import Failure, from_exception
 from keras_server.serving.inference import (
-    HEATMAP,
     IMAGE,
-    OUTPUT,
     PIXELS,
     Inference,
     Output,
@@ -264,18 +262,7 @@ def answer(inference: Inference, result: Result) -> pb.ModelInferResponse:
     response = pb.ModelInferResponse(model_name=result.model, model_version=result.version)
     if inference.request_id is not None:
         response.id = inference.request_id
-    for output in inference.outputs:
-        if output.name == HEATMAP and result.heatmaps is not None:
-            heatmaps = result.heatmaps
-            response.outputs.add(name=HEATMAP, datatype="FP32", shape=list(heatmaps.shape))
-            response.raw_output_contents.append(np.ascontiguousarray(heatmaps, "<f4").tobytes())
-        elif output.classification:
-            strings, shape = result.classification(output.classification)
-            response.outputs.add(name=OUTPUT, datatype="BYTES", shape=shape)
-            response.raw_output_contents.append(core.serialize_bytes(strings))
-        else:
-            probabilities = result.probabilities
-            response.outputs.add(name=OUTPUT, datatype="FP32", shape=list(probabilities.shape))
-            raw = np.ascontiguousarray(probabilities, dtype="<f4").tobytes()
-            response.raw_output_contents.append(raw)
+    for tensor, raw, _ in result.tensors(inference.outputs):
+        response.outputs.add(**tensor)
+        response.raw_output_contents.append(raw)
     return response

@@ -32,7 +32,7 @@ import logging
 import math
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,6 +119,22 @@ class Result:
     classes: list[list[dict[str, Any]]]
     cache: str | None = None  # X-Cache (hit, miss, partial); None: the cache is off
     heatmaps: np.ndarray | None = None  # [N, rows, columns] with parameters.explain
+
+    def tensors(self, outputs: Sequence[Output]) -> Iterator[tuple[dict[str, Any], bytes, Any]]:
+        """Each output asked for: its tensor's name, datatype and shape, its
+        binary form (little-endian) and its values, a list or an array."""
+        for output in outputs:
+            if output.name == HEATMAP and self.heatmaps is not None:
+                name, array = HEATMAP, self.heatmaps
+            elif output.classification:
+                strings, shape = self.classification(output.classification)
+                tensor = {"name": OUTPUT, "datatype": "BYTES", "shape": shape}
+                yield tensor, serialize_bytes(strings), strings
+                continue
+            else:
+                name, array = OUTPUT, self.probabilities
+            tensor = {"name": name, "datatype": "FP32", "shape": list(array.shape)}
+            yield tensor, np.ascontiguousarray(array, dtype="<f4").tobytes(), array
 
     def classification(self, k: int) -> tuple[list[str], list[int]]:
         """Triton's classification extension: `"score:index:label"` for each

@@ -42,7 +42,6 @@ from keras_server.serving import inference as core
 from keras_server.serving.admission import Urgency
 from keras_server.serving.failures import BadInput, from_image
 from keras_server.serving.inference import (
-    HEATMAP,
     IMAGE,
     OUTPUT,
     PIXELS,
@@ -359,29 +358,14 @@ def answer(inference: Inference, result: Result) -> Response:
     """The infer response: JSON, or JSON then the binary outputs when any
     output asked for binary data."""
     tensors, blobs = [], []
-    tensor: dict[str, Any]
-    data: list[Any]
-    for output in inference.outputs:
-        if output.name == HEATMAP and result.heatmaps is not None:
-            heatmaps = result.heatmaps
-            tensor = {"name": HEATMAP, "datatype": "FP32", "shape": list(heatmaps.shape)}
-            raw = np.ascontiguousarray(heatmaps, dtype="<f4").tobytes()
-            data = heatmaps.ravel().tolist()
-        elif output.classification:
-            strings, shape = result.classification(output.classification)
-            tensor = {"name": OUTPUT, "datatype": "BYTES", "shape": shape}
-            raw = core.serialize_bytes(strings)
-            data = strings
-        else:
-            probabilities = result.probabilities
-            tensor = {"name": OUTPUT, "datatype": "FP32", "shape": list(probabilities.shape)}
-            raw = np.ascontiguousarray(probabilities, dtype="<f4").tobytes()
-            data = probabilities.ravel().tolist()
+    for output, (tensor, raw, values) in zip(
+        inference.outputs, result.tensors(inference.outputs), strict=True
+    ):
         if output.binary:
             tensor["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)
         else:
-            tensor["data"] = data
+            tensor["data"] = values if isinstance(values, list) else values.ravel().tolist()
         tensors.append(tensor)
     body: dict[str, Any] = {"model_name": result.model, "model_version": result.version}
     if inference.request_id is not None:
