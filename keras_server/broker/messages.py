@@ -436,7 +436,13 @@ def decode_request(raw: bytes | str) -> ImageRequest:
         raise BadMessage(f"request {request_id}: classes {classes} out of range")
     if priority < 1:
         raise BadMessage(f"request {request_id}: priority {priority} out of range")
-    _check_explain(request_id, explain, explain_class, probabilities)
+    if explain and (explain not in EXPLAIN_METHODS or not probabilities):
+        raise BadMessage(
+            f"request {request_id}: explain {explain!r} is not one of "
+            f"{', '.join(EXPLAIN_METHODS)} on a probabilities request"
+        )
+    if not -1 <= explain_class <= MAX_CLASSES:
+        raise BadMessage(f"request {request_id}: explain_class {explain_class} out of range")
     image = np.frombuffer(data, dtype=dtype).reshape(shape)
     return ImageRequest(
         id=request_id,
@@ -451,16 +457,6 @@ def decode_request(raw: bytes | str) -> ImageRequest:
         explain=explain,
         explain_class=explain_class,
     )
-
-
-def _check_explain(request_id: str, explain: object, index: int, probabilities: bool) -> None:
-    if explain and (explain not in EXPLAIN_METHODS or not probabilities):
-        raise BadMessage(
-            f"request {request_id}: explain {explain!r} is not one of "
-            f"{', '.join(EXPLAIN_METHODS)} on a probabilities request"
-        )
-    if not -1 <= index <= MAX_CLASSES:
-        raise BadMessage(f"request {request_id}: explain_class {index} out of range")
 
 
 def _whole(value: object) -> int:

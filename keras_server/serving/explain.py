@@ -224,18 +224,17 @@ def explain(
     images = 1 + cells + (ask.method == GRADCAM and isinstance(ask.target, str))
     if caller is not None and pipeline.limiter is not None:
         pipeline.limiter.charge(caller, images)
-    if ask.method == GRADCAM and not isinstance(ask.target, str):
-        index = -1 if ask.target is None else ask.target
-        form = Form(True, named, explain=GRADCAM, explain_class=index)
-        return _from_worker(*run.one(pixels, form), pixels, named)
-    header, vector = run.one(pixels, Form(True, named))
-    index = _index(ask.target, header, vector)
     if ask.method == GRADCAM:
-        # A label, now an index: the worker explains it.
+        if isinstance(ask.target, str):  # a label: its index, from the baseline
+            index = _index(ask.target, *run.one(pixels, Form(True, named)))
+        else:
+            index = -1 if ask.target is None else ask.target
         form = Form(True, named, explain=GRADCAM, explain_class=index)
         found = _from_worker(*run.one(pixels, form), pixels, named)
         found.images = images
         return found
+    header, vector = run.one(pixels, Form(True, named))
+    index = _index(ask.target, header, vector)
     answers = run.answers(masked(pixels, ask.grid), Form(True, 0))
     drops = [vector[index] - read_probabilities(raw)[1][index] for raw in answers]
     heatmap, drop = importance(np.array(drops, dtype=np.float64).reshape(ask.grid, ask.grid))
