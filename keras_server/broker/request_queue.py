@@ -91,10 +91,10 @@ class RequestQueue(Liveness):
         own queue (`Keys.for_version`), and a worker claims from it first,
         then from the model's (requests queued while no worker was live, or
         for workers whose queue names no version, those swept off a version
-        whose last worker left, and a job's items). "": the model's queue alone. Results, claims,
-        heartbeats and jobs are the model's (`keys`) either way. `registry`:
-        the deployment's models hash (`Keys.models`), where each heartbeat
-        names the model and its queue; "": not written."""
+        whose last worker left, and a job's items); "": the model's queue
+        alone. Results, claims, heartbeats and jobs are the model's (`keys`)
+        either way. `registry`: the deployment's models hash (`Keys.models`),
+        where each heartbeat names the model and its queue; "": not written."""
         if levels < 1:
             raise ValueError(f"{levels} priority levels")
         self.shard = shard

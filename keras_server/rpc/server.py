@@ -18,12 +18,11 @@ reads and writes the connections meanwhile). It never imports an engine.
 - Messages up to --max-upload-mb are received; a larger one is answered
   RESOURCE_EXHAUSTED by grpcio before any of it is parsed.
 - With --api-keys, every call but ServerLive and ServerReady (those too with
-  --auth-probes) must carry a key in its metadata, `authorization: Bearer
-  KEY` or `x-api-key: KEY`, checked against the same keys as the HTTP
-  front's (serving/keys.py); else UNAUTHENTICATED, before the request is
-  parsed. A key with nothing left of its quota (serving/quotas.py, shared
-  with the HTTP front) is RESOURCE_EXHAUSTED there too, with `retry-after`
-  and `ratelimit-*` trailers; a ModelInfer is then charged per image.
+  --auth-probes) carries a key in its metadata, as the HTTP front's headers
+  do (serving/keys.py), or is UNAUTHENTICATED before it is parsed; a key
+  with nothing left of its quota (serving/quotas.py) is RESOURCE_EXHAUSTED,
+  with `retry-after` and `ratelimit-*` trailers; a ModelInfer is charged
+  per image.
 - SIGTERM or SIGINT: no new calls; those in flight have up to
   --result-timeout to finish.
 """
