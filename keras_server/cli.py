@@ -27,12 +27,10 @@ import contextlib
 import logging
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import threading
 from collections.abc import Sequence
-from types import FrameType
 
 from keras_server import tracing
 from keras_server.broker import messages
@@ -41,7 +39,7 @@ from keras_server.catalog import SIM, CatalogError, Models, model_specs
 from keras_server.engines.predictor import ModelLoadError
 from keras_server.logs import configure_logging
 from keras_server.metrics import MULTIPROCESS_DIR_ENV
-from keras_server.processes import Child
+from keras_server.processes import Child, stop_on_signals
 from keras_server.serving.keys import KeysFileError, load_keys
 from keras_server.serving.models import Deployment
 from keras_server.settings import Settings, SettingsError, load_settings, to_environment
@@ -50,6 +48,8 @@ from keras_server.worker.main import loader
 from keras_server.worker.main import run as run_worker
 
 log = logging.getLogger("keras_server")
+
+STOPPING = "stopping once the requests in flight are answered"
 
 
 def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
@@ -165,7 +165,7 @@ def run_all(settings: Settings, models: Models) -> int:
     flight finish while the worker still answers them, then the worker, which
     answers the batch it holds, then Redis. Returns the exit status: 1 when a
     child failed (its own log line says why)."""
-    stop = stop_on_signals()
+    stop = stop_on_signals(STOPPING)
     with contextlib.ExitStack() as cleanup:
         settings, private_redis = ensure_redis(settings)
         if private_redis:
@@ -190,7 +190,7 @@ def run_web(settings: Settings) -> int:
     """--role web with --grpc-port: the HTTP front and the gRPC front, child
     processes of this one, stopped together (SIGTERM or Ctrl-C: each lets
     its requests in flight finish). 1 when either exits by itself."""
-    stop = stop_on_signals()
+    stop = stop_on_signals(STOPPING)
     with contextlib.ExitStack() as cleanup:
         env = child_environment(settings, metrics_directory(cleanup))
         return watch(start_fronts(settings, env, cleanup), stop)
@@ -216,21 +216,6 @@ def start_fronts(
 
     cleanup.callback(stop_fronts)
     return fronts
-
-
-def stop_on_signals() -> threading.Event:
-    """An event set by SIGTERM or SIGINT (logged once)."""
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        if not stop.is_set():
-            log.info("%s: stopping once the requests in flight are answered",
-                     signal.Signals(signum).name)  # fmt: skip
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    return stop
 
 
 def metrics_directory(cleanup: contextlib.ExitStack) -> str:

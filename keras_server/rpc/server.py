@@ -30,18 +30,16 @@ reads and writes the connections meanwhile). It never imports an engine.
 from __future__ import annotations
 
 import logging
-import signal
 import sys
-import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from types import FrameType
 from typing import Any
 
 import grpc
 
 from keras_server import metrics
 from keras_server.logs import configure_logging
+from keras_server.processes import stop_on_signals
 from keras_server.rpc import grpc_predict_v2_pb2_grpc as pb_grpc
 from keras_server.rpc.service import InferenceService
 from keras_server.serving.cache import ResponseCache
@@ -152,13 +150,7 @@ def main() -> int:
     except RuntimeError as exc:  # grpcio's "Failed to bind": the port is taken
         log.error("gRPC cannot listen on %s: %s", address(settings), exc)
         return 1
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = stop_on_signals("gRPC: stopping once the calls in flight are answered")
     server.start()
     log.info(
         "gRPC (v2 inference protocol) listening on %s (%d threads, at most %d calls)",
@@ -167,7 +159,6 @@ def main() -> int:
         settings.grpc_call_limit,
     )
     stop.wait()
-    log.info("gRPC: stopping once the calls in flight are answered")
     server.stop(grace=settings.result_timeout).wait()
     return 0
 
