@@ -154,12 +154,9 @@ def convert(argv: Sequence[str], prog: str) -> int:
 
 
 def run_all(settings: Settings, models: Models) -> int:
-    """The one-command setup: a private Redis when none runs, the model worker
-    and the HTTP front (and the gRPC front with --grpc-port), each a child
-    process of this one (the model never shares a GIL with the HTTP threads),
-    with one log: the children write to our stdout and stderr.
-
-    The children are in sessions of their own, so a Ctrl-C in the terminal
+    """--role all (see the module's docstring): each part a child process of
+    this one, so the model never shares a GIL with the HTTP threads, writing
+    to our stdout and stderr. The children are in sessions of their own, so a Ctrl-C in the terminal
     reaches only us, and tied to us (they get SIGTERM if we die). SIGTERM or
     Ctrl-C stops them in order: the fronts first, which let the requests in
     flight finish while the worker still answers them, then the worker, which
