@@ -176,19 +176,20 @@ class Router:
             view = self._view
         if view is not None and now - view.at < ROUTING_TTL_S:
             return view
-        view = self.read(now)
-        with self._lock:
-            self._view = view
-        return view
+        return self.read(now)
 
     def read(self, now: float, fresh: bool = False) -> View:
         """The live workers' versions (from the process's survey) and the
-        policy (the newest copy among the shards: broker/traffic.py)."""
+        policy (the newest copy among the shards: broker/traffic.py), kept
+        as the view of `now`."""
         live: dict[str, bool] = {}
         for info in self.live_workers(fresh):
             if info.version:
                 live[info.version] = live.get(info.version, True) and info.versioned
-        return View(live, Policy.decode(traffic.read(self.shards)), now)
+        view = View(live, Policy.decode(traffic.read(self.shards)), now)
+        with self._lock:
+            self._view = view
+        return view
 
     def forget(self) -> None:
         """Read Redis again for the next request (the admin API, after a change)."""
@@ -203,8 +204,6 @@ class Router:
             # Read again before refusing: a view cached just before a worker
             # came must not turn away its first requests.
             view = self.read(time.monotonic(), fresh=True)
-            with self._lock:
-                self._view = view
         if pinned:
             if pinned not in view.live:
                 raise Unavailable(

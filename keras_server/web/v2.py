@@ -190,9 +190,7 @@ def _parse_json(
     # The outputs before the images: a request refused for them decodes nothing.
     default_binary = parameters.get("binary_data_output") is True
     requested = message.get("outputs")
-    if requested is None:
-        requested = [{"name": OUTPUT}]
-    if not isinstance(requested, list):
+    if requested is not None and not isinstance(requested, list):
         raise bad("'outputs' must be a list of the outputs to answer")
     outputs = [_output(o, default_binary) for o in requested or [{"name": OUTPUT}]]
     tensor, data = inputs[0], parts[0]

@@ -517,9 +517,8 @@ class Worker:
 class FairLock:
     """A lock granted in arrival order, to `holders` threads at once (the
     batches a worker runs in parallel), so claim loops serving several shards
-    take turns with the one model instead of one shard starving the rest."""
-
-    # Used as Worker(turn=...): see Worker.__init__.
+    take turns with the one model instead of one shard starving the rest
+    (Worker's `turn`)."""
 
     def __init__(self, holders: int = 1) -> None:
         self.holders = holders
