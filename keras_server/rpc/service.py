@@ -96,9 +96,6 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     def __init__(self, pipeline: Pipeline, keys: ApiKeys | None = None) -> None:
         self.pipeline = pipeline
-        self.settings = pipeline.settings
-        self.deployment = pipeline.deployment
-        self.decode = pipeline.decoder
         self.keys = keys
 
     @answered
@@ -107,7 +104,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     @answered
     def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=core.server_ready(self.deployment))
+        return pb.ServerReadyResponse(ready=core.server_ready(self.pipeline.deployment))
 
     @answered
     def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
@@ -138,12 +135,13 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.ServicerContext
     ) -> pb.ModelInferResponse:
-        model, route = self.pipeline.target(request.model_name, request.model_version or None)
-        inference = parse_request(request, model.input_size(), self.settings, self.decode)
+        pipeline = self.pipeline
+        model, route = pipeline.target(request.model_name, request.model_version or None)
+        inference = parse_request(request, model.input_size(), pipeline.settings, pipeline.decoder)
         # The client's deadline, if it set one, is the request's: None when it did not.
         remaining = context.time_remaining()
         result = core.infer(
-            self.pipeline, model, route, inference, timeout=remaining, caller=self._caller(context)
+            pipeline, model, route, inference, timeout=remaining, caller=self._caller(context)
         )
         return answer(inference, result)
 
