@@ -64,13 +64,7 @@ class InMemoryRequest(Request):
     """Uploads stay in memory: they are capped by MAX_CONTENT_LENGTH anyway,
     and an image must never land on disk (werkzeug spools files > 500 KB)."""
 
-    def _get_file_stream(
-        self,
-        total_content_length: int | None,
-        content_type: str | None,
-        filename: str | None = None,
-        content_length: int | None = None,
-    ) -> IO[bytes]:
+    def _get_file_stream(self, *args: object, **kwargs: object) -> IO[bytes]:
         return io.BytesIO()
 
 
