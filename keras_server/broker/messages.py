@@ -70,6 +70,16 @@ MAX_TRACE = 256
 EXPLAIN_METHODS = ("gradcam",)
 
 
+def out_of_range(index: int, classes: int) -> str:
+    """Why class `index` cannot be explained: both sides say it the same way."""
+    return f"class {index} is out of range: the model has {classes} classes (0..{classes - 1})"
+
+
+def no_live_version(version: str, model: str) -> str:
+    """Why a request pinned to `version` is refused (503), by the web tier or a worker."""
+    return f"version {version!r} of model {model!r} has no live worker; retry shortly"
+
+
 class BadMessage(ValueError):
     """A queue entry that is not a well-formed request."""
 

@@ -213,7 +213,7 @@ def explain(
             )
     known = max((w.labels for w in workers), default=0)
     if isinstance(ask.target, int) and known and ask.target >= known:
-        raise BadInput(out_of_range(ask.target, known))
+        raise BadInput(messages.out_of_range(ask.target, known))
     pixels = pipeline.pixels(image, size)
     named = max(classes, model.spec.top_k, 1)
     # A label is looked up among every class's: the baseline names them all.
@@ -252,10 +252,6 @@ def explain(
     )
 
 
-def out_of_range(index: int, classes: int) -> str:
-    return f"class {index} is out of range: the model has {classes} classes (0..{classes - 1})"
-
-
 @dataclass(frozen=True)
 class _Run:
     """One explanation's images through the pipeline: by one model and
@@ -290,7 +286,7 @@ def _index(target: int | str | None, header: dict[str, Any], vector: np.ndarray)
         return int(np.argmax(vector))
     if isinstance(target, int):
         if target >= len(vector):
-            raise BadInput(out_of_range(target, len(vector)))
+            raise BadInput(messages.out_of_range(target, len(vector)))
         return target
     for named in header.get("classes", []):
         if named.get("label") == target:

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from keras_server.broker import traffic
-from keras_server.broker.messages import WorkerInfo
+from keras_server.broker.messages import WorkerInfo, no_live_version
 from keras_server.broker.placement import ShardSet
 from keras_server.catalog import VERSION
 from keras_server.serving.failures import Unavailable, no_live_worker
@@ -206,10 +206,7 @@ class Router:
             view = self.read(time.monotonic(), fresh=True)
         if pinned:
             if pinned not in view.live:
-                raise Unavailable(
-                    f"version {pinned!r} of model {self.model_name!r} has no live worker; "
-                    "retry shortly"
-                )
+                raise Unavailable(no_live_version(pinned, self.model_name))
             if not view.live[pinned]:
                 # Its workers' queue names no version: they claim the model's
                 # alone (a worker of another version that claims it there
