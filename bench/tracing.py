@@ -124,7 +124,7 @@ def helpers_off_us(calls: int = 100_000) -> float:
     def request() -> None:
         with tracing.span("decode"):
             pass
-        with tracing.producer_span("enqueue", attributes) as span:
+        with tracing.span("enqueue", attributes, producer=True) as span:
             tracing.traceparent()
             span.set_attribute(tracing.SHARD, "s")
         with tracing.span("wait", {**attributes, tracing.SHARD: "s"}) as span:

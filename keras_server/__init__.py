@@ -20,7 +20,8 @@ Its kinds of process, a sub-package each, and what they share at the top:
     catalog     model specs: built-in names, .keras files, labels, models file
     labels      the ImageNet class names, shipped
     images      image file -> RGB uint8 array at the model's input size, memory-bounded
-    processes   child processes: start with a log, wait until ready, stop, log tail
+    processes   child processes: start with a log, wait until ready, stop, log tail;
+                the SIGTERM / SIGINT our processes stop on
     callbacks   a job's completion callback: signed, retried, allowed hosts only
 
 Each sub-package's docstring lists its modules.

@@ -117,11 +117,6 @@ class ModelSpec:
             check_source(self.source)
         except CatalogError as exc:
             raise CatalogError(f"model {self.name!r}: {self.source!r} {exc}") from None
-        if self.preprocessing is not None and self.preprocessing not in PREPROCESSING:
-            raise CatalogError(
-                f"model {self.name!r}: preprocessing {self.preprocessing!r} is not one of "
-                f"{', '.join(PREPROCESSING)}"
-            )
         if not VERSION.match(self.version):
             raise CatalogError(
                 f"model {self.name!r}: version {self.version!r}: use 1-64 letters, digits, "
@@ -131,15 +126,15 @@ class ModelSpec:
             check_top_k(self.top_k)
         except CatalogError as exc:
             raise CatalogError(f"model {self.name!r}: top_k {exc}") from None
-        if self.engine is not None and self.engine not in ENGINES:
-            raise CatalogError(
-                f"model {self.name!r}: engine {self.engine!r} is not one of {', '.join(ENGINES)}"
-            )
-        if self.precision is not None and self.precision not in PRECISIONS:
-            raise CatalogError(
-                f"model {self.name!r}: precision {self.precision!r} is not one of "
-                f"{', '.join(PRECISIONS)}"
-            )
+        for field, value, options in (
+            ("preprocessing", self.preprocessing, PREPROCESSING),
+            ("engine", self.engine, ENGINES),
+            ("precision", self.precision, PRECISIONS),
+        ):
+            if value is not None and value not in options:
+                raise CatalogError(
+                    f"model {self.name!r}: {field} {value!r} is not one of {', '.join(options)}"
+                )
         if self.response_cache_ttl is not None:
             try:
                 check_cache_ttl(self.response_cache_ttl)

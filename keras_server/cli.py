@@ -27,12 +27,10 @@ import contextlib
 import logging
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import threading
 from collections.abc import Sequence
-from types import FrameType
 
 from keras_server import tracing
 from keras_server.broker import messages
@@ -41,7 +39,7 @@ from keras_server.catalog import SIM, CatalogError, Models, model_specs
 from keras_server.engines.predictor import ModelLoadError
 from keras_server.logs import configure_logging
 from keras_server.metrics import MULTIPROCESS_DIR_ENV
-from keras_server.processes import Child
+from keras_server.processes import Child, stop_on_signals
 from keras_server.serving.keys import KeysFileError, load_keys
 from keras_server.serving.models import Deployment
 from keras_server.settings import Settings, SettingsError, load_settings, to_environment
@@ -50,6 +48,8 @@ from keras_server.worker.main import loader
 from keras_server.worker.main import run as run_worker
 
 log = logging.getLogger("keras_server")
+
+STOPPING = "stopping once the requests in flight are answered"
 
 
 def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
@@ -154,18 +154,15 @@ def convert(argv: Sequence[str], prog: str) -> int:
 
 
 def run_all(settings: Settings, models: Models) -> int:
-    """The one-command setup: a private Redis when none runs, the model worker
-    and the HTTP front (and the gRPC front with --grpc-port), each a child
-    process of this one (the model never shares a GIL with the HTTP threads),
-    with one log: the children write to our stdout and stderr.
-
-    The children are in sessions of their own, so a Ctrl-C in the terminal
+    """--role all (see the module's docstring): each part a child process of
+    this one, so the model never shares a GIL with the HTTP threads, writing
+    to our stdout and stderr. The children are in sessions of their own, so a Ctrl-C in the terminal
     reaches only us, and tied to us (they get SIGTERM if we die). SIGTERM or
     Ctrl-C stops them in order: the fronts first, which let the requests in
     flight finish while the worker still answers them, then the worker, which
     answers the batch it holds, then Redis. Returns the exit status: 1 when a
     child failed (its own log line says why)."""
-    stop = stop_on_signals()
+    stop = stop_on_signals(STOPPING)
     with contextlib.ExitStack() as cleanup:
         settings, private_redis = ensure_redis(settings)
         if private_redis:
@@ -190,7 +187,7 @@ def run_web(settings: Settings) -> int:
     """--role web with --grpc-port: the HTTP front and the gRPC front, child
     processes of this one, stopped together (SIGTERM or Ctrl-C: each lets
     its requests in flight finish). 1 when either exits by itself."""
-    stop = stop_on_signals()
+    stop = stop_on_signals(STOPPING)
     with contextlib.ExitStack() as cleanup:
         env = child_environment(settings, metrics_directory(cleanup))
         return watch(start_fronts(settings, env, cleanup), stop)
@@ -216,21 +213,6 @@ def start_fronts(
 
     cleanup.callback(stop_fronts)
     return fronts
-
-
-def stop_on_signals() -> threading.Event:
-    """An event set by SIGTERM or SIGINT (logged once)."""
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        if not stop.is_set():
-            log.info("%s: stopping once the requests in flight are answered",
-                     signal.Signals(signum).name)  # fmt: skip
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    return stop
 
 
 def metrics_directory(cleanup: contextlib.ExitStack) -> str:

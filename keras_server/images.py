@@ -362,10 +362,7 @@ def _reduced(image: Image.Image, target: tuple[int, int]) -> tuple[Image.Image, 
     about four times `target` each way; and the white point of a high-depth
     image, which only the full image knows (see `_to_rgb`)."""
     white = _white_point(image)
-    factors = (
-        max(1, image.size[0] // (2 * target[0])),
-        max(1, image.size[1] // (2 * target[1])),
-    )
+    factors = (max(1, image.size[0] // (2 * target[0])), max(1, image.size[1] // (2 * target[1])))
     if factors == (1, 1):
         return image, white
     mode = image.mode

@@ -105,8 +105,7 @@ DECODE_CPU_SECONDS = Counter(
     "CPU seconds the web tier spent decoding and resizing uploads",
 )
 DECODE_REFUSED = Counter(
-    "keras_server_decode_refused",
-    "Uploads answered 503 because the decode memory budget was spent",
+    "keras_server_decode_refused", "Uploads answered 503 because the decode memory budget was spent"
 )
 QUEUED = Counter(
     "keras_server_queued_requests",

@@ -6,6 +6,7 @@ Used for every process we start: the children of `--role all` and of
 local cluster (run_cluster.py), the servers the benchmark drives, and the
 servers the tests run. Output goes to a file, or to our own stdout and
 stderr, never a pipe: a pipe nobody reads fills up and blocks the child.
+`stop_on_signals` is how each of our own processes hears SIGTERM and SIGINT.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from types import FrameType
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,20 @@ def die_with_parent() -> None:
     """In the child: get SIGTERM if the parent dies, even by kill -9 (Linux)."""
     with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def stop_on_signals(stopping: str) -> threading.Event:
+    """An event set by SIGTERM or SIGINT, the first logged ("SIGTERM: `stopping`")."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        if not stop.is_set():
+            log.info("%s: %s", signal.Signals(signum).name, stopping)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return stop
 
 
 def wait_for(

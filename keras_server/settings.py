@@ -54,115 +54,6 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 MIN_EXPLAIN_GRID, MAX_EXPLAIN_GRID = 2, 16
 
 
-@dataclass(frozen=True)
-class Settings:
-    host: str = "127.0.0.1"
-    port: int = 5000
-    # The --redis-url text: one URL, or several separated by commas (shards);
-    # `redis_urls` is the list. The field keeps the knob's name, which the
-    # flag and the environment variable are derived from.
-    redis_url: str = "redis://localhost:6379/0"
-    # False when redis_url is the default: only then may we start a private
-    # redis-server if nothing answers there (see broker/redis_server.py).
-    redis_url_given: bool = False
-    redis_timeout: float = 1.0
-    model: str = "resnet50"
-    weights: str = "imagenet"
-    labels: str = ""
-    preprocessing: str = ""
-    top_k: int = 5
-    model_version: str = "1"
-    models_file: str = ""
-    models_from: str = "workers"
-    model_grace: float = 60.0
-    serve: str = "all"
-    batch_size: int = 32
-    max_batch_delay_ms: float = 0.0
-    parallel_batches: int = 1
-    openvino_streams: int = 1
-    engine: str = "auto"
-    precision: str = "fp32"
-    cache_dir: str = "~/.cache/keras-server"
-    calibration_dir: str = ""
-    min_agreement: float = 0.95
-    queue_name: str = "image_queue"
-    queue_partitions: int = 1
-    max_queue: int = 512
-    priority_levels: int = 2
-    low_priority_batch_size: int = 2
-    priority_hold_ms: float = 30.0
-    result_timeout: float = 30.0
-    max_upload_mb: float = 16.0
-    max_image_pixels: int = 50_000_000
-    max_images: int = 64
-    explain_grid: int = 8
-    decode_memory_mb: float = 512.0
-    role: str = "all"
-    web_workers: int = 2
-    web_threads: int = 32
-    header_timeout: float = 10.0
-    heartbeat_ttl: float = 10.0
-    metrics_port: int = 0
-    grpc_port: int = 0
-    grpc_max_calls: int = 0
-    sim_batch_ms: float = 50.0
-    sim_image_ms: float = 5.0
-    log_level: str = "INFO"
-    api_keys: str = ""
-    admin_keys: str = ""
-    auth_probes: bool = False
-    metrics_key_names: bool = False
-    response_cache_ttl: float = 0.0
-    response_cache_url: str = ""
-    otlp_endpoint: str = ""
-    max_job_images: int = 1000
-    max_job_upload_mb: float = 256.0
-    max_archive_mb: float = 1024.0
-    max_job_backlog: int = 4000
-    job_ttl: float = 86400.0
-    callback_hosts: str = ""
-    callback_secret: str = ""
-    public_url: str = ""
-    cors_origins: str = ""
-
-    @property
-    def redis_urls(self) -> tuple[str, ...]:
-        """Each Redis of --redis-url: one per shard."""
-        return split_redis_urls(self.redis_url)
-
-    @property
-    def lower_batch_limit(self) -> int:
-        """Most requests from below the worker's protected level in one batch."""
-        return min(self.low_priority_batch_size or self.batch_size, self.batch_size)
-
-    @property
-    def max_job_upload_bytes(self) -> int:
-        return int(self.max_job_upload_mb * 1024 * 1024)
-
-    @property
-    def max_archive_bytes(self) -> int:
-        return int(self.max_archive_mb * 1024 * 1024)
-
-    @property
-    def cors_origin_list(self) -> tuple[str, ...]:
-        """Each origin of --cors-origins ("*" alone for any); empty when off."""
-        return tuple(o for o in self.cors_origins.split(",") if o)
-
-    @property
-    def decode_memory_bytes(self) -> int:
-        return int(self.decode_memory_mb * 1024 * 1024)
-
-    @property
-    def grpc_call_limit(self) -> int:
-        """Most gRPC calls held at once (--grpc-max-calls; 0: twice
-        --web-threads, a call for each thread and as many waiting for one)."""
-        return self.grpc_max_calls or 2 * self.web_threads
-
-    @property
-    def max_upload_bytes(self) -> int:
-        return int(self.max_upload_mb * 1024 * 1024)
-
-
 def _int(text: str) -> int:
     try:
         return int(text)
@@ -291,18 +182,6 @@ def _choice(options: Sequence[str], upper: bool = False) -> Callable[[str], str]
     return parse
 
 
-def _text(text: str) -> str:
-    return text.strip()
-
-
-def _top_k(text: str) -> int:
-    return check_top_k(_int(text))
-
-
-def _model_source(text: str) -> str:
-    return check_source(text.strip())
-
-
 def _bool(text: str) -> bool:
     value = text.strip().lower()
     if value in ("1", "true", "yes", "on"):
@@ -415,9 +294,10 @@ PORT = Number(whole=True, low=0, high=65535, says="a TCP port between 0 and 6553
 
 @dataclass(frozen=True)
 class Knob:
-    """One row of the settings table."""
+    """One row of the settings table: a field of Settings declared with `knob`."""
 
     field: str
+    default: Any
     parse: Callable[[str], Any]  # ValueError saying what is wrong with the text
     help: str
     metavar: str
@@ -431,436 +311,432 @@ class Knob:
         return ENV_PREFIX + self.field.upper()
 
 
-KNOBS: tuple[Knob, ...] = (
-    Knob(
-        "host",
+def knob(default: Any, parse: Callable[[str], Any], says: str) -> Any:
+    """A field of Settings that is a knob, its row of the table (Knob): `says`
+    is "METAVAR: help", as --help shows them (--port PORT  port the ...)."""
+    metavar, _, help = says.partition(": ")
+    if not help or " " in metavar:
+        raise ValueError(f"a knob says 'METAVAR: help', not {says!r}")
+    return dataclasses.field(
+        default=default, metadata={"parse": parse, "help": help, "metavar": metavar}
+    )
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob, its default, parser and help: the settings table (KNOBS)."""
+
+    host: str = knob(
+        "127.0.0.1",
         _non_empty,
-        "address the HTTP server binds (and a --role worker's --metrics-port)",
-        "ADDR",
-    ),
-    Knob("port", PORT, "port the HTTP server listens on", "PORT"),
-    Knob(
-        "redis_url",
+        "ADDR: address the HTTP server binds (and a --role worker's --metrics-port)",
+    )
+    port: int = knob(5000, PORT, "PORT: port the HTTP server listens on")
+    # The --redis-url text: one URL, or several separated by commas (shards);
+    # `redis_urls` is the list. The field keeps the knob's name, which the
+    # flag and the environment variable are derived from.
+    redis_url: str = knob(
+        "redis://localhost:6379/0",
         _redis_urls,
-        "Redis holding the queue (redis://, rediss:// for TLS, unix://, or "
+        "URL[,URL...]: Redis holding the queue (redis://, rediss:// for TLS, unix://, or "
         "redis+sentinel://HOST:PORT,HOST:PORT/MASTER through Sentinel, or "
         "redis+cluster://HOST:PORT[,HOST:PORT...], seed nodes of a Redis Cluster), or several "
-        "separated by commas (shards); if not given and nothing answers at the default, "
-        "--role all starts a private redis-server",
-        "URL[,URL...]",
-    ),
-    Knob(
-        "redis_timeout",
+        "separated by commas (shards); if not given and nothing answers at the default, --role "
+        "all starts a private redis-server",
+    )
+    # False when redis_url is the default: only then may we start a private
+    # redis-server if nothing answers there (see broker/redis_server.py).
+    redis_url_given: bool = False
+    redis_timeout: float = knob(
+        1.0,
         POSITIVE,
-        "seconds any Redis command may take (the waits for work and answers: past the end "
-        "Redis sets for them); a shard that takes longer (a hung host) is skipped like one "
+        "SECONDS: seconds any Redis command may take (the waits for work and answers: past the "
+        "end Redis sets for them); a shard that takes longer (a hung host) is skipped like one "
         "that refuses connections",
-        "SECONDS",
-    ),
-    Knob(
-        "model",
-        _model_source,
-        "a keras.applications model (resnet50, mobilenet_v2, efficientnet_b0, ...), a "
+    )
+    model: str = knob(
+        "resnet50",
+        lambda text: check_source(text.strip()),
+        "MODEL: a keras.applications model (resnet50, mobilenet_v2, efficientnet_b0, ...), a "
         ".keras file, or sim: a simulated model that only sleeps, for load tests",
-        "MODEL",
-    ),
-    Knob(
-        "weights",
+    )
+    weights: str = knob(
+        "imagenet",
         _non_empty,
-        "for a built-in --model: 'imagenet' (Keras downloads it once into "
-        "~/.keras/models/), 'none' (new random weights at every start: demos and tests "
-        "only, converted again at every start), or the path of an .h5 weights file or a "
-        ".keras file",
-        "WEIGHTS",
-    ),
-    Knob(
-        "labels",
-        _text,
-        "class names for a .keras --model: one per line, or JSON (default: ImageNet's)",
-        "FILE",
-    ),
-    Knob(
-        "preprocessing",
+        "WEIGHTS: for a built-in --model: 'imagenet' (Keras downloads it once into "
+        "~/.keras/models/), 'none' (new random weights at every start: demos and tests only, "
+        "converted again at every start), or the path of an .h5 weights file or a .keras file",
+    )
+    labels: str = knob(
+        "",
+        str.strip,
+        "FILE: class names for a .keras --model: one per line, or JSON (default: ImageNet's)",
+    )
+    preprocessing: str = knob(
+        "",
         _choice(("", *PREPROCESSING)),
-        "caffe, tf, torch (Keras's preprocess_input modes), scale (to 0..1) or none; "
+        "MODE: caffe, tf, torch (Keras's preprocess_input modes), scale (to 0..1) or none; "
         "default: a built-in model's own, none for a .keras file",
-        "MODE",
-    ),
-    Knob("top_k", _top_k, "classes in each answer", "K"),
-    Knob(
-        "model_version",
+    )
+    top_k: int = knob(5, lambda text: check_top_k(_int(text)), "K: classes in each answer")
+    model_version: str = knob(
+        "1",
         _non_empty,
-        "the model's version, named in every answer (a rolling upgrade starts workers "
+        "VERSION: the model's version, named in every answer (a rolling upgrade starts workers "
         "with a new one)",
-        "VERSION",
-    ),
-    Knob(
-        "models_file",
-        _text,
-        "a TOML file of several models to serve side by side (replaces --model, "
-        "--weights, --labels, --preprocessing, --top-k)",
-        "FILE",
-    ),
-    Knob(
-        "models_from",
+    )
+    models_file: str = knob(
+        "",
+        str.strip,
+        "FILE: a TOML file of several models to serve side by side (replaces --model, --weights, "
+        "--labels, --preprocessing, --top-k)",
+    )
+    models_from: str = knob(
+        "workers",
         _choice(("workers", "file")),
-        "web servers route the models of --models-file (or --model) and, with workers, "
-        "also every model a live worker serves, learned from Redis while serving",
-        "workers|file",
-    ),
-    Knob(
-        "model_grace",
+        "workers|file: web servers route the models of --models-file (or --model) and, with "
+        "workers, also every model a live worker serves, learned from Redis while serving",
+    )
+    model_grace: float = knob(
+        60.0,
         NON_NEGATIVE,
-        "--models-from workers: seconds a learned model's requests get 503 (no live "
+        "SECONDS: --models-from workers: seconds a learned model's requests get 503 (no live "
         "worker) after its last worker left, before it is forgotten (404)",
-        "SECONDS",
-    ),
-    Knob(
-        "serve",
+    )
+    serve: str = knob(
+        "all",
         _non_empty,
-        "--role worker/all: the models of --models-file this process loads, comma-"
-        "separated, or all",
-        "NAMES",
-    ),
-    Knob(
-        "batch_size",
+        "NAMES: --role worker/all: the models of --models-file this process loads, "
+        "comma-separated, or all",
+    )
+    batch_size: int = knob(
+        32,
         Number(whole=True, low=1, high=MAX_BATCH_SIZE),
-        f"most images in one forward pass (at most {MAX_BATCH_SIZE})",
-        "N",
-    ),
-    Knob(
-        "parallel_batches",
+        f"N: most images in one forward pass (at most {MAX_BATCH_SIZE})",
+    )
+    parallel_batches: int = knob(
+        1,
         Number(whole=True, low=1, high=MAX_PARALLEL_BATCHES),
-        "batches a worker runs at once, each claimed by its own claim loop per Redis "
-        "shard; above 1, OpenVINO is compiled for that many requests with the THROUGHPUT "
-        "hint (a CPU stream each). 1: one batch at a time, LATENCY hint (fastest at low "
-        "load; BENCHMARKS.md, 'Parallel batches')",
-        "N",
-    ),
-    Knob(
-        "openvino_streams",
+        "N: batches a worker runs at once, each claimed by its own claim loop per Redis shard; "
+        "above 1, OpenVINO is compiled for that many requests with the THROUGHPUT hint (a CPU "
+        "stream each). 1: one batch at a time, LATENCY hint (fastest at low load; BENCHMARKS.md, "
+        "'Parallel batches')",
+    )
+    openvino_streams: int = knob(
+        1,
         Number(whole=True, low=1, high=MAX_OPENVINO_STREAMS),
-        "OpenVINO: each batch split over this many infer requests run at once, a CPU "
-        "stream each with its share of the cores (THROUGHPUT hint); 1: the whole batch "
-        "on one stream with every core (LATENCY hint)",
-        "N",
-    ),
-    Knob(
-        "engine",
+        "N: OpenVINO: each batch split over this many infer requests run at once, a CPU stream "
+        "each with its share of the cores (THROUGHPUT hint); 1: the whole batch on one stream "
+        "with every core (LATENCY hint)",
+    )
+    engine: str = knob(
+        "auto",
         _choice(ENGINES),
-        "what runs the forward pass: auto (OpenVINO fp32 on a CPU; keras on a GPU or "
-        "when OpenVINO cannot serve the model), keras, onnx (ONNX Runtime) or openvino; "
-        "converted engines are checked against Keras at start-up",
-        "ENGINE",
-    ),
-    Knob(
-        "precision",
+        "ENGINE: what runs the forward pass: auto (OpenVINO fp32 on a CPU; keras on a GPU or when "
+        "OpenVINO cannot serve the model), keras, onnx (ONNX Runtime) or openvino; converted "
+        "engines are checked against Keras at start-up",
+    )
+    precision: str = knob(
+        "fp32",
         _choice(PRECISIONS),
-        "fp32, or with OpenVINO bf16 (CPUs with AVX512_BF16/AMX) or int8 (needs "
+        "PRECISION: fp32, or with OpenVINO bf16 (CPUs with AVX512_BF16/AMX) or int8 (needs "
         "--calibration-dir); a lossy precision is never picked automatically",
-        "PRECISION",
-    ),
-    Knob(
-        "cache_dir",
+    )
+    cache_dir: str = knob(
+        "~/.cache/keras-server",
         _non_empty,
-        "where converted models are kept between starts, keyed by model, weights, "
-        "precision and versions ('none': convert at every start)",
-        "DIR",
-    ),
-    Knob(
-        "calibration_dir",
-        _text,
-        "images like the traffic, decoded like uploads: int8 calibrates on them, and every "
+        "DIR: where converted models are kept between starts, keyed by model, weights, precision "
+        "and versions ('none': convert at every start)",
+    )
+    calibration_dir: str = knob(
+        "",
+        str.strip,
+        "DIR: images like the traffic, decoded like uploads: int8 calibrates on them, and every "
         "fifth is held out to measure bf16/int8 fidelity against Keras",
-        "DIR",
-    ),
-    Knob(
-        "min_agreement",
+    )
+    min_agreement: float = knob(
+        0.95,
         Number(whole=False, low=0, high=1, says="a number from 0 to 1"),
-        "bf16/int8: refuse to start when the top-1 class agrees with Keras fp32 on less "
+        "SHARE: bf16/int8: refuse to start when the top-1 class agrees with Keras fp32 on less "
         "than this share of the held-out images",
-        "SHARE",
-    ),
-    Knob(
-        "max_batch_delay_ms",
+    )
+    max_batch_delay_ms: float = knob(
+        0.0,
         NON_NEGATIVE,
-        "after the first request of a batch, wait up to this long for more (0: take "
-        "what is queued)",
-        "MS",
-    ),
-    Knob(
-        "queue_name",
+        "MS: after the first request of a batch, wait up to this long for more (0: take what is "
+        "queued)",
+    )
+    queue_name: str = knob(
+        "image_queue",
         _queue_name,
-        "Redis list the requests go through; every key name starts with it, in braces "
-        "(a Redis Cluster hash tag)",
-        "NAME",
-    ),
-    Knob(
-        "queue_partitions",
+        "NAME: Redis list the requests go through; every key name starts with it, in braces (a "
+        "Redis Cluster hash tag)",
+    )
+    queue_partitions: int = knob(
+        1,
         Number(whole=True, low=1, high=MAX_QUEUE_PARTITIONS),
-        "hash tags each model's queue is spread over, on every Redis (its own keys each: "
+        "N: hash tags each model's queue is spread over, on every Redis (its own keys each: "
         "web processes push to one, workers claim from all); on a Redis Cluster, one per "
         f"master spreads a busy model over them all (at most {MAX_QUEUE_PARTITIONS})",
-        "N",
-    ),
-    Knob(
-        "max_queue",
+    )
+    max_queue: int = knob(
+        512,
         Number(whole=True, low=1, high=MAX_QUEUE),
-        "most requests waiting in a shard's queue at each priority level; beyond it a "
+        "N: most requests waiting in a shard's queue at each priority level; beyond it a "
         f"request is refused at once with 503 and Retry-After (at most {MAX_QUEUE})",
-        "N",
-    ),
-    Knob(
-        "priority_levels",
+    )
+    priority_levels: int = knob(
+        2,
         Number(whole=True, low=1, high=MAX_PRIORITY_LEVELS),
-        "priority levels a request may ask for (X-Priority, v2 parameters.priority), "
+        "N: priority levels a request may ask for (X-Priority, v2 parameters.priority), "
         f"1 the highest; a request that names none is level 1 (at most {MAX_PRIORITY_LEVELS})",
-        "N",
-    ),
-    Knob(
-        "low_priority_batch_size",
+    )
+    low_priority_batch_size: int = knob(
+        2,
         NON_NEGATIVE_INT,
-        "while requests above the lowest priority level come (a batch held one in the last "
+        "N: while requests above the lowest priority level come (a batch held one in the last "
         "second; the highest such level is the protected one), most requests from below the "
-        "protected level in one forward pass (0: --batch-size): a protected request that "
-        "comes while a batch runs waits for it, so a smaller batch bounds that wait, at "
-        "a cost in the lower levels' throughput; without traffic above the lowest level "
-        "batches are whole",
-        "N",
-    ),
-    Knob(
-        "priority_hold_ms",
+        "protected level in one forward pass (0: --batch-size): a protected request that comes "
+        "while a batch runs waits for it, so a smaller batch bounds that wait, at a cost in the "
+        "lower levels' throughput; without traffic above the lowest level batches are whole",
+    )
+    priority_hold_ms: float = knob(
+        30.0,
         NON_NEGATIVE,
-        "after a batch that held a request at the protected level (see "
-        "--low-priority-batch-size), wait up to this long for the next request at that "
-        "level before taking lower levels' work (0: never wait): a client sending one "
-        "request after another then finds the model free, at the cost of that idle time "
-        "when none comes",
-        "MS",
-    ),
-    Knob(
-        "result_timeout",
+        "MS: after a batch that held a request at the protected level (see "
+        "--low-priority-batch-size), wait up to this long for the next request at that level "
+        "before taking lower levels' work (0: never wait): a client sending one request after "
+        "another then finds the model free, at the cost of that idle time when none comes",
+    )
+    result_timeout: float = knob(
+        30.0,
         POSITIVE,
-        "seconds a request waits for its prediction before a 504; the most a "
-        "request's own timeout (X-Request-Timeout, v2 parameters.timeout) may ask",
-        "SECONDS",
-    ),
-    Knob("max_upload_mb", POSITIVE, "largest accepted request body", "MB"),
-    Knob(
-        "max_image_pixels",
-        POSITIVE_INT,
-        "largest accepted image (width x height) before a 413",
-        "PIXELS",
-    ),
-    Knob(
-        "max_images",
+        "SECONDS: seconds a request waits for its prediction before a 504; the most a request's "
+        "own timeout (X-Request-Timeout, v2 parameters.timeout) may ask",
+    )
+    max_upload_mb: float = knob(16.0, POSITIVE, "MB: largest accepted request body")
+    max_image_pixels: int = knob(
+        50_000_000, POSITIVE_INT, "PIXELS: largest accepted image (width x height) before a 413"
+    )
+    max_images: int = knob(
+        64,
         Number(whole=True, low=1, high=MAX_IMAGES),
-        "most images in one request (repeated image fields on /predict, a v2 infer's "
+        "N: most images in one request (repeated image fields on /predict, a v2 infer's "
         f"batch; at most {MAX_IMAGES}); beyond it a 413",
-        "N",
-    ),
-    Knob(
-        "explain_grid",
+    )
+    explain_grid: int = knob(
+        8,
         _explain_grid,
-        "/explain's occlusion grid: the image is shown to the model again with each of "
+        "N: /explain's occlusion grid: the image is shown to the model again with each of "
         "N x N cells masked, one at a time, at the lowest priority level (a request's "
         f"grid= may ask another, {MIN_EXPLAIN_GRID} to {MAX_EXPLAIN_GRID})",
-        "N",
-    ),
-    Knob(
-        "decode_memory_mb",
+    )
+    decode_memory_mb: float = knob(
+        512.0,
         POSITIVE,
-        "memory each web process may hold for images being decoded, estimated from "
-        "their headers; an upload that does not fit beside those in flight gets a 503 "
-        "with Retry-After, one that could never fit a 413",
-        "MB",
-    ),
-    Knob(
-        "role",
+        "MB: memory each web process may hold for images being decoded, estimated from their "
+        "headers; an upload that does not fit beside those in flight gets a 503 with Retry-After, "
+        "one that could never fit a 413",
+    )
+    role: str = knob(
+        "all",
         _choice(ROLES),
-        "all: the HTTP front and a model worker, as child processes of one command; "
-        "web or worker alone",
-        "ROLE",
-    ),
-    Knob(
-        "web_workers",
+        "ROLE: all: the HTTP front and a model worker, as child processes of one command; web or "
+        "worker alone",
+    )
+    web_workers: int = knob(
+        2,
         POSITIVE_INT,
-        "--role web and all: HTTP server (granian) processes; --role all runs the model "
-        "in a process of its own beside them",
-        "N",
-    ),
-    Knob(
-        "web_threads",
+        "N: --role web and all: HTTP server (granian) processes; --role all runs the model in a "
+        "process of its own beside them",
+    )
+    web_threads: int = knob(
+        32,
         POSITIVE_INT,
-        "threads per web process, i.e. requests each can hold while they wait for "
-        "their prediction (connections waiting for their headers hold none)",
-        "N",
-    ),
-    Knob(
-        "header_timeout",
+        "N: threads per web process, i.e. requests each can hold while they wait for their "
+        "prediction (connections waiting for their headers hold none)",
+    )
+    header_timeout: float = knob(
+        10.0,
         Number(whole=False, low=0.001, high=60, says="from 0.001 to 60 seconds (granian's range)"),
-        "seconds a client may take to send its request line and headers before the "
+        "SECONDS: seconds a client may take to send its request line and headers before the "
         "connection is closed (a slow client holds no thread meanwhile)",
-        "SECONDS",
-    ),
-    Knob(
-        "heartbeat_ttl",
+    )
+    heartbeat_ttl: float = knob(
+        10.0,
         POSITIVE,
-        "seconds without a heartbeat after which a claim loop (a worker's, on one "
-        "shard) counts as dead and its claimed requests go back on the queue",
-        "SECONDS",
-    ),
-    Knob(
-        "metrics_port",
+        "SECONDS: seconds without a heartbeat after which a claim loop (a worker's, on one shard) "
+        "counts as dead and its claimed requests go back on the queue",
+    )
+    metrics_port: int = knob(
+        0, PORT, "PORT: --role worker: serve Prometheus /metrics on this port (0: off)"
+    )
+    grpc_port: int = knob(
+        0,
         PORT,
-        "--role worker: serve Prometheus /metrics on this port (0: off)",
-        "PORT",
-    ),
-    Knob(
-        "grpc_port",
-        PORT,
-        "--role web and all: also speak the v2 inference protocol over gRPC on this port "
+        "PORT: --role web and all: also speak the v2 inference protocol over gRPC on this port "
         "(0: off), from a process of its own beside the HTTP front",
-        "PORT",
-    ),
-    Knob(
-        "grpc_max_calls",
+    )
+    grpc_max_calls: int = knob(
+        0,
         NON_NEGATIVE_INT,
-        "most gRPC calls held at once, running or waiting for one of the --web-threads "
-        "threads (each may hold a message of --max-upload-mb); past it a call is answered "
+        "N: most gRPC calls held at once, running or waiting for one of the --web-threads threads "
+        "(each may hold a message of --max-upload-mb); past it a call is answered "
         "RESOURCE_EXHAUSTED at once (0: twice --web-threads)",
-        "N",
-    ),
-    Knob("sim_batch_ms", NON_NEGATIVE, "--model sim: sleep per batch", "MS"),
-    Knob("sim_image_ms", NON_NEGATIVE, "--model sim: sleep per image", "MS"),
-    Knob("log_level", _choice(LOG_LEVELS, upper=True), "logging level", "LEVEL"),
-    Knob(
-        "api_keys",
-        _text,
-        "a file of API keys, one per line: every request but /healthz, the upload page "
-        "(/ and /assets/), /openapi.json and the probes (see --auth-probes) must then "
-        "show one (Authorization: Bearer KEY or X-API-Key: KEY); after a key, optional "
-        "name=NAME rate=N/UNIT burst=N give it a name and a quota shared through Redis "
-        "(over it: 429)",
-        "FILE",
-    ),
-    Knob(
-        "admin_keys",
-        _text,
-        "a file of admin keys, NAME KEY per line, separate from --api-keys: turns on the "
-        "admin API under /admin/ (models, versions, traffic policy; 404 without it), which "
-        "takes these keys alone (Authorization: Bearer KEY or X-Admin-Key: KEY)",
-        "FILE",
-    ),
-    Knob(
-        "auth_probes",
+    )
+    sim_batch_ms: float = knob(50.0, NON_NEGATIVE, "MS: --model sim: sleep per batch")
+    sim_image_ms: float = knob(5.0, NON_NEGATIVE, "MS: --model sim: sleep per image")
+    log_level: str = knob("INFO", _choice(LOG_LEVELS, upper=True), "LEVEL: logging level")
+    api_keys: str = knob(
+        "",
+        str.strip,
+        "FILE: a file of API keys, one per line: every request but /healthz, the upload page (/ "
+        "and /assets/), /openapi.json and the probes (see --auth-probes) must then show one "
+        "(Authorization: Bearer KEY or X-API-Key: KEY); after a key, optional name=NAME "
+        "rate=N/UNIT burst=N give it a name and a quota shared through Redis (over it: 429)",
+    )
+    admin_keys: str = knob(
+        "",
+        str.strip,
+        "FILE: a file of admin keys, NAME KEY per line, separate from --api-keys: turns on the "
+        "admin API under /admin/ (models, versions, traffic policy; 404 without it), which takes "
+        "these keys alone (Authorization: Bearer KEY or X-Admin-Key: KEY)",
+    )
+    auth_probes: bool = knob(
+        False,
         _bool,
-        "with --api-keys: the probes /readyz, /metrics, /v2/health/live and "
+        "BOOL: with --api-keys: the probes /readyz, /metrics, /v2/health/live and "
         "/v2/health/ready need a key too (true or false)",
-        "BOOL",
-    ),
-    Knob(
-        "metrics_key_names",
+    )
+    metrics_key_names: bool = knob(
+        False,
         _bool,
-        "with --api-keys: /metrics counts requests by API key name (the keys file's "
-        "name=, never the key); off, every key's are counted under one name, '-', so "
-        "a scrape does not list the server's clients (true or false)",
-        "BOOL",
-    ),
-    Knob(
-        "response_cache_ttl",
+        "BOOL: with --api-keys: /metrics counts requests by API key name (the keys file's name=, "
+        "never the key); off, every key's are counted under one name, '-', so a scrape does not "
+        "list the server's clients (true or false)",
+    )
+    response_cache_ttl: float = knob(
+        0.0,
         NON_NEGATIVE,
-        "seconds an answer stays in the shared response cache, so the same upload to the "
-        "same model version is answered from Redis without queueing it (0: off; a model "
-        "of --models-file may set its own response_cache_ttl)",
-        "SECONDS",
-    ),
-    Knob(
-        "response_cache_url",
+        "SECONDS: seconds an answer stays in the shared response cache, so the same upload to the "
+        "same model version is answered from Redis without queueing it (0: off; a model of "
+        "--models-file may set its own response_cache_ttl)",
+    )
+    response_cache_url: str = knob(
+        "",
         _redis_url,
-        "the Redis holding the response cache (default: the first --redis-url, the "
-        "queue's); in production a Redis of its own with maxmemory and "
-        "maxmemory-policy allkeys-lru",
-        "URL",
-    ),
-    Knob(
-        "otlp_endpoint",
+        "URL: the Redis holding the response cache (default: the first --redis-url, the queue's); "
+        "in production a Redis of its own with maxmemory and maxmemory-policy allkeys-lru",
+    )
+    otlp_endpoint: str = knob(
+        "",
         _otlp_endpoint,
-        "send OpenTelemetry traces over OTLP/HTTP to this collector, e.g. "
+        "URL: send OpenTelemetry traces over OTLP/HTTP to this collector, e.g. "
         "http://localhost:4318 (/v1/traces is appended, as to OTEL_EXPORTER_OTLP_ENDPOINT); "
-        "empty: traces only when the standard OTEL_* variables ask for them (needs the "
-        "otel extra; docs/operations.md#tracing)",
-        "URL",
-    ),
-    Knob(
-        "max_job_images",
+        "empty: traces only when the standard OTEL_* variables ask for them (needs the otel "
+        "extra; docs/operations.md#tracing)",
+    )
+    max_job_images: int = knob(
+        1000,
         POSITIVE_INT,
-        "most images in one job (POST /jobs: image fields and an archive's files); beyond it a 413",
-        "N",
-    ),
-    Knob(
-        "max_job_upload_mb",
+        "N: most images in one job (POST /jobs: image fields and an archive's files); beyond it a "
+        "413",
+    )
+    max_job_upload_mb: float = knob(
+        256.0,
         POSITIVE,
-        "largest POST /jobs body, streamed to temporary files, never held whole "
+        "MB: largest POST /jobs body, streamed to temporary files, never held whole "
         "(--max-upload-mb is every other route's, and each image's in a job)",
-        "MB",
-    ),
-    Knob(
-        "max_archive_mb",
+    )
+    max_archive_mb: float = knob(
+        1024.0,
         POSITIVE,
-        "most bytes a job's archive may inflate, hidden files and tar headers "
-        "included: a zip's declared sizes are checked first, and reading stops as "
-        "soon as it is over; beyond it a 413",
-        "MB",
-    ),
-    Knob(
-        "max_job_backlog",
+        "MB: most bytes a job's archive may inflate, hidden files and tar headers included: a "
+        "zip's declared sizes are checked first, and reading stops as soon as it is over; beyond "
+        "it a 413",
+    )
+    max_job_backlog: int = knob(
+        4000,
         POSITIVE_INT,
-        "most job images waiting in a shard's Redis, not yet on the queue (each is "
-        "its decoded pixels, 150 KB at 224x224); a job that would pass it gets a 503 "
-        "with Retry-After",
-        "N",
-    ),
-    Knob(
-        "job_ttl",
+        "N: most job images waiting in a shard's Redis, not yet on the queue (each is its decoded "
+        "pixels, 150 KB at 224x224); a job that would pass it gets a 503 with Retry-After",
+    )
+    job_ttl: float = knob(
+        86400.0,
         POSITIVE,
-        "seconds a job's record and results are kept (from its end; an unfinished "
-        "job's from its start)",
-        "SECONDS",
-    ),
-    Knob(
-        "callback_hosts",
+        "SECONDS: seconds a job's record and results are kept (from its end; an unfinished job's "
+        "from its start)",
+    )
+    callback_hosts: str = knob(
+        "",
         _callback_hosts,
-        "where a job's callback_url may point: comma-separated HOST, HOST:PORT or "
-        "HOST:PORT/PATH entries (no port: 443 for https, 80 for http; a path: that "
-        "prefix, on a segment boundary); empty: no callbacks",
-        "HOSTS",
-    ),
-    Knob(
-        "callback_secret",
-        _text,
-        "the HMAC-SHA256 key that signs job callbacks, with their timestamp "
-        "(X-Signature-256, X-Keras-Server-Timestamp); callbacks need it (prefer the "
-        "environment variable to the flag: ps shows flags)",
-        "SECRET",
-    ),
-    Knob(
-        "public_url",
+        "HOSTS: where a job's callback_url may point: comma-separated HOST, HOST:PORT or "
+        "HOST:PORT/PATH entries (no port: 443 for https, 80 for http; a path: that prefix, on a "
+        "segment boundary); empty: no callbacks",
+    )
+    callback_secret: str = knob(
+        "",
+        str.strip,
+        "SECRET: the HMAC-SHA256 key that signs job callbacks, with their timestamp "
+        "(X-Signature-256, X-Keras-Server-Timestamp); callbacks need it (prefer the environment "
+        "variable to the flag: ps shows flags)",
+    )
+    public_url: str = knob(
+        "",
         _public_url,
-        "the server's address as clients reach it, e.g. https://api.example.com "
-        "(a path prefix too, if a proxy adds one): a job callback's status_url starts "
-        "with it; empty: status_url is a path",
-        "URL",
-    ),
-    Knob(
-        "cors_origins",
+        "URL: the server's address as clients reach it, e.g. https://api.example.com (a path "
+        "prefix too, if a proxy adds one): a job callback's status_url starts with it; empty: "
+        "status_url is a path",
+    )
+    cors_origins: str = knob(
+        "",
         _cors_origins,
-        "web pages of these origins (scheme://host[:port], comma-separated, or * for any) "
-        "may call the API from a browser (CORS): preflights are answered and every answer, "
-        "errors included, carries the CORS headers; credentials are never allowed (keys "
+        "ORIGIN[,ORIGIN...]: web pages of these origins (scheme://host[:port], comma-separated, "
+        "or * for any) may call the API from a browser (CORS): preflights are answered and every "
+        "answer, errors included, carries the CORS headers; credentials are never allowed (keys "
         "travel in headers). Empty: off",
-        "ORIGIN[,ORIGIN...]",
-    ),
+    )
+
+    @property
+    def redis_urls(self) -> tuple[str, ...]:
+        """Each Redis of --redis-url: one per shard."""
+        return split_redis_urls(self.redis_url)
+
+    @property
+    def lower_batch_limit(self) -> int:
+        """Most requests from below the worker's protected level in one batch."""
+        return min(self.low_priority_batch_size or self.batch_size, self.batch_size)
+
+    @property
+    def max_job_upload_bytes(self) -> int:
+        return int(self.max_job_upload_mb * 1024 * 1024)
+
+    @property
+    def max_archive_bytes(self) -> int:
+        return int(self.max_archive_mb * 1024 * 1024)
+
+    @property
+    def cors_origin_list(self) -> tuple[str, ...]:
+        """Each origin of --cors-origins ("*" alone for any); empty when off."""
+        return tuple(o for o in self.cors_origins.split(",") if o)
+
+    @property
+    def decode_memory_bytes(self) -> int:
+        return int(self.decode_memory_mb * 1024 * 1024)
+
+    @property
+    def grpc_call_limit(self) -> int:
+        """Most gRPC calls held at once (--grpc-max-calls; 0: twice
+        --web-threads, a call for each thread and as many waiting for one)."""
+        return self.grpc_max_calls or 2 * self.web_threads
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+
+KNOBS: tuple[Knob, ...] = tuple(
+    Knob(f.name, f.default, **f.metadata) for f in dataclasses.fields(Settings) if f.metadata
 )
 
 
@@ -868,13 +744,9 @@ class SettingsError(ValueError):
     """A setting has a value we cannot use; the message names it."""
 
 
-def _defaults() -> dict[str, Any]:
-    return {f.name: f.default for f in dataclasses.fields(Settings)}
-
-
 def to_environment(settings: Settings) -> dict[str, str]:
     """The settings as KERAS_SERVER_* variables, for a child process to load back."""
-    return {knob.env: str(getattr(settings, knob.field)) for knob in KNOBS}
+    return {row.env: str(getattr(settings, row.field)) for row in KNOBS}
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -886,14 +758,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         epilog="Every option can also be set as an environment variable, e.g. "
         f"{ENV_PREFIX}BATCH_SIZE=16. The command line wins over the environment.",
     )
-    defaults = _defaults()
-    for knob in KNOBS:
+    for row in KNOBS:
         parser.add_argument(
-            knob.flag,
-            dest=knob.field,
-            metavar=knob.metavar,
+            row.flag,
+            dest=row.field,
+            metavar=row.metavar,
             default=None,
-            help=f"{knob.help} (env {knob.env}; default: {_default_word(defaults[knob.field])})",
+            help=f"{row.help} (env {row.env}; default: {_default_word(row.default)})",
         )
     return parser
 
@@ -912,15 +783,15 @@ def load_settings(
     environ = os.environ if environ is None else environ
     args = vars(build_parser(prog).parse_args(argv))
     values: dict[str, Any] = {}
-    for knob in KNOBS:
-        if args[knob.field] is not None:
-            raw, source = args[knob.field], knob.flag
-        elif knob.env in environ:
-            raw, source = environ[knob.env], knob.env
+    for row in KNOBS:
+        if args[row.field] is not None:
+            raw, source = args[row.field], row.flag
+        elif row.env in environ:
+            raw, source = environ[row.env], row.env
         else:
             continue
         try:
-            values[knob.field] = knob.parse(raw)
+            values[row.field] = row.parse(raw)
         except ValueError as exc:
             raise SettingsError(f"{source}={raw!r}: {exc}") from None
     values["redis_url_given"] = "redis_url" in values
@@ -941,18 +812,13 @@ def _default_word(value: Any) -> str:
     return "unset" if value == "" else str(value)
 
 
-def _default_text(value: Any) -> str:
-    return "unset" if value == "" else f"`{value}`"
-
-
 def markdown() -> str:
     """docs/settings.md, generated from the table above so that the page and the
     code cannot disagree (tests/test_docs.py compares the checked-in page)."""
-    defaults = _defaults()
     rows = [
-        f"| `{knob.flag}` | `{knob.env}` | {_default_text(defaults[knob.field])} | "
-        f"{_cell(knob.help)} |"
-        for knob in KNOBS
+        f"| `{row.flag}` | `{row.env}` | "
+        f"{'unset' if row.default == '' else f'`{row.default}`'} | {_cell(row.help)} |"
+        for row in KNOBS
     ]
     return "\n".join(
         [

@@ -94,6 +94,10 @@ def _flag(environ: Mapping[str, str], name: str) -> str:
     return environ.get(name, "").strip().lower()
 
 
+def _exporters(environ: Mapping[str, str]) -> set[str]:
+    return {e.strip() for e in _flag(environ, "OTEL_TRACES_EXPORTER").split(",") if e.strip()}
+
+
 def requested(settings: Settings, environ: Mapping[str, str] | None = None) -> bool:
     """Whether `settings` or the OTEL_* variables ask for traces."""
     environ = os.environ if environ is None else environ
@@ -101,7 +105,7 @@ def requested(settings: Settings, environ: Mapping[str, str] | None = None) -> b
         return False
     if settings.otlp_endpoint:
         return True
-    exporters = {e.strip() for e in _flag(environ, "OTEL_TRACES_EXPORTER").split(",") if e.strip()}
+    exporters = _exporters(environ)
     if "none" in exporters:
         return False
     return "otlp" in exporters or any(
@@ -123,8 +127,7 @@ def check(settings: Settings, environ: Mapping[str, str] | None = None) -> None:
         raise TracingUnavailable(
             f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r}: traces are sent as {PROTOCOL} only"
         )
-    exporters = {e.strip() for e in _flag(environ, "OTEL_TRACES_EXPORTER").split(",") if e.strip()}
-    if exporters - {"otlp"}:
+    if _exporters(environ) - {"otlp"}:
         raise TracingUnavailable(
             f"OTEL_TRACES_EXPORTER={environ['OTEL_TRACES_EXPORTER']!r}: only otlp (or none) is sent"
         )
@@ -247,24 +250,18 @@ def server_span(
     return ServerSpan(span, context.attach(trace.set_span_in_context(span)))
 
 
-def span(name: str, attributes: Mapping[str, Any] | None = None) -> Any:
-    """A context manager for a child span of the current one, made current;
-    its `__enter__` gives the span (SpanLike). An exception leaving it is
+def span(name: str, attributes: Mapping[str, Any] | None = None, *, producer: bool = False) -> Any:
+    """A context manager for a child span of the current one, made current
+    (`producer`: of kind PRODUCER, one that puts work on the queue); its
+    `__enter__` gives the span (SpanLike). An exception leaving it is
     recorded on the span."""
-    tracer = _state.tracer
-    if tracer is None:
-        return OFF
-    return tracer.start_as_current_span(name, attributes=attributes)
-
-
-def producer_span(name: str, attributes: Mapping[str, Any] | None = None) -> Any:
-    """`span`, of kind PRODUCER: one that puts work on the queue."""
     tracer = _state.tracer
     if tracer is None:
         return OFF
     from opentelemetry.trace import SpanKind
 
-    return tracer.start_as_current_span(name, kind=SpanKind.PRODUCER, attributes=attributes)
+    kind = SpanKind.PRODUCER if producer else SpanKind.INTERNAL
+    return tracer.start_as_current_span(name, kind=kind, attributes=attributes)
 
 
 def traceparent() -> str:

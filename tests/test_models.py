@@ -315,7 +315,7 @@ def test_the_entry_point_reads_the_models_file_once(
     monkeypatch.setattr(
         worker_main, "serve", lambda workers, stop: served.extend(w.name for w in workers)
     )
-    monkeypatch.setattr(worker_main.signal, "signal", lambda *args: None)
+    monkeypatch.setattr("signal.signal", lambda *args: None)
     monkeypatch.setattr(cli, "configure_logging", lambda level: None)
     (tmp_path / "m.toml").write_text('[models.a]\nmodel = "sim"\n[models.b]\nmodel = "sim"\n')
     argv = ["--role", "worker", "--models-file", str(tmp_path / "m.toml"), "--sim-batch-ms", "0"]

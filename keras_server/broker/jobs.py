@@ -53,8 +53,6 @@ log = logging.getLogger(__name__)
 
 Pipeline = redis.client.Pipeline
 
-STATES = ("queued", "running", "done", "cancelled")
-
 # KEYS: jobs set, queue. ARGV: the job keys' prefix ("<queue-name>:job:"), the
 # queue depth to fill up to. Round robin over the jobs; a job whose items are
 # all moved leaves the set. Returns how many items were moved.
@@ -82,14 +80,14 @@ end
 return moved
 """
 
-# KEYS: the job's record, results, items, names, the pending callbacks. ARGV:
+# KEYS: the job's record, items, names, results (Keys.job_keys), the pending callbacks. ARGV:
 # index, result, "1" if it failed, TTL in ms, now, job id. Returns 0 (ignored:
 # no such job, cancelled, or the item answered already), 1 (recorded), 2
 # (recorded, and the job is done: its callback, if it has one, is pending).
 _RECORD = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state or state == 'cancelled' or state == 'done' then return 0 end
-if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 0 then return 0 end
+if redis.call('HSETNX', KEYS[4], ARGV[1], ARGV[2]) == 0 then return 0 end
 redis.call('HINCRBY', KEYS[1], ARGV[3] == '1' and 'failed' or 'succeeded', 1)
 local counts = redis.call('HMGET', KEYS[1], 'succeeded', 'failed', 'total')
 if tonumber(counts[1]) + tonumber(counts[2]) >= tonumber(counts[3]) then
@@ -288,13 +286,7 @@ class JobStore:
         transaction is 0 when it was ignored, 2 when this completes the job
         (see `recorded`, `completed`). Returns whether the result is a failure."""
         failed = not json.loads(result).get("success", False)
-        keys = [
-            self.keys.job(job_id),
-            self.keys.job_results(job_id),
-            self.keys.job_items(job_id),
-            self.keys.job_names(job_id),
-            self.keys.callbacks,
-        ]
+        keys = [*self.keys.job_keys(job_id), self.keys.callbacks]
         args = [index, result, "1" if failed else "0", _ms(ttl), repr(time.time()), job_id]
         if isinstance(pipe, ClusterPipeline):
             # EVALSHA in a cluster's transaction cannot load a script the

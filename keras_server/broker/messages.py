@@ -1,5 +1,6 @@
 """The messages between the web tier and the model worker, and the Redis keys
 they travel under. Both sides import this file and nothing of each other.
+Nothing read from Redis is ever unpickled or evaluated.
 
 Every message names its format, `"format": FORMAT`, so that a change can be
 told apart: a request, a result and a heartbeat of another format are
@@ -7,49 +8,36 @@ refused, naming it (a worker answers such a request with an error; a web
 server takes such a result for a failure; a heartbeat is neither routed to
 nor reaped).
 
-A request is a JSON header, a newline, then the image's raw array bytes (C
-order): `{"format", "id", "shape", "dtype", "deadline"}\n<bytes>`, where
-`deadline` is the Unix time after which nobody waits for the answer any more. JSON never
-holds a raw newline, so the first one ends the header. The web tier sends the
-resized image as uint8 (150,528 bytes at 224x224x3, a quarter of float32) and
-unencoded, so a queued image costs Redis 160 KiB rather than the 224 KiB of
-base64 (bench/redis_memory.py measures it); the model's own preprocessing runs
-on the whole batch in the worker.
+A request is a JSON header, a newline (JSON never holds a raw one), then the
+image's raw array bytes (C order): `{"format", "id", "shape", "dtype",
+"deadline"}\n<bytes>`, `deadline` the Unix time after which nobody waits for
+the answer. The web tier sends the resized image as uint8 (150,528 bytes at
+224x224x3, a quarter of float32) and unencoded, so a queued image costs
+Redis 160 KiB rather than the 224 KiB of base64 (bench/redis_memory.py); the
+model's own preprocessing runs on the whole batch in the worker. Optional
+fields, each absent when it has its default:
+- `"priority": n`, 2 .. --priority-levels (absent: level 1, `priority_of`):
+  the queue's requeue script reads it (cjson) to put a dead worker's claim
+  back on its own level;
+- `"trace"`: the W3C traceparent of the span that queued it (tracing.py),
+  which the worker's batch span links to; one that is not a short string
+  is ignored;
+- `"version": v`, a request pinned to a version (`Keys.for_version`): a
+  worker of another version refuses it;
+- `"probabilities": true` (the v2 protocol; `/predict` never asks), with
+  `"classes": k`, the most likely k classes' indices and labels to name, and
+  `"explain": "gradcam"` (EXPLAIN_METHODS) with `"explain_class": k` (absent:
+  the most likely).
 
 A result is JSON too: `{"format", "success": true, "predictions": [...]}` or
-`{"format", "success": false, "error": "..."}` — the HTTP response body once
-`decode_result` has read its format.
-
-A request may also ask for the whole probability vector (the v2 inference
-protocol needs it; `/predict` never asks): `"probabilities": true` in its
-header, and optionally `"classes": k`, the most likely k classes' indices and
-labels. Its success answer then takes the request's own shape, a JSON header,
-a newline, the raw float32 vector:
-`{"format", "success": true, "model", "shape": [classes], "dtype": "float32",
-"classes": [{"index", "label"}, ...]}\n<bytes>` (`decode_probabilities`).
-Errors stay plain JSON.
-
-A request below the highest priority says so in its header, `"priority": n`
-(2 .. --priority-levels); a level-1 request's header has none, and is level 1
-(`priority_of`). The
-worker does not need it to run the request: the queue's requeue script reads
-it (cjson, in Redis) to put a dead worker's claim back on its own level.
-A traced request (keras_server/tracing.py) also carries `"trace"`: the W3C
-traceparent of the span that queued it, which the worker's batch span links
-to. A worker ignores one that is not a short string. A request pinned to a
-version (`/versions/{v}/` routes) says so, `"version": v`: it waits on that
-version's own queue (`Keys.for_version`), and a worker of another version
-refuses it.
-
-A probabilities request may also ask the worker to explain its answer,
-`"explain": "gradcam"` (the only method a worker computes: EXPLAIN_METHODS)
-with `"explain_class": k`, the class to explain (absent: the most likely).
-The answer's header then carries `"heatmap"`, a grid of importances in
-[0, 1] (rows of columns), and `"explained": {"index", "label"}`. A worker
-whose engine cannot compute it answers an error with status 400. Occlusion
-needs nothing of the worker: the serving core queues masked copies
-(serving/explain.py).
-Nothing read from Redis is ever unpickled or evaluated.
+`{"format", "success": false, "error": "..."}`, the HTTP response body once
+`decode_result` has read its format. A probabilities request's success answer
+is a JSON header, a newline, the raw float32 vector: `{"format", "success":
+true, "model", "shape": [classes], "dtype": "float32", "classes": [{"index",
+"label"}, ...]}\n<bytes>` (`decode_probabilities`), with `"heatmap"` (rows of
+importances in [0, 1]) and `"explained": {"index", "label"}` when it asked
+for an explanation; a worker whose engine cannot compute it answers an error
+with status 400. Errors stay plain JSON.
 """
 
 from __future__ import annotations
@@ -80,6 +68,16 @@ MAX_CLASSES = 100_000
 MAX_TRACE = 256
 # What a worker may be asked to explain itself with (see the docstring).
 EXPLAIN_METHODS = ("gradcam",)
+
+
+def out_of_range(index: int, classes: int) -> str:
+    """Why class `index` cannot be explained: both sides say it the same way."""
+    return f"class {index} is out of range: the model has {classes} classes (0..{classes - 1})"
+
+
+def no_live_version(version: str, model: str) -> str:
+    """Why a request pinned to `version` is refused (503), by the web tier or a worker."""
+    return f"version {version!r} of model {model!r} has no live worker; retry shortly"
 
 
 class BadMessage(ValueError):
@@ -348,30 +346,10 @@ class ImageRequest:
     explain_class: int = -1  # the class to explain; -1: the most likely
 
     @classmethod
-    def create(
-        cls,
-        image: np.ndarray,
-        timeout: float,
-        *,
-        probabilities: bool = False,
-        classes: int = 0,
-        priority: int = 1,
-        version: str = "",
-        explain: str = "",
-        explain_class: int = -1,
-    ) -> ImageRequest:
-        return cls(
-            # 128 random bits, as uuid4 has, at a fifth of its cost (issue 23).
-            id=os.urandom(16).hex(),
-            image=image,
-            deadline=time.time() + timeout,
-            probabilities=probabilities,
-            classes=classes,
-            priority=priority,
-            version=version,
-            explain=explain,
-            explain_class=explain_class,
-        )
+    def create(cls, image: np.ndarray, timeout: float, **options: Any) -> ImageRequest:
+        """A new request, due in `timeout` seconds; `options`: the fields after `deadline`."""
+        # 128 random bits, as uuid4 has, at a fifth of its cost (issue 23).
+        return cls(os.urandom(16).hex(), image, time.time() + timeout, **options)
 
     def expired(self, now: float | None = None) -> bool:
         return (time.time() if now is None else now) > self.deadline
@@ -468,7 +446,13 @@ def decode_request(raw: bytes | str) -> ImageRequest:
         raise BadMessage(f"request {request_id}: classes {classes} out of range")
     if priority < 1:
         raise BadMessage(f"request {request_id}: priority {priority} out of range")
-    _check_explain(request_id, explain, explain_class, probabilities)
+    if explain and (explain not in EXPLAIN_METHODS or not probabilities):
+        raise BadMessage(
+            f"request {request_id}: explain {explain!r} is not one of "
+            f"{', '.join(EXPLAIN_METHODS)} on a probabilities request"
+        )
+    if not -1 <= explain_class <= MAX_CLASSES:
+        raise BadMessage(f"request {request_id}: explain_class {explain_class} out of range")
     image = np.frombuffer(data, dtype=dtype).reshape(shape)
     return ImageRequest(
         id=request_id,
@@ -483,16 +467,6 @@ def decode_request(raw: bytes | str) -> ImageRequest:
         explain=explain,
         explain_class=explain_class,
     )
-
-
-def _check_explain(request_id: str, explain: object, index: int, probabilities: bool) -> None:
-    if explain and (explain not in EXPLAIN_METHODS or not probabilities):
-        raise BadMessage(
-            f"request {request_id}: explain {explain!r} is not one of "
-            f"{', '.join(EXPLAIN_METHODS)} on a probabilities request"
-        )
-    if not -1 <= index <= MAX_CLASSES:
-        raise BadMessage(f"request {request_id}: explain_class {index} out of range")
 
 
 def _whole(value: object) -> int:

@@ -1,21 +1,16 @@
 """Several Redis instances ("shards"), each holding its own copy of the queue.
 
 A web server knows every shard. Each request goes to one: the shorter queue
-of two random shards that are up (power of two choices; what counts is the
-requests at the request's priority level and above, those it would wait
-behind), and its result is
-awaited on that same shard. A shard that fails — refuses connections, or
-stays silent past --redis-timeout like a hung host — is marked down for the
-whole process (shards.Shard, one per Redis URL): requests skip it
-without asking it anything, and a background probe pings it until it
-answers again. A worker serves one shard or several (one claim loop per
-shard, sharing the model: see worker.FairLock).
+of two random shards that are up (power of two choices, counting the
+requests at the request's level and above, those it would wait behind), and
+its result is awaited on that same shard. A shard that fails is skipped,
+without asking it anything, until its probe hears it again (shards.Shard,
+one per Redis URL and process). A worker serves one shard or several (one
+claim loop per shard, sharing the model: see worker.FairLock).
 
 A model's queue spread over several hash tags (--queue-partitions, e.g.
 over a Redis Cluster's masters) is one queue per partition here, each
 picked like a shard; their Redis is one Shard, up or down as a whole.
-
-With one shard all of this reduces to that shard.
 """
 
 from __future__ import annotations
@@ -71,12 +66,6 @@ class ShardSet:
             ]
         )
 
-    def name(self, queue: RequestQueue) -> str:
-        return queue.shard.name
-
-    def is_down(self, queue: RequestQueue) -> bool:
-        return queue.shard.is_down()
-
     def up(self) -> list[RequestQueue]:
         """The shards not marked down, without asking any of them."""
         return [q for q in self.queues if not q.shard.is_down()]
@@ -108,14 +97,10 @@ class ShardSet:
     def push_all(self, payloads: Sequence[bytes], max_depth: int, level: int = 1) -> RequestQueue:
         """Queue several requests on one picked shard, all or none (see
         `RequestQueue.push_all`); returns the shard that took them, where
-        they will be answered.
-
-        A shard that cannot be reached (marked down by the queue) is skipped
-        and one other is tried.
-        A timed-out push may still have landed on the silent shard; if it wakes
-        up, its worker skips the copies once their deadline has passed, and
-        nobody collects an answer to them. QueueFull and other errors propagate.
-        """
+        they will be answered. A shard found unreachable is skipped and one
+        other is tried; QueueFull and other errors propagate. A timed-out
+        push may still have landed on the silent shard: its worker skips the
+        copies once their deadline has passed, and nobody collects them."""
         queue = self.pick(level)
         try:
             queue.push_all(payloads, max_depth=max_depth, level=level)

@@ -92,10 +92,10 @@ class RequestQueue(Liveness):
         own queue (`Keys.for_version`), and a worker claims from it first,
         then from the model's (requests queued while no worker was live, or
         for workers whose queue names no version, those swept off a version
-        whose last worker left, and a job's items). "": the model's queue alone. Results, claims,
-        heartbeats and jobs are the model's (`keys`) either way. `registry`:
-        the deployment's models hash (`Keys.models`), where each heartbeat
-        names the model and its queue; "": not written."""
+        whose last worker left, and a job's items); "": the model's queue
+        alone. Results, claims, heartbeats and jobs are the model's (`keys`)
+        either way. `registry`: the deployment's models hash (`Keys.models`),
+        where each heartbeat names the model and its queue; "": not written."""
         if levels < 1:
             raise ValueError(f"{levels} priority levels")
         self.shard = shard
@@ -241,11 +241,7 @@ class RequestQueue(Liveness):
         # model's, level by level.
         sources = [self.queue_keys, self.keys] if self.version else [self.keys]
         queues = [q.queue_at(level) for level in range(1, self.levels + 1) for q in sources]
-        keys = [
-            self.keys.processing(worker_id),
-            *self._wakeups(),
-            *queues,
-        ]
+        keys = [self.keys.processing(worker_id), *self._wakeups(), *queues]
         args = [count, max(max_lower, 0), len(sources) * protected, len(sources)]
         with self.shard.watch():
             reply = self._claim(keys=keys, args=args)

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import logging
 import os
 import time
@@ -69,6 +70,7 @@ log = logging.getLogger(__name__)
 # An item of a several-image answer worth another try: the decoder's memory
 # budget was spent (503) or the model did not answer in time (504).
 RETRYABLE_ITEM = frozenset({503, 504})
+Upload = tuple[str, tuple[str, bytes]]  # an `image` field: its name, the file's name and bytes
 JOB_POLL_S = 0.5
 
 
@@ -136,15 +138,19 @@ class Sender:
             data = f.read()
         return downscale_for_upload(data, self.size) if self.size else data
 
-    def send(self, paths: Sequence[str]) -> list[Outcome]:
-        """`paths` in one request (repeated `image` fields), their outcomes in order."""
-        outcomes: dict[str, Outcome] = {}
-        files = []
+    def _read(self, paths: Sequence[str]) -> tuple[list[Upload], dict[str, Outcome]]:
+        """The `image` fields of the `paths` that can be read; an Outcome for each other."""
+        files, outcomes = [], {}
         for path in paths:
             try:
                 files.append(("image", (os.path.basename(path), self.payload(path))))
             except OSError as exc:
                 outcomes[path] = Outcome(path, False, error=f"cannot read it: {exc}")
+        return files, outcomes
+
+    def send(self, paths: Sequence[str]) -> list[Outcome]:
+        """`paths` in one request (repeated `image` fields), their outcomes in order."""
+        files, outcomes = self._read(paths)
         sending = [p for p in paths if p not in outcomes]
         for attempt in range(self.server.retries + 1):
             if not sending:
@@ -159,17 +165,15 @@ class Sender:
                 status = answer.get("status", 200 if answer.get("success") else 500)
                 if status in RETRYABLE_ITEM and attempt < self.server.retries:
                     retry.append((path, upload))
-                elif answer.get("success"):
-                    outcomes[path] = Outcome(path, True, answer.get("predictions"))
                 else:
-                    outcomes[path] = Outcome(path, False, error=str(answer.get("error")))
+                    outcomes[path] = Outcome.of(path, answer)
             sending = [p for p, _ in retry]
             files = [u for _, u in retry]
             if retry:
                 self.server.sleep(min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2**attempt))
         return [outcomes[p] for p in paths]
 
-    def _post(self, files: list[tuple[str, tuple[str, bytes]]]) -> list[dict[str, Any]]:
+    def _post(self, files: list[Upload]) -> list[dict[str, Any]]:
         """One item per file; a whole-request failure is every file's."""
         response = self.server.call("POST", self.predict_path, files=files)
         try:
@@ -205,13 +209,7 @@ class Sender:
     def send_as_job(self, paths: Sequence[str]) -> list[Outcome]:
         """`paths` as one asynchronous job: submitted, polled until done,
         its results read back page by page."""
-        files = []
-        outcomes: dict[str, Outcome] = {}
-        for path in paths:
-            try:
-                files.append(("image", (os.path.basename(path), self.payload(path))))
-            except OSError as exc:
-                outcomes[path] = Outcome(path, False, error=f"cannot read it: {exc}")
+        files, outcomes = self._read(paths)
         sending = [p for p in paths if p not in outcomes]
         if sending:
             data = {"model": self.model} if self.model else None
@@ -222,10 +220,7 @@ class Sender:
             else:
                 results = self._await_job(response.json()["status_url"])
                 for path, item in zip(sending, results, strict=True):
-                    if item.get("success"):
-                        outcomes[path] = Outcome(path, True, item.get("predictions"))
-                    else:
-                        outcomes[path] = Outcome(path, False, error=str(item.get("error")))
+                    outcomes[path] = Outcome.of(path, item)
         return [outcomes[p] for p in paths]
 
     def _await_job(self, status_url: str) -> list[dict[str, Any]]:
@@ -319,22 +314,18 @@ def run(args: argparse.Namespace, console: Console, sleep: Callable[[float], Non
         task = progress.add_task("classifying", total=len(todo))
         pending: set[Future[list[Outcome]]] = set()
         groups = chunks(todo, per_call)
-        # At most 2 x concurrency calls in hand: the rest wait as paths only.
-        for group in groups:
-            pending.add(pool.submit(work, group))
-            if len(pending) >= 2 * args.concurrency:
+        while True:
+            # At most 2 x concurrency calls in hand: the rest wait as paths only.
+            for group in itertools.islice(groups, 2 * args.concurrency - len(pending)):
+                pending.add(pool.submit(work, group))
+            if not pending:
                 break
-        while pending:
             finished, pending = wait(pending, return_when=FIRST_COMPLETED)
             for future in finished:
                 for outcome in future.result():
                     output.write(outcome)
                     outcomes.append(outcome)
                     progress.advance(task)
-            for group in groups:
-                pending.add(pool.submit(work, group))
-                if len(pending) >= 2 * args.concurrency:
-                    break
     return summarize(outcomes, skipped, console)
 
 

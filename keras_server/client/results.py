@@ -28,6 +28,13 @@ class Outcome:
             line["error"] = self.error
         return line
 
+    @classmethod
+    def of(cls, path: str, answer: dict[str, Any]) -> Outcome:
+        """An image's outcome from its answer (/predict's body, or a job's item)."""
+        if answer.get("success"):
+            return cls(path, True, answer.get("predictions"))
+        return cls(path, False, error=str(answer.get("error")))
+
     @property
     def top_label(self) -> str | None:
         return self.predictions[0]["label"] if self.success and self.predictions else None

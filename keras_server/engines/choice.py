@@ -22,12 +22,12 @@ every start) is converted every time and never cached.
 
 from __future__ import annotations
 
+import functools
 import logging
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from keras_server.catalog import ModelSpec
 from keras_server.engines import calibration
@@ -129,11 +129,7 @@ def _engine_version(engine: str) -> str:
 
 
 def _converted(
-    spec: ModelSpec,
-    engine: str,
-    precision: str,
-    options: EngineOptions,
-    files: list[Path] | None,
+    spec: ModelSpec, engine: str, precision: str, options: EngineOptions, files: list[Path] | None
 ) -> Predictor:
     """An onnx or openvino predictor: from the cache, or converted now."""
     version = _engine_version(engine)
@@ -142,26 +138,15 @@ def _converted(
 
         openvino_engine.check_supported(precision)
 
-    def convert(directory: Path) -> dict[str, Any]:
-        return convert_apart(
-            spec,
-            engine,
-            precision,
-            directory,
-            max_image_pixels=options.max_image_pixels,
-            files=files,
-        )
-
-    def opened(entry: Entry) -> Predictor:
-        return open_and_check(
-            spec,
-            engine,
-            precision,
-            entry,
-            min_agreement=options.min_agreement,
-            parallel_batches=options.parallel_batches,
-            streams=options.openvino_streams,
-        )
+    # Each takes the directory (the entry) to convert into (to open).
+    convert = functools.partial(
+        convert_apart, spec, engine, precision, max_image_pixels=options.max_image_pixels,
+        files=files,
+    )  # fmt: skip
+    opened = functools.partial(
+        open_and_check, spec, engine, precision, min_agreement=options.min_agreement,
+        parallel_batches=options.parallel_batches, streams=options.openvino_streams,
+    )  # fmt: skip
 
     inputs = key_inputs(spec, engine, version, precision, files)
     cache = None if options.cache_dir.lower() == "none" else Path(options.cache_dir).expanduser()

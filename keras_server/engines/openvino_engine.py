@@ -5,26 +5,22 @@ file quantized by `calibration.quantize`, QDQ, which OpenVINO runs as int8),
 saved as OpenVINO IR in the conversion cache with full-precision weights.
 At compile time OpenVINO's PrePostProcessor puts the input preprocessing into
 the graph: the compiled model takes the worker's uint8 RGB NHWC batch as it
-is (a quarter of float32's bytes) and converts it to float, averages the
-channels for a grey model, and runs the model's preprocessing steps
-(`preprocess.STEPS`: channel order, scale, mean) itself. The cached IR stays
-the plain model, so an entry does not depend on how it is compiled.
-By default it is compiled with the LATENCY performance hint and run with one
-synchronous infer request, which is how the worker calls it (one batch at a
-time): the THROUGHPUT hint with a single synchronous request was half as fast
-here. With `--parallel-batches N` above 1 the worker runs N batches at once
-(a claim loop each), so it is compiled with the THROUGHPUT hint for N
-requests (OpenVINO splits the cores into streams) and keeps N infer
-requests, each used by one batch at a time.
-With `--openvino-streams S` above 1, each batch is itself split into S
-parts run at once, each on an infer request of its own: the model is
-compiled with the THROUGHPUT hint for S (times N) CPU streams, the cores
-shared out among them (on 2 cores, S=2: two single-threaded streams instead
-of one two-threaded one), which can spend less CPU per image than one stream
-whose threads meet at every layer; a batch of one image still runs on one
-stream, with its share of the cores.
-`precision` picks the CPU's inference precision: fp32 exact, bf16 (needs
-AVX512_BF16 or AMX), or int8 (the quantized graph).
+is (a quarter of float32's bytes), converts it to float, averages the
+channels for a grey model and runs the model's preprocessing steps
+(`preprocess.STEPS`) itself; the cached IR stays the plain model, so an
+entry does not depend on how it is compiled.
+
+One batch at a time (the default), it is compiled with the LATENCY hint and
+one synchronous infer request: the THROUGHPUT hint with a single request was
+half as fast here. `--parallel-batches N` (N claim loops running batches at
+once) compiles it with the THROUGHPUT hint for N requests, OpenVINO splitting
+the cores into streams. `--openvino-streams S` splits each batch into S
+parts run at once, a CPU stream each with its share of the cores (on 2
+cores, S=2: two single-threaded streams instead of one two-threaded one),
+which can spend less CPU per image than one stream whose threads meet at
+every layer; a batch of one image still runs on one stream. `precision` is
+the CPU's inference precision: fp32 exact, bf16 (needs AVX512_BF16 or AMX),
+or int8 (the quantized graph).
 
 OpenVINO does not officially support AMD CPUs, and a Zen 4 crash in
 compile_model came with 2025.3 (openvino#35943): on an AMD CPU only the
@@ -139,13 +135,7 @@ def with_preprocessing(model: ov.Model, mode: str, channels: int) -> ov.Model:
 
 
 def compile_model(
-    xml_path: Path,
-    precision: str,
-    mode: str,
-    channels: int,
-    *,
-    requests: int = 1,
-    streams: int = 1,
+    xml_path: Path, precision: str, mode: str, channels: int, *, requests: int = 1, streams: int = 1
 ) -> ov.CompiledModel:
     """The IR at `xml_path`, taking uint8 RGB with preprocessing `mode` inside,
     for `requests` batches running at once, each split over `streams` infer

@@ -1,11 +1,7 @@
-"""The one interface every engine implements, and what the worker needs of it.
-
-A `Predictor` turns a batch of uint8 RGB images at its `input_shape` into
-class probabilities; it names its `labels`, how many classes an answer lists
-(`top_k`), and says in `description` what it is (model, weights, engine).
-The engines live beside this module: Keras (`keras_engine.py`), ONNX Runtime
-(`onnx_engine.py`) and OpenVINO (`openvino_engine.py`), chosen by
-`choice.py`; the simulated model (`simulated.py`) implements it too. This
+"""The one interface every engine implements (`Predictor`), and what the worker
+needs of it. The engines live beside this module: Keras (`keras_engine.py`),
+ONNX Runtime (`onnx_engine.py`) and OpenVINO (`openvino_engine.py`), chosen
+by `choice.py`; the simulated model (`simulated.py`) implements it too. This
 module imports neither the engines nor the worker loop, so nothing cycles.
 """
 
@@ -51,40 +47,34 @@ class Fidelity:
 
 
 class Predictor(Protocol):
-    """What the worker knows of a model; every engine implements it."""
+    """What the worker knows of a model; every engine implements it: its class
+    `labels`; `input_shape`, (height, width, 3), the uint8 RGB images the
+    worker takes off the wire; `top_k`, how many classes each answer lists;
+    `description`, the model, its weights and what runs it, for heartbeats
+    and /models; `engine`, what runs the forward pass (keras, onnx, openvino
+    or sim); `precision`, fp32, bf16 or int8; `fidelity`, measured against
+    Keras fp32 at start-up (None for Keras itself)."""
 
     @property
     def labels(self) -> Sequence[str]: ...
 
     @property
-    def input_shape(self) -> tuple[int, int, int]:
-        """(height, width, 3): the uint8 RGB images the worker takes off the wire."""
-        ...
+    def input_shape(self) -> tuple[int, int, int]: ...
 
     @property
-    def top_k(self) -> int:
-        """How many classes each answer lists."""
-        ...
+    def top_k(self) -> int: ...
 
     @property
-    def description(self) -> str:
-        """The model, its weights and what runs it, for heartbeats and /models."""
-        ...
+    def description(self) -> str: ...
 
     @property
-    def engine(self) -> str:
-        """What runs the forward pass: keras, onnx, openvino (or sim)."""
-        ...
+    def engine(self) -> str: ...
 
     @property
-    def precision(self) -> str:
-        """fp32, bf16 or int8."""
-        ...
+    def precision(self) -> str: ...
 
     @property
-    def fidelity(self) -> Fidelity | None:
-        """Measured against Keras fp32 at start-up; None for Keras itself."""
-        ...
+    def fidelity(self) -> Fidelity | None: ...
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Class probabilities (n, classes) for uint8 RGB images (n, h, w, 3)."""

@@ -23,20 +23,10 @@ Preprocess = Callable[[np.ndarray], np.ndarray]
 # keras.applications.<module>.preprocess_input, by module: its mode. The
 # EfficientNet, MobileNetV3 and ConvNeXt models rescale inside the network.
 MODULE_MODES = {
-    "resnet50": "caffe",
-    "resnet": "caffe",
-    "vgg16": "caffe",
-    "vgg19": "caffe",
-    "resnet_v2": "tf",
-    "mobilenet": "tf",
-    "mobilenet_v2": "tf",
-    "inception_v3": "tf",
-    "xception": "tf",
+    **dict.fromkeys(("resnet50", "resnet", "vgg16", "vgg19"), "caffe"),
+    **dict.fromkeys(("resnet_v2", "mobilenet", "mobilenet_v2", "inception_v3", "xception"), "tf"),
     "densenet": "torch",
-    "mobilenet_v3": "none",
-    "efficientnet": "none",
-    "efficientnet_v2": "none",
-    "convnext": "none",
+    **dict.fromkeys(("mobilenet_v3", "efficientnet", "efficientnet_v2", "convnext"), "none"),
 }
 CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68], dtype=np.float32)
 TORCH_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)

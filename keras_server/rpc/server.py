@@ -18,12 +18,11 @@ reads and writes the connections meanwhile). It never imports an engine.
 - Messages up to --max-upload-mb are received; a larger one is answered
   RESOURCE_EXHAUSTED by grpcio before any of it is parsed.
 - With --api-keys, every call but ServerLive and ServerReady (those too with
-  --auth-probes) must carry a key in its metadata, `authorization: Bearer
-  KEY` or `x-api-key: KEY`, checked against the same keys as the HTTP
-  front's (serving/keys.py); else UNAUTHENTICATED, before the request is
-  parsed. A key with nothing left of its quota (serving/quotas.py, shared
-  with the HTTP front) is RESOURCE_EXHAUSTED there too, with `retry-after`
-  and `ratelimit-*` trailers; a ModelInfer is then charged per image.
+  --auth-probes) carries a key in its metadata, as the HTTP front's headers
+  do (serving/keys.py), or is UNAUTHENTICATED before it is parsed; a key
+  with nothing left of its quota (serving/quotas.py) is RESOURCE_EXHAUSTED,
+  with `retry-after` and `ratelimit-*` trailers; a ModelInfer is charged
+  per image.
 - SIGTERM or SIGINT: no new calls; those in flight have up to
   --result-timeout to finish.
 """
@@ -31,18 +30,16 @@ reads and writes the connections meanwhile). It never imports an engine.
 from __future__ import annotations
 
 import logging
-import signal
 import sys
-import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from types import FrameType
 from typing import Any
 
 import grpc
 
 from keras_server import metrics
 from keras_server.logs import configure_logging
+from keras_server.processes import stop_on_signals
 from keras_server.rpc import grpc_predict_v2_pb2_grpc as pb_grpc
 from keras_server.rpc.service import InferenceService
 from keras_server.serving.cache import ResponseCache
@@ -153,13 +150,7 @@ def main() -> int:
     except RuntimeError as exc:  # grpcio's "Failed to bind": the port is taken
         log.error("gRPC cannot listen on %s: %s", address(settings), exc)
         return 1
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = stop_on_signals("gRPC: stopping once the calls in flight are answered")
     server.start()
     log.info(
         "gRPC (v2 inference protocol) listening on %s (%d threads, at most %d calls)",
@@ -168,7 +159,6 @@ def main() -> int:
         settings.grpc_call_limit,
     )
     stop.wait()
-    log.info("gRPC: stopping once the calls in flight are answered")
     server.stop(grace=settings.result_timeout).wait()
     return 0
 

@@ -1,23 +1,17 @@
 """KServe's `GRPCInferenceService` over the serving core: the same models,
-checks, pipeline (quota, response cache, decode, queue, await) and answers
-as the REST routes under /v2 (serving/inference.py), in protobuf.
+tensors, checks, pipeline and answers as the REST routes under /v2
+(serving/inference.py), in protobuf.
 
 - ServerLive, ServerReady, ModelReady: `live` / `ready` (false is an
   answer, not an error; an unknown model or version is NOT_FOUND);
 - ServerMetadata, ModelMetadata: as `GET /v2` and `GET /v2/models/{name}`;
-- ModelInfer: one input, `image` (BYTES: one encoded file per element, in
-  `raw_input_contents` as tritonclient sends them, or in
-  `contents.bytes_contents`) or `pixels` (UINT8 or FP32 `[N, H, W, 3]`, raw
-  little-endian or in `contents.uint_contents` / `fp32_contents`); the answer
-  is `probabilities`, FP32 `[N, classes]`, or with the `classification`
-  parameter on the output BYTES `[N, k]` of `"score:index:label"`, always in
+- ModelInfer: the input's data in `raw_input_contents` (as tritonclient
+  sends it; little-endian) or in `contents` (`bytes_contents`, or for
+  pixels `uint_contents` / `fp32_contents`); every output answers in
   `raw_output_contents`. The client's deadline is the request's (capped by
-  --result-timeout, and by the request's `timeout` parameter): its images are
-  dropped from the queue past it. The `priority` parameter is its level
-  (serving/admission.py), as on REST. The `explain` parameter (a
-  string_param: occlusion or gradcam; `explain_class`, `explain_grid` as
-  int64_param) adds the output `heatmap`, FP32 `[N, rows, columns]`, as on
-  REST.
+  --result-timeout and the `timeout` parameter): its images are dropped
+  from the queue past it. `priority`, `timeout`, `explain_class` and
+  `explain_grid` are int64_params, `explain` a string_param.
 
 Failures are the core's (serving/failures.py), answered with the gRPC code
 its one table names and the same message as REST; a Retry-After (503) or
@@ -43,9 +37,7 @@ from keras_server.serving import inference as core
 from keras_server.serving.admission import Urgency
 from keras_server.serving.failures import Failure, from_exception
 from keras_server.serving.inference import (
-    HEATMAP,
     IMAGE,
-    OUTPUT,
     PIXELS,
     Inference,
     Output,
@@ -104,9 +96,6 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     def __init__(self, pipeline: Pipeline, keys: ApiKeys | None = None) -> None:
         self.pipeline = pipeline
-        self.settings = pipeline.settings
-        self.deployment = pipeline.deployment
-        self.decode = pipeline.decoder
         self.keys = keys
 
     @answered
@@ -115,7 +104,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     @answered
     def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=core.server_ready(self.deployment))
+        return pb.ServerReadyResponse(ready=core.server_ready(self.pipeline.deployment))
 
     @answered
     def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
@@ -146,12 +135,13 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.ServicerContext
     ) -> pb.ModelInferResponse:
-        model, route = self.pipeline.target(request.model_name, request.model_version or None)
-        inference = parse_request(request, model.input_size(), self.settings, self.decode)
+        pipeline = self.pipeline
+        model, route = pipeline.target(request.model_name, request.model_version or None)
+        inference = parse_request(request, model.input_size(), pipeline.settings, pipeline.decoder)
         # The client's deadline, if it set one, is the request's: None when it did not.
         remaining = context.time_remaining()
         result = core.infer(
-            self.pipeline, model, route, inference, timeout=remaining, caller=self._caller(context)
+            pipeline, model, route, inference, timeout=remaining, caller=self._caller(context)
         )
         return answer(inference, result)
 
@@ -182,10 +172,7 @@ def parameters(entries: Any) -> dict[str, Any]:
 
 
 def parse_request(
-    request: pb.ModelInferRequest,
-    size: tuple[int, int] | None,
-    settings: Settings,
-    decode: Decoder,
+    request: pb.ModelInferRequest, size: tuple[int, int] | None, settings: Settings, decode: Decoder
 ) -> Inference:
     """A ModelInferRequest -> the images to queue (the files not yet decoded);
     BadInput says what is wrong."""
@@ -209,12 +196,10 @@ def parse_request(
         checked, count = core.check_image_tensor(tensor.datatype, shape, settings)
         files = core.bytes_elements(data) if data is not None else tensor.contents.bytes_contents
         images = core.check_files(list(files), checked, count)
-        dtype_name = ""
     elif tensor.name == PIXELS:
         if size is None:
             raise core.input_unknown()
         dtype, checked, _ = core.check_pixel_tensor(tensor.datatype, shape, size, settings)
-        dtype_name = dtype.name
         if data is not None:
             array = core.pixels_from_bytes(data, dtype, checked, tensor.datatype)
         else:
@@ -229,9 +214,7 @@ def parse_request(
             raise bad(f"parameters.{name} must be an int64_param (KServe's protocol has no uint64)")
     urgency = Urgency.from_parameters(given, settings)
     ask = core.explain_of(given, settings)
-    return Inference(
-        images, outputs, request.id or None, urgency=urgency, pixels_dtype=dtype_name, explain=ask
-    )
+    return Inference(images, outputs, request.id or None, urgency=urgency, explain=ask)
 
 
 def _check_inputs(inputs: list[Any], raw: bool) -> None:
@@ -277,18 +260,7 @@ def answer(inference: Inference, result: Result) -> pb.ModelInferResponse:
     response = pb.ModelInferResponse(model_name=result.model, model_version=result.version)
     if inference.request_id is not None:
         response.id = inference.request_id
-    for output in inference.outputs:
-        if output.name == HEATMAP and result.heatmaps is not None:
-            heatmaps = result.heatmaps
-            response.outputs.add(name=HEATMAP, datatype="FP32", shape=list(heatmaps.shape))
-            response.raw_output_contents.append(np.ascontiguousarray(heatmaps, "<f4").tobytes())
-        elif output.classification:
-            strings, shape = result.classification(output.classification)
-            response.outputs.add(name=OUTPUT, datatype="BYTES", shape=shape)
-            response.raw_output_contents.append(core.serialize_bytes(strings))
-        else:
-            probabilities = result.probabilities
-            response.outputs.add(name=OUTPUT, datatype="FP32", shape=list(probabilities.shape))
-            raw = np.ascontiguousarray(probabilities, dtype="<f4").tobytes()
-            response.raw_output_contents.append(raw)
+    for tensor, raw, _ in result.tensors(inference.outputs):
+        response.outputs.add(**tensor)
+        response.raw_output_contents.append(raw)
     return response

@@ -51,11 +51,10 @@ import numpy as np
 from PIL import Image as PILImage
 
 from keras_server.broker import messages
-from keras_server.images import ImageError
 from keras_server.serving.admission import Urgency
-from keras_server.serving.failures import BadInput, Bug, Failure, from_image, no_live_worker
+from keras_server.serving.failures import BadInput, Bug, Failure, no_live_worker
 from keras_server.serving.models import ServedModel
-from keras_server.serving.pipeline import Form, Image, Pipeline
+from keras_server.serving.pipeline import Form, Image, Pipeline, read_probabilities
 from keras_server.serving.quotas import Caller
 from keras_server.serving.traffic import Route
 from keras_server.settings import MAX_EXPLAIN_GRID as MAX_GRID
@@ -73,8 +72,7 @@ GREY = 127
 # The heat map's colours, low to high (a short turbo-like ramp); the upload
 # page's legend and canvas use the same (web/assets/app.js).
 RAMP = np.array(
-    [(48, 18, 59), (70, 134, 251), (27, 229, 181), (250, 186, 57), (122, 4, 3)],
-    dtype=np.float32,
+    [(48, 18, 59), (70, 134, 251), (27, 229, 181), (250, 186, 57), (122, 4, 3)], dtype=np.float32
 )
 OPACITY = 0.5
 
@@ -215,8 +213,8 @@ def explain(
             )
     known = max((w.labels for w in workers), default=0)
     if isinstance(ask.target, int) and known and ask.target >= known:
-        raise BadInput(out_of_range(ask.target, known))
-    pixels = _pixels(pipeline, image, size)
+        raise BadInput(messages.out_of_range(ask.target, known))
+    pixels = pipeline.pixels(image, size)
     named = max(classes, model.spec.top_k, 1)
     # A label is looked up among every class's: the baseline names them all.
     if isinstance(ask.target, str):
@@ -226,20 +224,19 @@ def explain(
     images = 1 + cells + (ask.method == GRADCAM and isinstance(ask.target, str))
     if caller is not None and pipeline.limiter is not None:
         pipeline.limiter.charge(caller, images)
-    if ask.method == GRADCAM and not isinstance(ask.target, str):
-        index = -1 if ask.target is None else ask.target
-        form = Form(True, named, explain=GRADCAM, explain_class=index)
-        return _from_worker(*run.one(pixels, form), pixels, named)
-    header, vector = run.one(pixels, Form(True, named))
-    index = _index(ask.target, header, vector)
     if ask.method == GRADCAM:
-        # A label, now an index: the worker explains it.
+        if isinstance(ask.target, str):  # a label: its index, from the baseline
+            index = _index(ask.target, *run.one(pixels, Form(True, named)))
+        else:
+            index = -1 if ask.target is None else ask.target
         form = Form(True, named, explain=GRADCAM, explain_class=index)
         found = _from_worker(*run.one(pixels, form), pixels, named)
         found.images = images
         return found
+    header, vector = run.one(pixels, Form(True, named))
+    index = _index(ask.target, header, vector)
     answers = run.answers(masked(pixels, ask.grid), Form(True, 0))
-    drops = [vector[index] - _vector(raw)[1][index] for raw in answers]
+    drops = [vector[index] - read_probabilities(raw)[1][index] for raw in answers]
     heatmap, drop = importance(np.array(drops, dtype=np.float64).reshape(ask.grid, ask.grid))
     return Explanation(
         OCCLUSION,
@@ -253,22 +250,6 @@ def explain(
         header.get("model") or {},
         drop,
     )
-
-
-def out_of_range(index: int, classes: int) -> str:
-    return f"class {index} is out of range: the model has {classes} classes (0..{classes - 1})"
-
-
-def _pixels(pipeline: Pipeline, image: Image, size: tuple[int, int]) -> np.ndarray:
-    """The image at the model's input size, decoded once (within the budget)."""
-    if image.pixels is not None:
-        return image.pixels
-    if not image.data:
-        raise BadInput("the uploaded image file is empty")
-    try:
-        return pipeline.decoder(image.data, size)
-    except ImageError as exc:
-        raise from_image(exc) from None
 
 
 @dataclass(frozen=True)
@@ -296,17 +277,7 @@ class _Run:
 
     def one(self, pixels: np.ndarray, form: Form) -> tuple[dict[str, Any], np.ndarray]:
         (raw,) = self.answers([pixels], form)
-        return _vector(raw)
-
-
-def _vector(raw: bytes) -> tuple[dict[str, Any], np.ndarray]:
-    try:
-        header, vector = messages.decode_probabilities(raw)
-    except messages.BadMessage as exc:
-        raise Bug(f"a worker's answer cannot be read ({exc})") from None
-    if vector is None:
-        raise Bug("a worker answered without the probabilities: is it older than this server?")
-    return header, vector
+        return read_probabilities(raw)
 
 
 def _index(target: int | str | None, header: dict[str, Any], vector: np.ndarray) -> int:
@@ -315,7 +286,7 @@ def _index(target: int | str | None, header: dict[str, Any], vector: np.ndarray)
         return int(np.argmax(vector))
     if isinstance(target, int):
         if target >= len(vector):
-            raise BadInput(out_of_range(target, len(vector)))
+            raise BadInput(messages.out_of_range(target, len(vector)))
         return target
     for named in header.get("classes", []):
         if named.get("label") == target:

@@ -172,14 +172,15 @@ def from_worker(error: str, status: object = None) -> Failure:
 
 
 def _of_status(status: int, message: str) -> Failure:
-    kind = BY_STATUS.get(status, BadInput if 400 <= status < 500 else Bug)
-    if kind is Unavailable:
-        return Unavailable(message)
-    return kind(message)
+    return BY_STATUS.get(status, BadInput if 400 <= status < 500 else Bug)(message)
 
 
 def no_live_worker(model: str) -> Unavailable:
     return Unavailable(f"model {model!r} has no live worker yet; retry shortly")
+
+
+def too_many(count: int, limit: int) -> TooLarge:
+    return TooLarge(f"{count} images in one request; the limit is {limit} (--max-images)")
 
 
 def queue_full() -> Unavailable:

@@ -4,14 +4,18 @@ that a request takes the same path whichever way it came.
 
 - the server and model metadata, liveness and readiness, as plain values
   (from the process's survey of the workers, serving/workers.py);
-- the tensors every model takes, checked: `image` (BYTES, encoded files,
-  decoded by the pipeline within the process's decode memory budget as
-  /predict's uploads are) and `pixels` (UINT8 or FP32 `[N, H, W, 3]`); the
-  one output, `probabilities`, with the classification extension;
+- one input per request, checked: `image`, BYTES `[N]` or `[N, 1]`, each
+  element an encoded image file (decoded by the pipeline within the
+  process's decode memory budget, as /predict's uploads are), or `pixels`,
+  UINT8 or FP32 `[N, H, W, 3]`, RGB 0..255 at the model's input size;
+- the one output, `probabilities`, FP32 `[N, classes]`, or with
+  `"classification": k` on it BYTES `[N, k]` of `"score:index:label"`
+  (Triton's classification extension);
 - `infer`: the request's images through the one pipeline
-  (serving/pipeline.py: quota, response cache, decode, queue, await) at
-  the request's priority level and deadline, and the answer (`Result`) with
-  the classification strings made here once;
+  (serving/pipeline.py: quota, response cache, decode, queue, await) at the
+  level and deadline of `parameters.priority` and `parameters.timeout`
+  (serving/admission.py), all answered together; a rejected request queues
+  nothing. A version the request names is pinned (serving/traffic.py);
 - explanations: `parameters.explain` ("occlusion" or "gradcam", with
   `explain_class` k, default the most likely, and occlusion's
   `explain_grid`) explains each image with serving/explain.py, at the
@@ -28,7 +32,7 @@ import logging
 import math
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,9 +42,16 @@ from keras_server import __version__
 from keras_server.broker import messages
 from keras_server.serving import explain as explaining
 from keras_server.serving.admission import Urgency
-from keras_server.serving.failures import BadInput, Bug, Failure, TooLarge, Unavailable
+from keras_server.serving.failures import BadInput, Failure, Unavailable, too_many
 from keras_server.serving.models import Deployment, ServedModel
-from keras_server.serving.pipeline import Form, Image, Pipeline, check_version, versions
+from keras_server.serving.pipeline import (
+    Form,
+    Image,
+    Pipeline,
+    check_version,
+    read_probabilities,
+    versions,
+)
 from keras_server.serving.quotas import Caller
 from keras_server.serving.traffic import Route
 from keras_server.settings import Settings
@@ -57,12 +68,6 @@ PIXEL_TYPES = {"UINT8": np.dtype(np.uint8), "FP32": np.dtype(np.float32)}
 
 def bad(message: str) -> BadInput:
     return BadInput(message)
-
-
-def too_many(count: int, settings: Settings) -> TooLarge:
-    return TooLarge(
-        f"{count} images in one request; the limit is {settings.max_images} (--max-images)"
-    )
 
 
 @dataclass
@@ -82,7 +87,6 @@ class Inference:
     images: list[Image]  # the image input's files, or the pixels input's arrays
     outputs: list[Output]
     request_id: str | None = None
-    pixels_dtype: str = ""  # the pixels input's: uint8 or float32
     # Its priority level and timeout (Triton's parameters); None: the defaults.
     urgency: Urgency | None = None
     explain: explaining.Ask | None = None  # parameters.explain; None: not asked
@@ -97,6 +101,12 @@ class Inference:
             binary = any(o.binary for o in self.outputs)
             self.outputs.append(Output(binary, name=HEATMAP))
 
+    @property
+    def pixels_dtype(self) -> str:
+        """The pixels input's dtype, uint8 or float32; "" for image files."""
+        pixels = self.images[0].pixels if self.images else None
+        return "" if pixels is None else pixels.dtype.name
+
 
 @dataclass
 class Result:
@@ -109,6 +119,22 @@ class Result:
     classes: list[list[dict[str, Any]]]
     cache: str | None = None  # X-Cache (hit, miss, partial); None: the cache is off
     heatmaps: np.ndarray | None = None  # [N, rows, columns] with parameters.explain
+
+    def tensors(self, outputs: Sequence[Output]) -> Iterator[tuple[dict[str, Any], bytes, Any]]:
+        """Each output asked for: its tensor's name, datatype and shape, its
+        binary form (little-endian) and its values, a list or an array."""
+        for output in outputs:
+            if output.name == HEATMAP and self.heatmaps is not None:
+                name, array = HEATMAP, self.heatmaps
+            elif output.classification:
+                strings, shape = self.classification(output.classification)
+                tensor = {"name": OUTPUT, "datatype": "BYTES", "shape": shape}
+                yield tensor, serialize_bytes(strings), strings
+                continue
+            else:
+                name, array = OUTPUT, self.probabilities
+            tensor = {"name": name, "datatype": "FP32", "shape": list(array.shape)}
+            yield tensor, np.ascontiguousarray(array, dtype="<f4").tobytes(), array
 
     def classification(self, k: int) -> tuple[list[str], list[int]]:
         """Triton's classification extension: `"score:index:label"` for each
@@ -125,13 +151,8 @@ class Result:
 # -- metadata, health ---------------------------------------------------------
 
 
-def server_version() -> str:
-    """The package's version (a test keeps the OpenAPI description's equal to it)."""
-    return __version__
-
-
 def server_metadata() -> dict[str, Any]:
-    return {"name": SERVER_NAME, "version": server_version(), "extensions": EXTENSIONS}
+    return {"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS}
 
 
 def server_ready(deployment: Deployment) -> bool:
@@ -218,7 +239,7 @@ def count_images(shape: list[int], settings: Settings) -> int:
     if not shape or shape[0] < 1:
         raise bad(f"shape {shape}: at least one image")
     if shape[0] > settings.max_images:
-        raise too_many(shape[0], settings)
+        raise too_many(shape[0], settings.max_images)
     return shape[0]
 
 
@@ -385,12 +406,7 @@ def infer(
             if 400 <= raw.status < 500:
                 raw.message = f"input {IMAGE!r} element {position}: {raw.message}"
             raise raw
-        try:
-            header, vector = messages.decode_probabilities(raw)
-        except messages.BadMessage as exc:
-            raise Bug(f"a worker's answer cannot be read ({exc})") from None
-        if vector is None:
-            raise Bug("a worker answered a probabilities request without the probabilities")
+        header, vector = read_probabilities(raw)
         rows.append(vector)
         classes.append(header.get("classes", []))
     version = answered.version or model.spec.version

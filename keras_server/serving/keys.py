@@ -85,15 +85,20 @@ def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
 
 
+def read_keys_file(flag: str, path: str) -> str:
+    """The text of the keys file `path`, given as `flag`; KeysFileError naming
+    both when it cannot be read."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise KeysFileError(f"{flag} {path}: cannot read it ({reason})") from None
+
+
 def load_keys(path: str) -> ApiKeys:
     """The keys of `path` (`parse_keys`). Raises KeysFileError when the file
     cannot be read or holds no usable key."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
-        raise KeysFileError(f"--api-keys {path}: cannot read it ({reason})") from None
-    return parse_keys(text, f"--api-keys {path}")
+    return parse_keys(read_keys_file("--api-keys", path), f"--api-keys {path}")
 
 
 def parse_keys(text: str, source: str = "the keys file") -> ApiKeys:
@@ -200,7 +205,6 @@ def key_from(authorization: str | None, api_key: str | None) -> str:
     key = (api_key or "").strip()
     if not key:
         raise Rejected(
-            "an API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
-            "",
+            "an API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'", ""
         )
     return key

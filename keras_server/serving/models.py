@@ -67,7 +67,7 @@ class ServedModel:
         Only the WorkerView calls this; everyone else reads the view."""
         found = []
         for queue in self.shards.queues:
-            where = self.shards.name(queue)
+            where = queue.shard.name
             down = queue.shard.down_reason()
             if down is not None:
                 found.append(ShardState(self.name, where, reachable=False, error=down))
@@ -152,10 +152,6 @@ class Deployment:
             partitions=settings.queue_partitions,
         )
 
-    @property
-    def learning(self) -> bool:
-        return self.settings is not None and self.settings.models_from == "workers"
-
     def survey(self, fresh: bool = False) -> Survey:
         """Every model's queue on every shard, from the process's view."""
         return self.view.survey(fresh)
@@ -166,7 +162,7 @@ class Deployment:
         each model a worker has beaten for within --model-grace; forget the
         learned ones none has. A configured model is never forgotten, and a
         learned one whose queue is a configured model's is ignored."""
-        if not self.learning or self.settings is None:
+        if self.settings is None or self.settings.models_from != "workers":
             return
         now = time.monotonic() if now is None else now
         with self._lock:

@@ -10,30 +10,24 @@ came by (`/predict`, several images, v2 REST, gRPC, jobs):
 
 `Pipeline.run` gives one answer per image, in order: the worker's (or the
 cache's) bytes, or the `Failure` of that image alone (a bad file, a timeout,
-an error the worker reported). What fails the whole request (the queue full,
+an error the worker reported); what fails the whole request (the queue full,
 Redis down, no live worker, over quota) is raised. Each transport decides
-what a failed image means for it: an item of its own on `/predict` with
-several images, the whole request's failure on v2. Which model and version
-answer is `Pipeline.target`'s (serving/models.py, serving/traffic.py).
-
-Who answered: `Answered.version` is the version that answered (named by the
-answers; for failed answers, which name none, the version the request was
-routed to when only that version could answer it: its own queue). The core
-also keeps it, with the model, in `who_answered` for the request metrics: set by
-`target` and `run` as they learn them, cleared by each adapter when a request
-starts and read when it has answered (web/app.py, rpc/service.py).
+what a failed image means: an item of its own on `/predict`, the whole
+request's failure on v2. Which model and version answer is
+`Pipeline.target`'s (serving/models.py, serving/traffic.py); who did is
+`Answered.version`, and `who_answered` for the request metrics.
 
 Each image is its own queue entry, so it batches with everyone else's; all
 of one request's entries go to one Redis shard in one transaction, and
 their answers are awaited together on that shard.
 
-Decoding: `Decoder` turns an upload into the model's input within this
-process's decode memory budget (images.DecodeBudget), refusing with a 503
-(DecoderBusy) when the budget is spent, and counts its CPU time (written to
-the counter in steps of FLUSH_CPU_S, not per image). A job's images are
-decoded off the request thread, one at a time per process (`decode_for_job`),
-waiting for the budget rather than refusing, so a large job can neither
-starve `/predict` of CPU nor of decode memory. TensorFlow-free.
+`Decoder` decodes within the process's decode memory budget
+(images.DecodeBudget), refusing with a 503 (DecoderBusy) when it is spent,
+and counts its CPU time (in steps of FLUSH_CPU_S, not per image). A job's
+images are decoded off the request thread, one at a time per process
+(`decode_for_job`), waiting for the budget rather than refusing, so a large
+job can neither starve `/predict` of CPU nor of decode memory.
+TensorFlow-free.
 """
 
 from __future__ import annotations
@@ -47,6 +41,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import redis
@@ -160,12 +155,13 @@ class Image:
 class Answered:
     """A request's images answered, in order: the raw answer, or the Failure
     of that image; what the cache did (X-Cache: hit, miss or partial; None
-    while the cache is off for the model); the version that answered ("":
-    unknown, see the module's docstring)."""
+    while the cache is off for the model); the version that answered, named
+    by the answers, or for failed answers (which name none) the version the
+    request was routed to when only it could answer (its own queue); "":
+    unknown."""
 
     answers: list[bytes | Failure]
     cache: str | None = None
-    timeout: float = 0.0  # how long the request waited at most
     version: str = ""
 
 
@@ -177,8 +173,9 @@ class Served:
     version: str = ""
 
 
-# The request this thread (or gRPC call) serves: set by the pipeline, cleared
-# and read by the adapters for the request metrics' labels (metrics.ANSWERED_BY).
+# Who answers the request this thread (or gRPC call) serves: set by `target`
+# and `run` as they learn it, cleared by each adapter when a request starts
+# and read once answered, for the request metrics' labels (metrics.ANSWERED_BY).
 UNKNOWN = Served()
 who_answered: ContextVar[Served] = ContextVar("who_answered", default=UNKNOWN)
 
@@ -267,7 +264,7 @@ class Pipeline:
         version = version or route.answered_by or ""
         who_answered.set(Served(model.name, version))
         done = [a if a is not None else TimedOut(timed_out(urgency.timeout)) for a in answers]
-        return Answered(done, looked.header if looked else None, urgency.timeout, version)
+        return Answered(done, looked.header if looked else None, version)
 
     def _queue(
         self,
@@ -288,16 +285,11 @@ class Pipeline:
                 raise no_live_worker(model.name)
         requests: dict[int, messages.ImageRequest] = {}
         for position, image in images:
-            pixels = image.pixels
-            if pixels is None:
-                if not image.data:
-                    found[position] = BadInput(EMPTY)
-                    continue
-                try:
-                    pixels = self.decoder(image.data, size)  # type: ignore[arg-type]
-                except ImageError as exc:
-                    found[position] = from_image(exc)
-                    continue
+            try:
+                pixels = self.pixels(image, size)  # type: ignore[arg-type]
+            except Failure as failure:
+                found[position] = failure
+                continue
             requests[position] = messages.ImageRequest.create(
                 pixels,
                 urgency.timeout,
@@ -319,6 +311,18 @@ class Pipeline:
                 found[position] = failure or raw
                 named = named or version
         return found, named
+
+    def pixels(self, image: Image, size: tuple[int, int]) -> np.ndarray:
+        """The image at the model's input `size`, decoded (within the budget)
+        unless it came as pixels; the Failure (BadInput, ...) if it cannot be."""
+        if image.pixels is not None:
+            return image.pixels
+        if not image.data:
+            raise BadInput(EMPTY)
+        try:
+            return self.decoder(image.data, size)
+        except ImageError as exc:
+            raise from_image(exc) from None
 
     # -- jobs -----------------------------------------------------------------
 
@@ -377,6 +381,17 @@ def read_answer(raw: bytes) -> tuple[Failure | None, str]:
     return None, str(made_by.get("version") or "") if isinstance(made_by, dict) else ""
 
 
+def read_probabilities(raw: bytes) -> tuple[dict[str, Any], np.ndarray]:
+    """A probabilities answer's header and vector; Bug when it is not one."""
+    try:
+        header, vector = messages.decode_probabilities(raw)
+    except messages.BadMessage as exc:
+        raise Bug(f"a worker's answer cannot be read ({exc})") from None
+    if vector is None:
+        raise Bug("a worker answered a probabilities request without the probabilities")
+    return header, vector
+
+
 def submit(
     model: ServedModel,
     requests: Sequence[messages.ImageRequest],
@@ -395,7 +410,7 @@ def submit(
     )
     traced = {tracing.MODEL: model.name, tracing.IMAGES: len(requests)}
     try:
-        with tracing.producer_span("enqueue", traced) as span:
+        with tracing.span("enqueue", traced, producer=True) as span:
             # The worker's batch span links to this one.
             if trace := tracing.traceparent():
                 requests = [dataclasses.replace(r, trace=trace) for r in requests]
@@ -404,15 +419,15 @@ def submit(
                 max_depth=settings.max_queue,
                 level=requests[0].priority,
             )
-            span.set_attribute(tracing.SHARD, shards.name(queue))
+            span.set_attribute(tracing.SHARD, queue.shard.name)
     except QueueFull:
         log.warning("queue full: %d images refused", len(requests))
         raise queue_full() from None
-    metrics.QUEUED.labels(model.name, shards.name(queue)).inc(len(requests))
+    metrics.QUEUED.labels(model.name, queue.shard.name).inc(len(requests))
     deadline = min(r.deadline for r in requests)
     # The answers come back on the shard that took the requests.
     try:
-        with tracing.span("wait", {**traced, tracing.SHARD: shards.name(queue)}) as span:
+        with tracing.span("wait", {**traced, tracing.SHARD: queue.shard.name}) as span:
             answers = queue.wait_results([r.id for r in requests], timeout=deadline - time.time())
             span.set_attribute(tracing.ANSWERED, len(answers))
             return answers

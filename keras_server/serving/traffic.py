@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from keras_server.broker import traffic
-from keras_server.broker.messages import WorkerInfo
+from keras_server.broker.messages import WorkerInfo, no_live_version
 from keras_server.broker.placement import ShardSet
 from keras_server.catalog import VERSION
 from keras_server.serving.failures import Unavailable, no_live_worker
@@ -62,10 +62,6 @@ class Policy:
     """A model's traffic policy: `latest` (weights None) or weights by version."""
 
     weights: Mapping[str, float] | None = None
-
-    @property
-    def name(self) -> str:
-        return LATEST if self.weights is None else "weights"
 
     def as_dict(self) -> dict[str, Any]:
         if self.weights is None:
@@ -180,19 +176,20 @@ class Router:
             view = self._view
         if view is not None and now - view.at < ROUTING_TTL_S:
             return view
-        view = self.read(now)
-        with self._lock:
-            self._view = view
-        return view
+        return self.read(now)
 
     def read(self, now: float, fresh: bool = False) -> View:
         """The live workers' versions (from the process's survey) and the
-        policy (the newest copy among the shards: broker/traffic.py)."""
+        policy (the newest copy among the shards: broker/traffic.py), kept
+        as the view of `now`."""
         live: dict[str, bool] = {}
         for info in self.live_workers(fresh):
             if info.version:
                 live[info.version] = live.get(info.version, True) and info.versioned
-        return View(live, Policy.decode(traffic.read(self.shards)), now)
+        view = View(live, Policy.decode(traffic.read(self.shards)), now)
+        with self._lock:
+            self._view = view
+        return view
 
     def forget(self) -> None:
         """Read Redis again for the next request (the admin API, after a change)."""
@@ -207,14 +204,9 @@ class Router:
             # Read again before refusing: a view cached just before a worker
             # came must not turn away its first requests.
             view = self.read(time.monotonic(), fresh=True)
-            with self._lock:
-                self._view = view
         if pinned:
             if pinned not in view.live:
-                raise Unavailable(
-                    f"version {pinned!r} of model {self.model_name!r} has no live worker; "
-                    "retry shortly"
-                )
+                raise Unavailable(no_live_version(pinned, self.model_name))
             if not view.live[pinned]:
                 # Its workers' queue names no version: they claim the model's
                 # alone (a worker of another version that claims it there

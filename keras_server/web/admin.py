@@ -19,66 +19,42 @@ workers now (else 409). Every change is logged with the admin key's name
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 import re
-from pathlib import Path
 from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 
-from keras_server.serving.failures import BadInput, Conflict, Failure, NotFound
-from keras_server.serving.keys import KEY, MIN_KEY_LENGTH, KeysFileError, Rejected, key_from
+from keras_server.serving.failures import BadInput, Conflict, NotFound
+from keras_server.serving.keys import (
+    KEY,
+    MIN_KEY_LENGTH,
+    ApiKeys,
+    KeyEntry,
+    KeysFileError,
+    Rejected,
+    key_from,
+    read_keys_file,
+)
 from keras_server.serving.models import ServedModel
 from keras_server.serving.traffic import Policy, PolicyError, latest, store_policy
 from keras_server.web import auth, state
 
 log = logging.getLogger(__name__)
 
-PREFIX = "/admin/"
 HEADER = "X-Admin-Key"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 
 blueprint = Blueprint("admin", __name__, url_prefix="/admin")
 
 
-class AdminKeys:
-    """The admin keys, each with its name, kept only as SHA-256 digests."""
-
-    def __init__(self, keys: dict[str, str]) -> None:
-        if not keys:
-            raise KeysFileError("no admin keys given")
-        self._digests = tuple((name, _digest(key)) for name, key in keys.items())
-
-    def __len__(self) -> int:
-        return len(self._digests)
-
-    def name_of(self, candidate: str) -> str | None:
-        """The name of the key `candidate` is; None for none. Every key is
-        compared, so the time does not depend on which matched."""
-        given = _digest(candidate)
-        found = None
-        for name, digest in self._digests:
-            if hmac.compare_digest(given, digest):
-                found = name
-        return found
-
-
-def _digest(key: str) -> bytes:
-    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
-
-
-def load_admin_keys(path: str) -> AdminKeys:
-    """The `NAME KEY` lines of `path`; KeysFileError (naming the line,
-    never a key) when the file is unusable."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
-        raise KeysFileError(f"--admin-keys {path}: cannot read it ({reason})") from None
-    keys: dict[str, str] = {}
-    for number, raw in enumerate(text.splitlines(), start=1):
+def load_admin_keys(path: str) -> ApiKeys:
+    """The `NAME KEY` lines of `path`, held as the API keys are (SHA-256
+    digests, each compared in constant time: serving/keys.py), each entry
+    named; KeysFileError (naming the line, never a key) when the file is
+    unusable."""
+    keys: dict[str, tuple[str, int]] = {}  # name -> (key, line)
+    for number, raw in enumerate(read_keys_file("--admin-keys", path).splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
@@ -96,14 +72,10 @@ def load_admin_keys(path: str) -> AdminKeys:
             )
         if name in keys:
             raise KeysFileError(f"{where}: the name {name!r} is used twice")
-        keys[name] = key
+        keys[name] = (key, number)
     if not keys:
         raise KeysFileError(f"--admin-keys {path}: no keys in it (NAME KEY per line)")
-    return AdminKeys(keys)
-
-
-def render(failure: Failure) -> Response:
-    return jsonify(error=failure.message)
+    return ApiKeys([(key, KeyEntry(name, None, line)) for name, (key, line) in keys.items()])
 
 
 def owns(path: str) -> bool:
@@ -123,7 +95,7 @@ def install(app: Flask, keys_file: str) -> None:
 
 @blueprint.before_request
 def require_admin_key() -> None:
-    keys: AdminKeys = state_keys()
+    keys: ApiKeys = current_app.extensions["keras_server.admin"]
     try:
         key = key_from(request.headers.get("Authorization"), request.headers.get(HEADER))
     except Rejected as rejected:
@@ -132,16 +104,11 @@ def require_admin_key() -> None:
             "an admin key is required: send 'Authorization: Bearer <key>' or 'X-Admin-Key: <key>'",
             rejected.error,
         ) from None
-    name = keys.name_of(key)
-    if name is None:
+    entry = keys.identify(key)
+    if entry is None:
         log.warning("admin: refused %s %s: unknown key", request.method, request.path)
         raise auth.unauthorized("the admin key is not valid", "invalid_token")
-    g.admin = name
-
-
-def state_keys() -> AdminKeys:
-    found: AdminKeys = current_app.extensions["keras_server.admin"]
-    return found
+    g.admin = entry.name
 
 
 def _model(name: str) -> ServedModel:
@@ -193,7 +160,7 @@ def put_traffic(name: str) -> Response:
     if missing:
         raise Conflict(
             f"model {name!r}: no live worker for version(s) {', '.join(missing)}; "
-            f"live: {', '.join(sorted(live)) or 'none'}",
+            f"live: {', '.join(sorted(live)) or 'none'}"
         )
     store_policy(model.router, policy)
     log.warning("admin %s: model %r traffic set to %s", g.admin, name, policy.as_dict())

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import IO
 
-from flask import Flask, Request, Response, g, request
+from flask import Flask, Request, Response, g, jsonify, request
 
 from keras_server import logs, metrics, tracing
 from keras_server.images import single_threaded_resize
@@ -64,13 +64,7 @@ class InMemoryRequest(Request):
     """Uploads stay in memory: they are capped by MAX_CONTENT_LENGTH anyway,
     and an image must never land on disk (werkzeug spools files > 500 KB)."""
 
-    def _get_file_stream(
-        self,
-        total_content_length: int | None,
-        content_type: str | None,
-        filename: str | None = None,
-        content_length: int | None = None,
-    ) -> IO[bytes]:
+    def _get_file_stream(self, *args: object, **kwargs: object) -> IO[bytes]:
         return io.BytesIO()
 
 
@@ -141,10 +135,8 @@ def _add_request_span(app: Flask) -> None:
 
 def _render(failure: Failure) -> Response:
     """A failure in the shape of the API the path belongs to."""
-    if v2.owns(request.path):
-        return v2.render(failure)
-    if admin.owns(request.path):
-        return admin.render(failure)
+    if v2.owns(request.path) or admin.owns(request.path):
+        return jsonify(error=failure.message)  # their shape: {"error"}
     return predict.render(failure)
 
 

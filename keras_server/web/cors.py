@@ -38,23 +38,14 @@ METHODS = ("GET", "HEAD", "POST", "OPTIONS")
 # What a browser may send: the key, the body's type, the v2 binary extension's
 # header, and the priority headers of /predict.
 ALLOW_HEADERS = (
-    "Authorization",
-    "X-API-Key",
-    "Content-Type",
-    "Inference-Header-Content-Length",
-    "X-Priority",
-    "X-Request-Timeout",
-)
+    "Authorization", "X-API-Key", "Content-Type", "Inference-Header-Content-Length",
+    "X-Priority", "X-Request-Timeout",
+)  # fmt: skip
 # What a page's script may read of an answer, beyond the CORS-safelisted ones.
 EXPOSE_HEADERS = (
-    "Retry-After",
-    "RateLimit-Limit",
-    "RateLimit-Remaining",
-    "RateLimit-Reset",
-    "X-Cache",
-    "WWW-Authenticate",
-    "Inference-Header-Content-Length",
-)
+    "Retry-After", "RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset", "X-Cache",
+    "WWW-Authenticate", "Inference-Header-Content-Length",
+)  # fmt: skip
 # Seconds a browser may reuse a preflight's answer (Chromium caps it at 7200).
 MAX_AGE_S = 600
 

@@ -42,23 +42,11 @@ blueprint = Blueprint("explain", __name__)
 
 
 @blueprint.post("/explain")
-def explain() -> Response:
-    """The default model."""
-    return _explain(None)
-
-
 @blueprint.post("/models/<name>/explain")
-def explain_with(name: str) -> Response:
-    return _explain(name)
-
-
 @blueprint.post("/models/<name>/versions/<version>/explain")
-def explain_with_version(name: str, version: str) -> Response:
-    """Pinned: explained by that version's workers alone."""
-    return _explain(name, version)
-
-
-def _explain(name: str | None, version: str | None = None) -> Response:
+def explain(name: str | None = None, version: str | None = None) -> Response:
+    """The default model, or `name`; pinned to `version`: explained by that
+    version's workers alone."""
     pipeline = state().pipeline
     settings = pipeline.settings
     # Its level is always the lowest; X-Priority is still checked, as everywhere.

@@ -23,6 +23,7 @@ TensorFlow-free.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -85,7 +86,7 @@ def _submit(settings: Settings, body: JobBody) -> tuple[Response, int, dict[str,
     if body.archive is not None:
         room = settings.max_job_images - len(body.images)
         archived = files(body.archive, room, settings.max_archive_bytes, settings.max_upload_bytes)
-        entries = _chain(entries, archived)
+        entries = itertools.chain(entries, archived)
     caller, limiter = auth.caller(), state().pipeline.limiter
     if caller is not None and limiter is not None:
         limiter.charge(caller, len(body.images))  # counted before any is decoded
@@ -129,7 +130,7 @@ def _check_submission(settings: Settings, body: JobBody) -> tuple[ServedModel, s
         raise BadInput("no files: send 'image' fields and/or one 'archive' (zip or tar)")
     if len(body.images) > settings.max_job_images:
         raise _too_many(settings)
-    model = _model(body.fields.get("model") or None)
+    model = state().pipeline.model(body.fields.get("model") or None)
     callback_url = body.fields.get("callback_url", "")
     if callback_url:
         hosts = callbacks.allowed_hosts(settings.callback_hosts)
@@ -137,11 +138,6 @@ def _check_submission(settings: Settings, body: JobBody) -> tuple[ServedModel, s
         if why:
             raise BadInput(why)
     return model, callback_url
-
-
-def _chain(*parts: Iterator[tuple[str, bytes]]) -> Iterator[tuple[str, bytes]]:
-    for part in parts:
-        yield from part
 
 
 def _stage(
@@ -268,10 +264,6 @@ def _find(job_id: str) -> tuple[JobStore, Job]:
         # Not found where Redis answered; where it did not, the job may be.
         raise failed
     raise missing
-
-
-def _model(name: str | None) -> ServedModel:
-    return state().pipeline.model(name)
 
 
 def _whole(name: str, default: int) -> int:

@@ -24,7 +24,7 @@ from flask import Blueprint, Response, jsonify, request
 
 from keras_server.broker import messages
 from keras_server.serving.admission import Urgency
-from keras_server.serving.failures import BadInput, Failure, TooLarge
+from keras_server.serving.failures import BadInput, Failure, too_many
 from keras_server.serving.pipeline import Answered, Form, Image
 from keras_server.serving.traffic import version_order
 from keras_server.web import auth, state
@@ -43,23 +43,11 @@ def render(failure: Failure) -> Response:
 
 
 @blueprint.post("/predict")
-def predict() -> Response:
-    """The default model."""
-    return _predict(None)
-
-
 @blueprint.post("/models/<name>/predict")
-def predict_with(name: str) -> Response:
-    return _predict(name)
-
-
 @blueprint.post("/models/<name>/versions/<version>/predict")
-def predict_with_version(name: str, version: str) -> Response:
-    """Pinned: answered by that version's workers alone (serving/traffic.py)."""
-    return _predict(name, version)
-
-
-def _predict(name: str | None, version: str | None = None) -> Response:
+def predict(name: str | None = None, version: str | None = None) -> Response:
+    """The default model, or `name`; pinned to `version`: answered by that
+    version's workers alone (serving/traffic.py)."""
     pipeline = state().pipeline
     settings = pipeline.settings
     # Checked before the upload is read: a bad header costs no decoding.
@@ -69,10 +57,7 @@ def _predict(name: str | None, version: str | None = None) -> Response:
     if not uploads:
         raise BadInput("no file in the 'image' field: send multipart/form-data with image=@FILE")
     if len(uploads) > settings.max_images:
-        raise TooLarge(
-            f"{len(uploads)} images in one request; the limit is {settings.max_images} "
-            "(--max-images)"
-        )
+        raise too_many(len(uploads), settings.max_images)
     images = [Image(data=u.data) for u in uploads]
     answered = pipeline.run(model, route, images, Form(), urgency, caller=auth.caller())
     if len(uploads) == 1:

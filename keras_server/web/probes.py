@@ -107,12 +107,9 @@ class RedisCollector(Collector):
             backlogs[where] = backlogs.get(where, 0) + shard_state.job_backlog
             for worker_id, info in shard_state.workers.items():
                 age.add_metric([*where, worker_id], max(0.0, now - info.at))
-        for series, waiting in depths.items():
-            depth.add_metric(list(series), waiting)
-        for series, count in lives.items():
-            live.add_metric(list(series), count)
-        for series, staged in backlogs.items():
-            backlog.add_metric(list(series), staged)
+        for family, counts in ((depth, depths), (live, lives), (backlog, backlogs)):
+            for series, count in counts.items():
+                family.add_metric(list(series), count)
         for shard, answered in reachable.items():
             up.add_metric([shard], answered)
         yield from (up, depth, backlog, live, age)

@@ -58,9 +58,9 @@ def read_files(
     if not boundary:
         return None
     files: dict[str, list[Upload]] = {}
-    part = _Part()
+    part = _WholePart(files, fields)
     try:
-        parser = MultipartParser(boundary, part.callbacks(files, fields))
+        parser = MultipartParser(boundary, part.callbacks())
         parser.write(body)
         parser.finalize()
     except (MultipartParseError, ValueError):
@@ -69,60 +69,79 @@ def read_files(
 
 
 class _Part:
-    """The state of the part being parsed, fed by the parser's callbacks."""
+    """The part being parsed, fed by python-multipart's callbacks (the on_*
+    methods): its headers, then its data, which a subclass keeps or drops."""
 
     def __init__(self) -> None:
         self.header_field = b""
         self.header_value = b""
         self.disposition = b""
-        self.chunks: list[bytes] = []
         self.complete = False
 
-    def callbacks(
-        self, files: dict[str, list[Upload]], fields: dict[str, str] | None = None
-    ) -> dict[str, Callable[..., None]]:
-        def on_part_begin() -> None:
-            self.disposition, self.chunks = b"", []
+    def callbacks(self) -> dict[str, Callable[..., None]]:
+        return {name: getattr(self, name) for name in dir(self) if name.startswith("on_")}
 
-        def on_header_field(data: bytes, start: int, end: int) -> None:
-            self.header_field += data[start:end]
+    def on_part_begin(self) -> None:
+        self.disposition = b""
 
-        def on_header_value(data: bytes, start: int, end: int) -> None:
-            self.header_value += data[start:end]
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self.header_field += data[start:end]
+        self._check_header()
 
-        def on_header_end() -> None:
-            if self.header_field.lower() == b"content-disposition":
-                self.disposition = self.header_value
-            self.header_field, self.header_value = b"", b""
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self.header_value += data[start:end]
+        self._check_header()
 
-        def on_part_data(data: bytes, start: int, end: int) -> None:
-            self.chunks.append(data[start:end])
+    def _check_header(self) -> None:
+        """Nothing: a /predict body is capped whole (MAX_CONTENT_LENGTH)."""
 
-        def on_part_end() -> None:
-            kind, options = parse_options_header(self.disposition)
-            name = options.get(b"name")
-            if kind == b"form-data" and name is not None and b"filename" in options:
-                upload = Upload(
-                    options[b"filename"].decode("utf-8", "replace"), b"".join(self.chunks)
-                )
-                files.setdefault(name.decode("utf-8", "replace"), []).append(upload)
-            elif kind == b"form-data" and name is not None and fields is not None:
-                text = b"".join(self.chunks).decode("utf-8", "replace")
-                fields.setdefault(name.decode("utf-8", "replace"), text)
-            self.chunks = []
+    def on_header_end(self) -> None:
+        if self.header_field.lower() == b"content-disposition":
+            self.disposition = self.header_value
+        self.header_field, self.header_value = b"", b""
 
-        def on_end() -> None:
-            self.complete = True
+    def on_end(self) -> None:
+        self.complete = True
 
-        return {
-            "on_part_begin": on_part_begin,
-            "on_header_field": on_header_field,
-            "on_header_value": on_header_value,
-            "on_header_end": on_header_end,
-            "on_part_data": on_part_data,
-            "on_part_end": on_part_end,
-            "on_end": on_end,
-        }
+    def named(self) -> tuple[str, str | None] | None:
+        """(field name, filename; None for a plain field) of a form-data part,
+        by its Content-Disposition; None for any other part."""
+        kind, options = parse_options_header(self.disposition)
+        name = options.get(b"name")
+        if kind != b"form-data" or name is None:
+            return None
+        filename = options.get(b"filename")
+        decoded = None if filename is None else filename.decode("utf-8", "replace")
+        return name.decode("utf-8", "replace"), decoded
+
+
+class _WholePart(_Part):
+    """A /predict body's parts, held whole: each file by field name, and the
+    first value of each plain field into `fields` (when given)."""
+
+    def __init__(self, files: dict[str, list[Upload]], fields: dict[str, str] | None) -> None:
+        super().__init__()
+        self.files = files
+        self.fields = fields
+        self.chunks: list[bytes] = []
+
+    def on_part_begin(self) -> None:
+        super().on_part_begin()
+        self.chunks = []
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        self.chunks.append(data[start:end])
+
+    def on_part_end(self) -> None:
+        named, data = self.named(), b"".join(self.chunks)
+        self.chunks = []
+        if named is None:
+            return
+        field, filename = named
+        if filename is not None:
+            self.files.setdefault(field, []).append(Upload(filename, data))
+        elif self.fields is not None:
+            self.fields.setdefault(field, data.decode("utf-8", "replace"))
 
 
 def request_files(fields: dict[str, str] | None = None) -> dict[str, list[Upload]]:
@@ -249,78 +268,45 @@ def read_job_body(
     return body
 
 
-class _JobPart:
+class _JobPart(_Part):
     """The part of a job's body being read: where its data goes is chosen
     once its headers are read."""
 
     def __init__(self, body: JobBody, max_image: int, fields: Collection[str]) -> None:
+        super().__init__()
         self.body = body
         self.max_image = max_image
         self.wanted = fields
-        self.header_field = b""
-        self.header_value = b""
-        self.disposition = b""
         self.write: Callable[[bytes], object] = _drop
         self.finish: Callable[[], None] = _nothing
-        self.complete = False
 
-    def callbacks(self) -> dict[str, Callable[..., None]]:
-        def on_part_begin() -> None:
-            self.disposition = b""
-            self.write, self.finish = _drop, _nothing
-
-        def on_header_field(data: bytes, start: int, end: int) -> None:
-            self.header_field += data[start:end]
-            self._check_header()
-
-        def on_header_value(data: bytes, start: int, end: int) -> None:
-            self.header_value += data[start:end]
-            self._check_header()
-
-        def on_header_end() -> None:
-            if self.header_field.lower() == b"content-disposition":
-                self.disposition = self.header_value
-            self.header_field, self.header_value = b"", b""
-
-        def on_part_data(data: bytes, start: int, end: int) -> None:
-            self.write(data[start:end])
-
-        def on_part_end() -> None:
-            self.finish()
-
-        def on_end() -> None:
-            self.complete = True
-
-        return {
-            "on_part_begin": on_part_begin,
-            "on_header_field": on_header_field,
-            "on_header_value": on_header_value,
-            "on_header_end": on_header_end,
-            "on_headers_finished": self._choose,
-            "on_part_data": on_part_data,
-            "on_part_end": on_part_end,
-            "on_end": on_end,
-        }
+    def on_part_begin(self) -> None:
+        super().on_part_begin()
+        self.write, self.finish = _drop, _nothing
 
     def _check_header(self) -> None:
         if len(self.header_field) + len(self.header_value) > MAX_HEADER_BYTES:
             raise UploadRefused(400, f"a part's header is longer than {MAX_HEADER_BYTES} bytes")
 
-    def _choose(self) -> None:
+    def on_headers_finished(self) -> None:
         """Where this part's data goes, by its Content-Disposition."""
-        kind, options = parse_options_header(self.disposition)
-        name = options.get(b"name")
-        if kind != b"form-data" or name is None:
+        named = self.named()
+        if named is None:
             return
-        field = name.decode("utf-8", "replace")
-        if b"filename" in options:
-            filename = options[b"filename"].decode("utf-8", "replace")
-            if field == "image":
-                self._image(filename)
-            elif field == "archive":
-                self._archive(filename)
-        elif field in self.wanted:
-            self._field(field)
+        field, filename = named
+        if filename is None:
+            if field in self.wanted:
+                self._field(field)
+        elif field == "image":
+            self._image(filename)
+        elif field == "archive":
+            self._archive(filename)
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        self.write(data[start:end])
+
+    def on_part_end(self) -> None:
+        self.finish()
 
     def _image(self, filename: str) -> None:
         spool, offset = self.body.spool, self.body.spool.seek(0, 2)

@@ -1,6 +1,6 @@
-"""The Open Inference Protocol (KServe v2, REST), over the same serving core
-as `/predict`: a Flask blueprint under `/v2` that `web.create_app` registers;
-its routes read the app's pipeline with `web.state()`.
+"""The Open Inference Protocol (KServe v2) over REST: a Flask blueprint under
+`/v2` that `web.create_app` registers; its routes read the app's pipeline
+with `web.state()`.
 
     GET  /v2                                   server metadata
     GET  /v2/health/live, /v2/health/ready     200 when live / ready, else 400
@@ -10,38 +10,17 @@ its routes read the app's pipeline with `web.state()`.
     POST /v2/repository/index                  Triton's model repository index
                                                (read-only: models, versions, state)
 
-A model takes exactly one input per request, either
-- `image`: BYTES `[N]` (or `[N, 1]`), each element an encoded image file:
-  base64 text in the JSON form, the file itself with the binary tensor data
-  extension (what tritonclient sends by default), or
-- `pixels`: UINT8 or FP32 `[N, H, W, 3]`, RGB 0..255 already at the model's
-  input size, JSON or binary,
-and answers one output, `probabilities`: FP32 `[N, classes]`, JSON or binary
-(`"binary_data": true` on the output, or `"binary_data_output": true` on the
-request); with `"classification": k` on the output it is instead BYTES
-`[N, k]` of `"score:index:label"`, as Triton's classification extension.
-With `parameters.explain` ("occlusion" or "gradcam"; `explain_class`,
-`explain_grid`) a second output, `heatmap`, FP32 `[N, rows, columns]`,
-explains each image (serving/explain.py).
-
-The N images go through the serving core's one pipeline (serving/pipeline.py:
-quota, response cache, decode, queue, await), so they batch with everyone
-else's, answered together (`X-Cache` says hit, miss or partial while the
-cache is on for the model, without --api-keys). What does not depend on HTTP
-(metadata, readiness, the tensors' checks) is serving/inference.py, which the
-gRPC service (keras_server/rpc/) calls too; this module is the REST form:
-routes, JSON and the binary tensor data extension. A rejected request
-queues nothing. Every error is `{"error": "..."}`: 400 for a request the
-protocol or the model does not take, 404 for an unknown model or version, 413
-past --max-images, 503/504 as `/predict`. Triton's `parameters.priority`
-(1 .. --priority-levels) and `parameters.timeout` (microseconds, capped by
---result-timeout) set the request's level and deadline (serving/admission.py).
-A version in the path must be one
-the model serves (its spec's, or a live worker's), else 404; the request is
-then pinned to it: answered by that version's workers alone, 503 while it
-has none. Without a version the model's traffic policy picks one
-(serving/traffic.py); `model_version` says which answered.
-TensorFlow-free.
+The tensors (one input, `image` or `pixels`; the outputs `probabilities`
+and, with `parameters.explain`, `heatmap`), their checks, the parameters and
+`infer` are the serving core's (serving/inference.py), which the gRPC front
+shares. This module is the REST form: routes, JSON (a BYTES element is
+base64 text) and the binary tensor data extension (what tritonclient sends
+by default; an output answers binary with `"binary_data": true` on it, or
+`"binary_data_output": true` on the request). `X-Cache` says hit, miss or
+partial while the cache is on for the model, without --api-keys. Every
+error is `{"error": "..."}`, with the core's status: 400 for a request the
+protocol or the model does not take, 404 for an unknown model or version,
+413 past --max-images, 503/504 as `/predict`. TensorFlow-free.
 """
 
 from __future__ import annotations
@@ -52,7 +31,7 @@ import itertools
 import json
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -61,9 +40,8 @@ from flask import Blueprint, Response, jsonify, request
 from keras_server.images import ImageError
 from keras_server.serving import inference as core
 from keras_server.serving.admission import Urgency
-from keras_server.serving.failures import BadInput, Failure, from_image
+from keras_server.serving.failures import BadInput, from_image
 from keras_server.serving.inference import (
-    HEATMAP,
     IMAGE,
     OUTPUT,
     PIXELS,
@@ -82,11 +60,6 @@ log = logging.getLogger(__name__)
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
 blueprint = Blueprint("v2", __name__, url_prefix="/v2")
-
-
-def render(failure: Failure) -> Response:
-    """The protocol's error shape."""
-    return jsonify(error=failure.message)
 
 
 def owns(path: str) -> bool:
@@ -124,34 +97,21 @@ def repository_index() -> Response:
     return jsonify(core.repository_index(deployment, ready_only=body.get("ready", False)))
 
 
-def routes(rule: str, method: str) -> Callable[[Callable[..., Response]], Any]:
-    """Register a view under the model's path and under its /versions/{v} path."""
-
-    def register(view: Callable[..., Response]) -> Any:
-        blueprint.add_url_rule(f"/models/<name>{rule}", view_func=view, methods=[method])
-        blueprint.add_url_rule(
-            f"/models/<name>/versions/<version>{rule}",
-            endpoint=f"{view.__name__}_version",
-            view_func=view,
-            methods=[method],
-        )
-        return view
-
-    return register
-
-
-@routes("", "GET")
+@blueprint.get("/models/<name>")
+@blueprint.get("/models/<name>/versions/<version>")
 def model_metadata(name: str, version: str | None = None) -> Response:
     return jsonify(core.model_metadata(state().pipeline, name, version))
 
 
-@routes("/ready", "GET")
+@blueprint.get("/models/<name>/ready")
+@blueprint.get("/models/<name>/versions/<version>/ready")
 def model_ready(name: str, version: str | None = None) -> Response | tuple[Response, int]:
     ok = core.model_ready(state().pipeline, name, version)
     return jsonify(name=name, ready=ok), 200 if ok else 400
 
 
-@routes("/infer", "POST")
+@blueprint.post("/models/<name>/infer")
+@blueprint.post("/models/<name>/versions/<version>/infer")
 def infer(name: str, version: str | None = None) -> Response:
     pipeline = state().pipeline
     model, route = pipeline.target(name, version)
@@ -230,23 +190,18 @@ def _parse_json(
     # The outputs before the images: a request refused for them decodes nothing.
     default_binary = parameters.get("binary_data_output") is True
     requested = message.get("outputs")
-    if requested is None:
-        requested = [{"name": OUTPUT}]
-    if not isinstance(requested, list):
+    if requested is not None and not isinstance(requested, list):
         raise bad("'outputs' must be a list of the outputs to answer")
     outputs = [_output(o, default_binary) for o in requested or [{"name": OUTPUT}]]
     tensor, data = inputs[0], parts[0]
     name = tensor.get("name")
     if name == IMAGE:
         images = _image_files(tensor, data, settings)
-        return Inference(images, outputs, request_id, urgency=urgency, explain=ask)
-    if name == PIXELS:
+    elif name == PIXELS:
         images = _pixels(tensor, data, size, settings)
-        dtype = images[0].pixels.dtype.name  # type: ignore[union-attr]
-        return Inference(
-            images, outputs, request_id, urgency=urgency, pixels_dtype=dtype, explain=ask
-        )
-    raise core.unknown_input(name)
+    else:
+        raise core.unknown_input(name)
+    return Inference(images, outputs, request_id, urgency=urgency, explain=ask)
 
 
 def _split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
@@ -401,29 +356,14 @@ def answer(inference: Inference, result: Result) -> Response:
     """The infer response: JSON, or JSON then the binary outputs when any
     output asked for binary data."""
     tensors, blobs = [], []
-    tensor: dict[str, Any]
-    data: list[Any]
-    for output in inference.outputs:
-        if output.name == HEATMAP and result.heatmaps is not None:
-            heatmaps = result.heatmaps
-            tensor = {"name": HEATMAP, "datatype": "FP32", "shape": list(heatmaps.shape)}
-            raw = np.ascontiguousarray(heatmaps, dtype="<f4").tobytes()
-            data = heatmaps.ravel().tolist()
-        elif output.classification:
-            strings, shape = result.classification(output.classification)
-            tensor = {"name": OUTPUT, "datatype": "BYTES", "shape": shape}
-            raw = core.serialize_bytes(strings)
-            data = strings
-        else:
-            probabilities = result.probabilities
-            tensor = {"name": OUTPUT, "datatype": "FP32", "shape": list(probabilities.shape)}
-            raw = np.ascontiguousarray(probabilities, dtype="<f4").tobytes()
-            data = probabilities.ravel().tolist()
+    for output, (tensor, raw, values) in zip(
+        inference.outputs, result.tensors(inference.outputs), strict=True
+    ):
         if output.binary:
             tensor["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)
         else:
-            tensor["data"] = data
+            tensor["data"] = values if isinstance(values, list) else values.ravel().tolist()
         tensors.append(tensor)
     body: dict[str, Any] = {"model_name": result.model, "model_version": result.version}
     if inference.request_id is not None:

@@ -1,18 +1,17 @@
 """Delivering jobs' completion callbacks, from the worker processes.
 
-The transaction that completes a job makes its callback pending in Redis
-(broker/pending_callbacks.py), so it survives any process. Each worker
-process owns one `CallbackSender`; its claim loops `poll` their shard (the
-heartbeat does, from the worker's start on, and the loop that completes a
-job does at once), claiming due callbacks atomically, at most as many as
-the sender has idle threads, and send them from its pool of `threads`
-threads. The body is the job's status without its results, JSON; its
-`status_url` is absolute when `--public-url` is set. The URL is checked
-against --callback-hosts again (keras_server/callbacks.py), each try is
-signed afresh, and redirects are never followed. A failure (no answer, or
-not 2xx) is tried again after 1, 2, 4, 8 s; after ATTEMPTS tries it is given
-up. Outcomes are counted in keras_server_callbacks_total. Client side only:
-the standard library's urllib.
+A callback waits in Redis (broker/pending_callbacks.py) until a worker
+process delivers it. Each worker process owns one `CallbackSender`; its
+claim loops `poll` their shard (the heartbeat does, from the worker's start
+on, and the loop that completes a job does at once), claiming due callbacks
+atomically, at most as many as the sender has idle threads, and send them
+from its pool of `threads` threads. The body is the job's status without
+its results, JSON; its `status_url` is absolute when `--public-url` is set.
+Each try checks the URL and signs the body afresh (keras_server/callbacks.py)
+and follows no redirect. A failure (no answer, or not 2xx) is tried again
+after 1, 2, 4, 8 s; after ATTEMPTS tries it is given up. Outcomes are
+counted in keras_server_callbacks_total. Client side only: the standard
+library's urllib.
 """
 
 from __future__ import annotations
@@ -29,7 +28,6 @@ from typing import Any
 import redis
 
 from keras_server import metrics
-from keras_server.broker.pending_callbacks import PendingCallbacks
 from keras_server.broker.request_queue import RequestQueue
 from keras_server.callbacks import SIGNATURE_HEADER, TIMESTAMP_HEADER, allowed_hosts, refusal, sign
 
@@ -120,7 +118,7 @@ class CallbackSender:
 
     def _deliver(self, queue: RequestQueue, job_id: str, tries: int) -> None:
         try:
-            self._try(queue, queue.callbacks, job_id, tries)
+            self._try(queue, job_id, tries)
         except redis.RedisError as exc:
             # Its lease runs out and it is tried again, by us or another.
             log.warning("job %s: callback bookkeeping failed (%s)", job_id, exc)
@@ -130,7 +128,8 @@ class CallbackSender:
             with self._lock:
                 self._busy -= 1
 
-    def _try(self, queue: RequestQueue, store: PendingCallbacks, job_id: str, tries: int) -> None:
+    def _try(self, queue: RequestQueue, job_id: str, tries: int) -> None:
+        store = queue.callbacks
         with queue.shard.watch():
             job = queue.jobs.get(job_id)
         why = (

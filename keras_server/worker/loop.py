@@ -106,11 +106,7 @@ def explained(
         )
     index = request.explain_class if request.explain_class >= 0 else int(np.argmax(probabilities))
     if index >= len(probabilities):
-        return messages.error_result(
-            f"class {index} is out of range: the model has {len(probabilities)} classes "
-            f"(0..{len(probabilities) - 1})",
-            status=400,
-        )
+        return messages.error_result(messages.out_of_range(index, len(probabilities)), status=400)
     try:
         with tracing.span("explain"):
             heatmap = gradcam(request.image, index)
@@ -463,9 +459,7 @@ class Worker:
                 # Pinned to a version whose last worker left (swept onto
                 # the model's queue): never answered by another version.
                 results[request.id] = messages.error_result(
-                    f"version {request.version!r} of model {self.name!r} has no live worker; "
-                    "retry shortly",
-                    status=503,
+                    messages.no_live_version(request.version, self.name), status=503
                 )
                 continue
             if request.image.shape != self.predictor.input_shape:
@@ -538,9 +532,8 @@ class Worker:
 class FairLock:
     """A lock granted in arrival order, to `holders` threads at once (the
     batches a worker runs in parallel), so claim loops serving several shards
-    take turns with the one model instead of one shard starving the rest."""
-
-    # Used as Worker(turn=...): see Worker.__init__.
+    take turns with the one model instead of one shard starving the rest
+    (Worker's `turn`)."""
 
     def __init__(self, holders: int = 1) -> None:
         self.holders = holders

@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-import threading
 from collections.abc import Callable
-from types import FrameType
 
 from keras_server import metrics, tracing
 from keras_server.broker import messages
@@ -21,6 +18,7 @@ from keras_server.broker.request_queue import RequestQueue
 from keras_server.broker.shards import label
 from keras_server.catalog import SIM, Models, ModelSpec, model_specs
 from keras_server.engines.predictor import Predictor, timed_warm_up
+from keras_server.processes import stop_on_signals
 from keras_server.settings import Settings
 from keras_server.worker.callbacks import CallbackSender
 from keras_server.worker.loop import FairLock, Worker, serve
@@ -140,14 +138,7 @@ def run(settings: Settings, models: Models) -> None:
 
         start_http_server(settings.metrics_port, addr=settings.host)
         log.info("metrics on http://%s:%d/metrics", settings.host, settings.metrics_port)
-    stop = threading.Event()
-
-    def on_sigterm(signum: int, frame: FrameType | None) -> None:
-        log.info("SIGTERM: finishing the current batch, then stopping")
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-    signal.signal(signal.SIGINT, on_sigterm)  # Ctrl-C: as clean as SIGTERM
+    stop = stop_on_signals("finishing the current batch, then stopping")  # Ctrl-C too
     tracing.configure(settings, "worker")
     try:
         serve(workers, stop)
