@@ -7,7 +7,7 @@ Run from the repository root. Starts its own redis-server and
 `run_keras_server.py --role all --model sim` (50 ms per batch + 5 ms per
 image, batches of 16, unless --server-args says otherwise) with the
 priority settings' defaults spelled out (`--priority-levels 2
---low-priority-batch-size 2 --priority-hold-ms 30`), then, for each
+--low-priority-batch-size 1 --priority-hold-ms 30`), then, for each
 `--think-ms`:
 
 - idle: one client sends `/predict` requests one after another (no
@@ -47,7 +47,7 @@ from .serve import ServerProcess
 
 log = logging.getLogger("bench.job_latency")
 
-PRIORITY = ["--priority-levels", "2", "--low-priority-batch-size", "2", "--priority-hold-ms", "30"]
+PRIORITY = ["--priority-levels", "2", "--low-priority-batch-size", "1", "--priority-hold-ms", "30"]
 
 
 def submit(base: str, data: bytes, count: int) -> str:

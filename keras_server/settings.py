@@ -492,7 +492,7 @@ class Settings:
         f"1 the highest; a request that names none is level 1 (at most {MAX_PRIORITY_LEVELS})",
     )
     low_priority_batch_size: int = knob(
-        2,
+        1,
         NON_NEGATIVE_INT,
         "N: while requests above the lowest priority level come (a batch held one in the last "
         "second; the highest such level is the protected one), most requests from below the "
