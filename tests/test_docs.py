@@ -183,6 +183,7 @@ MACHINES = (
     "**AMD EPYC, AVX2 only**",
     "**AMD EPYC with AVX-512**",
     "**Intel Xeon with AMX**",
+    "**Intel Xeon, AVX-512 without AMX**",
 )
 
 

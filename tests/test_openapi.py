@@ -346,6 +346,9 @@ def test_v2_infer(openapi: OpenAPI, client: FlaskClient, settings: Settings) -> 
         done = call(client, "POST", INFER, infer_json(CHELSEA, CHELSEA), "application/json")
         body = conforms(openapi, done, 200)
         assert body["outputs"][0]["shape"] == [2, 1000]
+        # A pinned version is routed by the survey of live workers, which
+        # may predate the worker's first beat by up to its freshness.
+        wait_until(lambda: client.get("/v2/models/resnet50/versions/1/ready").status_code == 200)
         done = call(client, "POST", "/v2/models/resnet50/versions/1/infer",
                     infer_json(CHELSEA, outputs=top3, id="a"), "application/json")  # fmt: skip
         body = conforms(openapi, done, 200)
