@@ -102,12 +102,37 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             # worker, so the module's server starts once; other tests go to
             # whichever worker is free.
             item.add_marker(pytest.mark.xdist_group(item.path.name))
+    # The longest modules first, so that xdist does not hand one out last to
+    # run alone while the other processes idle (sorted: stable within each).
+    items.sort(key=lambda item: LONGEST_FIRST.get(item.path.name, len(LONGEST_FIRST)))
     if "container" in (config.getoption("markexpr") or ""):
         return
     kept = [item for item in items if item.get_closest_marker("container") is None]
     if len(kept) < len(items):
         config.hook.pytest_deselected(items=[i for i in items if i not in kept])
         items[:] = kept
+
+
+# By their time in `make test` (--durations), the longest first.
+LONGEST_FIRST = {
+    name: rank
+    for rank, name in enumerate(
+        [
+            "test_engines.py",
+            "test_onnx_engine.py",
+            "test_soak.py",
+            "test_monitoring.py",
+            "test_faults.py",
+            "test_bench.py",
+            "test_versions.py",
+            "test_cli.py",
+            "test_reliability.py",
+            "test_redis_cluster.py",
+            "test_availability.py",
+            "test_models.py",
+        ]
+    )
+}
 
 
 def _shares_module_fixtures(item: pytest.Item) -> bool:
