@@ -8,6 +8,7 @@ and restart. The binary is the `redis-server` on PATH, else the one the
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import importlib.util
 import logging
@@ -61,13 +62,25 @@ def free_port() -> int:
     a worker's --metrics-port, bound seconds later, once its model loaded)."""
     candidates = _candidates(_ephemeral_low(), 200)
     for port in [*candidates, 0]:  # 0: the kernel's pick, the last resort
+        if port in _handed_out:
+            continue  # free still, perhaps, but promised to a server of ours
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return int(sock.getsockname()[1])
+            return _hand_out(int(sock.getsockname()[1]))
     raise OSError("no free loopback port")
+
+
+# The ports this process handed out lately: a server given one may not bind
+# it for seconds, and a second pick meanwhile must not return it again.
+_handed_out: collections.deque[int] = collections.deque(maxlen=256)
+
+
+def _hand_out(port: int) -> int:
+    _handed_out.append(port)
+    return port
 
 
 # "I/N": pick only ports equal to I modulo N. Processes that pick ports at
@@ -191,10 +204,11 @@ def free_cluster_port(taken: Sequence[int] = ()) -> int:
     """A loopback port free with the one 10000 above it (a cluster node's
     bus), both below the kernel's ephemeral range and below 55000."""
     for port in _candidates(min(_ephemeral_low(), 55000) - 10000, 500):
-        if port in taken or port + 10000 in taken:
+        if {port, port + 10000} & {*taken, *_handed_out}:
             continue
         if all(_free(p) for p in (port, port + 10000)):
-            return port
+            _hand_out(port + 10000)
+            return _hand_out(port)
     raise OSError("no free loopback port pair for a cluster node")
 
 
