@@ -109,3 +109,20 @@ def test_a_tied_child_gets_sigterm_when_its_parent_is_killed() -> None:
 def test_a_redis_server_that_cannot_start_says_why() -> None:
     with pytest.raises(RedisUnavailable, match="Bad directive"):
         RedisServer(extra_args=["--no-such-option", "1"]).start()
+
+
+def test_free_ports_keep_to_their_class_and_are_never_handed_out_twice(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Parallel test processes pick from classes of their own (KERAS_SERVER_PORTS
+    "I/N"), and a port handed out is not handed out again before its server
+    binds it (nothing binds these)."""
+    from keras_server.broker import redis_server
+
+    monkeypatch.setenv(redis_server.PORTS_ENV, "5/8")
+    # 200 random picks of ~1,600 ports: without the memory, some would repeat.
+    ports = [redis_server.free_port() for _ in range(200)]
+    cluster = redis_server.free_cluster_port()
+    assert {port % 8 for port in [*ports, cluster]} == {5}
+    assert len(set(ports)) == len(ports)
+    assert cluster not in ports and cluster + 10000 not in ports

@@ -203,8 +203,9 @@ def ensure_redis(settings: Settings) -> tuple[Settings, RedisServer | None]:
 def free_cluster_port(taken: Sequence[int] = ()) -> int:
     """A loopback port free with the one 10000 above it (a cluster node's
     bus), both below the kernel's ephemeral range and below 55000."""
+    avoid = {*taken, *_handed_out}
     for port in _candidates(min(_ephemeral_low(), 55000) - 10000, 500):
-        if {port, port + 10000} & {*taken, *_handed_out}:
+        if {port, port + 10000} & avoid:
             continue
         if all(_free(p) for p in (port, port + 10000)):
             _hand_out(port + 10000)
