@@ -32,6 +32,7 @@ from keras_server.broker.request_queue import RequestQueue
 from keras_server.catalog import ModelSpec
 from keras_server.engines.simulated import SimulatedModel
 from keras_server.processes import Child
+from keras_server.serving.failures import Unavailable
 from keras_server.serving.models import DISCOVERY_INTERVAL_S, ServedModel
 from keras_server.serving.traffic import (
     ROUTING_TTL_S,
@@ -240,6 +241,35 @@ def test_choose_draws_in_proportion(settings: Settings) -> None:
     assert 0.89 <= counts["1"] / 10_000 <= 0.91, counts
     assert model.choose(View(live, Policy.from_weights({"3": 1}))) == "10"
     assert model.choose(View(live, Policy())) == "10"
+
+
+def test_workers_that_name_no_version_are_routed_from_the_cached_view(
+    settings: Settings,
+) -> None:
+    """Live workers without a version (the default deployment): unversioned
+    and routed to the model's queue from the view, read once per
+    ROUTING_TTL_S, not again for every request (it was: a Redis round trip
+    and a survey per request); with no live worker at all, a learned model
+    still refuses at once."""
+    model = router(settings)
+    surveys: list[bool] = []
+    workers = [messages.WorkerInfo("a simulated model", 8, "host", 1, time.time(), name="sim")]
+
+    def live_workers(fresh: bool = False) -> list[messages.WorkerInfo]:
+        surveys.append(fresh)
+        return workers
+
+    model.live_workers = live_workers
+    model.wait_for_workers = False
+    for _ in range(50):
+        route = model.route()
+        assert (route.version, route.own_queue) == (None, False)
+    assert surveys == [False]
+    workers = []
+    model.forget()
+    with pytest.raises(Unavailable, match="no live worker"):
+        model.route()
+    assert surveys == [False, False, True]
 
 
 def test_a_leaving_version_hands_its_unpinned_queue_on(settings: Settings) -> None:

@@ -122,6 +122,7 @@ class View:
     live: Mapping[str, bool]  # version -> whether all its workers claim its own queue
     policy: Policy
     at: float = 0.0  # monotonic
+    workers: int = 0  # the model's live workers, with a version or without
 
 
 @dataclass(frozen=True)
@@ -183,10 +184,11 @@ class Router:
         policy (the newest copy among the shards: broker/traffic.py), kept
         as the view of `now`."""
         live: dict[str, bool] = {}
-        for info in self.live_workers(fresh):
+        workers = self.live_workers(fresh)
+        for info in workers:
             if info.version:
                 live[info.version] = live.get(info.version, True) and info.versioned
-        view = View(live, Policy.decode(traffic.read(self.shards)), now)
+        view = View(live, Policy.decode(traffic.read(self.shards)), now, len(workers))
         with self._lock:
             self._view = view
         return view
@@ -200,9 +202,11 @@ class Router:
         """Where a request for `pinned` (None: any version) goes; a 503 "no
         live worker" for a pinned version with none."""
         view = self.view()
-        if (pinned and pinned not in view.live) or not view.live:
+        if (pinned and pinned not in view.live) or not view.workers:
             # Read again before refusing: a view cached just before a worker
-            # came must not turn away its first requests.
+            # came must not turn away its first requests. (Not while the
+            # workers name no version: that read cost a Redis round trip
+            # per request.)
             view = self.read(time.monotonic(), fresh=True)
         if pinned:
             if pinned not in view.live:
@@ -214,7 +218,7 @@ class Router:
                 return Route(pinned, self.shards, pinned=True)
             return Route(pinned, self.shards_for(pinned), pinned=True, own_queue=True)
         if not view.live:
-            if not self.wait_for_workers:
+            if not view.workers and not self.wait_for_workers:
                 raise no_live_worker(self.model_name)
             return Route(None, self.shards)
         version = self.choose(view)
