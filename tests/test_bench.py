@@ -19,6 +19,7 @@ from conftest import IMAGES, system_tool, wait_until
 from bench import engines, raw, redis_memory, report, serve
 from bench.raw import sample_batch
 from keras_server.broker.redis_server import RedisServer, free_port
+from keras_server.engines import openvino_engine
 
 
 def test_a_queued_image_costs_at_most_160_kib(redis_client: redis.Redis) -> None:
@@ -507,14 +508,16 @@ def test_the_peers_command_line() -> None:
         "resnet50", "mobilenet_v2",
     )  # fmt: skip
     assert full.systems == ["keras-server", "mosec", "litserve"]
-    assert (full.peer_decodes, full.streams) == (["pillow", "load_image"], 1)
+    # The server's default: resolved once, for every system alike.
+    auto = openvino_engine.streams_for(0, parallel_batches=1)
+    assert (full.peer_decodes, full.streams) == (["pillow", "load_image"], auto)
     chosen = peers.parse_args(["--peer-decodes", "pillow", "--streams", "2"])
     assert (chosen.peer_decodes, chosen.streams) == (["pillow"], 2)
     assert peers.run_order(full.systems, full.peer_decodes) == [
         ("keras-server", "load_image"), ("mosec", "pillow"), ("litserve", "pillow"),
         ("mosec", "load_image"), ("litserve", "load_image"),
     ]  # fmt: skip
-    for bad in (["--systems", "triton"], ["--peer-decodes", "cv2"], ["--streams", "0"]):
+    for bad in (["--systems", "triton"], ["--peer-decodes", "cv2"], ["--streams", "-1"]):
         with pytest.raises(SystemExit):
             peers.parse_args(bad)
 

@@ -266,6 +266,46 @@ def test_openvino_compiles_a_stream_per_part_of_a_batch(
         np.testing.assert_array_equal(doubled, batch.astype(np.float32) * 2)
 
 
+def test_a_lone_image_runs_on_the_model_compiled_for_every_core(tmp_path: Path) -> None:
+    """With a batch split over streams, a batch of one image goes to `single`
+    (the LATENCY-compiled model) and every larger batch to the streams: here
+    `single` triples where the streams' model doubles."""
+    import openvino as ov
+    from openvino import opset13 as ops
+
+    doubling = _doubling_model(tmp_path)
+    pixels = ops.parameter(ov.PartialShape([-1, 5, 4, 3]), ov.Type.f32)
+    tripling = tmp_path / "tripling.xml"
+    ov.save_model(ov.Model([ops.multiply(pixels, ops.constant(np.float32(3.0)))], [pixels]),
+                  str(tripling))  # fmt: skip
+    classifier = openvino_engine.OpenVinoClassifier(
+        openvino_engine.compile_model(doubling, "fp32", "none", 3, streams=2),
+        labels=[str(i) for i in range(60)], description="x2", input_shape=(5, 4, 3), top_k=1,
+        precision="fp32", streams=2,
+        single=openvino_engine.compile_model(tripling, "fp32", "none", 3),
+    )  # fmt: skip
+    rng = np.random.default_rng(1)
+    for n, factor in ((1, 3), (2, 2), (5, 2), (1, 3)):
+        batch = rng.integers(0, 64, (n, 5, 4, 3), dtype=np.uint8)
+        np.testing.assert_array_equal(classifier.predict(batch), batch.astype(np.float32) * factor)
+
+
+def test_auto_streams_are_one_per_core_with_amx_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--openvino-streams 0: a stream per core on a CPU with AMX, with one
+    batch at a time; 1 without AMX, on one core, or with parallel batches;
+    a number given is kept."""
+    monkeypatch.setattr(openvino_engine.os, "sched_getaffinity", lambda _pid: {0, 1})
+    monkeypatch.setattr(openvino_engine, "cpu_flags", lambda: {"avx512f", "amx_int8"})
+    assert openvino_engine.streams_for(0, 1) == 2
+    assert openvino_engine.streams_for(0, 2) == 1
+    assert openvino_engine.streams_for(3, 1) == 3
+    monkeypatch.setattr(openvino_engine, "cpu_flags", lambda: {"avx512f"})
+    assert openvino_engine.streams_for(0, 1) == 1
+    monkeypatch.setattr(openvino_engine, "cpu_flags", lambda: {"amx_int8"})
+    monkeypatch.setattr(openvino_engine.os, "sched_getaffinity", lambda _pid: {0})
+    assert openvino_engine.streams_for(0, 1) == 1
+
+
 def test_the_openvino_streams_setting_is_bounded_and_reaches_the_engine(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -274,7 +314,8 @@ def test_the_openvino_streams_setting_is_bounded_and_reaches_the_engine(
     assert load_settings(["--openvino-streams", "2"], environ={}).openvino_streams == 2
     environ = {"KERAS_SERVER_OPENVINO_STREAMS": "3"}
     assert load_settings([], environ=environ).openvino_streams == 3
-    for bad in ("0", "9", "two"):
+    assert load_settings([], environ={}).openvino_streams == 0  # auto: streams_for
+    for bad in ("-1", "9", "two"):
         with pytest.raises(SettingsError, match="openvino-streams"):
             load_settings(["--openvino-streams", bad], environ={})
     seen: list[EngineOptions] = []

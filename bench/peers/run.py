@@ -55,6 +55,7 @@ from bench.peers.graph import TIMEOUT_S, PeerConfig
 from bench.run import IMAGES, ROOT, machine
 from keras_server.broker.redis_server import RedisServer, free_port
 from keras_server.catalog import BUILTINS
+from keras_server.engines import openvino_engine
 from keras_server.engines.predictor import Predictor
 from keras_server.images import load_image, single_threaded_resize
 
@@ -88,8 +89,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "pillow (plain Pillow, as its users would write it), load_image (keras-server's)",
     )  # fmt: skip
     parser.add_argument(
-        "--streams", type=int, default=1,
-        help="--openvino-streams of every system and of the limit's engine (1)",
+        "--streams", type=int, default=0,
+        help="--openvino-streams of every system and of the limit's engine "
+        "(0: the server's default, one per core on a CPU with AMX, else 1)",
     )  # fmt: skip
     parser.add_argument(
         "--decode-passes", type=int, default=20,
@@ -127,10 +129,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     unknown = set(args.peer_decodes) - set(limit.DECODES)
     if unknown or not args.peer_decodes:
         parser.error(f"--peer-decodes: unknown {', '.join(sorted(unknown)) or 'nothing'}")
-    if args.streams < 1 or args.decode_passes < 1:
-        parser.error("--streams and --decode-passes must be positive")
+    if args.streams < 0 or args.decode_passes < 1:
+        parser.error("--streams must be 0 or more, --decode-passes positive")
     if args.rounds < 1 or args.seconds <= 0 or args.batch_size < 1:
         parser.error("--rounds, --seconds and --batch-size must be positive")
+    # Resolved once, so that every system and the table name the same number.
+    args.streams = openvino_engine.streams_for(args.streams, parallel_batches=1)
     return args
 
 

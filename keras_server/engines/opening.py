@@ -13,6 +13,7 @@ labels and the preprocessing steps.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -85,20 +86,20 @@ def _open(
         )
     from keras_server.engines import openvino_engine
 
+    streams = openvino_engine.streams_for(streams, parallel_batches)
+    compile_model = functools.partial(
+        openvino_engine.compile_model, entry.file("model.xml"), precision, mode,
+        int(meta["channels"]),
+    )  # fmt: skip
     return openvino_engine.OpenVinoClassifier(
-        openvino_engine.compile_model(
-            entry.file("model.xml"),
-            precision,
-            mode,
-            int(meta["channels"]),
-            requests=parallel_batches,
-            streams=streams,
-        ),
+        compile_model(requests=parallel_batches, streams=streams),
         description=f"{meta['description']}, OpenVINO {openvino_engine.version()} {precision}"
         + (f", {streams} streams a batch" if streams > 1 else ""),
         precision=precision,
         requests=parallel_batches,
         streams=streams,
+        # A lone image keeps every core (see openvino_engine's docstring).
+        single=compile_model() if streams > 1 and parallel_batches == 1 else None,
         **common,
     )
 

@@ -17,8 +17,14 @@ once) compiles it with the THROUGHPUT hint for N requests, OpenVINO splitting
 the cores into streams. `--openvino-streams S` splits each batch into S
 parts run at once, a CPU stream each with its share of the cores (on 2
 cores, S=2: two single-threaded streams instead of one two-threaded one),
-which can spend less CPU per image than one stream whose threads meet at
-every layer; a batch of one image still runs on one stream. `precision` is
+which spends less CPU per image than one stream whose threads meet at
+every layer, and leaves no thread spinning for a partner that a web
+process has taken the core from. A batch of one image runs on the model
+compiled as in the default (LATENCY, every core) beside the streams, so a
+lone request is as fast as without them. `--openvino-streams 0` (the
+default) picks one stream per core on a CPU with AMX, where it was
+measured to pay, and 1 elsewhere (`streams_for`, which logs its choice).
+`precision` is
 the CPU's inference precision: fp32 exact, bf16 (needs AVX512_BF16 or AMX),
 or int8 (the quantized graph).
 
@@ -31,8 +37,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import queue
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -63,15 +71,20 @@ def core() -> ov.Core:
     return ov.Core()
 
 
-def cpu_vendor() -> str:
-    """vendor_id from /proc/cpuinfo (AuthenticAMD, GenuineIntel), or '' if unknown."""
+def _cpuinfo(field: str) -> str:
+    """The first CPU's `field` in /proc/cpuinfo, or '' if unknown."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("vendor_id"):
+            if line.split(":", 1)[0].strip() == field:
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return ""
+
+
+def cpu_vendor() -> str:
+    """vendor_id from /proc/cpuinfo (AuthenticAMD, GenuineIntel), or '' if unknown."""
+    return _cpuinfo("vendor_id")
 
 
 def optimization_capabilities() -> set[str]:
@@ -95,6 +108,30 @@ def check_supported(precision: str) -> None:
             f"--precision {precision}: this CPU cannot run {NEEDS[precision]} in OpenVINO "
             f"(it offers {', '.join(sorted(capabilities)) or 'nothing'}); use --precision fp32"
         )
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (avx512f, amx_int8, ...)."""
+    return set(_cpuinfo("flags").split())
+
+
+def streams_for(requested: int, parallel_batches: int) -> int:
+    """The streams a batch is split over: `requested`, or for 0 (auto) one
+    per core on a CPU with AMX and 1 elsewhere. On the AMX Xeon's 2 cores,
+    two streams served 5 % more images/s at 32 clients and spent 8 % less
+    engine CPU per image at batch 16 (BENCHMARKS.md, "OpenVINO streams");
+    on the CPUs without AMX they were not measured to pay. With
+    --parallel-batches, the parallel batches have the cores' streams already."""
+    if requested:
+        return requested
+    cores = len(os.sched_getaffinity(0))
+    amx = "amx_int8" in cpu_flags()
+    streams = cores if amx and cores > 1 and parallel_batches == 1 else 1
+    log.info(
+        "openvino: %d stream(s) a batch (--openvino-streams 0: %d cores, %s AMX, "
+        "--parallel-batches %d)", streams, cores, "with" if amx else "no", parallel_batches,
+    )  # fmt: skip
+    return streams
 
 
 def convert(onnx_path: Path, xml_path: Path) -> None:
@@ -165,7 +202,8 @@ class OpenVinoClassifier:
     """The `predictor.Predictor` of the openvino engine: `requests` groups of
     `streams` infer requests; a `predict` call takes a free group (waiting for
     one), so that many calls run at once, and splits its batch over the group's
-    requests."""
+    requests. `single`, the model compiled for every core (LATENCY), runs the
+    batches of one image instead when each batch is split over streams."""
 
     engine = "openvino"
 
@@ -180,6 +218,7 @@ class OpenVinoClassifier:
         precision: str,
         requests: int = 1,
         streams: int = 1,
+        single: ov.CompiledModel | None = None,
     ) -> None:
         self.labels = labels
         self.description = description
@@ -189,9 +228,11 @@ class OpenVinoClassifier:
         self.fidelity: Fidelity | None = None
         # The claim loops take turns already; the pool keeps each group to
         # one caller at a time for any other caller too (warm-up, the fidelity check).
-        self._idle: queue.SimpleQueue[list[ov.InferRequest]] = queue.SimpleQueue()
+        self._idle: queue.SimpleQueue[_Group] = queue.SimpleQueue()
         for _ in range(requests):
-            self._idle.put([compiled.create_infer_request() for _ in range(streams)])
+            parts = [compiled.create_infer_request() for _ in range(streams)]
+            alone = single.create_infer_request() if single is not None else parts[0]
+            self._idle.put(_Group(parts, alone))
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Class probabilities, shape (n, classes), for uint8 RGB images (n, h, w, 3)."""
@@ -199,12 +240,23 @@ class OpenVinoClassifier:
         batch = np.ascontiguousarray(images, dtype=np.uint8)
         group = self._idle.get()
         try:
-            if len(group) == 1 or len(batch) == 1:
-                group[0].infer({0: batch})
-                return np.array(group[0].get_output_tensor(0).data, copy=True)
-            return _split_over(group, batch)
+            if len(group.parts) == 1 or len(batch) == 1:
+                request = group.alone if len(batch) == 1 else group.parts[0]
+                request.infer({0: batch})
+                return np.array(request.get_output_tensor(0).data, copy=True)
+            return _split_over(group.parts, batch)
         finally:
             self._idle.put(group)
+
+
+@dataclass(frozen=True)
+class _Group:
+    """The infer requests one `predict` call holds: one per stream (`parts`),
+    and the one that runs a batch of one image (`alone`: `single`'s, or the
+    first part's)."""
+
+    parts: list[ov.InferRequest]
+    alone: ov.InferRequest
 
 
 def _split_over(group: list[ov.InferRequest], batch: np.ndarray) -> np.ndarray:
