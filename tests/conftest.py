@@ -86,6 +86,10 @@ ROCKET = (IMAGES / "rocket.jpg").read_bytes()
 # A test that uses one of these (directly or through another fixture) loads
 # a model: it is slow, whether or not it says so.
 MODEL_FIXTURES = frozenset({"small_model_path", "resnet_model", "squares_model", "region_model"})
+# Session fixtures that take a core tens of seconds to build: the tests that
+# use one run in one xdist group, so that it is built once a run, not once
+# in each pytest process.
+SHARED_BUILDS = frozenset({"resnet_model"})
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m selects by marker
@@ -97,7 +101,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-        if _shares_module_fixtures(item):
+        if built := sorted(SHARED_BUILDS & set(getattr(item, "fixturenames", ()))):
+            item.add_marker(pytest.mark.xdist_group(built[0]))
+        elif _shares_module_fixtures(item):
             # xdist (`make test`: --dist loadgroup) runs a group in one
             # worker, so the module's server starts once; other tests go to
             # whichever worker is free.

@@ -498,6 +498,7 @@ def test_the_streams_benchmark_times_cpu_and_wall_and_tables_the_medians() -> No
 
 
 def test_the_peers_command_line() -> None:
+    from bench.peers import graph
     from bench.peers import run as peers
 
     quick = peers.parse_args(["--quick", "--systems", "keras-server,mosec"])
@@ -511,13 +512,23 @@ def test_the_peers_command_line() -> None:
     # The server's default: resolved once, for every system alike.
     auto = openvino_engine.streams_for(0, parallel_batches=1)
     assert (full.peer_decodes, full.streams) == (["pillow", "load_image"], auto)
+    # The peers load the graph as their users would: one LATENCY stream.
+    assert full.peer_streams == 1
     chosen = peers.parse_args(["--peer-decodes", "pillow", "--streams", "2"])
     assert (chosen.peer_decodes, chosen.streams) == (["pillow"], 2)
     assert peers.run_order(full.systems, full.peer_decodes) == [
         ("keras-server", "load_image"), ("mosec", "pillow"), ("litserve", "pillow"),
         ("mosec", "load_image"), ("litserve", "load_image"),
     ]  # fmt: skip
-    for bad in (["--systems", "triton"], ["--peer-decodes", "cv2"], ["--streams", "-1"]):
+    config = graph.PeerConfig(
+        "resnet50", "w.h5", "calibration", "cache", "openvino", "int8", 32, 10, streams=2
+    )
+    ours = peers.start_command("keras-server", config, "r", 1)
+    assert ours[ours.index("--openvino-streams") + 1] == "2"
+    peer = peers.start_command("mosec", config, "r", 1)
+    assert "BENCH_PEER_STREAMS=1" in peer and "BENCH_PEER_PEER_STREAMS=1" in peer
+    bad_args = (["--systems", "triton"], ["--peer-decodes", "cv2"], ["--streams", "-1"])
+    for bad in (*bad_args, ["--peer-streams", "-1"]):
         with pytest.raises(SystemExit):
             peers.parse_args(bad)
 

@@ -48,6 +48,11 @@ class PeerConfig:
     wait_ms: float  # the longest a batch waits to fill
     decode: str = PILLOW  # one of bench.limit.DECODES
     streams: int = 1  # --openvino-streams: infer requests a batch is split over
+    peer_streams: int = 1  # the peers' (as their users load the graph: LATENCY)
+
+    def for_peers(self) -> PeerConfig:
+        """The configuration a peer loads the graph with."""
+        return dataclasses.replace(self, streams=self.peer_streams)
 
     def to_env(self) -> dict[str, str]:
         return {
@@ -63,6 +68,7 @@ class PeerConfig:
         values["batch_size"] = int(str(values["batch_size"]))
         values["wait_ms"] = float(str(values["wait_ms"]))
         values["streams"] = int(str(values["streams"]))
+        values["peer_streams"] = int(str(values["peer_streams"]))
         return cls(**values)  # type: ignore[arg-type]
 
     @property

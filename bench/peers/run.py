@@ -2,7 +2,7 @@
 
     python -m bench.peers            # 3 interleaved rounds of 20 s wrk runs
     python -m bench.peers --quick    # 2 rounds of 6 s wrk runs
-    python -m bench.peers --peer-decodes pillow --streams 2
+    python -m bench.peers --peer-decodes pillow --streams 2 --peer-streams 2
 
 Run from the repository root; needs Debian's `wrk`. mosec and LitServe are
 not project dependencies: when missing, they are installed into this Python's
@@ -13,7 +13,11 @@ engine alone (`bench.raw.measure`), then, for each
 round, starts each system in turn on that cache and drives it with wrk at 1
 and 32 connections (`bench.engines.wrk_levels`): keras-server, then the peers
 with each of `--peer-decodes` in turn (plain Pillow as the peers' users
-would write it, then keras-server's `load_image`). After each round it measures the limit
+would write it, then keras-server's `load_image`). keras-server and the
+limit's engine split batches over `--streams` (0, the default: what the
+server itself picks, `openvino_engine.streams_for`); the peers load the
+graph as their users would, with one LATENCY stream (`--peer-streams`).
+After each round it measures the limit
 (`bench.limit`): the graph's CPU per image in this process at the batch sizes
 keras-server's worker logged over its measured run, the decodes' CPU per
 image on the sample photos, and wrk's CPU per image from the round's runs. A
@@ -90,8 +94,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument(
         "--streams", type=int, default=0,
-        help="--openvino-streams of every system and of the limit's engine "
+        help="--openvino-streams of keras-server and of the limit's engine "
         "(0: the server's default, one per core on a CPU with AMX, else 1)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--peer-streams", type=int, default=1,
+        help="the peers' --openvino-streams (1: one LATENCY stream, as their users load it)",
     )  # fmt: skip
     parser.add_argument(
         "--decode-passes", type=int, default=20,
@@ -129,12 +137,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     unknown = set(args.peer_decodes) - set(limit.DECODES)
     if unknown or not args.peer_decodes:
         parser.error(f"--peer-decodes: unknown {', '.join(sorted(unknown)) or 'nothing'}")
-    if args.streams < 0 or args.decode_passes < 1:
-        parser.error("--streams must be 0 or more, --decode-passes positive")
+    if args.streams < 0 or args.peer_streams < 0 or args.decode_passes < 1:
+        parser.error("--streams and --peer-streams must be 0 or more, --decode-passes positive")
     if args.rounds < 1 or args.seconds <= 0 or args.batch_size < 1:
         parser.error("--rounds, --seconds and --batch-size must be positive")
     # Resolved once, so that every system and the table name the same number.
     args.streams = openvino_engine.streams_for(args.streams, parallel_batches=1)
+    args.peer_streams = openvino_engine.streams_for(args.peer_streams, parallel_batches=1)
     return args
 
 
@@ -166,7 +175,7 @@ def start_command(system: str, config: PeerConfig, redis_url: str, port: int) ->
         return [sys.executable, *command[1:]]
     # The peers read their model from the environment: `env` sets it and execs
     # Python, so the process stopped at the end is the server itself.
-    variables = [f"{k}={v}" for k, v in config.to_env().items()]
+    variables = [f"{k}={v}" for k, v in config.for_peers().to_env().items()]
     module = f"bench.peers.{system}_server"
     command = ["env", *variables, sys.executable, "-m", module, "--port", str(port)]
     if system == "mosec":  # its default, 3 s, is not keras-server's
@@ -333,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = table.PeerResults(
         command=command.strip(), mode="quick" if args.quick else "full", machine=info,
         model=args.model, engine="openvino", precision=args.precision, batch_size=args.batch_size,
-        wait_ms=args.wait_ms, streams=args.streams,
+        wait_ms=args.wait_ms, streams=args.streams, peer_streams=args.peer_streams,
     )  # fmt: skip
     # The web processes resize with one OpenCV thread: so does the limit's decode.
     single_threaded_resize()
@@ -346,7 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             model=args.model, weights=str(weights), calibration_dir=str(calibration),
             cache_dir=str(work / "conversion-cache"), engine=results.engine,
             precision=results.precision, batch_size=args.batch_size, wait_ms=args.wait_ms,
-            streams=args.streams,
+            streams=args.streams, peer_streams=args.peer_streams,
         )  # fmt: skip
         # Converts into the cache every system then loads (minutes, once), and
         # times the engine alone: the latency target is relative to it. The

@@ -96,7 +96,8 @@ class PeerResults:
     runs: list[Measured] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     limits: list[Limit] = field(default_factory=list)
-    streams: int = 1  # --openvino-streams of every system and of the limit's engine
+    streams: int = 1  # --openvino-streams of keras-server and of the limit's engine
+    peer_streams: int = 1  # the peers' (their users' default: one LATENCY stream)
 
     @property
     def name(self) -> str:
@@ -133,6 +134,7 @@ class PeerResults:
             "wait_ms": self.wait_ms,
             "raw": self.raw.as_dict() if self.raw else None,
             "streams": self.streams,
+            "peer_streams": self.peer_streams,
             "runs": [m.as_dict() for m in self.runs],
             "limits": [found.as_dict() for found in self.limits],
             "failures": self.failures,
@@ -175,6 +177,13 @@ class Summary:
             server_cpu=statistics.median(m.per_image(m.server_cpu_seconds) for m in runs),
             client_cpu=statistics.median(m.per_image(m.many.client_cpu_seconds) for m in runs),
         )
+
+
+def _streams(streams: int) -> str:
+    """How an engine was compiled, in words."""
+    if streams > 1:
+        return f"with `--openvino-streams {streams}` (THROUGHPUT hint, one-image batches LATENCY)"
+    return "with one stream (LATENCY hint)"
 
 
 def _ms(seconds: float) -> str:
@@ -261,10 +270,10 @@ def markdown(results: PeerResults) -> str:
         ]
     lines += _limit_lines(results)
     versions = m.get("versions", {})
-    streams = (
-        f"`--openvino-streams {results.streams}`, THROUGHPUT hint"
-        if results.streams > 1
-        else "LATENCY hint"
+    streams = f"keras-server and the limit {_streams(results.streams)}" + (
+        f", the peers {_streams(results.peer_streams)} as their users would load it"
+        if results.peer_streams != results.streams
+        else ", the peers too"
     )
     lines += [
         "How: each round starts each system in turn (keras-server `run_keras_server.py` "
