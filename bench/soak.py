@@ -1,7 +1,7 @@
 """A soak (issue 18, item 4): hours of wear squeezed into minutes.
 
     python -m bench.soak                       # 20 min, the run behind BENCHMARKS.md
-    python -m bench.soak --duration 20 --kill-every 7 --redis-restart-at 10   # the short soak of tests/test_soak.py
+    python -m bench.soak --duration 20 --kill-every 7 --redis-restart-at 10   # tests/test_soak.py
 
 Starts its own redis-server (loopback, free port), a web server (`--role web`,
 granian) and `--workers` workers (`--role worker --model sim`), measures
