@@ -14,7 +14,7 @@ one-request forms).
 
 Worker side, crash-safe: a claim moves requests from the queues into the
 worker's own processing list in one Lua script (scripts.CLAIM: highest level first,
-LRANGE + LTRIM + RPUSH per level), so a claimed request is always in exactly
+an LMOVE per request), so a claimed request is always in exactly
 one place. BLMOVE, which blocked on one list, cannot watch several levels, so
 a worker that finds every level empty blocks (BLPOP) on the wake-up list
 (`Keys.wakeup`): every push adds a token to it (a few at most, see
