@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import faulthandler
 import logging
 import os
 import signal
@@ -28,6 +29,8 @@ from types import FrameType
 log = logging.getLogger(__name__)
 
 POLL_S = 0.1
+# How long a child that ignored SIGTERM gets to write its stacks (SIGUSR1).
+DUMP_WAIT_S = 1.0
 
 
 class ChildFailed(RuntimeError):
@@ -41,7 +44,11 @@ def die_with_parent() -> None:
 
 
 def stop_on_signals(stopping: str) -> threading.Event:
-    """An event set by SIGTERM or SIGINT, the first logged ("SIGTERM: `stopping`")."""
+    """An event set by SIGTERM or SIGINT, the first logged ("SIGTERM: `stopping`").
+    SIGUSR1 writes the stack of every thread to stderr, the process's log:
+    where a process that does not stop is stuck (`Child.stop` sends it
+    before it kills one)."""
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -186,6 +193,11 @@ class Child:
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:
             log.warning("%s ignored SIGTERM for %g s: killing it", self.name, timeout)
+            # Our own processes write their threads' stacks to their log on
+            # SIGUSR1 (stop_on_signals): what held it up, for whoever reads it.
+            self.send_signal(signal.SIGUSR1)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(DUMP_WAIT_S)
             self.kill()
             return False
         return True

@@ -37,19 +37,30 @@ def test_ready_then_stopped_by_sigterm_with_its_log() -> None:
     assert child.log_tail(3) == "up\n"
 
 
-def test_a_child_that_ignores_sigterm_is_killed() -> None:
+def test_a_child_that_ignores_sigterm_is_killed_after_writing_its_stacks() -> None:
+    """One of our processes that hears SIGTERM but does not stop: killed,
+    after SIGUSR1 had it write where each thread was (stop_on_signals)."""
     child = python(
         "stubborn",
         """
-        import signal, time
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        import logging, time
+        from keras_server.processes import stop_on_signals
+        logging.basicConfig(level=logging.INFO)
+        stop_on_signals("not stopping")
+
+        def stuck_somewhere():
+            time.sleep(60)  # the child's: it waits to be killed
+
         print("ignoring", flush=True)
-        time.sleep(60)  # the child's: it waits to be killed
+        stuck_somewhere()
         """,
     ).start()
     child.wait_until(lambda: "ignoring" in child.output(), timeout=30)
     assert child.stop(timeout=0.5) is False
     assert child.returncode == -signal.SIGKILL
+    log = child.output()
+    assert "SIGTERM: not stopping" in log
+    assert "in stuck_somewhere" in log, log
 
 
 def test_exiting_before_ready_fails_with_the_log() -> None:
