@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import signal
 import tarfile
 import zipfile
 from collections.abc import Iterator
@@ -275,8 +276,9 @@ def test_a_web_server_killed_after_the_202_does_not_stop_the_job(settings: Setti
 
 @pytest.mark.slow
 def test_a_worker_killed_mid_job_loses_nothing(settings: Settings) -> None:
-    """A worker with slow batches is SIGKILLed once the job has some results;
-    a second worker takes over its claims: every item answered, once."""
+    """A worker with slow batches is SIGKILLed, with a batch in hand, once the
+    job has some results; a second worker takes over its claims: every item
+    answered, once."""
     web, base = start_web(settings, "--model", "sim")
     first = start_worker(settings, "--sim-batch-ms", "300", "--batch-size", "4")
     second = None
@@ -286,6 +288,20 @@ def test_a_worker_killed_mid_job_loses_nothing(settings: Settings) -> None:
         job_id = requests.post(base + "/jobs", files=images, timeout=30).json()["id"]
         jobs = store(settings)
         wait_until(lambda: (j := jobs.get(job_id)) and j.succeeded >= 4, 30, "some results")
+        client = redis.Redis.from_url(settings.redis_url)
+        keys = messages.Keys(settings.queue_name)
+        (first_id,) = [w.decode() for w in client.smembers(keys.workers)]
+
+        def frozen_holding_a_batch() -> bool:
+            # Frozen first, so that what it holds is exact when it dies:
+            # killed between two batches, it would leave nothing to take over.
+            first.send_signal(signal.SIGSTOP)
+            if client.llen(keys.processing(first_id)):
+                return True
+            first.send_signal(signal.SIGCONT)
+            return False
+
+        wait_until(frozen_holding_a_batch, 30, "a batch in hand")
         first.kill()
         assert jobs.get(job_id).state == "running"
         second = start_worker(settings, "--sim-batch-ms", "5", "--batch-size", "4")
