@@ -219,6 +219,13 @@ def test_two_openvino_streams_give_the_default_configurations_answers(
     streams = load_predictor(spec, dataclasses.replace(options(module_cache), openvino_streams=2))
     assert "2 streams a batch" in streams.description
     assert "streams" not in default.description
+    # The loader gave a lone image the model compiled for every core.
+    import openvino.properties.hint as hints
+
+    group = streams._idle.get()  # type: ignore[attr-defined]
+    streams._idle.put(group)  # type: ignore[attr-defined]
+    hint = group.alone.get_compiled_model().get_property(hints.performance_mode)
+    assert str(hint).endswith("LATENCY") and group.alone not in group.parts
     images, _ = held_out_squares(67)
     for n in (1, 2, 7, 32, 67):
         got, expected = streams.predict(images[:n]), default.predict(images[:n])
@@ -226,14 +233,15 @@ def test_two_openvino_streams_give_the_default_configurations_answers(
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
 
 
-def _doubling_model(directory: Path) -> Path:
-    """An IR whose output is its input times two: every image's answer is its own."""
+def _scaling_model(directory: Path, factor: float = 2.0) -> Path:
+    """An IR whose output is its input times `factor`: every image's answer
+    is its own."""
     import openvino as ov
     from openvino import opset13 as ops
 
     pixels = ops.parameter(ov.PartialShape([-1, 5, 4, 3]), ov.Type.f32)
-    model = ov.Model([ops.multiply(pixels, ops.constant(np.float32(2.0)))], [pixels])
-    path = directory / "model.xml"
+    model = ov.Model([ops.multiply(pixels, ops.constant(np.float32(factor)))], [pixels])
+    path = directory / f"times-{factor:g}.xml"
     ov.save_model(model, str(path))
     return path
 
@@ -248,7 +256,7 @@ def test_openvino_compiles_a_stream_per_part_of_a_batch(
     import openvino.properties.hint as hints
 
     compiled = openvino_engine.compile_model(
-        _doubling_model(tmp_path), "fp32", "none", 3, requests=requests, streams=streams
+        _scaling_model(tmp_path), "fp32", "none", 3, requests=requests, streams=streams
     )
     hint = "LATENCY" if requests * streams == 1 else "THROUGHPUT"
     assert str(compiled.get_property(hints.performance_mode)).endswith(hint)
@@ -270,14 +278,7 @@ def test_a_lone_image_runs_on_the_model_compiled_for_every_core(tmp_path: Path) 
     """With a batch split over streams, a batch of one image goes to `single`
     (the LATENCY-compiled model) and every larger batch to the streams: here
     `single` triples where the streams' model doubles."""
-    import openvino as ov
-    from openvino import opset13 as ops
-
-    doubling = _doubling_model(tmp_path)
-    pixels = ops.parameter(ov.PartialShape([-1, 5, 4, 3]), ov.Type.f32)
-    tripling = tmp_path / "tripling.xml"
-    ov.save_model(ov.Model([ops.multiply(pixels, ops.constant(np.float32(3.0)))], [pixels]),
-                  str(tripling))  # fmt: skip
+    doubling, tripling = _scaling_model(tmp_path, 2.0), _scaling_model(tmp_path, 3.0)
     classifier = openvino_engine.OpenVinoClassifier(
         openvino_engine.compile_model(doubling, "fp32", "none", 3, streams=2),
         labels=[str(i) for i in range(60)], description="x2", input_shape=(5, 4, 3), top_k=1,
