@@ -28,7 +28,7 @@ from redis.crc import key_slot
 from keras_server.broker.messages import SLOTS, Keys, WorkerInfo, partition_tags
 from keras_server.broker.placement import ShardSet
 from keras_server.broker.quotas import Quota, Quotas
-from keras_server.broker.redis_server import LocalCluster
+from keras_server.broker.redis_server import LocalCluster, RedisServer
 from keras_server.broker.shards import label
 from keras_server.settings import Settings, SettingsError, load_settings, parse_cluster_url
 
@@ -284,6 +284,18 @@ def test_a_server_over_a_cluster_serves_on_every_master(
         stop(server)
 
 
+def replica_in_sync(cluster: LocalCluster, master: RedisServer) -> bool:
+    """Whether `master`'s replica says its link to it is up (ROLE: connected)."""
+    for node in cluster.nodes:
+        if cluster.role(node) != "slave":
+            continue
+        with redis.Redis(port=node.port, socket_timeout=1) as client:
+            role = client.execute_command("ROLE")
+        if int(role[2]) == master.port and role[3] == b"connected":
+            return True
+    return False
+
+
 @pytest.mark.slow
 def test_a_killed_master_fails_over_without_losing_a_request(
     cluster: LocalCluster, name: str
@@ -325,6 +337,10 @@ def test_a_killed_master_fails_over_without_losing_a_request(
                     outcomes.append((status, time.monotonic() - started))
 
         victim = cluster.live_masters()[1]
+        # A replica takes over only with data recent enough: one that has not
+        # finished its first sync (a loaded machine, just after `cluster
+        # create`) never would, and the promotion below would never come.
+        wait_until(lambda: replica_in_sync(cluster, victim), 60, "the victim's replica in sync")
         with ThreadPoolExecutor(32) as pool:
             futures = [pool.submit(client, i) for i in range(32)]
             time.sleep(3.0)  # under load first: the kill lands on claims in flight
