@@ -9,39 +9,23 @@ ratios on another: every benchmark prints these with its numbers.
 from __future__ import annotations
 
 import platform
-from pathlib import Path
 
-CPUINFO = Path("/proc/cpuinfo")
+from keras_server import cpuinfo
+
 # The flags the tables name: every AVX-512 and AMX extension the kernel lists.
 VECTOR_PREFIXES = ("avx512", "amx")
 AMX = "amx_tile"
 
 
-def _first(field: str, cpuinfo: str) -> str:
-    for line in cpuinfo.splitlines():
-        if line.split(":", 1)[0].strip() == field:
-            return line.split(":", 1)[1].strip()
-    return ""
+def model(text: str | None = None) -> str:
+    """e.g. 'Intel(R) Xeon(R) Platinum 8480+', or what platform knows; `text`:
+    a /proc/cpuinfo's (default: this machine's)."""
+    return cpuinfo.field("model name", text) or platform.processor() or platform.machine()
 
 
-def _cpuinfo() -> str:
-    try:
-        return CPUINFO.read_text()
-    except OSError:
-        return ""
-
-
-def model(cpuinfo: str | None = None) -> str:
-    """e.g. 'Intel(R) Xeon(R) Platinum 8480+', or what platform knows."""
-    text = _cpuinfo() if cpuinfo is None else cpuinfo
-    return _first("model name", text) or platform.processor() or platform.machine()
-
-
-def vector_flags(cpuinfo: str | None = None) -> list[str]:
+def vector_flags(text: str | None = None) -> list[str]:
     """The AVX-512 and AMX flags of the first CPU, sorted (empty: none)."""
-    text = _cpuinfo() if cpuinfo is None else cpuinfo
-    flags = _first("flags", text).split()
-    return sorted(f for f in flags if f.startswith(VECTOR_PREFIXES))
+    return sorted(f for f in cpuinfo.flags(text) if f.startswith(VECTOR_PREFIXES))
 
 
 def has_amx(flags: list[str]) -> bool:

@@ -24,6 +24,7 @@ from PIL import Image
 
 import keras_server
 from examples.squares import squares, train
+from keras_server import cpuinfo
 from keras_server.broker.redis_server import free_port
 from keras_server.catalog import CatalogError, ModelSpec, load_models_file, model_specs
 from keras_server.engines import calibration, choice, opening, openvino_engine
@@ -296,13 +297,13 @@ def test_auto_streams_are_one_per_core_with_amx_alone(monkeypatch: pytest.Monkey
     batch at a time; 1 without AMX, on one core, or with parallel batches;
     a number given is kept."""
     monkeypatch.setattr(openvino_engine.os, "sched_getaffinity", lambda _pid: {0, 1})
-    monkeypatch.setattr(openvino_engine, "cpu_flags", lambda: {"avx512f", "amx_int8"})
+    monkeypatch.setattr(cpuinfo, "flags", lambda: {"avx512f", "amx_int8"})
     assert openvino_engine.streams_for(0, 1) == 2
     assert openvino_engine.streams_for(0, 2) == 1
     assert openvino_engine.streams_for(3, 1) == 3
-    monkeypatch.setattr(openvino_engine, "cpu_flags", lambda: {"avx512f"})
+    monkeypatch.setattr(cpuinfo, "flags", lambda: {"avx512f"})
     assert openvino_engine.streams_for(0, 1) == 1
-    monkeypatch.setattr(openvino_engine, "cpu_flags", lambda: {"amx_int8"})
+    monkeypatch.setattr(cpuinfo, "flags", lambda: {"amx_int8"})
     monkeypatch.setattr(openvino_engine.os, "sched_getaffinity", lambda _pid: {0})
     assert openvino_engine.streams_for(0, 1) == 1
 
@@ -591,7 +592,7 @@ def test_bf16_on_a_cpu_without_it_is_refused(
 def test_an_untested_openvino_on_amd_is_refused(
     squares_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(openvino_engine, "cpu_vendor", lambda: "AuthenticAMD")
+    monkeypatch.setattr(cpuinfo, "vendor", lambda: "AuthenticAMD")
     monkeypatch.setattr(openvino_engine, "version", lambda: "2025.3.0")
     with pytest.raises(ModelLoadError, match=r"2025\.3\.0 is not tested on AMD CPUs"):
         load_predictor(spec_of(squares_model, engine="openvino"), options(tmp_path))

@@ -50,6 +50,7 @@ import openvino.properties.hint as hints
 from openvino import opset13 as ops
 from openvino.preprocess import PrePostProcessor
 
+from keras_server import cpuinfo
 from keras_server.engines.predictor import EngineError, Fidelity
 from keras_server.engines.preprocess import steps_of
 
@@ -71,22 +72,6 @@ def core() -> ov.Core:
     return ov.Core()
 
 
-def _cpuinfo(field: str) -> str:
-    """The first CPU's `field` in /proc/cpuinfo, or '' if unknown."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.split(":", 1)[0].strip() == field:
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
-def cpu_vendor() -> str:
-    """vendor_id from /proc/cpuinfo (AuthenticAMD, GenuineIntel), or '' if unknown."""
-    return _cpuinfo("vendor_id")
-
-
 def optimization_capabilities() -> set[str]:
     """What the CPU plugin can run on this CPU: FP32, BF16, INT8, ..."""
     return set(core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
@@ -95,7 +80,7 @@ def optimization_capabilities() -> set[str]:
 def check_supported(precision: str) -> None:
     """Refuse, with the reason, a CPU or version this engine is not known to
     work on, or a precision the CPU cannot run."""
-    if cpu_vendor() == "AuthenticAMD" and not version().startswith(TESTED_ON_AMD):
+    if cpuinfo.vendor() == "AuthenticAMD" and not version().startswith(TESTED_ON_AMD):
         raise EngineError(
             f"OpenVINO {version()} is not tested on AMD CPUs (OpenVINO does not officially "
             f"support them; 2025.3 crashed in compile_model, openvino#35943). Install a tested "
@@ -110,11 +95,6 @@ def check_supported(precision: str) -> None:
         )
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags from /proc/cpuinfo (avx512f, amx_int8, ...)."""
-    return set(_cpuinfo("flags").split())
-
-
 def streams_for(requested: int, parallel_batches: int) -> int:
     """The streams a batch is split over: `requested`, or for 0 (auto) one
     per core on a CPU with AMX and 1 elsewhere. On the AMX Xeon's 2 cores,
@@ -125,7 +105,7 @@ def streams_for(requested: int, parallel_batches: int) -> int:
     if requested:
         return requested
     cores = len(os.sched_getaffinity(0))
-    amx = "amx_int8" in cpu_flags()
+    amx = "amx_int8" in cpuinfo.flags()
     streams = cores if amx and cores > 1 and parallel_batches == 1 else 1
     log.info(
         "openvino: %d stream(s) a batch (--openvino-streams 0: %d cores, %s AMX, "
