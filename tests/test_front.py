@@ -4,6 +4,7 @@ slow clients, and the decode CPU counter."""
 from __future__ import annotations
 
 import contextlib
+import http.client
 import socket
 import threading
 from collections.abc import Iterator
@@ -131,6 +132,51 @@ def test_every_child_starts_with_the_malloc_settings_a_user_value_winning(
             environ = child.environ()
             assert environ["MALLOC_MMAP_THRESHOLD_"] == MALLOC_ENVIRONMENT["MALLOC_MMAP_THRESHOLD_"]
             assert environ["MALLOC_TRIM_THRESHOLD_"] == mine
+    finally:
+        log = stop(process, timeout=60)
+    assert process.returncode == 0, log
+
+
+def _post(connection: http.client.HTTPConnection, path: str, size: int) -> tuple[int, str]:
+    """POST a multipart body of `size` bytes on `connection`: (status, its
+    Connection header)."""
+    body = (
+        b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
+        + b"x" * size
+        + b"\r\n--b--\r\n"
+    )
+    connection.request(
+        "POST", path, body=body, headers={"Content-Type": "multipart/form-data; boundary=b"}
+    )
+    answer = connection.getresponse()
+    answer.read()
+    return answer.status, answer.getheader("Connection", "")
+
+
+def test_a_kept_alive_connection_survives_a_request_refused_before_its_upload_was_read(
+    settings: Settings,
+) -> None:
+    """A 404 sent before the upload was read leaves the connection usable:
+    the rest of the body is read and dropped (granian closed it, without a
+    `Connection: close`, and the client's next request on it was lost). A
+    body declared over --max-upload-mb is not read: its answer says close."""
+    process, base = start_serving(
+        settings, "--role", "all", "--model", "sim", "--web-workers", "1", "--max-upload-mb", "1"
+    )  # fmt: skip
+    try:
+        port = int(base.rsplit(":", 1)[1])
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        for size in (200_000, 600_000, 900_000):
+            status, close = _post(connection, "/models/no-such-model/predict", size)
+            assert (status, close) == (404, ""), size
+            sock = connection.sock
+            connection.request("GET", "/healthz")
+            answer = connection.getresponse()
+            assert answer.status == 200 and answer.read()
+            assert connection.sock is sock, "the same connection answered"
+        status, close = _post(connection, "/predict", 2_000_000)
+        assert (status, close.lower()) == (413, "close")
+        connection.close()
     finally:
         log = stop(process, timeout=60)
     assert process.returncode == 0, log

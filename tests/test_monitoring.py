@@ -313,11 +313,10 @@ def traffic_server(settings: Settings) -> Iterator[str]:
     statuses: list[int | str] = []
 
     def send() -> None:
-        while not done.is_set():
-            # A new connection each round: the server may close a kept-alive
-            # one after a 404 that left the upload unread, and a request
-            # sent on it meanwhile is lost (seen once in CI).
-            with requests.Session() as session:
+        # One kept-alive connection throughout: the 404 answered before its
+        # upload was read leaves it usable (uploads.finish_body).
+        with requests.Session() as session:
+            while not done.is_set():
                 for path, body in (
                     ("/predict", CHELSEA),
                     ("/predict", b"not an image"),
@@ -325,11 +324,11 @@ def traffic_server(settings: Settings) -> Iterator[str]:
                 ):
                     answer = session.post(base + path, files={"image": body}, timeout=30)
                     statuses.append(answer.status_code)
-            job = [("image", ("a.png", CHELSEA)), ("image", ("b.png", b"not an image"))]
-            statuses.append(requests.post(base + "/jobs", files=job, timeout=30).status_code)
-            # UNAVAILABLE until the gRPC front listens, beside the HTTP one.
-            statuses.extend(grpc_calls(grpc_port))
-            done.wait(0.2)
+                job = [("image", ("a.png", CHELSEA)), ("image", ("b.png", b"not an image"))]
+                statuses.append(session.post(base + "/jobs", files=job, timeout=30).status_code)
+                # UNAVAILABLE until the gRPC front listens, beside the HTTP one.
+                statuses.extend(grpc_calls(grpc_port))
+                done.wait(0.2)
 
     sender = threading.Thread(target=send, daemon=True)
     sender.start()

@@ -6,7 +6,8 @@ model and version that answered, as the pipeline names them), CORS
 (cors.py), the API-key check (auth.py), the blueprints (predict.py,
 explain.py, probes.py, page.py, v2.py, jobs.py, admin.py) and errors.py's
 handlers, each failure in the shape of the
-API its path belongs to.
+API its path belongs to, and what a route left unread of a body drained
+(uploads.finish_body).
 
 Every answer, errors included, is JSON; no traceback ever reaches a client.
 This module never imports Keras or TensorFlow.
@@ -14,6 +15,7 @@ This module never imports Keras or TensorFlow.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import time
@@ -41,6 +43,7 @@ from keras_server.web import (
     page,
     predict,
     probes,
+    uploads,
     v2,
 )
 
@@ -106,6 +109,7 @@ def create_app(settings: Settings, deployment: Deployment | None = None) -> Flas
         app.register_blueprint(blueprint.blueprint)
     admin.install(app, settings.admin_keys)  # 404 without --admin-keys
     errors.install(app, settings, _render)
+    app.after_request(functools.partial(uploads.finish_body, limit=settings.max_upload_bytes))
     return app
 
 
