@@ -23,6 +23,7 @@ Its kinds of process, a sub-package each, and what they share at the top:
     processes   child processes: start with a log, wait until ready, stop, log tail;
                 the SIGTERM / SIGINT our processes stop on
     callbacks   a job's completion callback: signed, retried, allowed hosts only
+    cpuinfo     the CPU we run on (/proc/cpuinfo): model, vendor, feature flags
 
 Each sub-package's docstring lists its modules.
 """
