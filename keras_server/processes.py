@@ -44,18 +44,37 @@ def die_with_parent() -> None:
 
 
 def stop_on_signals(stopping: str) -> threading.Event:
-    """An event set by SIGTERM or SIGINT, the first logged ("SIGTERM: `stopping`").
-    SIGUSR1 writes the stack of every thread to stderr, the process's log:
-    where a process that does not stop is stuck (`Child.stop` sends it
-    before it kills one)."""
+    """An event set once SIGTERM or SIGINT comes, the first logged ("SIGTERM:
+    `stopping`"). SIGUSR1 writes the stack of every thread to stderr, the
+    process's log: where a process that does not stop is stuck (`Child.stop`
+    sends it before it kills one).
+
+    The handler only writes the signal's number to a pipe; a thread of its
+    own reads it, logs it and sets the event. Python runs a handler in the
+    main thread between two bytecodes of whatever that thread was doing, the
+    handler itself included, so a handler that set the event took the
+    event's lock wherever the main thread stood: a second SIGTERM that came
+    while the first handler held it (the launcher forwards SIGTERM to a child
+    that its process group's SIGTERM had reached already) waited for that
+    lock forever, and the worker hung until it was killed."""
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     stop = threading.Event()
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        if not stop.is_set():
-            log.info("%s: %s", signal.Signals(signum).name, stopping)
-        stop.set()
+        # A full pipe holds signals enough: the thread has them to read.
+        with contextlib.suppress(BlockingIOError):
+            os.write(write_end, bytes([signum]))
 
+    def hear() -> None:
+        while True:
+            signum = os.read(read_end, 1)[0]
+            if not stop.is_set():
+                log.info("%s: %s", signal.Signals(signum).name, stopping)
+            stop.set()
+
+    threading.Thread(target=hear, name="signals", daemon=True).start()
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     return stop

@@ -137,3 +137,31 @@ def test_free_ports_keep_to_their_class_and_are_never_handed_out_twice(
     assert {port % 8 for port in [*ports, cluster]} == {5}
     assert len(set(ports)) == len(ports)
     assert cluster not in ports and cluster + 10000 not in ports
+
+
+def test_a_signal_that_comes_while_the_stop_event_is_busy_stops_the_process() -> None:
+    """SIGTERM while the main thread holds the stop event's lock (as a first
+    SIGTERM's handler did, setting it, when the launcher's forwarded SIGTERM
+    came on top of the process group's): the event is set once the lock is
+    free. A handler that set the event itself waited for its own lock
+    forever (workers hung in test teardowns until killed)."""
+    child = python(
+        "twice-signalled",
+        """
+        import logging, os, signal, time
+        from keras_server.processes import stop_on_signals
+        logging.basicConfig(level=logging.INFO)
+        stop = stop_on_signals("stopping")
+        with stop._cond:  # the lock Event.set takes (threading's own)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.5)  # the handler runs at the next bytecode
+        print("handled", flush=True)
+        print("stopped" if stop.wait(10) else "not stopped", flush=True)
+        """,
+    ).start()
+    try:
+        assert child.wait(timeout=30) == 0
+    finally:
+        child.stop(timeout=10)
+    output = child.output()
+    assert "SIGTERM: stopping" in output and output.endswith("handled\nstopped\n"), output
