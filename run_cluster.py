@@ -23,19 +23,16 @@ import logging
 import os
 import re
 import shutil
-import signal
 import sys
 import tempfile
-import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import FrameType
 
 import requests
 
 from keras_server.broker.redis_server import LocalCluster, RedisServer, free_port
 from keras_server.catalog import model_specs
-from keras_server.processes import Child, ChildFailed, wait_for
+from keras_server.processes import Child, ChildFailed, stop_on_signals, wait_for
 from keras_server.serving.models import Deployment
 from keras_server.settings import Settings, SettingsError, load_settings
 
@@ -338,11 +335,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.rate_burst < 0:
         parser.error("--rate-burst must be 0 or more")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    stopped = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stopped.set()
-
     try:
         cluster = Cluster(
             args.redis,
@@ -356,8 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except SettingsError as exc:
         parser.error(str(exc))
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stopped = stop_on_signals("stopping the cluster")
     try:
         with cluster:
             print(f"logs in {cluster.dir} (removed at exit); Ctrl-C stops all", flush=True)
