@@ -137,17 +137,21 @@ def test_every_child_starts_with_the_malloc_settings_a_user_value_winning(
     assert process.returncode == 0, log
 
 
-def _post(connection: http.client.HTTPConnection, path: str, size: int) -> tuple[int, str]:
-    """POST a multipart body of `size` bytes on `connection`: (status, its
-    Connection header)."""
+def _post(
+    connection: http.client.HTTPConnection, path: str, size: int, chunked: bool = False
+) -> tuple[int, str]:
+    """POST a multipart body of `size` bytes on `connection` (`chunked`:
+    without a Content-Length, in 64 KB chunks): (status, its Connection header)."""
     body = (
         b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
         + b"x" * size
         + b"\r\n--b--\r\n"
     )
+    chunks = (body[i : i + 65536] for i in range(0, len(body), 65536))
     connection.request(
-        "POST", path, body=body, headers={"Content-Type": "multipart/form-data; boundary=b"}
-    )
+        "POST", path, body=chunks if chunked else body, encode_chunked=chunked,
+        headers={"Content-Type": "multipart/form-data; boundary=b"},
+    )  # fmt: skip
     answer = connection.getresponse()
     answer.read()
     return answer.status, answer.getheader("Connection", "")
@@ -159,15 +163,17 @@ def test_a_kept_alive_connection_survives_a_request_refused_before_its_upload_wa
     """A 404 sent before the upload was read leaves the connection usable:
     the rest of the body is read and dropped (granian closed it, without a
     `Connection: close`, and the client's next request on it was lost). A
-    body declared over --max-upload-mb is not read: its answer says close."""
+    body declared over --max-upload-mb is not read, and a chunked one is read
+    up to it: their answers say close."""
     process, base = start_serving(
         settings, "--role", "all", "--model", "sim", "--web-workers", "1", "--max-upload-mb", "1"
     )  # fmt: skip
     try:
         port = int(base.rsplit(":", 1)[1])
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        for size in (200_000, 600_000, 900_000):
-            status, close = _post(connection, "/models/no-such-model/predict", size)
+        sent = ((200_000, False), (600_000, False), (900_000, False), (600_000, True))
+        for size, chunked in sent:
+            status, close = _post(connection, "/models/no-such-model/predict", size, chunked)
             assert (status, close) == (404, ""), size
             sock = connection.sock
             connection.request("GET", "/healthz")
@@ -176,6 +182,9 @@ def test_a_kept_alive_connection_survives_a_request_refused_before_its_upload_wa
             assert connection.sock is sock, "the same connection answered"
         status, close = _post(connection, "/predict", 2_000_000)
         assert (status, close.lower()) == (413, "close")
+        # Chunked, past the limit: read up to it, then closed.
+        status, close = _post(connection, "/models/no-such-model/predict", 1_200_000, True)
+        assert (status, close.lower()) == (404, "close")
         connection.close()
     finally:
         log = stop(process, timeout=60)
