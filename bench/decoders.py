@@ -15,14 +15,17 @@ Pillow, which the checks and EXIF need; only the pixel decode replaced):
 - `pillow`: `load_image` before this comparison, Pillow alone (JPEG drafted
   by DCT scaling to at least twice the target, box-reduced, bicubic); the
   reference of the pixel differences;
-- `load_image`: `images.load_image` as it is now (plain PNGs through libspng,
-  the resize with a reducing gap);
+- `load_image`: `images.load_image` as it is now (plain PNGs through Wuffs,
+  the resize OpenCV's area filter where it shrinks);
 - `simplejpeg`: JPEG pixels from simplejpeg (libjpeg-turbo, DCT-scaled via
   min_width/min_height), then the same reduce and bicubic resize;
 - `turbojpeg`: the same through PyTurboJPEG (needs the system libturbojpeg);
 - `opencv`: `cv2.imdecode` (JPEG with IMREAD_REDUCED_COLOR_2/4/8, PNG and
   WebP at full size), then the same reduce and bicubic resize;
-- `pyspng`: PNG pixels from libspng, then the same reduce and resize;
+- `pyspng`: PNG pixels from libspng (what `load_image` used before Wuffs;
+  install pyspng to see it), then the same reduce and resize;
+- `wuffs`: PNG pixels from Wuffs (`images._png_load`), then the same reduce
+  and resize;
 - `decode-only/...`: the pixel decode alone, without reduce and resize, to
   show what share of each candidate the decode is.
 
@@ -136,12 +139,12 @@ def _jpeg_scale(width: int, height: int) -> int:
 def pillow_only(data: bytes) -> np.ndarray:
     """`load_image` as it was before libspng and the resize's reducing gap:
     Pillow decodes everything, bicubic from the reduced copy."""
-    spng, gap = images._spng_format, images._REDUCING_GAP
-    images._spng_format, images._REDUCING_GAP = (lambda image, data: None), None
+    png_mode, gap = images._png_mode, images._REDUCING_GAP
+    images._png_mode, images._REDUCING_GAP = (lambda image, data: None), None
     try:
         return images.load_image(data, SIZE, MAX_PIXELS)
     finally:
-        images._spng_format, images._REDUCING_GAP = spng, gap
+        images._png_mode, images._REDUCING_GAP = png_mode, gap
 
 
 def load_image(data: bytes) -> np.ndarray:
@@ -222,6 +225,12 @@ def candidates() -> dict[str, dict[str, Decode]]:
         found["decode-only/pyspng"] = {"PNG": pyspng.load}
     except ImportError:
         pass
+
+    def wuffs_pixels(data: bytes) -> np.ndarray:
+        return images._png_load(data, _header(data).mode)
+
+    found["wuffs"] = {"PNG": lambda data: _finish(wuffs_pixels(data))}
+    found["decode-only/wuffs"] = {"PNG": wuffs_pixels}
 
     def pillow_pixels(data: bytes) -> np.ndarray:
         with Image.open(io.BytesIO(data), formats=images.FORMATS) as image:
@@ -317,6 +326,7 @@ def _versions() -> dict[str, str]:
         "PyTurboJPEG",
         "opencv-python-headless",
         "pyspng",
+        "pywuffs",
     ):
         with contextlib.suppress(PackageNotFoundError):
             found[package] = version(package)
