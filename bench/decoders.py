@@ -152,6 +152,11 @@ def load_image(data: bytes) -> np.ndarray:
     return images.load_image(data, SIZE, MAX_PIXELS)
 
 
+def _wuffs_pixels(data: bytes) -> np.ndarray:
+    """A PNG's pixels as `load_image` decodes them (Wuffs), in its own mode."""
+    return images._png_load(data, _header(data).mode)
+
+
 def candidates() -> dict[str, dict[str, Decode]]:
     """name -> format -> decode; formats not listed fall back to nothing (skipped)."""
     found: dict[str, dict[str, Decode]] = {
@@ -225,12 +230,8 @@ def candidates() -> dict[str, dict[str, Decode]]:
         found["decode-only/pyspng"] = {"PNG": pyspng.load}
     except ImportError:
         pass
-
-    def wuffs_pixels(data: bytes) -> np.ndarray:
-        return images._png_load(data, _header(data).mode)
-
-    found["wuffs"] = {"PNG": lambda data: _finish(wuffs_pixels(data))}
-    found["decode-only/wuffs"] = {"PNG": wuffs_pixels}
+    found["wuffs"] = {"PNG": lambda data: _finish(_wuffs_pixels(data))}
+    found["decode-only/wuffs"] = {"PNG": _wuffs_pixels}
 
     def pillow_pixels(data: bytes) -> np.ndarray:
         with Image.open(io.BytesIO(data), formats=images.FORMATS) as image:

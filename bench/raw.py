@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -62,17 +63,21 @@ def measure(
     batch_runs: int,
     single_runs: int,
     setup_seconds: float | None = None,
+    parallel: int = 1,
 ) -> RawResult:
-    """Time `predictor.predict` on `batch` and on its images one at a time."""
+    """Time `predictor.predict` on `batch` and on its images one at a time;
+    `parallel`: the batch passes as the server runs them, that many at once
+    (--parallel-batches; the throughput counts them all)."""
     warm_up(predictor, len(batch))
     # One untimed pass at each size: first calls still allocate.
     predictor.predict(batch)
     predictor.predict(batch[:1])
     passes = []
-    for _ in range(batch_runs):
-        started = time.perf_counter()
-        predictor.predict(batch)
-        passes.append(time.perf_counter() - started)
+    with ThreadPoolExecutor(parallel) as pool:
+        for _ in range(batch_runs):
+            started = time.perf_counter()
+            list(pool.map(predictor.predict, [batch] * parallel))
+            passes.append((time.perf_counter() - started) / parallel)
     singles = []
     for i in range(single_runs):
         image = batch[i % len(batch)][None]

@@ -1,7 +1,8 @@
 """The CPU this process runs on, as /proc/cpuinfo describes its first core.
 
-The engines pick defaults from it (OpenVINO's streams on a CPU with AMX, the
-AMD check), and every benchmark prints the model and flags it ran on.
+The engines pick defaults from it (OpenVINO's parallel batches and streams on
+a CPU with AMX, the AMD check), and every benchmark prints the model and
+flags it ran on.
 """
 
 from __future__ import annotations

@@ -415,12 +415,13 @@ class Settings:
         f"N: most images in one forward pass (at most {MAX_BATCH_SIZE})",
     )
     parallel_batches: int = knob(
-        1,
-        Number(whole=True, low=1, high=MAX_PARALLEL_BATCHES),
+        0,
+        Number(whole=True, low=0, high=MAX_PARALLEL_BATCHES),
         "N: batches a worker runs at once, each claimed by its own claim loop per Redis shard; "
         "above 1, OpenVINO is compiled for that many requests with the THROUGHPUT hint (a CPU "
-        "stream each). 1: one batch at a time, LATENCY hint (fastest at low load; BENCHMARKS.md, "
-        "'Parallel batches')",
+        "stream each; a batch of one image still gets every core). 1: one batch at a time; "
+        "0: one per core for OpenVINO on a CPU with AMX, where that served the most images/s, "
+        "else 1 (the choice is logged; BENCHMARKS.md, 'Parallel batches')",
     )
     openvino_streams: int = knob(
         0,
@@ -428,8 +429,8 @@ class Settings:
         "N: OpenVINO: each batch split over this many infer requests run at once, a CPU stream "
         "each with its share of the cores (THROUGHPUT hint; a batch of one image still gets "
         "every core); 1: the whole batch on one stream with every core (LATENCY hint); 0: one "
-        "stream per core on a CPU with AMX, where that served 1.05x the images/s, else 1 "
-        "(the choice is logged)",
+        "stream per core on a CPU with AMX while one batch runs at a time (--parallel-batches "
+        "1), else 1 (the choice is logged)",
     )
     engine: str = knob(
         "auto",

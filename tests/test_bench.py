@@ -20,6 +20,7 @@ from bench import engines, raw, redis_memory, report, serve
 from bench.raw import sample_batch
 from keras_server.broker.redis_server import RedisServer, free_port
 from keras_server.engines import openvino_engine
+from keras_server.engines.predictor import parallel_batches_for
 
 
 def test_a_queued_image_costs_at_most_160_kib(redis_client: redis.Redis) -> None:
@@ -509,9 +510,12 @@ def test_the_peers_command_line() -> None:
         "resnet50", "mobilenet_v2",
     )  # fmt: skip
     assert full.systems == ["keras-server", "mosec", "litserve"]
-    # The server's default: resolved once, for every system alike.
-    auto = openvino_engine.streams_for(0, parallel_batches=1)
-    assert (full.peer_decodes, full.streams) == (["pillow", "load_image"], auto)
+    # The server's defaults: resolved once, for every system alike.
+    batches = parallel_batches_for(0, "openvino")
+    auto = openvino_engine.streams_for(0, parallel_batches=batches)
+    assert (full.peer_decodes, full.streams, full.parallel_batches) == (
+        ["pillow", "load_image"], auto, batches,
+    )  # fmt: skip
     # The peers load the graph as their users would: one LATENCY stream.
     assert full.peer_streams == 1
     chosen = peers.parse_args(["--peer-decodes", "pillow", "--streams", "2"])
@@ -521,13 +525,19 @@ def test_the_peers_command_line() -> None:
         ("mosec", "load_image"), ("litserve", "load_image"),
     ]  # fmt: skip
     config = graph.PeerConfig(
-        "resnet50", "w.h5", "calibration", "cache", "openvino", "int8", 32, 10, streams=2
-    )
+        "resnet50", "w.h5", "calibration", "cache", "openvino", "int8", 32, 10, streams=2,
+        parallel_batches=3,
+    )  # fmt: skip
     ours = peers.start_command("keras-server", config, "r", 1)
     assert ours[ours.index("--openvino-streams") + 1] == "2"
+    assert ours[ours.index("--parallel-batches") + 1] == "3"
     peer = peers.start_command("mosec", config, "r", 1)
     assert "BENCH_PEER_STREAMS=1" in peer and "BENCH_PEER_PEER_STREAMS=1" in peer
-    bad_args = (["--systems", "triton"], ["--peer-decodes", "cv2"], ["--streams", "-1"])
+    assert "BENCH_PEER_PARALLEL_BATCHES=1" in peer
+    bad_args = (
+        ["--systems", "triton"], ["--peer-decodes", "cv2"], ["--streams", "-1"],
+        ["--parallel-batches", "-1"],
+    )  # fmt: skip
     for bad in (*bad_args, ["--peer-streams", "-1"]):
         with pytest.raises(SystemExit):
             peers.parse_args(bad)

@@ -15,6 +15,8 @@ from conftest import CHELSEA, post_images, wait_until
 from keras_server.broker.redis_server import RedisServer
 from keras_server.catalog import model_specs
 from keras_server.engines import openvino_engine
+from keras_server.engines import predictor as predictor_module
+from keras_server.engines.predictor import parallel_batches_for
 from keras_server.engines.simulated import SimulatedModel
 from keras_server.settings import Settings, SettingsError, load_settings
 from keras_server.web.app import create_app
@@ -24,9 +26,36 @@ from keras_server.worker.main import make_workers
 
 def test_the_setting_is_bounded() -> None:
     assert load_settings(["--parallel-batches", "2"], environ={}).parallel_batches == 2
-    for bad in ("0", "9", "two"):
+    assert load_settings([], environ={}).parallel_batches == 0  # chosen for the engine
+    for bad in ("-1", "9", "two"):
         with pytest.raises(SettingsError, match="parallel-batches"):
             load_settings(["--parallel-batches", bad], environ={})
+
+
+@pytest.mark.parametrize(
+    ("flags", "engine", "expected"),
+    [
+        ("amx_int8 amx_tile avx512f", "openvino", 2),  # one per core
+        ("amx_int8 amx_tile avx512f", "keras", 1),  # measured for OpenVINO only
+        ("avx2 avx512f avx512_vnni", "openvino", 1),  # without AMX it did not pay
+    ],
+)
+def test_the_default_is_one_batch_per_core_for_openvino_with_amx(
+    flags: str, engine: str, expected: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(predictor_module.cpuinfo, "read", lambda: f"flags\t\t: {flags}\n")
+    monkeypatch.setattr(predictor_module.os, "sched_getaffinity", lambda pid: {0, 1})
+    assert parallel_batches_for(0, engine) == expected
+    assert parallel_batches_for(3, engine) == 3  # asked for: as asked
+    # The worker runs as many claim loops as the engine was compiled for.
+    settings = Settings(redis_url="redis://127.0.0.1:1", redis_url_given=True)
+
+    class Engine(SimulatedModel):
+        pass
+
+    model = Engine(0, 0)
+    model.engine = engine  # type: ignore[misc]
+    assert len(make_workers(settings, model)) == expected
 
 
 def test_fair_lock_admits_its_holders_at_once_in_arrival_order() -> None:

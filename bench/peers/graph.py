@@ -49,10 +49,11 @@ class PeerConfig:
     decode: str = PILLOW  # one of bench.limit.DECODES
     streams: int = 1  # --openvino-streams: infer requests a batch is split over
     peer_streams: int = 1  # the peers' (as their users load the graph: LATENCY)
+    parallel_batches: int = 1  # --parallel-batches: keras-server's batches at once
 
     def for_peers(self) -> PeerConfig:
-        """The configuration a peer loads the graph with."""
-        return dataclasses.replace(self, streams=self.peer_streams)
+        """The configuration a peer loads the graph with: one batch at a time."""
+        return dataclasses.replace(self, streams=self.peer_streams, parallel_batches=1)
 
     def to_env(self) -> dict[str, str]:
         return {
@@ -69,6 +70,7 @@ class PeerConfig:
         values["wait_ms"] = float(str(values["wait_ms"]))
         values["streams"] = int(str(values["streams"]))
         values["peer_streams"] = int(str(values["peer_streams"]))
+        values["parallel_batches"] = int(str(values["parallel_batches"]))
         return cls(**values)  # type: ignore[arg-type]
 
     @property
@@ -95,8 +97,9 @@ def load(config: PeerConfig) -> Predictor:
     floor is 0, as the benchmark's keras-server runs with `--min-agreement 0`.
     """
     options = EngineOptions(
-        config.cache_dir, 0.0, MAX_IMAGE_PIXELS, openvino_streams=config.streams
-    )
+        config.cache_dir, 0.0, MAX_IMAGE_PIXELS,
+        parallel_batches=config.parallel_batches, openvino_streams=config.streams,
+    )  # fmt: skip
     predictor = load_predictor(config.spec(), options)
     warm_up(predictor, config.batch_size)
     return predictor

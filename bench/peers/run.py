@@ -2,7 +2,7 @@
 
     python -m bench.peers            # 3 interleaved rounds of 20 s wrk runs
     python -m bench.peers --quick    # 2 rounds of 6 s wrk runs
-    python -m bench.peers --peer-decodes pillow --streams 2 --peer-streams 2
+    python -m bench.peers --peer-decodes pillow --parallel-batches 1 --streams 2
 
 Run from the repository root; needs Debian's `wrk`. mosec and LitServe are
 not project dependencies: when missing, they are installed into this Python's
@@ -14,9 +14,11 @@ round, starts each system in turn on that cache and drives it with wrk at 1
 and 32 connections (`bench.engines.wrk_levels`): keras-server, then the peers
 with each of `--peer-decodes` in turn (plain Pillow as the peers' users
 would write it, then keras-server's `load_image`). keras-server and the
-limit's engine split batches over `--streams` (0, the default: what the
-server itself picks, `openvino_engine.streams_for`); the peers load the
-graph as their users would, with one LATENCY stream (`--peer-streams`).
+limit's engine run `--parallel-batches` batches at once, each split over
+`--streams` (0, the defaults: what the server itself picks,
+`predictor.parallel_batches_for` and `openvino_engine.streams_for`); the
+peers load the graph as their users would, one batch at a time on one
+LATENCY stream (`--peer-streams`).
 After each round it measures the limit
 (`bench.limit`): the graph's CPU per image in this process at the batch sizes
 keras-server's worker logged over its measured run, the decodes' CPU per
@@ -60,7 +62,7 @@ from bench.run import IMAGES, ROOT, machine
 from keras_server.broker.redis_server import RedisServer, free_port
 from keras_server.catalog import BUILTINS
 from keras_server.engines import openvino_engine
-from keras_server.engines.predictor import Predictor
+from keras_server.engines.predictor import Predictor, parallel_batches_for
 from keras_server.images import load_image, single_threaded_resize
 
 log = logging.getLogger("bench.peers")
@@ -96,6 +98,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--streams", type=int, default=0,
         help="--openvino-streams of keras-server and of the limit's engine "
         "(0: the server's default, one per core on a CPU with AMX, else 1)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--parallel-batches", type=int, default=0,
+        help="--parallel-batches of keras-server and of the limit's engine (0: the server's "
+        "default, one per core on a CPU with AMX, else 1)",
     )  # fmt: skip
     parser.add_argument(
         "--peer-streams", type=int, default=1,
@@ -137,12 +144,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     unknown = set(args.peer_decodes) - set(limit.DECODES)
     if unknown or not args.peer_decodes:
         parser.error(f"--peer-decodes: unknown {', '.join(sorted(unknown)) or 'nothing'}")
-    if args.streams < 0 or args.peer_streams < 0 or args.decode_passes < 1:
-        parser.error("--streams and --peer-streams must be 0 or more, --decode-passes positive")
+    if min(args.streams, args.peer_streams, args.parallel_batches) < 0 or args.decode_passes < 1:
+        parser.error(
+            "--streams, --peer-streams and --parallel-batches must be 0 or more, "
+            "--decode-passes positive"
+        )
     if args.rounds < 1 or args.seconds <= 0 or args.batch_size < 1:
         parser.error("--rounds, --seconds and --batch-size must be positive")
     # Resolved once, so that every system and the table name the same number.
-    args.streams = openvino_engine.streams_for(args.streams, parallel_batches=1)
+    args.parallel_batches = parallel_batches_for(args.parallel_batches, "openvino")
+    args.streams = openvino_engine.streams_for(args.streams, args.parallel_batches)
     args.peer_streams = openvino_engine.streams_for(args.peer_streams, parallel_batches=1)
     return args
 
@@ -171,7 +182,8 @@ def start_command(system: str, config: PeerConfig, redis_url: str, port: int) ->
             port=port, model=config.model,
         )  # fmt: skip
         # The worker logs each batch's size at INFO: the limit reads them.
-        command += ["--log-level", "INFO", "--openvino-streams", str(config.streams)]
+        command += ["--log-level", "INFO", "--openvino-streams", str(config.streams),
+                    "--parallel-batches", str(config.parallel_batches)]  # fmt: skip
         return [sys.executable, *command[1:]]
     # The peers read their model from the environment: `env` sets it and execs
     # Python, so the process stopped at the end is the server itself.
@@ -343,6 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         command=command.strip(), mode="quick" if args.quick else "full", machine=info,
         model=args.model, engine="openvino", precision=args.precision, batch_size=args.batch_size,
         wait_ms=args.wait_ms, streams=args.streams, peer_streams=args.peer_streams,
+        parallel_batches=args.parallel_batches,
     )  # fmt: skip
     # The web processes resize with one OpenCV thread: so does the limit's decode.
     single_threaded_resize()
@@ -356,6 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cache_dir=str(work / "conversion-cache"), engine=results.engine,
             precision=results.precision, batch_size=args.batch_size, wait_ms=args.wait_ms,
             streams=args.streams, peer_streams=args.peer_streams,
+            parallel_batches=args.parallel_batches,
         )  # fmt: skip
         # Converts into the cache every system then loads (minutes, once), and
         # times the engine alone: the latency target is relative to it. The
@@ -366,7 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         batch = raw.sample_batch(IMAGES, args.batch_size, config.input_size)
         results.raw = raw.measure(
             f"{config.engine} {config.precision}", predictor, batch, batch_runs=5,
-            single_runs=30, setup_seconds=setup,
+            single_runs=30, setup_seconds=setup, parallel=config.parallel_batches,
         )  # fmt: skip
         order = run_order(args.systems, args.peer_decodes)
         for round_ in range(1, args.rounds + 1):

@@ -98,6 +98,7 @@ class PeerResults:
     limits: list[Limit] = field(default_factory=list)
     streams: int = 1  # --openvino-streams of keras-server and of the limit's engine
     peer_streams: int = 1  # the peers' (their users' default: one LATENCY stream)
+    parallel_batches: int = 1  # --parallel-batches of keras-server and of the limit's engine
 
     @property
     def name(self) -> str:
@@ -135,6 +136,7 @@ class PeerResults:
             "raw": self.raw.as_dict() if self.raw else None,
             "streams": self.streams,
             "peer_streams": self.peer_streams,
+            "parallel_batches": self.parallel_batches,
             "runs": [m.as_dict() for m in self.runs],
             "limits": [found.as_dict() for found in self.limits],
             "failures": self.failures,
@@ -179,8 +181,13 @@ class Summary:
         )
 
 
-def _streams(streams: int) -> str:
+def _streams(streams: int, parallel_batches: int = 1) -> str:
     """How an engine was compiled, in words."""
+    if parallel_batches > 1:
+        return (
+            f"with `--parallel-batches {parallel_batches}` ({parallel_batches} batches at once, "
+            "a single-threaded stream each, THROUGHPUT hint; one-image batches LATENCY)"
+        )
     if streams > 1:
         return f"with `--openvino-streams {streams}` (THROUGHPUT hint, one-image batches LATENCY)"
     return "with one stream (LATENCY hint)"
@@ -270,11 +277,12 @@ def markdown(results: PeerResults) -> str:
         ]
     lines += _limit_lines(results)
     versions = m.get("versions", {})
-    streams = f"keras-server and the limit {_streams(results.streams)}" + (
-        f", the peers {_streams(results.peer_streams)} as their users would load it"
-        if results.peer_streams != results.streams
-        else ", the peers too"
+    ours, theirs = (
+        _streams(results.streams, results.parallel_batches),
+        _streams(results.peer_streams),
     )
+    peers = f", the peers {theirs} as their users would load it" if theirs != ours else ""
+    streams = f"keras-server and the limit {ours}" + (peers or ", the peers too")
     lines += [
         "How: each round starts each system in turn (keras-server `run_keras_server.py` "
         "`--role all` as `make serve` starts it, with a Redis the harness starts; mosec "

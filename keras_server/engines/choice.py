@@ -48,8 +48,9 @@ class EngineOptions:
     cache_dir: str  # "none": no cache
     min_agreement: float  # bf16 / int8: least top-1 agreement with Keras fp32
     max_image_pixels: int  # calibration images are decoded like uploads
-    # openvino: infer requests compiled (--parallel-batches); above 1 with the
-    # THROUGHPUT hint, so that that many batches run at once
+    # openvino: infer requests compiled (--parallel-batches; 0: what
+    # predictor.parallel_batches_for picks); above 1 with the THROUGHPUT hint,
+    # so that that many batches run at once
     parallel_batches: int = 1
     # openvino: infer requests (a CPU stream each) each batch is split over
     # (--openvino-streams)

@@ -21,7 +21,13 @@ import numpy as np
 
 from keras_server.catalog import ModelSpec, labels_for
 from keras_server.engines.conversion_cache import Entry
-from keras_server.engines.predictor import EngineError, ModelLoadError, Predictor, fidelity
+from keras_server.engines.predictor import (
+    EngineError,
+    ModelLoadError,
+    Predictor,
+    fidelity,
+    parallel_batches_for,
+)
 from keras_server.engines.preprocess import preprocessing
 
 log = logging.getLogger(__name__)
@@ -86,6 +92,7 @@ def _open(
         )
     from keras_server.engines import openvino_engine
 
+    parallel_batches = parallel_batches_for(parallel_batches, "openvino")
     streams = openvino_engine.streams_for(streams, parallel_batches)
     compile_model = functools.partial(
         openvino_engine.compile_model, entry.file("model.xml"), precision, mode,
@@ -99,7 +106,7 @@ def _open(
         requests=parallel_batches,
         streams=streams,
         # A lone image keeps every core (see openvino_engine's docstring).
-        single=compile_model() if streams > 1 and parallel_batches == 1 else None,
+        single=compile_model() if streams * parallel_batches > 1 else None,
         **common,
     )
 

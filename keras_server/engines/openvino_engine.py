@@ -10,20 +10,23 @@ channels for a grey model and runs the model's preprocessing steps
 (`preprocess.STEPS`) itself; the cached IR stays the plain model, so an
 entry does not depend on how it is compiled.
 
-One batch at a time (the default), it is compiled with the LATENCY hint and
-one synchronous infer request: the THROUGHPUT hint with a single request was
+One batch at a time, it is compiled with the LATENCY hint and one
+synchronous infer request: the THROUGHPUT hint with a single request was
 half as fast here. `--parallel-batches N` (N claim loops running batches at
-once) compiles it with the THROUGHPUT hint for N requests, OpenVINO splitting
-the cores into streams. `--openvino-streams S` splits each batch into S
+once; by default one per core on a CPU with AMX, else 1:
+`predictor.parallel_batches_for`) compiles it with the THROUGHPUT hint for N
+requests, OpenVINO splitting the cores into streams. One batch at a time,
+`--openvino-streams S` splits each batch into S
 parts run at once, a CPU stream each with its share of the cores (on 2
 cores, S=2: two single-threaded streams instead of one two-threaded one),
 which spends less CPU per image than one stream whose threads meet at
 every layer, and leaves no thread spinning for a partner that a web
 process has taken the core from. A batch of one image runs on the model
-compiled as in the default (LATENCY, every core) beside the streams, so a
-lone request is as fast as without them. `--openvino-streams 0` (the
-default) picks one stream per core on a CPU with AMX, where it was
-measured to pay, and 1 elsewhere (`streams_for`, which logs its choice).
+compiled for one batch at a time (LATENCY, every core) beside the streams
+or parallel batches, so a lone request is as fast as without them.
+`--openvino-streams 0` (the default) picks one stream per core on a CPU
+with AMX when one batch runs at a time, where it was measured to pay, and 1
+otherwise (`streams_for`, which logs its choice).
 `precision` is
 the CPU's inference precision: fp32 exact, bf16 (needs AVX512_BF16 or AMX),
 or int8 (the quantized graph).
@@ -97,11 +100,12 @@ def check_supported(precision: str) -> None:
 
 def streams_for(requested: int, parallel_batches: int) -> int:
     """The streams a batch is split over: `requested`, or for 0 (auto) one
-    per core on a CPU with AMX and 1 elsewhere. On the AMX Xeon's 2 cores,
-    two streams served 5 % more images/s at 32 clients and spent 8 % less
-    engine CPU per image at batch 16 (BENCHMARKS.md, "OpenVINO streams");
-    on the CPUs without AMX they were not measured to pay. With
-    --parallel-batches, the parallel batches have the cores' streams already."""
+    per core on a CPU with AMX when one batch runs at a time, else 1. On the
+    AMX Xeon's 2 cores, two streams served 5 % more images/s at 32 clients
+    than one and spent 8 % less engine CPU per image at batch 16
+    (BENCHMARKS.md, "OpenVINO streams"); on the CPUs without AMX they were
+    not measured to pay. Parallel batches (`predictor.parallel_batches_for`,
+    the default on AMX) have the cores' streams already, a batch each."""
     if requested:
         return requested
     cores = len(os.sched_getaffinity(0))
@@ -183,7 +187,7 @@ class OpenVinoClassifier:
     `streams` infer requests; a `predict` call takes a free group (waiting for
     one), so that many calls run at once, and splits its batch over the group's
     requests. `single`, the model compiled for every core (LATENCY), runs the
-    batches of one image instead when each batch is split over streams."""
+    batches of one image instead when there are several requests."""
 
     engine = "openvino"
 

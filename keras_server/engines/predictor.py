@@ -8,12 +8,15 @@ module imports neither the engines nor the worker loop, so nothing cycles.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+
+from keras_server import cpuinfo
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,25 @@ class Fidelity:
             "top1_agreement": round(self.agreement, 6),
             "max_probability_difference": float(f"{self.max_difference:.3g}"),
         }
+
+
+def parallel_batches_for(requested: int, engine: str) -> int:
+    """How many batches a worker runs at once on `engine` (claim loops per
+    queue, and for OpenVINO infer requests compiled): `requested`, or for 0
+    (--parallel-batches' default) one per core for OpenVINO on a CPU with
+    AMX, else 1. On the AMX Xeon's 2 cores, two batches at once on a
+    single-threaded stream each served 2-5 % more images/s at 32 clients than
+    one batch split over both streams: a split batch waits for its slower
+    half, and with every request in the engine a core idled meanwhile (6-7 %
+    of the machine, `perf sched`), where the loop whose stream is free
+    claims the next batch (BENCHMARKS.md, "Parallel batches"). Without AMX
+    two batches at once were not measured to pay."""
+    if requested:
+        return requested
+    cores = len(os.sched_getaffinity(0))
+    if engine == "openvino" and cores > 1 and "amx_int8" in cpuinfo.flags():
+        return cores
+    return 1
 
 
 class Predictor(Protocol):

@@ -17,7 +17,7 @@ from keras_server.broker import messages
 from keras_server.broker.request_queue import RequestQueue
 from keras_server.broker.shards import label
 from keras_server.catalog import SIM, Models, ModelSpec, model_specs
-from keras_server.engines.predictor import Predictor, timed_warm_up
+from keras_server.engines.predictor import Predictor, parallel_batches_for, timed_warm_up
 from keras_server.processes import stop_on_signals
 from keras_server.settings import Settings
 from keras_server.worker.callbacks import CallbackSender
@@ -56,7 +56,9 @@ def make_workers(
 ) -> list[Worker]:
     """The claim loops of one model (default: the default model): for each
     Redis shard, and each queue partition there, `--parallel-batches` of
-    them, all sharing the model, taking turns (that many at once). `models`:
+    them (its 0: what `parallel_batches_for` picks for the engine, the
+    number the engine was compiled for), all sharing the model, taking turns
+    (that many at once). `models`:
     the entry point's, else read from `settings`; `callbacks`: the process's
     sender of job callbacks (default: one of their own)."""
     specs = models or model_specs(settings)
@@ -67,8 +69,15 @@ def make_workers(
     parts = keys.partitions(settings.queue_partitions)
     # Several queues (shards, partitions): their claim loops take turns
     # with the model, so each queue is served in turn.
+    batches = parallel_batches_for(settings.parallel_batches, predictor.engine)
+    if not settings.parallel_batches:
+        log.info(
+            "%d batch(es) at once (--parallel-batches 0: the %s engine on %d cores; one per "
+            "core for openvino on a CPU with AMX, else 1)",
+            batches, predictor.engine, len(os.sched_getaffinity(0)),
+        )  # fmt: skip
     loops = len(settings.redis_urls) * len(parts)
-    turn = FairLock(settings.parallel_batches) if loops > 1 else None
+    turn = FairLock(batches) if loops > 1 else None
     callbacks = callbacks or callback_sender(settings)
     workers = []
     for url, part in [(u, p) for u in settings.redis_urls for p in parts]:
@@ -83,7 +92,7 @@ def make_workers(
             version=version,
             registry=messages.Keys(settings.queue_name).models,
         )
-        for _ in range(settings.parallel_batches):
+        for _ in range(batches):
             worker = Worker(
                 queue,
                 predictor,
