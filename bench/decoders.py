@@ -15,17 +15,17 @@ Pillow, which the checks and EXIF need; only the pixel decode replaced):
 - `pillow`: `load_image` before this comparison, Pillow alone (JPEG drafted
   by DCT scaling to at least twice the target, box-reduced, bicubic); the
   reference of the pixel differences;
-- `load_image`: `images.load_image` as it is now (plain PNGs through Wuffs,
+- `load_image`: `images.load_image` as it is now (plain PNGs through libspng,
   the resize OpenCV's area filter where it shrinks);
 - `simplejpeg`: JPEG pixels from simplejpeg (libjpeg-turbo, DCT-scaled via
   min_width/min_height), then the same reduce and bicubic resize;
 - `turbojpeg`: the same through PyTurboJPEG (needs the system libturbojpeg);
 - `opencv`: `cv2.imdecode` (JPEG with IMREAD_REDUCED_COLOR_2/4/8, PNG and
   WebP at full size), then the same reduce and bicubic resize;
-- `pyspng`: PNG pixels from libspng (what `load_image` used before Wuffs;
-  install pyspng to see it), then the same reduce and resize;
-- `wuffs`: PNG pixels from Wuffs (`images._png_load`), then the same reduce
-  and resize;
+- `pyspng`: PNG pixels from libspng, then the same reduce and resize;
+- `wuffs`: PNG pixels from Wuffs (pywuffs, not a dependency: it has no
+  wheels, so it builds from source with a C++ compiler; install it to see
+  it), then the same reduce and resize;
 - `decode-only/...`: the pixel decode alone, without reduce and resize, to
   show what share of each candidate the decode is.
 
@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import io
 import json
 import statistics
@@ -139,12 +140,12 @@ def _jpeg_scale(width: int, height: int) -> int:
 def pillow_only(data: bytes) -> np.ndarray:
     """`load_image` as it was before libspng and the resize's reducing gap:
     Pillow decodes everything, bicubic from the reduced copy."""
-    png_mode, gap = images._png_mode, images._REDUCING_GAP
-    images._png_mode, images._REDUCING_GAP = (lambda image, data: None), None
+    spng, gap = images._spng_format, images._REDUCING_GAP
+    images._spng_format, images._REDUCING_GAP = (lambda image, data: None), None
     try:
         return images.load_image(data, SIZE, MAX_PIXELS)
     finally:
-        images._png_mode, images._REDUCING_GAP = png_mode, gap
+        images._spng_format, images._REDUCING_GAP = spng, gap
 
 
 def load_image(data: bytes) -> np.ndarray:
@@ -152,9 +153,34 @@ def load_image(data: bytes) -> np.ndarray:
     return images.load_image(data, SIZE, MAX_PIXELS)
 
 
-def _wuffs_pixels(data: bytes) -> np.ndarray:
-    """A PNG's pixels as `load_image` decodes them (Wuffs), in its own mode."""
-    return images._png_load(data, _header(data).mode)
+def _wuffs(data: bytes) -> np.ndarray:
+    """A plain PNG's pixels from Wuffs, in its own layout (grey, RGB or RGBA)."""
+    from pywuffs import ImageDecoderType, PixelFormat
+    from pywuffs.aux import ImageDecoder, ImageDecoderConfig
+
+    formats = {"L": PixelFormat.Y, "RGB": PixelFormat.RGB, "RGBA": PixelFormat.RGBA_NONPREMUL}
+    mode = _header(data).mode
+    config = ImageDecoderConfig()
+    config.enabled_decoders = [ImageDecoderType.PNG]
+    config.pixel_format = formats[mode]
+    pixels = ImageDecoder(config).decode(data).pixbuf
+    return pixels.reshape(pixels.shape[:2]) if mode == "L" else pixels
+
+
+def _png_candidates() -> dict[str, dict[str, Decode]]:
+    """libspng's and Wuffs' PNG decodes, each where it is installed."""
+    found: dict[str, dict[str, Decode]] = {}
+    try:
+        import pyspng
+
+        found["pyspng"] = {"PNG": lambda data: (_header(data), _finish(pyspng.load(data)))[1]}
+        found["decode-only/pyspng"] = {"PNG": pyspng.load}
+    except ImportError:
+        pass
+    if importlib.util.find_spec("pywuffs") is not None:
+        found["wuffs"] = {"PNG": lambda data: _finish(_wuffs(data))}
+        found["decode-only/wuffs"] = {"PNG": _wuffs}
+    return found
 
 
 def candidates() -> dict[str, dict[str, Decode]]:
@@ -223,15 +249,7 @@ def candidates() -> dict[str, dict[str, Decode]]:
         )
     except ImportError:
         pass
-    try:
-        import pyspng
-
-        found["pyspng"] = {"PNG": lambda data: (_header(data), _finish(pyspng.load(data)))[1]}
-        found["decode-only/pyspng"] = {"PNG": pyspng.load}
-    except ImportError:
-        pass
-    found["wuffs"] = {"PNG": lambda data: _finish(_wuffs_pixels(data))}
-    found["decode-only/wuffs"] = {"PNG": _wuffs_pixels}
+    found.update(_png_candidates())
 
     def pillow_pixels(data: bytes) -> np.ndarray:
         with Image.open(io.BytesIO(data), formats=images.FORMATS) as image:

@@ -17,18 +17,15 @@ conversion, EXIF rotation and the final resize all work on that small copy,
 so only the decoded image itself is ever full size. The final resize is
 OpenCV's area filter (SIMD) where the image shrinks, Pillow's bicubic where
 it grows (`_resized`); an upright RGB PNG that shrinks, under four times the
-input's size (`_reduced` leaves it whole), goes from Wuffs' array to
+input's size (`_reduced` leaves it whole), goes from libspng's array to
 OpenCV's resize directly, without the copies into Pillow and back.
 
 Pillow reads every header (the checks above, EXIF) and decodes every format
 but one: a plain 8-bit PNG (grey, RGB or RGBA; no palette, colour key or
-animation) is decoded by Wuffs (pywuffs), Google's memory-safe decoders, to
-the same pixels: 2-4x faster than Pillow's PNG decode, 1.1-1.4x faster than
-libspng, which did it before, and unlike libspng (pyspng) without holding
-the GIL, so the other request threads of a web process run meanwhile
-(BENCHMARKS.md, "Decoding per format"). OpenCV's imdecode was slower than
-libspng here (on the sample PNGs, and than Pillow's drafted JPEG decode),
-so it decodes nothing.
+animation) is decoded by libspng (pyspng), measured 2-4x faster than
+Pillow's PNG decode on the same CPU (BENCHMARKS.md, "Decoding per format"),
+to the same pixels; OpenCV's imdecode was slower than both here (pyspng on
+the sample PNGs, Pillow's drafted JPEG decode), so it decodes nothing.
 """
 
 from __future__ import annotations
@@ -45,9 +42,8 @@ from typing import ClassVar
 
 import cv2
 import numpy as np
+import pyspng
 from PIL import ExifTags, Image, UnidentifiedImageError
-from pywuffs import ImageDecoderType, PixelFormat
-from pywuffs.aux import ImageDecoder, ImageDecoderConfig
 
 SUPPORTED = "JPEG, PNG, GIF, BMP, TIFF or WebP"
 # The Pillow plugins that may parse an upload: SUPPORTED, whose decode cost
@@ -70,14 +66,8 @@ _DECODER_BYTES = {"WEBP": 12, "TIFF": 4}
 # Multi-picture JPEGs (some cameras) are JPEGs to libjpeg too.
 _JPEG = frozenset({"JPEG", "MPO"})
 
-# The PNG modes Wuffs decodes to the same pixels as Pillow (see _png_mode), and
-# the pixel format Wuffs is asked for in each: Pillow's layout, alpha not
-# premultiplied.
-_WUFFS_FORMATS = {
-    "L": PixelFormat.Y,
-    "RGB": PixelFormat.RGB,
-    "RGBA": PixelFormat.RGBA_NONPREMUL,
-}
+# The PNG modes libspng decodes to the same pixels as Pillow (see _spng_format).
+_SPNG_MODES = frozenset({"L", "RGB", "RGBA"})
 
 # Pillow's resize reducing_gap (see _resized).
 _REDUCING_GAP = 1.5
@@ -186,16 +176,16 @@ def load_image(
                     # open: no decode yet.
                     target = _upright_target(size, _orientation(image))
                     image.draft(image.mode, (2 * target[0], 2 * target[1]))
-                png_mode = _png_mode(image, data)
-                cost = decode_cost(image, declared, wuffs=png_mode is not None)
+                spng = _spng_format(image, data)
+                cost = decode_cost(image, declared, spng=spng is not None)
                 with budget.reserve(cost) if budget else nullcontext():
-                    if png_mode is not None:
+                    if spng is not None:
                         # Its EXIF, if any, came before the pixels and was read
                         # at open (a PNG's getexif() would decode the image).
                         orientation = _orientation(image) if "exif" in image.info else 1
-                        pixels = _png_load(data, png_mode)
-                        if png_mode == "RGB" and orientation == 1 and _directly(image.size, size):
-                            # The plain photo: resized straight from Wuffs'
+                        pixels = _spng_load(data, spng)
+                        if spng == "RGB" and orientation == 1 and _directly(image.size, size):
+                            # The plain photo: resized straight from libspng's
                             # array, no copy into Pillow and back (about a
                             # tenth of the decode's CPU on the sample PNGs),
                             # to the pixels the path below gives.
@@ -269,19 +259,18 @@ def single_threaded_resize() -> None:
     cv2.setNumThreads(1)
 
 
-def decode_cost(image: Image.Image, declared: tuple[int, int], *, wuffs: bool = False) -> int:
+def decode_cost(image: Image.Image, declared: tuple[int, int], *, spng: bool = False) -> int:
     """Bytes the decode of `image` (opened, drafted, not yet loaded; `declared`
     is its size before draft()) holds at its peak in `_reduced`: the decoded
     pixels, the decoder's own buffers, and the full-size copy a mode needs
-    before it can be reduced. `wuffs`: decoded by Wuffs into an array (one
-    byte per channel) beside its work buffer of the same size (the inflated
-    rows; measured: twice the array at the peak), then copied by Pillow."""
+    before it can be reduced. `spng`: decoded by libspng into an array (one
+    byte per channel) that Pillow then copies."""
     width, height = image.size
     pixels = width * height
     mode = image.mode
     cost = pixels * (1 if mode in _ONE_BYTE else 2 if mode.startswith("I;16") else 4)
-    if wuffs:
-        cost += 2 * pixels * len(mode)
+    if spng:
+        cost += pixels * len(mode)
     cost += pixels * _DECODER_BYTES.get(image.format or "", 0)
     if image.format in _JPEG and image.info.get("progressive"):
         cost += _jpeg_coefficient_bytes(image, declared)
@@ -294,14 +283,14 @@ def decode_cost(image: Image.Image, declared: tuple[int, int], *, wuffs: bool = 
     return cost + _WORKING_BYTES
 
 
-def _png_mode(image: Image.Image, data: bytes) -> str | None:
-    """Pillow's mode ("L", "RGB", "RGBA") of a PNG that Wuffs decodes to
-    Pillow's own pixels, None for any other image: 8 bits per sample (Pillow
-    keeps only the high byte of 16-bit colour), no palette, no colour key
-    (tRNS), no grey with alpha (Pillow's LA, which Wuffs has no format for),
-    one frame, and its EXIF, if any, read at open (an eXIf chunk after the
-    pixels only Pillow's decode finds)."""
-    if image.format != "PNG" or image.mode not in _WUFFS_FORMATS:
+def _spng_format(image: Image.Image, data: bytes) -> str | None:
+    """The pyspng output format ("L", "RGB", "RGBA": Pillow's mode) for a PNG
+    that libspng decodes to Pillow's own pixels, None for any other image:
+    8 bits per sample (Pillow keeps only the high byte of 16-bit colour), no
+    palette, no colour key (tRNS), no grey with alpha (pyspng 0.1 refuses
+    it), one frame, and its EXIF, if any, read at open (an eXIf chunk after
+    the pixels only Pillow's decode finds)."""
+    if image.format != "PNG" or image.mode not in _SPNG_MODES:
         return None
     # The IHDR chunk comes first (Pillow checked it): bit depth at byte 24.
     if data[12:16] != b"IHDR" or data[24] != 8:
@@ -322,7 +311,7 @@ def _has_chunk(data: bytes, kind: bytes) -> bool:
     hopping from chunk header to chunk header (a few dozen hops) rather than
     searching every byte for the name (0.1-0.2 ms of a request's CPU on the
     sample photos, issue 23). A length that leads past the end ends the walk:
-    such a file is corrupt, and Wuffs refuses it."""
+    such a file is corrupt, and libspng refuses it."""
     offset = 8  # past the signature
     while offset + _PNG_CHUNK.size <= len(data):
         length, name = _PNG_CHUNK.unpack_from(data, offset)
@@ -334,18 +323,12 @@ def _has_chunk(data: bytes, kind: bytes) -> bool:
     return False
 
 
-def _png_load(data: bytes, mode: str) -> np.ndarray:
-    """The PNG `data`'s pixels in `mode`'s layout: (h, w) for "L", else
-    (h, w, channels). Wuffs releases the GIL while it decodes."""
-    config = ImageDecoderConfig()  # a decoder holds state: one per call (~0.4 us)
-    config.enabled_decoders = [ImageDecoderType.PNG]
-    config.pixel_format = _WUFFS_FORMATS[mode]
-    decoded = ImageDecoder(config).decode(data)
-    if decoded.error_message:
-        # Wuffs names truncated and corrupt data (zlib, filters) this way.
-        raise ImageError(f"the image is truncated or corrupt ({decoded.error_message})")
-    pixels = decoded.pixbuf
-    return pixels.reshape(pixels.shape[:2]) if mode == "L" else pixels
+def _spng_load(data: bytes, fmt: str) -> np.ndarray:
+    try:
+        return pyspng.load(data, fmt)
+    except RuntimeError as exc:
+        # libspng reports truncated and corrupt data (CRC, zlib) this way.
+        raise ImageError(f"the image is truncated or corrupt ({exc})") from None
 
 
 def _jpeg_coefficient_bytes(image: Image.Image, declared: tuple[int, int]) -> int:

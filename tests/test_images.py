@@ -49,7 +49,7 @@ def test_sample_photos_stay_within_one_level_of_pillows_upright_bicubic(path: Pa
 
 
 @pytest.mark.parametrize("name", ["chelsea.png", "coffee.png", "astronaut.png"])
-def test_a_plain_rgb_png_goes_from_wuffs_to_the_resize_without_pillows_copy(
+def test_a_plain_rgb_png_goes_from_libspng_to_the_resize_without_pillows_copy(
     name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Upright, RGB, under four times the input's size: the same pixels as
@@ -219,29 +219,29 @@ def test_only_the_advertised_formats_are_parsed(data: bytes) -> None:
         load_image(data, (4, 4), 10**6)  # ... the service does not
 
 
-# Plain 8-bit PNGs decode through Wuffs (images._png_mode); everything
+# Plain 8-bit PNGs decode through libspng (images._spng_format); everything
 # else through Pillow. Both must give the same pixels and follow the same rules.
 
 
 def _pillow_only(data: bytes, monkeypatch: pytest.MonkeyPatch) -> np.ndarray:
     with monkeypatch.context() as patch:
-        patch.setattr(images, "_png_mode", lambda image, data: None)
+        patch.setattr(images, "_spng_format", lambda image, data: None)
         return load(data)
 
 
 @pytest.mark.parametrize("mode", ["L", "RGB", "RGBA"])
-def test_plain_pngs_decode_through_wuffs_to_pillows_pixels(
+def test_plain_pngs_decode_through_libspng_to_pillows_pixels(
     mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     rng = np.random.default_rng(3)
     pixels = rng.integers(0, 256, (300, 500, len(mode)), dtype=np.uint8)
     data = png_bytes(Image.fromarray(pixels.squeeze(), mode))
     with Image.open(io.BytesIO(data)) as image:
-        assert images._png_mode(image, data) == mode
+        assert images._spng_format(image, data) == mode
     np.testing.assert_array_equal(load(data), _pillow_only(data, monkeypatch))
 
 
-def test_pngs_wuffs_would_decode_otherwise_stay_with_pillow() -> None:
+def test_pngs_libspng_would_decode_otherwise_stay_with_pillow() -> None:
     cases = {
         "16-bit": Image.fromarray(np.full((8, 8), 40000, dtype=np.uint16)),
         "palette": Image.new("P", (8, 8)),
@@ -252,7 +252,7 @@ def test_pngs_wuffs_would_decode_otherwise_stay_with_pillow() -> None:
         params = {"transparency": (0, 0, 0)} if name == "colour key" else {}
         data = png_bytes(image, **params)
         with Image.open(io.BytesIO(data)) as opened:
-            assert images._png_mode(opened, data) is None, name
+            assert images._spng_format(opened, data) is None, name
 
 
 def _exif_after_pixels(data: bytes, exif: bytes) -> bytes:
@@ -270,11 +270,11 @@ def test_png_exif_orientation_is_applied_wherever_the_chunk_is(where: str) -> No
     if where == "before the pixels":
         data = png_bytes(image, exif=exif.tobytes())
         with Image.open(io.BytesIO(data)) as opened:
-            assert images._png_mode(opened, data) == "RGB"
+            assert images._spng_format(opened, data) == "RGB"
     else:
         data = _exif_after_pixels(png_bytes(image), exif.tobytes()[6:])  # no "Exif\0\0"
         with Image.open(io.BytesIO(data)) as opened:
-            assert images._png_mode(opened, data) is None
+            assert images._spng_format(opened, data) is None
     out = load(data)
     top, bottom = out[20, 112], out[200, 112]
     assert top[0] > 200 and top[2] < 60, f"top should be red, got {top}"
@@ -338,7 +338,7 @@ PLAIN_PNGS = [_plain_png(mode) for mode in ("L", "RGB", "RGBA")]
 def test_a_damaged_plain_png_decodes_or_raises_image_error(
     data: bytes, changes: list[tuple[int, int]], keep: int
 ) -> None:
-    """Wuffs on damaged bytes (past the signature, so most still open as a
+    """libspng on damaged bytes (past the signature, so most still open as a
     PNG and reach it): an image of the right shape, or ImageError."""
     damaged = bytearray(data)
     for at, value in changes:
