@@ -157,6 +157,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.serve_engines = ["keras"] if args.quick else args.engines
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
+    page = args.benchmarks_md
+    if str(page) != "-" and not args.out.resolve().is_relative_to(page.resolve().parent):
+        # Checked before the run, not when the page links the plot at its end.
+        parser.error(
+            f"--out {args.out} is outside {page.parent}, so {page.name} could not link its "
+            "plot: add --benchmarks-md - (or --benchmarks-md a page beside --out)"
+        )
     return args
 
 

@@ -361,6 +361,17 @@ def test_the_headline_tables_time_the_default_engine() -> None:
         run.parse_args(["--engines", "tensorrt"])
 
 
+def test_bench_run_refuses_an_out_folder_its_page_cannot_link(tmp_path: Path) -> None:
+    """Refused before the run, not after it when BENCHMARKS.md links the plot."""
+    from bench import run
+
+    with pytest.raises(SystemExit):
+        run.parse_args(["--out", str(tmp_path)])
+    assert run.parse_args(["--out", str(tmp_path), "--benchmarks-md", "-"]).out == tmp_path
+    page = tmp_path / "page.md"
+    assert run.parse_args(["--out", str(tmp_path / "r"), "--benchmarks-md", str(page)])
+
+
 def test_steal_is_read_from_proc_stat_and_decides_what_is_discarded() -> None:
     from bench import limit
 
