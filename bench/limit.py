@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import re
 import statistics
 import time
@@ -132,11 +131,6 @@ def median(values: Iterable[float]) -> float:
     """The median of the known values (nan where none is)."""
     known = [v for v in values if not math.isnan(v)]
     return statistics.median(known) if known else math.nan
-
-
-def cores() -> int:
-    """The CPUs this process may run on (what the servers and wrk share)."""
-    return len(os.sched_getaffinity(0))
 
 
 def _cpu() -> float:

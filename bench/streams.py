@@ -36,6 +36,7 @@ import numpy as np
 from bench import cpu, engines, limit, raw
 from bench.peers import graph
 from bench.run import IMAGES
+from keras_server import cpuinfo
 from keras_server.catalog import BUILTINS
 from keras_server.engines.predictor import Predictor
 
@@ -77,7 +78,7 @@ def timed(predictor: Predictor, images: np.ndarray, seconds: float) -> tuple[flo
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    print(cpu.describe(cpu.model(), cpu.vector_flags()), f"{limit.cores()} CPUs", flush=True)
+    print(cpu.describe(cpu.model(), cpu.vector_flags()), f"{cpuinfo.cores()} CPUs", flush=True)
     args.work_dir.mkdir(parents=True, exist_ok=True)
     weights, calibration = engines.prepared(args.work_dir, IMAGES, args.model)
     largest = max(args.batch_sizes)

@@ -7,6 +7,7 @@ flags it ran on.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 CPUINFO = Path("/proc/cpuinfo")
@@ -33,6 +34,17 @@ def field(name: str, text: str | None = None) -> str:
 def flags(text: str | None = None) -> set[str]:
     """The CPU's feature flags (avx2, avx512f, amx_int8, ...)."""
     return set(field("flags", text).split())
+
+
+def has_amx() -> bool:
+    """Whether the CPU has AMX for int8 (amx_int8), which OpenVINO's defaults
+    follow."""
+    return "amx_int8" in flags()
+
+
+def cores() -> int:
+    """The CPUs this process may run on."""
+    return len(os.sched_getaffinity(0))
 
 
 def vendor() -> str:

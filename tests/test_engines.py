@@ -296,7 +296,7 @@ def test_auto_streams_are_one_per_core_with_amx_alone(monkeypatch: pytest.Monkey
     """--openvino-streams 0: a stream per core on a CPU with AMX, with one
     batch at a time; 1 without AMX, on one core, or with parallel batches;
     a number given is kept."""
-    monkeypatch.setattr(openvino_engine.os, "sched_getaffinity", lambda _pid: {0, 1})
+    monkeypatch.setattr(cpuinfo, "cores", lambda: 2)
     monkeypatch.setattr(cpuinfo, "flags", lambda: {"avx512f", "amx_int8"})
     assert openvino_engine.streams_for(0, 1) == 2
     assert openvino_engine.streams_for(0, 2) == 1
@@ -304,7 +304,7 @@ def test_auto_streams_are_one_per_core_with_amx_alone(monkeypatch: pytest.Monkey
     monkeypatch.setattr(cpuinfo, "flags", lambda: {"avx512f"})
     assert openvino_engine.streams_for(0, 1) == 1
     monkeypatch.setattr(cpuinfo, "flags", lambda: {"amx_int8"})
-    monkeypatch.setattr(openvino_engine.os, "sched_getaffinity", lambda _pid: {0})
+    monkeypatch.setattr(cpuinfo, "cores", lambda: 1)
     assert openvino_engine.streams_for(0, 1) == 1
 
 

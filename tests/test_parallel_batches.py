@@ -44,7 +44,7 @@ def test_the_default_is_one_batch_per_core_for_openvino_with_amx(
     flags: str, engine: str, expected: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(predictor_module.cpuinfo, "read", lambda: f"flags\t\t: {flags}\n")
-    monkeypatch.setattr(predictor_module.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(predictor_module.cpuinfo, "cores", lambda: 2)
     assert parallel_batches_for(0, engine) == expected
     assert parallel_batches_for(3, engine) == 3  # asked for: as asked
     # The worker runs as many claim loops as the engine was compiled for.

@@ -59,6 +59,7 @@ from bench import cpu, engines, limit, process_cpu, raw, report, serve
 from bench.peers import graph, table
 from bench.peers.graph import TIMEOUT_S, PeerConfig
 from bench.run import IMAGES, ROOT, machine
+from keras_server import cpuinfo
 from keras_server.broker.redis_server import RedisServer, free_port
 from keras_server.catalog import BUILTINS
 from keras_server.engines import openvino_engine
@@ -312,7 +313,7 @@ def measure_limit(
         decode = {d: limit.decode_cpu(f, samples, decode_passes) for d, f in decoders.items()}
     client = limit.median(m.per_image(m.many.client_cpu_seconds) for m in runs if not m.discarded)
     found = limit.Limit(
-        round=round_, cores=limit.cores(), served=served, engine_cpu_per_batch=per_batch,
+        round=round_, cores=cpuinfo.cores(), served=served, engine_cpu_per_batch=per_batch,
         decode_cpu=decode, client_cpu=client, stolen=stolen.share, assumed_batch=len(batch),
         seconds=time.monotonic() - started,
     )  # fmt: skip

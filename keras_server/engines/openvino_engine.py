@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import queue
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -108,8 +107,7 @@ def streams_for(requested: int, parallel_batches: int) -> int:
     the default on AMX) have the cores' streams already, a batch each."""
     if requested:
         return requested
-    cores = len(os.sched_getaffinity(0))
-    amx = "amx_int8" in cpuinfo.flags()
+    cores, amx = cpuinfo.cores(), cpuinfo.has_amx()
     streams = cores if amx and cores > 1 and parallel_batches == 1 else 1
     log.info(
         "openvino: %d stream(s) a batch (--openvino-streams 0: %d cores, %s AMX, "

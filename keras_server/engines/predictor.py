@@ -8,7 +8,6 @@ module imports neither the engines nor the worker loop, so nothing cycles.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -62,10 +61,8 @@ def parallel_batches_for(requested: int, engine: str) -> int:
     two batches at once were not measured to pay."""
     if requested:
         return requested
-    cores = len(os.sched_getaffinity(0))
-    if engine == "openvino" and cores > 1 and "amx_int8" in cpuinfo.flags():
-        return cores
-    return 1
+    cores = cpuinfo.cores()
+    return cores if engine == "openvino" and cores > 1 and cpuinfo.has_amx() else 1
 
 
 class Predictor(Protocol):

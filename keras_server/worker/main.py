@@ -12,7 +12,7 @@ import logging
 import os
 from collections.abc import Callable
 
-from keras_server import metrics, tracing
+from keras_server import cpuinfo, metrics, tracing
 from keras_server.broker import messages
 from keras_server.broker.request_queue import RequestQueue
 from keras_server.broker.shards import label
@@ -74,7 +74,7 @@ def make_workers(
         log.info(
             "%d batch(es) at once (--parallel-batches 0: the %s engine on %d cores; one per "
             "core for openvino on a CPU with AMX, else 1)",
-            batches, predictor.engine, len(os.sched_getaffinity(0)),
+            batches, predictor.engine, cpuinfo.cores(),
         )  # fmt: skip
     loops = len(settings.redis_urls) * len(parts)
     turn = FairLock(batches) if loops > 1 else None
