@@ -275,15 +275,21 @@ def test_openvino_compiles_a_stream_per_part_of_a_batch(
         np.testing.assert_array_equal(doubled, batch.astype(np.float32) * 2)
 
 
-def test_a_lone_image_runs_on_the_model_compiled_for_every_core(tmp_path: Path) -> None:
-    """With a batch split over streams, a batch of one image goes to `single`
-    (the LATENCY-compiled model) and every larger batch to the streams: here
-    `single` triples where the streams' model doubles."""
+@pytest.mark.parametrize(("requests", "streams"), [(1, 2), (2, 1)])
+def test_a_lone_image_runs_on_the_model_compiled_for_every_core(
+    requests: int, streams: int, tmp_path: Path
+) -> None:
+    """With a batch split over streams, or parallel batches, a batch of one
+    image goes to `single` (the LATENCY-compiled model) and every larger
+    batch to the streams: here `single` triples where the streams' model
+    doubles."""
     doubling, tripling = _scaling_model(tmp_path, 2.0), _scaling_model(tmp_path, 3.0)
+    compiled = openvino_engine.compile_model(
+        doubling, "fp32", "none", 3, requests=requests, streams=streams
+    )
     classifier = openvino_engine.OpenVinoClassifier(
-        openvino_engine.compile_model(doubling, "fp32", "none", 3, streams=2),
-        labels=[str(i) for i in range(60)], description="x2", input_shape=(5, 4, 3), top_k=1,
-        precision="fp32", streams=2,
+        compiled, labels=[str(i) for i in range(60)], description="x2", input_shape=(5, 4, 3),
+        top_k=1, precision="fp32", requests=requests, streams=streams,
         single=openvino_engine.compile_model(tripling, "fp32", "none", 3),
     )  # fmt: skip
     rng = np.random.default_rng(1)
